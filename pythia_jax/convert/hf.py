@@ -261,3 +261,275 @@ def to_numpy(value: Any) -> np.ndarray:
             t = t.float()
         return t.numpy()
     return np.asarray(value)
+
+
+# ============================================================== HF directory I/O
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_WEIGHTS = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+TOKENIZER_ASSET = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets",
+                               "gpt-neox-20b-tokenizer.json")
+_DTYPE_NAMES = {"float16": "float16", "fp16": "float16", "half": "float16",
+                "bfloat16": "bfloat16", "bf16": "bfloat16",
+                "float32": "float32", "fp32": "float32", "float": "float32"}
+_FLOAT_ST_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+def canonical_dtype(dtype: Any) -> str:
+    """``"float16"``, ``"bfloat16"`` or ``"float32"`` from a name (fp16, bf16 …) or numpy dtype."""
+    name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    try:
+        return _DTYPE_NAMES[name.lower()]
+    except KeyError:
+        raise CheckpointError(f"unsupported dtype {dtype!r}; use float16, bfloat16 or float32") from None
+
+
+def numpy_dtype(dtype: Any) -> np.dtype:
+    import ml_dtypes
+    name = canonical_dtype(dtype)
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+def find_weight_files(path: str | os.PathLike) -> tuple[str, list[str]]:
+    """(format "safetensors"|"bin", absolute weight files) of an HF directory; checks shards exist."""
+    path = os.fspath(path)
+    for index_name, single, fmt in ((SAFE_INDEX, SAFE_WEIGHTS, "safetensors"),
+                                    (BIN_INDEX, BIN_WEIGHTS, "bin")):
+        index_path = os.path.join(path, index_name)
+        if os.path.exists(index_path):
+            try:
+                with open(index_path, encoding="utf-8") as f:
+                    weight_map = json.load(f)["weight_map"]
+                files = sorted(set(weight_map.values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                raise CheckpointError(f"cannot read shard index {index_path}: {e!r}") from None
+            missing = [name for name in files if not os.path.isfile(os.path.join(path, name))]
+            if missing:
+                raise CheckpointError(f"{index_path} names shard(s) that do not exist: "
+                                      f"{', '.join(missing)}")
+            return fmt, [os.path.join(path, name) for name in files]
+        if os.path.isfile(os.path.join(path, single)):
+            return fmt, [os.path.join(path, single)]
+    raise CheckpointError(f"{path} holds no HF weights ({SAFE_WEIGHTS}, {SAFE_INDEX}, {BIN_WEIGHTS} "
+                          f"or {BIN_INDEX})")
+
+
+def is_hf_dir(path: str | os.PathLike) -> bool:
+    """True when ``path`` looks like an HF model directory (config.json plus weights)."""
+    path = os.fspath(path)
+    return os.path.isfile(os.path.join(path, "config.json")) and any(
+        os.path.exists(os.path.join(path, n)) for n in (SAFE_WEIGHTS, SAFE_INDEX, BIN_WEIGHTS, BIN_INDEX))
+
+
+def _read_safetensors(file: str, assembler: ParamAssembler, step: Callable[[], None]) -> None:
+    """Stream one safetensors file into ``assembler``: shapes checked before data is read."""
+    from safetensors import safe_open
+    try:
+        handle = safe_open(file, framework="numpy")
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for corrupt files
+        raise CheckpointError(f"cannot read {file}: {e}") from None
+    with handle as f:
+        header = None
+        for key in f.keys():
+            if not assembler.wants(key):
+                continue
+            info = f.get_slice(key)
+            assembler.check_shape(key, info.get_shape())
+            st_dtype = info.get_dtype()
+            if st_dtype not in _FLOAT_ST_DTYPES:
+                raise CheckpointError(f"{file}: tensor {key} has dtype {st_dtype}, expected a float type")
+            if st_dtype == "BF16":  # numpy has no bfloat16: read the raw bytes as ml_dtypes.bfloat16
+                if header is None:
+                    header = _safetensors_header(file)
+                assembler.add(key, _memmap_bf16(file, header, key))
+            else:
+                assembler.add(key, f.get_tensor(key))
+            step()
+
+
+def _safetensors_header(file: str) -> tuple[int, dict[str, Any]]:
+    with open(file, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        return 8 + n, json.loads(fh.read(n))
+
+
+def _memmap_bf16(file: str, header: tuple[int, dict[str, Any]], key: str) -> np.ndarray:
+    import ml_dtypes
+    data_start, entries = header
+    begin, end = entries[key]["data_offsets"]
+    shape = tuple(entries[key]["shape"])
+    raw = np.memmap(file, dtype=np.uint16, mode="r", offset=data_start + begin,
+                    shape=((end - begin) // 2,))
+    return raw.view(ml_dtypes.bfloat16).reshape(shape)
+
+
+def _read_torch_bin(file: str, assembler: ParamAssembler, step: Callable[[], None]) -> None:
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(f"reading {file} needs PyTorch (pip install torch, or convert the "
+                              "weights to safetensors)") from None
+    try:
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"cannot read {file}: {e}") from None
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{file} does not hold a state dict")
+    for key in list(state):
+        value = state.pop(key)
+        if not assembler.wants(key):
+            continue
+        assembler.check_shape(key, tuple(value.shape))
+        if not value.is_floating_point():
+            raise CheckpointError(f"{file}: tensor {key} has dtype {value.dtype}, expected a float type")
+        assembler.add(key, to_numpy(value))
+        step()
+
+
+def read_hf_dir(path: str | os.PathLike, *, progress: bool = False) -> tuple[ModelConfig, dict[str, Any]]:
+    """Read an HF GPT-NeoX directory -> (ModelConfig, params of float32 ``np.ndarray``).
+
+    Accepts model.safetensors, sharded safetensors with model.safetensors.index.json,
+    pytorch_model.bin (+ index); fp16 / bf16 / fp32 tensors. Streams tensor by tensor: peak
+    memory is one float32 model plus one tensor (safetensors) or one shard (.bin).
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path} is not a directory")
+    config = ModelConfig.from_hf_file(path)
+    fmt, files = find_weight_files(path)
+    assembler = ParamAssembler(config, source=path)
+    total = len(assembler.missing())
+    with _progress(progress, total, f"reading {os.path.basename(path.rstrip('/')) or path}") as bar:
+        for file in files:
+            assembler.source = file
+            reader = _read_safetensors if fmt == "safetensors" else _read_torch_bin
+            reader(file, assembler, bar)
+    assembler.source = path
+    return config, assembler.finish()
+
+
+def plan_shards(config: ModelConfig, dtype: Any, shard_size: int | str) -> list[list[str]]:
+    """Group HF keys (in order) into shards of at most ``shard_size`` bytes (a bigger tensor alone)."""
+    from pythia_jax.io_utils import parse_size
+    limit = parse_size(shard_size)
+    itemsize = numpy_dtype(dtype).itemsize
+    shards: list[list[str]] = [[]]
+    used = 0
+    for key, shape in hf_shapes(config).items():
+        nbytes = int(np.prod(shape)) * itemsize
+        if shards[-1] and used + nbytes > limit:
+            shards.append([])
+            used = 0
+        shards[-1].append(key)
+        used += nbytes
+    return shards
+
+
+def _check_params(config: ModelConfig, params: Mapping[str, Any]) -> None:
+    for path, shape in param_shapes(config).items():
+        value = _get(params, path)
+        if tuple(np.shape(value)) != shape:
+            raise CheckpointError(f"params {'/'.join(path)} has shape {list(np.shape(value))}, "
+                                  f"expected {list(shape)} for this config")
+
+
+def write_hf_dir(config: ModelConfig, params: Mapping[str, Any], out_dir: str | os.PathLike, *,
+                 dtype: Any = "float16", shard_size: int | str = "2GB", overwrite: bool = False,
+                 progress: bool = False) -> str:
+    """Write ``params`` as an HF ``GPTNeoXForCausalLM`` directory, atomically; return its path.
+
+    Files: config.json, model.safetensors (or model-0000k-of-0000N.safetensors +
+    model.safetensors.index.json when over ``shard_size``), generation_config.json and the
+    GPT-NeoX-20B tokenizer files. Holds at most one shard of converted tensors besides ``params``.
+    """
+    from safetensors.numpy import save_file
+
+    from pythia_jax.io_utils import atomic_output_dir, check_output_dir
+
+    name = canonical_dtype(dtype)
+    np_dtype = numpy_dtype(name)
+    check_output_dir(out_dir, overwrite)
+    _check_params(config, params)
+    shards = plan_shards(config, name, shard_size)
+    n = len(shards)
+    files = [SAFE_WEIGHTS] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+    tensors = iter_hf_tensors(config, params, np_dtype)
+    weight_map: dict[str, str] = {}
+    total_size = 0
+    with atomic_output_dir(out_dir, overwrite) as tmp, \
+            _progress(progress, sum(map(len, shards)), f"writing {os.path.basename(os.fspath(out_dir))}") as bar:
+        for keys, file in zip(shards, files):
+            shard: dict[str, np.ndarray] = {}
+            for expected_key in keys:
+                key, value = next(tensors)
+                assert key == expected_key
+                shard[key] = value
+                weight_map[key] = file
+                total_size += value.nbytes
+                bar()
+            save_file(shard, str(tmp / file), metadata={"format": "pt"})
+            del shard
+        if n > 1:
+            _write_json(tmp / SAFE_INDEX, {"metadata": {"total_size": total_size},
+                                           "weight_map": dict(sorted(weight_map.items()))})
+        hf_config = config.to_hf_dict()
+        hf_config["torch_dtype"] = name
+        hf_config["dtype"] = name
+        _write_json(tmp / "config.json", hf_config)
+        _write_json(tmp / "generation_config.json",
+                    {"_from_model_config": True, "bos_token_id": 0, "eos_token_id": 0})
+        write_tokenizer_files(tmp, config.max_position_embeddings)
+    return os.fspath(os.path.abspath(out_dir))
+
+
+def write_tokenizer_files(directory: str | os.PathLike, model_max_length: int = 2048) -> None:
+    """tokenizer.json (GPT-NeoX-20B BPE), tokenizer_config.json, special_tokens_map.json."""
+    import shutil
+    directory = os.fspath(directory)
+    shutil.copyfile(TOKENIZER_ASSET, os.path.join(directory, "tokenizer.json"))
+    eot = "<|endoftext|>"
+    _write_json(os.path.join(directory, "tokenizer_config.json"), {
+        "tokenizer_class": "GPTNeoXTokenizer",
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "add_prefix_space": False,
+        "bos_token": eot,
+        "eos_token": eot,
+        "unk_token": eot,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": model_max_length,
+    })
+    _write_json(os.path.join(directory, "special_tokens_map.json"),
+                {"bos_token": eot, "eos_token": eot, "unk_token": eot})
+
+
+def _write_json(path: str | os.PathLike, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+class _progress:
+    """A tqdm bar (or a no-op) used as ``with _progress(on, total, desc) as step: step()``."""
+
+    def __init__(self, enabled: bool, total: int, desc: str):
+        self._bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+            self._bar = tqdm(total=total, desc=desc, unit="tensor")
+
+    def __enter__(self) -> Callable[[], None]:
+        return self._step
+
+    def _step(self) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._bar is not None:
+            self._bar.close()

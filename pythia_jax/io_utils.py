@@ -1,0 +1,81 @@
+"""Small file-system helpers shared by the converters: atomic output directories, size strings."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+from pythia_jax.errors import PythiaJaxError
+
+
+def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse an existing output (unless ``overwrite``) before any work starts; return the absolute path."""
+    out = Path(out_dir).expanduser().absolute()
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise PythiaJaxError(f"output {out} already exists; pass --overwrite (overwrite=True) "
+                                 "to replace it")
+        if not out.is_dir():
+            raise PythiaJaxError(f"output {out} exists and is not a directory; refusing to replace it")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary sibling of ``out_dir``; on success rename it to ``out_dir``.
+
+    On any exception (KeyboardInterrupt included) the temporary folder is removed and
+    ``out_dir`` is left as it was, so an interrupted write never leaves partial output.
+    With ``overwrite`` an existing ``out_dir`` is replaced only after the new one is complete.
+    """
+    out = check_output_dir(out_dir, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        if out.exists():
+            check_output_dir(out, overwrite)  # it may have appeared while we were writing
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from ``"2GB"`` (10^9, as transformers counts), ``"500MiB"``, ``"5e9"`` or an int."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        text = str(size)
+        m = _SIZE.match(text)
+        if m and m.group(2).lower() in _UNITS:
+            value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+        else:
+            try:
+                value = int(float(text))
+            except ValueError:
+                raise PythiaJaxError(f"cannot parse size {size!r} (use e.g. 2GB, 500MB, 1GiB)") from None
+    if value <= 0:
+        raise PythiaJaxError(f"size must be positive, got {size!r}")
+    return value
