@@ -1,0 +1,315 @@
+"""GPT-NeoX (the Pythia architecture) in Flax NNX, matching Hugging Face ``GPTNeoXForCausalLM``.
+
+::
+
+    tokens ─► embed_in ─► L × Block ─► final_layer_norm ─► embed_out ─► logits (float32)
+    Block (parallel residual):   x + Attention(LN1(x)) + MLP(LN2(x))
+    Block (sequential residual): a = x + Attention(LN1(x));  a + MLP(LN2(a))
+
+The L blocks are stacked on a leading ``layers`` axis (built with ``nnx.vmap``) and run with
+``jax.lax.scan`` so compile time does not grow with depth; the scan body is rematerialised per
+``ModelConfig.remat``. Parameters live in ``param_dtype``, matmuls run in ``dtype``; LayerNorm
+statistics, rotary angles and softmax are float32; logits are float32. Activations stay 2-D
+([B·T, H]) around the dense layers and are reshaped only for attention.
+
+Parameter tree (``params_to_dict``) and logical axis names: see ``logical_axes`` and COMMON.md.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from pythia_jax.config import ConfigError, ModelConfig
+from pythia_jax.layers import (Dense, Embed, LayerNorm, apply_rotary, causal_mask,
+                               dot_product_attention, gelu, rotary_cos_sin, with_logical_constraint)
+
+_BATCH_LENGTH = ("batch", "length")  # the flattened leading dim of 2-D activations
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole layer
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _dtype(name: str):
+    return jnp.dtype(name)
+
+
+# --------------------------------------------------------------------------- KV cache
+@struct.dataclass
+class KVCache:
+    """Per-layer keys/values for incremental decoding (a pytree; ``max_len`` is static).
+
+    k, v:  [L, B, max_len, N, D] (keys after rotary), in the cache dtype.
+    valid: bool [B, max_len], True where a slot holds a real token.
+    index: int32 scalar, the next slot to write (the same for every row).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    index: jax.Array
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+def init_kv_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+    """An empty cache for ``batch`` rows of up to ``max_len`` tokens."""
+    shape = (config.num_layers, batch, max_len, config.num_heads, config.head_dim)
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
+
+
+# --------------------------------------------------------------------------- modules
+class Attention(nnx.Module):
+    """Causal self-attention with a fused per-head QKV projection and partial rotary.
+
+    query_key_value: kernel [H, 3H] whose output columns are laid out [heads, 3 (q,k,v), head_dim];
+    dense: kernel [H, H]. Both with bias.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        H, dt, pdt = config.hidden_size, _dtype(config.dtype), _dtype(config.param_dtype)
+        self.query_key_value = Dense(H, 3 * H, kernel_std=config.input_init_std,
+                                     names=("embed", "heads"), dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.dense = Dense(H, H, kernel_std=config.output_init_std, names=("heads", "embed"),
+                           dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim
+        self.impl = config.attention
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None,
+                 batch: int, kv: tuple[jax.Array, jax.Array, jax.Array] | None = None):
+        """x [B·T, H]; cos/sin f32 [B, T, rd]; mask bool [B, 1, T, S] or None (plain causal).
+
+        kv: (k_cache, v_cache [B, S, N, D], write index) when decoding. Returns ([B·T, H], new kv).
+        """
+        qkv = self.query_key_value(x).reshape(batch, -1, self.num_heads, 3, self.head_dim)
+        q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]  # [B, T, N, D] each
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        names = ("batch", "length", "heads", "kv")
+        q, k, v = (with_logical_constraint(a, names) for a in (q, k, v))
+        new_kv = None
+        if kv is not None:
+            k_cache, v_cache, index = kv
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+            new_kv = (k_cache, v_cache)
+            k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
+        out = dot_product_attention(q, k, v, mask=mask, impl=self.impl)
+        out = out.reshape(-1, self.num_heads * self.head_dim)
+        return self.dense(with_logical_constraint(out, (_BATCH_LENGTH, "heads"))), new_kv
+
+
+class MLP(nnx.Module):
+    """dense_h_to_4h [H, F] → GELU (exact or tanh) → dense_4h_to_h [F, H], both with bias."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        H, F = config.hidden_size, config.intermediate_size
+        dt, pdt = _dtype(config.dtype), _dtype(config.param_dtype)
+        self.dense_h_to_4h = Dense(H, F, kernel_std=config.input_init_std, names=("embed", "mlp"),
+                                   dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.dense_4h_to_h = Dense(F, H, kernel_std=config.output_init_std, names=("mlp", "embed"),
+                                   dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.tanh_gelu = config.tanh_gelu
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [B·T, H] -> [B·T, H]."""
+        h = gelu(self.dense_h_to_4h(x), approximate=self.tanh_gelu)
+        return self.dense_4h_to_h(with_logical_constraint(h, (_BATCH_LENGTH, "mlp")))
+
+
+class Block(nnx.Module):
+    """One transformer layer: two pre-LayerNorms, attention and MLP, parallel or sequential residual."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        H, eps = config.hidden_size, config.layer_norm_eps
+        dt, pdt = _dtype(config.dtype), _dtype(config.param_dtype)
+        self.input_layernorm = LayerNorm(H, eps=eps, dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.post_attention_layernorm = LayerNorm(H, eps=eps, dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.attention = Attention(config, rngs=rngs)
+        self.mlp = MLP(config, rngs=rngs)
+        self.parallel_residual = config.use_parallel_residual
+
+    def __call__(self, x, cos, sin, mask, batch, kv=None):
+        """x [B·T, H] in the compute dtype -> ([B·T, H], new kv or None)."""
+        attn, new_kv = self.attention(self.input_layernorm(x), cos, sin, mask, batch, kv)
+        if self.parallel_residual:
+            out = x + attn + self.mlp(self.post_attention_layernorm(x))
+        else:
+            a = x + attn
+            out = a + self.mlp(self.post_attention_layernorm(a))
+        return with_logical_constraint(out, (_BATCH_LENGTH, "embed")), new_kv
+
+
+class GPTNeoX(nnx.Module):
+    """The GPT-NeoX causal language model with untied input and output embeddings."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        H, V = config.hidden_size, config.vocab_size
+        dt, pdt = _dtype(config.dtype), _dtype(config.param_dtype)
+        self.embed_in = Embed(V, H, std=config.input_init_std, dtype=dt, param_dtype=pdt, rngs=rngs)
+
+        @nnx.split_rngs(splits=config.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_layers(rngs: nnx.Rngs) -> Block:
+            return Block(config, rngs=rngs)
+
+        self.layers = make_layers(rngs)
+        self.final_layer_norm = LayerNorm(H, eps=config.layer_norm_eps, dtype=dt, param_dtype=pdt,
+                                          rngs=rngs)
+        self.embed_out = Dense(H, V, kernel_std=config.input_init_std, names=("embed", "vocab"),
+                               use_bias=False, dtype=dt, param_dtype=pdt, rngs=rngs)
+
+    def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
+                 key_mask: jax.Array | None = None, cache: KVCache | None = None):
+        """Logits float32 [B, T, V] for int tokens [B, T]; with ``cache``: (logits, new_cache).
+
+        positions: int [B, T] rotary positions; default arange(T) (+ cache.index when decoding).
+        key_mask: bool, True = real token. Without a cache, [B, T]. With a cache, either [B, T]
+        (the new tokens' validity, recorded in the cache) or [B, max_len] (all slots).
+        cache: new keys/values are written at slots cache.index … cache.index + T − 1.
+        """
+        cfg = self.config
+        B, T = tokens.shape
+        index = cache.index if cache is not None else jnp.zeros((), jnp.int32)
+        if positions is None:
+            positions = jnp.broadcast_to(index + jnp.arange(T, dtype=jnp.int32), (B, T))
+        cos, sin = rotary_cos_sin(positions, cfg.rotary_ndims, cfg.rotary_emb_base)
+
+        mask, new_valid = None, None
+        q_slots = index + jnp.arange(T, dtype=jnp.int32)
+        if cache is not None:
+            new_valid = cache.valid
+            if key_mask is not None and key_mask.shape[1] == cache.max_len:
+                new_valid = key_mask.astype(bool)
+            else:
+                step_valid = (jnp.ones((B, T), bool) if key_mask is None else key_mask.astype(bool))
+                new_valid = jax.lax.dynamic_update_slice(new_valid, step_valid, (0, index))
+            mask = causal_mask(q_slots, cache.max_len, new_valid)
+        elif key_mask is not None:
+            mask = causal_mask(q_slots, T, key_mask.astype(bool))
+
+        x = self.embed_in(tokens.reshape(-1))  # [B·T, H]
+        x = with_logical_constraint(x, (_BATCH_LENGTH, "embed"))
+        kv = (cache.k, cache.v) if cache is not None else None
+        x, new_kv = self._run_layers(x, cos, sin, mask, B, kv, index)
+        x = self.final_layer_norm(x)
+        logits = self.embed_out(x, out_dtype=jnp.float32).reshape(B, T, -1)
+        logits = with_logical_constraint(logits, ("batch", "length", "vocab"))
+        if cache is None:
+            return logits
+        new_cache = KVCache(k=new_kv[0], v=new_kv[1], valid=new_valid, index=index + T)
+        return logits, new_cache
+
+    def _run_layers(self, x, cos, sin, mask, batch, kv, index):
+        """Apply the L stacked blocks: a scan (or an unrolled loop when ``scan_layers`` is off)."""
+        graphdef, state = nnx.split(self.layers)
+
+        def body(h, layer):
+            layer_state, layer_kv = layer
+            block = nnx.merge(graphdef, layer_state)
+            kv_in = None if layer_kv is None else (*layer_kv, index)
+            h, new_kv = block(h, cos, sin, mask, batch, kv_in)
+            return h, new_kv
+
+        if self.config.remat != "none":
+            body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.config.remat], prevent_cse=False)
+
+        if self.config.scan_layers:
+            return jax.lax.scan(body, x, (state, kv))
+        outs = []
+        for i in range(self.config.num_layers):
+            x, new_kv = body(x, jax.tree.map(lambda a: a[i], (state, kv)))
+            outs.append(new_kv)
+        new_kv = None if kv is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+        return x, new_kv
+
+
+# --------------------------------------------------------------------------- functional API
+def params_to_dict(model: GPTNeoX) -> dict:
+    """The canonical nested dict of parameter arrays (see COMMON.md)."""
+    return nnx.state(model, nnx.Param).to_pure_dict()
+
+
+def _abstract_model(config: ModelConfig) -> GPTNeoX:
+    return nnx.eval_shape(lambda: GPTNeoX(config, rngs=nnx.Rngs(0)))
+
+
+@functools.lru_cache(maxsize=64)
+def _abstract_tree(config: ModelConfig) -> tuple[dict, dict]:
+    """(pure tree of ShapeDtypeStruct, pure tree of logical-name tuples), memoised per config."""
+    state = nnx.state(_abstract_model(config), nnx.Param)
+    names: dict = {}
+    for path, var in state.flat_state():
+        node = names
+        for key in path[:-1]:
+            node = node.setdefault(str(key), {})
+        node[str(path[-1])] = tuple(var.get_metadata()["out_sharding"])
+    return state.to_pure_dict(), names
+
+
+def abstract_params(config: ModelConfig) -> dict:
+    """Parameter tree of ``jax.ShapeDtypeStruct`` (shapes and ``param_dtype``), no memory spent."""
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), _abstract_tree(config)[0])
+
+
+def logical_axes(config: ModelConfig) -> dict:
+    """Logical axis names of every parameter: a dict of tuples with the tree of ``abstract_params``."""
+    return _logical_axes_copy(_abstract_tree(config)[1])
+
+
+def _logical_axes_copy(tree):
+    if isinstance(tree, Mapping):
+        return {k: _logical_axes_copy(v) for k, v in tree.items()}
+    return tuple(tree)
+
+
+def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            flat.update(_flatten(v, key + "/"))
+        else:
+            flat[key] = v
+    return flat
+
+
+def check_params(config: ModelConfig, params: Mapping) -> None:
+    """Raise ``ConfigError`` naming missing, unexpected or wrongly shaped parameters."""
+    expected = _flatten(abstract_params(config))
+    given = _flatten(params)
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    if missing or unexpected:
+        raise ConfigError(f"parameters do not match {config.name}: missing {missing}, "
+                          f"unexpected {unexpected}")
+    for key, spec in expected.items():
+        if tuple(np.shape(given[key])) != tuple(spec.shape):
+            raise ConfigError(f"parameter {key} has shape {tuple(np.shape(given[key]))}, "
+                              f"expected {tuple(spec.shape)} for {config.name}")
+
+
+def model_from_params(config: ModelConfig, params: Mapping) -> GPTNeoX:
+    """A ``GPTNeoX`` holding ``params`` (cast to ``param_dtype``), without random init work.
+
+    Works on concrete arrays (sharded or not) and inside ``jax.jit`` on traced ones.
+    """
+    check_params(config, params)
+    pdt = _dtype(config.param_dtype)
+    params = jax.tree.map(lambda a: a if a.dtype == pdt else a.astype(pdt),
+                          jax.tree.map(jnp.asarray, dict(params)))
+    graphdef, state = nnx.split(_abstract_model(config))
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
