@@ -1,0 +1,232 @@
+"""Typed settings of a training run. Plain frozen dataclasses; gin binds them only at the CLI edge.
+
+``register_gin()`` (called by ``pythia_jax.gin_setup.register_configurables``) makes every class here
+configurable under its own name, e.g. ``TrainConfig.num_steps = 100``, ``OptimizerConfig.max_lr = 6e-4``,
+``MeshConfig.fsdp = 8``. The sub-configs are built separately by ``build_train_config()``; binding
+``TrainConfig.optimizer`` etc. directly is refused (bind the sub-config's fields instead).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pythia_jax.config import ConfigError, ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh ``(slice, data, fsdp, tensor)``. One of data/fsdp/tensor may be -1 (takes the rest).
+
+    slices: data-parallel replicas across TPU slices (DCN); 1 on a single slice / GPU host / CPU.
+    data: pure data parallelism (parameters replicated).
+    fsdp: ZeRO-3 style: batch split AND parameters/optimizer state sharded on their 'embed' dimension.
+    tensor: Megatron tensor parallelism (heads, MLP and vocab columns).
+    rules: extra (logical name, mesh axis or axes or None) pairs that override the default table
+      in ``pythia_jax.sharding.DEFAULT_RULES``.
+    """
+    slices: int = 1
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    rules: tuple = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """The Pythia AdamW recipe (PYTHIA_FACTS §5). ``min_lr`` None → 0.1·max_lr; ``warmup_steps`` None →
+    1% of the run (1430 for 143,000 steps); ``decay_steps`` None → the run's ``num_steps``."""
+    max_lr: float = 1.0e-3
+    min_lr: float | None = None
+    warmup_steps: int | None = None
+    decay_steps: int | None = None
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+    # fp16-style dynamic loss scaling (DeepSpeed DynamicLossScaler as in Pythia's configs).
+    loss_scaling: bool = False
+    initial_scale_power: int = 12
+    loss_scale_window: int = 1000
+    hysteresis: int = 2
+    min_loss_scale: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the training rows come from.
+
+    prefix: indexed dataset prefix (``prefix.bin``/``prefix.idx``); "demo" = the bundled Wikipedia set.
+    order: "neox" (GPT-NeoX GPT2Dataset shuffle of ``prefix``) or "preshuffled" (rows already in order).
+    eval_prefix: held-out dataset for the evaluation loss (same order kind); None → held-out rows
+      taken from the end of the training order, beyond the rows the run will consume.
+    cache_dir: where the GPT-NeoX index maps are cached (None → next to the dataset).
+    """
+    prefix: str = "demo"
+    order: str = "neox"
+    seed: int = 1234
+    eval_prefix: str | None = None
+    cache_dir: str | None = None
+    num_workers: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """``jax.distributed.initialize`` settings. On TPU VMs leave all None (auto-detected)."""
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    local_device_ids: tuple | None = None
+    initialize: str = "auto"  # "auto": only when multi-process settings or a TPU pod are detected; "yes"; "no"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One training run. Step n consumes global rows [batch·n, batch·(n+1)) whatever the mesh."""
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+
+    output_dir: str = "runs/train"
+    num_steps: int = 143000
+    global_batch: int = 1024
+    seq_length: int = 2048
+    micro_batches: int = 1  # gradient accumulation: the global batch is split into this many parts
+    seed: int = 1234  # parameter init
+
+    # Checkpoints: "pythia" = steps 0,1,2,4,…,512 then every `checkpoint_every`, up to num_steps
+    # (and always the last step); or an explicit list of steps.
+    checkpoint_schedule: str = "pythia"
+    checkpoint_every: int = 1000
+    checkpoint_steps: tuple = ()
+    keep_checkpoints: int | None = None  # None: keep all (Pythia releases every one)
+    async_checkpointing: bool = True
+    init_from: str | None = None  # HF dir / project checkpoint to start from (instead of random init)
+
+    log_every: int = 10
+    eval_every: int = 1000  # 0: never
+    eval_batches: int = 4
+    max_nonfinite_steps: int = 10  # N non-finite losses in a row → checkpoint and stop
+    tensorboard: bool = True
+    progress_bar: bool = True
+    peak_flops_per_device: float | None = None  # None: from the device table (metrics.py)
+
+    export_hf: str | None = None  # after the last step, write an HF directory here
+    export_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def warmup_steps(self) -> int:
+        w = self.optimizer.warmup_steps
+        return int(round(0.01 * self.decay_steps)) if w is None else int(w)
+
+    @property
+    def decay_steps(self) -> int:
+        d = self.optimizer.decay_steps
+        return self.num_steps if d is None else int(d)
+
+    @property
+    def min_lr(self) -> float:
+        m = self.optimizer.min_lr
+        return 0.1 * self.optimizer.max_lr if m is None else float(m)
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.global_batch // self.micro_batches
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.seq_length
+
+    def validate(self) -> None:
+        """Checks that need no devices (mesh/batch divisibility is checked in ``sharding``)."""
+        for name in ("num_steps", "global_batch", "seq_length", "micro_batches", "log_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"TrainConfig.{name} must be a positive integer, got {v!r}")
+        if self.global_batch % self.micro_batches:
+            raise ConfigError(f"TrainConfig.global_batch {self.global_batch} is not divisible by "
+                              f"micro_batches {self.micro_batches}")
+        if self.seq_length > self.model.max_position_embeddings:
+            raise ConfigError(f"seq_length {self.seq_length} exceeds the model's max_position_embeddings "
+                              f"{self.model.max_position_embeddings}")
+        if self.checkpoint_schedule not in ("pythia", "list", "none"):
+            raise ConfigError(f"checkpoint_schedule must be 'pythia', 'list' or 'none', "
+                              f"got {self.checkpoint_schedule!r}")
+        if self.data.order not in ("neox", "preshuffled"):
+            raise ConfigError(f"DataConfig.order must be 'neox' or 'preshuffled', got {self.data.order!r}")
+        if self.optimizer.max_lr < 0 or self.min_lr > self.optimizer.max_lr:
+            raise ConfigError(f"need 0 <= min_lr <= max_lr, got min_lr {self.min_lr}, "
+                              f"max_lr {self.optimizer.max_lr}")
+        if not 0 <= self.warmup_steps <= self.decay_steps:
+            raise ConfigError(f"warmup_steps {self.warmup_steps} must be in [0, decay_steps "
+                              f"{self.decay_steps}]")
+        if self.max_nonfinite_steps <= 0:
+            raise ConfigError("TrainConfig.max_nonfinite_steps must be positive")
+        if self.distributed.initialize not in ("auto", "yes", "no"):
+            raise ConfigError("DistributedConfig.initialize must be 'auto', 'yes' or 'no'")
+        for a in ("slices", "data", "fsdp", "tensor"):
+            v = getattr(self.mesh, a)
+            if not isinstance(v, int) or (v <= 0 and v != -1):
+                raise ConfigError(f"MeshConfig.{a} must be a positive integer or -1, got {v!r}")
+
+    def checkpoint_step_list(self) -> list[int]:
+        """The steps to save at (sorted, within [0, num_steps]); the last step is always included."""
+        if self.checkpoint_schedule == "none":
+            return [self.num_steps]
+        if self.checkpoint_schedule == "list":
+            steps = {int(s) for s in self.checkpoint_steps if 0 <= int(s) <= self.num_steps}
+        else:
+            steps = {0} | {2 ** i for i in range(int(math.log2(max(1, self.checkpoint_every))) + 1)
+                           if 2 ** i < self.checkpoint_every}
+            steps |= set(range(self.checkpoint_every, self.num_steps + 1, self.checkpoint_every))
+            steps = {s for s in steps if s <= self.num_steps}
+        steps.add(self.num_steps)
+        return sorted(steps)
+
+
+_SECTIONS = ("model", "optimizer", "mesh", "data", "distributed")
+
+
+def register_gin() -> None:
+    """Make the classes above gin-configurable (module ``pythia_jax``)."""
+    import gin
+
+    for cls in (MeshConfig, OptimizerConfig, DataConfig, DistributedConfig):
+        gin.external_configurable(cls, module="pythia_jax")
+    gin.external_configurable(TrainConfig, module="pythia_jax", denylist=list(_SECTIONS))
+
+
+def build_train_config(**overrides) -> TrainConfig:
+    """A ``TrainConfig`` from the parsed gin bindings (call ``gin_setup.parse`` first).
+
+    Every section is built from its own configurable; ``overrides`` replace top-level fields.
+    """
+    import gin
+
+    def configured(cls):
+        return gin.get_configurable(f"pythia_jax.{cls.__name__}")()
+
+    sections = {name: configured(cls) for name, cls in
+                (("model", ModelConfig), ("optimizer", OptimizerConfig), ("mesh", MeshConfig),
+                 ("data", DataConfig), ("distributed", DistributedConfig))}
+    sections.update(overrides)
+    return gin.get_configurable("pythia_jax.TrainConfig")(**sections)
+
+
+def pythia_recipe(model_name: str, **overrides) -> TrainConfig:
+    """The released Pythia recipe for a preset (batch 1024 × 2048, 143,000 steps, its LR), in Python."""
+    from pythia_jax.config import PRESET_MAX_LR
+
+    base = model_name.replace("-deduped", "")
+    if not base.startswith("pythia-"):
+        base = "pythia-" + base
+    model = ModelConfig.preset(model_name)
+    opt = OptimizerConfig(max_lr=PRESET_MAX_LR[base], loss_scaling=base != "pythia-1b")
+    fields = dict(model=model, optimizer=opt, num_steps=143000, global_batch=1024, seq_length=2048)
+    fields.update(overrides)
+    return TrainConfig(**fields)

@@ -1,0 +1,183 @@
+"""Model FLOPs, MFU, throughput and the metric writers (console progress bar + TensorBoard).
+
+FLOPs per trained token (forward + backward = 3 × forward, matmuls only)::
+
+    6 · N_matmul  +  6 · L · H · T
+
+* ``N_matmul`` = all parameters except the input embedding ``embed_in`` (a gather, no matmul):
+  the layers' QKV / dense / MLP weights, the untied output head ``embed_out`` (and the few
+  bias/LayerNorm weights, counted for simplicity). Each weight costs 2 FLOPs per token forward.
+* Attention: per layer and token the scores Q·Kᵀ and the weighted sum A·V each cost 2·T·H FLOPs
+  forward over all heads (T = sequence length) → 4·L·H·T forward, 12·L·H·T with backward; a causal
+  mask makes only half of the T×T pairs useful, so 6·L·H·T ("causal-halved", as the issue asks).
+
+MFU = (FLOPs per token × tokens/s) / (number of devices × peak FLOP/s per device), with the peak dense
+bf16 numbers of ``PEAK_FLOPS`` (CPU: measured with a jitted matmul, or set explicitly).
+Only process 0 writes anything.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Mapping
+
+import jax
+
+from pythia_jax.config import ModelConfig
+
+# Peak dense bf16 FLOP/s per chip (vendor data sheets). Keys are matched against jax's device_kind.
+PEAK_FLOPS: dict[str, float] = {
+    "tpu v4": 275e12,
+    "tpu v5 lite": 197e12,  # v5e
+    "tpu v5e": 197e12,
+    "tpu v5p": 459e12,
+    "tpu v5": 459e12,  # v5p reports "TPU v5"
+    "tpu v6 lite": 918e12,  # v6e (Trillium)
+    "tpu v6e": 918e12,
+    "h100 pcie": 756e12,
+    "h100": 989e12,  # SXM
+    "h200": 989e12,
+    "a100": 312e12,
+}
+
+
+def flops_per_token(config: ModelConfig, seq_length: int) -> float:
+    """Training FLOPs per token (see the module docstring): 6·(params − V·H) + 6·L·H·T."""
+    n_matmul = config.num_params() - config.vocab_size * config.hidden_size
+    attention = 6 * config.num_layers * config.hidden_size * seq_length
+    return float(6 * n_matmul + attention)
+
+
+def peak_flops_for_kind(device_kind: str) -> float | None:
+    """Peak bf16 FLOP/s for a ``device.device_kind`` string, or None when unknown."""
+    kind = device_kind.lower()
+    for key in sorted(PEAK_FLOPS, key=len, reverse=True):  # most specific first
+        if key in kind:
+            return PEAK_FLOPS[key]
+    return None
+
+
+_measured_cpu: dict[str, float] = {}
+
+
+def measure_matmul_flops(n: int = 1024, repeats: int = 5, dtype: str = "float32") -> float:
+    """Best observed FLOP/s of a jitted n×n matmul on the default device (a practical CPU "peak")."""
+    if dtype in _measured_cpu:
+        return _measured_cpu[dtype]
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    _measured_cpu[dtype] = 2 * n ** 3 / best
+    return _measured_cpu[dtype]
+
+
+def peak_flops_per_device(override: float | None = None, device: jax.Device | None = None) -> float:
+    """``override`` if given, else the table value for the device, else (CPU) a measured matmul rate."""
+    if override:
+        return float(override)
+    device = device or jax.devices()[0]
+    peak = peak_flops_for_kind(device.device_kind)
+    if peak is not None:
+        return peak
+    return measure_matmul_flops()
+
+
+class Throughput:
+    """Tokens/s, tokens/s/chip and MFU over the steps since the last ``measure`` call."""
+
+    def __init__(self, config: ModelConfig, seq_length: int, tokens_per_step: int, num_devices: int,
+                 peak_flops: float):
+        self.flops_per_token = flops_per_token(config, seq_length)
+        self.tokens_per_step = tokens_per_step
+        self.num_devices = num_devices
+        self.peak_flops = peak_flops
+        self._t0: float | None = None
+        self._steps = 0
+
+    def start(self) -> None:
+        self._t0 = time.perf_counter()
+        self._steps = 0
+
+    def add_steps(self, n: int = 1) -> None:
+        self._steps += n
+
+    def measure(self) -> dict[str, float]:
+        """Metrics since ``start`` (then restarts the window). Empty when nothing was timed."""
+        if self._t0 is None or self._steps == 0:
+            return {}
+        dt = time.perf_counter() - self._t0
+        tokens_s = self._steps * self.tokens_per_step / dt
+        out = {"step_time_s": dt / self._steps, "tokens_per_s": tokens_s,
+               "tokens_per_s_per_chip": tokens_s / self.num_devices,
+               "mfu": tokens_s * self.flops_per_token / (self.num_devices * self.peak_flops)}
+        self.start()
+        return out
+
+
+class MetricWriter:
+    """Console progress bar (tqdm) and TensorBoard event files; silent on processes other than 0."""
+
+    def __init__(self, logdir: str | None, total_steps: int, initial_step: int = 0,
+                 progress_bar: bool = True, tensorboard: bool = True):
+        self.enabled = jax.process_index() == 0
+        self._tb = None
+        self._bar = None
+        if not self.enabled:
+            return
+        if tensorboard and logdir:
+            from tensorboardX import SummaryWriter
+
+            os.makedirs(logdir, exist_ok=True)
+            self._tb = SummaryWriter(logdir)
+        if progress_bar:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
+
+    def advance(self, steps: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(steps)
+
+    def write(self, step: int, metrics: Mapping[str, float], prefix: str = "train") -> None:
+        """Scalars to TensorBoard (``prefix/name``) and a one-line summary on the console."""
+        if not self.enabled:
+            return
+        if self._tb is not None:
+            for k, v in metrics.items():
+                self._tb.add_scalar(f"{prefix}/{k}", float(v), step)
+            self._tb.flush()
+        line = f"{prefix} step {step}: " + " ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())
+        self.message(line)
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def _fmt(v: float) -> str:
+    v = float(v)
+    if v == int(v) and abs(v) < 1e9:
+        return str(int(v))
+    if abs(v) >= 1e4 or abs(v) < 1e-3:
+        return f"{v:.3e}"
+    return f"{v:.4f}"

@@ -1,0 +1,243 @@
+"""The Pythia optimizer: GPT-NeoX's pre-2023 LR schedule and the Adam/AdamW recipe (PYTHIA_FACTS §5).
+
+``build_optimizer`` returns one ``optax`` chain::
+
+    clip_by_global_norm_torch(1.0)        # torch clip_grad_norm_ / DeepSpeed: coef = max / (norm + 1e-6)
+    scale_by_adam(0.9, 0.95, eps=1e-8)    # bias-corrected Adam moments
+    add_decayed_weights(0.1, mask)        # decoupled weight decay, only on kernels and embeddings
+    scale_by_learning_rate(schedule)      # -lr(k) with k = number of updates applied before this one
+
+so one update is ``p ← p − lr·wd·p − lr·m̂/(√v̂ + ε)``, the same arithmetic as ``torch.optim.AdamW``
+(which first multiplies by ``1 − lr·wd`` and then subtracts the Adam step). The schedule count lives in
+the optimizer state and only advances when an update is applied: a step that is skipped (non-finite
+gradients, fp16-style overflow) simply keeps the old optimizer state, so it consumes its batch without
+moving the schedule, as DeepSpeed did.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+PyTree = Any
+
+
+# ---------------------------------------------------------------------------------------- schedule
+def neox_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
+    """The GPT-NeoX v1.0 ``AnnealingLR.get_lr`` (cosine) in plain Python floats (the reference formula).
+
+    ``step`` is the number of scheduler steps taken, i.e. updates applied before this one.
+    """
+    n = min(step, total_steps - warmup_steps)
+    if warmup_steps > 0 and step <= warmup_steps:
+        return float(max_lr) * n / warmup_steps
+    n = n - warmup_steps
+    lr = max_lr / 2.0 * (math.cos(math.pi * n / total_steps) + 1.0)
+    return max(lr, min_lr)
+
+
+def neox_lr_schedule(max_lr: float, min_lr: float, warmup_steps: int,
+                     total_steps: int) -> Callable[[jax.Array], jax.Array]:
+    """``optax.Schedule``: count (int, updates applied so far) → learning rate (float32 scalar).
+
+    Linear warmup from 0 over ``warmup_steps`` (lr(0) = 0, so the first update does not move the
+    weights), then ``max/2·(1 + cos(π·(min(n, total − warmup) − warmup)/total))`` floored at ``min_lr``.
+    For Pythia (143,000 steps, warmup 1430) the floor is reached at n = 115,139.
+    """
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be positive, got {total_steps}")
+    if not 0 <= warmup_steps <= total_steps:
+        raise ValueError(f"warmup_steps must be in [0, total_steps], got {warmup_steps}")
+    if min_lr > max_lr:
+        raise ValueError(f"min_lr {min_lr} exceeds max_lr {max_lr}")
+
+    def schedule(count: jax.Array) -> jax.Array:
+        step = jnp.asarray(count, jnp.int32)
+        n = jnp.minimum(step, total_steps - warmup_steps)
+        if warmup_steps > 0:
+            warm = max_lr * n.astype(jnp.float32) / warmup_steps
+        else:
+            warm = jnp.float32(0.0)
+        x = (n - warmup_steps).astype(jnp.float32)
+        cosine = jnp.maximum(max_lr / 2.0 * (jnp.cos(jnp.pi * x / total_steps) + 1.0), min_lr)
+        in_warmup = (step <= warmup_steps) if warmup_steps > 0 else jnp.bool_(False)
+        return jnp.where(in_warmup, warm, cosine).astype(jnp.float32)
+
+    return schedule
+
+
+# ------------------------------------------------------------------------------------ transforms
+def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
+    """Global-norm clipping with torch/DeepSpeed arithmetic: ``g · min(1, max_norm / (‖g‖ + 1e-6))``.
+
+    (``optax.clip_by_global_norm`` divides by ‖g‖ exactly; the 1e-6 matters for the PyTorch parity.)
+    """
+
+    def update_fn(updates, state, params=None):
+        del params
+        norm = optax.tree.norm(updates)
+        coef = jnp.minimum(1.0, max_norm / (norm + 1e-6))
+        return jax.tree.map(lambda g: (g * coef).astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def weight_decay_mask(params: PyTree) -> PyTree:
+    """True for matrices that get weight decay (``*/kernel``, ``*/embedding``), False for biases and
+    LayerNorm scales/biases — GPT-NeoX's ``get_params_for_weight_decay_optimization``."""
+
+    def decays(path, _leaf) -> bool:
+        name = _key_name(path[-1])
+        return name in ("kernel", "embedding")
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def _key_name(key) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def build_optimizer(max_lr: float = 1e-3, min_lr: float | None = None, warmup_steps: int = 1430,
+                    total_steps: int = 143000, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
+                    weight_decay: float = 0.1, clip_norm: float | None = 1.0,
+                    schedule: Callable[[jax.Array], jax.Array] | None = None
+                    ) -> optax.GradientTransformation:
+    """The Pythia AdamW chain (see the module docstring). ``min_lr`` defaults to ``0.1·max_lr``.
+
+    Works on the pure param dict (``embed_in/embedding``, ``…/kernel``, ``…/bias``, ``…/scale``).
+    """
+    if min_lr is None:
+        min_lr = 0.1 * max_lr
+    if schedule is None:
+        schedule = neox_lr_schedule(max_lr, min_lr, warmup_steps, total_steps)
+    parts = []
+    if clip_norm is not None and clip_norm > 0:
+        parts.append(clip_by_global_norm_torch(clip_norm))
+    parts.append(optax.scale_by_adam(b1=b1, b2=b2, eps=eps))
+    if weight_decay:
+        parts.append(optax.add_decayed_weights(weight_decay, mask=weight_decay_mask))
+    parts.append(optax.scale_by_learning_rate(schedule))
+    return optax.chain(*parts)
+
+
+def current_lr(opt_state: optax.OptState, schedule: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    """The learning rate the NEXT update will use (schedule at the applied-update count)."""
+    return schedule(schedule_count(opt_state))
+
+
+def schedule_count(opt_state: optax.OptState) -> jax.Array:
+    """Number of updates applied so far (the LR scheduler's step), int32 scalar."""
+    states = _find(opt_state, optax.ScaleByScheduleState)
+    if not states:
+        raise ValueError("optimizer state has no ScaleByScheduleState")
+    return states[0][1].count
+
+
+# ------------------------------------------------------------------------ Adam moments for converters
+def adam_moments(opt_state: optax.OptState) -> tuple[PyTree, PyTree, jax.Array]:
+    """``(mu, nu, count)`` of the Adam state: first/second moments (same tree as the params, float32)
+    and the number of Adam updates applied (int32 scalar)."""
+    found = _find(opt_state, optax.ScaleByAdamState)
+    if len(found) != 1:
+        raise ValueError(f"expected exactly one ScaleByAdamState in the optimizer state, found {len(found)}")
+    s = found[0][1]
+    return s.mu, s.nu, s.count
+
+
+def with_adam_moments(opt_state: optax.OptState, mu: PyTree, nu: PyTree, count) -> optax.OptState:
+    """A copy of ``opt_state`` with the Adam moments replaced; ``count`` (updates applied) is set on
+    both the Adam bias correction and the LR schedule, which advance together in this recipe."""
+    count = jnp.asarray(count, jnp.int32)
+    old_mu, old_nu, _ = adam_moments(opt_state)
+    for name, new, old in (("mu", mu, old_mu), ("nu", nu, old_nu)):
+        if jax.tree.structure(new) != jax.tree.structure(old):
+            raise ValueError(f"Adam {name} tree does not match the optimizer state's parameter tree")
+        bad = [(jax.tree_util.keystr(p), jnp.shape(a), jnp.shape(b)) for (p, a), b in
+               zip(jax.tree_util.tree_leaves_with_path(new), jax.tree.leaves(old)) if jnp.shape(a) != jnp.shape(b)]
+        if bad:
+            raise ValueError(f"Adam {name} shape mismatch: {bad[:3]}")
+
+    def replace(node):
+        if isinstance(node, optax.ScaleByAdamState):
+            return node._replace(mu=jax.tree.map(lambda a, o: jnp.asarray(a, o.dtype), mu, old_mu),
+                                 nu=jax.tree.map(lambda a, o: jnp.asarray(a, o.dtype), nu, old_nu),
+                                 count=count)
+        if isinstance(node, optax.ScaleByScheduleState):
+            return node._replace(count=count)
+        return node
+
+    return _map_states(opt_state, replace)
+
+
+_STATE_TYPES = (optax.ScaleByAdamState, optax.ScaleByScheduleState)
+
+
+def _is_state(node) -> bool:
+    return isinstance(node, _STATE_TYPES)
+
+
+def _find(tree, cls) -> list[tuple[Any, Any]]:
+    leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=_is_state)
+    return [(p, x) for p, x in leaves if isinstance(x, cls)]
+
+
+def _map_states(tree, fn):
+    return jax.tree.map(lambda x: fn(x) if _is_state(x) else x, tree, is_leaf=_is_state)
+
+
+# ------------------------------------------------------------------------------ dynamic loss scale
+class LossScaleState(NamedTuple):
+    """DeepSpeed-style dynamic loss scale (fp16 mimic). All scalars.
+
+    scale: float32, the current loss scale (1.0 and never changed when scaling is off)
+    good_steps: int32, finite steps since the last change of the scale
+    hysteresis: int32, overflows still tolerated before the scale is halved
+    """
+    scale: jax.Array
+    good_steps: jax.Array
+    hysteresis: jax.Array
+
+
+class DynamicLossScale(NamedTuple):
+    """Settings of DeepSpeed's ``DynamicLossScaler`` as Pythia used it (fp16 block of its configs:
+    initial_scale_power 12, loss_scale_window 1000, hysteresis 2, min_loss_scale 1)."""
+    initial_scale: float = 2.0 ** 12
+    window: int = 1000
+    hysteresis: int = 2
+    min_scale: float = 1.0
+    factor: float = 2.0
+
+    def init(self) -> LossScaleState:
+        return LossScaleState(jnp.float32(self.initial_scale), jnp.int32(0), jnp.int32(self.hysteresis))
+
+    def update(self, state: LossScaleState, finite: jax.Array) -> LossScaleState:
+        """Next state after a step whose (scaled) gradients were ``finite`` (bool scalar).
+
+        Overflow: spend one hysteresis credit; with none left, divide the scale by ``factor``
+        (not below ``min_scale``). ``window`` finite steps in a row: multiply by ``factor`` and
+        restore the hysteresis credits.
+        """
+        # overflow branch
+        halve = state.hysteresis <= 1
+        o_scale = jnp.where(halve, jnp.maximum(state.scale / self.factor, self.min_scale), state.scale)
+        o_hyst = jnp.where(halve, state.hysteresis, state.hysteresis - 1)
+        overflow = LossScaleState(o_scale, jnp.int32(0), o_hyst)
+        # finite branch
+        good = state.good_steps + 1
+        grow = good >= self.window
+        ok = LossScaleState(jnp.where(grow, state.scale * self.factor, state.scale),
+                            jnp.where(grow, 0, good).astype(jnp.int32),
+                            jnp.where(grow, jnp.int32(self.hysteresis), state.hysteresis))
+        return jax.tree.map(lambda a, b: jnp.where(finite, a, b), ok, overflow)
+
+
+def no_loss_scale_state() -> LossScaleState:
+    """The state used when dynamic loss scaling is off (scale 1, never updated)."""
+    return LossScaleState(jnp.float32(1.0), jnp.int32(0), jnp.int32(0))
