@@ -1,0 +1,703 @@
+"""Orbax checkpoints of this project: Pythia's save schedule, integrity checks, resharding restore.
+
+Layout of a checkpoint directory (an ``orbax.checkpoint.CheckpointManager`` root)::
+
+    <dir>/model_config.json          ModelConfig.to_dict(), written once, atomically
+    <dir>/<step>/params/             the canonical params tree (float32), Orbax PyTree (OCDBT)
+    <dir>/<step>/opt_state/          optax state (optional)
+    <dir>/<step>/data_iter/          data-iterator state: grain's per-process JSON files
+                                     (``process_<i>-of-<n>.json``) or one JSON document
+    <dir>/<step>/metadata/           JSON: the caller's metadata plus ``__checkpoint__``
+                                     (format version, item list, per-leaf checksums)
+
+A step directory is written under a temporary name and renamed (local disk) or marked with
+``commit_success.txt`` (``gs://``) by Orbax when complete, so an interrupted save is never seen
+as a step. On top of that every step stores two 32-bit checksums per array (wrap-around sums of
+the raw bit patterns, plain and position-weighted: exact under any sharding), verified on
+restore. :meth:`TrainCheckpointer.restore` without a step walks back from the newest step,
+warning about each incomplete or corrupt one, until one restores and verifies.
+
+Resharding: restore targets are ``jax.ShapeDtypeStruct``s carrying a ``sharding``; each device
+reads only its own slice, whatever mesh (or number of devices/processes) wrote the checkpoint.
+
+Multi-host: every process calls every method (Orbax synchronises); ``model_config.json`` and
+JSON items are written by process 0; grain iterator states are written per process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+import warnings
+from typing import Any, Callable, Collection, Iterable, Mapping
+
+import numpy as np
+
+from pythia_jax.config import ConfigError, ModelConfig
+from pythia_jax.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+MODEL_CONFIG_FILE = "model_config.json"
+PARAMS = "params"
+OPT_STATE = "opt_state"
+DATA_ITER = "data_iter"
+METADATA = "metadata"
+FORMAT_VERSION = 1
+_INTERNAL_KEY = "__checkpoint__"
+_COMMIT_MARKER = "commit_success.txt"
+_ORBAX_STEP_METADATA = "_CHECKPOINT_METADATA"
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"
+
+# ModelConfig fields that describe how the model runs, not what its parameters are.
+EXECUTION_FIELDS = ("name", "dtype", "param_dtype", "remat", "attention", "scan_layers")
+
+
+class CheckpointIntegrityError(CheckpointError):
+    """A step that is incomplete or whose stored bytes do not match what was saved."""
+
+
+# ---------------------------------------------------------------------------------- schedule
+def pythia_steps(max_step: int = 143000, log_until: int = 512, every: int = 1000) -> list[int]:
+    """Pythia's checkpoint steps: 0, the powers of two up to ``log_until``, then every ``every``.
+
+    With the defaults this is the 154 steps of the released suite (0, 1, 2, 4, …, 512, 1000,
+    2000, …, 143000). Scaled-down schedules for short runs: e.g. ``pythia_steps(200, 16, 50)``.
+    """
+    return CheckpointSchedule(max_step=max_step, log_until=log_until, every=every).steps()
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSchedule:
+    """Which steps to save: Pythia's log-spaced early steps, a fixed interval, extra steps.
+
+    ``every=0`` disables the interval; ``log_until=-1`` disables the log-spaced steps (and 0).
+    """
+
+    max_step: int = 143000
+    log_until: int = 512
+    every: int = 1000
+    extra_steps: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_step < 0 or self.every < 0:
+            raise ConfigError(f"CheckpointSchedule: max_step and every must be >= 0, got {self}")
+
+    def steps(self) -> list[int]:
+        steps = set(int(s) for s in self.extra_steps)
+        if self.log_until >= 0:
+            steps.add(0)
+            p = 1
+            while p <= self.log_until:
+                steps.add(p)
+                p *= 2
+        if self.every > 0:
+            steps.update(range(self.every, self.max_step + 1, self.every))
+        return sorted(s for s in steps if 0 <= s <= self.max_step)
+
+    def should_save(self, step: int) -> bool:
+        step = int(step)
+        if step in self.extra_steps:
+            return True
+        if step < 0 or step > self.max_step:
+            return False
+        if self.log_until >= 0 and (step == 0 or (step <= self.log_until and step & (step - 1) == 0)):
+            return True
+        return self.every > 0 and step > 0 and step % self.every == 0
+
+
+SaveSteps = CheckpointSchedule | Collection[int] | Callable[[int], bool]
+
+
+def _as_predicate(save_steps: SaveSteps | None) -> Callable[[int], bool]:
+    if save_steps is None:
+        return CheckpointSchedule().should_save
+    if isinstance(save_steps, CheckpointSchedule):
+        return save_steps.should_save
+    if callable(save_steps):
+        return save_steps
+    steps = frozenset(int(s) for s in save_steps)
+    return steps.__contains__
+
+
+# ---------------------------------------------------------------------------------- paths
+def _epath(directory: str | os.PathLike):
+    from etils import epath
+
+    text = os.fspath(directory)
+    if text.startswith("file://"):
+        text = text[len("file://"):]
+    if "://" not in text:
+        text = os.path.abspath(text)
+    return epath.Path(text)
+
+
+def _is_primary() -> bool:
+    import jax
+
+    return jax.process_index() == 0
+
+
+def _sync(name: str) -> None:
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _write_text_atomic(path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary sibling and a rename (epath: local or gs://)."""
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{time.time_ns()}"
+    tmp.write_text(text)
+    tmp.rename(path)
+
+
+# ---------------------------------------------------------------------------------- model config
+def config_differences(stored: ModelConfig, current: ModelConfig) -> list[str]:
+    """Architecture fields where two configs differ (execution-only fields ignored)."""
+    a, b = stored.to_dict(), current.to_dict()
+    return [f"{k}: checkpoint {a[k]!r} vs current {b[k]!r}"
+            for k in a if k not in EXECUTION_FIELDS and a[k] != b.get(k)]
+
+
+def read_model_config(directory: str | os.PathLike) -> ModelConfig | None:
+    """The ``model_config.json`` of a checkpoint directory, or None when there is none."""
+    path = _epath(directory) / MODEL_CONFIG_FILE
+    if not path.exists():
+        return None
+    try:
+        return ModelConfig.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ConfigError) as e:
+        raise CheckpointError(f"{path}: unreadable model config ({e})") from None
+
+
+def write_model_config(directory: str | os.PathLike, config: ModelConfig) -> None:
+    """Write ``<dir>/model_config.json`` atomically, or check it matches the one already there.
+
+    Raises ``CheckpointError`` when the directory holds checkpoints of a different model shape.
+    """
+    path = _epath(directory)
+    stored = read_model_config(path)
+    if stored is not None:
+        diff = config_differences(stored, config)
+        if diff:
+            raise CheckpointError(
+                f"{path} holds checkpoints of a different model ({'; '.join(diff)}); "
+                "use another checkpoint directory or the matching model config")
+        return
+    if _is_primary():
+        path.mkdir(parents=True, exist_ok=True)
+        _write_text_atomic(path / MODEL_CONFIG_FILE, json.dumps(config.to_dict(), indent=2) + "\n")
+    _sync("pythia_jax_write_model_config")
+
+
+# ---------------------------------------------------------------------------------- checksums
+def _key_name(entry: Any) -> str:
+    for attr in ("name", "key", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def _leaf_paths(tree: Any) -> list[tuple[str, Any]]:
+    """``[("a/b/0", leaf), …]`` for array-like leaves; namedtuple fields and dict keys alike."""
+    import jax
+
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [("/".join(_key_name(e) for e in path), leaf) for path, leaf in flat
+            if hasattr(leaf, "shape")]
+
+
+def tree_checksums(tree: Any) -> dict[str, list[int]]:
+    """Per-leaf ``[sum, weighted sum]`` of the raw bit patterns, modulo 2**32.
+
+    Integer wrap-around sums are associative, so the value does not depend on how the array is
+    sharded or on reduction order. Works on numpy arrays, single-device and (multi-host)
+    sharded ``jax.Array``s alike. Keys are ``"a/b/0"`` paths.
+    """
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    leaves = [(k, v) for k, v in _leaf_paths(tree) if hasattr(v, "shape") and hasattr(v, "dtype")]
+    if not leaves:
+        return {}
+    values = [v if isinstance(v, jax.Array) else jnp.asarray(v) for _, v in leaves]
+
+    def one(x):
+        itemsize = jnp.dtype(x.dtype).itemsize
+        if x.dtype == jnp.bool_:
+            bits = x.astype(jnp.uint32)
+        elif itemsize in (1, 2, 4):
+            bits = jax.lax.bitcast_convert_type(
+                x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[itemsize]).astype(jnp.uint32)
+        else:  # 8-byte types (x64 mode): fold the two halves
+            halves = jax.lax.bitcast_convert_type(x, jnp.uint32)
+            bits = halves[..., 0] ^ (halves[..., 1] * jnp.uint32(0x9E3779B1))
+        index = jnp.zeros(bits.shape, jnp.uint32)
+        stride = 1
+        for axis in range(bits.ndim - 1, -1, -1):
+            index = index + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * jnp.uint32(stride)
+            stride = (stride * bits.shape[axis]) % (1 << 32)
+        weights = index * jnp.uint32(2) + jnp.uint32(1)
+        return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weights, dtype=jnp.uint32)])
+
+    mesh = next((v.sharding.mesh for v in values if isinstance(v.sharding, NamedSharding)), None)
+    out_sharding = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
+    fn = jax.jit(lambda xs: jnp.stack([one(x) for x in xs]), out_shardings=out_sharding)
+    result = fn(values)
+    sums = np.asarray(result.addressable_data(0))
+    return {k: [int(a), int(b)] for (k, _), (a, b) in zip(leaves, sums)}
+
+
+def _verify_checksums(name: str, tree: Any, expected: Mapping[str, list[int]] | None, where: str) -> None:
+    if not expected:
+        return
+    got = tree_checksums(tree)
+    bad = [k for k, v in expected.items() if got.get(k) != list(v)]
+    if bad:
+        raise CheckpointIntegrityError(
+            f"{where}: {name} failed its checksum for {len(bad)} array(s) (first: {bad[0]}); "
+            "the files are corrupt")
+
+
+# ---------------------------------------------------------------------------------- restore state
+@dataclasses.dataclass
+class RestoredState:
+    """What :meth:`TrainCheckpointer.restore` returns."""
+
+    step: int
+    params: Any
+    opt_state: Any = None
+    data_state: Any = None  # the restored grain iterator, or the saved JSON document
+    metadata: dict = dataclasses.field(default_factory=dict)
+
+
+def _is_grain_iterator(obj: Any) -> bool:
+    return hasattr(obj, "get_state") and hasattr(obj, "set_state")
+
+
+def _abstract_like(tree: Any, sharding_for: Callable[[Any], Any]) -> Any:
+    import jax
+
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding_for(x)), tree)
+
+
+def _check_shapes(item: str, stored: Any, target: Any, where: str) -> None:
+    """Compare stored array metadata with the restore target: CheckpointError on any mismatch."""
+    import jax
+
+    stored_leaves = dict(_leaf_paths(stored))
+    target_leaves = dict(_leaf_paths(target))
+    missing = sorted(set(target_leaves) - set(stored_leaves))
+    extra = sorted(set(stored_leaves) - set(target_leaves))
+    problems = []
+    if missing:
+        problems.append(f"missing arrays {missing[:3]}")
+    if extra:
+        problems.append(f"unexpected arrays {extra[:3]}")
+    for k in sorted(set(stored_leaves) & set(target_leaves)):
+        s, t = stored_leaves[k], target_leaves[k]
+        s_shape = tuple(getattr(s, "shape", ()) or ())
+        t_shape = tuple(getattr(t, "shape", ()) or ())
+        if s_shape != t_shape:
+            problems.append(f"{k} has shape {s_shape} in the checkpoint but {t_shape} in the model")
+    if problems:
+        del jax
+        raise CheckpointError(f"{where}: {item} does not match the model: " + "; ".join(problems[:4]))
+
+
+# ---------------------------------------------------------------------------------- manager
+class TrainCheckpointer:
+    """Saves and restores training state on a step schedule with Orbax (local disk or ``gs://``).
+
+    Args:
+      directory: checkpoint root (local path, ``file://`` path or ``gs://bucket/path``).
+      save_steps: a :class:`CheckpointSchedule`, a collection of steps or a ``step -> bool``
+        predicate (default: Pythia's 154 steps).
+      async_save: write in a background thread (device→host copy happens before ``save`` returns,
+        so the caller may donate/overwrite its arrays afterwards).
+      max_to_keep: keep only the newest N steps (default: keep all, as Pythia does).
+      model_config: when given, ``<dir>/model_config.json`` is written (or checked: a directory
+        of a different model shape raises ``CheckpointError`` right away).
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, save_steps: SaveSteps | None = None,
+                 async_save: bool = True, max_to_keep: int | None = None,
+                 model_config: ModelConfig | None = None):
+        import orbax.checkpoint as ocp
+
+        self.directory = _epath(directory)
+        self._should_save = _as_predicate(save_steps)
+        self.model_config = model_config
+        if model_config is not None:
+            write_model_config(self.directory, model_config)
+        self._warn_tmp_dirs()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
+            enable_should_save_is_saving_in_progress_check=False)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    # -------------------------------------------------------------- queries
+    def should_save(self, step: int) -> bool:
+        return bool(self._should_save(int(step)))
+
+    def all_steps(self) -> list[int]:
+        """Every step Orbax sees as finalized (valid or not), ascending."""
+        self._manager.reload()
+        return sorted(self._manager.all_steps())
+
+    def latest_valid_step(self) -> int | None:
+        """Newest step that looks complete (commit marker, readable metadata, all items present).
+
+        Incomplete or unreadable steps are skipped with a warning. Array bytes are verified on
+        restore (checksums), not here.
+        """
+        for step in reversed(self.all_steps()):
+            problem = step_problem(self.directory, step)
+            if problem is None:
+                return step
+            warnings.warn(f"checkpoint step {step} in {self.directory} is unusable ({problem}); "
+                          "falling back to an earlier step", stacklevel=2)
+        return None
+
+    # -------------------------------------------------------------- save
+    def save(self, step: int, params: Any, opt_state: Any = None, data_state: Any = None,
+             metadata: Mapping[str, Any] | None = None, *, force: bool = False) -> bool:
+        """Save the state of ``step`` when the schedule says so (or ``force``). Returns True if saved.
+
+        ``data_state`` is a grain iterator (``get_state``/``set_state``; saved per process) or a
+        JSON-serialisable document (saved once). Asynchronous unless ``async_save=False``.
+        """
+        import orbax.checkpoint as ocp
+
+        step = int(step)
+        if not (force or self.should_save(step)):
+            return False
+        if step in self._manager.all_steps():
+            return False
+        args, _ = _save_args(params, opt_state, data_state, metadata, step)
+        saved = self._manager.save(step, args=ocp.args.Composite(**args), force=True)
+        return bool(saved)
+
+    def wait_until_finished(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def __enter__(self) -> "TrainCheckpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -------------------------------------------------------------- restore
+    def restore(self, step: int | None = None, abstract_state: Mapping[str, Any] | None = None, *,
+                data_iterator: Any = None) -> RestoredState | None:
+        """Restore ``step`` (or the newest valid step) onto the shardings of ``abstract_state``.
+
+        ``abstract_state`` maps ``"params"`` (and optionally ``"opt_state"``) to trees of
+        ``jax.ShapeDtypeStruct`` with ``sharding`` (e.g. ``jax.eval_shape`` output plus the
+        training shardings) or real arrays; each device reads only its slice. Without it,
+        params are restored onto the first local device and the optimizer state is skipped.
+        ``data_iterator``: the grain iterator to restore into (when grain state was saved).
+
+        With ``step=None``, steps that are incomplete or fail verification are skipped with a
+        warning; returns None when no step is usable. A checkpoint whose shapes differ from the
+        target raises ``CheckpointError`` at once.
+        """
+        if step is not None:
+            return self._restore_step(int(step), abstract_state, data_iterator)
+        for candidate in reversed(self.all_steps()):
+            problem = step_problem(self.directory, candidate)
+            if problem is None:
+                try:
+                    return self._restore_step(candidate, abstract_state, data_iterator)
+                except CheckpointIntegrityError as e:
+                    problem = str(e)
+            warnings.warn(f"checkpoint step {candidate} in {self.directory} is unusable ({problem}); "
+                          "falling back to an earlier step", stacklevel=2)
+        return None
+
+    def _restore_step(self, step: int, abstract_state: Mapping[str, Any] | None,
+                      data_iterator: Any) -> RestoredState:
+        abstract_state = dict(abstract_state or {})
+        unknown = set(abstract_state) - {PARAMS, OPT_STATE}
+        if unknown:
+            raise ValueError(f"abstract_state has unknown keys {sorted(unknown)}; expected params/opt_state")
+        if self.model_config is not None:
+            stored = read_model_config(self.directory)
+            if stored is not None and config_differences(stored, self.model_config):
+                raise CheckpointError(f"{self.directory}: different model shape: "
+                                      + "; ".join(config_differences(stored, self.model_config)))
+        return _restore_items(self._manager, self.directory, step, abstract_state,
+                              data_iterator, want_opt_state=OPT_STATE in abstract_state)
+
+    def _warn_tmp_dirs(self) -> None:
+        if not self.directory.exists():
+            return
+        leftovers = sorted(p.name for p in self.directory.iterdir() if _TMP_SUFFIX in p.name)
+        if leftovers:
+            warnings.warn(f"{self.directory}: removing incomplete checkpoint(s) from an interrupted "
+                          f"save: {', '.join(leftovers)}", stacklevel=3)
+
+
+def _save_args(params, opt_state, data_state, metadata, step) -> tuple[dict, dict]:
+    import orbax.checkpoint as ocp
+
+    args: dict[str, Any] = {PARAMS: ocp.args.StandardSave(params)}
+    checksums = {PARAMS: tree_checksums(params)}
+    if opt_state is not None:
+        args[OPT_STATE] = ocp.args.StandardSave(opt_state)
+        checksums[OPT_STATE] = tree_checksums(opt_state)
+    data_format = None
+    if data_state is not None:
+        if _is_grain_iterator(data_state):
+            import grain.checkpoint  # noqa: F401  (registers CheckpointSave/Restore with orbax)
+            from grain._src.python.checkpoint.handler import CheckpointSave
+
+            args[DATA_ITER] = CheckpointSave(data_state)
+            data_format = "grain"
+        else:
+            args[DATA_ITER] = ocp.args.JsonSave(_jsonable(data_state, "data_state"))
+            data_format = "json"
+    doc = dict(_jsonable(dict(metadata or {}), "metadata"))
+    doc[_INTERNAL_KEY] = {"format_version": FORMAT_VERSION, "step": step,
+                          "items": sorted(args) + [METADATA], "data_iter_format": data_format,
+                          "checksums": checksums}
+    args[METADATA] = ocp.args.JsonSave(doc)
+    return args, checksums
+
+
+def _jsonable(obj: Any, what: str) -> Any:
+    try:
+        return json.loads(json.dumps(obj, default=_json_default))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{what} must be JSON-serialisable: {e}") from None
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if hasattr(obj, "shape") and getattr(obj, "shape", None) == ():
+        return np.asarray(obj).item()
+    raise TypeError(f"cannot serialise {type(obj).__name__}")
+
+
+def _read_json(path) -> Any:
+    return json.loads(path.read_text())
+
+
+def step_problem(directory: str | os.PathLike, step: int) -> str | None:
+    """Why ``<dir>/<step>`` cannot be restored (incomplete, unreadable metadata…), or None if it looks fine."""
+    step_dir = _epath(directory) / str(step)
+    if not step_dir.exists():
+        return "missing"
+    if not (step_dir / _COMMIT_MARKER).exists():
+        return f"no {_COMMIT_MARKER}: the save did not complete"
+    try:
+        _read_json(step_dir / _ORBAX_STEP_METADATA)
+        doc = _read_json(step_dir / METADATA / METADATA)
+    except FileNotFoundError as e:
+        return f"missing file {e.filename or e}"
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        return f"unreadable metadata: {type(e).__name__}: {e}"
+    internal = doc.get(_INTERNAL_KEY) if isinstance(doc, dict) else None
+    if not isinstance(internal, dict) or "items" not in internal:
+        return "metadata lacks the checkpoint record"
+    for item in internal["items"]:
+        item_dir = step_dir / item
+        if not item_dir.exists():
+            return f"item {item!r} is missing"
+        if item in (PARAMS, OPT_STATE):
+            try:
+                _read_json(item_dir / "_METADATA")
+            except (OSError, ValueError, UnicodeDecodeError) as e:
+                return f"{item}/_METADATA unreadable: {type(e).__name__}"
+    return None
+
+
+def _restore_items(manager, directory, step: int, abstract_state: dict, data_iterator: Any, *,
+                   want_opt_state: bool) -> RestoredState:
+    """Restore one step with verification; raises CheckpointIntegrityError for corrupt data."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    where = f"{directory}/{step}"
+    problem = step_problem(directory, step)
+    if problem is not None:
+        raise CheckpointIntegrityError(f"{where}: {problem}")
+    try:
+        doc = manager.restore(step, args=ocp.args.Composite(**{METADATA: ocp.args.JsonRestore()}))[METADATA]
+        internal = doc.pop(_INTERNAL_KEY)
+        stored = {item: _item_tree_metadata(directory, step, item)
+                  for item in (PARAMS, OPT_STATE) if item in internal["items"]}
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any read failure means an unusable step
+        raise CheckpointIntegrityError(f"{where}: unreadable checkpoint ({type(e).__name__}: {e})") from e
+
+    targets: dict[str, Any] = {}
+    default_device = jax.local_devices()[0]
+    for item in (PARAMS, OPT_STATE):
+        if item == OPT_STATE and not want_opt_state:
+            continue
+        if item not in internal["items"]:
+            if item == PARAMS:
+                raise CheckpointIntegrityError(f"{where}: no params item")
+            raise CheckpointError(f"{where}: the checkpoint holds no optimizer state")
+        stored_meta = stored.get(item)
+        if stored_meta is None:
+            raise CheckpointIntegrityError(f"{where}: {item} metadata unreadable")
+        target = abstract_state.get(item)
+        if target is None:
+            target = _abstract_like(stored_meta, lambda _: jax.sharding.SingleDeviceSharding(default_device))
+        else:
+            _check_shapes(item, stored_meta, target, where)
+            target = jax.tree.map(_to_abstract, target)
+        targets[item] = target
+
+    args = {item: ocp.args.StandardRestore(t) for item, t in targets.items()}
+    data_format = internal.get("data_iter_format")
+    if data_format == "grain" and data_iterator is not None:
+        import grain.checkpoint  # noqa: F401
+        from grain._src.python.checkpoint.handler import CheckpointRestore
+
+        args[DATA_ITER] = CheckpointRestore(data_iterator)
+    elif data_format == "json":
+        args[DATA_ITER] = ocp.args.JsonRestore()
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(**args))
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointIntegrityError(f"{where}: cannot read arrays ({type(e).__name__}: {e})") from e
+    checksums = internal.get("checksums", {})
+    for item in targets:
+        _verify_checksums(item, restored[item], checksums.get(item), where)
+    _agree_on_success(where)
+    return RestoredState(step=step, params=restored[PARAMS],
+                         opt_state=restored[OPT_STATE] if OPT_STATE in targets else None,
+                         data_state=restored[DATA_ITER] if DATA_ITER in args else None,
+                         metadata=doc)
+
+
+def _to_abstract(x: Any) -> Any:
+    import jax
+
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return x
+    if isinstance(x, jax.Array):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    return x
+
+
+def _agree_on_success(where: str) -> None:
+    """Multi-host: a step is usable only if every process restored and verified it."""
+    # Each process raises on its own failure before reaching here; processes that succeed
+    # would otherwise wait in a later collective forever, so the flag is all-gathered.
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    flags = multihost_utils.process_allgather(np.ones((), np.int32))
+    if int(np.min(flags)) != 1:  # pragma: no cover - reached only by inconsistent files
+        raise CheckpointIntegrityError(f"{where}: another process failed to restore this step")
+
+
+# ---------------------------------------------------------------------------------- params API
+def save_params_checkpoint(directory: str | os.PathLike, step: int, config: ModelConfig, params: Any,
+                           opt_state: Any = None, metadata: Mapping[str, Any] | None = None) -> None:
+    """Write one step of params (and optionally optimizer state) as a checkpoint of this project.
+
+    Synchronous. Used by the converters (HF / GPT-NeoX → this format).
+    """
+    with TrainCheckpointer(directory, save_steps=(), async_save=False,
+                           model_config=config) as ckpt:
+        if int(step) in ckpt.all_steps():
+            raise CheckpointError(f"{ckpt.directory}/{step} already exists")
+        ckpt.save(step, params, opt_state, None, metadata, force=True)
+
+
+def resolve_checkpoint_dir(path: str | os.PathLike) -> tuple[Any, int | None]:
+    """Accept a checkpoint root or a step directory inside one: -> (root, step or None)."""
+    p = _epath(path)
+    if (p / MODEL_CONFIG_FILE).exists():
+        return p, None
+    if p.name.isdigit() and (p.parent / MODEL_CONFIG_FILE).exists():
+        return p.parent, int(p.name)
+    raise CheckpointError(f"{p} is not a pythia-jax checkpoint directory (no {MODEL_CONFIG_FILE})")
+
+
+def is_checkpoint_dir(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a checkpoint root of this project or a step directory in one."""
+    try:
+        resolve_checkpoint_dir(path)
+        return True
+    except CheckpointError:
+        return False
+
+
+def load_params(directory: str | os.PathLike, step: int | None = None,
+                shardings: Any = None) -> tuple[ModelConfig, Any]:
+    """Read ``(ModelConfig, params)`` from a checkpoint directory (newest valid step by default).
+
+    ``shardings``: None (first local device), one ``jax.sharding.Sharding`` for every array, or a
+    tree of shardings matching params. ``directory`` may also be a step directory ``<dir>/<step>``.
+    """
+    import jax
+
+    root, dir_step = resolve_checkpoint_dir(directory)
+    step = dir_step if step is None else step
+    config = read_model_config(root)
+    ckpt = TrainCheckpointer(root, save_steps=(), async_save=False)
+    try:
+        if step is None and not ckpt.all_steps():
+            raise CheckpointError(f"{root} holds no checkpoint steps")
+        abstract = None
+        if shardings is not None:
+            stored = _stored_params_metadata(ckpt, step)
+            if isinstance(shardings, jax.sharding.Sharding):
+                abstract = _abstract_like(stored, lambda _: shardings)
+            else:
+                abstract = jax.tree.map(
+                    lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), stored, shardings)
+        restored = ckpt.restore(step, {PARAMS: abstract} if abstract is not None else None)
+    finally:
+        ckpt.close()
+    if restored is None:
+        raise CheckpointError(f"{root}: no valid checkpoint step")
+    return config, restored.params
+
+
+def _stored_params_metadata(ckpt: TrainCheckpointer, step: int | None) -> Any:
+    step = ckpt.latest_valid_step() if step is None else step
+    if step is None:
+        raise CheckpointError(f"{ckpt.directory}: no valid checkpoint step")
+    return _item_tree_metadata(ckpt.directory, step, PARAMS)
+
+
+def _item_tree_metadata(directory, step: int, item: str) -> Any:
+    """Tree of ``ArrayMetadata`` (shape, dtype, …) of a stored PyTree item, without reading arrays."""
+    import orbax.checkpoint as ocp
+
+    meta = ocp.StandardCheckpointHandler().metadata(_epath(directory) / str(step) / item)
+    return getattr(meta, "tree", meta)
+
+
+__all__ = [
+    "CheckpointIntegrityError", "CheckpointSchedule", "RestoredState", "TrainCheckpointer",
+    "pythia_steps", "save_params_checkpoint", "load_params", "read_model_config",
+    "write_model_config", "config_differences", "tree_checksums", "step_problem",
+    "is_checkpoint_dir", "resolve_checkpoint_dir",
+]

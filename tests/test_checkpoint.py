@@ -1,0 +1,329 @@
+"""Checkpoints: Pythia's schedule, round trips, integrity fallback, shape errors, resharding restore."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from pythia_jax import checkpoint as C
+from pythia_jax.config import ModelConfig
+from pythia_jax.errors import CheckpointError
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ModelConfig(vocab_size=64, hidden_size=16, num_layers=2, num_heads=2)
+
+
+def _params(seed: int = 0) -> dict:
+    """A params-shaped tree (the canonical names, tiny shapes), deterministic in ``seed``."""
+    rng = np.random.default_rng(seed)
+    L, H, F, V = TINY.num_layers, TINY.hidden_size, TINY.intermediate_size, TINY.vocab_size
+    f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)  # noqa: E731
+    return {
+        "embed_in": {"embedding": f(V, H)},
+        "layers": {"attention": {"query_key_value": {"kernel": f(L, H, 3 * H), "bias": f(L, 3 * H)}},
+                   "mlp": {"dense_h_to_4h": {"kernel": f(L, H, F), "bias": f(L, F)}}},
+        "final_layer_norm": {"scale": f(H), "bias": f(H)},
+        "embed_out": {"kernel": f(H, V)},
+    }
+
+
+def _optimizer() -> optax.GradientTransformation:
+    mask = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)  # noqa: E731
+    return optax.chain(optax.clip_by_global_norm(1.0),
+                       optax.adamw(1e-3, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, mask=mask))
+
+
+def _trained_opt_state(params):
+    opt = _optimizer()
+    state = opt.init(params)
+    grads = jax.tree.map(lambda x: jnp.sin(x) * 0.1, params)
+    _, state = opt.update(grads, state, params)
+    return state
+
+
+def _abstract(tree):
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), tree)
+
+
+def _assert_trees_equal(a, b):
+    la, ta = jax.tree.flatten(a)
+    lb, tb = jax.tree.flatten(b)
+    assert ta == tb
+    for x, y in zip(la, lb):
+        assert np.asarray(x).dtype == np.asarray(y).dtype
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# ------------------------------------------------------------------------------ schedule
+def test_pythia_steps_are_the_154_released_steps():
+    steps = C.pythia_steps()
+    assert len(steps) == 154
+    assert steps[:12] == [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000]
+    assert steps[-2:] == [142000, 143000]
+    assert all(s % 1000 == 0 for s in steps[11:])
+    schedule = C.CheckpointSchedule()
+    assert [s for s in range(143_005) if schedule.should_save(s)] == steps
+
+
+def test_scaled_down_schedule_and_extra_steps():
+    assert C.pythia_steps(max_step=200, log_until=16, every=50) == [0, 1, 2, 4, 8, 16, 50, 100, 150, 200]
+    sched = C.CheckpointSchedule(max_step=30, log_until=2, every=10, extra_steps=(7,))
+    assert sched.steps() == [0, 1, 2, 7, 10, 20, 30]
+    assert [s for s in range(40) if sched.should_save(s)] == sched.steps()
+    assert C.CheckpointSchedule(max_step=9, log_until=-1, every=3).steps() == [3, 6, 9]
+
+
+# ------------------------------------------------------------------------------ round trip
+def test_save_restore_round_trip_bit_identical(tmp_path):
+    params = _params(1)
+    opt_state = _trained_opt_state(params)
+    sched = C.CheckpointSchedule(max_step=100, log_until=2, every=5)
+    with C.TrainCheckpointer(tmp_path / "ckpt", save_steps=sched, model_config=TINY) as ckpt:
+        saved = [s for s in range(7) if ckpt.save(s, params, opt_state, {"next_row": s * 8},
+                                                 {"loss": 2.5 + s, "tokens": s * 1024})]
+        assert saved == [0, 1, 2, 5]
+        assert ckpt.save(6, params, opt_state, None, None, force=True)
+        ckpt.wait_until_finished()
+        assert ckpt.all_steps() == [0, 1, 2, 5, 6]
+        assert ckpt.latest_valid_step() == 6
+        restored = ckpt.restore(5, {"params": _abstract(params), "opt_state": _abstract(opt_state)})
+    assert restored.step == 5
+    _assert_trees_equal(restored.params, params)
+    _assert_trees_equal(restored.opt_state, opt_state)
+    assert isinstance(restored.opt_state[1][0], optax.ScaleByAdamState)
+    assert restored.data_state == {"next_row": 40}
+    assert restored.metadata == {"loss": 7.5, "tokens": 5120}
+    stored_cfg = json.loads((tmp_path / "ckpt" / "model_config.json").read_text())
+    assert ModelConfig.from_dict(stored_cfg) == TINY
+
+
+def test_async_save_survives_donated_arrays(tmp_path):
+    params = _params(2)
+    expected = jax.tree.map(np.asarray, params)
+    ckpt = C.TrainCheckpointer(tmp_path, save_steps=[3], async_save=True)
+    assert ckpt.save(3, params)
+    # What a donated train step does to the caller's buffers right after save() returns.
+    jax.tree.map(lambda x: x.delete(), params)
+    ckpt.close()
+    cfg_less = C.TrainCheckpointer(tmp_path, save_steps=())
+    restored = cfg_less.restore(None, {"params": _abstract(expected)})
+    cfg_less.close()
+    _assert_trees_equal(restored.params, expected)
+
+
+def test_load_params_and_save_params_checkpoint(tmp_path):
+    params = _params(3)
+    C.save_params_checkpoint(tmp_path, 1000, TINY, params, metadata={"source": "test"})
+    with pytest.raises(CheckpointError, match="already exists"):
+        C.save_params_checkpoint(tmp_path, 1000, TINY, params)
+    config, loaded = C.load_params(tmp_path)
+    assert config == TINY
+    _assert_trees_equal(loaded, params)
+    # A step directory works too, and explicit shardings (one for all, or a tree).
+    _, loaded = C.load_params(tmp_path / "1000", shardings=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    _assert_trees_equal(loaded, params)
+    tree = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), params)
+    _, loaded = C.load_params(f"file://{tmp_path}", step=1000, shardings=tree)
+    _assert_trees_equal(loaded, params)
+    assert C.is_checkpoint_dir(tmp_path) and not C.is_checkpoint_dir(tmp_path / "nothing")
+    with pytest.raises(CheckpointError, match="not a pythia-jax checkpoint"):
+        C.load_params(tmp_path / "nothing")
+
+
+def test_grain_iterator_state_round_trip(tmp_path):
+    grain = pytest.importorskip("grain")
+    ds = grain.MapDataset.range(100).shuffle(seed=3).batch(4)
+    it = iter(ds.to_iter_dataset())
+    for _ in range(5):
+        next(it)
+    params = _params(4)
+    with C.TrainCheckpointer(tmp_path, save_steps=[5], async_save=False) as ckpt:
+        ckpt.save(5, params, data_state=it)
+    expected_next = [np.asarray(next(it)) for _ in range(3)]
+    fresh = iter(ds.to_iter_dataset())
+    with C.TrainCheckpointer(tmp_path, save_steps=()) as ckpt:
+        restored = ckpt.restore(None, {"params": _abstract(params)}, data_iterator=fresh)
+    assert restored.data_state is fresh
+    assert [np.asarray(next(fresh)).tolist() for _ in range(3)] == [e.tolist() for e in expected_next]
+    assert list((tmp_path / "5" / "data_iter").glob("process_0-of-1.json"))
+
+
+def test_remote_paths_are_not_made_local():
+    assert str(C._epath("gs://bucket/run1")) == "gs://bucket/run1"
+    assert str(C._epath("file:///tmp/x")) == "/tmp/x"
+    assert str(C._epath("relative/dir")) == os.path.abspath("relative/dir")
+
+
+# ------------------------------------------------------------------------------ integrity
+def _write_steps(directory, steps, params):
+    with C.TrainCheckpointer(directory, save_steps=steps, model_config=TINY) as ckpt:
+        for s in steps:
+            ckpt.save(s, jax.tree.map(lambda x: x + s, params), None, None, {"step": s})
+
+
+def _restore_latest(directory, params):
+    with C.TrainCheckpointer(directory, save_steps=(), model_config=TINY) as ckpt:
+        return ckpt.restore(None, {"params": _abstract(params)})
+
+
+def _data_files(step_dir: Path) -> list[Path]:
+    files = [p for p in (step_dir / "params").rglob("*") if p.is_file() and p.parent.name == "d"]
+    assert files, f"no array data files under {step_dir}"
+    return files
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("damage", ["truncate", "garble", "metadata", "commit_marker", "tmp_dir"])
+def test_damaged_latest_step_falls_back_with_warning(tmp_path, damage):
+    params = _params(5)
+    _write_steps(tmp_path, [1, 2], params)
+    step2 = tmp_path / "2"
+    if damage == "truncate":
+        for f in _data_files(step2):
+            f.write_bytes(f.read_bytes()[: max(1, f.stat().st_size // 2)])
+    elif damage == "garble":  # a few flipped bytes inside the array values: only the checksums see it
+        f = max(_data_files(step2), key=lambda p: p.stat().st_size)
+        data = bytearray(f.read_bytes())
+        for i in range(len(data) // 2, len(data) // 2 + 4):
+            data[i] ^= 0x5A
+        f.write_bytes(bytes(data))
+    elif damage == "metadata":
+        (step2 / "metadata" / "metadata").write_text("{not json")
+    elif damage == "commit_marker":
+        (step2 / "commit_success.txt").unlink()
+    elif damage == "tmp_dir":  # an interrupted save: Orbax never renamed the temporary directory
+        step2.rename(tmp_path / "2.orbax-checkpoint-tmp-1234567")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        restored = _restore_latest(tmp_path, params)
+    assert restored is not None and restored.step == 1
+    _assert_trees_equal(restored.params, jax.tree.map(lambda x: x + 1, params))
+    assert restored.metadata == {"step": 1}
+    messages = " | ".join(str(w.message) for w in caught)
+    if damage == "tmp_dir":
+        assert "interrupted save" in messages
+    elif damage == "garble":
+        assert "failed its checksum" in messages
+    else:
+        assert "step 2" in messages and "falling back" in messages
+
+
+def test_latest_valid_step_skips_incomplete(tmp_path):
+    params = _params(6)
+    _write_steps(tmp_path, [1, 2, 3], params)
+    (tmp_path / "3" / "commit_success.txt").unlink()
+    (tmp_path / "2" / "metadata" / "metadata").unlink()
+    with C.TrainCheckpointer(tmp_path, save_steps=()) as ckpt:
+        with pytest.warns(UserWarning, match="step 3"):
+            assert ckpt.latest_valid_step() == 1
+
+
+def test_no_valid_step_returns_none(tmp_path):
+    params = _params(7)
+    _write_steps(tmp_path, [4], params)
+    (tmp_path / "4" / "commit_success.txt").unlink()
+    with pytest.warns(UserWarning, match="step 4"):
+        assert _restore_latest(tmp_path, params) is None
+    with pytest.raises(CheckpointError, match="no valid checkpoint step"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        C.load_params(tmp_path)
+
+
+def test_different_model_shape_is_a_clear_error(tmp_path):
+    params = _params(8)
+    _write_steps(tmp_path, [1], params)
+    bigger = TINY.replace(hidden_size=32)
+    with pytest.raises(CheckpointError, match="different model.*hidden_size"):
+        C.TrainCheckpointer(tmp_path, save_steps=(), model_config=bigger)
+    # Execution-only fields (dtype, remat…) may differ.
+    C.TrainCheckpointer(tmp_path, save_steps=(), model_config=TINY.replace(dtype="bfloat16")).close()
+    # Shapes are also checked against the restore target before reading any array (no fallback).
+    wrong = dict(params, embed_out={"kernel": jnp.zeros((16, 65), jnp.float32)})
+    with C.TrainCheckpointer(tmp_path, save_steps=()) as ckpt:
+        with pytest.raises(CheckpointError, match=r"embed_out/kernel has shape \(16, 64\).*\(16, 65\)"):
+            ckpt.restore(None, {"params": _abstract(wrong)})
+        with pytest.raises(CheckpointError, match="no optimizer state"):
+            ckpt.restore(1, {"params": _abstract(params), "opt_state": _abstract(_trained_opt_state(params))})
+
+
+def test_checksums_do_not_depend_on_sharding_or_container():
+    params = _params(9)
+    a = C.tree_checksums(params)
+    b = C.tree_checksums(jax.tree.map(np.asarray, params))
+    assert a == b and len(a) == len(jax.tree.leaves(params))
+    flipped = jax.tree.map(np.asarray, params)
+    flipped["embed_out"]["kernel"] = flipped["embed_out"]["kernel"][:, ::-1]  # a permutation
+    assert C.tree_checksums(flipped)["embed_out/kernel"] != a["embed_out/kernel"]
+
+
+# ------------------------------------------------------------------------------ resharding
+_RESHARD_SCRIPT = textwrap.dedent("""
+    import os, sys, json
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    sys.path.insert(0, {tests!r})
+    from test_checkpoint import _params, TINY
+    from pythia_jax import checkpoint as C
+
+    mode, directory, mesh_shape = sys.argv[1], sys.argv[2], tuple(json.loads(sys.argv[3]))
+    assert jax.device_count() == int(np.prod(mesh_shape)), jax.devices()
+    mesh = Mesh(np.array(jax.devices()).reshape(mesh_shape), ("fsdp", "tensor"))
+    specs = {{  # FSDP on one axis, Megatron-style tensor split on the other
+        "embed_in": {{"embedding": P("tensor", "fsdp")}},
+        "layers": {{"attention": {{"query_key_value": {{"kernel": P(None, "fsdp", "tensor"), "bias": P(None, "tensor")}}}},
+                   "mlp": {{"dense_h_to_4h": {{"kernel": P(None, "fsdp", "tensor"), "bias": P(None, "tensor")}}}}}},
+        "final_layer_norm": {{"scale": P("fsdp"), "bias": P()}},
+        "embed_out": {{"kernel": P("fsdp", "tensor")}},
+    }}
+    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
+    params = _params(11)
+    if mode == "save":
+        sharded = jax.device_put(params, shardings)
+        with C.TrainCheckpointer(directory, save_steps=[7], model_config=TINY) as ckpt:
+            assert ckpt.save(7, sharded, None, None, {{"devices": jax.device_count()}})
+    else:
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings)
+        with C.TrainCheckpointer(directory, save_steps=(), model_config=TINY) as ckpt:
+            restored = ckpt.restore(None, {{"params": abstract}})
+        assert restored.metadata == {{"devices": 8}}
+        for got, want, s in zip(jax.tree.leaves(restored.params), jax.tree.leaves(params), jax.tree.leaves(shardings)):
+            assert got.sharding == s, (got.sharding, s)
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    print("OK", mode, mesh_shape)
+""")
+
+
+def _run_devices(tmp_path, n_devices: int, *args: str) -> None:
+    script = tmp_path / "reshard.py"
+    script.write_text(_RESHARD_SCRIPT.format(tests=str(REPO / "tests")))
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}")
+    proc = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "OK" in proc.stdout
+
+
+@pytest.mark.slow
+def test_restore_8_device_checkpoint_on_1_device_and_other_meshes(tmp_path):
+    directory = str(tmp_path / "ckpt")
+    _run_devices(tmp_path, 8, "save", directory, "[4, 2]")  # written with fsdp=4 x tensor=2
+    _run_devices(tmp_path, 8, "restore", directory, "[2, 4]")  # other mesh shape, same devices
+    _run_devices(tmp_path, 2, "restore", directory, "[1, 2]")  # fewer devices
+    # This process has one device: load_params puts everything on it.
+    assert jax.device_count() == 1
+    config, params = C.load_params(directory)
+    assert config == TINY
+    _assert_trees_equal(params, _params(11))
