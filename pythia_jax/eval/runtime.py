@@ -1,0 +1,93 @@
+"""Placing a model for evaluation, the way training does: a device mesh, parameters laid out by the
+logical-axis rule table of ``pythia_jax.sharding`` (replicated under pure data parallelism) and the
+batch axis split over the data axes. Jitted evaluation functions rebuild the model from the pure
+parameter dict with ``model_from_params``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+
+@dataclasses.dataclass
+class PlacedModel:
+    """Parameters (the pure dict of ``pythia_jax.model``) placed on ``mesh`` plus how to place batches.
+
+    ``num_shards``: into how many pieces the batch axis is split; batch sizes are rounded up to a
+    multiple of it.
+    """
+
+    config: Any
+    params: Any
+    mesh: Mesh
+    rules: Sequence[tuple[str, Any]] | None = None
+
+    @property
+    def num_shards(self) -> int:
+        if self.rules is None:
+            return int(self.mesh.devices.size)
+        from pythia_jax.sharding import data_shards
+        return data_shards(self.mesh, self.rules)
+
+    def batch_sharding(self, ndim: int) -> NamedSharding:
+        if self.rules is None:
+            return NamedSharding(self.mesh, P(tuple(self.mesh.axis_names), *([None] * (ndim - 1))))
+        from pythia_jax.sharding import batch_sharding
+        return batch_sharding(self.mesh, self.rules, extra_dims=ndim - 1)
+
+    def put_batch(self, array: np.ndarray) -> jax.Array:
+        """Place a host array [batch, ...] with its batch axis split over the data axes."""
+        return jax.device_put(array, self.batch_sharding(array.ndim))
+
+    def round_batch(self, batch_size: int) -> int:
+        n = self.num_shards
+        return max(n, -(-int(batch_size) // n) * n)
+
+    def build(self, params: Any) -> Any:
+        """A ``GPTNeoX`` around (possibly traced) ``params``; call inside jit."""
+        from pythia_jax.model import model_from_params
+        return model_from_params(self.config, params)
+
+
+def _default_mesh_and_rules(devices: Sequence[jax.Device] | None) -> tuple[Mesh, Any]:
+    try:
+        from pythia_jax.sharding import DEFAULT_RULES, make_mesh
+        from pythia_jax.train.config import MeshConfig
+    except ImportError:  # the training modules are optional for evaluation
+        devs = np.array(list(devices if devices is not None else jax.devices()))
+        return Mesh(devs, ("data",)), None
+    return make_mesh(MeshConfig(data=-1), devices), DEFAULT_RULES
+
+
+def place_model(model: Any, mesh: Mesh | None = None, rules: Sequence[tuple[str, Any]] | None = None,
+                *, config: Any = None, devices: Sequence[jax.Device] | None = None) -> PlacedModel:
+    """Put a ``GPTNeoX`` (or, with ``config``, a pure params dict) on ``mesh``.
+
+    Default: all devices on the ``data`` axis, the project's default rule table (parameters
+    replicated, batch split).
+    """
+    if config is None:
+        from pythia_jax.model import params_to_dict
+        config, params = model.config, params_to_dict(model)
+    else:
+        params = model
+    if mesh is None:
+        mesh, default_rules = _default_mesh_and_rules(devices)
+        rules = rules if rules is not None else default_rules
+    if rules is None:
+        params = jax.device_put(params, NamedSharding(mesh, P()))
+    else:
+        from pythia_jax.sharding import param_shardings
+        params = jax.device_put(params, param_shardings(config, mesh, rules))
+    return PlacedModel(config=config, params=params, mesh=mesh, rules=rules)
+
+
+def next_bucket(length: int, minimum: int, maximum: int) -> int:
+    """The smallest power of two >= ``length`` (at least ``minimum``), capped at ``maximum``."""
+    b = max(minimum, 1 << max(0, int(length) - 1).bit_length())
+    return min(b, maximum)

@@ -1,0 +1,139 @@
+"""Batched, jitted log-likelihood of continuations given contexts (the harness's
+``loglikelihood`` and ``loglikelihood_rolling``).
+
+Requests are token lists. The model sees ``(context + continuation)[-(max_len + 1):][:-1]``, as
+lm-evaluation-harness feeds a causal model, so a context longer than the window is cut from the
+left (such requests are counted in ``ScoreResult.truncated``). Requests are sorted by length,
+right-padded to a power-of-two bucket and run in batches of a fixed size, so a whole task
+compiles once per bucket (a handful of times). The batch axis is sharded over the mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pythia_jax.errors import PythiaJaxError
+from pythia_jax.eval.runtime import PlacedModel, next_bucket, place_model
+
+Request = tuple[Sequence[int], Sequence[int]]  # (context tokens, continuation tokens)
+
+
+@dataclasses.dataclass
+class ScoreResult:
+    """Per request: ``loglik`` float64 [N] (sum over continuation tokens), ``is_greedy`` bool [N]
+    (every continuation token is the argmax), ``num_tokens`` int [N]; ``truncated``: how many
+    requests were cut from the left to fit the window."""
+
+    loglik: np.ndarray
+    is_greedy: np.ndarray
+    num_tokens: np.ndarray
+    truncated: int
+
+
+def _score_fn(placed: PlacedModel) -> Callable:
+    def score(params, tokens, targets, mask):
+        """tokens/targets int32 [B, L], mask bool [B, L] -> (loglik f32 [B], greedy bool [B])."""
+        model = placed.build(params)
+        logits = model(tokens).astype(jnp.float32)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        token_lp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+        loglik = jnp.sum(jnp.where(mask, token_lp, 0.0), axis=-1)
+        greedy = jnp.all(jnp.where(mask, jnp.argmax(logits, axis=-1) == targets, True), axis=-1)
+        return loglik, greedy
+
+    return jax.jit(score)
+
+
+class Scorer:
+    """Scores token requests with one model; reuse it across tasks to reuse compilations.
+
+    Args:
+      model: a ``GPTNeoX`` (NNX module) or a ``PlacedModel`` (``runtime.place_model``).
+      batch_size: rows per forward pass (rounded up to a multiple of the mesh size).
+      max_len: the window (default: ``config.max_position_embeddings``).
+      min_bucket: the smallest padded length.
+    """
+
+    def __init__(self, model: Any, *, batch_size: int = 16, max_len: int | None = None,
+                 min_bucket: int = 32, mesh=None):
+        self.placed = model if isinstance(model, PlacedModel) else place_model(model, mesh)
+        self.config = self.placed.config
+        self.max_len = int(max_len or self.config.max_position_embeddings)
+        self.batch_size = self.placed.round_batch(batch_size)
+        self.min_bucket = min(min_bucket, self.max_len)
+        self._score = _score_fn(self.placed)
+        self.compiled_shapes: set[tuple[int, int]] = set()
+
+    def loglikelihood(self, requests: Sequence[Request], progress: bool = False) -> ScoreResult:
+        """Sum of log p(continuation | context) per request; see ``ScoreResult``."""
+        n = len(requests)
+        rows: list[tuple[list[int], int]] = []  # (window tokens incl. the last target, continuation length)
+        truncated = 0
+        for i, (ctx, cont) in enumerate(requests):
+            ctx, cont = list(ctx), list(cont)
+            if not cont:
+                raise PythiaJaxError(f"request {i}: empty continuation")
+            if len(cont) > self.max_len:
+                raise PythiaJaxError(f"request {i}: continuation of {len(cont)} tokens is longer than "
+                                     f"the window ({self.max_len})")
+            if not ctx:
+                raise PythiaJaxError(f"request {i}: empty context (use [EOD] as the harness does)")
+            whole = ctx + cont
+            if len(whole) > self.max_len + 1:
+                truncated += 1
+                whole = whole[-(self.max_len + 1):]
+            rows.append((whole, len(cont)))
+        order = sorted(range(n), key=lambda i: -len(rows[i][0]))
+        loglik = np.zeros(n, np.float64)
+        greedy = np.zeros(n, bool)
+        B = self.batch_size
+        batches = [order[s:s + B] for s in range(0, n, B)]
+        if progress:
+            from tqdm import tqdm
+            batches = tqdm(batches, desc="scoring", unit="batch")
+        for idx in batches:
+            L = next_bucket(max(len(rows[i][0]) - 1 for i in idx), self.min_bucket, self.max_len)
+            tokens = np.zeros((B, L), np.int32)
+            targets = np.zeros((B, L), np.int32)
+            mask = np.zeros((B, L), bool)
+            for r, i in enumerate(idx):
+                whole, n_cont = rows[i]
+                m = len(whole) - 1
+                tokens[r, :m] = whole[:-1]
+                targets[r, :m] = whole[1:]
+                mask[r, m - n_cont:m] = True
+            self.compiled_shapes.add((B, L))
+            ll, gr = self._score(self.placed.params, self.placed.put_batch(tokens),
+                                 self.placed.put_batch(targets), self.placed.put_batch(mask))
+            ll, gr = np.asarray(ll), np.asarray(gr)
+            for r, i in enumerate(idx):
+                loglik[i] = ll[r]
+                greedy[i] = gr[r]
+        num_tokens = np.array([len(c) for _, c in requests], np.int64)
+        return ScoreResult(loglik=loglik, is_greedy=greedy, num_tokens=num_tokens, truncated=truncated)
+
+    def loglikelihood_rolling(self, documents: Sequence[Sequence[int]], progress: bool = False) -> ScoreResult:
+        """Log-likelihood of each whole token sequence (first token conditioned on EOD), scored in
+        disjoint windows of at most ``max_len`` tokens (the harness's ``loglikelihood_rolling``)."""
+        from pythia_jax.eval.tokens import rolling_windows
+
+        requests: list[Request] = []
+        owner: list[int] = []
+        for d, doc in enumerate(documents):
+            if len(doc) == 0:
+                raise PythiaJaxError(f"document {d}: no tokens")
+            for ctx, cont in rolling_windows(doc, self.max_len):
+                requests.append((ctx, cont))
+                owner.append(d)
+        res = self.loglikelihood(requests, progress=progress)
+        owner_arr = np.asarray(owner)
+        loglik = np.bincount(owner_arr, weights=res.loglik, minlength=len(documents))
+        greedy = np.ones(len(documents), bool)
+        np.logical_and.at(greedy, owner_arr, res.is_greedy)
+        num_tokens = np.array([len(d) for d in documents], np.int64)
+        return ScoreResult(loglik=loglik, is_greedy=greedy, num_tokens=num_tokens, truncated=0)
