@@ -1,0 +1,78 @@
+"""``pythia-jax batches``: print or save the token rows of training steps a..b (inclusive)."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "show or save the exact training rows of steps START..END (either data order)"
+DESCRIPTION = """\
+The rows of steps START..END inclusive: rows [BATCH*START, BATCH*(END+1)) of the training order
+(the original Pythia viewer's off-by-one, which returned one stray row for the last batch, is not
+reproduced). --out FILE.npy saves them as uint16 [rows, SEQ_LEN+1]; without --out they are
+printed (token ids, or text with --decode).
+
+Examples:
+  pythia-jax batches --data pile_text_document --order neox --start 0 --end 0 --out step0.npy
+  pythia-jax batches --data preshuffled/document --order preshuffled --start 1000 --end 1000 \\
+      --decode --rows 2
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True,
+                        help="dataset prefix without .bin/.idx (for sharded pre-shuffled data, "
+                             "the .idx prefix; the shards are found beside it)")
+    parser.add_argument("--order", choices=("preshuffled", "neox"), default="preshuffled")
+    parser.add_argument("--start", type=int, required=True, help="first step (0-based)")
+    parser.add_argument("--end", type=int, required=True, help="last step, inclusive")
+    parser.add_argument("--batch-size", type=int, default=1024, help="global batch (rows per step)")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--seed", type=int, default=1234, help="GPT-NeoX order seed")
+    parser.add_argument("--train-iters", type=int, default=143000,
+                        help="training steps the GPT-NeoX maps were built for")
+    parser.add_argument("--out", default=None, help="save uint16 [rows, seq_len+1] to this .npy file")
+    parser.add_argument("--decode", action="store_true", help="print the rows as text")
+    parser.add_argument("--rows", type=int, default=None,
+                        help="when printing, show only the first N rows")
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+    import tempfile
+
+    import numpy as np
+
+    from pythia_jax.data.indexed import publish
+    from pythia_jax.data.orders import open_order
+    from pythia_jax.errors import DataError
+
+    if args.start < 0 or args.end < args.start:
+        raise DataError(f"bad step range --start {args.start} --end {args.end}")
+    order = open_order(args.data, args.order, seq_len=args.seq_len, seed=args.seed,
+                       train_iters=args.train_iters, global_batch=args.batch_size)
+    first, stop = args.batch_size * args.start, args.batch_size * (args.end + 1)
+    if stop > len(order):
+        raise DataError(f"{order.name}: steps {args.start}..{args.end} need rows [{first}, {stop}), "
+                        f"the {args.order} order has {len(order)} rows "
+                        f"(last full step {len(order) // args.batch_size - 1})")
+    rows = np.asarray(order.read_rows(first, stop)).astype(np.uint16)
+    if args.out:
+        directory = os.path.dirname(os.path.abspath(args.out)) or "."
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".batches.", suffix=".npy", dir=directory)
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, rows)
+        publish(tmp, args.out)
+        print(f"saved rows [{first}, {stop}) as {rows.dtype} {list(rows.shape)} to {args.out}")
+        return 0
+    shown = rows if args.rows is None else rows[: args.rows]
+    if args.decode:
+        from pythia_jax.data.tokenizer import decode
+        for k, row in enumerate(shown):
+            print(f"=== step {(first + k) // args.batch_size} row {first + k} ===")
+            print(decode(row))
+    else:
+        np.set_printoptions(threshold=20, linewidth=120)
+        for k, row in enumerate(shown):
+            print(f"step {(first + k) // args.batch_size} row {first + k}: {row}")
+    return 0

@@ -1,0 +1,40 @@
+"""``pythia-jax preshuffle``: raw dataset + GPT-NeoX index maps -> pre-shuffled dataset."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "write the training rows of a raw dataset, in GPT-NeoX order, as a pre-shuffled dataset"
+DESCRIPTION = """\
+Build (or load) the GPT-NeoX index maps of a raw document dataset and write its training rows in
+order: one item of SEQ_LEN+1 tokens per row, row j = the j-th training sample, step n = rows
+[B*n, B*n+B). With --shards K the .bin is split at byte level into K files
+OUT-000NN-of-{K-1}.bin beside OUT.idx, like the Pythia release (21 shards, "of-00020").
+
+Example:
+  pythia-jax preshuffle --data data/pile_text_document --out data/preshuffled/document --shards 21
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="raw dataset prefix (without .bin/.idx)")
+    parser.add_argument("--out", required=True, help="output prefix")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--batch-size", type=int, default=1024, help="global batch (rows per step)")
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--train-iters", type=int, default=143000)
+    parser.add_argument("--rows", type=int, default=None,
+                        help="rows to write (default: train-iters x batch-size)")
+    parser.add_argument("--shards", type=int, default=None, help="split the .bin into this many files")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pythia_jax.data.orders import open_order
+    from pythia_jax.data.preprocess import write_preshuffled
+
+    order = open_order(args.data, "neox", seq_len=args.seq_len, seed=args.seed,
+                       train_iters=args.train_iters, global_batch=args.batch_size, verbose=True)
+    rows = args.rows if args.rows is not None else args.train_iters * args.batch_size
+    write_preshuffled(order, args.out, rows, shards=args.shards)
+    print(f"wrote {rows:,} rows of {args.seq_len + 1} tokens to {args.out}")
+    return 0

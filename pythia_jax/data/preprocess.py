@@ -1,0 +1,200 @@
+"""JSONL -> indexed dataset (as GPT-NeoX's ``tools/preprocess_data.py``), and the pre-shuffled writer.
+
+``preprocess_jsonl(inputs, output_prefix, jsonl_key="text", workers=N)``: reads JSONL files
+(plain, ``.gz`` or ``.zst``), skips empty texts (as GPT-NeoX's reader did), tokenizes each
+document with the bundled Pythia tokenizer (``encode(text).ids``), appends the EOD id 0, and
+writes one uint16 item per document to ``{output_prefix}_{jsonl_key}_document.{bin,idx}``
+(GPT-NeoX's naming), in input order, using a multiprocessing pool and a tqdm progress bar.
+
+``write_preshuffled(order, output_prefix, num_rows, shards=None)``: writes rows ``[0, num_rows)``
+of an order (normally the GPT-NeoX order of a raw dataset) as a pre-shuffled dataset: one item
+of seq_len+1 tokens per row, in training order. With ``shards=K`` the ``.bin`` is split at byte
+level into K files ``{prefix}-000NN-of-{K-1:05d}.bin`` beside ``{prefix}.idx`` like the Pythia
+release (rows straddle the edges); ``IndexedDataset`` reads them as one stream.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import multiprocessing
+import os
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from pythia_jax.data.indexed import IndexedDatasetWriter, _atomic_path, publish, write_index
+from pythia_jax.data.tokenizer import EOD_ID
+from pythia_jax.errors import DataError
+
+
+def open_text(path: str) -> io.TextIOBase:
+    """Open a text file, decompressing ``.gz`` / ``.zst`` by extension."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: input file not found")
+    if path.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    if path.endswith(".zst") or path.endswith(".zstd"):
+        import zstandard
+        raw = open(path, "rb")
+        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True),
+                                encoding="utf-8")
+    return open(path, "r", encoding="utf-8")
+
+
+def iter_jsonl_texts(paths: Sequence[str], key: str = "text") -> Iterator[str]:
+    """The non-empty ``key`` fields of the JSONL files, in order."""
+    for path in paths:
+        with open_text(path) as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
+                if not isinstance(obj, dict) or key not in obj:
+                    raise DataError(f"{path}:{line_no}: no {key!r} field")
+                text = obj[key]
+                if isinstance(text, list):  # lm_dataformat joined paragraph lists
+                    text = "\n\n".join(text)
+                if text:
+                    yield text
+
+
+_WORKER_TOKENIZER = None
+
+
+def _init_worker(tokenizer_path: str | None) -> None:
+    global _WORKER_TOKENIZER
+    from pythia_jax.data.tokenizer import load_tokenizer
+    _WORKER_TOKENIZER = load_tokenizer(tokenizer_path)
+
+
+def encode_document(text: str) -> np.ndarray:
+    """Token ids of one document followed by EOD (0), uint16 [n+1] (GPT-NeoX's encoding)."""
+    ids = _WORKER_TOKENIZER.encode(text).ids
+    ids.append(EOD_ID)
+    return np.asarray(ids, dtype=np.uint16)
+
+
+def dataset_prefix(output_prefix: str, jsonl_key: str = "text") -> str:
+    """GPT-NeoX's output name: ``{output_prefix}_{key}_document``."""
+    return f"{output_prefix}_{jsonl_key}_document"
+
+
+def preprocess_jsonl(inputs: Sequence[str] | str, output_prefix: str, *, jsonl_key: str = "text",
+                     workers: int = 1, tokenizer_path: str | None = None,
+                     progress: bool = True, chunksize: int = 32) -> str:
+    """Tokenize JSONL documents into an indexed dataset. Returns the dataset prefix."""
+    from tqdm import tqdm
+    if isinstance(inputs, str):
+        inputs = [p for p in inputs.split(",") if p]
+    for path in inputs:
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: input file not found")
+    prefix = dataset_prefix(output_prefix, jsonl_key)
+    texts = iter_jsonl_texts(inputs, jsonl_key)
+    pool = None
+    if workers > 1:
+        pool = multiprocessing.get_context("spawn").Pool(
+            workers, initializer=_init_worker, initargs=(tokenizer_path,))
+        encoded: Iterable[np.ndarray] = pool.imap(encode_document, texts, chunksize=chunksize)
+    else:
+        _init_worker(tokenizer_path)
+        encoded = (encode_document(t) for t in texts)
+    try:
+        with IndexedDatasetWriter(prefix, np.uint16) as writer:
+            bar = tqdm(encoded, desc=f"tokenizing -> {os.path.basename(prefix)}", unit=" docs",
+                       disable=not progress)
+            n_tokens = 0
+            for doc in bar:
+                writer.add_document(doc)
+                n_tokens += doc.size
+            bar.close()
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    return prefix
+
+
+class _ShardedBinWriter:
+    """Writes a byte stream of known total size into K shard files (temp names, renamed at the end)."""
+
+    def __init__(self, prefix: str, total_bytes: int, shards: int):
+        if shards < 1:
+            raise DataError("shards must be >= 1")
+        self.prefix = prefix
+        self.shard_bytes = -(-total_bytes // shards) if total_bytes else 1
+        self.finals = [f"{prefix}-{k:05d}-of-{shards - 1:05d}.bin" for k in range(shards)]
+        self.temps = [_atomic_path(p) for p in self.finals]
+        self._k = 0
+        self._written = 0  # bytes in the current shard
+        self._f = open(self.temps[0], "wb")
+
+    def write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while len(view):
+            room = self.shard_bytes - self._written
+            if room == 0 and self._k + 1 < len(self.temps):
+                self._f.close()
+                self._k += 1
+                self._f = open(self.temps[self._k], "wb")
+                self._written = 0
+                room = self.shard_bytes
+            take = len(view) if self._k + 1 == len(self.temps) else min(room, len(view))
+            self._f.write(view[:take])
+            self._written += take
+            view = view[take:]
+
+    def finalize(self) -> None:
+        self._f.close()
+        for k in range(self._k + 1, len(self.temps)):
+            open(self.temps[k], "wb").close()  # empty trailing shards (tiny data)
+        for tmp, final in zip(self.temps, self.finals):
+            publish(tmp, final)
+
+    def abort(self) -> None:
+        self._f.close()
+        for tmp in self.temps:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def write_preshuffled(order, output_prefix: str, num_rows: int, *, shards: int | None = None,
+                      chunk_rows: int = 1024, progress: bool = True) -> str:
+    """Write rows [0, num_rows) of ``order`` as a pre-shuffled dataset. Returns the prefix."""
+    from tqdm import tqdm
+    if num_rows > len(order):
+        raise DataError(f"{order.name}: {num_rows} rows requested, the order has {len(order)}")
+    width = order.seq_len + 1
+    dtype = order.dataset.dtype
+    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)) or ".", exist_ok=True)
+    bar = tqdm(total=num_rows, desc=f"pre-shuffling -> {os.path.basename(output_prefix)}",
+               unit=" rows", disable=not progress)
+    if shards is None:
+        with IndexedDatasetWriter(output_prefix, dtype) as writer:
+            for a in range(0, num_rows, chunk_rows):
+                rows = order.read_rows(a, min(num_rows, a + chunk_rows))
+                for row in rows:
+                    writer.add_document(row)
+                bar.update(len(rows))
+        bar.close()
+        return output_prefix
+    out = _ShardedBinWriter(output_prefix, num_rows * width * dtype.itemsize, shards)
+    try:
+        for a in range(0, num_rows, chunk_rows):
+            rows = order.read_rows(a, min(num_rows, a + chunk_rows))
+            out.write(np.ascontiguousarray(rows, dtype=dtype.newbyteorder("<")).tobytes())
+            bar.update(len(rows))
+        out.finalize()
+    except BaseException:
+        out.abort()
+        raise
+    finally:
+        bar.close()
+    write_index(output_prefix + ".idx", dtype, np.full(num_rows, width, np.int64),
+                np.arange(num_rows + 1, dtype=np.int64))
+    return output_prefix

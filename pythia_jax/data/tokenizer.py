@@ -1,0 +1,39 @@
+"""The Pythia tokenizer (GPT-NeoX-20B BPE, 50,277 ids; ``<|endoftext|>`` = 0 is the EOD token).
+
+``load_tokenizer()`` returns a ``tokenizers.Tokenizer`` from the bundled
+``pythia_jax/assets/gpt-neox-20b-tokenizer.json`` (no download). ``encode(text)`` gives the ids
+GPT-NeoX's ``HFTokenizer.tokenize`` gave (``tokenizer.encode(text).ids``); ``decode(ids)`` the text.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Sequence
+
+EOD_ID = 0
+PAD_ID = 1
+TOKENIZER_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "assets", "gpt-neox-20b-tokenizer.json")
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(path: str | None = None):
+    """The bundled Pythia tokenizer (or the ``tokenizer.json`` at ``path``), cached."""
+    from tokenizers import Tokenizer
+
+    from pythia_jax.errors import DataError
+    path = path or TOKENIZER_FILE
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: tokenizer file not found")
+    return Tokenizer.from_file(path)
+
+
+def encode(text: str) -> list[int]:
+    """Token ids of ``text`` (no EOD appended)."""
+    return load_tokenizer().encode(text).ids
+
+
+def decode(ids: Sequence[int]) -> str:
+    """Text of token ids (special tokens such as EOD kept, so document boundaries show)."""
+    return load_tokenizer().decode([int(i) for i in ids], skip_special_tokens=False)
