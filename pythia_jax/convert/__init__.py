@@ -1,0 +1,1 @@
+"""Weight converters: Hugging Face directories (``hf``) and GPT-NeoX DeepSpeed checkpoints (``neox``)."""
