@@ -5,6 +5,7 @@ Layout of a checkpoint directory (an ``orbax.checkpoint.CheckpointManager`` root
     <dir>/model_config.json          ModelConfig.to_dict(), written once, atomically
     <dir>/<step>/params/             the canonical params tree (float32), Orbax PyTree (OCDBT)
     <dir>/<step>/opt_state/          optax state (optional)
+    <dir>/<step>/extra_state/        other arrays of the train state (loss scale, counters; optional)
     <dir>/<step>/data_iter/          data-iterator state: grain's per-process JSON files
                                      (``process_<i>-of-<n>.json``) or one JSON document
     <dir>/<step>/metadata/           JSON: the caller's metadata plus ``__checkpoint__``
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 MODEL_CONFIG_FILE = "model_config.json"
 PARAMS = "params"
 OPT_STATE = "opt_state"
+EXTRA_STATE = "extra_state"
 DATA_ITER = "data_iter"
 METADATA = "metadata"
 FORMAT_VERSION = 1
@@ -182,18 +184,16 @@ def write_model_config(directory: str | os.PathLike, config: ModelConfig) -> Non
     Raises ``CheckpointError`` when the directory holds checkpoints of a different model shape.
     """
     path = _epath(directory)
-    stored = read_model_config(path)
-    if stored is not None:
-        diff = config_differences(stored, config)
-        if diff:
-            raise CheckpointError(
-                f"{path} holds checkpoints of a different model ({'; '.join(diff)}); "
-                "use another checkpoint directory or the matching model config")
-        return
-    if _is_primary():
+    if _is_primary() and not (path / MODEL_CONFIG_FILE).exists():
         path.mkdir(parents=True, exist_ok=True)
         _write_text_atomic(path / MODEL_CONFIG_FILE, json.dumps(config.to_dict(), indent=2) + "\n")
-    _sync("pythia_jax_write_model_config")
+    _sync("pythia_jax_write_model_config")  # every process passes here exactly once
+    stored = read_model_config(path)
+    diff = config_differences(stored, config) if stored is not None else ["model_config.json missing"]
+    if diff:
+        raise CheckpointError(
+            f"{path} holds checkpoints of a different model ({'; '.join(diff)}); "
+            "use another checkpoint directory or the matching model config")
 
 
 # ---------------------------------------------------------------------------------- checksums
@@ -274,6 +274,7 @@ class RestoredState:
     step: int
     params: Any
     opt_state: Any = None
+    extra_state: Any = None
     data_state: Any = None  # the restored grain iterator, or the saved JSON document
     metadata: dict = dataclasses.field(default_factory=dict)
 
@@ -369,11 +370,15 @@ class TrainCheckpointer:
 
     # -------------------------------------------------------------- save
     def save(self, step: int, params: Any, opt_state: Any = None, data_state: Any = None,
-             metadata: Mapping[str, Any] | None = None, *, force: bool = False) -> bool:
+             metadata: Mapping[str, Any] | None = None, *, extra_state: Any = None,
+             force: bool = False) -> bool:
         """Save the state of ``step`` when the schedule says so (or ``force``). Returns True if saved.
 
-        ``data_state`` is a grain iterator (``get_state``/``set_state``; saved per process) or a
-        JSON-serialisable document (saved once). Asynchronous unless ``async_save=False``.
+        ``params``/``opt_state``/``extra_state``: pytrees of (sharded) arrays; ``extra_state`` is
+        for the rest of a train state (loss-scale state, skip counters). ``data_state`` is a grain
+        iterator (``get_state``/``set_state``; saved per process) or a JSON-serialisable document
+        (saved once, by process 0: use it for global positions). ``metadata``: a JSON document.
+        Asynchronous unless ``async_save=False``; a step already on disk is not overwritten.
         """
         import orbax.checkpoint as ocp
 
@@ -382,7 +387,7 @@ class TrainCheckpointer:
             return False
         if step in self._manager.all_steps():
             return False
-        args, _ = _save_args(params, opt_state, data_state, metadata, step)
+        args, _ = _save_args(params, opt_state, extra_state, data_state, metadata, step)
         saved = self._manager.save(step, args=ocp.args.Composite(**args), force=True)
         return bool(saved)
 
@@ -404,7 +409,7 @@ class TrainCheckpointer:
                 data_iterator: Any = None) -> RestoredState | None:
         """Restore ``step`` (or the newest valid step) onto the shardings of ``abstract_state``.
 
-        ``abstract_state`` maps ``"params"`` (and optionally ``"opt_state"``) to trees of
+        ``abstract_state`` maps ``"params"`` (optionally ``"opt_state"``, ``"extra_state"``) to trees of
         ``jax.ShapeDtypeStruct`` with ``sharding`` (e.g. ``jax.eval_shape`` output plus the
         training shardings) or real arrays; each device reads only its slice. Without it,
         params are restored onto the first local device and the optimizer state is skipped.
@@ -430,16 +435,16 @@ class TrainCheckpointer:
     def _restore_step(self, step: int, abstract_state: Mapping[str, Any] | None,
                       data_iterator: Any) -> RestoredState:
         abstract_state = dict(abstract_state or {})
-        unknown = set(abstract_state) - {PARAMS, OPT_STATE}
+        unknown = set(abstract_state) - {PARAMS, OPT_STATE, EXTRA_STATE}
         if unknown:
-            raise ValueError(f"abstract_state has unknown keys {sorted(unknown)}; expected params/opt_state")
+            raise ValueError(f"abstract_state has unknown keys {sorted(unknown)}; "
+                             "expected params/opt_state/extra_state")
         if self.model_config is not None:
             stored = read_model_config(self.directory)
             if stored is not None and config_differences(stored, self.model_config):
                 raise CheckpointError(f"{self.directory}: different model shape: "
                                       + "; ".join(config_differences(stored, self.model_config)))
-        return _restore_items(self._manager, self.directory, step, abstract_state,
-                              data_iterator, want_opt_state=OPT_STATE in abstract_state)
+        return _restore_items(self._manager, self.directory, step, abstract_state, data_iterator)
 
     def _warn_tmp_dirs(self) -> None:
         if not self.directory.exists():
@@ -450,14 +455,15 @@ class TrainCheckpointer:
                           f"save: {', '.join(leftovers)}", stacklevel=3)
 
 
-def _save_args(params, opt_state, data_state, metadata, step) -> tuple[dict, dict]:
+def _save_args(params, opt_state, extra_state, data_state, metadata, step) -> tuple[dict, dict]:
     import orbax.checkpoint as ocp
 
-    args: dict[str, Any] = {PARAMS: ocp.args.StandardSave(params)}
-    checksums = {PARAMS: tree_checksums(params)}
-    if opt_state is not None:
-        args[OPT_STATE] = ocp.args.StandardSave(opt_state)
-        checksums[OPT_STATE] = tree_checksums(opt_state)
+    args: dict[str, Any] = {}
+    checksums = {}
+    for item, tree in ((PARAMS, params), (OPT_STATE, opt_state), (EXTRA_STATE, extra_state)):
+        if tree is not None:
+            args[item] = ocp.args.StandardSave(tree)
+            checksums[item] = tree_checksums(tree)
     data_format = None
     if data_state is not None:
         if _is_grain_iterator(data_state):
@@ -517,7 +523,7 @@ def step_problem(directory: str | os.PathLike, step: int) -> str | None:
         item_dir = step_dir / item
         if not item_dir.exists():
             return f"item {item!r} is missing"
-        if item in (PARAMS, OPT_STATE):
+        if item in _ARRAY_ITEMS:
             try:
                 _read_json(item_dir / "_METADATA")
             except (OSError, ValueError, UnicodeDecodeError) as e:
@@ -525,8 +531,11 @@ def step_problem(directory: str | os.PathLike, step: int) -> str | None:
     return None
 
 
-def _restore_items(manager, directory, step: int, abstract_state: dict, data_iterator: Any, *,
-                   want_opt_state: bool) -> RestoredState:
+_ARRAY_ITEMS = (PARAMS, OPT_STATE, EXTRA_STATE)
+
+
+def _restore_items(manager, directory, step: int, abstract_state: dict,
+                   data_iterator: Any) -> RestoredState:
     """Restore one step with verification; raises CheckpointIntegrityError for corrupt data."""
     import jax
     import orbax.checkpoint as ocp
@@ -539,7 +548,7 @@ def _restore_items(manager, directory, step: int, abstract_state: dict, data_ite
         doc = manager.restore(step, args=ocp.args.Composite(**{METADATA: ocp.args.JsonRestore()}))[METADATA]
         internal = doc.pop(_INTERNAL_KEY)
         stored = {item: _item_tree_metadata(directory, step, item)
-                  for item in (PARAMS, OPT_STATE) if item in internal["items"]}
+                  for item in _ARRAY_ITEMS if item in internal["items"]}
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - any read failure means an unusable step
@@ -547,13 +556,14 @@ def _restore_items(manager, directory, step: int, abstract_state: dict, data_ite
 
     targets: dict[str, Any] = {}
     default_device = jax.local_devices()[0]
-    for item in (PARAMS, OPT_STATE):
-        if item == OPT_STATE and not want_opt_state:
+    for item in _ARRAY_ITEMS:
+        if item != PARAMS and item not in abstract_state:
             continue
         if item not in internal["items"]:
             if item == PARAMS:
                 raise CheckpointIntegrityError(f"{where}: no params item")
-            raise CheckpointError(f"{where}: the checkpoint holds no optimizer state")
+            what = "optimizer state" if item == OPT_STATE else item
+            raise CheckpointError(f"{where}: the checkpoint holds no {what}")
         stored_meta = stored.get(item)
         if stored_meta is None:
             raise CheckpointIntegrityError(f"{where}: {item} metadata unreadable")
@@ -574,18 +584,19 @@ def _restore_items(manager, directory, step: int, abstract_state: dict, data_ite
         args[DATA_ITER] = CheckpointRestore(data_iterator)
     elif data_format == "json":
         args[DATA_ITER] = ocp.args.JsonRestore()
+    error: CheckpointIntegrityError | None = None
     try:
         restored = manager.restore(step, args=ocp.args.Composite(**args))
-    except CheckpointError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointIntegrityError(f"{where}: cannot read arrays ({type(e).__name__}: {e})") from e
+    except Exception as e:  # noqa: BLE001 - a local read failure; agreed on below
+        error = CheckpointIntegrityError(f"{where}: cannot read arrays ({type(e).__name__}: {e})")
+        error.__cause__ = e
+    _agree_on_success(where, error)
     checksums = internal.get("checksums", {})
-    for item in targets:
+    for item in targets:  # a collective computation: every process reaches the same verdict
         _verify_checksums(item, restored[item], checksums.get(item), where)
-    _agree_on_success(where)
     return RestoredState(step=step, params=restored[PARAMS],
                          opt_state=restored[OPT_STATE] if OPT_STATE in targets else None,
+                         extra_state=restored[EXTRA_STATE] if EXTRA_STATE in targets else None,
                          data_state=restored[DATA_ITER] if DATA_ITER in args else None,
                          metadata=doc)
 
@@ -600,19 +611,18 @@ def _to_abstract(x: Any) -> Any:
     return x
 
 
-def _agree_on_success(where: str) -> None:
-    """Multi-host: a step is usable only if every process restored and verified it."""
-    # Each process raises on its own failure before reaching here; processes that succeed
-    # would otherwise wait in a later collective forever, so the flag is all-gathered.
+def _agree_on_success(where: str, error: Exception | None) -> None:
+    """Raise on every process when any process failed to read the step (so all fall back together)."""
     import jax
 
-    if jax.process_count() == 1:
-        return
-    from jax.experimental import multihost_utils
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
 
-    flags = multihost_utils.process_allgather(np.ones((), np.int32))
-    if int(np.min(flags)) != 1:  # pragma: no cover - reached only by inconsistent files
-        raise CheckpointIntegrityError(f"{where}: another process failed to restore this step")
+        flags = multihost_utils.process_allgather(np.asarray(int(error is None), np.int32))
+        if error is None and int(np.min(flags)) != 1:
+            error = CheckpointIntegrityError(f"{where}: another process failed to read this step")
+    if error is not None:
+        raise error
 
 
 # ---------------------------------------------------------------------------------- params API

@@ -1,0 +1,140 @@
+"""Multi-host on one machine: 2 processes x 2 CPU devices (gloo collectives) against 1 process x 4.
+
+* checkpoints written by 2 processes restore bit-identically in 1 process (and the other way);
+* the preemption guard makes every process stop at the same step when only one is signalled;
+* training: the same losses and the same final parameters as the single-process run, each
+  process feeding only its own rows (needs ``pythia-jax train``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def cpu_env(devices: int, **extra: str) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO)]))
+    env.update(extra)
+    return env
+
+
+def run_processes(commands: list[list[str]], envs: list[dict], timeout: float = 300) -> list[str]:
+    """Start all commands at once, wait for all; fail with every process's output tail on error."""
+    procs = [subprocess.Popen(c, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+             for c, e in zip(commands, envs)]
+    outputs = []
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=timeout)
+            outputs.append(out)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    failed = [i for i, p in enumerate(procs) if p.returncode != 0]
+    assert not failed, "\n".join(f"--- process {i} (rc {procs[i].returncode}):\n{outputs[i][-4000:]}"
+                                 for i in failed)
+    return outputs
+
+
+def run_group(script: Path, num_processes: int, devices_per_process: int, *args: str) -> list[str]:
+    if num_processes == 1:
+        return run_processes([[sys.executable, str(script), "-1", "0", *args]], [cpu_env(devices_per_process)])
+    port = free_port()
+    return run_processes(
+        [[sys.executable, str(script), str(i), str(port), *args] for i in range(num_processes)],
+        [cpu_env(devices_per_process) for _ in range(num_processes)])
+
+
+# --------------------------------------------------------------------------- checkpoint + guard
+_CKPT_SCRIPT = textwrap.dedent("""
+    import sys, json, signal
+    import numpy as np
+    process_id, port, mode, directory = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+    import jax
+    if process_id >= 0:
+        jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
+                                   process_id=process_id)
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from pythia_jax import checkpoint as C
+    from pythia_jax.train.preemption import PreemptionGuard
+    from test_checkpoint import TINY, _params
+
+    assert jax.device_count() == 4, jax.devices()
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("fsdp", "tensor"))
+    params = _params(21)
+    shardings = jax.tree.map(
+        lambda x: NamedSharding(mesh, P("fsdp", "tensor") if x.ndim == 2 else P(None, "fsdp", "tensor")
+                                if x.ndim == 3 else P("fsdp")), params)
+
+    def global_array(x, s):  # every process contributes only its addressable shards
+        return jax.make_array_from_callback(x.shape, s, lambda idx: np.asarray(x)[idx])
+
+    if mode == "save":
+        sharded = jax.tree.map(global_array, params, shardings)
+        with C.TrainCheckpointer(directory, save_steps=[3], model_config=TINY) as ckpt:
+            assert ckpt.save(3, sharded, None, {"rows": 96}, {"processes": jax.process_count()})
+        print("SAVED", jax.process_index())
+    elif mode == "restore":
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings)
+        with C.TrainCheckpointer(directory, save_steps=(), model_config=TINY) as ckpt:
+            restored = ckpt.restore(None, {"params": abstract})
+        assert restored.step == 3 and restored.data_state == {"rows": 96}, restored
+        for got, want in zip(jax.tree.leaves(restored.params), jax.tree.leaves(params)):
+            for shard in got.addressable_shards:
+                np.testing.assert_array_equal(np.asarray(shard.data), np.asarray(want)[shard.index])
+        print("RESTORED", jax.process_index(), restored.metadata)
+    elif mode == "guard":
+        guard = PreemptionGuard(sync_every=1, use_jax_sync_point=False).install()
+        stopped = None
+        for step in range(1, 50):
+            if step == 5 and jax.process_index() == 1:
+                signal.raise_signal(signal.SIGTERM)  # only this process is told
+            if guard.should_stop(step):
+                stopped = step
+                break
+        guard.uninstall()
+        print("STOPPED", jax.process_index(), stopped, guard.message)
+""")
+
+
+def test_checkpoints_across_process_counts(tmp_path):
+    script = tmp_path / "ckpt_mp.py"
+    script.write_text(_CKPT_SCRIPT)
+    two = str(tmp_path / "by_two_processes")
+    one = str(tmp_path / "by_one_process")
+    run_group(script, 2, 2, "save", two)
+    out = run_group(script, 1, 4, "restore", two)
+    assert "RESTORED 0 {'processes': 2}" in out[0]
+    run_group(script, 1, 4, "save", one)
+    outs = run_group(script, 2, 2, "restore", one)
+    assert all("RESTORED" in o and "{'processes': 1}" in o for o in outs)
+
+
+def test_preemption_guard_agrees_across_processes(tmp_path):
+    script = tmp_path / "guard_mp.py"
+    script.write_text(_CKPT_SCRIPT)
+    outs = run_group(script, 2, 2, "guard", str(tmp_path))
+    lines = [next(l for l in o.splitlines() if l.startswith("STOPPED")) for o in outs]
+    assert [l.split()[2] for l in lines] == ["5", "5"], lines
