@@ -125,26 +125,21 @@ def make_rules(overrides: Rules = ()) -> tuple[tuple[str, Any], ...]:
     return tuple(table.items())
 
 
-def logical_to_spec(names: Sequence[str | None], rules: Rules = DEFAULT_RULES) -> P:
-    """``PartitionSpec`` for one array whose dims have logical ``names``.
+def logical_to_spec(names: Sequence[Any], rules: Rules = DEFAULT_RULES) -> P:
+    """``PartitionSpec`` for one array whose dims have logical ``names`` (an entry may be a tuple of
+    names for a flattened dimension, or None).
 
-    A mesh axis already taken by an earlier dimension is dropped from later ones.
+    Resolution is the model's (``layers.logical_to_mesh_spec``): the first rule of a name whose mesh
+    axes are all still unused in this array wins, otherwise the dimension is not sharded.
     """
-    table = dict(rules)
-    used: set[str] = set()
-    spec = []
-    for name in names:
-        axes = table.get(name) if name is not None else None
-        if name is not None and name not in table:
-            raise ConfigError(f"no sharding rule for logical axis {name!r}; known: {sorted(table)}")
-        if axes is None:
-            spec.append(None)
-            continue
-        axes = (axes,) if isinstance(axes, str) else tuple(axes)
-        axes = tuple(a for a in axes if a not in used)
-        used.update(axes)
-        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
-    return P(*spec)
+    from pythia_jax.layers import logical_to_mesh_spec
+
+    known = {name for name, _ in rules}
+    for entry in names:
+        for name in (entry,) if isinstance(entry, str) else (entry or ()):
+            if name not in known:
+                raise ConfigError(f"no sharding rule for logical axis {name!r}; known: {sorted(known)}")
+    return logical_to_mesh_spec(names, rules)
 
 
 def _is_names(x) -> bool:
