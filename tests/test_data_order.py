@@ -1,0 +1,186 @@
+"""GPT-NeoX order: the vectorised maps against slow references written from the spec."""
+
+import os
+
+import numpy as np
+import pytest
+
+from pythia_jax.data.indexed import IndexedDataset, write_indexed_dataset
+from pythia_jax.data.neox_order import (build_index_maps, index_map_paths, load_or_build_index_maps,
+                                        neox_num_epochs, neox_num_samples)
+from pythia_jax.data.orders import NeoxOrder, open_order
+from pythia_jax.errors import DataError
+
+
+# ------------------------------------------------------------------ references (plain loops)
+
+
+def ref_epochs(tokens_per_epoch, seq_len, num_samples):
+    """PYTHIA_FACTS §6 step 2 as GPT-NeoX's loop: add epochs until enough samples."""
+    epochs, total = 0, 0
+    while True:
+        epochs += 1
+        total += tokens_per_epoch
+        if (total - 1) // seq_len >= num_samples:
+            return epochs
+
+
+def ref_sample_idx(sizes, doc_idx, seq_len, num_epochs, tokens_per_epoch):
+    """The C++ build_sample_idx loop, literally."""
+    num_samples = (num_epochs * tokens_per_epoch - 1) // seq_len
+    out = [(0, 0)]
+    doc_pos, doc_offset = 0, 0
+    while len(out) <= num_samples:
+        remaining = seq_len + 1
+        while remaining != 0:
+            doc_length = int(sizes[doc_idx[doc_pos]]) - doc_offset
+            remaining -= doc_length
+            if remaining <= 0:
+                doc_offset += remaining + doc_length - 1
+                remaining = 0
+            else:
+                doc_pos += 1
+                doc_offset = 0
+        out.append((doc_pos, doc_offset))
+    return np.array(out, dtype=np.int64)
+
+
+def ref_rows(docs, num_samples, seq_len, seed):
+    """Training rows straight from the spec: stream of shuffled documents, shuffled samples."""
+    sizes = [len(d) for d in docs]
+    tokens = sum(sizes)
+    epochs = ref_epochs(tokens, seq_len, num_samples)
+    rng = np.random.RandomState(seed)
+    doc_idx = np.array([i for _ in range(epochs) for i in range(len(docs))], dtype=np.int32)
+    rng.shuffle(doc_idx)
+    stream = []
+    for i in doc_idx:
+        stream.extend(int(t) for t in docs[i])
+    n_samples = (epochs * tokens - 1) // seq_len
+    shuffle_idx = np.arange(n_samples, dtype=np.uint32)
+    rng.shuffle(shuffle_idx)
+    rows = []
+    for j in range(n_samples - 1):  # GPT2Dataset's length is S - 1
+        s = int(shuffle_idx[j])
+        rows.append(stream[s * seq_len: s * seq_len + seq_len + 1])
+    return epochs, doc_idx, shuffle_idx, np.array(rows, dtype=np.int64).reshape(-1, seq_len + 1)
+
+
+def random_corpus(rng, n_docs, max_len, min_len=1):
+    lens = rng.integers(min_len, max_len + 1, size=n_docs)
+    return [rng.integers(0, 50277, size=int(n)).astype(np.uint16) for n in lens]
+
+
+CASES = [
+    # (n_docs, min_len, max_len, seq_len, train_iters, batch, seed)
+    (50, 1, 40, 8, 20, 4, 1),            # many docs shorter than a sample
+    (30, 1, 3000, 64, 10, 8, 1234),      # documents of 1..thousands of tokens
+    (200, 1, 5, 16, 10, 8, 7),           # tiny docs: several epochs
+    (5, 1, 10, 32, 4, 4, 3),             # tokens < seq_len: many epochs
+    (1, 1, 1, 2, 3, 1, 0),               # one 1-token document
+    (40, 100, 2000, 128, 7, 16, 42),
+    (120, 1, 400, 31, 9, 5, 99),         # odd sequence length
+    (10, 2047, 2049, 2048, 2, 2, 1234),  # Pythia's seq_len, docs near a sample
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_order_matches_spec(tmp_path, case):
+    n_docs, lo, hi, seq_len, iters, batch, seed = case
+    rng = np.random.default_rng(hash(case) % 2**32)
+    docs = random_corpus(rng, n_docs, hi, lo)
+    prefix = write_indexed_dataset(str(tmp_path / "c"), docs)
+    ds = IndexedDataset(prefix)
+    ns = neox_num_samples(iters, batch)
+    epochs, ref_doc_idx, ref_shuffle, rows = ref_rows(docs, ns, seq_len, seed)
+    maps = build_index_maps(ds.sizes, ns, seq_len, seed)
+    assert maps.doc_idx.dtype == np.int32 and maps.shuffle_idx.dtype == np.uint32
+    assert maps.sample_idx.dtype == np.int32 and maps.sample_idx.shape[1] == 2
+    np.testing.assert_array_equal(maps.doc_idx, ref_doc_idx)
+    np.testing.assert_array_equal(maps.shuffle_idx, ref_shuffle)
+    tokens = int(ds.sizes.sum())
+    np.testing.assert_array_equal(maps.sample_idx,
+                                  ref_sample_idx(ds.sizes, maps.doc_idx, seq_len, epochs, tokens))
+    order = NeoxOrder(ds, seq_len, maps)
+    assert len(order) == len(rows) >= ns - 1
+    np.testing.assert_array_equal(order.read_rows(0, len(order)), rows)
+    pick = rng.integers(0, len(order), size=min(50, len(order)))
+    np.testing.assert_array_equal(order.read_row_indices(pick), rows[pick])
+
+
+def test_many_random_corpora(tmp_path):
+    """Many small random corpora, 1..5+ epochs, several seeds and sequence lengths."""
+    rng = np.random.default_rng(2024)
+    epochs_seen = set()
+    for k in range(40):
+        docs = random_corpus(rng, int(rng.integers(1, 60)), int(rng.integers(1, 300)))
+        seq_len = int(rng.choice([2, 3, 8, 17, 64]))
+        iters, batch, seed = int(rng.integers(1, 12)), int(rng.integers(1, 9)), int(rng.integers(0, 10**6))
+        prefix = write_indexed_dataset(str(tmp_path / f"r{k}"), docs)
+        ds = IndexedDataset(prefix)
+        ns = neox_num_samples(iters, batch)
+        epochs, _, _, rows = ref_rows(docs, ns, seq_len, seed)
+        epochs_seen.add(min(epochs, 3))
+        order = NeoxOrder(ds, seq_len, build_index_maps(ds.sizes, ns, seq_len, seed))
+        np.testing.assert_array_equal(order.read_rows(0, len(order)), rows)
+    assert epochs_seen == {1, 2, 3}
+
+
+def test_zero_length_items_follow_the_cpp_convention(tmp_path):
+    """Empty items (possible in hand-made data) are skipped exactly like the C++ loop does."""
+    rng = np.random.default_rng(11)
+    docs = [d if k % 3 else d[:0] for k, d in enumerate(random_corpus(rng, 60, 30))]
+    docs[0] = docs[0][:0]
+    prefix = write_indexed_dataset(str(tmp_path / "z"), docs)
+    ds = IndexedDataset(prefix)
+    for seed in range(5):
+        ns = neox_num_samples(6, 4)
+        epochs, _, _, rows = ref_rows(docs, ns, 16, seed)
+        maps = build_index_maps(ds.sizes, ns, 16, seed)
+        np.testing.assert_array_equal(
+            maps.sample_idx, ref_sample_idx(ds.sizes, maps.doc_idx, 16, epochs, int(ds.sizes.sum())))
+        np.testing.assert_array_equal(NeoxOrder(ds, 16, maps).read_rows(0, len(rows)), rows)
+
+
+def test_pythia_constants():
+    assert neox_num_samples(143000, 1024) == 147_164_160
+    # The standard Pile: one epoch; two when the epoch has fewer tokens than needed.
+    need = 147_164_160 * 2048
+    assert neox_num_epochs(need + 1, 2048, 147_164_160) == 1
+    assert neox_num_epochs(need, 2048, 147_164_160) == 2
+    for t, sl, ns in [(7, 2048, 100), (1, 2, 5), (5000, 64, 3), (10**6, 2048, 1)]:
+        assert neox_num_epochs(t, sl, ns) == ref_epochs(t, sl, ns)
+
+
+def test_cache_files_use_gpt_neox_names_and_published_maps_are_used(tmp_path):
+    rng = np.random.default_rng(0)
+    docs = random_corpus(rng, 40, 200)
+    prefix = write_indexed_dataset(str(tmp_path / "pile_text_document"), docs)
+    ds = IndexedDataset(prefix)
+    ns = neox_num_samples(10, 8)
+    paths = index_map_paths(prefix, ns, 32, 1234)
+    assert os.path.basename(paths["doc_idx"]) == (
+        f"pile_text_document_train_0_indexmap_{ns}ns_32sl_1234s_doc_idx.npy")
+    built = load_or_build_index_maps(prefix, ds.sizes, ns, 32, 1234)
+    assert all(os.path.isfile(p) for p in paths.values())
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    # "Published" maps dropped in place are used as they are (here: a different shuffle).
+    np.save(paths["shuffle_idx"], built.shuffle_idx[::-1].copy())
+    loaded = load_or_build_index_maps(prefix, ds.sizes, ns, 32, 1234)
+    np.testing.assert_array_equal(loaded.shuffle_idx, built.shuffle_idx[::-1])
+    order = open_order(prefix, "neox", seq_len=32, seed=1234, train_iters=10, global_batch=8)
+    s = len(built.shuffle_idx)
+    np.testing.assert_array_equal(order.read_rows(1, 2),
+                                  NeoxOrder(ds, 32, built).read_row_indices(np.array([s - 2])))
+    # Maps that don't fit the dataset are refused with the file named.
+    np.save(paths["sample_idx"], built.sample_idx[:-1].copy())
+    with pytest.raises(DataError, match=r"indexmap.*sample_idx has shape"):
+        load_or_build_index_maps(prefix, ds.sizes, ns, 32, 1234)
+
+
+def test_rows_beyond_the_order(tmp_path):
+    docs = random_corpus(np.random.default_rng(1), 10, 50)
+    prefix = write_indexed_dataset(str(tmp_path / "small"), docs)
+    order = open_order(prefix, "neox", seq_len=16, seed=1, train_iters=2, global_batch=2)
+    with pytest.raises(DataError, match=r"small.*beyond the dataset"):
+        order.read_rows(len(order) - 1, len(order) + 1)
