@@ -13,6 +13,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from pythia_jax.errors import PythiaJaxError
+
 
 @dataclasses.dataclass
 class PlacedModel:
@@ -47,6 +49,15 @@ class PlacedModel:
     def round_batch(self, batch_size: int) -> int:
         n = self.num_shards
         return max(n, -(-int(batch_size) // n) * n)
+
+    def replace_params(self, params: Any, config: Any = None) -> None:
+        """Swap in another checkpoint of the same architecture with the same layout (the jitted
+        evaluation functions, which take params as an argument, are reused without recompiling)."""
+        if config is not None and config.replace(name=self.config.name) != self.config:
+            raise PythiaJaxError(f"model {config.name} differs from {self.config.name}; "
+                                 f"cannot reuse the placement")
+        shardings = jax.tree.map(lambda a: a.sharding, self.params)
+        self.params = jax.device_put(params, shardings)
 
     def build(self, params: Any) -> Any:
         """A ``GPTNeoX`` around (possibly traced) ``params``; call inside jit."""

@@ -1,0 +1,41 @@
+"""``pythia-jax generate``: sample continuations of a prompt from a model."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "generate text from a model (HF directory or pythia-jax checkpoint) with a KV cache"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="HF model directory, folder of step<N>/ HF revisions, or checkpoint dir")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    parser.add_argument("--prompt", action="append", required=True,
+                        help="prompt text (repeat for several prompts, generated as one batch)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-document token")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pythia_jax.config import EOD_TOKEN_ID
+    from pythia_jax.eval.generate import Generator, SamplingConfig
+    from pythia_jax.eval.loading import load_model_params
+    from pythia_jax.eval.runtime import place_model
+    from pythia_jax.eval.tokens import decode, encode, get_tokenizer
+
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    config, params = load_model_params(args.model, args.step)
+    tokenizer = get_tokenizer()
+    prompts = [encode(tokenizer, p) or [EOD_TOKEN_ID] for p in args.prompt]
+    gen = Generator(place_model(params, config=config), batch_size=len(prompts))
+    outs = gen.generate(prompts, args.max_new_tokens, sampling=sampling, seed=args.seed,
+                        stop_token=None if args.no_stop else EOD_TOKEN_ID)
+    for text, new in zip(args.prompt, outs):
+        print(text + decode(tokenizer, new))
+        if len(args.prompt) > 1:
+            print("-" * 40)
+    return 0

@@ -1,0 +1,148 @@
+"""An lm-evaluation-harness model backed by this project (optional extra: ``pip install .[lm_eval]``).
+
+Importing this module registers the model name ``pythia_jax``::
+
+    lm_eval --model pythia_jax --model_args path=/ckpts,step=1000,batch_size=16 --tasks piqa \\
+            --include_path <dir with this import>   # or: python -m pythia_jax.eval.lm_eval_adapter ...
+
+``path`` is anything ``pythia_jax.eval.loading.load_model_params`` reads (an HF directory, HF
+``step<N>/`` revision folders, or a checkpoint directory of this project; ``step`` picks one).
+Tokenization and request handling are the harness's own (``TemplateLM``); scoring and
+generation run on the jitted, bucketed JAX code of ``pythia_jax.eval``.
+
+``harness_task_from_file`` builds one of the harness's own task YAMLs on a local JSONL file, so
+tasks run without the dataset hub.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+
+from pythia_jax.config import EOD_TOKEN_ID
+
+
+@register_model("pythia_jax")
+class PythiaJaxLM(TemplateLM):
+    """``loglikelihood`` / ``loglikelihood_rolling`` / ``generate_until`` on a pythia-jax model."""
+
+    def __init__(self, path: str | None = None, step: int | str | None = None, *, model: Any = None,
+                 batch_size: int | str = 16, max_length: int | str | None = None,
+                 max_gen_toks: int | str = 256, **unused: Any):
+        super().__init__()
+        from pythia_jax.eval.generate import Generator
+        from pythia_jax.eval.runtime import place_model
+        from pythia_jax.eval.scoring import Scorer
+        from pythia_jax.eval.tokens import get_tokenizer
+
+        if model is not None:
+            placed = place_model(model)
+        elif path is not None:
+            from pythia_jax.eval.loading import load_model_params
+            config, params = load_model_params(path, None if step in (None, "") else int(step))
+            placed = place_model(params, config=config)
+        else:
+            raise ValueError("pythia_jax: give model_args path=<model dir> (or model=)")
+        bs = 16 if str(batch_size).startswith("auto") else int(batch_size)
+        self.tokenizer = get_tokenizer()
+        self._max_length = int(max_length or placed.config.max_position_embeddings)
+        self.max_gen_toks = int(max_gen_toks)
+        self.scorer = Scorer(placed, batch_size=bs, max_len=self._max_length)
+        self.generator = Generator(placed, batch_size=bs)
+
+    # ---------------------------------------------------------------- TemplateLM interface
+    @property
+    def eot_token_id(self) -> int:
+        return EOD_TOKEN_ID
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        from pythia_jax.eval.tokens import encode
+        return encode(self.tokenizer, string)
+
+    def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(tokens), skip_special_tokens=skip_special_tokens)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        pairs = [(ctx, cont) for _, ctx, cont in requests]
+        res = self.scorer.loglikelihood(pairs, progress=not disable_tqdm)
+        out = [(float(ll), bool(g)) for ll, g in zip(res.loglik, res.is_greedy)]
+        for (key, _, _), r in zip(requests, out):
+            if key is not None:
+                self.cache_hook.add_partial("loglikelihood", key, r)
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        docs = [self.tok_encode(req.args[0]) for req in requests]
+        res = self.scorer.loglikelihood_rolling(docs, progress=not disable_tqdm)
+        out = [float(x) for x in res.loglik]
+        for req, r in zip(requests, out):
+            self.cache_hook.add_partial("loglikelihood_rolling", (req.args[0],), r)
+        return out
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        from pythia_jax.eval.generate import SamplingConfig
+
+        results: list[str] = []
+        for req in requests:
+            context, gen_kwargs = req.args
+            kwargs = dict(gen_kwargs or {})
+            until = kwargs.pop("until", None) or []
+            until = [until] if isinstance(until, str) else list(until)
+            eos = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
+            if eos not in until:
+                until.append(eos)
+            max_new = int(kwargs.pop("max_gen_toks", kwargs.pop("max_new_tokens", self.max_gen_toks)))
+            do_sample = bool(kwargs.pop("do_sample", False))
+            temperature = float(kwargs.pop("temperature", 0.0)) if do_sample else 0.0
+            sampling = SamplingConfig(temperature=temperature, top_k=int(kwargs.pop("top_k", 0) or 0),
+                                      top_p=float(kwargs.pop("top_p", 1.0) or 1.0))
+            prompt = self.tok_encode(context) or [self.eot_token_id]
+            new = self.generator.generate([prompt], max_new, sampling=sampling,
+                                          seed=int(kwargs.pop("seed", 0) or 0))[0]
+            text = self.tok_decode(new)
+            for stop in until:
+                if stop:
+                    text = text.split(stop)[0]
+            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+            results.append(text)
+        return results
+
+
+def harness_task_from_file(task: str | os.PathLike, data_file: str | os.PathLike, split: str = "validation"):
+    """An lm-eval ``ConfigurableTask`` from a task YAML (a path, or a name of the harness's bundled
+    tasks such as ``piqa``) whose documents are read from the local JSONL ``data_file``."""
+    from pathlib import Path
+
+    import lm_eval
+    from lm_eval.api.task import ConfigurableTask
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    harness_yaml = {
+        "piqa": "piqa/piqa.yaml", "arc_easy": "arc/arc_easy.yaml", "arc_challenge": "arc/arc_challenge.yaml",
+        "sciq": "sciq/sciq.yaml", "winogrande": "winogrande/default.yaml",
+    }
+    path = Path(task)
+    if path.suffix not in (".yaml", ".yml"):
+        if str(task) not in harness_yaml:
+            raise ValueError(f"no bundled harness YAML known for {task!r}; pass a YAML path")
+        path = Path(lm_eval.__file__).parent / "tasks" / harness_yaml[str(task)]
+    cfg = load_yaml(path)
+    cfg.update(dataset_path="json", dataset_name=None,
+               dataset_kwargs={"data_files": {split: os.path.abspath(data_file)}},
+               validation_split=split, test_split=None, training_split=None, fewshot_split=None)
+    cfg.pop("tag", None)
+    cfg.pop("group", None)
+    return ConfigurableTask(config=cfg)
+
+
+if __name__ == "__main__":  # ``python -m pythia_jax.eval.lm_eval_adapter`` = the lm_eval CLI with this model
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()

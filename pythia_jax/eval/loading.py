@@ -1,0 +1,83 @@
+"""Finding the weights to evaluate: one step of a checkpoint directory of this project, or an HF
+directory (a single model or ``DIR/step<N>/`` revision folders as the Pythia suite publishes them).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pythia_jax.errors import CheckpointError
+
+
+def load_model_params(path: str | os.PathLike, step: int | None = None) -> tuple[Any, dict]:
+    """``(ModelConfig, params)`` for ``path`` (and ``step``).
+
+    ``path`` is an HF directory, a directory of HF revision folders ``step<N>/`` (then ``step`` is
+    required) or a checkpoint directory of this project (newest step when ``step`` is None).
+    A step that is not there raises CheckpointError listing the steps that are.
+    """
+    from pythia_jax.convert.hf import is_hf_dir, read_hf_dir
+
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p} does not exist")
+    if is_hf_dir(p):
+        if step is not None:
+            raise CheckpointError(f"{p} is a single HF model directory; it has no step {step}")
+        return read_hf_dir(p)
+    revisions = hf_revision_steps(p)
+    if revisions:
+        if step is None:
+            raise CheckpointError(f"{p} holds HF revisions {_fmt(revisions)}; give a step")
+        if step not in revisions:
+            raise CheckpointError(f"{p} has no step {step}; available: {_fmt(revisions)}")
+        return read_hf_dir(p / f"step{step}")
+    from pythia_jax import checkpoint as ckpt
+
+    if not ckpt.is_checkpoint_dir(p):
+        raise CheckpointError(f"{p} is neither an HF model directory, a folder of step<N>/ HF "
+                              f"revisions nor a pythia-jax checkpoint directory")
+    if step is not None:
+        steps = available_steps(p)
+        if step not in steps:
+            raise CheckpointError(f"{p} has no step {step}; available: {_fmt(steps)}")
+    return ckpt.load_params(p, step)
+
+
+def hf_revision_steps(path: str | os.PathLike) -> list[int]:
+    """Steps N of the ``path/step<N>/`` HF folders, sorted."""
+    from pythia_jax.convert.hf import is_hf_dir
+
+    p = Path(path)
+    if not p.is_dir():
+        return []
+    steps = []
+    for child in p.iterdir():
+        if child.name.startswith("step") and child.name[4:].isdigit() and is_hf_dir(child):
+            steps.append(int(child.name[4:]))
+    return sorted(steps)
+
+
+def available_steps(path: str | os.PathLike) -> list[int]:
+    """Steps that can be evaluated in ``path`` (HF revisions or checkpoint steps)."""
+    revisions = hf_revision_steps(path)
+    if revisions:
+        return revisions
+    from pythia_jax import checkpoint as ckpt
+
+    if not ckpt.is_checkpoint_dir(path):
+        return []
+    root, _ = ckpt.resolve_checkpoint_dir(path)
+    c = ckpt.TrainCheckpointer(root, save_steps=(), async_save=False)
+    try:
+        return sorted(int(s) for s in c.all_steps())
+    finally:
+        c.close()
+
+
+def _fmt(steps: list[int]) -> str:
+    if len(steps) > 12:
+        return ", ".join(map(str, steps[:6])) + ", …, " + ", ".join(map(str, steps[-3:]))
+    return ", ".join(map(str, steps)) or "none"

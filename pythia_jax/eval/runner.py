@@ -1,0 +1,317 @@
+"""Evaluate many checkpoints of a run and write one tidy table (step, task, metric, value, stderr).
+
+Tasks: the zero-shot multiple-choice specs (``piqa``, ``arc_easy``, …, or a spec .yaml path),
+``perplexity`` (rolling log-likelihood of an indexed dataset or JSONL) and ``memorization``
+(32-token prompts of the training rows each checkpoint has seen). The table is JSON lines
+(``.jsonl``) or CSV (``.csv``), written after every (step, task) so an interrupted run loses at
+most one task; rerunning skips the (step, task) pairs already in the file.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from pythia_jax.errors import CheckpointError, DataError, PythiaJaxError
+
+COLUMNS = ("step", "task", "metric", "value", "stderr", "num_examples")
+DEFAULT_TASKS = ("piqa", "arc_easy", "arc_challenge", "sciq", "winogrande")
+SPECIAL_TASKS = ("perplexity", "memorization")
+
+
+@dataclasses.dataclass
+class EvalSettings:
+    """Everything the runner needs besides the checkpoints and steps."""
+
+    tasks: Sequence[str] = DEFAULT_TASKS
+    data_dir: str | None = None  # JSONL files of the zero-shot tasks
+    limit: int | None = None  # first N examples / documents per task
+    batch_size: int = 16
+    max_len: int | None = None
+    ppl_data: str | None = None  # indexed-dataset prefix or .jsonl
+    ppl_text_key: str = "text"
+    mem_data: str | None = None  # indexed-dataset prefix of the training data
+    mem_order: str = "preshuffled"
+    mem_seq_len: int = 2048
+    mem_rows_per_step: int = 1024
+    mem_sample: int | None = None
+    mem_seed: int = 0
+    details_dir: str | None = None  # per-example / per-row outputs
+    progress: bool = True
+
+
+# --------------------------------------------------------------------------------- the table
+def read_table(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of a results table (JSONL or CSV); a missing file gives []."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows: list[dict[str, Any]] = []
+    if path.suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            for lineno, r in enumerate(csv.DictReader(f), 2):
+                try:
+                    rows.append(_typed_row(r))
+                except (KeyError, ValueError) as e:
+                    raise DataError(f"{path}:{lineno}: bad results row ({e})") from None
+        return rows
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(_typed_row(json.loads(line)))
+            except (json.JSONDecodeError, KeyError, ValueError) as e:
+                if lineno > 1 and not line.endswith("\n"):
+                    break  # a last line cut short by an interruption: ignore it
+                raise DataError(f"{path}:{lineno}: bad results row ({e})") from None
+    return rows
+
+
+def _typed_row(r: dict) -> dict[str, Any]:
+    def num(x):
+        if x is None or x == "":
+            return float("nan")
+        return float(x)
+    return {"step": int(r["step"]), "task": str(r["task"]), "metric": str(r["metric"]),
+            "value": num(r["value"]), "stderr": num(r.get("stderr")),
+            "num_examples": int(r["num_examples"]) if r.get("num_examples") not in (None, "") else 0}
+
+
+def _json_value(x: float) -> float | None:
+    return None if isinstance(x, float) and math.isnan(x) else x
+
+
+class ResultsTable:
+    """The output table; ``done`` holds the (step, task) pairs it already has."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if self.path.suffix not in (".jsonl", ".csv"):
+            raise PythiaJaxError(f"--out must end in .jsonl or .csv, got {self.path}")
+        self.rows = read_table(self.path)
+        self.done = {(r["step"], r["task"]) for r in self.rows}
+        if self.path.suffix == ".jsonl" and self.path.exists():
+            self._rewrite()  # drop a partial last line left by an interruption
+
+    def add(self, rows: Iterable[dict[str, Any]]) -> None:
+        rows = [_typed_row(r) for r in rows]
+        self.rows.extend(rows)
+        self.done.update((r["step"], r["task"]) for r in rows)
+        if self.path.suffix == ".jsonl":
+            with open(self.path, "a", encoding="utf-8") as f:
+                for r in rows:
+                    f.write(json.dumps({k: _json_value(r[k]) for k in COLUMNS}) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        else:
+            self._rewrite()
+
+    def _rewrite(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            if self.path.suffix == ".csv":
+                w = csv.DictWriter(f, fieldnames=COLUMNS)
+                w.writeheader()
+                for r in self.rows:
+                    w.writerow({k: ("" if isinstance(r[k], float) and math.isnan(r[k]) else r[k]) for k in COLUMNS})
+            else:
+                for r in self.rows:
+                    f.write(json.dumps({k: _json_value(r[k]) for k in COLUMNS}) + "\n")
+        os.replace(tmp, self.path)
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
+    """Write ``rows`` as a CSV table (atomically)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if isinstance(r[k], float) and math.isnan(r[k]) else r[k]) for k in COLUMNS})
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------- evaluation
+def parse_steps(text: str, available: Callable[[], list[int]]) -> list[int]:
+    """``"0,1000,2000"``, ``"all"`` or ``"1000-5000"`` (every available step in the range)."""
+    text = text.strip()
+    if text == "all":
+        return available()
+    steps: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            if "-" in part:
+                lo, hi = (int(x) for x in part.split("-", 1))
+                steps.extend(s for s in available() if lo <= s <= hi)
+            else:
+                steps.append(int(part))
+        except ValueError:
+            raise PythiaJaxError(f"bad --steps entry {part!r}; use e.g. 0,1000,2000 or all") from None
+    return sorted(dict.fromkeys(steps))
+
+
+def check_tasks(tasks: Sequence[str], settings: EvalSettings) -> dict[str, Any]:
+    """Resolve task names before any model is loaded: zero-shot specs with their examples, and
+    the special tasks with their data. Raises DataError / PythiaJaxError on a problem."""
+    from pythia_jax.eval import tasks as T
+
+    resolved: dict[str, Any] = {}
+    for name in tasks:
+        if name == "perplexity":
+            if not settings.ppl_data:
+                raise PythiaJaxError("task 'perplexity' needs --ppl-data (indexed-dataset prefix or .jsonl)")
+            resolved[name] = None
+        elif name == "memorization":
+            if not settings.mem_data:
+                raise PythiaJaxError("task 'memorization' needs --mem-data (training data prefix)")
+            resolved[name] = None
+        else:
+            spec = T.load_spec(name)
+            resolved[spec.name] = (spec, T.load_examples(spec, settings.data_dir, limit=settings.limit))
+    return resolved
+
+
+def evaluate_checkpoints(checkpoints: str | os.PathLike, steps: Sequence[int], settings: EvalSettings,
+                         out: str | os.PathLike, log: Callable[[str], None] = print) -> ResultsTable:
+    """Evaluate ``settings.tasks`` at every step and append the rows to the table ``out``.
+
+    Every requested step is checked to exist before any evaluation starts.
+    """
+    from pythia_jax.eval.loading import available_steps, load_model_params
+
+    table = ResultsTable(out)
+    have = available_steps(checkpoints)
+    missing = [s for s in steps if s not in have]
+    if missing:
+        raise CheckpointError(f"{checkpoints}: no step {', '.join(map(str, missing))}; available: "
+                              f"{', '.join(map(str, have)) or 'none'}")
+    tasks = check_tasks(settings.tasks, settings)
+    todo = [(s, t) for s in steps for t in tasks if (s, t) not in table.done]
+    skipped = len(steps) * len(tasks) - len(todo)
+    if skipped:
+        log(f"resuming: {skipped} (step, task) results already in {out}")
+    env = _Env(settings)
+    for step in steps:
+        step_tasks = [t for t in tasks if (step, t) not in table.done]
+        if not step_tasks:
+            continue
+        config, params = load_model_params(checkpoints, step)
+        env.set_model(config, params)
+        for task in step_tasks:
+            rows = env.run(step, task, tasks[task])
+            table.add(rows)
+            summary = ", ".join(f"{r['metric']}={r['value']:.4g}" for r in rows)
+            log(f"step {step} {task}: {summary}")
+    return table
+
+
+class _Env:
+    """The model of the current step plus the reusable scorer / generator / data."""
+
+    def __init__(self, settings: EvalSettings):
+        self.settings = settings
+        self.placed = None
+        self.scorer = None
+        self.generator = None
+        self._tokenizer = None
+        self._ppl = None
+        self._order = None
+
+    def set_model(self, config, params) -> None:
+        from pythia_jax.eval.generate import Generator
+        from pythia_jax.eval.runtime import place_model
+        from pythia_jax.eval.scoring import Scorer
+
+        if self.placed is not None and config.replace(name=self.placed.config.name) == self.placed.config:
+            self.placed.replace_params(params, config)
+            return
+        self.placed = place_model(params, config=config)
+        self.scorer = Scorer(self.placed, batch_size=self.settings.batch_size, max_len=self.settings.max_len)
+        self.generator = Generator(self.placed, batch_size=max(self.settings.batch_size, 32))
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from pythia_jax.eval.tokens import get_tokenizer
+            self._tokenizer = get_tokenizer()
+        return self._tokenizer
+
+    def _details(self, step: int, task: str, suffix: str) -> Path | None:
+        if not self.settings.details_dir:
+            return None
+        d = Path(self.settings.details_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        return d / f"step{step}_{task}{suffix}"
+
+    def run(self, step: int, task: str, resolved: Any) -> list[dict[str, Any]]:
+        if task == "perplexity":
+            return self._perplexity(step)
+        if task == "memorization":
+            return self._memorization(step)
+        from pythia_jax.eval.zero_shot import evaluate_task
+
+        spec, examples = resolved
+        res = evaluate_task(self.scorer, self.tokenizer, spec, examples, progress=self.settings.progress)
+        path = self._details(step, task, ".jsonl")
+        if path is not None:
+            _write_jsonl(path, res.per_example)
+        rows = [_row(step, task, m, v, se, res.num_examples) for m, (v, se) in res.metrics.items()]
+        rows.append(_row(step, task, "truncated", float(res.truncated), float("nan"), res.num_examples))
+        return rows
+
+    def _perplexity(self, step: int) -> list[dict[str, Any]]:
+        from pythia_jax.eval import perplexity as ppl
+        from pythia_jax.eval.tokens import encode
+
+        s = self.settings
+        if self._ppl is None:
+            if s.ppl_data.endswith(".jsonl"):
+                texts = ppl.texts_from_jsonl(s.ppl_data, s.ppl_text_key, limit=s.limit)
+                self._ppl = ([encode(self.tokenizer, t) for t in texts], texts)
+            else:
+                self._ppl = (ppl.documents_from_indexed(s.ppl_data, limit=s.limit), None)
+        docs, texts = self._ppl
+        metrics, per_doc = ppl.evaluate_perplexity(self.scorer, docs, texts, progress=s.progress)
+        path = self._details(step, "perplexity", ".jsonl")
+        if path is not None:
+            _write_jsonl(path, per_doc)
+        return [_row(step, "perplexity", m, v, se, len(docs)) for m, (v, se) in metrics.items()]
+
+    def _memorization(self, step: int) -> list[dict[str, Any]]:
+        from pythia_jax.eval.memorization import evaluate_memorization
+
+        s = self.settings
+        if self._order is None:
+            from pythia_jax.data.orders import open_order
+            self._order = open_order(s.mem_data, s.mem_order, seq_len=s.mem_seq_len)
+        res = evaluate_memorization(self.generator, self._order, step, batch_size=s.mem_rows_per_step,
+                                    sample=s.mem_sample, seed=s.mem_seed)
+        path = self._details(step, "memorization", ".npy")
+        if path is not None:
+            res.save(path)
+        n = len(res.per_row)
+        return [_row(step, "memorization", m, v, se, n) for m, (v, se) in res.summary().items()]
+
+
+def _row(step, task, metric, value, stderr, n) -> dict[str, Any]:
+    return {"step": int(step), "task": task, "metric": metric, "value": float(value),
+            "stderr": float(stderr), "num_examples": int(n)}
+
+
+def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
