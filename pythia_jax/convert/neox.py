@@ -915,3 +915,58 @@ def write_neox_checkpoint(config: ModelConfig, params: Mapping[str, Any], out_di
             f.write("\n")
         (tmp / "latest").write_text(tag)
     return os.path.join(final_root, tag)
+
+
+# =========================================================================== train state for continuation
+def fresh_opt_state(params: Mapping[str, Any], optimizer_kwargs: Mapping[str, Any] | None = None,
+                    schedule_count: int = 0):
+    """A zero-moment optimizer state of the Pythia chain, LR schedule at ``schedule_count``.
+
+    Adam's bias-correction count stays 0 (fresh moments), only the schedule is advanced, so
+    training resumed at step N runs with the learning rate of step N.
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from pythia_jax.train.optimizer import build_optimizer
+
+    state = build_optimizer(**dict(optimizer_kwargs or {})).init(
+        jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), dict(params)))
+    count = jnp.asarray(int(schedule_count), jnp.int32)
+    return jax.tree.map(
+        lambda s: s._replace(count=count) if isinstance(s, optax.ScaleByScheduleState) else s,
+        state, is_leaf=lambda s: isinstance(s, optax.ScaleByScheduleState))
+
+
+def neox_train_state(ckpt: NeoxCheckpoint, config: ModelConfig,
+                     optimizer_kwargs: Mapping[str, Any] | None = None, *, progress: bool = False
+                     ) -> tuple[dict[str, Any], Any, int, dict[str, Any]]:
+    """(params = fp32 master weights, opt_state with the imported Adam moments, step, metadata).
+
+    ``optimizer_kwargs`` go to ``build_optimizer``; the yml's values fill what is not given. The
+    state's Adam count and LR-schedule count are the Adam steps DeepSpeed applied; ``step`` is
+    the training iteration (batches consumed, skipped fp16 steps included).
+    """
+    import jax.numpy as jnp
+
+    from pythia_jax.train.optimizer import build_optimizer, with_adam_moments
+
+    state = read_neox_optimizer_state(ckpt, config, progress=progress)
+    if state is None:
+        raise CheckpointError(f"{ckpt.directory} has no ZeRO optimizer shards "
+                              "(zero_pp_rank_*_mp_rank_*_optim_states.pt)")
+    kwargs = {**optimizer_settings(ckpt.yml), **dict(optimizer_kwargs or {})}
+    as_jnp = lambda tree: {k: as_jnp(v) if isinstance(v, Mapping) else jnp.asarray(v)  # noqa: E731
+                           for k, v in tree.items()}
+    params = as_jnp(state.master)
+    opt_state = build_optimizer(**kwargs).init(params)
+    opt_state = with_adam_moments(opt_state, as_jnp(state.exp_avg), as_jnp(state.exp_avg_sq), state.step)
+    step = state.iteration if state.iteration is not None else (ckpt.step or state.step)
+    if state.scheduler_steps is not None and state.scheduler_steps != state.step:
+        warnings.warn(f"{ckpt.directory}: LR scheduler steps ({state.scheduler_steps}) differ from Adam "
+                      f"steps ({state.step}); both continue from {state.step}", stacklevel=2)
+    metadata = {"source": "gpt-neox", "neox_checkpoint": ckpt.directory, "adam_steps": state.step,
+                "iteration": step, "optimizer": {k: v for k, v in kwargs.items()},
+                "saved_param_groups": state.hyperparams}
+    return params, opt_state, int(step), metadata
