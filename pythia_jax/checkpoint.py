@@ -577,7 +577,11 @@ def _restore_items(manager, directory, step: int, abstract_state: dict,
 
     args = {item: ocp.args.StandardRestore(t) for item, t in targets.items()}
     data_format = internal.get("data_iter_format")
-    if data_format == "grain" and data_iterator is not None:
+    if data_format == "grain" and data_iterator is not None and not _grain_state_exists(directory, step):
+        warnings.warn(f"{where}: the data iterator state was saved by a different number of processes "
+                      f"than {jax.process_count()}; not restoring it (position the iterator from the "
+                      "step instead)", stacklevel=3)
+    elif data_format == "grain" and data_iterator is not None:
         import grain.checkpoint  # noqa: F401
         from grain._src.python.checkpoint.handler import CheckpointRestore
 
@@ -599,6 +603,14 @@ def _restore_items(manager, directory, step: int, abstract_state: dict,
                          extra_state=restored[EXTRA_STATE] if EXTRA_STATE in targets else None,
                          data_state=restored[DATA_ITER] if DATA_ITER in args else None,
                          metadata=doc)
+
+
+def _grain_state_exists(directory, step: int) -> bool:
+    """Whether grain's per-process state file for this process layout is in the step."""
+    import jax
+
+    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    return (_epath(directory) / str(step) / DATA_ITER / name).exists()
 
 
 def _to_abstract(x: Any) -> Any:
