@@ -533,3 +533,21 @@ class _progress:
     def __exit__(self, *exc: Any) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+def to_device_tree(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Move a params tree of numpy arrays to JAX arrays leaf by leaf, releasing each numpy leaf
+    as it goes, so the peak is one model plus one leaf (not two models)."""
+    import jax.numpy as jnp
+
+    out: dict[str, Any] = {}
+    for key in list(params):
+        value = params[key]
+        if isinstance(value, Mapping):
+            out[key] = to_device_tree(value)
+        else:
+            out[key] = jnp.asarray(value)
+        if isinstance(params, dict):
+            del params[key]  # drop our reference to the numpy leaf
+        del value
+    return out

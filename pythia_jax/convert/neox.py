@@ -895,7 +895,7 @@ def write_neox_checkpoint(config: ModelConfig, params: Mapping[str, Any], out_di
         layers = _neox_tensors(config, params, np_dtype)
         with hf_convert._progress(progress, len(layers), f"writing {tag}") as bar:
             for idx in sorted(layers):
-                tensors = {k: torch.from_numpy(np.ascontiguousarray(v)).to(torch_dtype)
+                tensors = {k: torch.tensor(np.asarray(v)).to(torch_dtype)
                            for k, v in layers.pop(idx).items()}
                 torch.save(tensors, step_dir / f"layer_{idx:02d}-model_00-model_states.pt")
                 bar()

@@ -1,0 +1,174 @@
+"""``pythia-jax convert``: move weights between HF directories, this project's Orbax checkpoints
+and GPT-NeoX DeepSpeed checkpoints.
+
+Directions::
+
+    hf-to-jax    HF directory          -> checkpoint dir (params; --with-optimizer: full train state)
+    jax-to-hf    checkpoint dir        -> HF directory (--step N, or --all-steps: OUT/step0, OUT/step1000 …)
+    neox-to-jax  NeoX global_stepN/    -> checkpoint dir (+ ZeRO master weights, Adam moments, step)
+    jax-to-neox  checkpoint dir        -> NeoX pipeline checkpoint (TP 1) + yml
+
+Every output is written to a temporary sibling and renamed when complete; an existing output is
+refused unless --overwrite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+
+HELP = "convert weights: hf-to-jax, jax-to-hf, neox-to-jax, jax-to-neox"
+DESCRIPTION = __doc__
+DIRECTIONS = ("hf-to-jax", "jax-to-hf", "neox-to-jax", "jax-to-neox")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("direction", choices=DIRECTIONS, help="what to convert into what")
+    parser.add_argument("source", help="input directory")
+    parser.add_argument("output", help="output directory (root folder for --all-steps)")
+    parser.add_argument("--step", type=int, default=None,
+                        help="hf-to-jax: step to store the weights at (default: N of a 'stepN' source "
+                             "folder, else 0); jax-to-*: checkpoint step to export (default: newest); "
+                             "neox-to-jax: which global_stepN of a NeoX run folder")
+    parser.add_argument("--all-steps", action="store_true",
+                        help="jax-to-hf: export every saved step to OUTPUT/step<N>/ (Hub revision names)")
+    parser.add_argument("--dtype", default=None,
+                        help="weights dtype written: float16 (default for jax-to-hf, like the releases), "
+                             "bfloat16 or float32 (default for jax-to-neox)")
+    parser.add_argument("--shard-size", default="2GB", help="jax-to-hf: max safetensors shard size (default 2GB)")
+    parser.add_argument("--with-optimizer", action="store_true",
+                        help="hf-to-jax / neox-to-jax without ZeRO shards: also store a fresh optimizer "
+                             "state (LR schedule at --step) so `pythia-jax train` can continue")
+    parser.add_argument("--no-optimizer", action="store_true",
+                        help="neox-to-jax: ignore ZeRO optimizer shards (store module weights only)")
+    parser.add_argument("--neox-config", action="append", default=None, metavar="YML",
+                        help="neox-to-jax: GPT-NeoX yml file(s) when the checkpoint has no configs/ folder")
+    parser.add_argument("--hidden-act", default=None,
+                        help="neox-to-jax: override the GELU flavour (gelu = exact erf, gelu_new = tanh; "
+                             "default from the yml: bias-gelu-fusion means tanh)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pythia_jax.errors import ConfigError
+
+    if args.all_steps and args.direction != "jax-to-hf":
+        raise ConfigError("--all-steps only applies to jax-to-hf")
+    if args.all_steps and args.step is not None:
+        raise ConfigError("use either --step or --all-steps")
+    if os.path.abspath(args.source) == os.path.abspath(args.output):
+        raise ConfigError("the output must not be the source directory")
+    progress = not args.no_progress
+    handler = {"hf-to-jax": _hf_to_jax, "jax-to-hf": _jax_to_hf,
+               "neox-to-jax": _neox_to_jax, "jax-to-neox": _jax_to_neox}[args.direction]
+    handler(args, progress)
+    return 0
+
+
+def _hf_to_jax(args: argparse.Namespace, progress: bool) -> None:
+    from pythia_jax.convert.hf import read_hf_dir
+
+    step = args.step
+    if step is None:
+        m = re.fullmatch(r"step(\d+)", os.path.basename(os.path.normpath(args.source)))
+        step = int(m.group(1)) if m else 0
+    _check_output(args)
+    config, params = read_hf_dir(args.source, progress=progress)
+    opt_state = None
+    if args.with_optimizer:
+        from pythia_jax.convert.neox import fresh_opt_state
+        opt_state = fresh_opt_state(params, schedule_count=step)
+    write_checkpoint(args.output, step, config, params, opt_state,
+                     {"source": "hf", "hf_dir": os.path.abspath(args.source)}, args.overwrite)
+    print(f"wrote {args.output} (step {step}{', with fresh optimizer state' if opt_state else ''})")
+
+
+def _neox_to_jax(args: argparse.Namespace, progress: bool) -> None:
+    from pythia_jax.convert.neox import fresh_opt_state, neox_train_state, read_neox_checkpoint
+
+    _check_output(args)
+    config, params, ckpt = read_neox_checkpoint(args.source, step=args.step, config_files=args.neox_config,
+                                                hidden_act=args.hidden_act, progress=progress)
+    metadata = {"source": "gpt-neox", "neox_checkpoint": ckpt.directory}
+    opt_state = None
+    step = ckpt.step if ckpt.step is not None else 0
+    if ckpt.optim_files and not args.no_optimizer:
+        del params
+        params, opt_state, step, metadata = neox_train_state(ckpt, config, progress=progress)
+        what = f"fp32 master weights and Adam state ({metadata['adam_steps']} Adam steps)"
+    else:
+        if args.with_optimizer:
+            opt_state = fresh_opt_state(params, schedule_count=step)
+        what = "module weights" + (" and a fresh optimizer state" if opt_state is not None else "")
+    write_checkpoint(args.output, step, config, params, opt_state, metadata, args.overwrite)
+    print(f"wrote {args.output} (step {step}: {what})")
+
+
+def _jax_to_hf(args: argparse.Namespace, progress: bool) -> None:
+    from pythia_jax.checkpoint import TrainCheckpointer, load_params, resolve_checkpoint_dir
+    from pythia_jax.convert.hf import write_hf_dir
+    from pythia_jax.errors import CheckpointError
+    from pythia_jax.io_utils import check_output_dir
+
+    dtype = args.dtype or "float16"
+    if not args.all_steps:
+        check_output_dir(args.output, args.overwrite)
+        config, params = load_params(args.source, step=args.step)
+        write_hf_dir(config, params, args.output, dtype=dtype, shard_size=args.shard_size,
+                     overwrite=args.overwrite, progress=progress)
+        print(f"wrote {args.output}")
+        return
+    root, _ = resolve_checkpoint_dir(args.source)
+    ckpt = TrainCheckpointer(root, save_steps=(), async_save=False)
+    try:
+        steps = ckpt.all_steps()
+    finally:
+        ckpt.close()
+    if not steps:
+        raise CheckpointError(f"{root} holds no checkpoint steps")
+    targets = {s: os.path.join(args.output, f"step{s}") for s in steps}
+    for target in targets.values():  # refuse before writing anything
+        check_output_dir(target, args.overwrite)
+    from tqdm.auto import tqdm
+    for s in tqdm(steps, desc="steps", unit="step", disable=not progress):
+        config, params = load_params(root, step=s)
+        write_hf_dir(config, params, targets[s], dtype=dtype, shard_size=args.shard_size,
+                     overwrite=args.overwrite, progress=False)
+        del params
+    print(f"wrote {len(steps)} step folders under {args.output}")
+
+
+def _jax_to_neox(args: argparse.Namespace, progress: bool) -> None:
+    from pythia_jax.checkpoint import load_params, resolve_checkpoint_dir
+    from pythia_jax.convert.neox import write_neox_checkpoint
+
+    _check_output(args)
+    root, dir_step = resolve_checkpoint_dir(args.source)
+    step = args.step if args.step is not None else dir_step
+    if step is None:
+        from pythia_jax.checkpoint import TrainCheckpointer
+        with TrainCheckpointer(root, save_steps=(), async_save=False) as ckpt:
+            step = ckpt.latest_valid_step()
+    config, params = load_params(root, step=step)
+    out = write_neox_checkpoint(config, params, args.output, step=step or 0, dtype=args.dtype or "float32",
+                                overwrite=args.overwrite, progress=progress)
+    print(f"wrote {out}")
+
+
+def _check_output(args: argparse.Namespace) -> None:
+    from pythia_jax.io_utils import check_output_dir
+    check_output_dir(args.output, args.overwrite)
+
+
+def write_checkpoint(out_dir: str, step: int, config, params, opt_state, metadata, overwrite: bool) -> None:
+    """A new checkpoint directory of this project holding one step, written atomically."""
+    from pythia_jax.checkpoint import save_params_checkpoint
+    from pythia_jax.convert.hf import to_device_tree
+    from pythia_jax.io_utils import atomic_output_dir
+
+    params = to_device_tree(params)
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        save_params_checkpoint(str(tmp), int(step), config, params, opt_state=opt_state, metadata=metadata)

@@ -1,0 +1,354 @@
+"""Hugging Face interop: read/write HF directories, bit-identical round trips, loading the exports
+with transformers (no missing/unexpected keys, logits within 1e-5 of JAX), tokenizer files, bad input."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import jax  # noqa: E402
+
+from pythia_jax.config import ConfigError, ModelConfig  # noqa: E402
+from pythia_jax.convert import hf as hfc  # noqa: E402
+from pythia_jax.errors import CheckpointError, PythiaJaxError  # noqa: E402
+
+TINY = ModelConfig(vocab_size=101, hidden_size=32, num_layers=2, num_heads=4)
+
+
+def hf_model(config: ModelConfig, seed: int = 0, dtype=torch.float32):
+    """A random transformers GPTNeoXForCausalLM (all tensors non-trivial, biases and norms too)."""
+    torch.manual_seed(seed)
+    model = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**config.to_hf_dict()))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    return model.to(dtype).eval()
+
+
+def hf_state(model) -> dict[str, np.ndarray]:
+    sd = {k: v.float().numpy() for k, v in model.state_dict().items()}
+    sd["embed_out.weight"] = sd.pop("lm_head.weight")
+    return sd
+
+
+def save_bin(model, directory, shards=1):
+    """pytorch_model.bin, or pytorch_model-0000k-of-0000N.bin + pytorch_model.bin.index.json."""
+    os.makedirs(directory, exist_ok=True)
+    model.config.save_pretrained(directory)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    sd["embed_out.weight"] = sd.pop("lm_head.weight")
+    if shards == 1:
+        torch.save(sd, os.path.join(directory, "pytorch_model.bin"))
+        return
+    keys = list(sd)
+    weight_map = {}
+    for k in range(shards):
+        name = f"pytorch_model-{k + 1:05d}-of-{shards:05d}.bin"
+        part = {key: sd[key] for key in keys[k::shards]}
+        torch.save(part, os.path.join(directory, name))
+        weight_map.update({key: name for key in part})
+    with open(os.path.join(directory, "pytorch_model.bin.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": 0}, "weight_map": weight_map}, f)
+
+
+def read_weights(directory) -> dict[str, np.ndarray]:
+    """Every tensor of an HF directory (raw dtype), through safetensors."""
+    from safetensors import safe_open
+    out = {}
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(directory, name), "pt") as f:
+                out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+class _Capture(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def load_quietly(directory):
+    """from_pretrained in fp32, returning (model, loading info, every log/warning message)."""
+    handler = _Capture()
+    tlog = logging.getLogger("transformers")
+    tlog.addHandler(handler)
+    old = tlog.level
+    tlog.setLevel(logging.INFO)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model, info = transformers.GPTNeoXForCausalLM.from_pretrained(
+                directory, dtype=torch.float32, output_loading_info=True)
+    finally:
+        tlog.removeHandler(handler)
+        tlog.setLevel(old)
+    return model.eval(), info, handler.messages + [str(w.message) for w in caught]
+
+
+BAD_WORDS = ("missing", "unexpected", "not used", "newly initialized", "not initialized", "mismatch")
+
+
+def assert_clean_load(info, messages):
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert not info.get("mismatched_keys"), info
+    bad = [m for m in messages if any(w in m.lower() for w in BAD_WORDS)]
+    assert not bad, bad
+
+
+def jax_logits(config, params, tokens):
+    from pythia_jax.model import model_from_params
+    with jax.default_matmul_precision("highest"):
+        return np.asarray(model_from_params(config, params)(np.asarray(tokens, np.int32)))
+
+
+# ------------------------------------------------------------------ key table
+def test_key_table_round_trip_and_aliases():
+    model = hf_model(TINY)
+    sd = hf_state(model)
+    params = hfc.hf_state_dict_to_params(TINY, {**sd, "gpt_neox.layers.0.attention.rotary_emb.inv_freq":
+                                                 np.ones(4, np.float32)})
+    assert params["layers"]["attention"]["query_key_value"]["kernel"].shape == (2, 32, 96)
+    np.testing.assert_array_equal(params["embed_out"]["kernel"], sd["embed_out.weight"].T)
+    back = hfc.params_to_hf_state_dict(TINY, params)
+    assert list(back) == list(hfc.hf_shapes(TINY))
+    for k in sd:
+        assert np.array_equal(back[k], sd[k]), k
+    # transformers 5.x in-memory name of the head is read too
+    sd2 = dict(sd)
+    sd2["lm_head.weight"] = sd2.pop("embed_out.weight")
+    np.testing.assert_array_equal(hfc.hf_state_dict_to_params(TINY, sd2)["embed_out"]["kernel"],
+                                  params["embed_out"]["kernel"])
+
+
+def test_key_table_errors():
+    sd = hf_state(hf_model(TINY))
+    bad = dict(sd)
+    bad["gpt_neox.layers.1.mlp.dense_4h_to_h.weight"] = np.zeros((32, 100), np.float32)
+    with pytest.raises(CheckpointError, match=r"gpt_neox.layers.1.mlp.dense_4h_to_h.weight has shape "
+                                              r"\[32, 100\], expected \[32, 128\]"):
+        hfc.hf_state_dict_to_params(TINY, bad)
+    missing = dict(sd)
+    del missing["gpt_neox.final_layer_norm.bias"]
+    with pytest.raises(CheckpointError, match="missing tensors: gpt_neox.final_layer_norm.bias"):
+        hfc.hf_state_dict_to_params(TINY, missing)
+    with pytest.raises(CheckpointError, match="layer 5"):
+        hfc.hf_state_dict_to_params(TINY, {**sd, "gpt_neox.layers.5.attention.dense.bias": np.zeros(32)})
+    with pytest.raises(CheckpointError, match="unexpected tensor 'foo.weight'"):
+        hfc.hf_state_dict_to_params(TINY, {**sd, "foo.weight": np.zeros(3)})
+
+
+# ------------------------------------------------------------------ reading HF directories
+@pytest.mark.parametrize("form", ["single", "sharded", "bin", "bin_sharded", "fp16", "bf16"])
+def test_read_hf_dir_forms_round_trip_bit_identical(tmp_path, form):
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(form, torch.float32)
+    model = hf_model(TINY, dtype=dtype)
+    src = tmp_path / "src"
+    if form.startswith("bin"):  # transformers 5 no longer writes .bin: write it the way 4.x did
+        save_bin(model, src, shards=3 if "sharded" in form else 1)
+    else:
+        model.save_pretrained(src, **({"max_shard_size": "20KB"} if "sharded" in form else {}))
+    if "sharded" in form:
+        assert any(n.endswith(".index.json") for n in os.listdir(src))
+    config, params = hfc.read_hf_dir(src)
+    assert config == TINY.replace(name=config.name)
+    assert all(v.dtype == np.float32 for v in jax.tree.leaves(params))
+    out_dtype = {"fp16": "float16", "bf16": "bfloat16"}.get(form, "float32")
+    hfc.write_hf_dir(config, params, tmp_path / "out", dtype=out_dtype)
+    written = read_weights(tmp_path / "out")
+    original = {k: v for k, v in model.state_dict().items()}
+    original["embed_out.weight"] = original.pop("lm_head.weight")
+    assert set(written) == set(original)
+    for k, v in original.items():
+        assert written[k].dtype == v.dtype, k
+        assert torch.equal(written[k].view(torch.int16 if v.element_size() == 2 else torch.int32),
+                           v.contiguous().view(torch.int16 if v.element_size() == 2 else torch.int32)), k
+
+
+def test_old_buffers_are_ignored(tmp_path):
+    from safetensors.torch import save_file
+    model = hf_model(TINY)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    sd["embed_out.weight"] = sd.pop("lm_head.weight")
+    for i in range(TINY.num_layers):
+        sd[f"gpt_neox.layers.{i}.attention.bias"] = torch.ones(1, 1, 8, 8, dtype=torch.bool)
+        sd[f"gpt_neox.layers.{i}.attention.masked_bias"] = torch.tensor(-1e9)
+        sd[f"gpt_neox.layers.{i}.attention.rotary_emb.inv_freq"] = torch.ones(1)
+    (tmp_path / "old").mkdir()
+    save_file(sd, tmp_path / "old" / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "old" / "config.json").write_text(json.dumps(TINY.to_hf_dict()))
+    _, params = hfc.read_hf_dir(tmp_path / "old")
+    back = hfc.params_to_hf_state_dict(TINY, params)
+    assert set(back) == {k for k in sd if "attention.bias" not in k and "masked_bias" not in k
+                         and "inv_freq" not in k}
+
+
+# ------------------------------------------------------------------ writing HF directories
+PARITY_CONFIGS = {
+    "parallel_rot025": TINY,
+    "sequential_rot05": TINY.replace(use_parallel_residual=False, rotary_pct=0.5, vocab_size=97),
+    "rot1_headdim80_oddvocab": ModelConfig(vocab_size=131, hidden_size=160, num_layers=2, num_heads=2,
+                                           rotary_pct=1.0),
+}
+
+
+@pytest.mark.parametrize("name", list(PARITY_CONFIGS))
+def test_export_loads_in_transformers_with_same_logits(tmp_path, name):
+    config = PARITY_CONFIGS[name]
+    params = hfc.hf_state_dict_to_params(config, hf_state(hf_model(config, seed=3)))
+    hfc.write_hf_dir(config, params, tmp_path / "hf", dtype="float32", shard_size="60KB")
+    files = os.listdir(tmp_path / "hf")
+    assert "model.safetensors.index.json" in files
+    shards = sorted(n for n in files if n.endswith(".safetensors"))
+    n = len(shards)
+    assert n > 1 and shards == [f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(hfc.hf_shapes(config))
+    assert index["metadata"]["total_size"] == 4 * config.num_params()
+    cfg_json = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg_json["torch_dtype"] == "float32" and cfg_json["eos_token_id"] == 0
+    model, info, messages = load_quietly(tmp_path / "hf")
+    assert_clean_load(info, messages)
+    assert model.config.use_parallel_residual == config.use_parallel_residual
+    tokens = np.random.default_rng(0).integers(0, config.vocab_size, (2, 11))
+    with torch.no_grad():
+        theirs = model(torch.from_numpy(tokens)).logits.numpy()
+    ours = jax_logits(config, params, tokens)
+    assert np.abs(ours - theirs).max() <= 1e-5
+
+
+@pytest.mark.parametrize("dtype,torch_dtype", [("float16", torch.float16), ("bfloat16", torch.bfloat16)])
+def test_export_dtypes(tmp_path, dtype, torch_dtype):
+    sd = hf_state(hf_model(TINY))
+    params = hfc.hf_state_dict_to_params(TINY, sd)
+    hfc.write_hf_dir(TINY, params, tmp_path / "hf", dtype=dtype)
+    assert os.listdir(tmp_path / "hf").count("model.safetensors") == 1  # fits in one shard
+    weights = read_weights(tmp_path / "hf")
+    for k, v in sd.items():
+        assert weights[k].dtype == torch_dtype
+        assert torch.equal(weights[k], torch.from_numpy(v).to(torch_dtype)), k
+    from safetensors import safe_open
+    with safe_open(tmp_path / "hf" / "model.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == dtype
+    gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert gen["bos_token_id"] == 0 and gen["eos_token_id"] == 0
+    _, info, messages = load_quietly(tmp_path / "hf")
+    assert_clean_load(info, messages)
+
+
+def test_tokenizer_files(tmp_path):
+    params = hfc.hf_state_dict_to_params(TINY, hf_state(hf_model(TINY)))
+    hfc.write_hf_dir(TINY, params, tmp_path / "hf")
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert tok("Hello, I am")["input_ids"] == [12092, 13, 309, 717]
+    assert tok.eos_token_id == 0 and tok.bos_token_id == 0
+    assert len(tok) == 50277
+    assert tok.decode([12092, 13, 309, 717]) == "Hello, I am"
+
+
+# ------------------------------------------------------------------ bad input
+def _good_dir(tmp_path, **save_kwargs):
+    src = tmp_path / "src"
+    hf_model(TINY).save_pretrained(src, **save_kwargs)
+    return src
+
+
+def test_missing_or_unreadable_config(tmp_path):
+    src = _good_dir(tmp_path)
+    os.remove(src / "config.json")
+    with pytest.raises(ConfigError, match="no config.json"):
+        hfc.read_hf_dir(src)
+    (src / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="cannot read .*config.json"):
+        hfc.read_hf_dir(src)
+    (src / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ConfigError, match="model_type 'llama'"):
+        hfc.read_hf_dir(src)
+
+
+def test_missing_shard_named_in_index(tmp_path):
+    src = _good_dir(tmp_path, max_shard_size="20KB")
+    shard = sorted(n for n in os.listdir(src) if n.endswith(".safetensors"))[1]
+    os.remove(src / shard)
+    with pytest.raises(CheckpointError, match=f"names shard.*{shard}"):
+        hfc.read_hf_dir(src)
+
+
+def test_wrong_shape_and_missing_tensor_in_dir(tmp_path):
+    from safetensors.torch import save_file
+    src = _good_dir(tmp_path)
+    sd = read_weights(src)
+    sd["gpt_neox.layers.0.attention.query_key_value.weight"] = torch.zeros(95, 32)
+    save_file(sd, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor gpt_neox.layers.0.attention."
+                                              r"query_key_value.weight has shape \[95, 32\], expected \[96, 32\]"):
+        hfc.read_hf_dir(src)
+    del sd["gpt_neox.layers.0.attention.query_key_value.weight"]
+    save_file(sd, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="missing tensors: gpt_neox.layers.0.attention.query_key_value.weight"):
+        hfc.read_hf_dir(src)
+    os.remove(src / "model.safetensors")
+    with pytest.raises(CheckpointError, match="holds no HF weights"):
+        hfc.read_hf_dir(src)
+
+
+def test_existing_output_refused_and_overwrite(tmp_path):
+    params = hfc.hf_state_dict_to_params(TINY, hf_state(hf_model(TINY)))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(PythiaJaxError, match="already exists"):
+        hfc.write_hf_dir(TINY, params, out)
+    assert os.listdir(out) == ["keep.txt"]
+    hfc.write_hf_dir(TINY, params, out, overwrite=True)
+    assert "keep.txt" not in os.listdir(out) and "model.safetensors" in os.listdir(out)
+    assert os.listdir(tmp_path) == ["out"]  # no temporary siblings left
+
+
+def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
+    import safetensors.numpy
+    params = hfc.hf_state_dict_to_params(TINY, hf_state(hf_model(TINY)))
+    real = safetensors.numpy.save_file
+    calls = []
+
+    def failing(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated interruption")
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", failing)
+    with pytest.raises(KeyboardInterrupt):
+        hfc.write_hf_dir(TINY, params, tmp_path / "out", shard_size="20KB")
+    assert len(calls) == 3 and os.listdir(tmp_path) == []
+    # the same while overwriting: the old directory survives untouched
+    monkeypatch.setattr(safetensors.numpy, "save_file", real)
+    hfc.write_hf_dir(TINY, params, tmp_path / "out", dtype="float32")
+    before = read_weights(tmp_path / "out")
+    calls.clear()
+    monkeypatch.setattr(safetensors.numpy, "save_file", failing)
+    with pytest.raises(KeyboardInterrupt):
+        hfc.write_hf_dir(TINY, params, tmp_path / "out", shard_size="20KB", overwrite=True)
+    assert os.listdir(tmp_path) == ["out"]
+    after = read_weights(tmp_path / "out")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_params_with_wrong_shape_refused_before_writing(tmp_path):
+    params = hfc.hf_state_dict_to_params(TINY, hf_state(hf_model(TINY)))
+    params["final_layer_norm"]["bias"] = np.zeros(31, np.float32)
+    with pytest.raises(CheckpointError, match="final_layer_norm/bias has shape"):
+        hfc.write_hf_dir(TINY, params, tmp_path / "out")
+    assert not os.path.exists(tmp_path / "out")
