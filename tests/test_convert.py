@@ -504,3 +504,168 @@ def test_zero_bad_shards(tmp_path):
     config, _, ckpt = neox.read_neox_checkpoint(step_dir)
     with pytest.raises(CheckpointError, match="partition_count is 2 but 1"):
         neox.read_neox_optimizer_state(ckpt, config)
+
+
+# ------------------------------------------------------------------ jax -> NeoX
+def _random_tree(config, rng):
+    tree = {}
+    for path, shape in hfc.param_shapes(config).items():
+        node = tree
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = (rng.standard_normal(shape) * 0.3).astype(np.float32)
+    return tree
+
+
+@pytest.mark.parametrize("config", [
+    ModelConfig(vocab_size=50304, hidden_size=16, num_layers=2, num_heads=2, hidden_act="gelu_new"),
+    ModelConfig(vocab_size=50400, hidden_size=24, num_layers=3, num_heads=3, use_parallel_residual=False,
+                rotary_pct=0.5, rotary_emb_base=20000.0, layer_norm_eps=1e-6),
+])
+def test_jax_to_neox_round_trip_and_reference_converter(tmp_path, config):
+    import yaml
+
+    params = _random_tree(config, np.random.default_rng(0))
+    step_dir = neox.write_neox_checkpoint(config, params, tmp_path / "nx", step=1000)
+    assert step_dir == str(tmp_path / "nx" / "global_step1000")
+    assert (tmp_path / "nx" / "latest").read_text() == "global_step1000"
+    # JAX -> NeoX -> JAX is bit-identical, config included
+    config2, params2, ckpt = neox.read_neox_checkpoint(tmp_path / "nx")
+    assert ckpt.layout == "pipeline" and ckpt.tp == 1 and ckpt.step == 1000
+    assert config2.replace(name=config.name) == config
+    ours = hfc.params_to_hf_state_dict(config, params)
+    back = hfc.params_to_hf_state_dict(config2, params2)
+    for k in ours:
+        assert np.array_equal(ours[k], back[k]), k
+    # GPT-NeoX's own HF converter semantics read the same model from these files and this yml
+    (yml_file,) = [os.path.join(step_dir, "configs", n) for n in os.listdir(os.path.join(step_dir, "configs"))]
+    with open(yml_file) as f:
+        yml = yaml.full_load(f)
+    ref, ref_cfg = reference_neox_to_hf(step_dir, yml)
+    assert_same_state(ours, ref)
+    assert ref_cfg["rotary_pct"] == config.rotary_pct and ref_cfg["rotary_emb_base"] == config.rotary_emb_base
+    assert ref_cfg["use_parallel_residual"] == config.use_parallel_residual
+    assert ref_cfg["layer_norm_eps"] == config.layer_norm_eps
+    # the converter derives the vocabulary from the tokenizer: 50,277 padded to a multiple of
+    # make-vocab-size-divisible-by × model-parallel-size; it must give our vocab size
+    multiple = yml["make-vocab-size-divisible-by"] * yml["model-parallel-size"]
+    assert -(-50277 // multiple) * multiple == config.vocab_size
+    assert os.path.isfile(yml["vocab-file"])
+    # layer files hold what NeoX's modules hold (rotary inv_freq buffer included)
+    layer = torch.load(os.path.join(step_dir, "layer_02-model_00-model_states.pt"), weights_only=True)
+    rd = config.rotary_ndims
+    np.testing.assert_allclose(layer["attention.rotary_emb.inv_freq"].numpy(),
+                               1.0 / config.rotary_emb_base ** (np.arange(0, rd, 2) / rd), rtol=1e-6)
+
+
+# ------------------------------------------------------------------ the CLI
+def cli(*argv):
+    from pythia_jax.cli import main
+    return main(["convert", *map(str, argv), "--no-progress"])
+
+
+def test_cli_round_trips(tmp_path):
+    import transformers
+    from safetensors.numpy import load_file
+
+    config = ModelConfig(vocab_size=101, hidden_size=32, num_layers=2, num_heads=4)
+    torch.manual_seed(0)
+    model = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**config.to_hf_dict()))
+    src = tmp_path / "step1000"
+    model.save_pretrained(src)
+    original = load_file(src / "model.safetensors")
+
+    assert cli("hf-to-jax", src, tmp_path / "ck") == 0  # step taken from the folder name
+    from pythia_jax.checkpoint import TrainCheckpointer, load_params
+    cfg, params = load_params(tmp_path / "ck")
+    assert cfg.vocab_size == 101
+    assert TrainCheckpointer(tmp_path / "ck", save_steps=()).all_steps() == [1000]
+    assert cli("jax-to-hf", tmp_path / "ck", tmp_path / "hf", "--dtype", "float32") == 0
+    exported = load_file(tmp_path / "hf" / "model.safetensors")
+    assert set(exported) == set(original)
+    assert all(np.array_equal(exported[k], original[k]) for k in original)
+
+    assert cli("jax-to-neox", tmp_path / "ck", tmp_path / "nx") == 0
+    assert cli("neox-to-jax", tmp_path / "nx", tmp_path / "ck2") == 0
+    assert cli("jax-to-hf", tmp_path / "ck2", tmp_path / "all", "--all-steps", "--dtype", "float32") == 0
+    assert os.listdir(tmp_path / "all") == ["step1000"]
+    again = load_file(tmp_path / "all" / "step1000" / "model.safetensors")
+    assert all(np.array_equal(again[k], original[k]) for k in original)
+
+    # existing outputs are refused (one-line error, exit code 2 from the CLI), --overwrite replaces
+    assert cli("jax-to-hf", tmp_path / "ck", tmp_path / "hf") != 0
+    assert cli("jax-to-hf", tmp_path / "ck", tmp_path / "hf", "--overwrite") == 0
+    assert load_file(tmp_path / "hf" / "model.safetensors")["embed_out.weight"].dtype == np.float16
+
+
+def test_cli_hf_to_jax_with_fresh_optimizer(tmp_path):
+    import transformers
+
+    from pythia_jax.checkpoint import TrainCheckpointer
+    from pythia_jax.train.optimizer import adam_moments, build_optimizer, schedule_count
+
+    config = ModelConfig(vocab_size=101, hidden_size=32, num_layers=2, num_heads=4)
+    transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**config.to_hf_dict())).save_pretrained(tmp_path / "hf")
+    assert cli("hf-to-jax", tmp_path / "hf", tmp_path / "ck", "--with-optimizer", "--step", 3000) == 0
+    import jax
+    from pythia_jax.model import abstract_params
+    abstract = abstract_params(config)
+    opt_abstract = jax.eval_shape(build_optimizer().init, abstract)
+    with TrainCheckpointer(tmp_path / "ck", save_steps=()) as ck:
+        restored = ck.restore(3000, {"params": abstract, "opt_state": opt_abstract})
+    assert int(schedule_count(restored.opt_state)) == 3000
+    mu, nu, count = adam_moments(restored.opt_state)
+    assert int(count) == 0 and all(float(np.abs(x).max()) == 0 for x in jax.tree.leaves(mu))
+
+
+def test_cli_neox_zero_to_train_state(tmp_path):
+    import jax
+
+    from pythia_jax.checkpoint import TrainCheckpointer
+    from pythia_jax.model import abstract_params
+    from pythia_jax.train.optimizer import adam_moments, build_optimizer, schedule_count
+
+    step_dir, master, moments = build_zero(tmp_path, tp=2, dp=2, form="torch", step=5)
+    assert cli("neox-to-jax", os.path.dirname(step_dir), tmp_path / "ck") == 0
+    config, _, ckpt = neox.read_neox_checkpoint(step_dir)
+    state = neox.read_neox_optimizer_state(ckpt, config)
+    abstract = abstract_params(config)
+    with TrainCheckpointer(tmp_path / "ck", save_steps=()) as ck:
+        assert ck.all_steps() == [8]  # the iteration (3 skipped fp16 steps included)
+        restored = ck.restore(8, {"params": abstract,
+                                  "opt_state": jax.eval_shape(build_optimizer().init, abstract)})
+    mu, nu, count = adam_moments(restored.opt_state)
+    assert int(count) == 5 and int(schedule_count(restored.opt_state)) == 5
+    for got, want in ((restored.params, state.master), (mu, state.exp_avg), (nu, state.exp_avg_sq)):
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_cli_bad_input_leaves_no_output(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert cli("hf-to-jax", tmp_path / "empty", tmp_path / "out") != 0
+    assert cli("neox-to-jax", tmp_path / "empty", tmp_path / "out") != 0
+    assert cli("jax-to-hf", tmp_path / "empty", tmp_path / "out") != 0
+    err = capsys.readouterr().err
+    assert "no config.json" in err and "no recognisable GPT-NeoX layout" in err
+    assert "not a pythia-jax checkpoint" in err and "Traceback" not in err
+    assert sorted(os.listdir(tmp_path)) == ["empty"]
+
+
+def test_interrupted_neox_conversion_leaves_nothing(tmp_path, monkeypatch):
+    step_dir, _, _ = build(tmp_path)
+    real = torch.save
+    calls = []
+
+    def failing(obj, f, *a, **k):
+        calls.append(f)
+        if len(calls) == 3:
+            raise RuntimeError("disk full (simulated)")
+        return real(obj, f, *a, **k)
+
+    config, params, _ = neox.read_neox_checkpoint(step_dir)
+    monkeypatch.setattr(torch, "save", failing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        neox.write_neox_checkpoint(config, params, tmp_path / "nx")
+    assert not os.path.exists(tmp_path / "nx")
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".nx")]

@@ -184,3 +184,18 @@ def test_rows_beyond_the_order(tmp_path):
     order = open_order(prefix, "neox", seq_len=16, seed=1, train_iters=2, global_batch=2)
     with pytest.raises(DataError, match=r"small.*beyond the dataset"):
         order.read_rows(len(order) - 1, len(order) + 1)
+
+
+def test_neox_order_over_tensorstore_memory_driver(tmp_path):
+    """The same rows from a local file and from a tensorstore memory:// copy (byte-range reads)."""
+    from pythia_jax.data.indexed import open_kvstore
+    rng = np.random.default_rng(8)
+    docs = random_corpus(rng, 60, 500)
+    prefix = write_indexed_dataset(str(tmp_path / "ts_text_document"), docs)
+    kv = open_kvstore("memory://order_ts/")
+    for ext in (".bin", ".idx"):
+        kv.write("ts_text_document" + ext, open(prefix + ext, "rb").read()).result()
+    local = open_order(prefix, "neox", seq_len=64, seed=5, train_iters=6, global_batch=8)
+    remote = open_order("memory://order_ts/ts_text_document", "neox", seq_len=64, seed=5,
+                        train_iters=6, global_batch=8, cache=False)
+    np.testing.assert_array_equal(remote.read_rows(0, len(remote)), local.read_rows(0, len(local)))

@@ -260,3 +260,16 @@ def test_demo_order_cache_goes_outside_the_package(monkeypatch, tmp_path):
     assert next(it)["inputs"].shape == (4, 128)
     assert set(os.listdir(os.path.dirname(demo_data_prefix()))) == before
     assert any(p.endswith("_doc_idx.npy") for _, _, files in os.walk(tmp_path / "cache") for p in files)
+
+
+def test_row_source_for_per_row_grain_pipelines(corpus):
+    import grain
+
+    from pythia_jax.data.pipeline import RowSource
+    raw, _, rows = corpus
+    order = open_order(raw, "neox", seq_len=SEQ, seed=SEED, train_iters=ITERS, global_batch=B)
+    ds = grain.MapDataset.source(RowSource(order))
+    assert len(ds) == len(order)
+    for j in (0, 7, 50, ITERS * B - 1):
+        assert ds[j].dtype == np.int32
+        np.testing.assert_array_equal(ds[j], rows[j])

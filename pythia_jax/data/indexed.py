@@ -468,17 +468,26 @@ class IndexedDataset:
         b = int(self.pointers[stop - 1]) + int(self.sizes[stop - 1]) * self.dtype.itemsize
         return self.data.read(a, b).view(self.dtype)
 
-    def gather(self, items: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    def gather(self, items: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
+               out_dtype=None) -> np.ndarray:
         """Concatenation of ``item[k][starts[k] : starts[k] + lengths[k]]`` for all k.
 
         items, starts, lengths: integer arrays [K] (not bounds-checked beyond the file size).
-        Returns a 1-D array of ``self.dtype`` with ``lengths.sum()`` tokens.
+        Returns a 1-D array of ``out_dtype`` (default ``self.dtype``) with ``lengths.sum()`` tokens.
         """
         items = np.asarray(items, dtype=np.int64)
         starts = np.asarray(starts, dtype=np.int64)
         lengths = np.asarray(lengths, dtype=np.int64)
         itemsize = self.dtype.itemsize
         byte_starts = self.pointers[items] + starts * itemsize
+        if self._flat is not None and len(lengths) and lengths.sum() >= 256 * len(lengths):
+            # Long segments: slice copies beat element-wise fancy indexing.
+            flat = self._flat
+            if byte_starts.min() < 0 or (byte_starts // itemsize + lengths).max() > flat.shape[0]:
+                raise DataError(f"{self.bin_path}: read past the end of the data")
+            return np.concatenate([flat[a:a + n] for a, n in
+                                   zip((byte_starts // itemsize).tolist(), lengths.tolist())],
+                                  dtype=out_dtype)
         if self._flat is not None:
             total = int(lengths.sum())
             elem_starts = byte_starts // itemsize
@@ -486,12 +495,14 @@ class IndexedDataset:
             positions = np.repeat(elem_starts - seg_offsets, lengths) + np.arange(total, dtype=np.int64)
             if total and (positions.min() < 0 or positions.max() >= self._flat.shape[0]):
                 raise DataError(f"{self.bin_path}: read past the end of the data")
-            return self._flat[positions]
+            out = self._flat[positions]
+            return out if out_dtype is None else out.astype(out_dtype)
         ranges = [(int(a), int(a + n * itemsize)) for a, n in zip(byte_starts, lengths)]
         parts = self.data.read_many(ranges)
         if not parts:
-            return np.zeros(0, self.dtype)
-        return np.concatenate(parts).view(self.dtype)
+            return np.zeros(0, out_dtype or self.dtype)
+        out = np.concatenate(parts).view(self.dtype)
+        return out if out_dtype is None else out.astype(out_dtype)
 
 
 def open_indexed_dataset(prefix: str, **kwargs) -> IndexedDataset:

@@ -33,7 +33,8 @@ class Order:
     def __len__(self) -> int:
         raise NotImplementedError
 
-    def read_row_indices(self, rows: np.ndarray) -> np.ndarray:
+    def read_row_indices(self, rows: np.ndarray, dtype=None) -> np.ndarray:
+        """Rows at the given indices, [len(rows), seq_len+1] of ``dtype`` (default: the data's)."""
         raise NotImplementedError
 
     def _check_rows(self, start: int, stop: int) -> None:
@@ -41,10 +42,10 @@ class Order:
             raise DataError(f"{self.name}: rows [{start}, {stop}) are beyond the dataset, which has "
                             f"{len(self)} rows of {self.seq_len + 1} tokens")
 
-    def read_rows(self, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) as an array [stop-start, seq_len+1] of the dataset dtype."""
+    def read_rows(self, start: int, stop: int, dtype=None) -> np.ndarray:
+        """Rows [start, stop) as an array [stop-start, seq_len+1] of ``dtype`` (default: the data's)."""
         self._check_rows(start, stop)
-        return self.read_row_indices(np.arange(start, stop, dtype=np.int64))
+        return self.read_row_indices(np.arange(start, stop, dtype=np.int64), dtype)
 
     def _assemble(self, tokens: np.ndarray, n_rows: int) -> np.ndarray:
         width = self.seq_len + 1
@@ -77,19 +78,22 @@ class PreshuffledOrder(Order):
             raise DataError(f"{self.dataset.idx_path}: pre-shuffled row {j} has {int(sizes[bad[0]])} "
                             f"tokens, expected seq_len+1 = {self.seq_len + 1}")
 
-    def read_rows(self, start: int, stop: int) -> np.ndarray:
+    def read_rows(self, start: int, stop: int, dtype=None) -> np.ndarray:
         self._check_rows(start, stop)
         self._check_sizes(np.arange(start, stop))
-        return self._assemble(self.dataset.read_items(start, stop), stop - start)
+        tokens = self.dataset.read_items(start, stop)
+        if dtype is not None:
+            tokens = tokens.astype(dtype)
+        return self._assemble(tokens, stop - start)
 
-    def read_row_indices(self, rows: np.ndarray) -> np.ndarray:
+    def read_row_indices(self, rows: np.ndarray, dtype=None) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
             raise DataError(f"{self.name}: rows up to {int(rows.max())} requested, the dataset has "
                             f"{len(self)}")
         self._check_sizes(rows)
         n = self.seq_len + 1
-        tokens = self.dataset.gather(rows, np.zeros_like(rows), np.full_like(rows, n))
+        tokens = self.dataset.gather(rows, np.zeros_like(rows), np.full_like(rows, n), dtype)
         return self._assemble(tokens, len(rows))
 
 
@@ -117,14 +121,14 @@ class NeoxOrder(Order):
     def __len__(self) -> int:
         return len(self.maps)
 
-    def read_row_indices(self, rows: np.ndarray) -> np.ndarray:
+    def read_row_indices(self, rows: np.ndarray, dtype=None) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
             raise DataError(f"{self.name}: rows up to {int(rows.max())} requested, the GPT-NeoX "
                             f"order has {len(self)} rows")
         samples = np.asarray(self.maps.shuffle_idx[rows], dtype=np.int64)
         _, items, starts, lengths = self.maps.sample_segments(samples, self.dataset.sizes)
-        return self._assemble(self.dataset.gather(items, starts, lengths), len(rows))
+        return self._assemble(self.dataset.gather(items, starts, lengths, dtype), len(rows))
 
 
 class SequentialOrder(Order):
@@ -141,7 +145,7 @@ class SequentialOrder(Order):
     def __len__(self) -> int:
         return self._rows
 
-    def read_row_indices(self, rows: np.ndarray) -> np.ndarray:
+    def read_row_indices(self, rows: np.ndarray, dtype=None) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
             raise DataError(f"{self.name}: rows up to {int(rows.max())} requested, the dataset has "
@@ -158,7 +162,7 @@ class SequentialOrder(Order):
         item_start_tok = self._ends[items] - self.dataset.sizes[items]
         lo = np.maximum(np.repeat(first, counts), item_start_tok)
         hi = np.minimum(np.repeat(first + width, counts), self._ends[items])
-        tokens = self.dataset.gather(items, lo - item_start_tok, hi - lo)
+        tokens = self.dataset.gather(items, lo - item_start_tok, hi - lo, dtype)
         return self._assemble(tokens, len(rows))
 
 

@@ -68,6 +68,27 @@ def to_inputs_labels(rows: np.ndarray) -> dict[str, np.ndarray]:
     return {"inputs": rows[:, :-1], "labels": rows[:, 1:]}
 
 
+class RowSource:
+    """A grain ``RandomAccessDataSource`` over training rows: element j = row j, [seq_len+1] int32.
+
+    For per-row grain pipelines (``grain.MapDataset.source(RowSource(order))``); the training
+    iterator reads whole host slices at once through ``StepRowsSource`` instead.
+    """
+
+    def __init__(self, order: Order):
+        self.order = order
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, j: int) -> np.ndarray:
+        j = int(j)
+        return self.order.read_rows(j, j + 1, np.int32)[0]
+
+    def __repr__(self) -> str:
+        return f"RowSource({self.order.name}, rows={len(self.order)})"
+
+
 @dataclasses.dataclass
 class StepRowsSource:
     """A grain ``RandomAccessDataSource`` over global steps: element n = this host's rows of step n.
@@ -91,7 +112,7 @@ class StepRowsSource:
         if not 0 <= step < self.num_steps:
             raise IndexError(f"step {step} out of range [0, {self.num_steps})")
         base = self.global_batch * step
-        rows = self.order.read_rows(base + self.row_start, base + self.row_stop).astype(np.int32)
+        rows = self.order.read_rows(base + self.row_start, base + self.row_stop, np.int32)
         if self.transform is not None:
             rows = apply_transform(rows, self.transform)
         return to_inputs_labels(rows)
@@ -309,4 +330,4 @@ def make_eval_batches(data_prefix: str, *, order: str = "sequential", seq_len: i
     a, b = host_slice(batch_size, process_index, process_count)
     for k in range(n_batches):
         base = start + k * batch_size
-        yield to_inputs_labels(order_obj.read_rows(base + a, base + b))
+        yield to_inputs_labels(order_obj.read_rows(base + a, base + b, np.int32))
