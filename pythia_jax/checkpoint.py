@@ -28,6 +28,7 @@ JSON items are written by process 0; grain iterator states are written per proce
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -222,12 +223,24 @@ def tree_checksums(tree: Any) -> dict[str, list[int]]:
     """
     import jax
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec
+    from jax.sharding import NamedSharding
 
     leaves = [(k, v) for k, v in _leaf_paths(tree) if hasattr(v, "shape") and hasattr(v, "dtype")]
     if not leaves:
         return {}
     values = [v if isinstance(v, jax.Array) else jnp.asarray(v) for _, v in leaves]
+    mesh = next((v.sharding.mesh for v in values if isinstance(v.sharding, NamedSharding)), None)
+    result = _checksum_fn(mesh)(values)
+    sums = np.asarray(result.addressable_data(0))
+    return {k: [int(a), int(b)] for (k, _), (a, b) in zip(leaves, sums)}
+
+
+@functools.lru_cache(maxsize=8)
+def _checksum_fn(mesh: Any) -> Callable:
+    """One jitted checksum function per mesh (jit then caches one executable per tree layout)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
 
     def one(x):
         itemsize = jnp.dtype(x.dtype).itemsize
@@ -247,12 +260,8 @@ def tree_checksums(tree: Any) -> dict[str, list[int]]:
         weights = index * jnp.uint32(2) + jnp.uint32(1)
         return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weights, dtype=jnp.uint32)])
 
-    mesh = next((v.sharding.mesh for v in values if isinstance(v.sharding, NamedSharding)), None)
     out_sharding = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
-    fn = jax.jit(lambda xs: jnp.stack([one(x) for x in xs]), out_shardings=out_sharding)
-    result = fn(values)
-    sums = np.asarray(result.addressable_data(0))
-    return {k: [int(a), int(b)] for (k, _), (a, b) in zip(leaves, sums)}
+    return jax.jit(lambda xs: jnp.stack([one(x) for x in xs]), out_shardings=out_sharding)
 
 
 def _verify_checksums(name: str, tree: Any, expected: Mapping[str, list[int]] | None, where: str) -> None:
