@@ -9,6 +9,7 @@ modules can be built without a mesh. The trainer maps the names to mesh axes wit
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Sequence
 
@@ -208,15 +209,17 @@ def reference_attention(q, k, v, mask: jax.Array | None, scale: float) -> jax.Ar
     return jnp.einsum("bnts,bsnd->btnd", probs, vf).astype(q.dtype)
 
 
-def _splash_attention(q, k, v, scale: float, interpret: bool) -> jax.Array:
-    """Causal attention with the TPU Pallas splash kernel; q/k/v [B, T, N, D] -> [B, T, N, D]."""
+def _splash_local(q, k, v, scale: float, interpret: bool) -> jax.Array:
+    """Causal splash attention on local (unsharded) arrays; q/k/v [B, T, N, D] -> [B, T, N, D]."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
     _, T, N, _ = q.shape
+    padded = -(-T // 128) * 128  # the kernel works on blocks of 128; causal keys past T are unseen
+    if padded != T:
+        pad = lambda a: jnp.pad(a, ((0, 0), (0, padded - T), (0, 0), (0, 0)))
+        return _splash_local(pad(q), pad(k), pad(v), scale, interpret)[:, :T]
     block = math.gcd(T, 512)
-    if block < 128 and not interpret:
-        raise ValueError(f"splash attention needs a sequence length divisible by 128, got {T}")
     mask = sm.MultiHeadMask([sm.CausalMask((T, T)) for _ in range(N)])
     sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                           block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
@@ -228,6 +231,28 @@ def _splash_attention(q, k, v, scale: float, interpret: bool) -> jax.Array:
     return jnp.swapaxes(out, 1, 2).astype(q.dtype)
 
 
+def _splash_attention(q, k, v, scale: float, interpret: bool | None) -> jax.Array:
+    """Causal attention with the TPU Pallas splash kernel; q/k/v [B, T, N, D] -> [B, T, N, D].
+
+    Off TPU the kernel runs in Pallas interpret mode (slow; for checks). Under a mesh with logical
+    rules the kernel runs per shard with ``shard_map`` over the batch and head axes (a sharded
+    length or head_dim axis is not supported).
+    """
+    if interpret is None:
+        interpret = jax.default_backend() != "tpu"
+    local = functools.partial(_splash_local, scale=scale, interpret=interpret)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return local(q, k, v)
+    rules = core_spmd.get_logical_axis_rules()
+    if not rules:
+        raise ValueError("splash attention under a mesh needs logical axis rules")
+    spec = logical_to_mesh_spec(("batch", "length", "heads", "kv"), rules)
+    if spec[1] is not None or spec[3] is not None:
+        raise ValueError(f"splash attention cannot shard the length or head_dim axis ({spec})")
+    return jax.shard_map(local, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
+
+
 def _cudnn_ok(q: jax.Array) -> bool:
     head_dim = q.shape[-1]
     return (q.dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128)
@@ -237,7 +262,8 @@ def resolve_attention_impl(impl: str, q: jax.Array, masked: bool) -> str:
     """The attention path actually used: 'xla', 'cudnn', 'splash' or 'reference'.
 
     'auto' picks cuDNN on GPU (bf16/fp16, head_dim ≤ 128 and a multiple of 8), the splash kernel
-    on TPU (sequence a multiple of 128), else XLA. Masked attention (a KV cache or a key mask)
+    on TPU (sequences of at least 128; shorter ones are padded up to 128 when asked for
+    explicitly), else XLA. Masked attention (a KV cache or a key mask)
     always takes XLA unless 'reference' was asked for: the fused kernels here are causal-only.
     """
     if impl == "reference":
@@ -249,18 +275,19 @@ def resolve_attention_impl(impl: str, q: jax.Array, masked: bool) -> str:
     backend = jax.default_backend()
     if backend == "gpu" and _cudnn_ok(q):
         return "cudnn"
-    if backend == "tpu" and q.shape[1] % 128 == 0:
+    if backend == "tpu" and q.shape[1] >= 128:
         return "splash"
     return "xla"
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None,
-                          impl: str = "auto", splash_interpret: bool = False) -> jax.Array:
+                          impl: str = "auto", splash_interpret: bool | None = None) -> jax.Array:
     """Scaled dot-product attention with softmax in float32.
 
     q [B, T, N, D], k/v [B, S, N, D] in the compute dtype. ``mask`` None means plain causal
     attention with T == S; otherwise a bool mask broadcastable to [B, 1, T, S] (True = attend),
-    which already contains the causal part. Returns [B, T, N, D] in q's dtype.
+    which already contains the causal part. ``splash_interpret`` None runs the splash kernel in
+    Pallas interpret mode off TPU. Returns [B, T, N, D] in q's dtype.
     """
     scale = q.shape[-1] ** -0.5
     chosen = resolve_attention_impl(impl, q, masked=mask is not None)

@@ -242,14 +242,27 @@ def params_to_dict(model: GPTNeoX) -> dict:
     return nnx.state(model, nnx.Param).to_pure_dict()
 
 
-def _abstract_model(config: ModelConfig) -> GPTNeoX:
-    return nnx.eval_shape(lambda: GPTNeoX(config, rngs=nnx.Rngs(0)))
+def _abstract_split(config: ModelConfig):
+    """(graphdef, State of ShapeDtypeStruct) of a model, traced with ``jax.eval_shape``: no memory.
+
+    ``jax.eval_shape`` rather than ``nnx.eval_shape``: the latter resolves every logical name
+    against an active mesh and rule table, failing for names the rules do not mention.
+    """
+    box = {}
+
+    def build():
+        graphdef, state = nnx.split(GPTNeoX(config, rngs=nnx.Rngs(0)))
+        box["graphdef"] = graphdef
+        return state
+
+    state = jax.eval_shape(build)
+    return box["graphdef"], state
 
 
 @functools.lru_cache(maxsize=64)
 def _abstract_tree(config: ModelConfig) -> tuple[dict, dict]:
     """(pure tree of ShapeDtypeStruct, pure tree of logical-name tuples), memoised per config."""
-    state = nnx.state(_abstract_model(config), nnx.Param)
+    state = _abstract_split(config)[1]
     names: dict = {}
     for path, var in state.flat_state():
         node = names
@@ -310,6 +323,6 @@ def model_from_params(config: ModelConfig, params: Mapping) -> GPTNeoX:
     pdt = _dtype(config.param_dtype)
     params = jax.tree.map(lambda a: a if a.dtype == pdt else a.astype(pdt),
                           jax.tree.map(jnp.asarray, dict(params)))
-    graphdef, state = nnx.split(_abstract_model(config))
+    graphdef, state = _abstract_split(config)
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
