@@ -870,6 +870,24 @@ def neox_yml(config: ModelConfig, vocab_file: str | None = None, **extra: Any) -
     return yml
 
 
+def _yml_value(value: Any) -> str:
+    if isinstance(value, float):
+        text = repr(value)
+        if "e" in text and "." not in text.split("e")[0]:
+            # YAML 1.1 (PyYAML) reads "1e-05" as a string; "1.0e-05" is a float
+            mantissa, exponent = text.split("e")
+            text = f"{mantissa}.0e{exponent}"
+        return text
+    return json.dumps(value)
+
+
+def yml_text(yml: Mapping[str, Any]) -> str:
+    """A GPT-NeoX style yml (JSON-like mapping) that PyYAML reads back with the same types."""
+    lines = ["# GPT-NeoX config written by pythia-jax (jax-to-neox)", "{"]
+    lines += [f'  "{key}": {_yml_value(value)},' for key, value in yml.items()]
+    return "\n".join(lines + ["}", ""])
+
+
 def write_neox_checkpoint(config: ModelConfig, params: Mapping[str, Any], out_dir: str | os.PathLike, *,
                           step: int = 0, dtype: Any = "float32", overwrite: bool = False,
                           progress: bool = False, yml_extra: Mapping[str, Any] | None = None) -> str:
@@ -910,9 +928,7 @@ def write_neox_checkpoint(config: ModelConfig, params: Mapping[str, Any], out_di
                        **dict(yml_extra or {}))
         yml_name = re.sub(r"[^A-Za-z0-9._-]", "_", config.name or "model") + ".yml"
         with open(step_dir / "configs" / yml_name, "w", encoding="utf-8") as f:
-            f.write("# GPT-NeoX config written by pythia-jax (jax-to-neox)\n")
-            json.dump(yml, f, indent=2)
-            f.write("\n")
+            f.write(yml_text(yml))
         (tmp / "latest").write_text(tag)
     return os.path.join(final_root, tag)
 
