@@ -145,13 +145,19 @@ def _loss_and_grads(config, params, tokens):
         return jax.jit(jax.value_and_grad(loss_fn))(params)
 
 
+@pytest.fixture(scope="module")
+def reference_grads(init_model):
+    config, params = init_model
+    tokens = jnp.asarray(random_tokens(config, 2, 12, seed=4))
+    return (tokens, *_loss_and_grads(config, params, tokens))
+
+
 @pytest.mark.parametrize("variant", [dict(scan_layers=False), dict(remat="full"),
                                      dict(remat="dots_saveable"),
                                      dict(remat="dots_with_no_batch_dims_saveable")])
-def test_scan_and_remat_variants_match(init_model, variant):
+def test_scan_and_remat_variants_match(init_model, reference_grads, variant):
     config, params = init_model
-    tokens = jnp.asarray(random_tokens(config, 2, 12, seed=4))
-    ref_loss, ref_grads = _loss_and_grads(config, params, tokens)
+    tokens, ref_loss, ref_grads = reference_grads
     loss, grads = _loss_and_grads(config.replace(**variant), params, tokens)
     assert abs(float(loss) - float(ref_loss)) <= 1e-6
     diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), grads, ref_grads))

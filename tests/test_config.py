@@ -1,0 +1,156 @@
+"""ModelConfig presets against PYTHIA_FACTS §1, parameter counts from abstract shapes, the HF
+config.json round trip, and the per-model gin files."""
+
+from __future__ import annotations
+
+import math
+from decimal import Decimal
+
+import gin
+import jax
+import numpy as np
+import pytest
+
+from pythia_jax import gin_setup
+from pythia_jax.config import ConfigError, ModelConfig, preset_names
+from pythia_jax.model import abstract_params
+
+# PYTHIA_FACTS §1: size -> (L, H, heads, head dim, rotary dims, vocab, init, in std, out init, out std)
+FACTS = {
+    "70m": (6, 512, 8, 64, 16, 50304, "small_init", "0.027951", "wang_init", "0.0147314"),
+    "160m": (12, 768, 12, 64, 16, 50304, "small_init", "0.022822", "wang_init", "0.0060141"),
+    "410m": (24, 1024, 16, 64, 16, 50304, "small_init", "0.019764", "wang_init", "0.0026042"),
+    "1b": (16, 2048, 8, 256, 64, 50304, "small_init", "0.013975", "wang_init", "0.0027621"),
+    "1.4b": (24, 2048, 16, 128, 32, 50304, "small_init", "0.013975", "wang_init", "0.0018414"),
+    "2.8b": (32, 2560, 32, 80, 20, 50304, "small_init", "0.012500", "wang_init", "0.0012353"),
+    "6.9b": (32, 4096, 32, 128, 32, 50432, "normal", "0.02", "scaled_normal", "0.0025"),
+    "12b": (36, 5120, 40, 128, 32, 50688, "normal", "0.02", "scaled_normal", "0.002357"),
+}
+EXTRAS = {"14m": (6, 128, 4), "31m": (6, 256, 8)}
+TOTAL_PARAMS = {"70m": 70_426_624, "160m": 162_322_944, "1.4b": 1_414_647_808, "12b": 11_846_072_320}
+
+RELEASED = [f"pythia-{size}{suffix}" for size in FACTS for suffix in ("", "-deduped")]
+
+
+def _size(name: str) -> str:
+    return name[len("pythia-"):].replace("-deduped", "")
+
+
+def _count_from_shapes(config: ModelConfig) -> int:
+    return sum(math.prod(s.shape) for s in jax.tree.leaves(abstract_params(config)))
+
+
+def _close_to_given_digits(value: float, given: str) -> bool:
+    """value rounds to ``given`` at the number of decimals written in ``given``."""
+    exponent = Decimal(given).as_tuple().exponent
+    return abs(Decimal(repr(value)) - Decimal(given)) <= Decimal(5) * Decimal(10) ** (exponent - 1)
+
+
+def test_preset_names_cover_the_suite():
+    names = preset_names()
+    assert len(names) == 18 and len(set(names)) == 18
+    assert set(RELEASED) | {"pythia-14m", "pythia-31m"} == set(names)
+
+
+@pytest.mark.parametrize("name", RELEASED)
+def test_released_preset_matches_facts(name):
+    L, H, heads, head_dim, rot, vocab, init, in_std, out_init, out_std = FACTS[_size(name)]
+    c = ModelConfig.preset(name)
+    assert c.name == name
+    assert (c.num_layers, c.hidden_size, c.num_heads, c.head_dim, c.rotary_ndims, c.vocab_size) == (
+        L, H, heads, head_dim, rot, vocab)
+    assert c.intermediate_size == 4 * H
+    assert (c.rotary_pct, c.rotary_emb_base, c.layer_norm_eps) == (0.25, 10000.0, 1e-5)
+    assert c.use_parallel_residual and c.hidden_act == "gelu" and c.max_position_embeddings == 2048
+    assert (c.init_method, c.output_init_method) == (init, out_init)
+    assert _close_to_given_digits(c.input_init_std, in_std), (c.input_init_std, in_std)
+    assert _close_to_given_digits(c.output_init_std, out_std), (c.output_init_std, out_std)
+    # parameter count from abstract shapes (no memory): the formula, and the published totals
+    count = _count_from_shapes(c)
+    assert count == L * (12 * H * H + 13 * H) + 2 * H + 2 * vocab * H
+    assert count == c.num_params()
+    if _size(name) in TOTAL_PARAMS:
+        assert count == TOTAL_PARAMS[_size(name)]
+
+
+@pytest.mark.parametrize("size", list(EXTRAS))
+def test_extra_presets(size):
+    L, H, heads = EXTRAS[size]
+    c = ModelConfig.preset(f"pythia-{size}")
+    assert (c.num_layers, c.hidden_size, c.num_heads, c.vocab_size) == (L, H, heads, 50304)
+    assert _count_from_shapes(c) == L * (12 * H * H + 13 * H) + 2 * H + 2 * 50304 * H
+
+
+def test_preset_name_spellings():
+    assert ModelConfig.preset("EleutherAI/pythia-1b-deduped") == ModelConfig.preset("pythia-1b-deduped")
+    assert ModelConfig.preset("160m").hidden_size == 768
+    assert ModelConfig.preset("pythia-160m", dtype="bfloat16").dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("bad", ["pythia-13b", "gpt2", ""])
+def test_unknown_model_name(bad):
+    with pytest.raises(ConfigError, match="unknown model name"):
+        ModelConfig.preset(bad)
+
+
+def _unnamed(c: ModelConfig) -> ModelConfig:
+    return c.replace(name="custom")
+
+
+CUSTOM = ModelConfig(vocab_size=1001, hidden_size=160, num_layers=3, num_heads=2, rotary_pct=0.5,
+                     rotary_emb_base=20000.0, use_parallel_residual=False, hidden_act="gelu_new",
+                     layer_norm_eps=1e-6, max_position_embeddings=4096, intermediate_size=500)
+
+
+@pytest.mark.parametrize("config", [ModelConfig.preset("pythia-2.8b"), CUSTOM], ids=["2.8b", "custom"])
+@pytest.mark.parametrize("keys", ["both", "legacy", "rope_parameters"])
+def test_hf_dict_round_trip(config, keys):
+    hf = config.to_hf_dict()
+    assert hf["eos_token_id"] == 0 and hf["bos_token_id"] == 0 and hf["tie_word_embeddings"] is False
+    if keys == "legacy":
+        del hf["rope_parameters"]
+    elif keys == "rope_parameters":
+        del hf["rotary_pct"], hf["rotary_emb_base"]
+    assert ModelConfig.from_hf_dict(hf) == _unnamed(config)
+
+
+def test_hf_dict_through_transformers_config():
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.GPTNeoXConfig(**CUSTOM.to_hf_dict()).to_dict()
+    assert ModelConfig.from_hf_dict(hf) == CUSTOM
+    legacy = {k: v for k, v in CUSTOM.to_hf_dict().items() if k != "rope_parameters"}
+    loaded = transformers.GPTNeoXConfig(**legacy).to_dict()
+    assert ModelConfig.from_hf_dict(loaded) == CUSTOM
+
+
+def test_hf_dict_errors():
+    hf = ModelConfig.preset("pythia-70m").to_hf_dict()
+    with pytest.raises(ConfigError, match="model_type"):
+        ModelConfig.from_hf_dict({**hf, "model_type": "llama"})
+    with pytest.raises(ConfigError, match="hidden_size"):
+        ModelConfig.from_hf_dict({k: v for k, v in hf.items() if k != "hidden_size"})
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_model_gin_file_matches_preset(name):
+    gin_setup.parse([f"models/{name}.gin"])
+    try:
+        parsed = gin.get_configurable("pythia_jax.ModelConfig")()
+    finally:
+        gin.clear_config()
+    assert parsed == ModelConfig.preset(name)
+    # every architecture field is written out explicitly
+    text = (gin_setup.REPO_CONFIG_DIR / "models" / f"{name}.gin").read_text()
+    for field in ("name", "vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                  "rotary_pct", "rotary_emb_base", "max_position_embeddings", "use_parallel_residual",
+                  "hidden_act", "layer_norm_eps", "init_method", "output_init_method"):
+        assert f"ModelConfig.{field} = " in text, field
+
+
+def test_gin_binding_overrides_file():
+    gin_setup.parse(["models/pythia-70m.gin"], ["ModelConfig.dtype = 'bfloat16'"])
+    try:
+        parsed = gin.get_configurable("pythia_jax.ModelConfig")()
+    finally:
+        gin.clear_config()
+    assert parsed == ModelConfig.preset("pythia-70m", dtype="bfloat16")
