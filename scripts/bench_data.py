@@ -192,9 +192,12 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1024)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--skip-maps", action="store_true")
+    p.add_argument("--skip-loader", action="store_true")
     args = p.parse_args()
     if not args.skip_maps:
         bench_maps(args.docs, args.seq_len, args.seed)
+    if args.skip_loader:
+        return
     workdir = tempfile.mkdtemp(prefix="bench_data_")
     try:
         bench_loader(args.loader_docs, args.seq_len, args.batch, args.steps, workdir)
