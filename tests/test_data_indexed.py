@@ -288,3 +288,12 @@ def test_sharded_stream_missing_shard(tmp_path):
             (tmp_path / f"document-{i:05d}-of-00002.bin").write_bytes(s)
     with pytest.raises(DataError, match=r"document.*missing indices \[1\]"):
         IndexedDataset(str(tmp_path / "document"))
+
+
+def test_pickles_by_path(tmp_path):
+    import pickle
+    docs = [np.arange(n, dtype=np.uint16) for n in (3, 9, 1)]
+    prefix = write_indexed_dataset(str(tmp_path / "p"), docs)
+    blob = pickle.dumps(IndexedDataset(prefix))
+    assert len(blob) < 500
+    np.testing.assert_array_equal(pickle.loads(blob)[1], docs[1])

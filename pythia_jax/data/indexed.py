@@ -410,6 +410,13 @@ class IndexedDataset:
                             f"{self.data.size} bytes, the index describes {expected}")
         self._flat = self.data.as_array(self.dtype) if isinstance(self.data, LocalFile) else None
 
+    def __getstate__(self) -> dict:
+        """Pickle by path (e.g. for grain worker processes), never the memory-mapped data."""
+        return {"prefix": self.prefix}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["prefix"])
+
     def _open_data(self) -> ByteSource:
         bin_path = self.prefix + ".bin"
         if is_url(bin_path):

@@ -262,13 +262,14 @@ def checkpoint_handler():
     return _grain().checkpoint.CheckpointHandler()
 
 
-def host_row_range(sharding, global_batch: int) -> tuple[int, int]:
+def host_row_range(sharding, global_batch: int, seq_len: int = 1) -> tuple[int, int]:
     """Rows [a, b) of the global batch that this process's devices hold under ``sharding``.
 
-    sharding: a ``jax.sharding.Sharding`` of the [global_batch, seq_len] batch arrays. Raises
-    ``DataError`` if the rows are not contiguous (make the batch axis process-contiguous).
+    sharding: a ``jax.sharding.Sharding`` of the [global_batch, seq_len] batch arrays (pass
+    ``seq_len`` if the sharding also splits the sequence axis). Raises ``DataError`` if the rows
+    are not contiguous (make the batch axis process-contiguous).
     """
-    index_map = sharding.addressable_devices_indices_map((global_batch, 1))
+    index_map = sharding.addressable_devices_indices_map((global_batch, seq_len))
     spans = set()
     for idx in index_map.values():
         sl = idx[0] if idx else slice(None)
