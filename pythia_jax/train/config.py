@@ -9,7 +9,6 @@ configurable under its own name, e.g. ``TrainConfig.num_steps = 100``, ``Optimiz
 from __future__ import annotations
 
 import dataclasses
-import math
 from pythia_jax.config import ConfigError, ModelConfig
 
 
@@ -54,20 +53,33 @@ class OptimizerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Where the training rows come from.
+    """Where the training and evaluation rows come from (``pythia_jax.data.pipeline``).
 
-    prefix: indexed dataset prefix (``prefix.bin``/``prefix.idx``); "demo" = the bundled Wikipedia set.
-    order: "neox" (GPT-NeoX GPT2Dataset shuffle of ``prefix``) or "preshuffled" (rows already in order).
-    eval_prefix: held-out dataset for the evaluation loss (same order kind); None → held-out rows
-      taken from the end of the training order, beyond the rows the run will consume.
-    cache_dir: where the GPT-NeoX index maps are cached (None → next to the dataset).
+    prefix: indexed dataset prefix (``prefix.bin``/``prefix.idx``, local or URL); "demo" = the
+      bundled Wikipedia training set.
+    order: "neox" (GPT-NeoX GPT2Dataset order of the raw documents at ``prefix``, seed ``seed``) or
+      "preshuffled" (rows already in training order, one seq+1-token item each).
+    eval_prefix: a separate held-out dataset read in file order ("demo" = the bundled held-out
+      Wikipedia set); None → held-out rows of the training order after the training range.
+    cache_dir: directory for GPT-NeoX index-map caches (None → next to the dataset).
     """
     prefix: str = "demo"
     order: str = "neox"
     seed: int = 1234
     eval_prefix: str | None = None
     cache_dir: str | None = None
-    num_workers: int = 0
+    num_threads: int = 2
+    prefetch: int = 2
+
+    def resolved_prefix(self) -> str:
+        from pythia_jax.data import demo_data_prefix
+
+        return demo_data_prefix() if self.prefix == "demo" else self.prefix
+
+    def resolved_eval_prefix(self) -> str | None:
+        from pythia_jax.data import demo_eval_prefix
+
+        return demo_eval_prefix() if self.eval_prefix == "demo" else self.eval_prefix
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,11 +108,12 @@ class TrainConfig:
     micro_batches: int = 1  # gradient accumulation: the global batch is split into this many parts
     seed: int = 1234  # parameter init
 
-    # Checkpoints: "pythia" = steps 0,1,2,4,…,512 then every `checkpoint_every`, up to num_steps
-    # (and always the last step); or an explicit list of steps.
-    checkpoint_schedule: str = "pythia"
+    # Checkpoints (Pythia's schedule): step 0, the powers of two up to `checkpoint_log_until`, then
+    # every `checkpoint_every` steps, plus `checkpoint_extra_steps`; the last step is always saved.
+    # checkpoint_every=0 and checkpoint_log_until=-1 turn those parts off.
     checkpoint_every: int = 1000
-    checkpoint_steps: tuple = ()
+    checkpoint_log_until: int = 512
+    checkpoint_extra_steps: tuple = ()
     keep_checkpoints: int | None = None  # None: keep all (Pythia releases every one)
     async_checkpointing: bool = True
     init_from: str | None = None  # HF dir / project checkpoint to start from (instead of random init)
@@ -154,9 +167,8 @@ class TrainConfig:
         if self.seq_length > self.model.max_position_embeddings:
             raise ConfigError(f"seq_length {self.seq_length} exceeds the model's max_position_embeddings "
                               f"{self.model.max_position_embeddings}")
-        if self.checkpoint_schedule not in ("pythia", "list", "none"):
-            raise ConfigError(f"checkpoint_schedule must be 'pythia', 'list' or 'none', "
-                              f"got {self.checkpoint_schedule!r}")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"TrainConfig.checkpoint_every must be >= 0, got {self.checkpoint_every}")
         if self.data.order not in ("neox", "preshuffled"):
             raise ConfigError(f"DataConfig.order must be 'neox' or 'preshuffled', got {self.data.order!r}")
         if self.optimizer.max_lr < 0 or self.min_lr > self.optimizer.max_lr:
@@ -174,19 +186,13 @@ class TrainConfig:
             if not isinstance(v, int) or (v <= 0 and v != -1):
                 raise ConfigError(f"MeshConfig.{a} must be a positive integer or -1, got {v!r}")
 
-    def checkpoint_step_list(self) -> list[int]:
-        """The steps to save at (sorted, within [0, num_steps]); the last step is always included."""
-        if self.checkpoint_schedule == "none":
-            return [self.num_steps]
-        if self.checkpoint_schedule == "list":
-            steps = {int(s) for s in self.checkpoint_steps if 0 <= int(s) <= self.num_steps}
-        else:
-            steps = {0} | {2 ** i for i in range(int(math.log2(max(1, self.checkpoint_every))) + 1)
-                           if 2 ** i < self.checkpoint_every}
-            steps |= set(range(self.checkpoint_every, self.num_steps + 1, self.checkpoint_every))
-            steps = {s for s in steps if s <= self.num_steps}
-        steps.add(self.num_steps)
-        return sorted(steps)
+    def checkpoint_schedule(self):
+        """The ``pythia_jax.checkpoint.CheckpointSchedule`` of this run (the last step added)."""
+        from pythia_jax.checkpoint import CheckpointSchedule
+
+        return CheckpointSchedule(max_step=self.num_steps, log_until=self.checkpoint_log_until,
+                                  every=self.checkpoint_every,
+                                  extra_steps=tuple(int(s) for s in self.checkpoint_extra_steps) + (self.num_steps,))
 
 
 _SECTIONS = ("model", "optimizer", "mesh", "data", "distributed")

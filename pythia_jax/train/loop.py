@@ -1,0 +1,280 @@
+"""The trainer: restore → iterate → step → log → evaluate → checkpoint (``pythia-jax train``).
+
+Output directory layout (``TrainConfig.output_dir``)::
+
+    checkpoints/      Orbax checkpoints on the Pythia schedule (pythia_jax.checkpoint)
+    tensorboard/      TensorBoard event files
+    metrics.jsonl     one JSON line per step (step, loss, grad_norm, lr, …) and per evaluation;
+                      appended across restarts (a re-done step appears again: the last line wins)
+    index_maps/       GPT-NeoX index-map caches (unless DataConfig.cache_dir)
+    hf/ (optional)    the final step exported as a Hugging Face directory
+
+A run always resumes from the newest valid checkpoint in ``checkpoints/`` (data iterator included),
+so re-running the same command after a crash, SIGKILL or SIGTERM continues exactly where the last
+checkpoint left off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Iterable, Iterator
+
+import jax
+import numpy as np
+
+from pythia_jax.config import ConfigError
+from pythia_jax.errors import CheckpointError, PythiaJaxError
+from pythia_jax.train.config import DistributedConfig, TrainConfig
+
+
+class TrainingDiverged(PythiaJaxError):
+    """N non-finite losses in a row: the run saved a checkpoint and stopped."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What ``train`` returns (host values)."""
+    final_step: int
+    params: Any  # jax arrays in their training shardings
+    losses: dict[int, float]  # step number (1-based: the loss of the batch of step n-1) -> loss
+    eval_losses: dict[int, float]
+    stopped: str | None = None  # "preempted" when a stop signal ended the run early
+    hf_dir: str | None = None
+
+
+# ------------------------------------------------------------------------------------ distributed
+def maybe_initialize_distributed(cfg: DistributedConfig) -> None:
+    """``jax.distributed.initialize`` for multi-process runs (before any device is touched).
+
+    "auto": initialise when a coordinator/process count is configured or a multi-host TPU slice is
+    detected (TPU VMs fill in everything themselves); "yes": always; "no": never. CPU multi-process
+    (tests) uses gloo collectives.
+    """
+    from jax._src import distributed as jax_distributed
+
+    if cfg.initialize == "no" or jax_distributed.global_state.client is not None:
+        return
+    explicit = cfg.coordinator_address is not None or (cfg.num_processes or 1) > 1
+    tpu_pod = len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+    if cfg.initialize == "auto" and not (explicit or tpu_pod):
+        return
+    if "cpu" in os.environ.get("JAX_PLATFORMS", "") and explicit:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs = {k: v for k, v in dict(coordinator_address=cfg.coordinator_address,
+                                    num_processes=cfg.num_processes, process_id=cfg.process_id,
+                                    local_device_ids=list(cfg.local_device_ids) if cfg.local_device_ids else None
+                                    ).items() if v is not None}
+    jax.distributed.initialize(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------- data
+def _cache_prefix(cfg: TrainConfig, prefix: str) -> str:
+    cache_dir = cfg.data.cache_dir or os.path.join(cfg.output_dir, "index_maps")
+    return os.path.join(cache_dir, os.path.basename(prefix))
+
+
+def make_data_iterator(cfg: TrainConfig, setup, start_step: int = 0):
+    """This process's training batches by global step (a checkpointable grain iterator)."""
+    from pythia_jax.data.pipeline import host_row_range, make_train_iterator
+
+    prefix = cfg.data.resolved_prefix()
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(_cache_prefix(cfg, prefix)), exist_ok=True)
+    return make_train_iterator(
+        prefix, order=cfg.data.order, seq_len=cfg.seq_length, global_batch=cfg.global_batch,
+        seed=cfg.data.seed, train_iters=cfg.num_steps, start_step=start_step,
+        host_rows=host_row_range(setup.batch_shardings["inputs"], cfg.global_batch),
+        num_threads=cfg.data.num_threads, prefetch=cfg.data.prefetch,
+        cache_prefix=_cache_prefix(cfg, prefix))
+
+
+def make_eval_batches(cfg: TrainConfig, setup) -> Iterator[dict]:
+    """Held-out batches of ``global_batch`` rows (this process's rows of each)."""
+    from pythia_jax.data import pipeline
+
+    prefix = cfg.data.resolved_prefix()
+    eval_prefix = cfg.data.resolved_eval_prefix()
+    a, b = pipeline.host_row_range(setup.batch_shardings["inputs"], cfg.global_batch)
+    common = dict(seq_len=cfg.seq_length, batch_size=cfg.global_batch, max_batches=cfg.eval_batches,
+                  seed=cfg.data.seed, train_iters=cfg.num_steps, global_batch=cfg.global_batch)
+    if eval_prefix is not None:
+        batches = pipeline.make_eval_batches(eval_prefix, order="sequential", **common)
+    else:
+        batches = pipeline.make_eval_batches(prefix, order=cfg.data.order,
+                                             cache_prefix=_cache_prefix(cfg, prefix), **common)
+    for batch in batches:  # the full global batch on every host: keep this host's rows
+        yield {k: v[a:b] for k, v in batch.items()}
+
+
+def evaluate(setup, params, batches: Iterable[dict]) -> float:
+    """Mean held-out token loss (float) over ``batches``."""
+    total, count = 0.0, 0.0
+    for batch in batches:
+        out = jax.device_get(setup.eval_step(params, setup.put_batch(batch)))
+        total += float(out["loss_sum"])
+        count += float(out["tokens"])
+    if count == 0:
+        raise ConfigError("the evaluation set is empty")
+    return total / count
+
+
+# ------------------------------------------------------------------------------------- state i/o
+def _metadata(state, cfg: TrainConfig) -> dict:
+    ls = jax.device_get(state.loss_scale)
+    return {"loss_scale": {"scale": float(ls.scale), "good_steps": int(ls.good_steps),
+                           "hysteresis": int(ls.hysteresis)},
+            "skipped": int(jax.device_get(state.skipped)),
+            "nonfinite_run": int(jax.device_get(state.nonfinite_run)),
+            "tokens_seen": int(jax.device_get(state.step)) * cfg.tokens_per_step,
+            "global_batch": cfg.global_batch, "seq_length": cfg.seq_length}
+
+
+def _state_from_restored(setup, restored):
+    """A TrainState from a ``checkpoint.RestoredState`` (scalars from its metadata)."""
+    import jax.numpy as jnp
+
+    from pythia_jax.train.optimizer import LossScaleState, no_loss_scale_state
+    from pythia_jax.train.step import TrainState
+
+    meta = restored.metadata or {}
+    saved = meta.get("loss_scale")
+    if setup.loss_scale is None:
+        loss_scale = no_loss_scale_state()
+    elif saved is not None:
+        loss_scale = LossScaleState(jnp.float32(saved["scale"]), jnp.int32(saved["good_steps"]),
+                                    jnp.int32(saved["hysteresis"]))
+    else:
+        loss_scale = setup.loss_scale.init()
+    sh = setup.state_shardings
+    return TrainState(step=jax.device_put(jnp.int32(restored.step), sh.step), params=restored.params,
+                      opt_state=restored.opt_state,
+                      loss_scale=jax.tree.map(jax.device_put, loss_scale, sh.loss_scale),
+                      skipped=jax.device_put(jnp.int32(meta.get("skipped", 0)), sh.skipped),
+                      nonfinite_run=jax.device_put(jnp.int32(meta.get("nonfinite_run", 0)), sh.nonfinite_run))
+
+
+def _initial_params(cfg: TrainConfig):
+    """Params of ``cfg.init_from`` (HF dir or project checkpoint), shape-checked against the model."""
+    from pythia_jax import api
+    from pythia_jax.checkpoint import config_differences
+
+    config, params = api.load_params(cfg.init_from)
+    diff = config_differences(config, cfg.model)
+    if diff:
+        raise CheckpointError(f"{cfg.init_from} holds a different model: {'; '.join(diff)}")
+    return params
+
+
+def export_hf(cfg: TrainConfig, setup, params, out_dir: str) -> str | None:
+    """Write ``params`` as an HF directory (process 0; params gathered to host first)."""
+    from pythia_jax.convert.hf import write_hf_dir
+
+    gathered = jax.jit(lambda p: p, out_shardings=jax.tree.map(
+        lambda _: jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec()), setup.param_shardings))(params)
+    host = jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), gathered)
+    if jax.process_index() != 0:
+        return None
+    return write_hf_dir(cfg.model, host, out_dir, dtype=cfg.export_dtype, overwrite=True)
+
+
+# -------------------------------------------------------------------------------------- the loop
+def train(cfg: TrainConfig, *, devices=None, max_steps: int | None = None) -> TrainResult:
+    """Run (or resume) training as configured. ``max_steps``: stop after this many steps of this
+    invocation (tests, benchmarks); the schedule and data order still follow ``cfg.num_steps``."""
+    from pythia_jax.checkpoint import TrainCheckpointer
+    from pythia_jax.train import builder
+    from pythia_jax.train.metrics import MetricWriter, Throughput, peak_flops_per_device
+    from pythia_jax.train.preemption import PreemptionGuard
+
+    maybe_initialize_distributed(cfg.distributed)
+    out = cfg.output_dir
+    # Cheap checks first: a checkpoint directory of another model shape fails before compiling.
+    ckpt = TrainCheckpointer(os.path.join(out, "checkpoints"), save_steps=cfg.checkpoint_schedule(),
+                             async_save=cfg.async_checkpointing, max_to_keep=cfg.keep_checkpoints,
+                             model_config=cfg.model)
+    try:
+        setup = builder.build(cfg, devices, compile_eval=cfg.eval_every > 0)
+        data_it = make_data_iterator(cfg, setup)
+
+        # ---- restore or initialise
+        abstract = {"params": setup.abstract_state.params, "opt_state": setup.abstract_state.opt_state}
+        restored = ckpt.restore(abstract_state=abstract, data_iterator=data_it)
+        if restored is not None:
+            state = _state_from_restored(setup, restored)
+            if data_it.step != restored.step:
+                data_it.set_step(restored.step)
+        else:
+            state = (setup.state_from_params(_initial_params(cfg)) if cfg.init_from
+                     else setup.init_state(cfg.seed))
+        step = int(jax.device_get(state.step))
+        writer = MetricWriter(os.path.join(out, "tensorboard") if cfg.tensorboard else None, cfg.num_steps,
+                              initial_step=step, progress_bar=cfg.progress_bar, tensorboard=cfg.tensorboard)
+        writer.message(f"{'resumed from ' + str(ckpt.directory) + '/' + str(step) if restored else 'starting'}: "
+                       f"{cfg.model.num_params():,} parameters, mesh {dict(setup.mesh.shape)}, "
+                       f"{cfg.global_batch} x {cfg.seq_length} tokens per step, steps {step} -> {cfg.num_steps}")
+        ckpt.save(step, state.params, state.opt_state, data_it, _metadata(state, cfg))
+
+        throughput = Throughput(cfg.model, cfg.seq_length, cfg.tokens_per_step, setup.num_devices,
+                                peak_flops_per_device(cfg.peak_flops_per_device, setup.mesh.devices.flat[0]))
+        log_path = os.path.join(out, "metrics.jsonl")
+        losses: dict[int, float] = {}
+        eval_losses: dict[int, float] = {}
+        stopped = None
+        end = cfg.num_steps if max_steps is None else min(cfg.num_steps, step + max_steps)
+        throughput.start()
+        with PreemptionGuard() as guard:
+            while step < end:
+                # ---- iterate + step
+                batch = setup.put_batch(next(data_it))
+                state, metrics = setup.train_step(state, batch)
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                step += 1
+                throughput.add_steps()
+                writer.advance()
+                losses[step] = metrics["loss"]
+                record = {"step": step, **{k: metrics[k] for k in ("loss", "grad_norm", "lr", "loss_scale",
+                                                                     "skipped") if k in metrics}}
+                # ---- log
+                if step % cfg.log_every == 0 or step == end:
+                    record.update(throughput.measure())
+                    writer.write(step, {k: v for k, v in record.items() if k != "step"})
+                _append_jsonl(log_path, record)
+                # ---- evaluate
+                if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.num_steps):
+                    eval_losses[step] = evaluate(setup, state.params, make_eval_batches(cfg, setup))
+                    writer.write(step, {"loss": eval_losses[step]}, prefix="eval")
+                    _append_jsonl(log_path, {"step": step, "eval_loss": eval_losses[step]})
+                    throughput.start()
+                # ---- checkpoint
+                ckpt.save(step, state.params, state.opt_state, data_it, _metadata(state, cfg))
+                if metrics["nonfinite_run"] >= cfg.max_nonfinite_steps:
+                    ckpt.save(step, state.params, state.opt_state, data_it, _metadata(state, cfg), force=True)
+                    ckpt.wait_until_finished()
+                    raise TrainingDiverged(
+                        f"{int(metrics['nonfinite_run'])} non-finite losses in a row (last at step {step}); "
+                        f"saved {ckpt.directory}/{step} and stopped. Lower the learning rate or check the data.")
+                if guard.should_stop(step):
+                    ckpt.save(step, state.params, state.opt_state, data_it, _metadata(state, cfg), force=True)
+                    writer.message(guard.message)
+                    stopped = "preempted"
+                    break
+        ckpt.wait_until_finished()
+        hf_dir = None
+        if cfg.export_hf and stopped is None and step == cfg.num_steps:
+            hf_dir = export_hf(cfg, setup, state.params, cfg.export_hf)
+        writer.close()
+        return TrainResult(final_step=step, params=state.params, losses=losses, eval_losses=eval_losses,
+                           stopped=stopped, hf_dir=hf_dir)
+    finally:
+        ckpt.close()
+
+
+def _append_jsonl(path: str, record: dict) -> None:
+    if jax.process_index() != 0:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
