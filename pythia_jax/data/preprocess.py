@@ -20,6 +20,7 @@ import io
 import json
 import multiprocessing
 import os
+import threading
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -98,9 +99,24 @@ def preprocess_jsonl(inputs: Sequence[str] | str, output_prefix: str, *, jsonl_k
     texts = iter_jsonl_texts(inputs, jsonl_key)
     pool = None
     if workers > 1:
+        # Pool.imap's feeder thread would read the whole input ahead; a semaphore bounds the
+        # documents in flight (GPT-NeoX did the same).
+        in_flight = threading.BoundedSemaphore(max(1024, 64 * chunksize * workers))
+
+        def gated(items):
+            for item in items:
+                in_flight.acquire()
+                yield item
+
+        def released(results):
+            for result in results:
+                in_flight.release()
+                yield result
+
         pool = multiprocessing.get_context("spawn").Pool(
             workers, initializer=_init_worker, initargs=(tokenizer_path,))
-        encoded: Iterable[np.ndarray] = pool.imap(encode_document, texts, chunksize=chunksize)
+        encoded: Iterable[np.ndarray] = released(
+            pool.imap(encode_document, gated(texts), chunksize=chunksize))
     else:
         _init_worker(tokenizer_path)
         encoded = (encode_document(t) for t in texts)
