@@ -297,3 +297,16 @@ def test_pickles_by_path(tmp_path):
     blob = pickle.dumps(IndexedDataset(prefix))
     assert len(blob) < 500
     np.testing.assert_array_equal(pickle.loads(blob)[1], docs[1])
+
+
+def test_remote_size_by_bisection(monkeypatch):
+    """Drivers whose range errors don't state the size: found with 1-byte range reads."""
+    import re
+
+    from pythia_jax.data import indexed
+    monkeypatch.setattr(indexed, "_SIZE_RE", re.compile(r"(?!x)x"))
+    for n in (0, 1, 2, 3, 1000, 4097):
+        _memory_put("memory://bisect/", {f"f{n}.bin": bytes(range(256)) * (n // 256) + bytes(n % 256)})
+        assert indexed.KvStoreFile(f"memory://bisect/f{n}.bin").size == n
+    with pytest.raises(DataError, match="nothing.bin: file not found"):
+        indexed.KvStoreFile("memory://bisect/nothing.bin")

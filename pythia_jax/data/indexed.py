@@ -431,8 +431,10 @@ class IndexedDataset:
         if not shards:
             raise DataError(f"{bin_path}: data file not found (nor shards "
                             f"{os.path.basename(self.prefix)}-NNNNN-of-NNNNN.bin beside it)")
-        return ShardedStream([open_byte_source(s) for s in shards],
-                             name=f"{self.prefix}-*-of-{len(shards) - 1:05d}.bin")
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(max_workers=min(32, len(shards))) as pool:  # remote size probes
+            sources = list(pool.map(open_byte_source, shards))
+        return ShardedStream(sources, name=f"{self.prefix}-*-of-{len(shards) - 1:05d}.bin")
 
     # -- basic access
 
