@@ -1,0 +1,146 @@
+"""Exact resume: a run killed (SIGKILL) or stopped (SIGTERM) at a random step and restarted from its
+last checkpoint ends with bit-identical parameters and logs the same losses as a straight run.
+
+Each run is a real ``pythia-jax train`` process on the bundled demo data (tiny model, CPU).
+Checkpoints are saved every 2 steps, so a kill between two checkpoints makes the restarted run
+redo steps: those must reproduce the same losses too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pythia_jax import checkpoint as C
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+NUM_STEPS = 10
+
+
+def train_argv(output_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "pythia_jax.cli", "train", "--gin_file=configs/demo.gin",
+            "--gin.ModelConfig.hidden_size=32", "--gin.ModelConfig.num_layers=2",
+            "--gin.ModelConfig.num_heads=2", f"--gin.TrainConfig.num_steps={NUM_STEPS}",
+            "--gin.TrainConfig.global_batch=4", "--gin.TrainConfig.seq_length=32",
+            "--gin.TrainConfig.eval_every=0", "--gin.TrainConfig.tensorboard=False",
+            "--gin.TrainConfig.progress_bar=False", "--gin.TrainConfig.log_every=1",
+            "--gin.TrainConfig.checkpoint_log_until=-1", "--gin.TrainConfig.checkpoint_every=2",
+            "--gin.TrainConfig.export_hf=None", f"--gin.TrainConfig.output_dir='{output_dir}'"]
+
+
+def train_env(cache_dir: Path) -> dict:
+    # A shared persistent compilation cache: the restarted runs skip recompiling the train step.
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+def run_to_end(output_dir: Path, cache_dir: Path) -> str:
+    proc = subprocess.run(train_argv(output_dir), env=train_env(cache_dir), cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc.stdout + proc.stderr
+
+
+def logged_records(output_dir: Path) -> list[dict]:
+    path = output_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def losses_by_step(records: list[dict]) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in records if "loss" in r]
+
+
+def final_params(output_dir: Path):
+    config, params = C.load_params(output_dir / "checkpoints", step=NUM_STEPS)
+    return params
+
+
+def start_and_interrupt(output_dir: Path, cache_dir: Path, sig: int, after_steps: int) -> tuple[int, str]:
+    """Start training, send ``sig`` once ``after_steps`` steps are logged; -> (exit code, output)."""
+    proc = subprocess.Popen(train_argv(output_dir), env=train_env(cache_dir), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while len(losses_by_step(logged_records(output_dir))) < after_steps:
+            if proc.poll() is not None:
+                out = proc.stdout.read()
+                pytest.fail(f"training ended before step {after_steps} (rc {proc.returncode}):\n{out[-4000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail("training made no progress")
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, out
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("jax_cache")
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, cache_dir):
+    out = tmp_path_factory.mktemp("straight")
+    run_to_end(out, cache_dir)
+    losses = losses_by_step(logged_records(out))
+    assert [s for s, _ in losses] == list(range(1, NUM_STEPS + 1))
+    return dict(losses), final_params(out)
+
+
+def assert_same_run(output_dir: Path, straight_run, note: str) -> None:
+    reference_losses, reference_params = straight_run
+    logged = losses_by_step(logged_records(output_dir))
+    # Every logged loss (the interrupted run's, redone steps, the resumed run's) equals the straight run's.
+    assert {s for s, _ in logged} == set(reference_losses), note
+    for step, loss in logged:
+        assert loss == reference_losses[step], f"{note}: step {step} loss {loss!r} != {reference_losses[step]!r}"
+    params = final_params(output_dir)
+    for (path, got), want in zip(C._leaf_paths(params), [v for _, v in C._leaf_paths(reference_params)]):
+        got, want = np.asarray(got), np.asarray(want)
+        assert got.dtype == want.dtype and np.array_equal(got, want), f"{note}: {path} differs"
+
+
+def test_resume_after_sigkill_is_bit_identical(tmp_path, cache_dir, straight_run):
+    # From 5 logged steps on, the step-2 checkpoint is complete (Orbax finishes one async save
+    # before starting the next, at step 4), so the restart really resumes.
+    kill_after = random.Random().randint(5, NUM_STEPS - 2)
+    note = f"SIGKILL after {kill_after} logged steps"
+    rc, out = start_and_interrupt(tmp_path, cache_dir, signal.SIGKILL, kill_after)
+    assert rc == -signal.SIGKILL, out[-3000:]
+    killed_at = max(s for s, _ in losses_by_step(logged_records(tmp_path)))
+    assert killed_at < NUM_STEPS, note
+    resumed = run_to_end(tmp_path, cache_dir)
+    assert "resumed from" in resumed, resumed[-3000:]
+    assert_same_run(tmp_path, straight_run, f"{note} (killed at step {killed_at})")
+
+
+def test_resume_after_sigterm_saves_exits_cleanly_and_is_bit_identical(tmp_path, cache_dir, straight_run):
+    stop_after = random.Random().randint(1, NUM_STEPS - 2)
+    note = f"SIGTERM after {stop_after} logged steps"
+    rc, out = start_and_interrupt(tmp_path, cache_dir, signal.SIGTERM, stop_after)
+    assert rc == 0, out[-3000:]
+    assert "received SIGTERM" in out, out[-3000:]
+    stopped_at = max(s for s, _ in losses_by_step(logged_records(tmp_path)))
+    assert stopped_at < NUM_STEPS, note
+    # The stop step itself was checkpointed (off the every-2-steps schedule if need be).
+    with C.TrainCheckpointer(tmp_path / "checkpoints", save_steps=()) as ckpt:
+        assert ckpt.latest_valid_step() == stopped_at
+    resumed = run_to_end(tmp_path, cache_dir)
+    assert f"resumed from {tmp_path / 'checkpoints'}/{stopped_at}" in resumed, resumed[-3000:]
+    assert_same_run(tmp_path, straight_run, f"{note} (stopped at step {stopped_at})")
