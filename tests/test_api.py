@@ -45,9 +45,12 @@ def test_load_every_source_and_save_hf(tmp_path):
     from pythia_jax.checkpoint import save_params_checkpoint
     from pythia_jax.convert.neox import write_neox_checkpoint
 
+    from pythia_jax.model import model_from_params
+
     model = pythia_jax.init(TINY, seed=0)
     params = params_to_dict(model)
     tokens = np.array([[1, 5, 7, 9]], np.int32)
+    forward = jax.jit(lambda p, t: model_from_params(TINY, p)(t))  # one compile for every load
     with jax.default_matmul_precision("highest"):
         want = np.asarray(model(tokens))
 
@@ -60,7 +63,8 @@ def test_load_every_source_and_save_hf(tmp_path):
         assert loaded.config.replace(name=TINY.name) == TINY, source
         assert same_params(params_to_dict(loaded), params), source
         with jax.default_matmul_precision("highest"):
-            np.testing.assert_array_equal(np.asarray(loaded(tokens)), want)
+            got = np.asarray(forward(params_to_dict(loaded), tokens))
+        assert np.abs(got - want).max() <= 1e-6, source
     assert pythia_jax.load(tmp_path / "ck", dtype="bfloat16").config.dtype == "bfloat16"
 
     # fp16 export (the release dtype) loads in transformers and matches within fp16 rounding
