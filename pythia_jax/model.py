@@ -239,7 +239,7 @@ class GPTNeoX(nnx.Module):
 # --------------------------------------------------------------------------- functional API
 def params_to_dict(model: GPTNeoX) -> dict:
     """The canonical nested dict of parameter arrays (see COMMON.md)."""
-    return nnx.state(model, nnx.Param).to_pure_dict()
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
 def _abstract_split(config: ModelConfig):
@@ -264,12 +264,12 @@ def _abstract_tree(config: ModelConfig) -> tuple[dict, dict]:
     """(pure tree of ShapeDtypeStruct, pure tree of logical-name tuples), memoised per config."""
     state = _abstract_split(config)[1]
     names: dict = {}
-    for path, var in state.flat_state():
+    for path, var in nnx.to_flat_state(state):
         node = names
         for key in path[:-1]:
             node = node.setdefault(str(key), {})
         node[str(path[-1])] = tuple(var.get_metadata()["out_sharding"])
-    return state.to_pure_dict(), names
+    return nnx.to_pure_dict(state), names
 
 
 def abstract_params(config: ModelConfig) -> dict:

@@ -344,7 +344,7 @@ def test_param_tree_shapes_and_logical_axes():
         assert names[key] == axes, key
         assert len(axes) == len(shape)
     # the same names are on the NNX variables as metadata
-    for path, var in nnx.state(model, nnx.Param).flat_state():
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         assert tuple(var.get_metadata()["out_sharding"]) == expected[tuple(map(str, path))][1]
 
 
