@@ -91,7 +91,8 @@ class Attention(nnx.Module):
                  batch: int, kv: tuple[jax.Array, jax.Array, jax.Array] | None = None):
         """x [B·T, H]; cos/sin f32 [B, T, rd]; mask bool [B, 1, T, S] or None (plain causal).
 
-        kv: (k_cache, v_cache [B, S, N, D], write index) when decoding. Returns ([B·T, H], new kv).
+        kv: (k_cache, v_cache [B, S, N, D] of this layer, write index) when decoding.
+        Returns ([B·T, H], (k, v) [B, T, N, D] of the new tokens in the cache dtype, or None).
         """
         qkv = self.query_key_value(x).reshape(batch, -1, self.num_heads, 3, self.head_dim)
         q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]  # [B, T, N, D] each
@@ -101,9 +102,9 @@ class Attention(nnx.Module):
         new_kv = None
         if kv is not None:
             k_cache, v_cache, index = kv
-            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
-            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
-            new_kv = (k_cache, v_cache)
+            new_kv = (k.astype(k_cache.dtype), v.astype(v_cache.dtype))
+            k_cache = jax.lax.dynamic_update_slice(k_cache, new_kv[0], (0, index, 0, 0))
+            v_cache = jax.lax.dynamic_update_slice(v_cache, new_kv[1], (0, index, 0, 0))
             k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
         out = dot_product_attention(q, k, v, mask=mask, impl=self.impl)
         out = out.reshape(-1, self.num_heads * self.head_dim)
@@ -213,27 +214,38 @@ class GPTNeoX(nnx.Module):
         return logits, new_cache
 
     def _run_layers(self, x, cos, sin, mask, batch, kv, index):
-        """Apply the L stacked blocks: a scan (or an unrolled loop when ``scan_layers`` is off)."""
+        """Apply the L stacked blocks: a scan (or an unrolled loop when ``scan_layers`` is off).
+
+        kv: None or the whole cache (k, v) [L, B, S, N, D]; it is carried through the scan and
+        only the new tokens are written (in place), layer by layer. Returns (x, new (k, v) or None).
+        """
         graphdef, state = nnx.split(self.layers)
 
-        def body(h, layer):
-            layer_state, layer_kv = layer
+        def body(carry, layer):
+            h, cache_kv = carry
+            layer_state, i = layer
             block = nnx.merge(graphdef, layer_state)
-            kv_in = None if layer_kv is None else (*layer_kv, index)
-            h, new_kv = block(h, cos, sin, mask, batch, kv_in)
-            return h, new_kv
+            if cache_kv is None:
+                h, _ = block(h, cos, sin, mask, batch)
+                return (h, None), None
+            k_all, v_all = cache_kv
+            layer_kv = (k_all[i], v_all[i], index)
+            h, (k_new, v_new) = block(h, cos, sin, mask, batch, layer_kv)
+            at = (i, 0, index, 0, 0)
+            cache_kv = (jax.lax.dynamic_update_slice(k_all, k_new[None], at),
+                        jax.lax.dynamic_update_slice(v_all, v_new[None], at))
+            return (h, cache_kv), None
 
         if self.config.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.config.remat], prevent_cse=False)
 
+        layer_ids = jnp.arange(self.config.num_layers, dtype=jnp.int32)
         if self.config.scan_layers:
-            return jax.lax.scan(body, x, (state, kv))
-        outs = []
+            (x, kv), _ = jax.lax.scan(body, (x, kv), (state, layer_ids))
+            return x, kv
         for i in range(self.config.num_layers):
-            x, new_kv = body(x, jax.tree.map(lambda a: a[i], (state, kv)))
-            outs.append(new_kv)
-        new_kv = None if kv is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
-        return x, new_kv
+            (x, kv), _ = body((x, kv), (jax.tree.map(lambda a: a[i], state), layer_ids[i]))
+        return x, kv
 
 
 # --------------------------------------------------------------------------- functional API

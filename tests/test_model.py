@@ -226,8 +226,11 @@ def test_resolve_attention_impl_on_cpu():
 
 
 # ---------------------------------------------------------------------------- KV cache, padding
-def test_kv_cache_decoding_matches_full_forward(init_model):
+@pytest.mark.parametrize("variant", [dict(), dict(scan_layers=False, remat="full")],
+                         ids=["scan", "unrolled-remat"])
+def test_kv_cache_decoding_matches_full_forward(init_model, variant):
     config, params = init_model
+    config = config.replace(**variant)
     model = model_from_params(config, params)
     tokens = jnp.asarray(random_tokens(config, 2, 9, seed=6))
     with jax.default_matmul_precision("highest"):
