@@ -34,6 +34,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--seq", type=int, default=None)
     p.add_argument("--repeats", type=int, default=5, help="timed forward passes per variant")
+    p.add_argument("--highest", action="store_true",
+                   help="float32 matmuls at 'highest' precision (GPUs otherwise may use TF32)")
     return p.parse_args()
 
 
@@ -52,13 +54,16 @@ def time_forward(fn, params, tokens, repeats: int) -> tuple[jax.Array, float, fl
 
 def main() -> int:
     args = parse_args()
+    if args.highest:
+        jax.config.update("jax_default_matmul_precision", "highest")
     name = args.model or ("pythia-14m" if args.small else "pythia-410m")
     batch = args.batch or (2 if args.small else 4)
     seq = args.seq or (256 if args.small else 2048)
     base = ModelConfig.preset(name)
     backend = jax.default_backend()
     print(f"device: {jax.devices()[0].device_kind} ({backend}); model {name} "
-          f"(L={base.num_layers} H={base.hidden_size} heads={base.num_heads}); batch {batch} × seq {seq}")
+          f"(L={base.num_layers} H={base.hidden_size} heads={base.num_heads}); batch {batch} × seq {seq}; "
+          f"matmul precision {jax.config.jax_default_matmul_precision or 'default'}")
 
     params = jax.jit(lambda: params_to_dict(GPTNeoX(base, rngs=nnx.Rngs(0))))()
     tokens = jnp.asarray(np.random.RandomState(0).randint(0, base.vocab_size, (batch, seq)), jnp.int32)
