@@ -68,7 +68,6 @@ def test_long_prompt_truncated_from_left(model, generator):
 def test_sampling(generator):
     greedy = generator.generate(PROMPTS, 10, stop_token=None)
     assert generator.generate(PROMPTS, 10, sampling=SamplingConfig(1.0, top_k=1), stop_token=None) == greedy
-    assert generator.generate(PROMPTS, 10, sampling=SamplingConfig(1.0, top_p=1e-6), stop_token=None) == greedy
     s1 = generator.generate(PROMPTS, 10, sampling=SamplingConfig(1.5), seed=1, stop_token=None)
     s2 = generator.generate(PROMPTS, 10, sampling=SamplingConfig(1.5), seed=1, stop_token=None)
     s3 = generator.generate(PROMPTS, 10, sampling=SamplingConfig(1.5), seed=2, stop_token=None)

@@ -179,13 +179,19 @@ class Generator:
 
 def generate_no_cache(model: Any, prompt: Sequence[int], max_new_tokens: int,
                       stop_token: int | None = EOD_TOKEN_ID) -> list[int]:
-    """Greedy decoding that recomputes the whole prefix every step (a slow reference)."""
+    """Greedy decoding that recomputes the whole prefix every step, without a cache (a slow
+    reference). The prefix is right-padded to the model's window, which cannot change a causal
+    model's logits at the real positions, so one compilation serves every step."""
+    window = int(model.config.max_position_embeddings)
     tokens = [int(t) for t in prompt]
+    if len(tokens) + max_new_tokens > window:
+        raise PythiaJaxError("prompt + max_new_tokens exceed the window")
+    fwd = jax.jit(lambda t, n: jnp.argmax(model(t)[0, n - 1]))
     new: list[int] = []
-    fwd = jax.jit(lambda t: model(t))
     for _ in range(max_new_tokens):
-        logits = fwd(jnp.asarray([tokens], jnp.int32))
-        tok = int(jnp.argmax(logits[0, -1]))
+        padded = np.zeros((1, window), np.int32)
+        padded[0, :len(tokens)] = tokens
+        tok = int(fwd(padded, len(tokens)))
         if stop_token is not None and tok == stop_token:
             break
         new.append(tok)
