@@ -1,0 +1,154 @@
+"""The across-checkpoint runner: tidy table, resume, HF revision folders, missing steps, CLI, plot."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pythia_jax.config import ModelConfig
+from pythia_jax.errors import CheckpointError, PythiaJaxError
+from pythia_jax.eval import runner as R
+
+DATA = Path(__file__).parent / "data" / "eval"
+CFG = ModelConfig(name="tiny", vocab_size=50304, hidden_size=16, num_layers=1, num_heads=2,
+                  max_position_embeddings=128)
+STEPS = (0, 1000)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same two steps as a pythia-jax checkpoint directory and as HF step<N>/ folders."""
+    from flax import nnx
+
+    from pythia_jax.checkpoint import save_params_checkpoint
+    from pythia_jax.convert.hf import write_hf_dir
+    from pythia_jax.model import GPTNeoX, params_to_dict
+
+    root = tmp_path_factory.mktemp("runs")
+    for i, step in enumerate(STEPS):
+        params = params_to_dict(GPTNeoX(CFG, rngs=nnx.Rngs(i)))
+        save_params_checkpoint(root / "ckpt", step, CFG, params)
+        write_hf_dir(CFG, params, root / "hf" / f"step{step}", dtype="float32")
+    return root
+
+
+def settings(**kw):
+    base = dict(tasks=["piqa", "winogrande"], data_dir=str(DATA), limit=4, batch_size=8, progress=False)
+    base.update(kw)
+    return R.EvalSettings(**base)
+
+
+def test_table_resume_and_hf_revisions(runs, tmp_path, monkeypatch):
+    out = tmp_path / "results.jsonl"
+    table = R.evaluate_checkpoints(runs / "ckpt", list(STEPS), settings(), out, log=lambda _: None)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {(r["step"], r["task"]) for r in rows} == {(s, t) for s in STEPS for t in ("piqa", "winogrande")}
+    assert set(rows[0]) == set(R.COLUMNS)
+    acc = {(r["step"], r["task"]): r for r in rows if r["metric"] == "acc"}
+    assert all(0 <= r["value"] <= 1 and r["num_examples"] == 4 for r in acc.values())
+    assert {r["metric"] for r in rows if r["task"] == "piqa"} == {"acc", "acc_norm", "truncated"}
+    assert {r["metric"] for r in rows if r["task"] == "winogrande"} == {"acc", "truncated"}
+    assert len(table.rows) == len(rows)
+
+    # Resume: nothing left to do, so no model may be loaded.
+    import pythia_jax.eval.loading as loading
+    monkeypatch.setattr(loading, "load_model_params", lambda *a, **k: pytest.fail("reloaded a model"))
+    R.evaluate_checkpoints(runs / "ckpt", list(STEPS), settings(), out, log=lambda _: None)
+    assert len(out.read_text().splitlines()) == len(rows)
+    monkeypatch.undo()
+
+    # HF revision folders of the same weights give the same table (as CSV this time).
+    csv_out = tmp_path / "results.csv"
+    R.evaluate_checkpoints(runs / "hf", list(STEPS), settings(), csv_out, log=lambda _: None)
+    hf_rows = R.read_table(csv_out)
+    key = lambda r: (r["step"], r["task"], r["metric"])  # noqa: E731
+    ours = {key(r): r["value"] for r in R.read_table(out)}
+    assert {key(r): r["value"] for r in hf_rows} == pytest.approx(ours)
+
+
+def test_interrupted_run_resumes(runs, tmp_path, monkeypatch):
+    """A run killed during its second task keeps the first; the rerun completes the table."""
+    out = tmp_path / "r.jsonl"
+    calls = {"n": 0}
+    real_run = R._Env.run
+
+    def flaky(self, step, task, resolved):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_run(self, step, task, resolved)
+
+    monkeypatch.setattr(R._Env, "run", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        R.evaluate_checkpoints(runs / "ckpt", [0], settings(), out, log=lambda _: None)
+    monkeypatch.undo()
+    with open(out, "a") as f:
+        f.write('{"step": 0, "task": "winog')  # a line cut short by the interruption
+    first = R.read_table(out)
+    assert {r["task"] for r in first} == {"piqa"}
+    log = []
+    R.evaluate_checkpoints(runs / "ckpt", [0], settings(), out, log=log.append)
+    assert any("resuming" in line for line in log)
+    tasks = [r["task"] for r in R.read_table(out)]
+    assert tasks.count("piqa") == 3 and tasks.count("winogrande") == 2
+
+
+def test_missing_step_and_bad_inputs(runs, tmp_path):
+    with pytest.raises(CheckpointError, match=r"no step 5\b.*available: 0, 1000"):
+        R.evaluate_checkpoints(runs / "ckpt", [0, 5], settings(), tmp_path / "x.jsonl")
+    with pytest.raises(CheckpointError, match="no step 7"):
+        R.evaluate_checkpoints(runs / "hf", [7], settings(), tmp_path / "x.jsonl")
+    with pytest.raises(PythiaJaxError, match="needs --ppl-data"):
+        R.evaluate_checkpoints(runs / "ckpt", [0], settings(tasks=["perplexity"]), tmp_path / "x.jsonl")
+    with pytest.raises(PythiaJaxError, match=".jsonl or .csv"):
+        R.evaluate_checkpoints(runs / "ckpt", [0], settings(), tmp_path / "x.txt")
+    assert R.parse_steps("0, 1000,1000", lambda: []) == [0, 1000]
+    assert R.parse_steps("all", lambda: [0, 1000]) == [0, 1000]
+    assert R.parse_steps("1-2000", lambda: [0, 1000, 3000]) == [1000]
+
+
+def test_perplexity_task(runs, tmp_path):
+    """Per-token loss from the runner equals a direct rolling computation; per-document rows saved."""
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in
+                            ["The quick brown fox jumps over the lazy dog.", "Pythia " * 60]))
+    out = tmp_path / "ppl.jsonl"
+    s = settings(tasks=["perplexity"], ppl_data=str(docs), details_dir=str(tmp_path / "d"))
+    R.evaluate_checkpoints(runs / "ckpt", [1000], s, out, log=lambda _: None)
+    got = {r["metric"]: r["value"] for r in R.read_table(out)}
+    per_doc = [json.loads(x) for x in (tmp_path / "d" / "step1000_perplexity.jsonl").read_text().splitlines()]
+    loss = -sum(d["loglik"] for d in per_doc) / sum(d["num_tokens"] for d in per_doc)
+    assert got["loss"] == pytest.approx(loss) and got["perplexity"] == pytest.approx(math.exp(loss))
+    assert {"doc_loss", "bits_per_byte", "word_perplexity"} <= set(got)
+    assert got["loss"] > 5  # a random model is close to uniform over 50k tokens
+
+
+def test_cli_eval_plot_generate(runs, tmp_path, capsys):
+    from pythia_jax.cli import main
+
+    out = tmp_path / "cli.jsonl"
+    args = ["eval", "--checkpoints", str(runs / "ckpt"), "--steps", "all", "--tasks", "arc_easy",
+            "--data-dir", str(DATA), "--limit", "3", "--out", str(out), "--csv", str(tmp_path / "cli.csv"),
+            "--no-progress"]
+    assert main(args) == 0
+    assert len(R.read_table(tmp_path / "cli.csv")) == len(R.read_table(out)) == 6
+    png = tmp_path / "fig.png"
+    assert main(["plot", str(out), "--metric", "acc", "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["plot", str(out), "--metric", "nope", "--out", str(png)]) == 2
+    assert "no rows with metric 'nope'" in capsys.readouterr().err
+    assert main(["eval", "--checkpoints", str(runs / "ckpt"), "--steps", "3", "--out", str(out)]) == 2
+    assert "no step 3" in capsys.readouterr().err
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "piqa.jsonl").write_text('{"goal": "g", "sol1": "a", "label": 0}\n')
+    assert main(["eval", "--checkpoints", str(runs / "ckpt"), "--steps", "0", "--tasks", "piqa",
+                 "--data-dir", str(bad), "--out", str(tmp_path / "b.jsonl")]) == 2
+    assert "piqa.jsonl:1" in capsys.readouterr().err
+    assert main(["generate", str(runs / "hf"), "--step", "1000", "--prompt", "Hello", "--max-new-tokens", "4",
+                 "--temperature", "0.8", "--top-k", "20"]) == 0
+    assert capsys.readouterr().out.startswith("Hello")
