@@ -393,6 +393,7 @@ def test_logical_to_mesh_spec():
 
 
 SHARDED_SCRIPT = textwrap.dedent("""
+    import re
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
     from pythia_jax.config import ModelConfig
@@ -408,6 +409,8 @@ SHARDED_SCRIPT = textwrap.dedent("""
     rules = [("batch", ("data", "fsdp")), ("embed", "fsdp"), ("heads", "tensor"),
              ("mlp", "tensor"), ("vocab", "tensor")]
     names = logical_axes(cfg)
+    plain = jax.jit(lambda p, t: model_from_params(cfg, p)(t)).lower(params, tokens).as_text()
+    assert "sharding_constraint" not in plain  # no rules, no mesh: constraints are no-ops
     for impl in ("xla", "splash"):
         c = cfg.replace(attention=impl)
         with jax.set_mesh(mesh), nnx.logical_axis_rules(rules), jax.default_matmul_precision("highest"):
@@ -417,7 +420,9 @@ SHARDED_SCRIPT = textwrap.dedent("""
             f = jax.jit(lambda p, t: model_from_params(c, p)(t))
             hlo = f.lower(p, tokens).as_text()
             out = f(p, tokens)
-        assert "sharding" in hlo
+        # activation constraints by logical name: batch on (data, fsdp), heads on tensor
+        assert re.search(r'sdy.sharding_constraint .*\[\{"data", "fsdp"\}, \{\}, \{"tensor"\}, \{\}\]', hlo)
+        assert hlo.count("sdy.sharding_constraint") >= 6
         d = float(np.abs(np.asarray(out) - ref).max())
         print(impl, d)
         assert d < 1e-5, (impl, d)
