@@ -264,15 +264,28 @@ def _checksum_fn(mesh: Any) -> Callable:
     return jax.jit(lambda xs: jnp.stack([one(x) for x in xs]), out_shardings=out_sharding)
 
 
-def _verify_checksums(name: str, tree: Any, expected: Mapping[str, list[int]] | None, where: str) -> None:
-    if not expected:
+def _items_checksums(trees: Mapping[str, Any]) -> dict[str, dict[str, list[int]]]:
+    """``{item: tree_checksums(tree)}`` computed in one call (one compilation for all items)."""
+    flat = tree_checksums(dict(trees))
+    out: dict[str, dict[str, list[int]]] = {item: {} for item in trees}
+    for key, value in flat.items():
+        item, _, rest = key.partition("/")
+        out[item][rest] = value
+    return out
+
+
+def _verify_checksums(trees: Mapping[str, Any], expected: Mapping[str, Mapping[str, list[int]]],
+                      where: str) -> None:
+    trees = {item: tree for item, tree in trees.items() if expected.get(item)}
+    if not trees:
         return
-    got = tree_checksums(tree)
-    bad = [k for k, v in expected.items() if got.get(k) != list(v)]
-    if bad:
-        raise CheckpointIntegrityError(
-            f"{where}: {name} failed its checksum for {len(bad)} array(s) (first: {bad[0]}); "
-            "the files are corrupt")
+    got = _items_checksums(trees)
+    for item in trees:
+        bad = [k for k, v in expected[item].items() if got[item].get(k) != list(v)]
+        if bad:
+            raise CheckpointIntegrityError(
+                f"{where}: {item} failed its checksum for {len(bad)} array(s) (first: {bad[0]}); "
+                "the files are corrupt")
 
 
 # ---------------------------------------------------------------------------------- restore state
@@ -467,12 +480,10 @@ class TrainCheckpointer:
 def _save_args(params, opt_state, extra_state, data_state, metadata, step) -> tuple[dict, dict]:
     import orbax.checkpoint as ocp
 
-    args: dict[str, Any] = {}
-    checksums = {}
-    for item, tree in ((PARAMS, params), (OPT_STATE, opt_state), (EXTRA_STATE, extra_state)):
-        if tree is not None:
-            args[item] = ocp.args.StandardSave(tree)
-            checksums[item] = tree_checksums(tree)
+    trees = {item: tree for item, tree in ((PARAMS, params), (OPT_STATE, opt_state),
+                                           (EXTRA_STATE, extra_state)) if tree is not None}
+    args: dict[str, Any] = {item: ocp.args.StandardSave(tree) for item, tree in trees.items()}
+    checksums = _items_checksums(trees)
     data_format = None
     if data_state is not None:
         if _is_grain_iterator(data_state):
@@ -605,8 +616,8 @@ def _restore_items(manager, directory, step: int, abstract_state: dict,
         error.__cause__ = e
     _agree_on_success(where, error)
     checksums = internal.get("checksums", {})
-    for item in targets:  # a collective computation: every process reaches the same verdict
-        _verify_checksums(item, restored[item], checksums.get(item), where)
+    # A collective computation: every process reaches the same verdict.
+    _verify_checksums({item: restored[item] for item in targets}, checksums, where)
     return RestoredState(step=step, params=restored[PARAMS],
                          opt_state=restored[OPT_STATE] if OPT_STATE in targets else None,
                          extra_state=restored[EXTRA_STATE] if EXTRA_STATE in targets else None,
