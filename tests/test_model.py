@@ -392,7 +392,7 @@ def test_logical_to_mesh_spec():
     assert layers.with_logical_constraint(x, ("batch", "embed")) is x  # no rules, no mesh: no-op
 
 
-SHARDED_SCRIPT = textwrap.dedent("""
+SHARDED_SCRIPT = textwrap.dedent(r"""
     import re
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
