@@ -21,15 +21,14 @@ def test_bundled_tasks():
 
 
 @pytest.mark.parametrize("name", TASKS)
-def test_requests_equal_harness(name, tmp_path, monkeypatch):
+def test_requests_equal_harness(name, tmp_path):
     """Contexts, continuations and gold indices equal the harness's for its own task YAML."""
     pytest.importorskip("lm_eval")
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
     from pythia_jax.eval.lm_eval_adapter import harness_task_from_file
 
     spec = T.load_spec(name)
     examples = T.load_examples(spec, DATA)
-    task = harness_task_from_file(name, DATA / spec.file)
+    task = harness_task_from_file(name, DATA / spec.file, cache_dir=tmp_path)
     task.build_all_requests(limit=None, rank=0, world_size=1)
     by_doc: dict[int, list] = {}
     for inst in task.instances:

@@ -115,9 +115,11 @@ class PythiaJaxLM(TemplateLM):
         return results
 
 
-def harness_task_from_file(task: str | os.PathLike, data_file: str | os.PathLike, split: str = "validation"):
+def harness_task_from_file(task: str | os.PathLike, data_file: str | os.PathLike, split: str = "validation",
+                           cache_dir: str | os.PathLike | None = None):
     """An lm-eval ``ConfigurableTask`` from a task YAML (a path, or a name of the harness's bundled
-    tasks such as ``piqa``) whose documents are read from the local JSONL ``data_file``."""
+    tasks such as ``piqa``) whose documents are read from the local JSONL ``data_file``
+    (``cache_dir``: where ``datasets`` keeps its Arrow copy; default its usual cache)."""
     from pathlib import Path
 
     import lm_eval
@@ -134,8 +136,10 @@ def harness_task_from_file(task: str | os.PathLike, data_file: str | os.PathLike
             raise ValueError(f"no bundled harness YAML known for {task!r}; pass a YAML path")
         path = Path(lm_eval.__file__).parent / "tasks" / harness_yaml[str(task)]
     cfg = load_yaml(path)
-    cfg.update(dataset_path="json", dataset_name=None,
-               dataset_kwargs={"data_files": {split: os.path.abspath(data_file)}},
+    dataset_kwargs: dict[str, Any] = {"data_files": {split: os.path.abspath(data_file)}}
+    if cache_dir is not None:
+        dataset_kwargs["cache_dir"] = os.fspath(cache_dir)
+    cfg.update(dataset_path="json", dataset_name=None, dataset_kwargs=dataset_kwargs,
                validation_split=split, test_split=None, training_split=None, fewshot_split=None)
     cfg.pop("tag", None)
     cfg.pop("group", None)
