@@ -1,0 +1,178 @@
+#!/usr/bin/env python
+"""Time and peak memory of HF <-> JAX conversion, next to transformers' own load / save.
+
+A random model of the given preset's shape (default pythia-1.4b) is written as fp16 sharded
+safetensors (2GB shards, like the releases). Each measurement then runs in a fresh
+subprocess (peak RSS = the process's VmHWM, nothing inherited):
+
+  ours  hf-to-jax   read_hf_dir (streaming) + write an Orbax checkpoint of this project
+  ours  jax-to-hf   load_params from that checkpoint + write_hf_dir(fp16, 2GB shards)
+  peer  load        GPTNeoXForCausalLM.from_pretrained(dir, dtype=float32)
+  peer  load+save   from_pretrained(float32), .half(), save_pretrained(max_shard_size="2GB")
+
+and prints times, peaks, "peak − process baseline after imports", the ratio of each peak to the
+model's fp32 size (issue 5 target: < 1.5×) and our/peer time ratios.
+
+  python scripts/bench_convert.py [--model pythia-1.4b] [--workdir DIR] [--keep]
+Needs about 3× the fp16 size plus 1× the fp32 size of disk (≈14 GB at 1.4b) and RAM for
+~1.5× the fp32 size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+# --------------------------------------------------------------------------------- workers
+def _worker(name: str, workdir: str) -> dict:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    src, ckpt = os.path.join(workdir, "hf_src"), os.path.join(workdir, "jax_ckpt")
+    if name.startswith("ours"):
+        import jax
+        import orbax.checkpoint  # noqa: F401
+
+        from pythia_jax.checkpoint import load_params
+        from pythia_jax.commands.convert import write_checkpoint
+        from pythia_jax.convert.hf import read_hf_dir, write_hf_dir
+        jax.numpy.zeros(8).block_until_ready()  # start the runtime: part of the baseline
+    else:
+        import torch
+        import transformers
+        torch.zeros(8).sum()
+    baseline = _status_kb("VmRSS")
+    t0 = time.perf_counter()
+    phases = {}
+    if name == "ours_hf_to_jax":
+        config, params = read_hf_dir(src)
+        phases["read"] = time.perf_counter() - t0
+        write_checkpoint(ckpt, 0, config, params, None, {"source": "bench"}, overwrite=True)
+    elif name == "ours_jax_to_hf":
+        config, params = load_params(ckpt)
+        phases["read"] = time.perf_counter() - t0
+        write_hf_dir(config, params, os.path.join(workdir, "hf_ours"), dtype="float16",
+                     shard_size="2GB", overwrite=True)
+    elif name == "peer_load":
+        transformers.GPTNeoXForCausalLM.from_pretrained(src, dtype=torch.float32)
+    elif name == "peer_load_save":
+        model = transformers.GPTNeoXForCausalLM.from_pretrained(src, dtype=torch.float32)
+        phases["read"] = time.perf_counter() - t0
+        model.half()
+        model.save_pretrained(os.path.join(workdir, "hf_peer"), max_shard_size="2GB")
+    else:
+        raise SystemExit(f"unknown worker {name}")
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "phases": phases, "peak_kb": _status_kb("VmHWM"), "baseline_kb": baseline}
+
+
+def _run_worker(name: str, workdir: str) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", name, "--workdir", workdir],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"worker {name} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------------- setup
+def write_random_hf(config, directory: str, seed: int = 0) -> None:
+    """A random fp16 model in the release layout, written tensor by tensor (no full model in RAM)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from pythia_jax.convert import hf as hfc
+
+    os.makedirs(directory, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    shapes = hfc.hf_shapes(config)
+    shards = hfc.plan_shards(config, "float16", "2GB")
+    n = len(shards)
+    weight_map, total = {}, 0
+    for k, keys in enumerate(shards):
+        file = "model.safetensors" if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+        tensors = {}
+        for key in keys:
+            shape = shapes[key]
+            if key.endswith("layernorm.weight") or key.endswith("layer_norm.weight"):
+                t = np.ones(shape, np.float16)
+            else:
+                t = (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float16)
+            tensors[key] = t
+            weight_map[key] = file
+            total += t.nbytes
+        save_file(tensors, os.path.join(directory, file), metadata={"format": "pt"})
+        del tensors
+    if n > 1:
+        with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    hf_config = config.to_hf_dict()
+    hf_config["torch_dtype"] = hf_config["dtype"] = "float16"
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2)
+    hfc.write_tokenizer_files(directory)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="pythia-1.4b", help="preset whose shape to use")
+    parser.add_argument("--workdir", default=None, help="scratch folder (default: a temp dir)")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(_worker(args.worker, args.workdir)))
+        return
+
+    from pythia_jax.config import ModelConfig
+
+    config = ModelConfig.preset(args.model)
+    workdir = args.workdir or tempfile.mkdtemp(prefix="bench_convert_")
+    os.makedirs(workdir, exist_ok=True)
+    fp32_gb = config.num_params() * 4 / 1e9
+    print(f"model {args.model}: {config.num_params():,} params, fp32 {fp32_gb:.2f} GB, "
+          f"fp16 {fp32_gb / 2:.2f} GB; scratch {workdir}")
+    try:
+        t = time.perf_counter()
+        write_random_hf(config, os.path.join(workdir, "hf_src"))
+        print(f"wrote random fp16 sharded model in {time.perf_counter() - t:.1f}s: "
+              f"{sorted(os.listdir(os.path.join(workdir, 'hf_src')))}")
+        results = {}
+        for name in ("ours_hf_to_jax", "peer_load", "ours_jax_to_hf", "peer_load_save"):
+            results[name] = r = _run_worker(name, workdir)
+            peak, base = r["peak_kb"] * 1024 / 1e9, r["baseline_kb"] * 1024 / 1e9
+            phases = " ".join(f"{k} {v:.1f}s" for k, v in r["phases"].items())
+            print(f"{name:16s} {r['seconds']:7.1f}s ({phases or '-'})  peak RSS {peak:6.2f} GB "
+                  f"= {peak / fp32_gb:.2f}x fp32   (above import baseline {base:.2f} GB: "
+                  f"{peak - base:6.2f} GB = {(peak - base) / fp32_gb:.2f}x fp32)")
+        ours_out = os.path.join(workdir, "hf_ours")
+        print(f"our export: {sorted(os.listdir(ours_out))}")
+        print("ratios (ours / transformers, same run):")
+        for ours, peer, what in (("ours_hf_to_jax", "peer_load", "HF->JAX vs from_pretrained"),
+                                 ("ours_jax_to_hf", "peer_load_save", "JAX->HF vs from_pretrained+save_pretrained")):
+            a, b = results[ours], results[peer]
+            print(f"  {what:45s} time {a['seconds'] / b['seconds']:.2f}x   peak RSS "
+                  f"{a['peak_kb'] / b['peak_kb']:.2f}x")
+        worst = max(r["peak_kb"] for k, r in results.items() if k.startswith("ours")) * 1024 / 1e9
+        print(f"worst peak of ours: {worst:.2f} GB = {worst / fp32_gb:.2f}x the fp32 size "
+              f"(target < 1.5x): {'OK' if worst < 1.5 * fp32_gb else 'OVER'}")
+    finally:
+        if not args.keep and not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
