@@ -160,8 +160,11 @@ def rotary_cos_sin(positions: jax.Array, rotary_ndims: int, base: float) -> tupl
     inv_freq = 1 / base^(arange(0, rd, 2)/rd); the angle table is repeated twice along the last
     axis (rotate-half pairing: dim i pairs with dim i + rd/2), as in GPT-NeoX / HF.
     """
+    # float32 exponents as torch computes them; the power evaluated accurately and rounded to
+    # float32, then a float32 reciprocal: bit-identical to torch's table for most sizes (≤ 1 ulp).
     exponents = np.arange(0, rotary_ndims, 2, dtype=np.float32) / np.float32(rotary_ndims)
-    inv_freq = jnp.asarray(1.0 / (np.float32(base) ** exponents), dtype=jnp.float32)
+    powers = (np.float64(base) ** exponents.astype(np.float64)).astype(np.float32)
+    inv_freq = jnp.asarray(np.float32(1.0) / powers, dtype=jnp.float32)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, rd/2]
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)

@@ -92,6 +92,20 @@ def test_hf_parity(case):
     assert np.abs(out - ref).max() <= PARITY_TOL, np.abs(out - ref).max()
 
 
+@pytest.mark.parametrize("overrides", [dict(), dict(hidden_size=160, num_heads=2)], ids=["hd16", "hd80"])
+def test_hf_parity_at_far_positions(overrides):
+    """Rotary tables agree with torch's float32 ones at positions near 2048 too."""
+    config = tiny(**overrides)
+    hf = hf_model(config)
+    tokens = random_tokens(config, 2, 9)
+    positions = np.tile(2030 + np.arange(9, dtype=np.int32), (2, 1))
+    with torch.no_grad():
+        ref = hf(torch.as_tensor(tokens, dtype=torch.long),
+                 position_ids=torch.as_tensor(positions, dtype=torch.long)).logits.numpy()
+    out = jax_logits(config, to_params(config, hf), tokens, positions=jnp.asarray(positions))
+    assert np.abs(out - ref).max() <= PARITY_TOL, np.abs(out - ref).max()
+
+
 def test_tanh_gelu_differs_from_exact():
     """The two GELU forms are genuinely different models (guards against a silent fallback)."""
     config = tiny(hidden_act="gelu_new")
