@@ -258,13 +258,15 @@ def _splash_attention(q, k, v, scale: float, interpret: bool | None) -> jax.Arra
 
 def _cudnn_ok(q: jax.Array) -> bool:
     head_dim = q.shape[-1]
-    return (q.dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128)
+    # cuDNN flash attention: bf16/fp16, head_dim a multiple of 8, ≤ 256 on Hopper (≤ 128 before;
+    # JAX raises NotImplementedError at trace time then, and 'auto' falls back to XLA).
+    return q.dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 256
 
 
 def resolve_attention_impl(impl: str, q: jax.Array, masked: bool) -> str:
     """The attention path actually used: 'xla', 'cudnn', 'splash' or 'reference'.
 
-    'auto' picks cuDNN on GPU (bf16/fp16, head_dim ≤ 128 and a multiple of 8), the splash kernel
+    'auto' picks cuDNN on GPU (bf16/fp16, head_dim ≤ 256 and a multiple of 8), the splash kernel
     on TPU (sequences of at least 128; shorter ones are padded up to 128 when asked for
     explicitly), else XLA. Masked attention (a KV cache or a key mask)
     always takes XLA unless 'reference' was asked for: the fused kernels here are causal-only.
