@@ -89,15 +89,37 @@ def start_and_interrupt(output_dir: Path, cache_dir: Path, sig: int, after_steps
     return proc.returncode, out
 
 
-@pytest.fixture(scope="module")
+def _shared_root(tmp_path_factory) -> Path:
+    """A directory shared by all pytest-xdist workers of this session (the basetemp's parent)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("jax_cache")
+    path = _shared_root(tmp_path_factory) / "resume_jax_cache"
+    path.mkdir(exist_ok=True)
+    return path
 
 
-@pytest.fixture(scope="module")
-def straight_run(tmp_path_factory, cache_dir):
-    out = tmp_path_factory.mktemp("straight")
-    run_to_end(out, cache_dir)
+@pytest.fixture(scope="session")
+def straight_run_dir(tmp_path_factory, cache_dir) -> Path:
+    """The uninterrupted reference run, done once per session even with several xdist workers."""
+    import fcntl
+
+    root = _shared_root(tmp_path_factory)
+    out = root / "resume_straight"
+    with open(root / "resume_straight.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "DONE").exists():
+            run_to_end(out, cache_dir)
+            (out / "DONE").write_text("ok")
+    return out
+
+
+@pytest.fixture(scope="session")
+def straight_run(straight_run_dir):
+    out = straight_run_dir
     losses = losses_by_step(logged_records(out))
     assert [s for s, _ in losses] == list(range(1, NUM_STEPS + 1))
     return dict(losses), final_params(out)
@@ -144,3 +166,42 @@ def test_resume_after_sigterm_saves_exits_cleanly_and_is_bit_identical(tmp_path,
     resumed = run_to_end(tmp_path, cache_dir)
     assert f"resumed from {tmp_path / 'checkpoints'}/{stopped_at}" in resumed, resumed[-3000:]
     assert_same_run(tmp_path, straight_run, f"{note} (stopped at step {stopped_at})")
+
+
+def test_pythia_jax_load_reads_the_training_checkpoints(straight_run_dir):
+    import jax.numpy as jnp
+
+    import pythia_jax
+
+    model = pythia_jax.load(str(straight_run_dir / "checkpoints"))
+    assert model.config.hidden_size == 32 and model.config.num_layers == 2
+    logits = model(jnp.zeros((1, 4), jnp.int32))
+    assert logits.shape == (1, 4, model.config.vocab_size) and bool(jnp.isfinite(logits).all())
+
+
+def test_checkpoint_of_another_model_shape_is_refused_before_compute(tmp_path, cache_dir):
+    from pythia_jax.config import ModelConfig
+
+    other = ModelConfig(vocab_size=50304, hidden_size=64, num_layers=2, num_heads=2)
+    C.write_model_config(tmp_path / "checkpoints", other)
+    proc = subprocess.run(train_argv(tmp_path), env=train_env(cache_dir), cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "holds checkpoints of a different model" in proc.stderr and "hidden_size" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()  # no step ran
+
+
+def test_preemption_guard_single_process():
+    from pythia_jax.train.preemption import PreemptionGuard
+
+    previous = signal.getsignal(signal.SIGTERM)
+    with PreemptionGuard() as guard:
+        assert not guard.should_stop(1)
+        signal.raise_signal(signal.SIGTERM)  # handled: the process keeps running
+        assert guard.signal_received and guard.should_stop(2) and guard.should_stop(3)
+        assert guard.stopped_at == 2 and "SIGTERM" in guard.message and "after step 2" in guard.message
+    assert signal.getsignal(signal.SIGTERM) is previous
+    manual = PreemptionGuard()
+    manual.request_stop()
+    assert manual.should_stop(7) and "stop request" in manual.message
