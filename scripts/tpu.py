@@ -137,7 +137,8 @@ def setup_commands(args: argparse.Namespace) -> list[list[str]]:
         fetch = f'rm -rf {d} && mkdir -p {d} && tar -xzf "$HOME/{REMOTE_ARCHIVE}" -C {d}'
     if args.extras and not re.fullmatch(r"\[[A-Za-z0-9_,-]+\]", args.extras):
         raise UsageError(f"--extras must look like [name,other], got {args.extras!r}")
-    requirements = " ".join(shlex.quote(r) for r in [args.jax_spec, *args.pip])
+    # gcsfs: Orbax/etils open gs:// directories through fsspec (arrays go through tensorstore).
+    requirements = " ".join(shlex.quote(r) for r in [args.jax_spec, "gcsfs", *args.pip])
     install = (f"python3 -m venv {d}/.venv && . {d}/.venv/bin/activate && "
                f"python -m pip install -q --upgrade pip && "
                f'python -m pip install -q -e "{REMOTE_DIR}{args.extras}" {requirements}')

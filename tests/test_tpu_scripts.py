@@ -62,7 +62,8 @@ def test_setup_copies_the_checkout_and_installs_jax_tpu_on_all_workers():
     assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pythia"] and "--worker=all" in ssh
     remote = remote_of(ssh)
     words = shlex.split(remote)
-    assert "jax[tpu]" in words and "-e" in words and "$HOME/pythia-jax" in words
+    assert "jax[tpu]" in words and "gcsfs" in words and "-e" in words and "$HOME/pythia-jax" in words
+    assert words[words.index("-e") + 1] == "$HOME/pythia-jax"
     assert "python3" in words and "venv" in words
 
 
