@@ -366,6 +366,7 @@ class TrainCheckpointer:
             cleanup_tmp_directories=True,
             enable_should_save_is_saving_in_progress_check=False)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._bad_steps: set[int] = set()  # found unusable by restore/latest_valid_step
 
     # -------------------------------------------------------------- queries
     def should_save(self, step: int) -> bool:
@@ -386,6 +387,7 @@ class TrainCheckpointer:
             problem = step_problem(self.directory, step)
             if problem is None:
                 return step
+            self._bad_steps.add(step)
             warnings.warn(f"checkpoint step {step} in {self.directory} is unusable ({problem}); "
                           "falling back to an earlier step", stacklevel=2)
         return None
@@ -408,7 +410,9 @@ class TrainCheckpointer:
         if not (force or self.should_save(step)):
             return False
         if step in self._manager.all_steps():
-            return False
+            if step not in self._bad_steps:
+                return False  # already saved (e.g. the step a run resumed from)
+            self._quarantine(step)
         args, _ = _save_args(params, opt_state, extra_state, data_state, metadata, step)
         saved = self._manager.save(step, args=ocp.args.Composite(**args), force=True)
         return bool(saved)
@@ -450,6 +454,7 @@ class TrainCheckpointer:
                     return self._restore_step(candidate, abstract_state, data_iterator)
                 except CheckpointIntegrityError as e:
                     problem = str(e)
+            self._bad_steps.add(candidate)
             warnings.warn(f"checkpoint step {candidate} in {self.directory} is unusable ({problem}); "
                           "falling back to an earlier step", stacklevel=2)
         return None
@@ -467,6 +472,16 @@ class TrainCheckpointer:
                 raise CheckpointError(f"{self.directory}: different model shape: "
                                       + "; ".join(config_differences(stored, self.model_config)))
         return _restore_items(self._manager, self.directory, step, abstract_state, data_iterator)
+
+    def _quarantine(self, step: int) -> None:
+        """Move an unusable step aside (``<step>.unusable-<time>``, kept for inspection) so it can be re-saved."""
+        target = self.directory / f"{step}.unusable-{int(time.time())}"
+        if _is_primary():
+            (self.directory / str(step)).rename(target)
+        _sync(f"pythia_jax_quarantine_{step}")
+        warnings.warn(f"re-saving step {step}: the unusable copy was moved to {target}", stacklevel=3)
+        self._bad_steps.discard(step)
+        self._manager.reload()
 
     def _warn_tmp_dirs(self) -> None:
         if not self.directory.exists():

@@ -333,3 +333,37 @@ def test_restore_8_device_checkpoint_on_1_device_and_other_meshes(tmp_path):
     config, params = C.load_params(directory)
     assert config == TINY
     _assert_trees_equal(params, _params(11))
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_unusable_step_is_moved_aside_when_the_resumed_run_saves_it_again(tmp_path):
+    params = _params(12)
+    _write_steps(tmp_path, [1, 2], params)
+    (tmp_path / "2" / "metadata" / "metadata").write_text("garbage")
+    with C.TrainCheckpointer(tmp_path, save_steps=[2], model_config=TINY) as ckpt:
+        with pytest.warns(UserWarning, match="step 2"):
+            assert ckpt.restore(None, {"params": _abstract(params)}).step == 1
+        with pytest.warns(UserWarning, match="re-saving step 2"):
+            assert ckpt.save(2, params, None, None, {"again": True})
+        assert not ckpt.save(2, params)  # a good step is never overwritten
+    moved = [p.name for p in tmp_path.iterdir() if p.name.startswith("2.unusable-")]
+    assert len(moved) == 1
+    restored = _restore_latest(tmp_path, params)
+    assert restored.step == 2 and restored.metadata == {"again": True}
+    _assert_trees_equal(restored.params, params)
+
+
+def test_grain_state_of_another_process_count_is_skipped_with_warning(tmp_path):
+    grain = pytest.importorskip("grain")
+    ds = grain.MapDataset.range(20).to_iter_dataset()
+    it = iter(ds)
+    next(it)
+    params = _params(13)
+    with C.TrainCheckpointer(tmp_path, save_steps=[1], async_save=False) as ckpt:
+        ckpt.save(1, params, data_state=it)
+    state_dir = tmp_path / "1" / "data_iter"
+    (state_dir / "process_0-of-1.json").rename(state_dir / "process_0-of-2.json")  # as if 2 hosts wrote it
+    with C.TrainCheckpointer(tmp_path, save_steps=()) as ckpt:
+        with pytest.warns(UserWarning, match="different number of processes"):
+            restored = ckpt.restore(None, {"params": _abstract(params)}, data_iterator=iter(ds))
+    assert restored.step == 1 and restored.data_state is None
