@@ -39,7 +39,23 @@ def _status_kb(field: str) -> int:
 
 
 # --------------------------------------------------------------------------------- workers
-def _worker(name: str, workdir: str) -> dict:
+class _Phases:
+    """Wall time and peak RSS (VmHWM, reset at each phase start via /proc/self/clear_refs) per phase."""
+
+    def __init__(self):
+        self.results: dict[str, dict[str, float]] = {}
+
+    def run(self, name: str, fn):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        t0 = time.perf_counter()
+        out = fn()
+        self.results[name] = {"seconds": time.perf_counter() - t0, "peak_kb": _status_kb("VmHWM"),
+                              "end_kb": _status_kb("VmRSS")}
+        return out
+
+
+def _worker(name: str, workdir: str, checkpoint: bool) -> dict:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     src, ckpt = os.path.join(workdir, "hf_src"), os.path.join(workdir, "jax_ckpt")
     if name.startswith("ours"):
@@ -48,40 +64,48 @@ def _worker(name: str, workdir: str) -> dict:
 
         from pythia_jax.checkpoint import load_params
         from pythia_jax.commands.convert import write_checkpoint
-        from pythia_jax.convert.hf import read_hf_dir, write_hf_dir
+        from pythia_jax.convert.hf import read_hf_dir, to_device_tree, write_hf_dir
         jax.numpy.zeros(8).block_until_ready()  # start the runtime: part of the baseline
     else:
         import torch
         import transformers
         torch.zeros(8).sum()
     baseline = _status_kb("VmRSS")
-    t0 = time.perf_counter()
-    phases = {}
+    ph = _Phases()
     if name == "ours_hf_to_jax":
-        config, params = read_hf_dir(src)
-        phases["read"] = time.perf_counter() - t0
-        write_checkpoint(ckpt, 0, config, params, None, {"source": "bench"}, overwrite=True)
+        config, params = ph.run("read", lambda: read_hf_dir(src))
+        params = ph.run("to_jax", lambda: to_device_tree(params))
+        if checkpoint:
+            ph.run("save", lambda: write_checkpoint(ckpt, 0, config, params, None, {"source": "bench"},
+                                                    overwrite=True))
     elif name == "ours_jax_to_hf":
-        config, params = load_params(ckpt)
-        phases["read"] = time.perf_counter() - t0
-        write_hf_dir(config, params, os.path.join(workdir, "hf_ours"), dtype="float16",
-                     shard_size="2GB", overwrite=True)
+        if checkpoint:
+            config, params = ph.run("load", lambda: load_params(ckpt))
+        else:  # JAX params in memory, made from the HF source (not timed as part of the export)
+            config, params = read_hf_dir(src)
+            params = to_device_tree(params)
+        ph.run("write", lambda: write_hf_dir(config, params, os.path.join(workdir, "hf_ours"),
+                                             dtype="float16", shard_size="2GB", overwrite=True))
     elif name == "peer_load":
-        transformers.GPTNeoXForCausalLM.from_pretrained(src, dtype=torch.float32)
+        ph.run("load", lambda: transformers.GPTNeoXForCausalLM.from_pretrained(src, dtype=torch.float32))
     elif name == "peer_load_save":
-        model = transformers.GPTNeoXForCausalLM.from_pretrained(src, dtype=torch.float32)
-        phases["read"] = time.perf_counter() - t0
-        model.half()
-        model.save_pretrained(os.path.join(workdir, "hf_peer"), max_shard_size="2GB")
+        model = ph.run("load", lambda: transformers.GPTNeoXForCausalLM.from_pretrained(src, dtype=torch.float32))
+
+        def save():
+            model.half()
+            model.save_pretrained(os.path.join(workdir, "hf_peer"), max_shard_size="2GB")
+        ph.run("half+save", save)
     else:
         raise SystemExit(f"unknown worker {name}")
-    seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "phases": phases, "peak_kb": _status_kb("VmHWM"), "baseline_kb": baseline}
+    return {"phases": ph.results, "baseline_kb": baseline}
 
 
-def _run_worker(name: str, workdir: str) -> dict:
+def _run_worker(name: str, workdir: str, checkpoint: bool) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", name, "--workdir", workdir],
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--workdir", workdir]
+    if not checkpoint:
+        cmd.append("--no-checkpoint")
+    proc = subprocess.run(cmd,
                           capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"worker {name} failed:\n{proc.stderr[-4000:]}")
@@ -131,10 +155,13 @@ def main() -> None:
     parser.add_argument("--model", default="pythia-1.4b", help="preset whose shape to use")
     parser.add_argument("--workdir", default=None, help="scratch folder (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    parser.add_argument("--no-checkpoint", action="store_true",
+                        help="measure the conversion to/from JAX params in memory, without writing / "
+                             "reading the Orbax checkpoint")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(_worker(args.worker, args.workdir)))
+        print(json.dumps(_worker(args.worker, args.workdir, not args.no_checkpoint)))
         return
 
     from pythia_jax.config import ModelConfig
@@ -151,13 +178,18 @@ def main() -> None:
         print(f"wrote random fp16 sharded model in {time.perf_counter() - t:.1f}s: "
               f"{sorted(os.listdir(os.path.join(workdir, 'hf_src')))}")
         results = {}
+        checkpoint = not args.no_checkpoint
         for name in ("ours_hf_to_jax", "peer_load", "ours_jax_to_hf", "peer_load_save"):
-            results[name] = r = _run_worker(name, workdir)
-            peak, base = r["peak_kb"] * 1024 / 1e9, r["baseline_kb"] * 1024 / 1e9
-            phases = " ".join(f"{k} {v:.1f}s" for k, v in r["phases"].items())
-            print(f"{name:16s} {r['seconds']:7.1f}s ({phases or '-'})  peak RSS {peak:6.2f} GB "
-                  f"= {peak / fp32_gb:.2f}x fp32   (above import baseline {base:.2f} GB: "
-                  f"{peak - base:6.2f} GB = {(peak - base) / fp32_gb:.2f}x fp32)")
+            r = _run_worker(name, workdir, checkpoint)
+            base = r["baseline_kb"] * 1024 / 1e9
+            total = sum(p["seconds"] for p in r["phases"].values())
+            peak = max(p["peak_kb"] for p in r["phases"].values()) * 1024 / 1e9
+            results[name] = {"seconds": total, "peak_gb": peak}
+            print(f"{name:16s} {total:7.1f}s  peak RSS {peak:6.2f} GB = {peak / fp32_gb:.2f}x fp32 "
+                  f"(import baseline {base:.2f} GB)")
+            for phase, p in r["phases"].items():
+                print(f"    {phase:10s} {p['seconds']:7.1f}s  peak {p['peak_kb'] * 1024 / 1e9:6.2f} GB "
+                      f"= {p['peak_kb'] * 1024 / 1e9 / fp32_gb:.2f}x fp32")
         ours_out = os.path.join(workdir, "hf_ours")
         print(f"our export: {sorted(os.listdir(ours_out))}")
         print("ratios (ours / transformers, same run):")
@@ -165,8 +197,8 @@ def main() -> None:
                                  ("ours_jax_to_hf", "peer_load_save", "JAX->HF vs from_pretrained+save_pretrained")):
             a, b = results[ours], results[peer]
             print(f"  {what:45s} time {a['seconds'] / b['seconds']:.2f}x   peak RSS "
-                  f"{a['peak_kb'] / b['peak_kb']:.2f}x")
-        worst = max(r["peak_kb"] for k, r in results.items() if k.startswith("ours")) * 1024 / 1e9
+                  f"{a['peak_gb'] / b['peak_gb']:.2f}x")
+        worst = max(r["peak_gb"] for k, r in results.items() if k.startswith("ours"))
         print(f"worst peak of ours: {worst:.2f} GB = {worst / fp32_gb:.2f}x the fp32 size "
               f"(target < 1.5x): {'OK' if worst < 1.5 * fp32_gb else 'OVER'}")
     finally:

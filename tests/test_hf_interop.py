@@ -248,6 +248,30 @@ def test_export_dtypes(tmp_path, dtype, torch_dtype):
     assert_clean_load(info, messages)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_streaming_safetensors_writer_matches_library(tmp_path, dtype):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    rng = np.random.default_rng(0)
+    np_dtype = hfc.numpy_dtype(dtype)
+    arrays = {"b": rng.standard_normal((3, 5)).astype(np_dtype), "a": rng.standard_normal(7).astype(np_dtype),
+              "c": rng.standard_normal((2, 1, 4)).astype(np_dtype)}
+    n = hfc.write_safetensors(tmp_path / "ours.safetensors", [(k, v.shape) for k, v in arrays.items()],
+                              np_dtype, iter(arrays.items()), metadata={"format": "pt"})
+    assert n == sum(v.nbytes for v in arrays.values())
+    ours = load_file(tmp_path / "ours.safetensors")
+    with safe_open(tmp_path / "ours.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt"} and sorted(f.keys()) == ["a", "b", "c"]
+    torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+    for k, v in arrays.items():
+        want = torch.from_numpy(v.astype(np.float32)).to(torch_dtype)
+        assert ours[k].dtype == torch_dtype and torch.equal(ours[k], want), k
+    save_file({k: torch.from_numpy(v.astype(np.float32)).to(torch_dtype) for k, v in arrays.items()},
+              tmp_path / "lib.safetensors")
+    lib = load_file(tmp_path / "lib.safetensors")
+    assert all(torch.equal(lib[k], ours[k]) for k in arrays)
+
+
 def test_tokenizer_files(tmp_path):
     params = hfc.hf_state_dict_to_params(TINY, hf_state(hf_model(TINY)))
     hfc.write_hf_dir(TINY, params, tmp_path / "hf")
@@ -318,27 +342,26 @@ def test_existing_output_refused_and_overwrite(tmp_path):
 
 
 def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
-    import safetensors.numpy
     params = hfc.hf_state_dict_to_params(TINY, hf_state(hf_model(TINY)))
-    real = safetensors.numpy.save_file
+    real = hfc.copy_cast
     calls = []
 
-    def failing(tensors, path, metadata=None):
-        calls.append(path)
-        if len(calls) == 3:
+    def failing(dst, src, transpose=False):  # dies in the middle of the third shard
+        calls.append(dst.shape)
+        if len(calls) == 12:
             raise KeyboardInterrupt("simulated interruption")
-        return real(tensors, path, metadata=metadata)
+        return real(dst, src, transpose)
 
-    monkeypatch.setattr(safetensors.numpy, "save_file", failing)
+    monkeypatch.setattr(hfc, "copy_cast", failing)
     with pytest.raises(KeyboardInterrupt):
         hfc.write_hf_dir(TINY, params, tmp_path / "out", shard_size="20KB")
-    assert len(calls) == 3 and os.listdir(tmp_path) == []
+    assert len(calls) == 12 and os.listdir(tmp_path) == []
     # the same while overwriting: the old directory survives untouched
-    monkeypatch.setattr(safetensors.numpy, "save_file", real)
+    monkeypatch.setattr(hfc, "copy_cast", real)
     hfc.write_hf_dir(TINY, params, tmp_path / "out", dtype="float32")
     before = read_weights(tmp_path / "out")
     calls.clear()
-    monkeypatch.setattr(safetensors.numpy, "save_file", failing)
+    monkeypatch.setattr(hfc, "copy_cast", failing)
     with pytest.raises(KeyboardInterrupt):
         hfc.write_hf_dir(TINY, params, tmp_path / "out", shard_size="20KB", overwrite=True)
     assert os.listdir(tmp_path) == ["out"]

@@ -463,10 +463,8 @@ def write_hf_dir(config: ModelConfig, params: Mapping[str, Any], out_dir: str | 
 
     Files: config.json, model.safetensors (or model-0000k-of-0000N.safetensors +
     model.safetensors.index.json when over ``shard_size``), generation_config.json and the
-    GPT-NeoX-20B tokenizer files. Holds at most one shard of converted tensors besides ``params``.
+    GPT-NeoX-20B tokenizer files. Streams: besides ``params`` it holds one converted tensor.
     """
-    from safetensors.numpy import save_file
-
     from pythia_jax.io_utils import atomic_output_dir, check_output_dir
 
     name = canonical_dtype(dtype)
@@ -481,17 +479,11 @@ def write_hf_dir(config: ModelConfig, params: Mapping[str, Any], out_dir: str | 
     total_size = 0
     with atomic_output_dir(out_dir, overwrite) as tmp, \
             _progress(progress, sum(map(len, shards)), f"writing {os.path.basename(os.fspath(out_dir))}") as bar:
+        shapes = hf_shapes(config)
         for keys, file in zip(shards, files):
-            shard: dict[str, np.ndarray] = {}
-            for expected_key in keys:
-                key, value = next(tensors)
-                assert key == expected_key
-                shard[key] = value
-                weight_map[key] = file
-                total_size += value.nbytes
-                bar()
-            save_file(shard, str(tmp / file), metadata={"format": "pt"})
-            del shard
+            total_size += write_safetensors(tmp / file, [(k, shapes[k]) for k in keys], np_dtype,
+                                            tensors, metadata={"format": "pt"}, on_tensor=bar)
+            weight_map.update({k: file for k in keys})
         if n > 1:
             _write_json(tmp / SAFE_INDEX, {"metadata": {"total_size": total_size},
                                            "weight_map": dict(sorted(weight_map.items()))})
@@ -503,6 +495,47 @@ def write_hf_dir(config: ModelConfig, params: Mapping[str, Any], out_dir: str | 
                     {"_from_model_config": True, "bos_token_id": 0, "eos_token_id": 0})
         write_tokenizer_files(tmp, config.max_position_embeddings)
     return os.fspath(os.path.abspath(out_dir))
+
+
+_ST_CODES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
+
+
+def write_safetensors(path: str | os.PathLike, entries: list[tuple[str, tuple[int, ...]]], dtype: np.dtype,
+                      tensors: Iterator[tuple[str, np.ndarray]], metadata: Mapping[str, str] | None = None,
+                      on_tensor: Callable[[], None] | None = None) -> int:
+    """Write a safetensors file tensor by tensor; return the bytes of tensor data.
+
+    ``entries`` (key, shape) fix the header up front (the format puts all offsets first), then
+    ``tensors`` yields the arrays in that order, each written and dropped before the next is
+    made, so a shard never has to sit in memory (``safetensors.numpy.save_file`` needs the whole
+    dict). Same layout as the library writes: little-endian u64 header size, JSON header padded
+    with spaces to 8 bytes, ``__metadata__``, contiguous ``data_offsets``.
+    """
+    dtype = np.dtype(dtype)
+    code = _ST_CODES[canonical_dtype(dtype)]
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for key, shape in entries:
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        header[key] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for key, shape in entries:
+            got, value = next(tensors)
+            if got != key or value.shape != tuple(shape) or value.dtype != dtype:
+                raise AssertionError(f"tensor stream out of order: {got} {value.shape} for {key} {shape}")
+            value = np.ascontiguousarray(value)
+            if value.dtype.byteorder == ">":
+                value = value.byteswap()
+            f.write(value.view(np.uint8).data)
+            del value
+            if on_tensor is not None:
+                on_tensor()
+    return offset
 
 
 def write_tokenizer_files(directory: str | os.PathLike, model_max_length: int = 2048) -> None:
