@@ -105,12 +105,16 @@ _CKPT_SCRIPT = textwrap.dedent("""
             for shard in got.addressable_shards:
                 np.testing.assert_array_equal(np.asarray(shard.data), np.asarray(want)[shard.index])
         print("RESTORED", jax.process_index(), restored.metadata)
-    elif mode == "guard":
-        guard = PreemptionGuard(sync_every=1, use_jax_sync_point=False).install()
+    elif mode in ("guard", "guard_jax"):
+        # "guard": our handler + an all-gather of the flags; "guard_jax": JAX's preemption sync
+        # manager (what TPU pods use), which owns SIGTERM and agrees on a step in the background.
+        import os, time
+        guard = PreemptionGuard(sync_every=1, use_jax_sync_point=mode == "guard_jax").install()
         stopped = None
-        for step in range(1, 50):
+        for step in range(1, 1000):
             if step == 5 and jax.process_index() == 1:
-                signal.raise_signal(signal.SIGTERM)  # only this process is told
+                os.kill(os.getpid(), signal.SIGTERM)  # only this process is told
+            time.sleep(0.01)
             if guard.should_stop(step):
                 stopped = step
                 break
@@ -132,12 +136,17 @@ def test_checkpoints_across_process_counts(tmp_path):
     assert all("RESTORED" in o and "{'processes': 1}" in o for o in outs)
 
 
-def test_preemption_guard_agrees_across_processes(tmp_path):
+@pytest.mark.parametrize("mode", ["guard", "guard_jax"])
+def test_preemption_guard_agrees_across_processes(tmp_path, mode):
     script = tmp_path / "guard_mp.py"
     script.write_text(_CKPT_SCRIPT)
-    outs = run_group(script, 2, 2, "guard", str(tmp_path))
+    outs = run_group(script, 2, 2, mode, str(tmp_path))
     lines = [next(l for l in o.splitlines() if l.startswith("STOPPED")) for o in outs]
-    assert [l.split()[2] for l in lines] == ["5", "5"], lines
+    steps = [l.split()[2] for l in lines]
+    assert steps[0] == steps[1] != "None", lines
+    if mode == "guard":
+        assert steps == ["5", "5"], lines
+    assert all("received SIGTERM" in l for l in lines), lines
 
 
 # --------------------------------------------------------------------------- training

@@ -87,7 +87,7 @@ class PreemptionGuard:
         return self._event.is_set()
 
     def request_stop(self) -> None:
-        """Set the flag by hand (same effect as receiving a signal on this process)."""
+        """Set the flag by hand (same effect as receiving a signal on this process, unnamed)."""
         self._event.set()
 
     def should_stop(self, step: int) -> bool:
@@ -123,8 +123,14 @@ class PreemptionGuard:
             return False
         from jax.experimental import multihost_utils
 
-        flags = multihost_utils.process_allgather(np.asarray(int(self._event.is_set()), np.int32))
-        return bool(np.max(flags))
+        # Gather the signal numbers (0: none; -1: request_stop) so every process can name the signal.
+        local = self._received if self._received is not None else (-1 if self._event.is_set() else 0)
+        signums = np.asarray(multihost_utils.process_allgather(np.asarray(local, np.int32))).ravel()
+        if not np.any(signums):
+            return False
+        if self._received is None and np.max(signums) > 0:
+            self._received = int(np.max(signums))
+        return True
 
     def _jax_sync_point_available(self) -> bool:
         if self._use_jax_sync_point is False:
