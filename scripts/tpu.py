@@ -150,7 +150,11 @@ def setup_commands(args: argparse.Namespace) -> list[list[str]]:
 
 def train_remote_command(args: argparse.Namespace) -> str:
     """The shell line every worker runs: start ``pythia-jax train`` in the background, log + pid files."""
-    train = ["pythia-jax", "train"] + [f"--gin_file={f}" for f in args.gin_file] + list(args.train_args)
+    train = ["pythia-jax", "train"] + [f"--gin_file={f}" for f in args.gin_file]
+    if args.distributed:
+        # Every worker joins one JAX job; JAX finds the coordinator from the TPU metadata.
+        train.append("--gin.DistributedConfig.initialize='yes'")
+    train += list(args.train_args)
     env = "".join(f"{shlex.quote(e)} " for e in args.env)
     pid, log = f'"{PID_FILE}"', f'"{args.log_file}"'
     return (f'cd "{REMOTE_DIR}" && . .venv/bin/activate && '
@@ -244,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "the project directory on the workers")
     t.add_argument("--env", action="append", default=[], help="KEY=VALUE for the trainer (repeatable)")
     t.add_argument("--log-file", default=LOG_FILE)
+    t.add_argument("--no-distributed", dest="distributed", action="store_false",
+                   help="do not force jax.distributed.initialize() (default: forced, as pods need it)")
 
     lg = sub.add_parser("logs", help="show / stream the training log")
     lg.add_argument("--worker", default="0", help="worker index or 'all'")

@@ -87,13 +87,16 @@ def test_train_launches_in_background_on_all_workers_with_gin_passthrough():
     words = shlex.split(remote)
     i = words.index("nohup")
     assert words[i - 1] == "TPU_STDERR_LOG_LEVEL=2"
-    assert words[i + 1:i + 6] == ["pythia-jax", "train", "--gin_file=configs/train/pythia-1.4b.gin",
+    assert words[i + 1:i + 7] == ["pythia-jax", "train", "--gin_file=configs/train/pythia-1.4b.gin",
+                                  "--gin.DistributedConfig.initialize='yes'",
                                   "--gin.TrainConfig.output_dir='gs://bucket/pythia-1.4b'",
                                   "--gin.MeshConfig.fsdp=32"]
-    assert words[i + 6:i + 8] == [">", "$HOME/pythia-jax-train.log"]
+    assert words[i + 7:i + 9] == [">", "$HOME/pythia-jax-train.log"]
     assert "$HOME/pythia-jax-train.pid" in words and "&" in words
     with pytest.raises(tpu.UsageError, match="gin_file"):
         commands("train")
+    (ssh,) = commands("train", "--gin_file", "a.gin", "--no-distributed")
+    assert "DistributedConfig" not in remote_of(ssh)
 
 
 def test_train_remote_command_is_valid_shell(tmp_path):
