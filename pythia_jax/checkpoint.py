@@ -30,18 +30,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import logging
 import os
 import time
 import warnings
-from typing import Any, Callable, Collection, Iterable, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 import numpy as np
 
 from pythia_jax.config import ConfigError, ModelConfig
 from pythia_jax.errors import CheckpointError
 
-log = logging.getLogger(__name__)
 
 MODEL_CONFIG_FILE = "model_config.json"
 PARAMS = "params"
@@ -313,8 +311,6 @@ def _abstract_like(tree: Any, sharding_for: Callable[[Any], Any]) -> Any:
 
 def _check_shapes(item: str, stored: Any, target: Any, where: str) -> None:
     """Compare stored array metadata with the restore target: CheckpointError on any mismatch."""
-    import jax
-
     stored_leaves = dict(_leaf_paths(stored))
     target_leaves = dict(_leaf_paths(target))
     missing = sorted(set(target_leaves) - set(stored_leaves))
@@ -331,7 +327,6 @@ def _check_shapes(item: str, stored: Any, target: Any, where: str) -> None:
         if s_shape != t_shape:
             problems.append(f"{k} has shape {s_shape} in the checkpoint but {t_shape} in the model")
     if problems:
-        del jax
         raise CheckpointError(f"{where}: {item} does not match the model: " + "; ".join(problems[:4]))
 
 
