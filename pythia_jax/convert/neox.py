@@ -808,28 +808,37 @@ def optimizer_settings(yml: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # =========================================================================== writing (TP 1)
-def _neox_tensors(config: ModelConfig, params: Mapping[str, Any], dtype: Any) -> dict[int, dict[str, np.ndarray]]:
-    """params -> {pipeline layer index: {NeoX key: np.ndarray}} (TP 1, v1 key names)."""
+def iter_neox_layers(config: ModelConfig, params: Mapping[str, Any], dtype: Any
+                     ) -> Iterable[tuple[int, dict[str, np.ndarray]]]:
+    """Yield ``(pipeline layer index, {NeoX key: np.ndarray})`` one layer at a time (TP 1, v1 names).
+
+    Built from ``iter_hf_tensors`` (HF order groups tensors by layer), so only one layer's
+    tensors exist at a time besides ``params``.
+    """
     L = config.num_layers
     hf_to_neox = {hf: neox for neox, (hf, _) in KEY_CONVENTIONS["v1"].items()}
-    out: dict[int, dict[str, np.ndarray]] = {0: {}, L + 3: {}, L + 4: {}}
-    for i in range(L):
-        out[i + 2] = {}
-    for key, value in hf_convert.iter_hf_tensors(config, params, dtype):
-        if key == "gpt_neox.embed_in.weight":
-            out[0]["word_embeddings.weight"] = value
-        elif key == "embed_out.weight":
-            out[L + 4]["final_linear.weight"] = value
-        elif key.startswith("gpt_neox.final_layer_norm."):
-            out[L + 3]["norm." + key.rsplit(".", 1)[1]] = value
-        else:
-            _, _, i, suffix = key.split(".", 3)
-            out[int(i) + 2][hf_to_neox[suffix]] = value
     rd = config.rotary_ndims
     inv_freq = 1.0 / (config.rotary_emb_base ** (np.arange(0, rd, 2, dtype=np.float32) / rd))
-    for i in range(L):
-        out[i + 2]["attention.rotary_emb.inv_freq"] = inv_freq.astype(np.float32).astype(dtype)
-    return out
+    current, group = None, {}
+    for key, value in hf_convert.iter_hf_tensors(config, params, dtype):
+        if key == "gpt_neox.embed_in.weight":
+            idx, name = 0, "word_embeddings.weight"
+        elif key == "embed_out.weight":
+            idx, name = L + 4, "final_linear.weight"
+        elif key.startswith("gpt_neox.final_layer_norm."):
+            idx, name = L + 3, "norm." + key.rsplit(".", 1)[1]
+        else:
+            _, _, i, suffix = key.split(".", 3)
+            idx, name = int(i) + 2, hf_to_neox[suffix]
+        if idx != current and group:
+            yield current, group
+            group = {}
+        current = idx
+        if not group and 2 <= idx < L + 2:
+            group["attention.rotary_emb.inv_freq"] = inv_freq.astype(dtype)
+        group[name] = value
+    if group:
+        yield current, group
 
 
 def neox_yml(config: ModelConfig, vocab_file: str | None = None, **extra: Any) -> dict[str, Any]:
@@ -910,12 +919,12 @@ def write_neox_checkpoint(config: ModelConfig, params: Mapping[str, Any], out_di
     with atomic_output_dir(out_dir, overwrite) as tmp:
         step_dir = tmp / tag
         (step_dir / "configs").mkdir(parents=True)
-        layers = _neox_tensors(config, params, np_dtype)
-        with hf_convert._progress(progress, len(layers), f"writing {tag}") as bar:
-            for idx in sorted(layers):
-                tensors = {k: torch.tensor(np.asarray(v)).to(torch_dtype)
-                           for k, v in layers.pop(idx).items()}
+        with hf_convert._progress(progress, config.num_layers + 3, f"writing {tag}") as bar:
+            for idx, layer in iter_neox_layers(config, params, np_dtype):
+                tensors = {k: torch.from_numpy(v).to(torch_dtype) for k, v in layer.items()}
+                del layer
                 torch.save(tensors, step_dir / f"layer_{idx:02d}-model_00-model_states.pt")
+                del tensors
                 bar()
         torch.save({"module": None, "buffer_names": [], "optimizer": None, "param_shapes": None,
                     "lr_scheduler": None, "sparse_tensor_module_names": set(), "skipped_steps": 0,
