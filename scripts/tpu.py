@@ -186,7 +186,7 @@ def stop_commands(args: argparse.Namespace) -> list[list[str]]:
 
 
 def status_commands(args: argparse.Namespace) -> list[list[str]]:
-    if args.multislice:
+    if args.multislice or args.queued:
         return [["gcloud", "compute", "tpus", "queued-resources", "describe", args.name] + _location(args)]
     return [["gcloud", "compute", "tpus", "tpu-vm", "describe", args.name] + _location(args)]
 
@@ -260,7 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("stop", help="SIGTERM the trainer on every worker (checkpoint, clean exit)")
     st.add_argument("--kill", action="store_true", help="SIGKILL instead (no checkpoint)")
 
-    sub.add_parser("status", help="describe the TPU / queued resource")
+    stat = sub.add_parser("status", help="describe the TPU (or, with --queued, its queued resource)")
+    stat.add_argument("--queued", action="store_true", help="describe the queued resource (its state: "
+                      "WAITING_FOR_RESOURCES, PROVISIONING, ACTIVE…)")
     d = sub.add_parser("delete", help="delete the TPU (and its queued resource)")
     d.add_argument("--queued", action="store_true", help="it was created with --queued")
 

@@ -114,6 +114,7 @@ def test_logs_stop_status_delete():
     assert "--worker=all" in stop and "kill -TERM" in remote_of(stop)
     assert "kill -KILL" in remote_of(commands("stop", "--kill")[0])
     assert commands("status")[0][:6] == ["gcloud", "compute", "tpus", "tpu-vm", "describe", "pythia"]
+    assert commands("status", "--queued")[0][3:6] == ["queued-resources", "describe", "pythia"]
     assert commands("delete")[0] == ["gcloud", "compute", "tpus", "tpu-vm", "delete", "pythia",
                                      "--zone=us-central2-b", "--project=proj", "--quiet"]
     assert commands("delete", "--queued")[0][3:6] == ["queued-resources", "delete", "pythia"]
