@@ -261,6 +261,8 @@ def train(cfg: TrainConfig, *, devices=None, max_steps: int | None = None) -> Tr
                     writer.message(guard.message)
                     stopped = "preempted"
                     break
+        if stopped is None:  # the last step of this invocation is always resumable
+            ckpt.save(step, state.params, state.opt_state, data_it, _metadata(state, cfg), force=True)
         ckpt.wait_until_finished()
         hf_dir = None
         if cfg.export_hf and stopped is None and step == cfg.num_steps:

@@ -18,6 +18,7 @@ Only process 0 writes anything.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from typing import Mapping
@@ -176,6 +177,8 @@ class MetricWriter:
 
 def _fmt(v: float) -> str:
     v = float(v)
+    if not math.isfinite(v):
+        return str(v)
     if v == int(v) and abs(v) < 1e9:
         return str(int(v))
     if abs(v) >= 1e4 or abs(v) < 1e-3:
