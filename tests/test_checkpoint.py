@@ -283,7 +283,7 @@ _RESHARD_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     sys.path.insert(0, {tests!r})
-    from test_checkpoint import _params, TINY
+    from test_checkpoint import _params, _trained_opt_state, TINY
     from pythia_jax import checkpoint as C
 
     mode, directory, mesh_shape = sys.argv[1], sys.argv[2], tuple(json.loads(sys.argv[3]))
@@ -298,18 +298,29 @@ _RESHARD_SCRIPT = textwrap.dedent("""
     }}
     shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
     params = _params(11)
+    opt_state = _trained_opt_state(params)
+    # Adam moments sharded like the params, scalars replicated (what the trainer does).
+    replicated = jax.tree.map(lambda x: NamedSharding(mesh, P()), opt_state)
+    adam_sh = opt_state[1][0]._replace(count=NamedSharding(mesh, P()), mu=shardings, nu=shardings)
+    opt_shardings = (replicated[0], (adam_sh,) + tuple(replicated[1][1:]))
     if mode == "save":
         sharded = jax.device_put(params, shardings)
+        sharded_opt = jax.device_put(opt_state, opt_shardings)
         with C.TrainCheckpointer(directory, save_steps=[7], model_config=TINY) as ckpt:
-            assert ckpt.save(7, sharded, None, None, {{"devices": jax.device_count()}})
+            assert ckpt.save(7, sharded, sharded_opt, None, {{"devices": jax.device_count()}})
     else:
-        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings)
+        to_abstract = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+        abstract = {{"params": jax.tree.map(to_abstract, params, shardings),
+                    "opt_state": jax.tree.map(to_abstract, opt_state, opt_shardings)}}
         with C.TrainCheckpointer(directory, save_steps=(), model_config=TINY) as ckpt:
-            restored = ckpt.restore(None, {{"params": abstract}})
+            restored = ckpt.restore(None, abstract)
         assert restored.metadata == {{"devices": 8}}
-        for got, want, s in zip(jax.tree.leaves(restored.params), jax.tree.leaves(params), jax.tree.leaves(shardings)):
-            assert got.sharding == s, (got.sharding, s)
-            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        for tree, want_tree, sh in ((restored.params, params, shardings),
+                                    (restored.opt_state, opt_state, opt_shardings)):
+            assert jax.tree.structure(tree) == jax.tree.structure(want_tree)
+            for got, want, s in zip(jax.tree.leaves(tree), jax.tree.leaves(want_tree), jax.tree.leaves(sh)):
+                assert got.sharding == s, (got.sharding, s)
+                np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     print("OK", mode, mesh_shape)
 """)
 
