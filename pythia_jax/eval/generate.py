@@ -5,7 +5,7 @@ Prompts of different lengths are left-padded into one batch (``key_mask`` hides 
 forward pass fills the cache with the prompts, then a ``lax.while_loop`` decodes one token per
 step until ``max_new_tokens`` or until every row has produced the stop token (EOD).
 Compilation is keyed by (batch, padded prompt length, max_new_tokens, sampling settings); prompt
-lengths are bucketed to powers of two.
+lengths are bucketed (``runtime.next_bucket``).
 """
 
 from __future__ import annotations

@@ -99,6 +99,12 @@ def place_model(model: Any, mesh: Mesh | None = None, rules: Sequence[tuple[str,
 
 
 def next_bucket(length: int, minimum: int, maximum: int) -> int:
-    """The smallest power of two >= ``length`` (at least ``minimum``), capped at ``maximum``."""
-    b = max(minimum, 1 << max(0, int(length) - 1).bit_length())
+    """The smallest bucket >= ``length`` (at least ``minimum``, capped at ``maximum``).
+
+    Buckets are powers of two and 1.5x powers of two (…, 64, 96, 128, 192, 256, 384, …): at most
+    a third of a batch is padding, and a task compiles about two shapes per doubling of length.
+    """
+    length = max(int(length), int(minimum), 1)
+    p = 1 << (length - 1).bit_length()  # power of two >= length
+    b = p if p < 4 or (3 * p) // 4 < length else (3 * p) // 4
     return min(b, maximum)

@@ -4,8 +4,9 @@
 Requests are token lists. The model sees ``(context + continuation)[-(max_len + 1):][:-1]``, as
 lm-evaluation-harness feeds a causal model, so a context longer than the window is cut from the
 left (such requests are counted in ``ScoreResult.truncated``). Requests are sorted by length,
-right-padded to a power-of-two bucket and run in batches of a fixed size, so a whole task
-compiles once per bucket (a handful of times). The batch axis is sharded over the mesh.
+right-padded to a length bucket (powers of two and 1.5x powers of two) and run in batches of a
+fixed size, so a whole task compiles once per bucket (a handful of times). The batch axis is
+sharded over the mesh.
 """
 
 from __future__ import annotations
@@ -36,14 +37,21 @@ class ScoreResult:
 
 
 def _score_fn(placed: PlacedModel) -> Callable:
-    def score(params, tokens, targets, mask):
-        """tokens/targets int32 [B, L], mask bool [B, L] -> (loglik f32 [B], greedy bool [B])."""
+    def score(params, tokens, positions, targets, mask):
+        """tokens int32 [B, L]; positions/targets int32 [B, C] (the C scored positions of each row
+        and the tokens expected there); mask bool [B, C] -> (loglik f32 [B], greedy bool [B]).
+
+        Only the C scored positions go through the softmax reductions (C is usually much smaller
+        than L). A token is greedy when its logit equals the row maximum.
+        """
         model = placed.build(params)
         logits = model(tokens).astype(jnp.float32)
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        token_lp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-        loglik = jnp.sum(jnp.where(mask, token_lp, 0.0), axis=-1)
-        greedy = jnp.all(jnp.where(mask, jnp.argmax(logits, axis=-1) == targets, True), axis=-1)
+        logits = jnp.take_along_axis(logits, positions[..., None], axis=1)  # [B, C, V]
+        target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        top = jnp.max(logits, axis=-1)
+        lse = top + jnp.log(jnp.sum(jnp.exp(logits - top[..., None]), axis=-1))
+        loglik = jnp.sum(jnp.where(mask, target_logit - lse, 0.0), axis=-1)
+        greedy = jnp.all(jnp.where(mask, target_logit >= top, True), axis=-1)
         return loglik, greedy
 
     return jax.jit(score)
@@ -67,7 +75,7 @@ class Scorer:
         self.batch_size = self.placed.round_batch(batch_size)
         self.min_bucket = min(min_bucket, self.max_len)
         self._score = _score_fn(self.placed)
-        self.compiled_shapes: set[tuple[int, int]] = set()
+        self.compiled_shapes: set[tuple[int, int, int]] = set()  # (batch, length, scored positions)
 
     def loglikelihood(self, requests: Sequence[Request], progress: bool = False) -> ScoreResult:
         """Sum of log p(continuation | context) per request; see ``ScoreResult``."""
@@ -98,18 +106,21 @@ class Scorer:
             batches = tqdm(batches, desc="scoring", unit="batch")
         for idx in batches:
             L = next_bucket(max(len(rows[i][0]) - 1 for i in idx), self.min_bucket, self.max_len)
+            C = next_bucket(max(rows[i][1] for i in idx), min(8, L), L)
             tokens = np.zeros((B, L), np.int32)
-            targets = np.zeros((B, L), np.int32)
-            mask = np.zeros((B, L), bool)
+            positions = np.zeros((B, C), np.int32)
+            targets = np.zeros((B, C), np.int32)
+            mask = np.zeros((B, C), bool)
             for r, i in enumerate(idx):
                 whole, n_cont = rows[i]
-                m = len(whole) - 1
+                m = len(whole) - 1  # input length; inputs whole[:-1] predict whole[1:]
                 tokens[r, :m] = whole[:-1]
-                targets[r, :m] = whole[1:]
-                mask[r, m - n_cont:m] = True
-            self.compiled_shapes.add((B, L))
-            ll, gr = self._score(self.placed.params, self.placed.put_batch(tokens),
-                                 self.placed.put_batch(targets), self.placed.put_batch(mask))
+                positions[r, :n_cont] = np.arange(m - n_cont, m)
+                targets[r, :n_cont] = whole[-n_cont:]
+                mask[r, :n_cont] = True
+            self.compiled_shapes.add((B, L, C))
+            put = self.placed.put_batch
+            ll, gr = self._score(self.placed.params, put(tokens), put(positions), put(targets), put(mask))
             ll, gr = np.asarray(ll), np.asarray(gr)
             for r, i in enumerate(idx):
                 loglik[i] = ll[r]
