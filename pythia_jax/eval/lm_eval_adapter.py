@@ -2,8 +2,8 @@
 
 Importing this module registers the model name ``pythia_jax``::
 
-    lm_eval --model pythia_jax --model_args path=/ckpts,step=1000,batch_size=16 --tasks piqa \\
-            --include_path <dir with this import>   # or: python -m pythia_jax.eval.lm_eval_adapter ...
+    python -m pythia_jax.eval.lm_eval_cli --model pythia_jax --model_args path=/ckpts,step=1000 \\
+        --batch_size 16 --tasks piqa          # the lm_eval CLI with this module imported
 
 ``path`` is anything ``pythia_jax.eval.loading.load_model_params`` reads (an HF directory, HF
 ``step<N>/`` revision folders, or a checkpoint directory of this project; ``step`` picks one).
@@ -144,9 +144,3 @@ def harness_task_from_file(task: str | os.PathLike, data_file: str | os.PathLike
     cfg.pop("tag", None)
     cfg.pop("group", None)
     return ConfigurableTask(config=cfg)
-
-
-if __name__ == "__main__":  # ``python -m pythia_jax.eval.lm_eval_adapter`` = the lm_eval CLI with this model
-    from lm_eval.__main__ import cli_evaluate
-
-    cli_evaluate()
