@@ -152,3 +152,26 @@ def test_cli_eval_plot_generate(runs, tmp_path, capsys):
     assert main(["generate", str(runs / "hf"), "--step", "1000", "--prompt", "Hello", "--max-new-tokens", "4",
                  "--temperature", "0.8", "--top-k", "20"]) == 0
     assert capsys.readouterr().out.startswith("Hello")
+
+
+def test_perplexity_on_indexed_dataset(runs, tmp_path):
+    """Documents come from doc_idx boundaries of an indexed dataset; the loss equals a direct
+    rolling computation over exactly those token lists."""
+    from pythia_jax.data.indexed import write_indexed_dataset
+    from pythia_jax.eval.loading import load_model_params
+    from pythia_jax.eval.perplexity import documents_from_indexed
+    from pythia_jax.eval.runtime import place_model
+    from pythia_jax.eval.scoring import Scorer
+
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(2, 50000, n).tolist() + [0] for n in (10, 200, 40)]
+    prefix = write_indexed_dataset(str(tmp_path / "ppl"), docs)
+    assert [d.tolist() for d in documents_from_indexed(prefix)] == docs
+    out = tmp_path / "p.jsonl"
+    R.evaluate_checkpoints(runs / "ckpt", [0], settings(tasks=["perplexity"], ppl_data=prefix), out,
+                           log=lambda _: None)
+    got = {r["metric"]: r for r in R.read_table(out)}
+    config, params = load_model_params(runs / "ckpt", 0)
+    res = Scorer(place_model(params, config=config)).loglikelihood_rolling(docs)
+    assert got["loss"]["value"] == pytest.approx(-res.loglik.sum() / sum(map(len, docs)), rel=1e-5)
+    assert got["loss"]["num_examples"] == 3 and not math.isnan(got["doc_loss"]["stderr"])
