@@ -12,7 +12,7 @@ CPU prints step time, tokens/s and the ratio PyTorch time / pythia-jax time (> 1
 faster). GPU mode prints tokens/s, tokens/s/chip and MFU (model FLOPs as in
 ``pythia_jax.train.metrics``: 6·(params − V·H) + causal-halved attention, against the device's peak
 dense bf16 FLOP/s) for both implementations (PyTorch: bf16 autocast, fp32 master weights, SDPA
-attention, fused AdamW). The whole GPU run takes about 3 minutes on one H100.
+attention, fused AdamW). Each measurement runs in its own process; the whole GPU run takes about 3 minutes on one H100.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def jax_step_times(model_name: str, batch: int, seq: int, steps: int, warmup: in
 
 # --------------------------------------------------------------------------------------- PyTorch
 def torch_step_times(model_name: str, batch: int, seq: int, steps: int, warmup: int, device: str,
-                     bf16: bool) -> list[float]:
+                     bf16: bool, checkpointing: bool = False) -> list[float]:
     """Seconds per step of HF GPTNeoXForCausalLM + clip_grad_norm_ + torch AdamW (masked decay)."""
     import numpy as np
     import torch
@@ -74,6 +74,9 @@ def torch_step_times(model_name: str, batch: int, seq: int, steps: int, warmup: 
     hf_config = transformers.GPTNeoXConfig(**config.to_hf_dict())
     hf_config._attn_implementation = "sdpa"
     model = transformers.GPTNeoXForCausalLM(hf_config).to(device=device, dtype=torch.float32)
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
     decay = [p for n, p in model.named_parameters() if n.endswith(".weight") and "norm" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (n.endswith(".weight") and "norm" not in n)]
     optim = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
@@ -125,13 +128,49 @@ def run_cpu(args) -> None:
           f"pythia-jax compile {compile_s:.1f} s (once)")
 
 
-GPU_CASES = (  # model, global batch (seq 2048), remat
-    ("pythia-410m", 16, "none"),
+GPU_CASES = (  # model, global batch (seq 2048), remat of pythia-jax
+    ("pythia-410m", 16, "dots_with_no_batch_dims_saveable"),
     ("pythia-1.4b", 8, "dots_with_no_batch_dims_saveable"),
 )
 
 
+def gpu_case(args) -> None:
+    """One GPU measurement in this (fresh) process: prints ``CASE {json}``."""
+    import json
+
+    impl, name, batch, remat = args.case.split(":")
+    batch, seq = int(batch), 2048
+    out = {"impl": impl, "model": name, "batch": batch, "remat": remat, "note": ""}
+    try:
+        if impl == "jax":
+            times, compile_s = jax_step_times(name, batch, seq, args.steps, args.warmup, "bfloat16", remat)
+            out["note"] = f"compile {compile_s:.0f}s"
+        else:
+            try:
+                times = torch_step_times(name, batch, seq, args.steps, args.warmup, "cuda", bf16=True)
+            except Exception as e:  # noqa: BLE001 - out of memory: retry with activation checkpointing
+                if "out of memory" not in str(e).lower():
+                    raise
+                import torch
+                torch.cuda.empty_cache()
+                times = torch_step_times(name, batch, seq, args.steps, args.warmup, "cuda", bf16=True,
+                                         checkpointing=True)
+                out["remat"] = "full"
+                out["note"] = "gradient checkpointing (OOM without)"
+        out["step_s"] = statistics.median(times)
+    except Exception as e:  # noqa: BLE001 - report and go on
+        out["note"] = f"{type(e).__name__}: {str(e).splitlines()[0][:90]}"
+    print("CASE " + json.dumps(out), flush=True)
+
+
 def run_gpu(args) -> None:
+    """Every (implementation, model) in its own process: JAX preallocates GPU memory, and one
+    framework's cached memory must not starve the other."""
+    import json
+    import subprocess
+
+    child_env = dict(os.environ)
+    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # this parent only asks for the device kind
     import jax
 
     from pythia_jax.config import ModelConfig
@@ -142,42 +181,41 @@ def run_gpu(args) -> None:
     peak = peak_flops_per_device(args.peak_flops, devices[0])
     seq = 2048
     print(f"GPU: {n} x {devices[0].device_kind}, peak {peak / 1e12:.0f} TFLOP/s bf16 per chip, seq {seq}, "
-          f"bf16 compute with fp32 master weights, {args.steps} timed steps after {args.warmup} warm-up\n",
+          f"bf16 compute with fp32 master weights, median of {args.steps} steps after {args.warmup} warm-up\n",
           flush=True)
     rows = []
     for name, batch, remat in GPU_CASES:
-        fpt = flops_per_token(ModelConfig.preset(name), seq)
-        tokens = batch * seq
-        try:
-            jt, compile_s = jax_step_times(name, batch, seq, args.steps, args.warmup, "bfloat16", remat)
-            j = statistics.median(jt)
-            rows.append((f"pythia-jax {name}", batch, remat, j, tokens / j, tokens / j / n,
-                         tokens / j * fpt / (n * peak), f"compile {compile_s:.0f}s"))
-        except Exception as e:  # noqa: BLE001 - report and go on (OOM etc.)
-            rows.append((f"pythia-jax {name}", batch, remat, None, None, None, None, f"{type(e).__name__}: {str(e)[:80]}"))
-        print(rows[-1], flush=True)
-        if args.no_torch:
-            continue
-        try:
-            tt = torch_step_times(name, batch, seq, args.steps, args.warmup, "cuda", bf16=True)
-            t = statistics.median(tt)
-            rows.append((f"HF PyTorch {name}", batch, "none", t, tokens / t, tokens / t / n,
-                         tokens / t * fpt / (n * peak), ""))
-        except Exception as e:  # noqa: BLE001
-            rows.append((f"HF PyTorch {name}", batch, "none", None, None, None, None, f"{type(e).__name__}: {str(e)[:80]}"))
-        print(rows[-1], flush=True)
+        for impl in ("jax",) + (() if args.no_torch else ("torch",)):
+            case = f"{impl}:{name}:{batch}:{remat if impl == 'jax' else 'none'}"
+            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--case", case,
+                                   "--steps", str(args.steps), "--warmup", str(args.warmup)],
+                                  capture_output=True, text=True, env=child_env)
+            lines = [l for l in proc.stdout.splitlines() if l.startswith("CASE ")]
+            if not lines:
+                tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                res = {"impl": impl, "model": name, "batch": batch, "remat": remat, "note": f"crashed: {tail[:90]}"}
+            else:
+                res = json.loads(lines[-1][5:])
+            fpt = flops_per_token(ModelConfig.preset(name), seq)
+            if res.get("step_s"):
+                tps = batch * seq / res["step_s"]
+                res.update(tokens_s=tps, tokens_s_chip=tps / n, mfu=tps * fpt / (n * peak))
+            rows.append(res)
+            print(res, flush=True)
+    label = {"jax": "pythia-jax", "torch": "HF PyTorch"}
     print(f"\n{'implementation / model':26s} {'batch':>5s} {'remat':>10s} {'step s':>7s} {'tokens/s':>9s} "
           f"{'tok/s/chip':>10s} {'MFU':>6s}  note")
-    for name, batch, remat, step, tps, tpc, mfu, note in rows:
-        if step is None:
-            print(f"{name:26s} {batch:5d} {remat[:10]:>10s} {'-':>7s} {'-':>9s} {'-':>10s} {'-':>6s}  {note}")
+    for r in rows:
+        head = f"{label[r['impl']] + ' ' + r['model']:26s} {r['batch']:5d} {r['remat'][:10]:>10s}"
+        if r.get("step_s"):
+            print(f"{head} {r['step_s']:7.3f} {r['tokens_s']:9.0f} {r['tokens_s_chip']:10.0f} {r['mfu']:6.1%}  {r['note']}")
         else:
-            print(f"{name:26s} {batch:5d} {remat[:10]:>10s} {step:7.3f} {tps:9.0f} {tpc:10.0f} {mfu:6.1%}  {note}")
+            print(f"{head} {'-':>7s} {'-':>9s} {'-':>10s} {'-':>6s}  {r['note']}")
     for name, *_ in GPU_CASES:
-        ours = next((r for r in rows if r[0] == f"pythia-jax {name}" and r[3]), None)
-        theirs = next((r for r in rows if r[0] == f"HF PyTorch {name}" and r[3]), None)
+        ours = next((r for r in rows if r["impl"] == "jax" and r["model"] == name and r.get("step_s")), None)
+        theirs = next((r for r in rows if r["impl"] == "torch" and r["model"] == name and r.get("step_s")), None)
         if ours and theirs:
-            print(f"{name}: pythia-jax / PyTorch tokens/s = {ours[4] / theirs[4]:.2f}")
+            print(f"{name}: pythia-jax / HF PyTorch tokens/s = {ours['tokens_s'] / theirs['tokens_s']:.2f}")
 
 
 def main() -> None:
@@ -191,8 +229,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="CPU threads for PyTorch (default: all cores)")
     p.add_argument("--peak_flops", type=float, default=None, help="GPU mode: peak FLOP/s per chip override")
     p.add_argument("--no_torch", action="store_true", help="GPU mode: skip the PyTorch peer")
+    p.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: one GPU measurement
     args = p.parse_args()
-    if args.gpu:
+    if args.case:
+        gpu_case(args)
+    elif args.gpu:
         run_gpu(args)
     else:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
