@@ -14,20 +14,17 @@ from pythia_jax.errors import CheckpointError
 def load_model_params(path: str | os.PathLike, step: int | None = None) -> tuple[Any, dict]:
     """``(ModelConfig, params)`` for ``path`` (and ``step``).
 
-    ``path`` is an HF directory, a directory of HF revision folders ``step<N>/`` (then ``step`` is
-    required) or a checkpoint directory of this project (newest step when ``step`` is None).
-    A step that is not there raises CheckpointError listing the steps that are.
+    ``path`` is a directory of HF revision folders ``step<N>/`` (then ``step`` is required), or
+    anything ``pythia_jax.api.load_params`` reads: an HF directory, a checkpoint directory of this
+    project (newest step when ``step`` is None) or a GPT-NeoX checkpoint. A step that is not there
+    raises CheckpointError listing the steps that are.
     """
     from pythia_jax.convert.hf import is_hf_dir, read_hf_dir
 
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p} does not exist")
-    if is_hf_dir(p):
-        if step is not None:
-            raise CheckpointError(f"{p} is a single HF model directory; it has no step {step}")
-        return read_hf_dir(p)
-    revisions = hf_revision_steps(p)
+    revisions = [] if is_hf_dir(p) else hf_revision_steps(p)
     if revisions:
         if step is None:
             raise CheckpointError(f"{p} holds HF revisions {_fmt(revisions)}; give a step")
@@ -35,15 +32,13 @@ def load_model_params(path: str | os.PathLike, step: int | None = None) -> tuple
             raise CheckpointError(f"{p} has no step {step}; available: {_fmt(revisions)}")
         return read_hf_dir(p / f"step{step}")
     from pythia_jax import checkpoint as ckpt
+    from pythia_jax.api import load_params
 
-    if not ckpt.is_checkpoint_dir(p):
-        raise CheckpointError(f"{p} is neither an HF model directory, a folder of step<N>/ HF "
-                              f"revisions nor a pythia-jax checkpoint directory")
-    if step is not None:
+    if step is not None and ckpt.is_checkpoint_dir(p):
         steps = available_steps(p)
         if step not in steps:
             raise CheckpointError(f"{p} has no step {step}; available: {_fmt(steps)}")
-    return ckpt.load_params(p, step)
+    return load_params(p, step=step)
 
 
 def hf_revision_steps(path: str | os.PathLike) -> list[int]:
