@@ -90,6 +90,10 @@ def test_rolling_equals_hf(exported, scorer):
         if len(doc) <= WINDOW:
             assert abs(res.loglik[d] - hf_loglik(hf, [([0], doc)], WINDOW)[0]) < 1e-4
     assert res.num_tokens.tolist() == [5, 64, 65, 150]
+    # A token budget shrinks the batch of long buckets; results do not change.
+    small = Scorer(exported[0], batch_size=8, max_batch_tokens=128)
+    np.testing.assert_allclose(small.loglikelihood_rolling(docs).loglik, res.loglik, atol=1e-4)
+    assert {b for b, L, _ in small.compiled_shapes if L == 64} == {2}
 
 
 def test_bad_requests(scorer):

@@ -65,17 +65,24 @@ class Scorer:
       batch_size: rows per forward pass (rounded up to a multiple of the mesh size).
       max_len: the window (default: ``config.max_position_embeddings``).
       min_bucket: the smallest padded length.
+      max_batch_tokens: long buckets use fewer rows, so that a batch holds at most this many
+        padded tokens (the logits of a batch are [rows, length, vocab] float32).
     """
 
     def __init__(self, model: Any, *, batch_size: int = 16, max_len: int | None = None,
-                 min_bucket: int = 32, mesh=None):
+                 min_bucket: int = 32, max_batch_tokens: int = 16384, mesh=None):
         self.placed = model if isinstance(model, PlacedModel) else place_model(model, mesh)
         self.config = self.placed.config
         self.max_len = int(max_len or self.config.max_position_embeddings)
         self.batch_size = self.placed.round_batch(batch_size)
         self.min_bucket = min(min_bucket, self.max_len)
+        self.max_batch_tokens = int(max_batch_tokens)
         self._score = _score_fn(self.placed)
         self.compiled_shapes: set[tuple[int, int, int]] = set()  # (batch, length, scored positions)
+
+    def rows_for_length(self, length: int) -> int:
+        """Rows per batch for padded ``length``: ``batch_size``, fewer when over the token budget."""
+        return self.placed.round_batch(min(self.batch_size, max(1, self.max_batch_tokens // length)))
 
     def loglikelihood(self, requests: Sequence[Request], progress: bool = False) -> ScoreResult:
         """Sum of log p(continuation | context) per request; see ``ScoreResult``."""
@@ -99,13 +106,19 @@ class Scorer:
         order = sorted(range(n), key=lambda i: -len(rows[i][0]))
         loglik = np.zeros(n, np.float64)
         greedy = np.zeros(n, bool)
-        B = self.batch_size
-        batches = [order[s:s + B] for s in range(0, n, B)]
+        batches = []
+        s = 0
+        while s < n:  # sorted longest first: the first row of a batch fixes its bucket
+            L = next_bucket(len(rows[order[s]][0]) - 1, self.min_bucket, self.max_len)
+            B = self.rows_for_length(L)
+            batches.append(order[s:s + B])
+            s += B
         if progress:
             from tqdm import tqdm
             batches = tqdm(batches, desc="scoring", unit="batch")
         for idx in batches:
             L = next_bucket(max(len(rows[i][0]) - 1 for i in idx), self.min_bucket, self.max_len)
+            B = self.rows_for_length(L)
             C = next_bucket(max(rows[i][1] for i in idx), min(8, L), L)
             tokens = np.zeros((B, L), np.int32)
             positions = np.zeros((B, C), np.int32)
