@@ -164,3 +164,18 @@ def test_gin_builds_the_train_config():
     assert len(steps) == 154 and steps[:3] == [0, 1, 2] and steps[-1] == 143000
     gin_setup.parse(["configs/train/pythia-1b.gin"])
     assert not build_train_config().optimizer.loss_scaling  # pythia-1b trained in bf16
+
+
+def test_init_from_hf_directory(tmp_path, compile_cache):
+    import pythia_jax
+    from pythia_jax.checkpoint import load_params
+    from pythia_jax.convert.hf import write_hf_dir
+    from pythia_jax.model import params_to_dict
+
+    cfg = loop_config(tmp_path / "run", init_from=str(tmp_path / "hf"), eval_every=0)
+    start = jax.tree.map(np.asarray, params_to_dict(pythia_jax.init(cfg.model, seed=11)))
+    write_hf_dir(cfg.model, start, tmp_path / "hf", dtype="float32")
+    loop.train(cfg, devices=jax.devices()[:1], max_steps=1)
+    _, step0 = load_params(str(tmp_path / "run" / "checkpoints"), step=0)
+    for a, b in zip(jax.tree.leaves(step0), jax.tree.leaves(start)):
+        np.testing.assert_array_equal(np.asarray(a), b)

@@ -1,0 +1,13 @@
+"""Training: the Pythia recipe on a sharded mesh.
+
+Modules (each documents its API):
+- ``config``: ``TrainConfig`` / ``OptimizerConfig`` / ``MeshConfig`` / ``DataConfig`` /
+  ``DistributedConfig`` dataclasses, gin registration, ``build_train_config``, ``pythia_recipe``.
+- ``optimizer``: the GPT-NeoX LR schedule, the Pythia AdamW chain, Adam-moment access for
+  converters, DeepSpeed-style dynamic loss scaling.
+- ``step``: ``TrainState``, the pure ``train_step`` / ``eval_step``, AOT compilation with shardings.
+- ``builder``: mesh + shardings + compiled steps + initial state for a ``TrainConfig``.
+- ``metrics``: FLOPs per token, MFU, throughput, console / TensorBoard writers.
+- ``loop``: ``train(cfg)``: restore → iterate → step → log → evaluate → checkpoint.
+- ``preemption``: clean stop on SIGTERM.
+"""
