@@ -162,8 +162,15 @@ def test_gin_builds_the_train_config():
     assert cfg.mesh.tensor == 2 and cfg.micro_batches == 4 and cfg.global_batch == 1024
     steps = cfg.checkpoint_schedule().steps()
     assert len(steps) == 154 and steps[:3] == [0, 1, 2] and steps[-1] == 143000
+    from pythia_jax.train.config import pythia_recipe
+
+    python = pythia_recipe("pythia-160m")  # the same recipe from Python
+    assert (python.optimizer.max_lr, python.min_lr, python.warmup_steps, python.decay_steps, python.global_batch,
+            python.seq_length, python.num_steps) == (cfg.optimizer.max_lr, cfg.min_lr, cfg.warmup_steps,
+                                                     cfg.decay_steps, 1024, 2048, 143000)
     gin_setup.parse(["configs/train/pythia-1b.gin"])
     assert not build_train_config().optimizer.loss_scaling  # pythia-1b trained in bf16
+    assert not pythia_recipe("pythia-1b").optimizer.loss_scaling
 
 
 def test_init_from_hf_directory(tmp_path, compile_cache):

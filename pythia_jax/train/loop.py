@@ -53,9 +53,7 @@ def maybe_initialize_distributed(cfg: DistributedConfig) -> None:
     detected (TPU VMs fill in everything themselves); "yes": always; "no": never. CPU multi-process
     (tests) uses gloo collectives.
     """
-    from jax._src import distributed as jax_distributed
-
-    if cfg.initialize == "no" or jax_distributed.global_state.client is not None:
+    if cfg.initialize == "no" or jax.distributed.is_initialized():
         return
     explicit = cfg.coordinator_address is not None or (cfg.num_processes or 1) > 1
     tpu_pod = len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
