@@ -11,7 +11,7 @@ Train (or resume) a GPT-NeoX / Pythia model.
   pythia-jax train --gin_file=configs/demo.gin                       # the built-in CPU demo
   pythia-jax train --gin_file=configs/train/pythia-160m.gin \\
       --gin.DataConfig.prefix="'/data/pile_text_document'" --gin.TrainConfig.output_dir="'runs/160m'"
-  pythia-jax train --gin_file=configs/demo.gin --gin.TrainConfig.num_steps=20 --gin.MeshConfig.fsdp=-1
+  pythia-jax train --gin_file=configs/demo.gin --gin.TrainConfig.num_steps=20   # shorter demo
 
 Bindings: TrainConfig.*, OptimizerConfig.*, MeshConfig.*, DataConfig.*, DistributedConfig.*,
 ModelConfig.* (see pythia_jax/train/config.py). Re-running the same command resumes from the
