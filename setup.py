@@ -10,7 +10,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["pythia_jax", "pythia_jax.*"]),
-    package_data={"pythia_jax": ["assets/*", "assets/**/*"]},
+    package_data={"pythia_jax": ["assets/*", "assets/**/*", "eval/task_specs/*.yaml"]},
     include_package_data=True,
     install_requires=[
         "jax>=0.6",
@@ -31,9 +31,11 @@ setup(
     ],
     extras_require={
         "convert": ["torch==2.13.0", "transformers>=4.40"],
-        "test": ["torch==2.13.0", "transformers>=4.40", "pytest>=8", "pytest-xdist>=3"],
+        "test": ["torch==2.13.0", "transformers>=4.40", "pytest>=8", "pytest-xdist>=3",
+                 "lm-eval>=0.4", "accelerate>=0.26"],
         "seqio": ["seqio>=0.0.19"],
-        "lm_eval": ["lm-eval>=0.4"],
+        "lm_eval": ["lm-eval>=0.4", "accelerate>=0.26"],
+        "gcs": ["gcsfs"],
     },
     entry_points={"console_scripts": ["pythia-jax=pythia_jax.cli:main"]},
 )
