@@ -27,9 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 # ----------------------------------------------------------------------------------------- JAX
-def jax_step_times(model_name: str, batch: int, seq: int, steps: int, warmup: int, dtype: str,
-                   remat: str = "none", micro_batches: int = 1) -> tuple[list[float], float]:
-    """Seconds per step of the project's compiled train step; returns (times, compile seconds)."""
+def jax_stepper(model_name: str, batch: int, seq: int, dtype: str, remat: str = "none"):
+    """(one_step() -> seconds, compile seconds) for the project's compiled train step."""
     import jax
     import numpy as np
 
@@ -39,31 +38,35 @@ def jax_step_times(model_name: str, batch: int, seq: int, steps: int, warmup: in
 
     model = ModelConfig.preset(model_name, dtype=dtype, remat=remat)
     cfg = TrainConfig(model=model, mesh=MeshConfig(data=-1), num_steps=1000, global_batch=batch,
-                      seq_length=seq, micro_batches=micro_batches,
-                      optimizer=OptimizerConfig(max_lr=1e-4, warmup_steps=0))
+                      seq_length=seq, optimizer=OptimizerConfig(max_lr=1e-4, warmup_steps=0))
     t0 = time.perf_counter()
     setup = build(cfg, compile_eval=False)
     compile_s = time.perf_counter() - t0
-    state = setup.init_state()
-    rng = np.random.default_rng(0)
-    rows = rng.integers(0, 50277, (batch, seq + 1)).astype(np.int32)
+    holder = {"state": setup.init_state()}
+    rows = np.random.default_rng(0).integers(0, 50277, (batch, seq + 1)).astype(np.int32)
     batch_arrays = setup.put_batch({"inputs": rows[:, :-1], "labels": rows[:, 1:]})
-    times = []
-    for i in range(warmup + steps):
+
+    def one_step() -> float:
         t = time.perf_counter()
-        state, metrics = setup.train_step(state, batch_arrays)
-        jax.block_until_ready(metrics["loss"])
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    loss = float(metrics["loss"])
-    assert np.isfinite(loss), loss
+        holder["state"], metrics = setup.train_step(holder["state"], batch_arrays)
+        loss = float(jax.block_until_ready(metrics["loss"]))
+        assert np.isfinite(loss), loss
+        return time.perf_counter() - t
+
+    return one_step, compile_s
+
+
+def jax_step_times(model_name: str, batch: int, seq: int, steps: int, warmup: int, dtype: str,
+                   remat: str = "none") -> tuple[list[float], float]:
+    """Seconds per step (after ``warmup`` untimed steps) and the compile time."""
+    one_step, compile_s = jax_stepper(model_name, batch, seq, dtype, remat)
+    times = [one_step() for _ in range(warmup + steps)][warmup:]
     return times, compile_s
 
 
 # --------------------------------------------------------------------------------------- PyTorch
-def torch_step_times(model_name: str, batch: int, seq: int, steps: int, warmup: int, device: str,
-                     bf16: bool, checkpointing: bool = False) -> list[float]:
-    """Seconds per step of HF GPTNeoXForCausalLM + clip_grad_norm_ + torch AdamW (masked decay)."""
+def torch_stepper(model_name: str, batch: int, seq: int, device: str, bf16: bool, checkpointing: bool = False):
+    """one_step() -> seconds for HF GPTNeoXForCausalLM + clip_grad_norm_ + torch AdamW (masked decay)."""
     import numpy as np
     import torch
     import transformers
@@ -83,8 +86,8 @@ def torch_step_times(model_name: str, batch: int, seq: int, steps: int, warmup: 
                               lr=1e-4, betas=(0.9, 0.95), eps=1e-8, fused=device == "cuda")
     rows = torch.as_tensor(np.random.default_rng(0).integers(0, 50277, (batch, seq + 1)), device=device)
     inputs, labels = rows[:, :-1], rows[:, 1:]
-    times = []
-    for i in range(warmup + steps):
+
+    def one_step() -> float:
         if device == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
@@ -99,16 +102,21 @@ def torch_step_times(model_name: str, batch: int, seq: int, steps: int, warmup: 
             torch.cuda.synchronize()
         else:
             loss.item()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    del model, optim
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return times
+        return time.perf_counter() - t
+
+    return one_step
+
+
+def torch_step_times(model_name: str, batch: int, seq: int, steps: int, warmup: int, device: str,
+                     bf16: bool, checkpointing: bool = False) -> list[float]:
+    one_step = torch_stepper(model_name, batch, seq, device, bf16, checkpointing)
+    return [one_step() for _ in range(warmup + steps)][warmup:]
 
 
 # ------------------------------------------------------------------------------------------ modes
 def run_cpu(args) -> None:
+    """Both implementations built first, then their steps interleaved (jax, torch, jax, …) so that
+    load from other processes on a shared machine hits both alike; min and median reported."""
     import jax
     import torch
 
@@ -117,15 +125,21 @@ def run_cpu(args) -> None:
     tokens = args.batch * args.seq
     print(f"CPU: {args.model} shape, batch {args.batch} x seq {args.seq} = {tokens} tokens/step, fp32, "
           f"{threads} threads (torch.set_num_threads; XLA uses all {os.cpu_count()} cores), "
-          f"{args.steps} timed steps after {args.warmup} warm-up, median\n", flush=True)
-    jt, compile_s = jax_step_times(args.model, args.batch, args.seq, args.steps, args.warmup, "float32")
-    tt = torch_step_times(args.model, args.batch, args.seq, args.steps, args.warmup, "cpu", bf16=False)
+          f"{args.steps} timed steps each after {args.warmup} warm-up, interleaved\n", flush=True)
+    jax_step, compile_s = jax_stepper(args.model, args.batch, args.seq, "float32")
+    torch_step = torch_stepper(args.model, args.batch, args.seq, "cpu", bf16=False)
+    for _ in range(args.warmup):
+        jax_step(), torch_step()
+    jt, tt = [], []
+    for _ in range(args.steps):
+        jt.append(jax_step())
+        tt.append(torch_step())
     j, t = statistics.median(jt), statistics.median(tt)
-    print(f"{'implementation':28s} {'step s':>8s} {'min s':>8s} {'tokens/s':>10s}")
-    print(f"{'pythia-jax (jax ' + jax.__version__ + ')':28s} {j:8.3f} {min(jt):8.3f} {tokens / j:10.0f}")
-    print(f"{'HF PyTorch (torch ' + torch.__version__.split('+')[0] + ')':28s} {t:8.3f} {min(tt):8.3f} {tokens / t:10.0f}")
-    print(f"\nratio PyTorch / pythia-jax step time: {t / j:.2f}  (> 1 means pythia-jax is faster); "
-          f"pythia-jax compile {compile_s:.1f} s (once)")
+    print(f"{'implementation':28s} {'median s':>9s} {'min s':>8s} {'tokens/s':>10s}")
+    print(f"{'pythia-jax (jax ' + jax.__version__ + ')':28s} {j:9.3f} {min(jt):8.3f} {tokens / j:10.0f}")
+    print(f"{'HF PyTorch (torch ' + torch.__version__.split('+')[0] + ')':28s} {t:9.3f} {min(tt):8.3f} {tokens / t:10.0f}")
+    print(f"\nratio PyTorch / pythia-jax step time: median {t / j:.2f}, min {min(tt) / min(jt):.2f}  "
+          f"(> 1 means pythia-jax is faster); pythia-jax compile {compile_s:.1f} s (once)")
 
 
 GPU_CASES = (  # model, global batch (seq 2048), remat of pythia-jax
