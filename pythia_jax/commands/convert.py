@@ -19,7 +19,22 @@ import os
 import re
 
 HELP = "convert weights: hf-to-jax, jax-to-hf, neox-to-jax, jax-to-neox"
-DESCRIPTION = __doc__
+DESCRIPTION = """\
+Move weights between Hugging Face directories, pythia-jax checkpoints and GPT-NeoX checkpoints.
+
+  hf-to-jax    HF directory        -> pythia-jax checkpoint (params; --with-optimizer: train state)
+  jax-to-hf    pythia-jax ckpt     -> HF directory (--step N, or --all-steps: OUT/step0, OUT/step1000, ...)
+  neox-to-jax  NeoX global_stepN/  -> pythia-jax checkpoint (+ ZeRO fp32 master weights, Adam moments, step)
+  jax-to-neox  pythia-jax ckpt     -> GPT-NeoX pipeline checkpoint (TP 1) + yml
+
+Outputs are written to a temporary sibling folder and renamed when complete; an existing
+output is refused unless --overwrite.
+
+examples:
+  pythia-jax convert hf-to-jax ./pythia-160m/step143000 ckpt/160m
+  pythia-jax convert jax-to-hf ckpt/run --all-steps exported/ --dtype float16
+  pythia-jax convert neox-to-jax /neox/checkpoints/global_step10000 ckpt/resumed
+"""
 DIRECTIONS = ("hf-to-jax", "jax-to-hf", "neox-to-jax", "jax-to-neox")
 
 

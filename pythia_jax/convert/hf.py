@@ -588,19 +588,18 @@ class _progress:
 
 def to_device_tree(params: Mapping[str, Any]) -> dict[str, Any]:
     """Move a params tree of numpy arrays to JAX arrays leaf by leaf, releasing each numpy leaf
-    as it goes, so the peak is one model plus one leaf (not two models). On the CPU backend the
-    arrays are shared with numpy through DLPack (no copy at all)."""
-    import jax
+    as it goes, so the peak is one model plus one leaf (not two models).
+
+    (Sharing the buffers through DLPack would avoid even that copy on CPU, but JAX arrays that
+    alias numpy memory hung the interpreter at exit in testing, so each leaf is copied.)
+    """
     import jax.numpy as jnp
 
-    share = jax.default_backend() == "cpu"
     out: dict[str, Any] = {}
     for key in list(params):
         value = params[key]
         if isinstance(value, Mapping):
             out[key] = to_device_tree(value)
-        elif share and isinstance(value, np.ndarray) and value.flags.c_contiguous and value.flags.writeable:
-            out[key] = jnp.from_dlpack(value)
         else:
             out[key] = jnp.asarray(value)
         if isinstance(params, dict):
