@@ -324,3 +324,13 @@ def test_init_state_is_pythia_init_of_the_api(single_device_run):
     ref = initial_params(seed=7)
     for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(ref)):
         np.testing.assert_allclose(a, np.asarray(b), rtol=1e-6, atol=1e-7)  # jit may fuse std * normal
+
+
+def test_bf16_compute_with_loss_scaling_tracks_float32(single_device_run):
+    """The configured Pythia path (bf16 matmuls, fp32 master weights, fp16-style loss scaling)."""
+    cfg = tiny_config(model=tiny_model(dtype="bfloat16"),
+                      optimizer=OptimizerConfig(max_lr=3e-3, warmup_steps=1, loss_scaling=True))
+    losses, params, setup = run_trajectory(cfg, jax.devices()[:1], return_setup=True)
+    np.testing.assert_allclose(losses, single_device_run[0], rtol=2e-2)
+    assert all(a.dtype == np.float32 for a in jax.tree.leaves(params))  # master weights stay fp32
+    assert setup.loss_scale is not None and setup.loss_scale.initial_scale == 2.0 ** 12
