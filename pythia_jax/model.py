@@ -69,6 +69,34 @@ def init_kv_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.float
                    valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
 
 
+@struct.dataclass
+class LayerCache:
+    """The stacked keys/values [L, B, S, N, D] seen from one layer: ``layer`` and the write slot
+    ``index`` (int32 scalars, traced inside the layer scan).
+
+    Each layer first writes its new tokens into the stacked buffers, then reads its slice back
+    from the *updated* buffers. Reading before writing would leave two live versions of the
+    buffer (the old one still to be read, the new one written), and XLA then copies the whole
+    cache at every layer of every decoding step; written first, the update happens in place.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    layer: jax.Array
+    index: jax.Array
+
+    def write(self, k_new: jax.Array, v_new: jax.Array) -> "LayerCache":
+        """Store this layer's new keys/values [B, T, N, D] at slots index … index + T − 1."""
+        at = (self.layer, 0, self.index, 0, 0)
+        put = lambda buf, new: jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype)[None], at)
+        return self.replace(k=put(self.k, k_new), v=put(self.v, v_new))
+
+    def read(self, dtype) -> tuple[jax.Array, jax.Array]:
+        """This layer's keys and values [B, S, N, D] (all slots) in ``dtype``."""
+        take = lambda buf: jax.lax.dynamic_index_in_dim(buf, self.layer, 0, keepdims=False).astype(dtype)
+        return take(self.k), take(self.v)
+
+
 # --------------------------------------------------------------------------- modules
 class Attention(nnx.Module):
     """Causal self-attention with a fused per-head QKV projection and partial rotary.
@@ -88,27 +116,23 @@ class Attention(nnx.Module):
         self.impl = config.attention
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None,
-                 batch: int, kv: tuple[jax.Array, jax.Array, jax.Array] | None = None):
+                 batch: int, cache: "LayerCache | None" = None):
         """x [B·T, H]; cos/sin f32 [B, T, rd]; mask bool [B, 1, T, S] or None (plain causal).
 
-        kv: (k_cache, v_cache [B, S, N, D] of this layer, write index) when decoding.
-        Returns ([B·T, H], (k, v) [B, T, N, D] of the new tokens in the cache dtype, or None).
+        cache: when decoding, the stacked cache and where this layer writes (``LayerCache``).
+        Returns ([B·T, H], the cache with this layer's new keys/values written, or None).
         """
         qkv = self.query_key_value(x).reshape(batch, -1, self.num_heads, 3, self.head_dim)
         q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]  # [B, T, N, D] each
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         names = ("batch", "length", "heads", "kv")
         q, k, v = (with_logical_constraint(a, names) for a in (q, k, v))
-        new_kv = None
-        if kv is not None:
-            k_cache, v_cache, index = kv
-            new_kv = (k.astype(k_cache.dtype), v.astype(v_cache.dtype))
-            k_cache = jax.lax.dynamic_update_slice(k_cache, new_kv[0], (0, index, 0, 0))
-            v_cache = jax.lax.dynamic_update_slice(v_cache, new_kv[1], (0, index, 0, 0))
-            k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
+        if cache is not None:
+            cache = cache.write(k, v)
+            k, v = cache.read(q.dtype)  # [B, S, N, D]: every slot of this layer, new tokens included
         out = dot_product_attention(q, k, v, mask=mask, impl=self.impl)
         out = out.reshape(-1, self.num_heads * self.head_dim)
-        return self.dense(with_logical_constraint(out, (_BATCH_LENGTH, "heads"))), new_kv
+        return self.dense(with_logical_constraint(out, (_BATCH_LENGTH, "heads"))), cache
 
 
 class MLP(nnx.Module):
@@ -141,15 +165,15 @@ class Block(nnx.Module):
         self.mlp = MLP(config, rngs=rngs)
         self.parallel_residual = config.use_parallel_residual
 
-    def __call__(self, x, cos, sin, mask, batch, kv=None):
-        """x [B·T, H] in the compute dtype -> ([B·T, H], new kv or None)."""
-        attn, new_kv = self.attention(self.input_layernorm(x), cos, sin, mask, batch, kv)
+    def __call__(self, x, cos, sin, mask, batch, cache: LayerCache | None = None):
+        """x [B·T, H] in the compute dtype -> ([B·T, H], updated cache or None)."""
+        attn, cache = self.attention(self.input_layernorm(x), cos, sin, mask, batch, cache)
         if self.parallel_residual:
             out = x + attn + self.mlp(self.post_attention_layernorm(x))
         else:
             a = x + attn
             out = a + self.mlp(self.post_attention_layernorm(a))
-        return with_logical_constraint(out, (_BATCH_LENGTH, "embed")), new_kv
+        return with_logical_constraint(out, (_BATCH_LENGTH, "embed")), cache
 
 
 class GPTNeoX(nnx.Module):
@@ -216,8 +240,9 @@ class GPTNeoX(nnx.Module):
     def _run_layers(self, x, cos, sin, mask, batch, kv, index):
         """Apply the L stacked blocks: a scan (or an unrolled loop when ``scan_layers`` is off).
 
-        kv: None or the whole cache (k, v) [L, B, S, N, D]; it is carried through the scan and
-        only the new tokens are written (in place), layer by layer. Returns (x, new (k, v) or None).
+        kv: None or the whole cache (k, v) [L, B, S, N, D]. It is carried through the scan and
+        each layer writes only its new tokens, in place (see ``LayerCache``).
+        Returns (x, new (k, v) or None).
         """
         graphdef, state = nnx.split(self.layers)
 
@@ -225,16 +250,9 @@ class GPTNeoX(nnx.Module):
             h, cache_kv = carry
             layer_state, i = layer
             block = nnx.merge(graphdef, layer_state)
-            if cache_kv is None:
-                h, _ = block(h, cos, sin, mask, batch)
-                return (h, None), None
-            k_all, v_all = cache_kv
-            layer_kv = (k_all[i], v_all[i], index)
-            h, (k_new, v_new) = block(h, cos, sin, mask, batch, layer_kv)
-            at = (i, 0, index, 0, 0)
-            cache_kv = (jax.lax.dynamic_update_slice(k_all, k_new[None], at),
-                        jax.lax.dynamic_update_slice(v_all, v_new[None], at))
-            return (h, cache_kv), None
+            cache = None if cache_kv is None else LayerCache(*cache_kv, layer=i, index=index)
+            h, cache = block(h, cos, sin, mask, batch, cache)
+            return (h, None if cache is None else (cache.k, cache.v)), None
 
         if self.config.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.config.remat], prevent_cse=False)
