@@ -6,6 +6,8 @@ dataclasses down. Binding an unknown name is an error raised before any compute 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from pathlib import Path
 from typing import Sequence
@@ -57,6 +59,30 @@ def parse(files: Sequence[str] = (), bindings: Sequence[str] = ()) -> None:
         gin.add_config_file_search_path(p)
     paths = [resolve_gin_file(f) for f in files]
     try:
-        gin.parse_config_files_and_bindings(paths, list(bindings), finalize_config=False)
+        with _quiet_search_path_misses():
+            gin.parse_config_files_and_bindings(paths, list(bindings), finalize_config=False)
     except (ValueError, KeyError, SyntaxError) as e:
         raise ConfigError(f"bad gin configuration: {e}") from None
+
+
+class _SearchPathMissFilter(logging.Filter):
+    """Drops gin's 'Path not found' log lines: each include is tried in every search path."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith("Path not found")
+
+
+@contextlib.contextmanager
+def _quiet_search_path_misses():
+    root = logging.getLogger()
+    filt = _SearchPathMissFilter()
+    root.addFilter(filt)
+    handlers = list(root.handlers)
+    for h in handlers:
+        h.addFilter(filt)
+    try:
+        yield
+    finally:
+        root.removeFilter(filt)
+        for h in handlers:
+            h.removeFilter(filt)

@@ -89,7 +89,7 @@ class DistributedConfig:
     num_processes: int | None = None
     process_id: int | None = None
     local_device_ids: tuple | None = None
-    initialize: str = "auto"  # "auto": only when multi-process settings or a TPU pod are detected; "yes"; "no"
+    initialize: str = "auto"  # "auto": when multi-process settings are given or on a TPU VM; "yes"; "no"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,9 @@ Output directory layout (``TrainConfig.output_dir``)::
     index_maps/       GPT-NeoX index-map caches (unless DataConfig.cache_dir)
     hf/ (optional)    the final step exported as a Hugging Face directory
 
+When ``output_dir`` is a URL (``gs://…``) only ``checkpoints/`` goes there; the logs and caches go
+to a local mirror folder (``local_output_dir``).
+
 A run always resumes from the newest valid checkpoint in ``checkpoints/`` (data iterator included),
 so re-running the same command after a crash, SIGKILL or SIGTERM continues exactly where the last
 checkpoint left off.
@@ -17,6 +20,7 @@ checkpoint left off.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import time
@@ -56,8 +60,7 @@ def maybe_initialize_distributed(cfg: DistributedConfig) -> None:
     if cfg.initialize == "no" or jax.distributed.is_initialized():
         return
     explicit = cfg.coordinator_address is not None or (cfg.num_processes or 1) > 1
-    tpu_pod = len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
-    if cfg.initialize == "auto" and not (explicit or tpu_pod):
+    if cfg.initialize == "auto" and not (explicit or on_tpu_vm()):
         return
     if "cpu" in os.environ.get("JAX_PLATFORMS", "") and explicit:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -68,9 +71,33 @@ def maybe_initialize_distributed(cfg: DistributedConfig) -> None:
     jax.distributed.initialize(**kwargs)
 
 
+def on_tpu_vm() -> bool:
+    """True on a Cloud TPU VM (single host or pod worker), checked without touching JAX's backends.
+
+    GCE TPU VMs do not always export ``TPU_WORKER_HOSTNAMES`` (JAX reads the pod layout from the
+    metadata server), so the TPU device files are checked too: ``/dev/accel*`` (v2–v4) and
+    ``/dev/vfio/<n>`` (v5e, v5p, v6e). ``jax.distributed.initialize()`` then finds the other hosts.
+    """
+    if len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:
+        return True
+    return bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
+def local_output_dir(output_dir: str) -> str:
+    """Where logs (metrics.jsonl, TensorBoard) and index-map caches go.
+
+    ``output_dir`` itself when it is a local path; for a URL (``gs://bucket/run``) a local folder
+    ``runs/bucket_run``, since appending JSON lines and building memory-mapped caches need a local
+    file system (checkpoints still go to the URL).
+    """
+    if "://" not in output_dir:
+        return output_dir
+    return os.path.join("runs", output_dir.split("://", 1)[1].strip("/").replace("/", "_"))
+
+
 # ------------------------------------------------------------------------------------------- data
 def _cache_prefix(cfg: TrainConfig, prefix: str) -> str:
-    cache_dir = cfg.data.cache_dir or os.path.join(cfg.output_dir, "index_maps")
+    cache_dir = cfg.data.cache_dir or os.path.join(local_output_dir(cfg.output_dir), "index_maps")
     return os.path.join(cache_dir, os.path.basename(prefix))
 
 
@@ -208,7 +235,7 @@ def train(cfg: TrainConfig, *, devices=None, max_steps: int | None = None) -> Tr
             state = (setup.state_from_params(_initial_params(cfg)) if cfg.init_from
                      else setup.init_state(cfg.seed))
         step = int(jax.device_get(state.step))
-        writer = MetricWriter(os.path.join(out, "tensorboard") if cfg.tensorboard else None, cfg.num_steps,
+        writer = MetricWriter(os.path.join(local_output_dir(out), "tensorboard") if cfg.tensorboard else None, cfg.num_steps,
                               initial_step=step, progress_bar=cfg.progress_bar, tensorboard=cfg.tensorboard)
         writer.message(f"{'resumed from ' + str(ckpt.directory) + '/' + str(step) if restored else 'starting'}: "
                        f"{cfg.model.num_params():,} parameters, mesh {dict(setup.mesh.shape)}, "
@@ -217,7 +244,7 @@ def train(cfg: TrainConfig, *, devices=None, max_steps: int | None = None) -> Tr
 
         throughput = Throughput(cfg.model, cfg.seq_length, cfg.tokens_per_step, setup.num_devices,
                                 peak_flops_per_device(cfg.peak_flops_per_device, setup.mesh.devices.flat[0]))
-        log_path = os.path.join(out, "metrics.jsonl")
+        log_path = os.path.join(local_output_dir(out), "metrics.jsonl")
         losses: dict[int, float] = {}
         eval_losses: dict[int, float] = {}
         stopped = None
