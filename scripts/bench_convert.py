@@ -106,7 +106,7 @@ def _run_worker(name: str, workdir: str, checkpoint: bool) -> dict:
     if not checkpoint:
         cmd.append("--no-checkpoint")
     proc = subprocess.run(cmd,
-                          capture_output=True, text=True, env=env)
+                          capture_output=True, text=True, env=env, timeout=3600)
     if proc.returncode != 0:
         raise SystemExit(f"worker {name} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

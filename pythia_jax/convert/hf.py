@@ -212,34 +212,42 @@ def iter_hf_tensors(config: ModelConfig, params: Mapping[str, Any],
                     dtype: Any = np.float32) -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(HF key, contiguous np.ndarray in dtype)`` one tensor at a time, in HF order.
 
-    ``params`` leaves may be numpy or (host-reachable) JAX arrays; nothing but the yielded
-    tensor is materialised, so a writer can stream.
+    ``params`` leaves may be numpy or JAX arrays (sharded ones too). Only the yielded tensor
+    is materialised on the host: a JAX leaf is sliced on device first and just that slice is
+    fetched (``np.asarray`` of a whole JAX leaf would also keep a host copy cached on it).
     """
     dtype = np.dtype(dtype)
     shapes = param_shapes(config)
     expected = hf_shapes(config)
-    host: dict[Path, np.ndarray] = {}
+    checked: set[Path] = set()
 
-    def leaf(path: Path) -> np.ndarray:
-        if path not in host:
-            value = _get(params, path)
+    def host_tensor(path: Path, layer: int | None) -> np.ndarray:
+        value = _get(params, path)
+        if path not in checked:
             if tuple(np.shape(value)) != shapes[path]:
                 raise CheckpointError(f"params {'/'.join(path)} has shape {list(np.shape(value))}, "
                                       f"expected {list(shapes[path])} for this config")
-            host[path] = np.asarray(value)
-        return host[path]
+            checked.add(path)
+        if isinstance(value, np.ndarray):
+            return value if layer is None else value[layer]
+        if hasattr(value, "addressable_shards"):  # a jax.Array: fetch a fresh device slice
+            import jax.numpy as jnp
+            return np.asarray(jnp.array(value, copy=True) if layer is None else value[layer])
+        value = np.asarray(value)
+        return value if layer is None else value[layer]
 
     for key in expected:
         if key in _GLOBAL_KEY:
             path, transpose = _GLOBAL_KEY[key]
-            value = leaf(path)
+            value = host_tensor(path, None)
         else:
             m = _LAYER_KEY.match(key)
             assert m is not None
             path, transpose = _LAYER_SUFFIX[m.group(2)]
-            value = leaf(("layers",) + path)[int(m.group(1))]
+            value = host_tensor(("layers",) + path, int(m.group(1)))
         out = np.empty(expected[key], dtype)
-        copy_cast(out, np.asarray(value), transpose)
+        copy_cast(out, value, transpose)
+        del value
         yield key, out
 
 
@@ -601,7 +609,9 @@ def to_device_tree(params: Mapping[str, Any]) -> dict[str, Any]:
         if isinstance(value, Mapping):
             out[key] = to_device_tree(value)
         else:
-            out[key] = jnp.asarray(value)
+            # wait for the (asynchronous) host-to-device copy, so the numpy buffer is released
+            # before the next leaf is copied
+            out[key] = jnp.asarray(value).block_until_ready()
         if isinstance(params, dict):
             del params[key]  # drop our reference to the numpy leaf
         del value
