@@ -268,8 +268,9 @@ def resolve_attention_impl(impl: str, q: jax.Array, masked: bool) -> str:
 
     'auto' picks cuDNN on GPU (bf16/fp16, head_dim ≤ 256 and a multiple of 8), the splash kernel
     on TPU (sequences of at least 128; shorter ones are padded up to 128 when asked for
-    explicitly), else XLA. Masked attention (a KV cache or a key mask)
-    always takes XLA unless 'reference' was asked for: the fused kernels here are causal-only.
+    explicitly), else XLA. Masked attention (a key mask) always takes XLA
+    unless 'reference' was asked for: the fused kernels here are causal-only. (Attention over a
+    KV cache does not come here: the model uses ``cached_attention`` for it.)
     """
     if impl == "reference":
         return "reference"
@@ -316,3 +317,18 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax
     if mask is None:
         return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="xla")
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
+
+
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Masked attention over a KV cache stored heads-major, with the numerics of the XLA path.
+
+    q [B, T, N, D]; k/v [B, N, S, D] (the cache's layout: each head's keys contiguous, so both
+    products are plain batched matmuls over (B, N) and the cache is read without a transposed
+    copy); mask bool broadcastable to [B, 1, T, S]. Logits and softmax in float32, the
+    probabilities cast to v's dtype for the second product. Returns [B, T, N, D] in q's dtype.
+    """
+    scale = jnp.float32(q.shape[-1] ** -0.5)
+    logits = jnp.einsum("btnd,bnsd->bnts", q, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bnts,bnsd->btnd", probs, v).astype(q.dtype)

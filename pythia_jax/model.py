@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx, struct
 
 from pythia_jax.config import ConfigError, ModelConfig
-from pythia_jax.layers import (Dense, Embed, LayerNorm, apply_rotary, causal_mask,
+from pythia_jax.layers import (Dense, Embed, LayerNorm, apply_rotary, cached_attention, causal_mask,
                                dot_product_attention, gelu, rotary_cos_sin, with_logical_constraint)
 
 _BATCH_LENGTH = ("batch", "length")  # the flattened leading dim of 2-D activations
@@ -47,7 +47,8 @@ def _dtype(name: str):
 class KVCache:
     """Per-layer keys/values for incremental decoding (a pytree; ``max_len`` is static).
 
-    k, v:  [L, B, max_len, N, D] (keys after rotary), in the cache dtype.
+    k, v:  [L, B, N, max_len, D] (keys after rotary; heads-major, so attention reads each head's
+           slots contiguously), in the cache dtype.
     valid: bool [B, max_len], True where a slot holds a real token.
     index: int32 scalar, the next slot to write (the same for every row).
     """
@@ -59,19 +60,19 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
 
 def init_kv_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
     """An empty cache for ``batch`` rows of up to ``max_len`` tokens."""
-    shape = (config.num_layers, batch, max_len, config.num_heads, config.head_dim)
+    shape = (config.num_layers, batch, config.num_heads, max_len, config.head_dim)
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                    valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
 
 
 @struct.dataclass
 class LayerCache:
-    """The stacked keys/values [L, B, S, N, D] seen from one layer: ``layer`` and the write slot
+    """The stacked keys/values [L, B, N, S, D] seen from one layer: ``layer`` and the write slot
     ``index`` (int32 scalars, traced inside the layer scan).
 
     Each layer first writes its new tokens into the stacked buffers, then reads its slice back
@@ -87,12 +88,13 @@ class LayerCache:
 
     def write(self, k_new: jax.Array, v_new: jax.Array) -> "LayerCache":
         """Store this layer's new keys/values [B, T, N, D] at slots index … index + T − 1."""
-        at = (self.layer, 0, self.index, 0, 0)
-        put = lambda buf, new: jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype)[None], at)
+        at = (self.layer, 0, 0, self.index, 0)
+        put = lambda buf, new: jax.lax.dynamic_update_slice(
+            buf, jnp.swapaxes(new, 1, 2).astype(buf.dtype)[None], at)
         return self.replace(k=put(self.k, k_new), v=put(self.v, v_new))
 
     def read(self, dtype) -> tuple[jax.Array, jax.Array]:
-        """This layer's keys and values [B, S, N, D] (all slots) in ``dtype``."""
+        """This layer's keys and values [B, N, S, D] (all slots) in ``dtype``."""
         take = lambda buf: jax.lax.dynamic_index_in_dim(buf, self.layer, 0, keepdims=False).astype(dtype)
         return take(self.k), take(self.v)
 
@@ -127,10 +129,12 @@ class Attention(nnx.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         names = ("batch", "length", "heads", "kv")
         q, k, v = (with_logical_constraint(a, names) for a in (q, k, v))
-        if cache is not None:
+        if cache is None:
+            out = dot_product_attention(q, k, v, mask=mask, impl=self.impl)
+        else:
             cache = cache.write(k, v)
-            k, v = cache.read(q.dtype)  # [B, S, N, D]: every slot of this layer, new tokens included
-        out = dot_product_attention(q, k, v, mask=mask, impl=self.impl)
+            k, v = cache.read(q.dtype)  # [B, N, S, D]: every slot of this layer, new tokens included
+            out = cached_attention(q, k, v, mask)
         out = out.reshape(-1, self.num_heads * self.head_dim)
         return self.dense(with_logical_constraint(out, (_BATCH_LENGTH, "heads"))), cache
 
@@ -240,7 +244,7 @@ class GPTNeoX(nnx.Module):
     def _run_layers(self, x, cos, sin, mask, batch, kv, index):
         """Apply the L stacked blocks: a scan (or an unrolled loop when ``scan_layers`` is off).
 
-        kv: None or the whole cache (k, v) [L, B, S, N, D]. It is carried through the scan and
+        kv: None or the whole cache (k, v) [L, B, N, S, D]. It is carried through the scan and
         each layer writes only its new tokens, in place (see ``LayerCache``).
         Returns (x, new (k, v) or None).
         """

@@ -223,6 +223,7 @@ def test_attention_kernels_agree(dtype, tol):
         "xla": layers.dot_product_attention(q, k, v, mask=None, impl="xla"),
         "xla-masked": layers.dot_product_attention(q, k, v, mask=mask, impl="xla"),
         "splash": layers.dot_product_attention(q, k, v, mask=None, impl="splash"),
+        "cached": layers.cached_attention(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask),
     }
     if jax.default_backend() == "gpu" and dtype == "bfloat16":
         outs["cudnn"] = layers.dot_product_attention(q, k, v, mask=None, impl="cudnn")
@@ -257,7 +258,7 @@ def test_kv_cache_decoding_matches_full_forward(init_model, variant):
             logits, cache = step(model, tokens[:, t:t + 1], cache)
             pieces.append(np.asarray(logits))
     assert isinstance(cache, KVCache) and int(cache.index) == 9
-    assert cache.k.shape == (config.num_layers, 2, 16, config.num_heads, config.head_dim)
+    assert cache.k.shape == (config.num_layers, 2, config.num_heads, 16, config.head_dim)
     np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, atol=1e-5, rtol=0)
 
 
