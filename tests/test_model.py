@@ -262,6 +262,26 @@ def test_kv_cache_decoding_matches_full_forward(init_model, variant):
     np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, atol=1e-5, rtol=0)
 
 
+def _full_cache_copies(config: ModelConfig) -> list[str]:
+    """Instructions of a compiled decoding step (cache donated) that copy or transpose a whole
+    [L, B, ·, ·, D] cache buffer instead of updating it in place."""
+    model = GPTNeoX(config, rngs=nnx.Rngs(0))
+    cache = init_kv_cache(config, batch=3, max_len=40)
+    step = jax.jit(lambda m, t, c: m(t, cache=c), donate_argnums=2)
+    hlo = step.lower(model, jnp.ones((3, 1), jnp.int32), cache).compile().as_text()
+    shape = "f32[" + ",".join(map(str, cache.k.shape)) + "]"
+    op = re.compile(r"=\s*" + re.escape(shape) + r"\{[^}]*\}\s+(copy|transpose)\(|"
+                    + re.escape(shape) + r"\{[^}]*\}\s+fusion\(.*calls=%\S*(copy|transpose)")
+    return [line.strip()[:160] for line in hlo.splitlines() if op.search(line)]
+
+
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scan", "unrolled"])
+def test_decoding_step_updates_the_cache_in_place(scan_layers):
+    """A decoding step writes only the new slots: no copy of the whole cache per layer (which
+    made a step cost grow steeply with the cache length)."""
+    assert _full_cache_copies(tiny(num_layers=3, scan_layers=scan_layers)) == []
+
+
 def test_left_padding_with_key_mask(init_model):
     config, params = init_model
     model = model_from_params(config, params)
