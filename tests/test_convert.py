@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import sys
 import types
 from collections import OrderedDict
@@ -22,7 +21,7 @@ torch = pytest.importorskip("torch")
 from pythia_jax.config import ModelConfig  # noqa: E402
 from pythia_jax.convert import hf as hfc  # noqa: E402
 from pythia_jax.convert import neox  # noqa: E402
-from pythia_jax.errors import CheckpointError, ConfigError, PythiaJaxError  # noqa: E402
+from pythia_jax.errors import CheckpointError, ConfigError  # noqa: E402
 
 LAYER_KEYS_V1 = [
     "input_layernorm.weight", "input_layernorm.bias",

@@ -19,6 +19,7 @@ float32 model plus one tensor of the file being read; writing holds the params p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -130,7 +131,8 @@ class ParamAssembler:
         self.config = config
         self.source = source
         self._shapes = param_shapes(config)
-        self._arrays = {p: np.empty(s, np.float32) for p, s in self._shapes.items()}
+        with plain_pages():
+            self._arrays = {p: np.empty(s, np.float32) for p, s in self._shapes.items()}
         self._expected = hf_shapes(config)
         self._seen: set[str] = set()
 
@@ -245,7 +247,8 @@ def iter_hf_tensors(config: ModelConfig, params: Mapping[str, Any],
             assert m is not None
             path, transpose = _LAYER_SUFFIX[m.group(2)]
             value = host_tensor(("layers",) + path, int(m.group(1)))
-        out = np.empty(expected[key], dtype)
+        with plain_pages():
+            out = np.empty(expected[key], dtype)
         copy_cast(out, value, transpose)
         del value
         yield key, out
@@ -258,6 +261,28 @@ def params_to_hf_state_dict(config: ModelConfig, params: Mapping[str, Any],
 
 
 _BLOCK = 256
+
+
+@contextlib.contextmanager
+def plain_pages() -> Iterator[None]:
+    """Allocate numpy arrays without numpy's transparent-huge-page ``madvise`` inside the block.
+
+    On hosts with fragmented memory the huge-page faults stall on compaction: filling a fresh
+    model-sized array was 2-2.5x slower with them in testing. Only affects allocations made here.
+    """
+    try:
+        from numpy._core.multiarray import _set_madvise_hugepage
+    except ImportError:  # numpy < 2
+        try:
+            from numpy.core.multiarray import _set_madvise_hugepage
+        except ImportError:
+            yield
+            return
+    previous = _set_madvise_hugepage(False)
+    try:
+        yield
+    finally:
+        _set_madvise_hugepage(previous)
 
 
 def copy_cast(dst: np.ndarray, src: np.ndarray, transpose: bool = False) -> None:

@@ -40,7 +40,7 @@ import pickle
 import re
 import types
 import warnings
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
