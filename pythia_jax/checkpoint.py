@@ -224,13 +224,57 @@ def tree_checksums(tree: Any) -> dict[str, list[int]]:
     from jax.sharding import NamedSharding
 
     leaves = [(k, v) for k, v in _leaf_paths(tree) if hasattr(v, "shape") and hasattr(v, "dtype")]
-    if not leaves:
-        return {}
-    values = [v if isinstance(v, jax.Array) else jnp.asarray(v) for _, v in leaves]
-    mesh = next((v.sharding.mesh for v in values if isinstance(v.sharding, NamedSharding)), None)
-    result = _checksum_fn(mesh)(values)
-    sums = np.asarray(result.addressable_data(0))
-    return {k: [int(a), int(b)] for (k, _), (a, b) in zip(leaves, sums)}
+    out: dict[str, list[int]] = {}
+    on_device = []
+    for k, v in leaves:
+        host = _host_view(v)
+        if host is not None:  # numpy, or a one-device CPU array: summed in chunks, no copies
+            out[k] = list(_host_checksum(host))
+        else:
+            on_device.append((k, v if isinstance(v, jax.Array) else jnp.asarray(v)))
+    if on_device:
+        values = [v for _, v in on_device]
+        mesh = next((v.sharding.mesh for v in values if isinstance(v.sharding, NamedSharding)), None)
+        sums = np.asarray(_checksum_fn(mesh)(values).addressable_data(0))
+        out.update({k: [int(a), int(b)] for (k, _), (a, b) in zip(on_device, sums)})
+    return {k: out[k] for k, _ in leaves}
+
+
+def _host_view(value: Any) -> np.ndarray | None:
+    """A numpy view of ``value`` when that costs no copy (numpy, or a one-device CPU jax.Array)."""
+    import jax
+
+    if isinstance(value, np.ndarray):
+        canonical = jax.dtypes.canonicalize_dtype(value.dtype)  # as jnp.asarray would store it
+        return value if canonical == value.dtype else value.astype(canonical)
+    if (isinstance(value, jax.Array) and value.is_fully_addressable and len(value.sharding.device_set) == 1
+            and next(iter(value.sharding.device_set)).platform == "cpu"):
+        return np.asarray(value)
+    return None
+
+
+def _host_checksum(x: np.ndarray, chunk: int = 1 << 22) -> tuple[int, int]:
+    """``tree_checksums``' two sums for one host array, in fixed-size chunks (bounded memory).
+
+    Same values as the jitted path: bit patterns widened to uint32 (8-byte types folded), flat
+    row-major index i weighted by 2·i + 1, both sums modulo 2**32.
+    """
+    flat = np.ascontiguousarray(x).reshape(-1)
+    if flat.dtype == np.bool_:
+        bits = flat.view(np.uint8)
+    elif flat.dtype.itemsize in (1, 2, 4):
+        bits = flat.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[flat.dtype.itemsize])
+    else:  # 8-byte types: fold the two 32-bit halves like the jitted path
+        halves = flat.view(np.uint32).reshape(-1, 2)
+        bits = halves[:, 0] ^ (halves[:, 1] * np.uint32(0x9E3779B1))
+    total = weighted = 0
+    for start in range(0, bits.size, chunk):
+        b = bits[start:start + chunk].astype(np.uint64)
+        index = np.arange(start, start + b.size, dtype=np.uint64) & np.uint64(0xFFFFFFFF)
+        weights = (index * np.uint64(2) + np.uint64(1)) & np.uint64(0xFFFFFFFF)
+        total += int(b.sum(dtype=np.uint64))
+        weighted += int((b * weights).sum(dtype=np.uint64))  # wraps mod 2**64: fine mod 2**32
+    return total % (1 << 32), weighted % (1 << 32)
 
 
 @functools.lru_cache(maxsize=8)

@@ -277,6 +277,17 @@ def test_checksums_do_not_depend_on_sharding_or_container():
     assert C.tree_checksums(flipped)["embed_out/kernel"] != a["embed_out/kernel"]
 
 
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int32", "uint8", "bool", "float16"])
+def test_host_checksums_equal_the_jitted_ones(dtype):
+    """Host arrays are summed in bounded chunks; the values must equal the on-device reduction."""
+    rng = np.random.default_rng(3)
+    x = np.asarray(jnp.asarray(rng.normal(size=(37, 1000)) * 50).astype(dtype))
+    jitted = np.asarray(C._checksum_fn(None)([jnp.asarray(x)]))[0]
+    assert list(C._host_checksum(x, chunk=4096)) == [int(v) for v in jitted]  # chunk edges crossed
+    assert list(C._host_checksum(x)) == [int(v) for v in jitted]
+
+
 # ------------------------------------------------------------------------------ resharding
 _RESHARD_SCRIPT = textwrap.dedent("""
     import os, sys, json
