@@ -12,7 +12,7 @@ The L blocks are stacked on a leading ``layers`` axis (built with ``nnx.vmap``) 
 statistics, rotary angles and softmax are float32; logits are float32. Activations stay 2-D
 ([B·T, H]) around the dense layers and are reshaped only for attention.
 
-Parameter tree (``params_to_dict``) and logical axis names: see ``logical_axes`` and COMMON.md.
+Parameter tree (``params_to_dict``) and logical axis names: see ``params_to_dict`` and ``logical_axes``.
 """
 
 from __future__ import annotations
@@ -272,7 +272,20 @@ class GPTNeoX(nnx.Module):
 
 # --------------------------------------------------------------------------- functional API
 def params_to_dict(model: GPTNeoX) -> dict:
-    """The canonical nested dict of parameter arrays (see COMMON.md)."""
+    """The canonical nested dict of parameter arrays; names follow HF, layers stacked on axis 0.
+
+    ::
+
+        embed_in/embedding                               [V, H]
+        layers/{input,post_attention}_layernorm/{scale,bias}  [L, H]
+        layers/attention/query_key_value/{kernel [L, H, 3H], bias [L, 3H]}
+                                    (HF weight.T; columns per head: [heads, (q, k, v), head_dim])
+        layers/attention/dense/{kernel [L, H, H], bias [L, H]}
+        layers/mlp/dense_h_to_4h/{kernel [L, H, F], bias [L, F]}
+        layers/mlp/dense_4h_to_h/{kernel [L, F, H], bias [L, H]}
+        final_layer_norm/{scale, bias}                   [H]
+        embed_out/kernel                                 [H, V]   (HF embed_out.weight.T)
+    """
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
