@@ -30,6 +30,11 @@ SUBCOMMANDS: tuple[tuple[str, str], ...] = (
     ("info", "pythia_jax.commands.info"),
 )
 
+# Subcommands that hand all their arguments to another tool's parser.
+PASSTHROUGH_COMMANDS: tuple[tuple[str, str], ...] = (
+    ("lm-eval", "pythia_jax.commands.lm_eval"),
+)
+
 DESCRIPTION = """\
 pythia-jax: train, evaluate and convert Pythia (GPT-NeoX) models in JAX, with the exact
 Pythia data order.
@@ -96,11 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
                            help="override one gin binding, e.g. --gin.TrainConfig.num_steps=100")
         module.add_arguments(p)
         p.set_defaults(_module=module)
+    for name, module_name in PASSTHROUGH_COMMANDS:  # listed in --help; parsed by the wrapped tool
+        sub.add_parser(name, help=importlib.import_module(module_name).HELP, add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough = dict(PASSTHROUGH_COMMANDS)
+    if argv and argv[0] in passthrough:  # every argument belongs to the wrapped tool
+        module = importlib.import_module(passthrough[argv[0]])
+        args = argparse.Namespace(command=argv[0], _module=module, passthrough_args=argv[1:])
+        return _run(module, args)
     rest, gin_files, gin_bindings = split_gin_flags(argv)
     parser = build_parser()
     args = parser.parse_args(rest)
@@ -112,6 +124,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"'{args.command}' does not take gin flags")
     args.gin_files = gin_files
     args.gin_bindings = gin_bindings
+    return _run(module, args)
+
+
+def _run(module, args: argparse.Namespace) -> int:
+    """Run one subcommand; input errors become one line on stderr and exit status 2."""
     try:
         return int(module.run(args) or 0)
     except KeyboardInterrupt:

@@ -98,3 +98,32 @@ def test_registered_and_simple_evaluate(models, tmp_path):
         results.append(out["results"]["local_piqa"])
     for key in ("acc,none", "acc_norm,none"):
         assert results[0][key] == results[1][key]
+
+
+def test_pythia_jax_lm_eval_command_runs_the_harness_cli(models, tmp_path, monkeypatch):
+    """``pythia-jax lm-eval --model pythia_jax ...`` is lm_eval's own CLI with our model: it runs a
+    local task end to end and reports the same accuracy as lm_eval's evaluator with our adapter."""
+    from lm_eval import evaluator
+
+    from pythia_jax.cli import main
+    from pythia_jax.eval.lm_eval_adapter import harness_task_from_file
+
+    ours, _, _, root = models
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    task_dir = tmp_path / "tasks"
+    task_dir.mkdir()
+    yaml_text = TASK_YAML.replace("task: local_piqa", "task: local_piqa_cli") + (
+        f"dataset_kwargs:\n  data_files:\n    validation: {root / 'local_piqa.jsonl'}\n")
+    (task_dir / "local_piqa_cli.yaml").write_text(yaml_text)
+    out_dir = tmp_path / "out"
+    rc = main(["lm-eval", "--model", "pythia_jax", "--model_args", f"path={root / 'hf'}",
+               "--include_path", str(task_dir), "--tasks", "local_piqa_cli", "--batch_size", "8",
+               "--output_path", str(out_dir)])
+    assert rc == 0
+    result_files = sorted(out_dir.rglob("results*.json"))
+    assert result_files, list(out_dir.rglob("*"))
+    cli_results = json.loads(result_files[-1].read_text())["results"]["local_piqa_cli"]
+    task = harness_task_from_file(root / "local_piqa.yaml", root / "local_piqa.jsonl", cache_dir=tmp_path / "c")
+    expected = evaluator.evaluate(lm=ours, task_dict={"local_piqa": task})["results"]["local_piqa"]
+    for key in ("acc,none", "acc_norm,none"):
+        assert cli_results[key] == expected[key]
