@@ -387,11 +387,14 @@ class TrainCheckpointer:
       max_to_keep: keep only the newest N steps (default: keep all, as Pythia does).
       model_config: when given, ``<dir>/model_config.json`` is written (or checked: a directory
         of a different model shape raises ``CheckpointError`` right away).
+      io_limit_bytes: when given, Orbax writes / reads at most this many array bytes at a time
+        (must be at least the largest array): bounds host memory of one-off saves and restores
+        (the converters); same files either way.
     """
 
     def __init__(self, directory: str | os.PathLike, *, save_steps: SaveSteps | None = None,
                  async_save: bool = True, max_to_keep: int | None = None,
-                 model_config: ModelConfig | None = None):
+                 model_config: ModelConfig | None = None, io_limit_bytes: int | None = None):
         import orbax.checkpoint as ocp
 
         self.directory = _epath(directory)
@@ -404,7 +407,8 @@ class TrainCheckpointer:
             max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True,
             enable_should_save_is_saving_in_progress_check=False)
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        registry = _bounded_io_registry(io_limit_bytes) if io_limit_bytes else None
+        self._manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=registry)
         self._bad_steps: set[int] = set()  # found unusable by restore/latest_valid_step
 
     # -------------------------------------------------------------- queries
@@ -471,7 +475,7 @@ class TrainCheckpointer:
 
     # -------------------------------------------------------------- restore
     def restore(self, step: int | None = None, abstract_state: Mapping[str, Any] | None = None, *,
-                data_iterator: Any = None) -> RestoredState | None:
+                data_iterator: Any = None, host_params: bool = False) -> RestoredState | None:
         """Restore ``step`` (or the newest valid step) onto the shardings of ``abstract_state``.
 
         ``abstract_state`` maps ``"params"`` (optionally ``"opt_state"``, ``"extra_state"``) to trees of
@@ -482,15 +486,16 @@ class TrainCheckpointer:
 
         With ``step=None``, steps that are incomplete or fail verification are skipped with a
         warning; returns None when no step is usable. A checkpoint whose shapes differ from the
-        target raises ``CheckpointError`` at once.
+        target raises ``CheckpointError`` at once. ``host_params=True`` (without a params target)
+        restores params as numpy arrays (no device copy: the converters' low-memory path).
         """
         if step is not None:
-            return self._restore_step(int(step), abstract_state, data_iterator)
+            return self._restore_step(int(step), abstract_state, data_iterator, host_params)
         for candidate in reversed(self.all_steps()):
             problem = step_problem(self.directory, candidate)
             if problem is None:
                 try:
-                    return self._restore_step(candidate, abstract_state, data_iterator)
+                    return self._restore_step(candidate, abstract_state, data_iterator, host_params)
                 except CheckpointIntegrityError as e:
                     problem = str(e)
             self._bad_steps.add(candidate)
@@ -499,7 +504,7 @@ class TrainCheckpointer:
         return None
 
     def _restore_step(self, step: int, abstract_state: Mapping[str, Any] | None,
-                      data_iterator: Any) -> RestoredState:
+                      data_iterator: Any, host_params: bool = False) -> RestoredState:
         abstract_state = dict(abstract_state or {})
         unknown = set(abstract_state) - {PARAMS, OPT_STATE, EXTRA_STATE}
         if unknown:
@@ -510,7 +515,8 @@ class TrainCheckpointer:
             if stored is not None and config_differences(stored, self.model_config):
                 raise CheckpointError(f"{self.directory}: different model shape: "
                                       + "; ".join(config_differences(stored, self.model_config)))
-        return _restore_items(self._manager, self.directory, step, abstract_state, data_iterator)
+        return _restore_items(self._manager, self.directory, step, abstract_state, data_iterator,
+                              host_params=host_params)
 
     def _quarantine(self, step: int) -> None:
         """Move an unusable step aside (``<step>.unusable-<time>``, kept for inspection) so it can be re-saved."""
@@ -609,7 +615,7 @@ _ARRAY_ITEMS = (PARAMS, OPT_STATE, EXTRA_STATE)
 
 
 def _restore_items(manager, directory, step: int, abstract_state: dict,
-                   data_iterator: Any) -> RestoredState:
+                   data_iterator: Any, host_params: bool = False) -> RestoredState:
     """Restore one step with verification; raises CheckpointIntegrityError for corrupt data."""
     import jax
     import orbax.checkpoint as ocp
@@ -650,6 +656,10 @@ def _restore_items(manager, directory, step: int, abstract_state: dict,
         targets[item] = target
 
     args = {item: ocp.args.StandardRestore(t) for item, t in targets.items()}
+    if host_params and abstract_state.get(PARAMS) is None:
+        # numpy straight from tensorstore: no second (device) copy of every array
+        args[PARAMS] = ocp.args.PyTreeRestore(
+            restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), targets[PARAMS]))
     data_format = internal.get("data_iter_format")
     if data_format == "grain" and data_iterator is not None and not _grain_state_exists(directory, step):
         warnings.warn(f"{where}: the data iterator state was saved by a different number of processes "
@@ -718,8 +728,9 @@ def save_params_checkpoint(directory: str | os.PathLike, step: int, config: Mode
 
     Synchronous. Used by the converters (HF / GPT-NeoX → this format).
     """
+    limit = _io_limit([params, opt_state])
     with TrainCheckpointer(directory, save_steps=(), async_save=False,
-                           model_config=config) as ckpt:
+                           model_config=config, io_limit_bytes=limit) as ckpt:
         if int(step) in ckpt.all_steps():
             raise CheckpointError(f"{ckpt.directory}/{step} already exists")
         ckpt.save(step, params, opt_state, None, metadata, force=True)
@@ -756,7 +767,10 @@ def load_params(directory: str | os.PathLike, step: int | None = None,
     root, dir_step = resolve_checkpoint_dir(directory)
     step = dir_step if step is None else step
     config = read_model_config(root)
-    ckpt = TrainCheckpointer(root, save_steps=(), async_save=False)
+    from pythia_jax.model import abstract_params
+
+    limit = _io_limit([abstract_params(config)]) if config is not None else None
+    ckpt = TrainCheckpointer(root, save_steps=(), async_save=False, io_limit_bytes=limit)
     try:
         if step is None and not ckpt.all_steps():
             raise CheckpointError(f"{root} holds no checkpoint steps")
@@ -768,12 +782,49 @@ def load_params(directory: str | os.PathLike, step: int | None = None,
             else:
                 abstract = jax.tree.map(
                     lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), stored, shardings)
-        restored = ckpt.restore(step, {PARAMS: abstract} if abstract is not None else None)
+        restored = ckpt.restore(step, {PARAMS: abstract} if abstract is not None else None,
+                                host_params=abstract is None)
     finally:
         ckpt.close()
     if restored is None:
         raise CheckpointError(f"{root}: no valid checkpoint step")
+    if abstract is None:  # numpy -> the first local device, leaf by leaf (adopted, not copied, on CPU)
+        from pythia_jax.convert.hf import to_device_tree
+
+        return config, to_device_tree(restored.params)
     return config, restored.params
+
+
+def _io_limit(trees: list[Any]) -> int | None:
+    """Bytes Orbax may have in flight at once: the largest array (+1 MiB), at least 64 MiB."""
+    import jax
+
+    sizes = [int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(trees) if hasattr(x, "shape") and hasattr(x, "dtype")]
+    return max(max(sizes, default=0) + (1 << 20), 64 << 20)
+
+
+def _bounded_io_registry(limit_bytes: int) -> Any:
+    """Orbax handlers that keep at most ``limit_bytes`` of array data in flight when saving / restoring.
+
+    Without a limit Orbax starts every array's write (or read) at once, and tensorstore's staging
+    buffers plus the device->host copies add up to about another copy of the tree.
+    """
+    import orbax.checkpoint as ocp
+
+    gb = limit_bytes / 1e9
+    standard = ocp.StandardCheckpointHandler(save_concurrent_gb=gb, restore_concurrent_gb=gb)
+    impl = getattr(getattr(standard, "_impl", None), "_handler_impl", None)
+    if impl is not None and hasattr(impl, "_save_device_host_concurrent_bytes"):
+        impl._save_device_host_concurrent_bytes = int(limit_bytes)  # also bound device->host copies
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    registry.add(None, ocp.args.StandardSave, standard)
+    registry.add(None, ocp.args.StandardRestore, standard)
+    registry.add(None, ocp.args.PyTreeRestore, ocp.PyTreeCheckpointHandler(restore_concurrent_gb=gb))
+    json_handler = ocp.JsonCheckpointHandler()
+    registry.add(None, ocp.args.JsonSave, json_handler)
+    registry.add(None, ocp.args.JsonRestore, json_handler)
+    return registry
 
 
 def _stored_params_metadata(ckpt: TrainCheckpointer, step: int | None) -> Any:
