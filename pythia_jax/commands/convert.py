@@ -181,9 +181,10 @@ def _check_output(args: argparse.Namespace) -> None:
 def write_checkpoint(out_dir: str, step: int, config, params, opt_state, metadata, overwrite: bool) -> None:
     """A new checkpoint directory of this project holding one step, written atomically."""
     from pythia_jax.checkpoint import save_params_checkpoint
-    from pythia_jax.convert.hf import to_device_tree
+    from pythia_jax.convert.hf import release_free_memory, to_device_tree
     from pythia_jax.io_utils import atomic_output_dir
 
     params = to_device_tree(params)
+    release_free_memory()  # the reader's freed buffers: don't hold them through the save
     with atomic_output_dir(out_dir, overwrite) as tmp:
         save_params_checkpoint(str(tmp), int(step), config, params, opt_state=opt_state, metadata=metadata)

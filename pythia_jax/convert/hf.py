@@ -641,3 +641,19 @@ def to_device_tree(params: Mapping[str, Any]) -> dict[str, Any]:
             del params[key]  # drop our reference to the numpy leaf
         del value
     return out
+
+
+def release_free_memory() -> None:
+    """Hand memory that glibc's allocator keeps after large frees back to the OS (``malloc_trim``).
+
+    Reading and converting a model frees many large temporary buffers; without this the process
+    keeps them (RSS) while the next step (e.g. the Orbax save) allocates more. No-op off glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
