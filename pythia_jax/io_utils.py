@@ -1,8 +1,9 @@
-"""Small file-system helpers shared by the converters: atomic output directories, size strings."""
+"""Small file-system helpers: atomic output directories, size strings, JSONL rows with line numbers."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -11,7 +12,7 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-from pythia_jax.errors import PythiaJaxError
+from pythia_jax.errors import DataError, PythiaJaxError
 
 
 def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -79,3 +80,26 @@ def parse_size(size: int | str) -> int:
     if value <= 0:
         raise PythiaJaxError(f"size must be positive, got {size!r}")
     return value
+
+
+def iter_jsonl_objects(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """``(line number, object)`` for each non-blank line of a JSONL file.
+
+    An unreadable file, a line that is not JSON or not a JSON object raises DataError naming the
+    file and the line.
+    """
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}") from None
+    with f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object")
+            yield lineno, row

@@ -8,7 +8,6 @@ disjoint windows of the model's context length).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -17,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from pythia_jax.errors import DataError
+from pythia_jax.io_utils import iter_jsonl_objects
 from pythia_jax.eval.zero_shot import mean_stderr
 
 
@@ -47,24 +47,13 @@ def documents_from_indexed(prefix: str, limit: int | None = None) -> list[np.nda
 def texts_from_jsonl(path: str | os.PathLike, text_key: str = "text", limit: int | None = None) -> list[str]:
     """The ``text_key`` strings of a JSONL file; a bad line raises DataError naming it."""
     texts = []
-    try:
-        f = open(path, encoding="utf-8")
-    except OSError as e:
-        raise DataError(f"cannot read {path}: {e.strerror}") from None
-    with f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if limit is not None and len(texts) >= limit:
-                break
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get(text_key), str):
-                raise DataError(f"{path}:{lineno}: needs a string field {text_key!r}")
-            if row[text_key]:
-                texts.append(row[text_key])
+    for lineno, row in iter_jsonl_objects(path):
+        if limit is not None and len(texts) >= limit:
+            break
+        if not isinstance(row.get(text_key), str):
+            raise DataError(f"{path}:{lineno}: needs a string field {text_key!r}")
+        if row[text_key]:
+            texts.append(row[text_key])
     if not texts:
         raise DataError(f"{path}: no documents")
     return texts

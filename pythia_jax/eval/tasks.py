@@ -19,13 +19,13 @@ adding a spec. The formats reproduce lm-evaluation-harness (the tool the Pythia 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from pythia_jax.errors import DataError
+from pythia_jax.io_utils import iter_jsonl_objects
 
 SPEC_DIR = Path(__file__).resolve().parent / "task_specs"
 KNOWN_METRICS = ("acc", "acc_norm")
@@ -196,25 +196,16 @@ def load_examples(spec: TaskSpec, data_dir: str | os.PathLike | None = None, *,
     if not path.is_file():
         raise DataError(f"task {spec.name}: data file {path} does not exist")
     examples: list[Example] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if limit is not None and len(examples) >= limit:
-                break
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object")
-            try:
-                examples.append(build_example(spec, row, doc_id=len(examples)))
-            except KeyError as e:
-                raise DataError(f"{path}:{lineno}: task {spec.name} needs field {e.args[0]!r}, "
-                                f"row has {sorted(row)}") from None
-            except ValueError as e:
-                raise DataError(f"{path}:{lineno}: task {spec.name}: {e}") from None
+    for lineno, row in iter_jsonl_objects(path):
+        if limit is not None and len(examples) >= limit:
+            break
+        try:
+            examples.append(build_example(spec, row, doc_id=len(examples)))
+        except KeyError as e:
+            raise DataError(f"{path}:{lineno}: task {spec.name} needs field {e.args[0]!r}, "
+                            f"row has {sorted(row)}") from None
+        except ValueError as e:
+            raise DataError(f"{path}:{lineno}: task {spec.name}: {e}") from None
     if not examples:
         raise DataError(f"{path}: no examples")
     return examples
