@@ -8,7 +8,6 @@ from decimal import Decimal
 
 import gin
 import jax
-import numpy as np
 import pytest
 
 from pythia_jax import gin_setup

@@ -91,7 +91,7 @@ def _write(path: Path, rows: list) -> Path:
 def test_missing_field_names_line(tmp_path):
     spec = T.load_spec("piqa")
     good = {"goal": "g", "sol1": "a", "sol2": "b", "label": 0}
-    f = _write(tmp_path / "piqa.jsonl", [good, {"goal": "g", "sol1": "a", "label": 1}])
+    _write(tmp_path / "piqa.jsonl", [good, {"goal": "g", "sol1": "a", "label": 1}])
     with pytest.raises(DataError, match=r"piqa.jsonl:2: .*'sol2'"):
         T.load_examples(spec, tmp_path)
 

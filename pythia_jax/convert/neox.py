@@ -729,7 +729,7 @@ def read_neox_optimizer_state(ckpt: NeoxCheckpoint, config: ModelConfig, *,
     """
     if not ckpt.optim_files:
         return None
-    torch = _torch()
+    _torch()  # fails early with a clear message when torch is missing
     source = _LayerSource(ckpt)
     roles = _detect_roles(source, config.num_layers)
     per_rank: list[tuple[dict, dict, dict]] = []

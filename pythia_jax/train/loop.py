@@ -23,7 +23,6 @@ import dataclasses
 import glob
 import json
 import os
-import time
 from typing import Any, Iterable, Iterator
 
 import jax
