@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import gzip
+import io
 import json
 import os
 import re
@@ -82,24 +84,39 @@ def parse_size(size: int | str) -> int:
     return value
 
 
-def iter_jsonl_objects(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
-    """``(line number, object)`` for each non-blank line of a JSONL file.
-
-    An unreadable file, a line that is not JSON or not a JSON object raises DataError naming the
-    file and the line.
-    """
+def open_text(path: str | os.PathLike) -> io.TextIOBase:
+    """Open a UTF-8 text file, decompressing ``.gz`` / ``.zst`` by extension."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: input file not found")
     try:
-        f = open(path, encoding="utf-8")
+        if path.endswith(".gz"):
+            return gzip.open(path, "rt", encoding="utf-8")
+        if path.endswith(".zst") or path.endswith(".zstd"):
+            import zstandard
+
+            raw = open(path, "rb")
+            return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True),
+                                    encoding="utf-8")
+        return open(path, encoding="utf-8")
     except OSError as e:
         raise DataError(f"cannot read {path}: {e.strerror}") from None
-    with f:
+
+
+def iter_jsonl_objects(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """``(line number, object)`` for each non-blank line of a JSONL file (plain, ``.gz``, ``.zst``).
+
+    A missing or unreadable file, a line that is not JSON or not a JSON object raises DataError
+    naming the file and the line.
+    """
+    with open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object")
             yield lineno, row

@@ -99,7 +99,7 @@ def test_missing_field_names_line(tmp_path):
 def test_bad_json_and_gold(tmp_path):
     spec = T.load_spec("arc_easy")
     f = _write(tmp_path / "arc_easy.jsonl", ["{not json"])
-    with pytest.raises(DataError, match=r"arc_easy.jsonl:1: not valid JSON"):
+    with pytest.raises(DataError, match=r"arc_easy.jsonl:1: invalid JSON"):
         T.load_examples(spec, tmp_path)
     row = {"question": "q", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "C"}
     _write(f, [row])

@@ -15,9 +15,6 @@ release (rows straddle the edges); ``IndexedDataset`` reads them as one stream.
 
 from __future__ import annotations
 
-import gzip
-import io
-import json
 import multiprocessing
 import os
 import threading
@@ -28,40 +25,20 @@ import numpy as np
 from pythia_jax.data.indexed import IndexedDatasetWriter, _atomic_path, publish, write_index
 from pythia_jax.data.tokenizer import EOD_ID
 from pythia_jax.errors import DataError
-
-
-def open_text(path: str) -> io.TextIOBase:
-    """Open a text file, decompressing ``.gz`` / ``.zst`` by extension."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: input file not found")
-    if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    if path.endswith(".zst") or path.endswith(".zstd"):
-        import zstandard
-        raw = open(path, "rb")
-        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True),
-                                encoding="utf-8")
-    return open(path, "r", encoding="utf-8")
+from pythia_jax.io_utils import iter_jsonl_objects
 
 
 def iter_jsonl_texts(paths: Sequence[str], key: str = "text") -> Iterator[str]:
     """The non-empty ``key`` fields of the JSONL files, in order."""
     for path in paths:
-        with open_text(path) as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
-                if not isinstance(obj, dict) or key not in obj:
-                    raise DataError(f"{path}:{line_no}: no {key!r} field")
-                text = obj[key]
-                if isinstance(text, list):  # lm_dataformat joined paragraph lists
-                    text = "\n\n".join(text)
-                if text:
-                    yield text
+        for line_no, obj in iter_jsonl_objects(path):
+            if key not in obj:
+                raise DataError(f"{path}:{line_no}: no {key!r} field")
+            text = obj[key]
+            if isinstance(text, list):  # lm_dataformat joined paragraph lists
+                text = "\n\n".join(text)
+            if text:
+                yield text
 
 
 _WORKER_TOKENIZER = None
