@@ -101,10 +101,8 @@ def preprocess_jsonl(inputs: Sequence[str] | str, output_prefix: str, *, jsonl_k
         with IndexedDatasetWriter(prefix, np.uint16) as writer:
             bar = tqdm(encoded, desc=f"tokenizing -> {os.path.basename(prefix)}", unit=" docs",
                        disable=not progress)
-            n_tokens = 0
             for doc in bar:
                 writer.add_document(doc)
-                n_tokens += doc.size
             bar.close()
     finally:
         if pool is not None:
