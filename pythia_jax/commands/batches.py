@@ -38,11 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import os
-    import tempfile
 
     import numpy as np
 
-    from pythia_jax.data.indexed import publish
+    from pythia_jax.data.indexed import save_npy_atomic
     from pythia_jax.data.orders import open_order
     from pythia_jax.errors import DataError
 
@@ -57,12 +56,8 @@ def run(args: argparse.Namespace) -> int:
                         f"(last full step {len(order) // args.batch_size - 1})")
     rows = np.asarray(order.read_rows(first, stop)).astype(np.uint16)
     if args.out:
-        directory = os.path.dirname(os.path.abspath(args.out)) or "."
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".batches.", suffix=".npy", dir=directory)
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, rows)
-        publish(tmp, args.out)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)) or ".", exist_ok=True)
+        save_npy_atomic(args.out, rows)
         print(f"saved rows [{first}, {stop}) as {rows.dtype} {list(rows.shape)} to {args.out}")
         return 0
     shown = rows if args.rows is None else rows[: args.rows]

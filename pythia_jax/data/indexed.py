@@ -28,6 +28,7 @@ Public API:
 - ``IndexedDatasetWriter(prefix, dtype)``: ``add_item(tokens)``, ``end_document()``,
   ``add_document(tokens)``, ``finalize()``; writes to temporary siblings and renames at the end.
 - ``write_indexed_dataset(prefix, documents, dtype)``: one item per document.
+- ``save_npy_atomic(path, array)``: an ``.npy`` file written to a temporary sibling, then renamed.
 
 Every problem with the files raises ``pythia_jax.errors.DataError`` naming the file.
 """
@@ -540,6 +541,19 @@ def publish(tmp: str, final: str) -> None:
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, final)
+
+
+def save_npy_atomic(path: str, array: np.ndarray) -> None:
+    """``numpy.save`` to a temporary sibling of ``path``, then rename it into place."""
+    tmp = _atomic_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+        publish(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def write_index(path: str, dtype, sizes: np.ndarray, doc_idx: np.ndarray) -> None:

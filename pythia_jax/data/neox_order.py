@@ -36,12 +36,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tempfile
 import time
 
 import numpy as np
 
-from pythia_jax.data.indexed import publish
+from pythia_jax.data.indexed import save_npy_atomic
 from pythia_jax.errors import DataError
 
 MARGIN = 1.005  # GPT-NeoX asks for 0.5% more samples than training consumes
@@ -187,19 +186,6 @@ def index_map_paths(data_prefix: str, num_samples: int, seq_len: int, seed: int,
     return {k: f"{stem}_{k}.npy" for k in ("doc_idx", "sample_idx", "shuffle_idx")}
 
 
-def _save_npy_atomic(path: str, array: np.ndarray) -> None:
-    directory = os.path.dirname(os.path.abspath(path)) or "."
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-        publish(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _load_npy(path: str) -> np.ndarray:
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
@@ -277,7 +263,7 @@ def load_or_build_index_maps(data_prefix: str, sizes: np.ndarray, num_samples: i
         try:
             os.makedirs(os.path.dirname(os.path.abspath(paths["doc_idx"])), exist_ok=True)
             for k in ("doc_idx", "sample_idx", "shuffle_idx"):
-                _save_npy_atomic(paths[k], getattr(maps, k))
+                save_npy_atomic(paths[k], getattr(maps, k))
         except OSError as e:
             if verbose:
                 print(f"index maps not cached ({e})")
