@@ -337,16 +337,10 @@ class Index:
                 f"{self.doc_count} document entries, so the file should be {expected} bytes, "
                 f"but it is {source.size} bytes")
         n, d = self.length, self.doc_count
-        if isinstance(source, LocalFile):
-            buf = source._mm
-            self.sizes = np.frombuffer(buf, np.int32, n, HEADER_SIZE)
-            self.pointers = np.frombuffer(buf, np.int64, n, HEADER_SIZE + 4 * n)
-            self.doc_idx = np.frombuffer(buf, np.int64, d, HEADER_SIZE + 12 * n)
-        else:
-            raw = source.read(0, source.size)
-            self.sizes = np.frombuffer(raw, np.int32, n, HEADER_SIZE)
-            self.pointers = np.frombuffer(raw, np.int64, n, HEADER_SIZE + 4 * n)
-            self.doc_idx = np.frombuffer(raw, np.int64, d, HEADER_SIZE + 12 * n)
+        buf = source.read(0, source.size)  # a local file: its memory map, no copy
+        self.sizes = np.frombuffer(buf, np.int32, n, HEADER_SIZE)
+        self.pointers = np.frombuffer(buf, np.int64, n, HEADER_SIZE + 4 * n)
+        self.doc_idx = np.frombuffer(buf, np.int64, d, HEADER_SIZE + 12 * n)
         if n and self.pointers[0] != 0:
             raise DataError(f"{path}: inconsistent index: pointers[0] = {self.pointers[0]}, expected 0")
         if n and self.sizes[-1] < 0:
