@@ -239,8 +239,14 @@ def train(cfg: TrainConfig, *, devices=None, max_steps: int | None = None) -> Tr
         writer.message(f"{'resumed from ' + str(ckpt.directory) + '/' + str(step) if restored else 'starting'}: "
                        f"{cfg.model.num_params():,} parameters, mesh {dict(setup.mesh.shape)}, "
                        f"{cfg.global_batch} x {cfg.seq_length} tokens per step, steps {step} -> {cfg.num_steps}")
-        ckpt.save(step, state.params, state.opt_state, data_it, _metadata(state, cfg))
 
+        def save(force: bool = False) -> None:
+            """Checkpoint ``state`` at ``step`` when the schedule says so (or ``force``); the
+            metadata's host reads happen only then, not on every step."""
+            if force or ckpt.should_save(step):
+                ckpt.save(step, state.params, state.opt_state, data_it, _metadata(state, cfg), force=force)
+
+        save()
         throughput = Throughput(cfg.model, cfg.seq_length, cfg.tokens_per_step, setup.num_devices,
                                 peak_flops_per_device(cfg.peak_flops_per_device, setup.mesh.devices.flat[0]))
         log_path = os.path.join(local_output_dir(out), "metrics.jsonl")
@@ -273,20 +279,20 @@ def train(cfg: TrainConfig, *, devices=None, max_steps: int | None = None) -> Tr
                     _append_jsonl(log_path, {"step": step, "eval_loss": eval_losses[step]})
                     throughput.start()
                 # ---- checkpoint
-                ckpt.save(step, state.params, state.opt_state, data_it, _metadata(state, cfg))
+                save()
                 if metrics["nonfinite_run"] >= cfg.max_nonfinite_steps:
-                    ckpt.save(step, state.params, state.opt_state, data_it, _metadata(state, cfg), force=True)
+                    save(force=True)
                     ckpt.wait_until_finished()
                     raise TrainingDiverged(
                         f"{int(metrics['nonfinite_run'])} non-finite losses in a row (last at step {step}); "
                         f"saved {ckpt.directory}/{step} and stopped. Lower the learning rate or check the data.")
                 if guard.should_stop(step):
-                    ckpt.save(step, state.params, state.opt_state, data_it, _metadata(state, cfg), force=True)
+                    save(force=True)
                     writer.message(guard.message)
                     stopped = "preempted"
                     break
         if stopped is None:  # the last step of this invocation is always resumable
-            ckpt.save(step, state.params, state.opt_state, data_it, _metadata(state, cfg), force=True)
+            save(force=True)
         ckpt.wait_until_finished()
         hf_dir = None
         if cfg.export_hf and stopped is None and step == cfg.num_steps:
