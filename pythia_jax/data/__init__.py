@@ -36,8 +36,3 @@ def demo_data_prefix() -> str:
 def demo_eval_prefix() -> str:
     """Prefix of the bundled held-out Wikipedia dataset (last 5% of the passages)."""
     return os.path.join(_ASSETS, "wikipedia", "wikipedia_val_text_document")
-
-
-def assets_dir() -> str:
-    """The package's bundled assets directory."""
-    return _ASSETS

@@ -20,11 +20,10 @@ Paths: a local path is read with ``numpy.memmap``; a URL (``gs://``, ``s3://``, 
 ``memory://``, any tensorstore kvstore URL) is read with tensorstore byte-range reads.
 
 Public API:
-- ``IndexedDataset(prefix)`` / ``open_indexed_dataset(prefix)``: ``len(ds)``, ``ds.sizes`` (int32
-  [N]), ``ds.pointers`` (int64 [N]), ``ds.doc_idx`` (int64 [D]), ``ds.dtype``, ``ds[i]`` /
-  ``ds.get(i, offset=0, length=None)`` (1-D array of ``ds.dtype``), ``ds.read_items(a, b)``
-  (contiguous items as one flat array), ``ds.gather(items, starts, lengths)`` (many item slices
-  concatenated, vectorised).
+- ``IndexedDataset(prefix)``: ``len(ds)``, ``ds.sizes`` (int32 [N]), ``ds.pointers`` (int64
+  [N]), ``ds.doc_idx`` (int64 [D]), ``ds.dtype``, ``ds[i]`` / ``ds.get(i, offset=0,
+  length=None)`` (1-D array of ``ds.dtype``), ``ds.read_items(a, b)`` (contiguous items as one
+  flat array), ``ds.gather(items, starts, lengths)`` (many item slices concatenated, vectorised).
 - ``IndexedDatasetWriter(prefix, dtype)``: ``add_item(tokens)``, ``end_document()``,
   ``add_document(tokens)``, ``finalize()``; writes to temporary siblings and renames at the end.
 - ``write_indexed_dataset(prefix, documents, dtype)``: one item per document.
@@ -507,15 +506,6 @@ class IndexedDataset:
             return np.zeros(0, out_dtype or self.dtype)
         out = np.concatenate(parts).view(self.dtype)
         return out if out_dtype is None else out.astype(out_dtype)
-
-
-def open_indexed_dataset(prefix: str, **kwargs) -> IndexedDataset:
-    return IndexedDataset(prefix, **kwargs)
-
-
-def dataset_exists(prefix: str) -> bool:
-    """True when ``prefix.idx`` exists locally (URLs: always True; errors come on open)."""
-    return is_url(prefix) or os.path.isfile(str(prefix) + ".idx")
 
 
 # --------------------------------------------------------------------------- writing

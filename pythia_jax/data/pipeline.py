@@ -257,11 +257,6 @@ def checkpoint_restore_args(iterator):
     return _grain().checkpoint.CheckpointRestore(iterator)
 
 
-def checkpoint_handler():
-    """The Orbax handler for the ``data_iter`` item (``grain.checkpoint.CheckpointHandler()``)."""
-    return _grain().checkpoint.CheckpointHandler()
-
-
 def host_row_range(sharding, global_batch: int, seq_len: int = 1) -> tuple[int, int]:
     """Rows [a, b) of the global batch that this process's devices hold under ``sharding``.
 
