@@ -11,10 +11,12 @@ import functools
 import os
 from typing import Sequence
 
-EOD_ID = 0
-PAD_ID = 1
-TOKENIZER_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                              "assets", "gpt-neox-20b-tokenizer.json")
+from pythia_jax.config import EOD_TOKEN_ID, PAD_TOKEN_ID
+from pythia_jax.data import _ASSETS
+
+EOD_ID = EOD_TOKEN_ID
+PAD_ID = PAD_TOKEN_ID
+TOKENIZER_FILE = os.path.join(_ASSETS, "gpt-neox-20b-tokenizer.json")
 
 
 @functools.lru_cache(maxsize=4)
