@@ -285,11 +285,11 @@ def _find_shards(prefix: str) -> list[str]:
         pattern = re.compile(re.escape(base) + r"-\d{5}-of-\d{5}\.bin")
         names = [directory + k for k in keys if pattern.fullmatch(k)]
     else:
-        names = [n for n in glob.glob(glob.escape(prefix) + "-?????-of-?????.bin")]
-    if not names:
+        names = glob.glob(glob.escape(prefix) + "-?????-of-?????.bin")
+    parsed = sorted((int(m.group(1)), int(m.group(2)), n)
+                    for n, m in ((n, _SHARD_RE.search(n)) for n in names) if m)
+    if not parsed:
         return []
-    parsed = sorted((int(_SHARD_RE.search(n).group(1)), int(_SHARD_RE.search(n).group(2)), n)
-                    for n in names)
     last = {p[1] for p in parsed}
     if len(last) != 1:
         raise DataError(f"{prefix}: shard files disagree on the shard count: {sorted(last)}")
