@@ -29,6 +29,7 @@ class Order:
     dataset: IndexedDataset
     seq_len: int
     name: str
+    what = "dataset"  # for errors: "the dataset has N rows"
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -36,6 +37,14 @@ class Order:
     def read_row_indices(self, rows: np.ndarray, dtype=None) -> np.ndarray:
         """Rows at the given indices, [len(rows), seq_len+1] of ``dtype`` (default: the data's)."""
         raise NotImplementedError
+
+    def _row_indices(self, rows) -> np.ndarray:
+        """``rows`` as int64, checked to lie in ``[0, len(self))``."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+            raise DataError(f"{self.name}: rows up to {int(rows.max())} requested, the "
+                            f"{self.what} has {len(self)} rows of {self.seq_len + 1} tokens")
+        return rows
 
     def _check_rows(self, start: int, stop: int) -> None:
         if start < 0 or stop > len(self) or start > stop:
@@ -87,10 +96,7 @@ class PreshuffledOrder(Order):
         return self._assemble(tokens, stop - start)
 
     def read_row_indices(self, rows: np.ndarray, dtype=None) -> np.ndarray:
-        rows = np.asarray(rows, dtype=np.int64)
-        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
-            raise DataError(f"{self.name}: rows up to {int(rows.max())} requested, the dataset has "
-                            f"{len(self)}")
+        rows = self._row_indices(rows)
         self._check_sizes(rows)
         n = self.seq_len + 1
         tokens = self.dataset.gather(rows, np.zeros_like(rows), np.full_like(rows, n), dtype)
@@ -99,6 +105,8 @@ class PreshuffledOrder(Order):
 
 class NeoxOrder(Order):
     """Row j = GPT-NeoX sample shuffle_idx[j] of a raw document dataset."""
+
+    what = "GPT-NeoX order"
 
     def __init__(self, dataset: IndexedDataset, seq_len: int, maps: IndexMaps):
         self.dataset = dataset
@@ -122,10 +130,7 @@ class NeoxOrder(Order):
         return len(self.maps)
 
     def read_row_indices(self, rows: np.ndarray, dtype=None) -> np.ndarray:
-        rows = np.asarray(rows, dtype=np.int64)
-        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
-            raise DataError(f"{self.name}: rows up to {int(rows.max())} requested, the GPT-NeoX "
-                            f"order has {len(self)} rows")
+        rows = self._row_indices(rows)
         samples = np.asarray(self.maps.shuffle_idx[rows], dtype=np.int64)
         _, items, starts, lengths = self.maps.sample_segments(samples, self.dataset.sizes)
         return self._assemble(self.dataset.gather(items, starts, lengths, dtype), len(rows))
@@ -146,10 +151,7 @@ class SequentialOrder(Order):
         return self._rows
 
     def read_row_indices(self, rows: np.ndarray, dtype=None) -> np.ndarray:
-        rows = np.asarray(rows, dtype=np.int64)
-        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
-            raise DataError(f"{self.name}: rows up to {int(rows.max())} requested, the dataset has "
-                            f"{len(self)} rows of {self.seq_len + 1} tokens")
+        rows = self._row_indices(rows)
         width = self.seq_len + 1
         first = rows * self.seq_len
         item_first = np.searchsorted(self._ends, first, side="right")
