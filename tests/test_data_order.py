@@ -184,6 +184,9 @@ def test_rows_beyond_the_order(tmp_path):
     order = open_order(prefix, "neox", seq_len=16, seed=1, train_iters=2, global_batch=2)
     with pytest.raises(DataError, match=r"small.*beyond the dataset"):
         order.read_rows(len(order) - 1, len(order) + 1)
+    with pytest.raises(DataError, match=rf"small.*rows up to {len(order)} requested, "
+                                        rf"the GPT-NeoX order has {len(order)} rows of 17 tokens"):
+        order.read_row_indices(np.array([0, len(order)]))
 
 
 def test_neox_order_over_tensorstore_memory_driver(tmp_path):
