@@ -14,6 +14,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from pythia_jax.errors import PythiaJaxError
+from pythia_jax.sharding import (DEFAULT_RULES, batch_sharding, data_shards, make_mesh, param_shardings,
+                                 replicated)
+from pythia_jax.train.config import MeshConfig
 
 
 @dataclasses.dataclass
@@ -33,13 +36,11 @@ class PlacedModel:
     def num_shards(self) -> int:
         if self.rules is None:
             return int(self.mesh.devices.size)
-        from pythia_jax.sharding import data_shards
         return data_shards(self.mesh, self.rules)
 
     def batch_sharding(self, ndim: int) -> NamedSharding:
         if self.rules is None:
             return NamedSharding(self.mesh, P(tuple(self.mesh.axis_names), *([None] * (ndim - 1))))
-        from pythia_jax.sharding import batch_sharding
         return batch_sharding(self.mesh, self.rules, extra_dims=ndim - 1)
 
     def put_batch(self, array: np.ndarray) -> jax.Array:
@@ -65,16 +66,6 @@ class PlacedModel:
         return model_from_params(self.config, params)
 
 
-def _default_mesh_and_rules(devices: Sequence[jax.Device] | None) -> tuple[Mesh, Any]:
-    try:
-        from pythia_jax.sharding import DEFAULT_RULES, make_mesh
-        from pythia_jax.train.config import MeshConfig
-    except ImportError:  # the training modules are optional for evaluation
-        devs = np.array(list(devices if devices is not None else jax.devices()))
-        return Mesh(devs, ("data",)), None
-    return make_mesh(MeshConfig(data=-1), devices), DEFAULT_RULES
-
-
 def place_model(model: Any, mesh: Mesh | None = None, rules: Sequence[tuple[str, Any]] | None = None,
                 *, config: Any = None, devices: Sequence[jax.Device] | None = None) -> PlacedModel:
     """Put a ``GPTNeoX`` (or, with ``config``, a pure params dict) on ``mesh``.
@@ -88,12 +79,11 @@ def place_model(model: Any, mesh: Mesh | None = None, rules: Sequence[tuple[str,
     else:
         params = model
     if mesh is None:
-        mesh, default_rules = _default_mesh_and_rules(devices)
-        rules = rules if rules is not None else default_rules
+        mesh = make_mesh(MeshConfig(data=-1), devices)
+        rules = rules if rules is not None else DEFAULT_RULES
     if rules is None:
-        params = jax.device_put(params, NamedSharding(mesh, P()))
+        params = jax.device_put(params, replicated(mesh))
     else:
-        from pythia_jax.sharding import param_shardings
         params = jax.device_put(params, param_shardings(config, mesh, rules))
     return PlacedModel(config=config, params=params, mesh=mesh, rules=rules)
 
