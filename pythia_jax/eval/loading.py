@@ -65,11 +65,8 @@ def available_steps(path: str | os.PathLike) -> list[int]:
     if not ckpt.is_checkpoint_dir(path):
         return []
     root, _ = ckpt.resolve_checkpoint_dir(path)
-    c = ckpt.TrainCheckpointer(root, save_steps=(), async_save=False)
-    try:
-        return sorted(int(s) for s in c.all_steps())
-    finally:
-        c.close()
+    with ckpt.TrainCheckpointer(root, save_steps=(), async_save=False) as c:
+        return c.all_steps()
 
 
 def _fmt(steps: list[int]) -> str:
