@@ -90,6 +90,11 @@ def test_resume_from_grain_checkpoint_and_from_step(corpus, tmp_path):
     also_from_state = make_train_iterator(raw, **kw)
     also_from_state.set_state(saved)
     assert restored.step == from_step.step == also_from_state.step == k
+    # An order passed already opened checkpoints under the same name as one opened by name.
+    neox = open_order(raw, "neox", seq_len=SEQ, seed=SEED, train_iters=ITERS, global_batch=B)
+    opened = make_train_iterator(raw, **{**kw, "order": neox})
+    opened.set_state(saved)
+    assert opened.get_state() == saved
     for n in range(k, ITERS):
         for it_ in (restored, from_step, also_from_state):
             x = next(it_)

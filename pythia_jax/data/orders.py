@@ -29,6 +29,7 @@ class Order:
     dataset: IndexedDataset
     seq_len: int
     name: str
+    kind: str  # the name open_order knows it by
     what = "dataset"  # for errors: "the dataset has N rows"
 
     def __len__(self) -> int:
@@ -66,6 +67,8 @@ class Order:
 
 class PreshuffledOrder(Order):
     """Row j = item j of a pre-shuffled dataset (items of exactly seq_len+1 tokens)."""
+
+    kind = "preshuffled"
 
     def __init__(self, dataset: IndexedDataset, seq_len: int):
         self.dataset = dataset
@@ -106,6 +109,7 @@ class PreshuffledOrder(Order):
 class NeoxOrder(Order):
     """Row j = GPT-NeoX sample shuffle_idx[j] of a raw document dataset."""
 
+    kind = "neox"
     what = "GPT-NeoX order"
 
     def __init__(self, dataset: IndexedDataset, seq_len: int, maps: IndexMaps):
@@ -138,6 +142,8 @@ class NeoxOrder(Order):
 
 class SequentialOrder(Order):
     """Row j = stream tokens [j·seq_len, j·seq_len + seq_len + 1) of the items in file order."""
+
+    kind = "sequential"
 
     def __init__(self, dataset: IndexedDataset, seq_len: int):
         self.dataset = dataset

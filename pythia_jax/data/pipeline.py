@@ -212,12 +212,12 @@ def make_train_iterator(data_prefix: str, *, order: str | Order = "neox", seq_le
     """
     grain = _grain()
     if isinstance(order, Order):
-        order_obj, order_name = order, type(order).__name__
+        order_obj = order
     else:
         order_obj = open_order(data_prefix, order, seq_len=seq_len, seed=seed,
                                train_iters=train_iters, global_batch=global_batch,
                                cache_prefix=cache_prefix, verbose=verbose)
-        order_name = order
+    order_name = order_obj.kind  # the same in the checkpoint whether named or passed opened
     if order_obj.seq_len != seq_len:
         raise DataError(f"{order_obj.name}: order has seq_len {order_obj.seq_len}, asked for {seq_len}")
     needed = train_iters * global_batch
