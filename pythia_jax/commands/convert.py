@@ -137,11 +137,8 @@ def _jax_to_hf(args: argparse.Namespace, progress: bool) -> None:
         print(f"wrote {args.output}")
         return
     root, _ = resolve_checkpoint_dir(args.source)
-    ckpt = TrainCheckpointer(root, save_steps=(), async_save=False)
-    try:
+    with TrainCheckpointer(root, save_steps=(), async_save=False) as ckpt:
         steps = ckpt.all_steps()
-    finally:
-        ckpt.close()
     if not steps:
         raise CheckpointError(f"{root} holds no checkpoint steps")
     targets = {s: os.path.join(args.output, f"step{s}") for s in steps}
