@@ -28,12 +28,9 @@ def register_configurables() -> None:
         return
     gin.external_configurable(ModelConfig, module="pythia_jax")
     gin.external_configurable(ModelConfig.preset, name="model_preset", module="pythia_jax")
-    try:  # training configurables (added by the training package)
-        from pythia_jax.train import config as train_config  # noqa: F401
-        train_config.register_gin()
-    except ModuleNotFoundError as e:
-        if e.name != "pythia_jax.train.config":
-            raise
+    from pythia_jax.train import config as train_config
+
+    train_config.register_gin()
     _registered = True
 
 
