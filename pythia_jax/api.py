@@ -35,17 +35,18 @@ def detect_source(path: str | os.PathLike) -> str:
     from pythia_jax.convert.neox import is_neox_checkpoint
 
     path = os.fspath(path)
-    if not os.path.exists(path) and "://" not in path:
+    local = "://" not in path  # remote (gs://…) paths can only be checkpoints of this project
+    if local and not os.path.exists(path):
         raise CheckpointError(f"{path} does not exist")
-    if "://" not in path and os.path.isfile(path):
+    if local and os.path.isfile(path):
         raise CheckpointError(f"{path} is a file; pass the model directory")
-    if "://" not in path and is_hf_dir(path):
+    if local and is_hf_dir(path):
         return "hf"
     if is_checkpoint_dir(path):
         return "checkpoint"
-    if "://" not in path and is_neox_checkpoint(path):
+    if local and is_neox_checkpoint(path):
         return "neox"
-    if "://" not in path and os.path.isfile(os.path.join(path, "config.json")):
+    if local and os.path.isfile(os.path.join(path, "config.json")):
         return "hf"  # config.json without weights: read_hf_dir names what is missing
     raise CheckpointError(
         f"{path} is not a model directory: expected an HF directory (config.json + model.safetensors "
