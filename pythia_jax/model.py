@@ -38,8 +38,9 @@ _REMAT_POLICIES = {
 }
 
 
-def _dtype(name: str):
-    return jnp.dtype(name)
+def _dtypes(config: ModelConfig) -> tuple[jnp.dtype, jnp.dtype]:
+    """(compute dtype, parameter dtype) of ``config``."""
+    return jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
 
 
 # --------------------------------------------------------------------------- KV cache
@@ -108,7 +109,7 @@ class Attention(nnx.Module):
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        H, dt, pdt = config.hidden_size, _dtype(config.dtype), _dtype(config.param_dtype)
+        H, (dt, pdt) = config.hidden_size, _dtypes(config)
         self.query_key_value = Dense(H, 3 * H, kernel_std=config.input_init_std,
                                      names=("embed", "heads"), dtype=dt, param_dtype=pdt, rngs=rngs)
         self.dense = Dense(H, H, kernel_std=config.output_init_std, names=("heads", "embed"),
@@ -144,7 +145,7 @@ class MLP(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         H, F = config.hidden_size, config.intermediate_size
-        dt, pdt = _dtype(config.dtype), _dtype(config.param_dtype)
+        dt, pdt = _dtypes(config)
         self.dense_h_to_4h = Dense(H, F, kernel_std=config.input_init_std, names=("embed", "mlp"),
                                    dtype=dt, param_dtype=pdt, rngs=rngs)
         self.dense_4h_to_h = Dense(F, H, kernel_std=config.output_init_std, names=("mlp", "embed"),
@@ -162,7 +163,7 @@ class Block(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         H, eps = config.hidden_size, config.layer_norm_eps
-        dt, pdt = _dtype(config.dtype), _dtype(config.param_dtype)
+        dt, pdt = _dtypes(config)
         self.input_layernorm = LayerNorm(H, eps=eps, dtype=dt, param_dtype=pdt, rngs=rngs)
         self.post_attention_layernorm = LayerNorm(H, eps=eps, dtype=dt, param_dtype=pdt, rngs=rngs)
         self.attention = Attention(config, rngs=rngs)
@@ -186,7 +187,7 @@ class GPTNeoX(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
         H, V = config.hidden_size, config.vocab_size
-        dt, pdt = _dtype(config.dtype), _dtype(config.param_dtype)
+        dt, pdt = _dtypes(config)
         self.embed_in = Embed(V, H, std=config.input_init_std, dtype=dt, param_dtype=pdt, rngs=rngs)
 
         @nnx.split_rngs(splits=config.num_layers)
@@ -216,15 +217,14 @@ class GPTNeoX(nnx.Module):
             positions = jnp.broadcast_to(index + jnp.arange(T, dtype=jnp.int32), (B, T))
         cos, sin = rotary_cos_sin(positions, cfg.rotary_ndims, cfg.rotary_emb_base)
 
-        mask, new_valid = None, None
+        mask = new_valid = None
         q_slots = index + jnp.arange(T, dtype=jnp.int32)
         if cache is not None:
-            new_valid = cache.valid
             if key_mask is not None and key_mask.shape[1] == cache.max_len:
                 new_valid = key_mask.astype(bool)
             else:
-                step_valid = (jnp.ones((B, T), bool) if key_mask is None else key_mask.astype(bool))
-                new_valid = jax.lax.dynamic_update_slice(new_valid, step_valid, (0, index))
+                step_valid = jnp.ones((B, T), bool) if key_mask is None else key_mask.astype(bool)
+                new_valid = jax.lax.dynamic_update_slice(cache.valid, step_valid, (0, index))
             mask = causal_mask(q_slots, cache.max_len, new_valid)
         elif key_mask is not None:
             mask = causal_mask(q_slots, T, key_mask.astype(bool))
@@ -367,7 +367,7 @@ def model_from_params(config: ModelConfig, params: Mapping) -> GPTNeoX:
     Works on concrete arrays (sharded or not) and inside ``jax.jit`` on traced ones.
     """
     check_params(config, params)
-    pdt = _dtype(config.param_dtype)
+    pdt = jnp.dtype(config.param_dtype)
     params = jax.tree.map(lambda a: a if a.dtype == pdt else a.astype(pdt),
                           jax.tree.map(jnp.asarray, dict(params)))
     graphdef, state = _abstract_split(config)
