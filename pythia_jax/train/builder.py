@@ -19,8 +19,8 @@ from jax.sharding import Mesh
 from pythia_jax import sharding as shd
 from pythia_jax.train.config import TrainConfig
 from pythia_jax.train.optimizer import DynamicLossScale, build_optimizer, neox_lr_schedule
-from pythia_jax.train.step import (TrainState, compile_eval_step, compile_train_step, init_train_state,
-                                   make_eval_step, make_train_step)
+from pythia_jax.train.step import (TrainState, abstract_with_shardings, compile_eval_step, compile_train_step,
+                                   init_train_state, make_eval_step, make_train_step)
 
 
 BATCH_KEYS = ("inputs", "labels")  # int32 [global_batch, seq_length] each (the data pipeline's batch)
@@ -128,7 +128,6 @@ def build(cfg: TrainConfig, devices: Sequence[jax.Device] | None = None, *, comp
                           out_shardings=state_sh)
     return TrainSetup(config=cfg, mesh=mesh, rules=rules, optimizer=optimizer, schedule=schedule,
                       loss_scale=loss_scale, param_shardings=param_sh, state_shardings=state_sh,
-                      batch_shardings=batch_sh, abstract_state=jax.tree.map(
-                          lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh),
+                      batch_shardings=batch_sh, abstract_state=abstract_with_shardings(abstract, state_sh),
                       train_step=train_step, eval_step=eval_step, _init_fn=init_jit, _from_params_fn=from_params)
 

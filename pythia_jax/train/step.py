@@ -183,7 +183,8 @@ def sharding_context(mesh: Mesh | None, rules):
         yield
 
 
-def _abstract(tree: Any, shardings: Any) -> Any:
+def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
+    """``jax.ShapeDtypeStruct``s of ``tree``'s leaves (arrays or structs) carrying ``shardings``."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype, sharding=s), tree, shardings)
 
 
@@ -198,8 +199,8 @@ def compile_train_step(step_fn, abstract_state: TrainState, state_shardings: Tra
     jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
                      out_shardings=(state_shardings, metric_sharding), donate_argnums=(0,))
     with sharding_context(mesh, rules):
-        return jitted.lower(_abstract(abstract_state, state_shardings),
-                            _abstract(abstract_batch, batch_shardings)).compile()
+        return jitted.lower(abstract_with_shardings(abstract_state, state_shardings),
+                            abstract_with_shardings(abstract_batch, batch_shardings)).compile()
 
 
 def compile_eval_step(eval_fn, abstract_params: Any, param_shardings: Any, abstract_batch: dict,
@@ -207,5 +208,5 @@ def compile_eval_step(eval_fn, abstract_params: Any, param_shardings: Any, abstr
     metric_sharding = NamedSharding(mesh, P()) if mesh is not None else None
     jitted = jax.jit(eval_fn, in_shardings=(param_shardings, batch_shardings), out_shardings=metric_sharding)
     with sharding_context(mesh, rules):
-        return jitted.lower(_abstract(abstract_params, param_shardings),
-                            _abstract(abstract_batch, batch_shardings)).compile()
+        return jitted.lower(abstract_with_shardings(abstract_params, param_shardings),
+                            abstract_with_shardings(abstract_batch, batch_shardings)).compile()
