@@ -28,6 +28,9 @@ def run(args: argparse.Namespace) -> int:
         from lm_eval.__main__ import cli_evaluate
     except ModuleNotFoundError as e:
         raise PythiaJaxError(f"lm-eval is not installed ({e.name}): pip install 'pythia-jax[lm_eval]'") from None
-    sys.argv = ["lm_eval", *args.passthrough_args]
-    cli_evaluate()
+    saved_argv, sys.argv = sys.argv, ["lm_eval", *args.passthrough_args]
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = saved_argv
     return 0

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import numpy as np
 
 from pythia_jax.config import ModelConfig
+from pythia_jax.data.tokenizer import TOKENIZER_FILE
 from pythia_jax.errors import CheckpointError
 
 Path = tuple[str, ...]
@@ -311,8 +312,7 @@ SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_WEIGHTS = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
-TOKENIZER_ASSET = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets",
-                               "gpt-neox-20b-tokenizer.json")
+TOKENIZER_ASSET = TOKENIZER_FILE  # the bundled tokenizer.json
 _DTYPE_NAMES = {"float16": "float16", "fp16": "float16", "half": "float16",
                 "bfloat16": "bfloat16", "bf16": "bfloat16",
                 "float32": "float32", "fp32": "float32", "float": "float32"}

@@ -17,15 +17,9 @@ from pythia_jax.config import EOD_TOKEN_ID
 
 
 def get_tokenizer() -> Any:
-    """The bundled Pythia tokenizer (``pythia_jax.data.tokenizer``; the raw asset if that is absent)."""
-    try:
-        from pythia_jax.data.tokenizer import load_tokenizer
-    except ImportError:
-        from pathlib import Path
+    """The bundled Pythia tokenizer (``pythia_jax.data.tokenizer.load_tokenizer``)."""
+    from pythia_jax.data.tokenizer import load_tokenizer
 
-        from tokenizers import Tokenizer
-        asset = Path(__file__).resolve().parent.parent / "assets" / "gpt-neox-20b-tokenizer.json"
-        return Tokenizer.from_file(str(asset))
     return load_tokenizer()
 
 
