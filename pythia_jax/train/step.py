@@ -30,7 +30,7 @@ from flax.core import spmd as core_spmd
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from pythia_jax.config import ModelConfig
-from pythia_jax.train.optimizer import DynamicLossScale, LossScaleState, no_loss_scale_state, schedule_count
+from pythia_jax.train.optimizer import DynamicLossScale, LossScaleState, current_lr, no_loss_scale_state
 
 FLOAT16_MAX = 65504.0
 
@@ -155,7 +155,7 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
                    "skipped": new_state.skipped, "nonfinite_run": new_state.nonfinite_run,
                    "loss_scale": scale, "tokens": total}
         if schedule is not None:
-            metrics["lr"] = schedule(schedule_count(state.opt_state))
+            metrics["lr"] = current_lr(state.opt_state, schedule)
         return new_state, metrics
 
     return train_step
