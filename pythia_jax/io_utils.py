@@ -12,7 +12,7 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from pythia_jax.errors import DataError, PythiaJaxError
 
@@ -120,3 +120,67 @@ def iter_jsonl_objects(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object")
             yield lineno, row
+
+
+def release_free_memory() -> None:
+    """Hand memory that glibc's allocator keeps after large frees back to the OS (``malloc_trim``).
+
+    Reading and converting a model frees many large temporary buffers; without this the process
+    keeps them (RSS) while the next step (e.g. the Orbax save) allocates more. No-op off glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def prefetch(items: Iterator[Any]) -> Iterator[Any]:
+    """Yield from ``items``, producing the next item on a background thread while the caller
+    works on the current one. Exceptions are re-raised in the caller; stopping early (or an error
+    in the caller) stops the producer after at most one more item."""
+    import queue
+    import threading
+
+    slot: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        slot.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                del item
+                if stop.is_set():
+                    return
+            slot.put((done, None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            slot.put((done, e))
+
+    thread = threading.Thread(target=produce, name="prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = slot.get()
+            if item is done:
+                if error is not None:
+                    raise error
+                return
+            yield item
+            del item
+    finally:
+        stop.set()
+        while thread.is_alive():  # drain so a blocked put can see the stop flag
+            try:
+                slot.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        thread.join()

@@ -6,7 +6,9 @@ safetensors (2GB shards, like the releases). Each measurement then runs in a fre
 subprocess (peak RSS = the process's VmHWM, nothing inherited):
 
   ours  hf-to-jax   read_hf_dir (streaming) + write an Orbax checkpoint of this project
-  ours  jax-to-hf   load_params from that checkpoint + write_hf_dir(fp16, 2GB shards)
+                    (the steps of `pythia-jax convert hf-to-jax`)
+  ours  jax-to-hf   load_params(host=True) from that checkpoint + write_hf_dir(fp16, 2GB
+                    shards) (the steps of `pythia-jax convert jax-to-hf`)
   peer  load        GPTNeoXForCausalLM.from_pretrained(dir, dtype=float32)
   peer  load+save   from_pretrained(float32), .half(), save_pretrained(max_shard_size="2GB")
 
@@ -76,13 +78,14 @@ def _worker(name: str, workdir: str, checkpoint: bool) -> dict:
     ph = _Phases()
     if name == "ours_hf_to_jax":
         config, params = ph.run("read", lambda: read_hf_dir(src))
-        params = ph.run("to_jax", lambda: to_device_tree(params))
-        if checkpoint:
+        if not checkpoint:
+            params = ph.run("to_jax", lambda: to_device_tree(params))
+        else:  # what `pythia-jax convert hf-to-jax` does: numpy params straight into the checkpoint
             ph.run("save", lambda: write_checkpoint(ckpt, 0, config, params, None, {"source": "bench"},
                                                     overwrite=True))
     elif name == "ours_jax_to_hf":
         if checkpoint:
-            config, params = ph.run("load", lambda: load_params(ckpt))
+            config, params = ph.run("load", lambda: load_params(ckpt, host=True))  # as jax-to-hf does
         else:  # JAX params in memory, made from the HF source (not timed as part of the export)
             config, params = read_hf_dir(src)
             params = to_device_tree(params)

@@ -239,6 +239,46 @@ def test_latest_valid_step_skips_incomplete(tmp_path):
     assert any("step 2" in m and "metadata" in m for m in messages), messages
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_host_io_saves_write_chunked_arrays_that_restore_everywhere(tmp_path, monkeypatch):
+    """The converters' save (host I/O mode) writes numpy leaves in chunks of at most
+    _HOST_CHUNK_BYTES, checksummed like any step, and the result restores as numpy (one array at
+    a time), onto a device, and through the training checkpointer with an optimizer state."""
+    monkeypatch.setattr(C, "_HOST_CHUNK_BYTES", 1024)
+    params = _params(11)
+    host = jax.tree.map(np.asarray, params)
+    opt = optax.adam(1e-3).init(params)
+    C.save_params_checkpoint(tmp_path, 7, TINY, host, opt_state=opt)
+    stored = C._item_tree_metadata(tmp_path, 7, "params")
+    for leaf in jax.tree.leaves(stored):
+        chunk = leaf.storage.chunk_shape
+        assert int(np.prod(chunk)) * 4 <= 1024 or int(np.prod(leaf.shape)) * 4 <= 1024, (leaf.name, chunk)
+    assert any(tuple(leaf.storage.chunk_shape) != tuple(leaf.shape) for leaf in jax.tree.leaves(stored))
+
+    _, loaded = C.load_params(tmp_path, host=True)
+    assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(loaded))
+    _assert_trees_equal(loaded, params)
+    _, loaded = C.load_params(tmp_path)
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(loaded))
+    _assert_trees_equal(loaded, params)
+    with pytest.raises(ValueError, match="host=True"):
+        C.load_params(tmp_path, host=True, shardings=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    with C.TrainCheckpointer(tmp_path, save_steps=()) as ckpt:  # the training path: StandardRestore
+        restored = ckpt.restore(7, {"params": params, "opt_state": opt})
+    _assert_trees_equal(restored.params, params)
+    _assert_trees_equal(restored.opt_state, opt)
+
+    # a corrupt chunk is still caught by the checksums
+    for f in _data_files(tmp_path / "7"):  # (which file holds chunk data varies from run to run)
+        blob = bytearray(f.read_bytes())
+        for i in range(len(blob) // 4, len(blob), max(1, len(blob) // 4)):
+            blob[i] ^= 0x5A
+        f.write_bytes(bytes(blob))
+    with pytest.raises(CheckpointError), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        C.load_params(tmp_path, step=7, host=True)
+
+
 def test_no_valid_step_returns_none(tmp_path):
     params = _params(7)
     _write_steps(tmp_path, [4], params)

@@ -375,3 +375,15 @@ def test_params_with_wrong_shape_refused_before_writing(tmp_path):
     with pytest.raises(CheckpointError, match="final_layer_norm/bias has shape"):
         hfc.write_hf_dir(TINY, params, tmp_path / "out")
     assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("shape,transpose", [((4099, 1031), True), ((4099, 1031), False), ((3, 2000000), True),
+                                             ((2000000, 3), True), ((5, 7), True), ((9,), False), ((), False)])
+def test_copy_cast_equals_numpy_on_the_threaded_path(shape, transpose):
+    """Large copies are split over threads by source rows; every split must give numpy's answer."""
+    rng = np.random.default_rng(0)
+    src = rng.standard_normal(shape).astype(np.float16)
+    want = (src.T if transpose and src.ndim == 2 else src).astype(np.float32)
+    dst = np.full(want.shape, np.nan, np.float32)
+    hfc.copy_cast(dst, src, transpose)
+    np.testing.assert_array_equal(dst, want)

@@ -131,7 +131,7 @@ def _jax_to_hf(args: argparse.Namespace, progress: bool) -> None:
     dtype = args.dtype or "float16"
     if not args.all_steps:
         check_output_dir(args.output, args.overwrite)
-        config, params = load_params(args.source, step=args.step)
+        config, params = load_params(args.source, step=args.step, host=True)
         write_hf_dir(config, params, args.output, dtype=dtype, shard_size=args.shard_size,
                      overwrite=args.overwrite, progress=progress)
         print(f"wrote {args.output}")
@@ -146,7 +146,7 @@ def _jax_to_hf(args: argparse.Namespace, progress: bool) -> None:
         check_output_dir(target, args.overwrite)
     from tqdm.auto import tqdm
     for s in tqdm(steps, desc="steps", unit="step", disable=not progress):
-        config, params = load_params(root, step=s)
+        config, params = load_params(root, step=s, host=True)
         write_hf_dir(config, params, targets[s], dtype=dtype, shard_size=args.shard_size,
                      overwrite=args.overwrite, progress=False)
         del params
@@ -164,7 +164,7 @@ def _jax_to_neox(args: argparse.Namespace, progress: bool) -> None:
         from pythia_jax.checkpoint import TrainCheckpointer
         with TrainCheckpointer(root, save_steps=(), async_save=False) as ckpt:
             step = ckpt.latest_valid_step()
-    config, params = load_params(root, step=step)
+    config, params = load_params(root, step=step, host=True)
     out = write_neox_checkpoint(config, params, args.output, step=step or 0, dtype=args.dtype or "float32",
                                 overwrite=args.overwrite, progress=progress)
     print(f"wrote {out}")
@@ -178,10 +178,8 @@ def _check_output(args: argparse.Namespace) -> None:
 def write_checkpoint(out_dir: str, step: int, config, params, opt_state, metadata, overwrite: bool) -> None:
     """A new checkpoint directory of this project holding one step, written atomically."""
     from pythia_jax.checkpoint import save_params_checkpoint
-    from pythia_jax.convert.hf import release_free_memory, to_device_tree
-    from pythia_jax.io_utils import atomic_output_dir
+    from pythia_jax.io_utils import atomic_output_dir, release_free_memory
 
-    params = to_device_tree(params)
     release_free_memory()  # the reader's freed buffers: don't hold them through the save
     with atomic_output_dir(out_dir, overwrite) as tmp:
         save_params_checkpoint(str(tmp), int(step), config, params, opt_state=opt_state, metadata=metadata)

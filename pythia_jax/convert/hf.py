@@ -20,6 +20,7 @@ float32 model plus one tensor of the file being read; writing holds the params p
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -27,6 +28,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
+from pythia_jax import io_utils
 from pythia_jax.config import ModelConfig
 from pythia_jax.data.tokenizer import TOKENIZER_FILE
 from pythia_jax.errors import CheckpointError
@@ -288,12 +290,43 @@ def plain_pages() -> Iterator[None]:
 
 def copy_cast(dst: np.ndarray, src: np.ndarray, transpose: bool = False) -> None:
     """``dst[...] = src.T if transpose else src`` with casting, transposing in cache-sized blocks
-    (a one-shot transposed cast is 4-5x slower in numpy)."""
-    if not transpose or src.ndim != 2:
-        dst[...] = src
+    (a one-shot transposed cast is 4-5x slower in numpy). Large arrays are split by source rows
+    over a few threads (numpy releases the GIL while copying): 1.5x faster on 2 cores."""
+    transpose = transpose and src.ndim == 2
+    rows = src.shape[0] if src.ndim else 0
+    if src.size < _PARALLEL_COPY_ELEMENTS or rows < 2 * _BLOCK or _copy_threads() == 1:
+        _copy_rows(dst, src, transpose, 0, rows)
         return
-    for i in range(0, src.shape[0], _BLOCK):
-        dst[:, i:i + _BLOCK] = src[i:i + _BLOCK].T
+    pieces = 4 * _copy_threads()
+    step = -(-rows // pieces // _BLOCK) * _BLOCK if transpose else -(-rows // pieces)
+    list(_copy_pool().map(lambda lo: _copy_rows(dst, src, transpose, lo, min(lo + step, rows)),
+                          range(0, rows, step)))
+
+
+_PARALLEL_COPY_ELEMENTS = 1 << 22
+
+
+def _copy_rows(dst: np.ndarray, src: np.ndarray, transpose: bool, lo: int, hi: int) -> None:
+    """Source rows ``lo:hi`` of :func:`copy_cast` (all of a 0-d array)."""
+    if src.ndim == 0:
+        dst[...] = src
+    elif not transpose:
+        dst[lo:hi] = src[lo:hi]
+    else:
+        for i in range(lo, hi, _BLOCK):
+            j = min(i + _BLOCK, hi)
+            dst[:, i:j] = src[i:j].T
+
+
+@functools.lru_cache(maxsize=1)
+def _copy_threads() -> int:
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+@functools.lru_cache(maxsize=1)
+def _copy_pool() -> Any:
+    import concurrent.futures
+    return concurrent.futures.ThreadPoolExecutor(_copy_threads(), thread_name_prefix="copy_cast")
 
 
 def to_numpy(value: Any) -> np.ndarray:
@@ -507,7 +540,8 @@ def write_hf_dir(config: ModelConfig, params: Mapping[str, Any], out_dir: str | 
     shards = plan_shards(config, name, shard_size)
     n = len(shards)
     files = [SAFE_WEIGHTS] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
-    tensors = iter_hf_tensors(config, params, np_dtype)
+    # the next tensor is converted on a thread while the current one is written (+1 tensor of memory)
+    tensors = io_utils.prefetch(iter_hf_tensors(config, params, np_dtype))
     weight_map: dict[str, str] = {}
     total_size = 0
     with atomic_output_dir(out_dir, overwrite) as tmp, \
@@ -641,19 +675,3 @@ def to_device_tree(params: Mapping[str, Any]) -> dict[str, Any]:
             del params[key]  # drop our reference to the numpy leaf
         del value
     return out
-
-
-def release_free_memory() -> None:
-    """Hand memory that glibc's allocator keeps after large frees back to the OS (``malloc_trim``).
-
-    Reading and converting a model frees many large temporary buffers; without this the process
-    keeps them (RSS) while the next step (e.g. the Orbax save) allocates more. No-op off glibc.
-    """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
