@@ -387,3 +387,19 @@ def test_copy_cast_equals_numpy_on_the_threaded_path(shape, transpose):
     dst = np.full(want.shape, np.nan, np.float32)
     hfc.copy_cast(dst, src, transpose)
     np.testing.assert_array_equal(dst, want)
+
+
+def test_read_params_are_adopted_by_jax_without_a_copy():
+    """read_hf_dir's arrays are 64-byte aligned, so moving them to the CPU device shares the memory
+    (pythia_jax.load of an HF folder holds one copy of the model, not two)."""
+    import jax
+
+    state = hf_state(hf_model(TINY))
+    params = hfc.hf_state_dict_to_params(TINY, state)
+    pointers = {id(x): x.ctypes.data for x in jax.tree.leaves(params)}
+    assert all(p % 64 == 0 for p in pointers.values())
+    before = [x.ctypes.data for x in jax.tree.leaves(params)]
+    on_device = hfc.to_device_tree(params)
+    after = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(on_device)]
+    assert after == before
+    assert hfc.aligned_empty((3, 5), np.float16).shape == (3, 5)

@@ -134,8 +134,8 @@ class ParamAssembler:
         self.config = config
         self.source = source
         self._shapes = param_shapes(config)
-        with plain_pages():
-            self._arrays = {p: np.empty(s, np.float32) for p, s in self._shapes.items()}
+        with plain_pages():  # aligned: to_device_tree then adopts the arrays on CPU (no copy)
+            self._arrays = {p: aligned_empty(s, np.float32) for p, s in self._shapes.items()}
         self._expected = hf_shapes(config)
         self._seen: set[str] = set()
 
@@ -286,6 +286,16 @@ def plain_pages() -> Iterator[None]:
         yield
     finally:
         _set_madvise_hugepage(previous)
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: Any, alignment: int = 64) -> np.ndarray:
+    """``np.empty`` with an ``alignment``-byte aligned data pointer. XLA's CPU client adopts such
+    a buffer in ``jax.device_put(x, may_alias=True)``; numpy's own (16-byte aligned) ones are copied."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + alignment, np.uint8)
+    offset = -raw.ctypes.data % alignment
+    return raw[offset:offset + nbytes].view(dtype).reshape(shape)
 
 
 def copy_cast(dst: np.ndarray, src: np.ndarray, transpose: bool = False) -> None:
