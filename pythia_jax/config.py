@@ -285,6 +285,9 @@ PRESET_MAX_LR: dict[str, float] = {
     "pythia-1.4b": 2.0e-4, "pythia-2.8b": 1.6e-4, "pythia-6.9b": 1.2e-4, "pythia-12b": 1.2e-4,
 }
 
+# GPT-NeoX tensor-parallel size of the original runs (PYTHIA_FACTS §4); the others ran with TP 1.
+PRESET_TENSOR_PARALLEL: dict[str, int] = {"pythia-6.9b": 2, "pythia-12b": 4}
+
 RELEASED_SIZES = ("70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b", "12b")
 
 

@@ -315,12 +315,22 @@ def _is_decayed(key):
     return not key.endswith("bias") and "layernorm" not in key and not key.startswith("norm.")
 
 
-def save_zero(step_dir, master_ranks, dp, form, layout, step, gen):
+def _is_replicated(key):
+    """Tensors every TP rank holds whole: LayerNorms and the row-parallel biases."""
+    return "layernorm" in key or key.startswith("norm.") or key in ROW_PARALLEL_BIAS_KEYS
+
+
+ROW_PARALLEL_BIAS_KEYS = ("attention.dense.bias", "mlp.dense_4h_to_h.bias")
+
+
+def save_zero(step_dir, master_ranks, dp, form, layout, step, gen, replicated_moments_equal=False):
     """Write model weights (fp16 copies), mp_rank files with param_shapes, and ZeRO-1 shards.
 
     Follows DeepSpeed's stage-1/2 optimizer: two param groups (weight decay / none), each
     flattened in order, padded to a multiple of 2·dp, split into dp equal partitions; partitions
     saved without the padding; Adam moments as the elastic list or a torch state_dict.
+    ``replicated_moments_equal``: replicated tensors get rank 0's moments on every rank (as in a
+    real run, where every rank sees the same gradient for them).
     Returns {tp rank: {(idx, key): (exp_avg, exp_avg_sq)}}.
     """
     moments = {}
@@ -351,7 +361,10 @@ def save_zero(step_dir, master_ranks, dp, form, layout, step, gen):
                 s = torch.rand(v.shape, generator=gen) * 1e-5 + 1e-7
                 for (i, k, x), a, b in zip(g, torch.split(m, [x.numel() for _, _, x in g]),
                                            torch.split(s, [x.numel() for _, _, x in g])):
-                    moments.setdefault(t, {})[(i, k)] = (a.reshape(x.shape), b.reshape(x.shape))
+                    if replicated_moments_equal and t > 0 and _is_replicated(k):
+                        a.copy_(moments[0][(i, k)][0].reshape(-1))  # (views into m / s)
+                        b.copy_(moments[0][(i, k)][1].reshape(-1))
+                    moments.setdefault(t, {})[(i, k)] = (a.reshape(x.shape).clone(), b.reshape(x.shape).clone())
                 align = 2 * dp
                 padded = -(-v.numel() // align) * align
                 pad = padded - v.numel()
@@ -387,11 +400,12 @@ def save_zero(step_dir, master_ranks, dp, form, layout, step, gen):
     return moments
 
 
-def build_zero(tmp_path, *, tp=1, dp=2, form="elastic", layout="pipeline", step=5, L=2, H=32, V=96):
+def build_zero(tmp_path, *, tp=1, dp=2, form="elastic", layout="pipeline", step=5, L=2, H=32, V=96,
+               replicated_moments_equal=False):
     step_dir = str(tmp_path / "zero" / "global_step8")
     gen = torch.Generator().manual_seed(1)
     master = rank_tensors(L, H, V, tp, gen, torch.float32)
-    moments = save_zero(step_dir, master, dp, form, layout, step, gen)
+    moments = save_zero(step_dir, master, dp, form, layout, step, gen, replicated_moments_equal)
     yml = yml_for(L=L, H=H, tp=tp, pipe=0 if layout == "sequential" else 1)
     write_yml(step_dir, yml)
     return step_dir, master, moments
@@ -460,7 +474,8 @@ def test_zero_continuation_matches_torch_adamw(tmp_path):
     assert step == 23 and int(schedule_count(opt_state)) == 20 and meta["adam_steps"] == 20
     settings = neox.optimizer_settings(ckpt.yml)
     assert settings == {"max_lr": 0.001, "b1": 0.9, "b2": 0.95, "eps": 1e-8, "min_lr": 0.0001,
-                        "weight_decay": 0.1, "clip_norm": 1.0, "total_steps": 1000, "warmup_steps": 10}
+                        "weight_decay": 0.1, "clip_norm": 1.0, "total_steps": 1000, "warmup_steps": 10,
+                        "row_parallel_bias_copies": 1}
     from pythia_jax.train.optimizer import build_optimizer
     opt = build_optimizer(**settings)
 
@@ -495,6 +510,86 @@ def test_zero_continuation_matches_torch_adamw(tmp_path):
         np.testing.assert_allclose(ours[k], theirs, rtol=2e-6, atol=1e-8, err_msg=k)
         moved = np.abs(theirs - master_hf[k]).max()
         assert moved > 1e-6, k  # the step did move every tensor
+
+
+def _rank_slice(key, full, tp, rank):
+    """The part of a merged (HF-layout) tensor that NeoX TP rank ``rank`` holds for NeoX key ``key``."""
+    if _is_replicated(key):
+        return full
+    dim = 1 if key in ("attention.dense.weight", "mlp.dense_4h_to_h.weight") else 0
+    return torch.chunk(full, tp, dim)[rank]
+
+
+def _neox_keys(L):
+    """(pipeline idx, NeoX key, HF key) of every tensor (v1 names)."""
+    out = [(0, "word_embeddings.weight", "gpt_neox.embed_in.weight")]
+    out += [(i + 2, k, f"gpt_neox.layers.{i}.{k}") for i in range(L) for k in LAYER_KEYS_V1]
+    out += [(L + 3, "norm.weight", "gpt_neox.final_layer_norm.weight"),
+            (L + 3, "norm.bias", "gpt_neox.final_layer_norm.bias"),
+            (L + 4, "final_linear.weight", "embed_out.weight")]
+    return out
+
+
+def test_zero_tp2_continuation_is_exact_with_row_parallel_bias_copies(tmp_path):
+    """TP 2, parallel residual: one JAX step from the imported state equals GPT-NeoX's step, simulated
+    rank by rank with torch AdamW (each rank updates its own copy of the row-parallel biases, whose
+    sum is the model's bias) and merged with the converter's rules."""
+    import jax
+
+    from pythia_jax.train.optimizer import build_optimizer, neox_lr
+
+    tp, L = 2, 2
+    step_dir, master, moments = build_zero(tmp_path, tp=tp, dp=2, form="torch", step=20,
+                                           replicated_moments_equal=True)
+    config, _, ckpt = neox.read_neox_checkpoint(step_dir)
+    assert config.use_parallel_residual
+    params, opt_state, _, meta = neox.neox_train_state(ckpt, config)
+    settings = neox.optimizer_settings(ckpt.yml, ckpt.tp)
+    assert settings["row_parallel_bias_copies"] == 2 and meta["optimizer"]["row_parallel_bias_copies"] == 2
+
+    rng = np.random.default_rng(1)
+    grads_hf = {k: (rng.standard_normal(v.shape) * 0.3).astype(np.float32)
+                for k, v in hfc.params_to_hf_state_dict(config, params).items()}
+    grads = jax.tree.map(np.asarray, hfc.hf_state_dict_to_params(config, grads_hf))
+
+    def jax_step(copies):
+        opt = build_optimizer(**{**settings, "row_parallel_bias_copies": copies})
+        with jax.default_matmul_precision("highest"):
+            updates, _ = jax.jit(opt.update)(grads, opt_state, params)
+        return hfc.params_to_hf_state_dict(config, jax.tree.map(lambda p, u: np.asarray(p + u), params, updates))
+
+    # GPT-NeoX: the global norm counts every tensor once (replicated ones on rank 0 only) ...
+    norm = float(np.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in grads_hf.values())))
+    coef = min(1.0, 1.0 / (norm + 1e-6))
+    lr = neox_lr(20, 0.001, 0.0001, 10, 1000)
+    per_rank = {}
+    for r in range(tp):  # ... then every rank steps its own tensors with the same AdamW
+        tparams, decay, no_decay = {}, [], []
+        for idx, key, hf_key in _neox_keys(L):
+            p = torch.nn.Parameter(master[r][idx][key].clone().float())
+            tparams[(idx, key)] = p
+            (decay if _is_decayed(key) else no_decay).append(p)
+        topt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                                 lr=lr, betas=(0.9, 0.95), eps=1e-8)
+        for idx, key, hf_key in _neox_keys(L):
+            p = tparams[(idx, key)]
+            m, v = moments[r][(idx, key)]
+            topt.state[p] = {"step": torch.tensor(20.0), "exp_avg": m.clone().float(), "exp_avg_sq": v.clone().float()}
+            full = torch.from_numpy(grads_hf[hf_key]) * coef
+            p.grad = _rank_slice(key, full, tp, r).contiguous().clone()
+        topt.step()
+        per_rank[r] = {ik: p.detach() for ik, p in tparams.items()}
+    theirs = _merged(per_rank, L, "sum")
+
+    ours = jax_step(2)
+    for k in theirs:
+        np.testing.assert_allclose(ours[k], theirs[k], rtol=2e-6, atol=1e-7, err_msg=k)
+    # without the copies the summed biases move half as far as NeoX moved them
+    plain = jax_step(1)
+    start = hfc.params_to_hf_state_dict(config, params)
+    bias = "gpt_neox.layers.0.attention.dense.bias"
+    np.testing.assert_allclose(theirs[bias] - start[bias], 2 * (plain[bias] - start[bias]), rtol=0, atol=5e-7)
+    assert not np.allclose(plain[bias], theirs[bias], rtol=1e-6, atol=1e-9)
 
 
 def test_zero_bad_shards(tmp_path):

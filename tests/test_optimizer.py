@@ -156,3 +156,41 @@ def test_dynamic_loss_scale():
     assert float(s.scale) == 16.0 and int(s.hysteresis) == 2 and int(s.good_steps) == 0
     low = opt.LossScaleState(jnp.float32(1.0), jnp.int32(0), jnp.int32(1))
     assert float(ls.update(low, jnp.bool_(False)).scale) == 1.0  # never below min_scale
+
+
+def test_row_parallel_bias_copies_scale_only_those_updates():
+    """GPT-NeoX TP copies of attention.dense.bias / mlp.dense_4h_to_h.bias: their updates (and only
+    theirs) are multiplied by the number of copies; the optimizer state keeps one structure."""
+    from pythia_jax.config import ModelConfig
+    from pythia_jax.model import abstract_params
+
+    config = ModelConfig(vocab_size=64, hidden_size=16, num_layers=2, num_heads=2)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape), jnp.float32), abstract_params(config))
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params)
+    one, four = opt.build_optimizer(warmup_steps=0, total_steps=10), \
+        opt.build_optimizer(warmup_steps=0, total_steps=10, row_parallel_bias_copies=4)
+    s1, s4 = one.init(params), four.init(params)
+    assert jax.tree.structure(s1) == jax.tree.structure(s4)
+    u1, _ = one.update(grads, s1, params)
+    u4, _ = four.update(grads, s4, params)
+    scaled = []
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(u1), jax.tree.leaves(u4)):
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        factor = 4 if name.endswith(("attention/dense/bias", "mlp/dense_4h_to_h/bias")) else 1
+        np.testing.assert_allclose(np.asarray(b), factor * np.asarray(a), rtol=1e-6, err_msg=name)
+        scaled += [name] if factor == 4 else []
+    assert scaled == ["layers/attention/dense/bias", "layers/mlp/dense_4h_to_h/bias"]
+    with pytest.raises(ValueError, match=">= 1"):
+        opt.scale_row_parallel_biases(0)
+
+
+def test_row_parallel_bias_copies_need_the_parallel_residual():
+    from pythia_jax.config import ConfigError, ModelConfig
+    from pythia_jax.train.config import OptimizerConfig, TrainConfig
+
+    model = ModelConfig(vocab_size=64, hidden_size=16, num_layers=2, num_heads=2, use_parallel_residual=False)
+    with pytest.raises(ConfigError, match="parallel residual"):
+        TrainConfig(model=model, optimizer=OptimizerConfig(row_parallel_bias_copies=2)).validate()
+    TrainConfig(model=model.replace(use_parallel_residual=True),
+                optimizer=OptimizerConfig(row_parallel_bias_copies=2)).validate()

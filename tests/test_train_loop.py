@@ -171,6 +171,14 @@ def test_gin_builds_the_train_config():
     gin_setup.parse(["configs/train/pythia-1b.gin"])
     assert not build_train_config().optimizer.loss_scaling  # pythia-1b trained in bf16
     assert not pythia_recipe("pythia-1b").optimizer.loss_scaling
+    # tensor parallelism of the original runs: the row-parallel bias copies (train/optimizer.py)
+    from pythia_jax.config import RELEASED_SIZES
+    for size in RELEASED_SIZES:
+        for suffix in ("", "-deduped"):
+            gin_setup.parse([f"configs/train/pythia-{size}{suffix}.gin"])
+            want = {"6.9b": 2, "12b": 4}.get(size, 1)
+            assert build_train_config().optimizer.row_parallel_bias_copies == want, size + suffix
+            assert pythia_recipe(f"pythia-{size}{suffix}").optimizer.row_parallel_bias_copies == want
 
 
 def test_init_from_hf_directory(tmp_path, compile_cache):

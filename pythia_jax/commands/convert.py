@@ -114,6 +114,11 @@ def _neox_to_jax(args: argparse.Namespace, progress: bool) -> None:
         del params
         params, opt_state, step, metadata = neox_train_state(ckpt, config, progress=progress)
         what = f"fp32 master weights and Adam state ({metadata['adam_steps']} Adam steps)"
+        copies = metadata["optimizer"].get("row_parallel_bias_copies", 1)
+        if copies > 1:
+            what += (f"; continue with --gin.OptimizerConfig.row_parallel_bias_copies={copies} "
+                     f"(tensor parallelism {copies} with the parallel residual: the configs/train "
+                     "recipes of 6.9b and 12b set it)")
     else:
         if args.with_optimizer:
             opt_state = fresh_opt_state(params, schedule_count=step)

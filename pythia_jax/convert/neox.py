@@ -723,9 +723,10 @@ def read_neox_optimizer_state(ckpt: NeoxCheckpoint, config: ModelConfig, *,
     """fp32 master weights + Adam moments of a ZeRO stage 1/2 checkpoint (None without shards).
 
     Row-parallel biases of a TP>1 parallel-residual model: the master weight is the sum of the
-    ranks' copies (as for the weights); the moments are rank 0's (all ranks see the same
-    gradient, so their moments are equal), which makes Adam update that bias 1/TP as fast as
-    NeoX did — the only part of a TP>1 continuation that is not exact.
+    ranks' copies (as for the weights); the moments are rank 0's (every rank sees the same
+    gradient, so their moments are equal). Each copy moved one Adam step per step, so the sum
+    moved TP: continue with ``row_parallel_bias_copies=TP`` (``optimizer_settings`` returns it;
+    ``neox_train_state`` records it in the metadata) and the continuation is exact.
     """
     if not ckpt.optim_files:
         return None
@@ -781,8 +782,9 @@ def read_neox_optimizer_state(ckpt: NeoxCheckpoint, config: ModelConfig, *,
                               iteration=iteration, scheduler_steps=sched, hyperparams=hyper)
 
 
-def optimizer_settings(yml: Mapping[str, Any]) -> dict[str, Any]:
-    """``build_optimizer`` keyword arguments from a NeoX yml (lr, min lr, warmup, decay steps …)."""
+def optimizer_settings(yml: Mapping[str, Any], tp: int = 1) -> dict[str, Any]:
+    """``build_optimizer`` keyword arguments from a NeoX yml (lr, min lr, warmup, decay steps …)
+    and the run's tensor-parallel size ``tp`` (row-parallel bias copies with the parallel residual)."""
     opt = yml_get(yml, "optimizer", {}) or {}
     params = opt.get("params", {}) if isinstance(opt, Mapping) else {}
     out: dict[str, Any] = {}
@@ -804,6 +806,8 @@ def optimizer_settings(yml: Mapping[str, Any]) -> dict[str, Any]:
         warmup = yml_get(yml, "warmup")
         if warmup is not None:
             out["warmup_steps"] = int(_as_float(warmup, "warmup") * int(total))
+    parallel_residual = _as_bool(yml_get(yml, "gpt-j-residual", False))
+    out["row_parallel_bias_copies"] = int(tp) if parallel_residual else 1
     return out
 
 
@@ -981,7 +985,7 @@ def neox_train_state(ckpt: NeoxCheckpoint, config: ModelConfig,
     if state is None:
         raise CheckpointError(f"{ckpt.directory} has no ZeRO optimizer shards "
                               "(zero_pp_rank_*_mp_rank_*_optim_states.pt)")
-    kwargs = {**optimizer_settings(ckpt.yml), **dict(optimizer_kwargs or {})}
+    kwargs = {**optimizer_settings(ckpt.yml, ckpt.tp), **dict(optimizer_kwargs or {})}
     as_jnp = lambda tree: {k: as_jnp(v) if isinstance(v, Mapping) else jnp.asarray(v)  # noqa: E731
                            for k, v in tree.items()}
     params = as_jnp(state.master)

@@ -94,7 +94,8 @@ def build(cfg: TrainConfig, devices: Sequence[jax.Device] | None = None, *, comp
     schedule = neox_lr_schedule(cfg.optimizer.max_lr, cfg.min_lr, cfg.warmup_steps, cfg.decay_steps)
     o = cfg.optimizer
     optimizer = build_optimizer(b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                                clip_norm=o.clip_norm, schedule=schedule)
+                                clip_norm=o.clip_norm, schedule=schedule,
+                                row_parallel_bias_copies=o.row_parallel_bias_copies)
     loss_scale = (DynamicLossScale(initial_scale=2.0 ** o.initial_scale_power, window=o.loss_scale_window,
                                    hysteresis=o.hysteresis, min_scale=o.min_loss_scale)
                   if o.loss_scaling else None)

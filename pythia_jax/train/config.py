@@ -49,6 +49,10 @@ class OptimizerConfig:
     loss_scale_window: int = 1000
     hysteresis: int = 2
     min_loss_scale: float = 1.0
+    # GPT-NeoX tensor-parallel size of the run being reproduced or continued: with the parallel
+    # residual each rank adds its own copy of the row-parallel biases, so their sum moves this many
+    # Adam steps per step (train/optimizer.py). Pythia-6.9b: 2, Pythia-12b: 4, the others: 1.
+    row_parallel_bias_copies: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +181,13 @@ class TrainConfig:
         if not 0 <= self.warmup_steps <= self.decay_steps:
             raise ConfigError(f"warmup_steps {self.warmup_steps} must be in [0, decay_steps "
                               f"{self.decay_steps}]")
+        copies = self.optimizer.row_parallel_bias_copies
+        if copies < 1:
+            raise ConfigError(f"OptimizerConfig.row_parallel_bias_copies must be >= 1, got {copies}")
+        if copies > 1 and not self.model.use_parallel_residual:
+            raise ConfigError("OptimizerConfig.row_parallel_bias_copies > 1 only applies to the parallel "
+                              "residual (with a sequential residual GPT-NeoX adds the bias once, after "
+                              "the all-reduce)")
         if self.max_nonfinite_steps <= 0:
             raise ConfigError("TrainConfig.max_nonfinite_steps must be positive")
         if self.distributed.initialize not in ("auto", "yes", "no"):
@@ -226,13 +237,14 @@ def build_train_config(**overrides) -> TrainConfig:
 
 def pythia_recipe(model_name: str, **overrides) -> TrainConfig:
     """The released Pythia recipe for a preset (batch 1024 × 2048, 143,000 steps, its LR), in Python."""
-    from pythia_jax.config import PRESET_MAX_LR
+    from pythia_jax.config import PRESET_MAX_LR, PRESET_TENSOR_PARALLEL
 
     base = model_name.replace("-deduped", "")
     if not base.startswith("pythia-"):
         base = "pythia-" + base
     model = ModelConfig.preset(model_name)
-    opt = OptimizerConfig(max_lr=PRESET_MAX_LR[base], loss_scaling=base != "pythia-1b")
+    opt = OptimizerConfig(max_lr=PRESET_MAX_LR[base], loss_scaling=base != "pythia-1b",
+                          row_parallel_bias_copies=PRESET_TENSOR_PARALLEL.get(base, 1))
     fields = dict(model=model, optimizer=opt, num_steps=143000, global_batch=1024, seq_length=2048)
     fields.update(overrides)
     return TrainConfig(**fields)

@@ -6,12 +6,21 @@
     scale_by_adam(0.9, 0.95, eps=1e-8)    # bias-corrected Adam moments
     add_decayed_weights(0.1, mask)        # decoupled weight decay, only on kernels and embeddings
     scale_by_learning_rate(schedule)      # -lr(k) with k = number of updates applied before this one
+    scale_row_parallel_biases(copies)     # GPT-NeoX tensor parallelism's bias copies (identity for 1)
 
 so one update is ``p ← p − lr·wd·p − lr·m̂/(√v̂ + ε)``, the same arithmetic as ``torch.optim.AdamW``
 (which first multiplies by ``1 − lr·wd`` and then subtracts the Adam step). The schedule count lives in
 the optimizer state and only advances when an update is applied: a step that is skipped (non-finite
 gradients, fp16-style overflow) simply keeps the old optimizer state, so it consumes its batch without
 moving the schedule, as DeepSpeed did.
+
+Tensor-parallel bias copies: GPT-NeoX with tensor-parallel size T and the parallel (GPT-J)
+residual keeps one copy of each row-parallel bias (``attention.dense.bias``,
+``mlp.dense_4h_to_h.bias``) per rank and adds every copy before the all-reduce. The model's bias
+is their sum (which is how the converters merge them); each copy gets the same gradient, counted
+once in the global norm, and the same Adam update, so the sum moves T Adam steps per step.
+``row_parallel_bias_copies=T`` reproduces that: Pythia-6.9b trained with T = 2 and Pythia-12b with
+T = 4 (the recipes in ``configs/train`` set it); every other Pythia model had T = 1.
 """
 
 from __future__ import annotations
@@ -86,6 +95,34 @@ def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
+# (module, linear) of the row-parallel biases below ``layers``: one copy per tensor-parallel rank in GPT-NeoX
+ROW_PARALLEL_BIASES = (("attention", "dense", "bias"), ("mlp", "dense_4h_to_h", "bias"))
+
+
+def scale_row_parallel_biases(copies: int) -> optax.GradientTransformation:
+    """Multiply the updates of the row-parallel biases by ``copies`` (see the module docstring).
+
+    Stateless (``EmptyState``) and the identity for ``copies == 1``, so the optimizer state has the
+    same structure whatever the value.
+    """
+    copies = int(copies)
+    if copies < 1:
+        raise ValueError(f"row_parallel_bias_copies must be >= 1, got {copies}")
+
+    def update_fn(updates, state, params=None):
+        del params
+        if copies == 1:
+            return updates, state
+
+        def scale(path, u):
+            names = tuple(_key_name(k) for k in path)
+            return u * jnp.asarray(copies, u.dtype) if names[-3:] in ROW_PARALLEL_BIASES else u
+
+        return jax.tree_util.tree_map_with_path(scale, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
 def weight_decay_mask(params: PyTree) -> PyTree:
     """True for matrices that get weight decay (``*/kernel``, ``*/embedding``), False for biases and
     LayerNorm scales/biases — GPT-NeoX's ``get_params_for_weight_decay_optimization``."""
@@ -107,11 +144,12 @@ def _key_name(key) -> str:
 def build_optimizer(max_lr: float = 1e-3, min_lr: float | None = None, warmup_steps: int = 1430,
                     total_steps: int = 143000, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
                     weight_decay: float = 0.1, clip_norm: float | None = 1.0,
-                    schedule: Callable[[jax.Array], jax.Array] | None = None
-                    ) -> optax.GradientTransformation:
+                    schedule: Callable[[jax.Array], jax.Array] | None = None,
+                    row_parallel_bias_copies: int = 1) -> optax.GradientTransformation:
     """The Pythia AdamW chain (see the module docstring). ``min_lr`` defaults to ``0.1·max_lr``.
 
     Works on the pure param dict (``embed_in/embedding``, ``…/kernel``, ``…/bias``, ``…/scale``).
+    The state's structure does not depend on ``row_parallel_bias_copies`` (a stateless transform).
     """
     if min_lr is None:
         min_lr = 0.1 * max_lr
@@ -124,6 +162,7 @@ def build_optimizer(max_lr: float = 1e-3, min_lr: float | None = None, warmup_st
     if weight_decay:
         parts.append(optax.add_decayed_weights(weight_decay, mask=weight_decay_mask))
     parts.append(optax.scale_by_learning_rate(schedule))
+    parts.append(scale_row_parallel_biases(row_parallel_bias_copies))
     return optax.chain(*parts)
 
 
