@@ -977,7 +977,7 @@ def neox_train_state(ckpt: NeoxCheckpoint, config: ModelConfig,
     state's Adam count and LR-schedule count are the Adam steps DeepSpeed applied; ``step`` is
     the training iteration (batches consumed, skipped fp16 steps included).
     """
-    import jax.numpy as jnp
+    import jax
 
     from pythia_jax.train.optimizer import build_optimizer, with_adam_moments
 
@@ -986,11 +986,15 @@ def neox_train_state(ckpt: NeoxCheckpoint, config: ModelConfig,
         raise CheckpointError(f"{ckpt.directory} has no ZeRO optimizer shards "
                               "(zero_pp_rank_*_mp_rank_*_optim_states.pt)")
     kwargs = {**optimizer_settings(ckpt.yml, ckpt.tp), **dict(optimizer_kwargs or {})}
-    as_jnp = lambda tree: {k: as_jnp(v) if isinstance(v, Mapping) else jnp.asarray(v)  # noqa: E731
-                           for k, v in tree.items()}
-    params = as_jnp(state.master)
-    opt_state = build_optimizer(**kwargs).init(params)
-    opt_state = with_adam_moments(opt_state, as_jnp(state.exp_avg), as_jnp(state.exp_avg_sq), state.step)
+    # numpy throughout (master weights + two moments: the state's own 3x the model, no copies);
+    # the optimizer state's structure comes from an abstract init
+    params = state.master
+    abstract = jax.eval_shape(build_optimizer(**kwargs).init,
+                              jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params))
+    opt_state = with_adam_moments(abstract, state.exp_avg, state.exp_avg_sq, state.step)
+    leftover = [x for x in jax.tree.leaves(opt_state) if isinstance(x, jax.ShapeDtypeStruct)]
+    if leftover:
+        raise AssertionError(f"optimizer state leaves not filled from the ZeRO state: {leftover[:3]}")
     step = state.iteration if state.iteration is not None else (ckpt.step or state.step)
     if state.scheduler_steps is not None and state.scheduler_steps != state.step:
         warnings.warn(f"{ckpt.directory}: LR scheduler steps ({state.scheduler_steps}) differ from Adam "

@@ -30,6 +30,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 PyTree = Any
@@ -192,7 +193,8 @@ def adam_moments(opt_state: optax.OptState) -> tuple[PyTree, PyTree, jax.Array]:
 
 def with_adam_moments(opt_state: optax.OptState, mu: PyTree, nu: PyTree, count) -> optax.OptState:
     """A copy of ``opt_state`` with the Adam moments replaced; ``count`` (updates applied) is set on
-    both the Adam bias correction and the LR schedule, which advance together in this recipe."""
+    both the Adam bias correction and the LR schedule, which advance together in this recipe.
+    ``opt_state`` may be abstract (``jax.eval_shape`` of ``init``): every array leaf is replaced."""
     count = jnp.asarray(count, jnp.int32)
     old_mu, old_nu, _ = adam_moments(opt_state)
     for name, new, old in (("mu", mu, old_mu), ("nu", nu, old_nu)):
@@ -203,10 +205,12 @@ def with_adam_moments(opt_state: optax.OptState, mu: PyTree, nu: PyTree, count) 
         if bad:
             raise ValueError(f"Adam {name} shape mismatch: {bad[:3]}")
 
+    def moment(a, old):  # numpy of the right dtype is kept as it is (the converters: no copy)
+        return a if isinstance(a, np.ndarray) and a.dtype == old.dtype else jnp.asarray(a, old.dtype)
+
     def replace(node):
         if isinstance(node, optax.ScaleByAdamState):
-            return node._replace(mu=jax.tree.map(lambda a, o: jnp.asarray(a, o.dtype), mu, old_mu),
-                                 nu=jax.tree.map(lambda a, o: jnp.asarray(a, o.dtype), nu, old_nu),
+            return node._replace(mu=jax.tree.map(moment, mu, old_mu), nu=jax.tree.map(moment, nu, old_nu),
                                  count=count)
         if isinstance(node, optax.ScaleByScheduleState):
             return node._replace(count=count)
