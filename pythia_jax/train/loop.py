@@ -254,43 +254,64 @@ def train(cfg: TrainConfig, *, devices=None, max_steps: int | None = None) -> Tr
         eval_losses: dict[int, float] = {}
         stopped = None
         end = cfg.num_steps if max_steps is None else min(cfg.num_steps, step + max_steps)
+
+        # Metrics are fetched one step late: step n+1 is already queued on the devices while the
+        # host reads step n's, so the host's work (data, logging) does not leave them idle.
+        in_flight: list[tuple[int, dict]] = []  # (step, its metrics on device), oldest first
+
+        def record(done: int, device_metrics: dict) -> dict[str, float]:
+            """Host side of step ``done``: wait for it, then record and log its metrics."""
+            metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+            throughput.add_steps()
+            losses[done] = metrics["loss"]
+            row = {"step": done, **{k: metrics[k] for k in ("loss", "grad_norm", "lr", "loss_scale",
+                                                            "skipped") if k in metrics}}
+            if done % cfg.log_every == 0 or done == end:
+                row.update(throughput.measure())
+                writer.write(done, {k: v for k, v in row.items() if k != "step"})
+            _append_jsonl(log_path, row)
+            return metrics
+
+        def settle(keep: int = 0) -> None:
+            """Record the steps in flight, all but the newest ``keep``; stop on divergence."""
+            while len(in_flight) > keep:
+                done, device_metrics = in_flight.pop(0)
+                metrics = record(done, device_metrics)
+                if metrics["nonfinite_run"] >= cfg.max_nonfinite_steps:
+                    while in_flight:  # the step already queued is recorded and saved too
+                        record(*in_flight.pop(0))
+                    save(force=True)
+                    ckpt.wait_until_finished()
+                    raise TrainingDiverged(
+                        f"{int(metrics['nonfinite_run'])} non-finite losses in a row (last at step {done}); "
+                        f"saved {ckpt.directory}/{step} and stopped. Lower the learning rate or check the data.")
+
         throughput.start()
         with PreemptionGuard() as guard:
             while step < end:
                 # ---- iterate + step
                 batch = setup.put_batch(next(data_it))
-                state, metrics = setup.train_step(state, batch)
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                state, device_metrics = setup.train_step(state, batch)
                 step += 1
-                throughput.add_steps()
                 writer.advance()
-                losses[step] = metrics["loss"]
-                record = {"step": step, **{k: metrics[k] for k in ("loss", "grad_norm", "lr", "loss_scale",
-                                                                     "skipped") if k in metrics}}
-                # ---- log
-                if step % cfg.log_every == 0 or step == end:
-                    record.update(throughput.measure())
-                    writer.write(step, {k: v for k, v in record.items() if k != "step"})
-                _append_jsonl(log_path, record)
+                in_flight.append((step, device_metrics))
+                settle(keep=1)  # the previous step, while this one runs
                 # ---- evaluate
                 if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.num_steps):
+                    settle()
                     eval_losses[step] = evaluate(setup, state.params, make_eval_batches(cfg, setup))
                     writer.write(step, {"loss": eval_losses[step]}, prefix="eval")
                     _append_jsonl(log_path, {"step": step, "eval_loss": eval_losses[step]})
                     throughput.start()
                 # ---- checkpoint
                 save()
-                if metrics["nonfinite_run"] >= cfg.max_nonfinite_steps:
-                    save(force=True)
-                    ckpt.wait_until_finished()
-                    raise TrainingDiverged(
-                        f"{int(metrics['nonfinite_run'])} non-finite losses in a row (last at step {step}); "
-                        f"saved {ckpt.directory}/{step} and stopped. Lower the learning rate or check the data.")
                 if guard.should_stop(step):
+                    settle()
                     save(force=True)
                     writer.message(guard.message)
                     stopped = "preempted"
                     break
+            settle()
         if stopped is None:  # the last step of this invocation is always resumable
             save(force=True)
         ckpt.wait_until_finished()
