@@ -56,7 +56,11 @@ def detect_source(path: str | os.PathLike) -> str:
 
 def load_params(path: str | os.PathLike, step: int | None = None, **kwargs: Any
                 ) -> tuple[ModelConfig, dict[str, Any]]:
-    """(ModelConfig, params) from any supported source (see ``load``)."""
+    """(ModelConfig, params) from any supported source (see ``load``).
+
+    HF and GPT-NeoX sources give numpy arrays; a checkpoint of this project gives arrays on the
+    first local device, on ``shardings=`` when given, or numpy with ``host=True``.
+    """
     source = detect_source(path)
     if source == "hf":
         if step is not None:
@@ -65,7 +69,7 @@ def load_params(path: str | os.PathLike, step: int | None = None, **kwargs: Any
         return read_hf_dir(path)
     if source == "checkpoint":
         from pythia_jax.checkpoint import load_params as load_checkpoint
-        return load_checkpoint(path, step=step, shardings=kwargs.get("shardings"))
+        return load_checkpoint(path, step=step, shardings=kwargs.get("shardings"), host=kwargs.get("host", False))
     from pythia_jax.convert.neox import read_neox_checkpoint, read_neox_optimizer_state
     config, params, ckpt = read_neox_checkpoint(path, step=step, config_files=kwargs.get("config_files"),
                                                 hidden_act=kwargs.get("hidden_act"))

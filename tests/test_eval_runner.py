@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -172,6 +173,8 @@ def test_perplexity_on_indexed_dataset(runs, tmp_path):
                            log=lambda _: None)
     got = {r["metric"]: r for r in R.read_table(out)}
     config, params = load_model_params(runs / "ckpt", 0)
+    # host memory: place_model sends each device only its part
+    assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(params))
     res = Scorer(place_model(params, config=config)).loglikelihood_rolling(docs)
     assert got["loss"]["value"] == pytest.approx(-res.loglik.sum() / sum(map(len, docs)), rel=1e-5)
     assert got["loss"]["num_examples"] == 3 and not math.isnan(got["doc_loss"]["stderr"])

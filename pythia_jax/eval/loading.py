@@ -18,6 +18,9 @@ def load_model_params(path: str | os.PathLike, step: int | None = None) -> tuple
     anything ``pythia_jax.api.load_params`` reads: an HF directory, a checkpoint directory of this
     project (newest step when ``step`` is None) or a GPT-NeoX checkpoint. A step that is not there
     raises CheckpointError listing the steps that are.
+
+    The params are numpy arrays in host memory: ``place_model`` then sends each device only its
+    part (loading onto one device first would need the whole model in that device's memory).
     """
     from pythia_jax.convert.hf import is_hf_dir, read_hf_dir
 
@@ -38,7 +41,7 @@ def load_model_params(path: str | os.PathLike, step: int | None = None) -> tuple
         steps = available_steps(p)
         if step not in steps:
             raise CheckpointError(f"{p} has no step {step}; available: {_fmt(steps)}")
-    return load_params(p, step=step)
+    return load_params(p, step=step, host=True)
 
 
 def hf_revision_steps(path: str | os.PathLike) -> list[int]:
