@@ -161,7 +161,8 @@ def train_argv(output_dir: Path, *extra: str) -> list[str]:
             "--gin.TrainConfig.eval_every=0", "--gin.TrainConfig.tensorboard=False",
             "--gin.TrainConfig.progress_bar=False", "--gin.TrainConfig.log_every=1",
             "--gin.TrainConfig.checkpoint_log_until=-1", "--gin.TrainConfig.checkpoint_every=0",
-            "--gin.TrainConfig.export_hf=None", "--gin.MeshConfig.data=2", "--gin.MeshConfig.fsdp=2",
+            f"--gin.TrainConfig.export_hf='{output_dir / 'hf'}'", "--gin.TrainConfig.export_dtype='float32'",
+            "--gin.MeshConfig.data=2", "--gin.MeshConfig.fsdp=2",
             f"--gin.TrainConfig.output_dir='{output_dir}'", *extra]
 
 
@@ -205,3 +206,9 @@ def test_two_processes_train_like_one(tmp_path):
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-5, err_msg=path)
         worst = max(worst, float(np.max(np.abs(a - b))))
     print(f"max |loss diff| {max(abs(one[s] - two[s]) for s in one):.3g}, max |param diff| {worst:.3g}")
+    # the export at the end: gathered array by array from both processes, written by process 0
+    from pythia_jax.convert.hf import read_hf_dir
+    for run, params in ((single, params_one), (multi, params_two)):
+        _, exported = read_hf_dir(run / "hf")
+        for (path, a), (_, b) in zip(C._leaf_paths(exported), C._leaf_paths(params)):
+            np.testing.assert_array_equal(a, np.asarray(b), err_msg=f"{run.name} {path}")

@@ -58,8 +58,13 @@ class TrainSetup:
         from pythia_jax.model import check_params
 
         check_params(self.config.model, params)
-        params = jax.tree.map(lambda a, s: jax.device_put(jnp.asarray(a, jnp.float32), s),
-                              dict(params), self.param_shardings)
+
+        def place(a, sharding):  # host arrays go straight to their shards (never whole onto one device)
+            if isinstance(a, np.ndarray):
+                return jax.device_put(np.asarray(a, np.float32), sharding)
+            return jax.device_put(a, sharding).astype(jnp.float32)
+
+        params = jax.tree.map(place, dict(params), self.param_shardings)
         state = self._from_params_fn(params)
         return state.replace(step=jax.device_put(jnp.asarray(step, jnp.int32), state.step.sharding))
 

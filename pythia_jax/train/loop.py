@@ -185,23 +185,29 @@ def _initial_params(cfg: TrainConfig):
     from pythia_jax import api
     from pythia_jax.checkpoint import config_differences
 
-    config, params = api.load_params(cfg.init_from)
+    config, params = api.load_params(cfg.init_from, host=True)  # numpy: placed slice by slice
     diff = config_differences(config, cfg.model)
     if diff:
         raise CheckpointError(f"{cfg.init_from} holds a different model: {'; '.join(diff)}")
     return params
 
 
-def export_hf(cfg: TrainConfig, setup, params, out_dir: str) -> str | None:
-    """Write ``params`` as an HF directory (process 0; params gathered to host first)."""
+def export_hf(cfg: TrainConfig, params, out_dir: str) -> str | None:
+    """Write ``params`` as an HF directory (process 0).
+
+    One process: ``write_hf_dir`` fetches one tensor (one layer's slice) at a time from the
+    devices. Several: each array is gathered to the hosts in turn (``process_allgather``), so no
+    device ever holds more than one replicated array.
+    """
     from pythia_jax.convert.hf import write_hf_dir
 
-    gathered = jax.jit(lambda p: p, out_shardings=jax.tree.map(
-        lambda _: jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec()), setup.param_shardings))(params)
-    host = jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), gathered)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        params = jax.tree.map(lambda a: np.asarray(multihost_utils.process_allgather(a, tiled=True)), params)
     if jax.process_index() != 0:
         return None
-    return write_hf_dir(cfg.model, host, out_dir, dtype=cfg.export_dtype, overwrite=True)
+    return write_hf_dir(cfg.model, params, out_dir, dtype=cfg.export_dtype, overwrite=True)
 
 
 # -------------------------------------------------------------------------------------- the loop
@@ -317,7 +323,7 @@ def train(cfg: TrainConfig, *, devices=None, max_steps: int | None = None) -> Tr
         ckpt.wait_until_finished()
         hf_dir = None
         if cfg.export_hf and stopped is None and step == cfg.num_steps:
-            hf_dir = export_hf(cfg, setup, state.params, cfg.export_hf)
+            hf_dir = export_hf(cfg, state.params, cfg.export_hf)
         writer.close()
         return TrainResult(final_step=step, params=state.params, losses=losses, eval_losses=eval_losses,
                            stopped=stopped, hf_dir=hf_dir)
