@@ -470,3 +470,11 @@ def test_sharded_forward_with_logical_rules_matches_single_device():
     result = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0 and "OK" in result.stdout, result.stdout + result.stderr[-3000:]
+
+
+def test_every_configurable_remat_policy_has_an_implementation():
+    """config.REMAT_POLICIES (validation) and the model's policy table must name the same policies."""
+    from pythia_jax import config as config_module
+    from pythia_jax import model as model_module
+
+    assert set(config_module.REMAT_POLICIES) == {"none"} | set(model_module._REMAT_POLICIES)
