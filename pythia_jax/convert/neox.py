@@ -958,10 +958,13 @@ def fresh_opt_state(params: Mapping[str, Any], optimizer_kwargs: Mapping[str, An
     import jax.numpy as jnp
     import optax
 
-    from pythia_jax.train.optimizer import build_optimizer
+    from pythia_jax.train.optimizer import build_optimizer, with_adam_moments
 
-    state = build_optimizer(**dict(optimizer_kwargs or {})).init(
-        jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), dict(params)))
+    # numpy zeros (untouched pages until written) on an abstract init: no device copy of the params
+    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.float32), dict(params))
+    zeros = lambda: jax.tree.map(lambda s: np.zeros(s.shape, np.float32), shapes)  # noqa: E731
+    state = with_adam_moments(jax.eval_shape(build_optimizer(**dict(optimizer_kwargs or {})).init, shapes),
+                              zeros(), zeros(), 0)
     count = jnp.asarray(int(schedule_count), jnp.int32)
     return jax.tree.map(
         lambda s: s._replace(count=count) if isinstance(s, optax.ScaleByScheduleState) else s,
