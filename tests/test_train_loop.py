@@ -200,3 +200,17 @@ def test_init_from_hf_directory(tmp_path, compile_cache):
     _, step0 = load_params(str(tmp_path / "run" / "checkpoints"), step=0)
     for a, b in zip(jax.tree.leaves(step0), jax.tree.leaves(start)):
         np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_evaluate_is_the_token_weighted_mean_over_batches():
+    """Held-out loss = Σ loss_sum / Σ tokens over all batches (results read back once)."""
+    import jax.numpy as jnp
+
+    class Setup:
+        put_batch = staticmethod(lambda b: b)
+        eval_step = staticmethod(lambda params, b: {"loss_sum": jnp.float32(b["l"]), "tokens": jnp.float32(b["n"])})
+
+    batches = [{"l": 10.0, "n": 4.0}, {"l": 3.0, "n": 1.0}, {"l": 0.0, "n": 5.0}]
+    assert loop.evaluate(Setup, None, batches) == pytest.approx(13.0 / 10.0)
+    with pytest.raises(ConfigError, match="empty"):
+        loop.evaluate(Setup, None, [])

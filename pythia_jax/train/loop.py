@@ -134,12 +134,10 @@ def make_eval_batches(cfg: TrainConfig, setup) -> Iterator[dict]:
 
 
 def evaluate(setup, params, batches: Iterable[dict]) -> float:
-    """Mean held-out token loss (float) over ``batches``."""
-    total, count = 0.0, 0.0
-    for batch in batches:
-        out = jax.device_get(setup.eval_step(params, setup.put_batch(batch)))
-        total += float(out["loss_sum"])
-        count += float(out["tokens"])
+    """Mean held-out token loss (float) over ``batches`` (all queued, then read back once)."""
+    outs = jax.device_get([setup.eval_step(params, setup.put_batch(batch)) for batch in batches])
+    total = sum(float(out["loss_sum"]) for out in outs)
+    count = sum(float(out["tokens"]) for out in outs)
     if count == 0:
         raise ConfigError("the evaluation set is empty")
     return total / count
@@ -264,6 +262,7 @@ def train(cfg: TrainConfig, *, devices=None, max_steps: int | None = None) -> Tr
         # Metrics are fetched one step late: step n+1 is already queued on the devices while the
         # host reads step n's, so the host's work (data, logging) does not leave them idle.
         in_flight: list[tuple[int, dict]] = []  # (step, its metrics on device), oldest first
+        eval_data: list[dict] | None = None
 
         def record(done: int, device_metrics: dict) -> dict[str, float]:
             """Host side of step ``done``: wait for it, then record and log its metrics."""
@@ -305,7 +304,9 @@ def train(cfg: TrainConfig, *, devices=None, max_steps: int | None = None) -> Tr
                 # ---- evaluate
                 if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.num_steps):
                     settle()
-                    eval_losses[step] = evaluate(setup, state.params, make_eval_batches(cfg, setup))
+                    if eval_data is None:  # read once per run, reused at every evaluation
+                        eval_data = list(make_eval_batches(cfg, setup))
+                    eval_losses[step] = evaluate(setup, state.params, eval_data)
                     writer.write(step, {"loss": eval_losses[step]}, prefix="eval")
                     _append_jsonl(log_path, {"step": step, "eval_loss": eval_losses[step]})
                     throughput.start()
