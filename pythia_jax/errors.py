@@ -15,4 +15,8 @@ class DataError(PythiaJaxError):
     """A dataset file that is missing, truncated or inconsistent."""
 
 
-__all__ = ["ConfigError", "PythiaJaxError", "CheckpointError", "DataError"]
+class DataFileNotFound(DataError):
+    """A dataset file that does not exist (callers may fall back to another layout)."""
+
+
+__all__ = ["ConfigError", "PythiaJaxError", "CheckpointError", "DataError", "DataFileNotFound"]

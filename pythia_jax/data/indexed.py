@@ -45,7 +45,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from pythia_jax.errors import DataError
+from pythia_jax.errors import DataError, DataFileNotFound
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -107,7 +107,7 @@ class LocalFile(ByteSource):
     def __init__(self, path: str):
         self.name = str(path)
         if not os.path.isfile(path):
-            raise DataError(f"{path}: file not found")
+            raise DataFileNotFound(f"{path}: file not found")
         self.size = os.path.getsize(path)
         self._mm = np.memmap(path, dtype=np.uint8, mode="r") if self.size else np.zeros(0, np.uint8)
 
@@ -176,10 +176,10 @@ class KvStoreFile(ByteSource):
                 return int(m.group(1))
         else:
             if res.state == "missing":
-                raise DataError(f"{self.name}: file not found")
+                raise DataFileNotFound(f"{self.name}: file not found")
         res = self._kv.read(self._key, byte_range=slice(0, 0)).result()
         if res.state == "missing":
-            raise DataError(f"{self.name}: file not found")
+            raise DataFileNotFound(f"{self.name}: file not found")
         lo, hi = 0, 1  # invariant: size >= lo; find hi with size < hi
         while self._has_byte(hi - 1):
             lo, hi = hi, hi * 2
@@ -416,9 +416,8 @@ class IndexedDataset:
         if is_url(bin_path):
             try:
                 return KvStoreFile(bin_path)
-            except DataError as e:
-                if "not found" not in str(e):
-                    raise
+            except DataFileNotFound:
+                pass  # look for shards
         elif os.path.isfile(bin_path):
             return LocalFile(bin_path)
         shards = _find_shards(self.prefix)
