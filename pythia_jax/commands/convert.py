@@ -97,7 +97,7 @@ def _hf_to_jax(args: argparse.Namespace, progress: bool) -> None:
         from pythia_jax.convert.neox import fresh_opt_state
         opt_state = fresh_opt_state(params, schedule_count=step)
     write_checkpoint(args.output, step, config, params, opt_state,
-                     {"source": "hf", "hf_dir": os.path.abspath(args.source)}, args.overwrite)
+                     {"source": "hf", "hf_dir": os.path.abspath(args.source)}, args.overwrite, progress)
     print(f"wrote {args.output} (step {step}{', with fresh optimizer state' if opt_state else ''})")
 
 
@@ -123,7 +123,7 @@ def _neox_to_jax(args: argparse.Namespace, progress: bool) -> None:
         if args.with_optimizer:
             opt_state = fresh_opt_state(params, schedule_count=step)
         what = "module weights" + (" and a fresh optimizer state" if opt_state is not None else "")
-    write_checkpoint(args.output, step, config, params, opt_state, metadata, args.overwrite)
+    write_checkpoint(args.output, step, config, params, opt_state, metadata, args.overwrite, progress)
     print(f"wrote {args.output} (step {step}: {what})")
 
 
@@ -136,6 +136,7 @@ def _jax_to_hf(args: argparse.Namespace, progress: bool) -> None:
     dtype = args.dtype or "float16"
     if not args.all_steps:
         check_output_dir(args.output, args.overwrite)
+        _status(progress, f"reading checkpoint {args.source}")
         config, params = load_params(args.source, step=args.step, host=True)
         write_hf_dir(config, params, args.output, dtype=dtype, shard_size=args.shard_size,
                      overwrite=args.overwrite, progress=progress)
@@ -169,6 +170,7 @@ def _jax_to_neox(args: argparse.Namespace, progress: bool) -> None:
         from pythia_jax.checkpoint import TrainCheckpointer
         with TrainCheckpointer(root, save_steps=(), async_save=False) as ckpt:
             step = ckpt.latest_valid_step()
+    _status(progress, f"reading checkpoint {root}/{step}")
     config, params = load_params(root, step=step, host=True)
     out = write_neox_checkpoint(config, params, args.output, step=step or 0, dtype=args.dtype or "float32",
                                 overwrite=args.overwrite, progress=progress)
@@ -180,11 +182,25 @@ def _check_output(args: argparse.Namespace) -> None:
     check_output_dir(args.output, args.overwrite)
 
 
-def write_checkpoint(out_dir: str, step: int, config, params, opt_state, metadata, overwrite: bool) -> None:
+def _status(enabled: bool, message: str) -> None:
+    """One line on stderr for a phase without a per-tensor progress bar (the Orbax reads / writes)."""
+    if enabled:
+        import sys
+        print(message + " ...", file=sys.stderr, flush=True)
+
+
+def _gigabytes(*trees) -> float:
+    import jax
+    return sum(x.nbytes for t in trees if t is not None for x in jax.tree.leaves(t) if hasattr(x, "nbytes")) / 1e9
+
+
+def write_checkpoint(out_dir: str, step: int, config, params, opt_state, metadata, overwrite: bool,
+                     progress: bool = False) -> None:
     """A new checkpoint directory of this project holding one step, written atomically."""
     from pythia_jax.checkpoint import save_params_checkpoint
     from pythia_jax.io_utils import atomic_output_dir, release_free_memory
 
     release_free_memory()  # the reader's freed buffers: don't hold them through the save
+    _status(progress, f"writing checkpoint {out_dir} ({_gigabytes(params, opt_state):.2f} GB)")
     with atomic_output_dir(out_dir, overwrite) as tmp:
         save_params_checkpoint(str(tmp), int(step), config, params, opt_state=opt_state, metadata=metadata)
