@@ -578,7 +578,7 @@ def _save_args(params, opt_state, extra_state, data_state, metadata, step,
 
     trees = {item: tree for item, tree in ((PARAMS, params), (OPT_STATE, opt_state),
                                            (EXTRA_STATE, extra_state)) if tree is not None}
-    if host_io:  # host-resident leaves as numpy views: written by _HostArrayHandler, no copies
+    if host_io:  # host-resident leaves as numpy views: written by _host_array_handler(), no copies
         trees = {item: jax.tree.map(_host_leaf, tree) for item, tree in trees.items()}
         args: dict[str, Any] = {item: ocp.args.PyTreeSave(tree) for item, tree in trees.items()}
     else:
@@ -841,7 +841,7 @@ def load_params(directory: str | os.PathLike, step: int | None = None,
     return config, restored.params
 
 
-def _io_limit(trees: list[Any]) -> int | None:
+def _io_limit(trees: list[Any]) -> int:
     """Bytes Orbax may have in flight at once: the largest array (+1 MiB), at least 64 MiB."""
     import jax
 
@@ -859,7 +859,8 @@ def _host_leaf(x: Any) -> Any:
 # Host I/O mode (converters). Measured at the pythia-1.4b shape (5.7 GB fp32, 1.6 GB largest
 # array): Orbax's defaults write each array as one chunk, buffer up to a 2 GB OCDBT data file
 # per write and read with 128 concurrent file reads, which together cost 0.3-0.5x the tree
-# on top of the tree itself; these bounds bring it to under 0.1x.
+# on top of the tree itself; with these bounds a save adds about 0.1x and a restore about 0.15x
+# (scripts/bench_convert.py).
 _HOST_CHUNK_BYTES = 16 << 20       # largest chunk of an array written from host memory
 _HOST_DATA_FILE_BYTES = 64 << 20  # OCDBT data file size: tensorstore buffers about one per write
 _HOST_READ_FILES = 4               # concurrent file reads when restoring into host memory
@@ -921,23 +922,22 @@ def _host_type_registry() -> Any:
 def _bounded_io_registry(limit_bytes: int) -> Any:
     """Handlers of the host I/O mode (see :class:`TrainCheckpointer`'s ``io_limit_bytes``).
 
-    PyTreeSave / PyTreeRestore go through the bounded host handler for numpy leaves; device
-    arrays (StandardSave / StandardRestore, and jax leaves) keep at most ``limit_bytes`` in flight.
-    Without a limit Orbax starts every array's write (or read) at once, and tensorstore's staging
-    buffers plus the device->host copies add up to about another copy of the tree.
+    Saves (always PyTreeSave in this mode) and host restores (PyTreeRestore) go through the
+    bounded host handler for numpy leaves; jax leaves, and restores onto shardings
+    (StandardRestore), keep at most ``limit_bytes`` in flight. Without a limit Orbax starts every
+    array's write (or read) at once, and tensorstore's staging buffers plus the device->host
+    copies add up to about another copy of the tree.
     """
     import orbax.checkpoint as ocp
 
     gb = limit_bytes / 1e9
-    standard = ocp.StandardCheckpointHandler(save_concurrent_gb=gb, restore_concurrent_gb=gb)
-    impl = getattr(getattr(standard, "_impl", None), "_handler_impl", None)
+    pytree = ocp.PyTreeCheckpointHandler(save_concurrent_gb=gb, restore_concurrent_gb=gb,
+                                         type_handler_registry=_host_type_registry())
+    impl = getattr(pytree, "_handler_impl", None)
     if impl is not None and hasattr(impl, "_save_device_host_concurrent_bytes"):
         impl._save_device_host_concurrent_bytes = int(limit_bytes)  # also bound device->host copies
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
-    registry.add(None, ocp.args.StandardSave, standard)
-    registry.add(None, ocp.args.StandardRestore, standard)
-    pytree = ocp.PyTreeCheckpointHandler(save_concurrent_gb=gb, restore_concurrent_gb=gb,
-                                         type_handler_registry=_host_type_registry())
+    registry.add(None, ocp.args.StandardRestore, ocp.StandardCheckpointHandler(restore_concurrent_gb=gb))
     registry.add(None, ocp.args.PyTreeSave, pytree)
     registry.add(None, ocp.args.PyTreeRestore, pytree)
     json_handler = ocp.JsonCheckpointHandler()

@@ -220,19 +220,18 @@ def iter_hf_tensors(config: ModelConfig, params: Mapping[str, Any],
     ``params`` leaves may be numpy or JAX arrays (sharded ones too). Only the yielded tensor
     is materialised on the host: a JAX leaf is sliced on device first and just that slice is
     fetched (``np.asarray`` of a whole JAX leaf would also keep a host copy cached on it).
+    Shapes are checked here, before the first tensor is made (``CheckpointError``).
     """
-    dtype = np.dtype(dtype)
-    shapes = param_shapes(config)
+    _check_params(config, params)
+    return _hf_tensors(config, params, np.dtype(dtype))
+
+
+def _hf_tensors(config: ModelConfig, params: Mapping[str, Any], dtype: np.dtype
+                ) -> Iterator[tuple[str, np.ndarray]]:
     expected = hf_shapes(config)
-    checked: set[Path] = set()
 
     def host_tensor(path: Path, layer: int | None) -> np.ndarray:
         value = _get(params, path)
-        if path not in checked:
-            if tuple(np.shape(value)) != shapes[path]:
-                raise CheckpointError(f"params {'/'.join(path)} has shape {list(np.shape(value))}, "
-                                      f"expected {list(shapes[path])} for this config")
-            checked.add(path)
         if isinstance(value, np.ndarray):
             return value if layer is None else value[layer]
         if hasattr(value, "addressable_shards"):  # a jax.Array: fetch a fresh device slice
@@ -355,7 +354,6 @@ SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_WEIGHTS = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
-TOKENIZER_ASSET = TOKENIZER_FILE  # the bundled tokenizer.json
 _DTYPE_NAMES = {"float16": "float16", "fp16": "float16", "half": "float16",
                 "bfloat16": "bfloat16", "bf16": "bfloat16",
                 "float32": "float32", "fp32": "float32", "float": "float32"}
@@ -546,12 +544,12 @@ def write_hf_dir(config: ModelConfig, params: Mapping[str, Any], out_dir: str | 
     name = canonical_dtype(dtype)
     np_dtype = numpy_dtype(name)
     check_output_dir(out_dir, overwrite)
-    _check_params(config, params)
+    tensors = iter_hf_tensors(config, params, np_dtype)  # checks the shapes now, before any output
     shards = plan_shards(config, name, shard_size)
     n = len(shards)
     files = [SAFE_WEIGHTS] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
     # the next tensor is converted on a thread while the current one is written (+1 tensor of memory)
-    tensors = io_utils.prefetch(iter_hf_tensors(config, params, np_dtype))
+    tensors = io_utils.prefetch(tensors)
     weight_map: dict[str, str] = {}
     total_size = 0
     with atomic_output_dir(out_dir, overwrite) as tmp, \
@@ -619,7 +617,7 @@ def write_tokenizer_files(directory: str | os.PathLike, model_max_length: int = 
     """tokenizer.json (GPT-NeoX-20B BPE), tokenizer_config.json, special_tokens_map.json."""
     import shutil
     directory = os.fspath(directory)
-    shutil.copyfile(TOKENIZER_ASSET, os.path.join(directory, "tokenizer.json"))
+    shutil.copyfile(TOKENIZER_FILE, os.path.join(directory, "tokenizer.json"))
     eot = "<|endoftext|>"
     _write_json(os.path.join(directory, "tokenizer_config.json"), {
         "tokenizer_class": "GPTNeoXTokenizer",

@@ -47,6 +47,7 @@ import numpy as np
 from pythia_jax.config import (EXACT_GELU_NAMES, INIT_METHODS, TOKENIZER_VOCAB_SIZE, ConfigError,
                                ModelConfig)
 from pythia_jax.convert import hf as hf_convert
+from pythia_jax.data.tokenizer import TOKENIZER_FILE
 from pythia_jax.errors import CheckpointError
 
 PIPE_FILE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
@@ -936,7 +937,7 @@ def write_neox_checkpoint(config: ModelConfig, params: Mapping[str, Any], out_di
                     "mp_world_size": 1, "iteration": int(step)},
                    step_dir / "mp_rank_00_model_states.pt")
         import shutil
-        shutil.copyfile(hf_convert.TOKENIZER_ASSET, tmp / "20B_tokenizer.json")
+        shutil.copyfile(TOKENIZER_FILE, tmp / "20B_tokenizer.json")
         yml = neox_yml(config, vocab_file=os.path.join(final_root, "20B_tokenizer.json"),
                        **dict(yml_extra or {}))
         yml_name = re.sub(r"[^A-Za-z0-9._-]", "_", config.name or "model") + ".yml"
@@ -955,20 +956,13 @@ def fresh_opt_state(params: Mapping[str, Any], optimizer_kwargs: Mapping[str, An
     training resumed at step N runs with the learning rate of step N.
     """
     import jax
-    import jax.numpy as jnp
-    import optax
 
-    from pythia_jax.train.optimizer import build_optimizer, with_adam_moments
+    from pythia_jax.train.optimizer import build_optimizer, state_with_moments
 
-    # numpy zeros (untouched pages until written) on an abstract init: no device copy of the params
-    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.float32), dict(params))
-    zeros = lambda: jax.tree.map(lambda s: np.zeros(s.shape, np.float32), shapes)  # noqa: E731
-    state = with_adam_moments(jax.eval_shape(build_optimizer(**dict(optimizer_kwargs or {})).init, shapes),
-                              zeros(), zeros(), 0)
-    count = jnp.asarray(int(schedule_count), jnp.int32)
-    return jax.tree.map(
-        lambda s: s._replace(count=count) if isinstance(s, optax.ScaleByScheduleState) else s,
-        state, is_leaf=lambda s: isinstance(s, optax.ScaleByScheduleState))
+    # numpy zeros (pages untouched until written): no device copy of the params
+    zeros = lambda: jax.tree.map(lambda a: np.zeros(np.shape(a), np.float32), dict(params))  # noqa: E731
+    return state_with_moments(build_optimizer(**dict(optimizer_kwargs or {})), zeros(), zeros(), 0,
+                              schedule_count=schedule_count)
 
 
 def neox_train_state(ckpt: NeoxCheckpoint, config: ModelConfig,
@@ -980,24 +974,16 @@ def neox_train_state(ckpt: NeoxCheckpoint, config: ModelConfig,
     state's Adam count and LR-schedule count are the Adam steps DeepSpeed applied; ``step`` is
     the training iteration (batches consumed, skipped fp16 steps included).
     """
-    import jax
-
-    from pythia_jax.train.optimizer import build_optimizer, with_adam_moments
+    from pythia_jax.train.optimizer import build_optimizer, state_with_moments
 
     state = read_neox_optimizer_state(ckpt, config, progress=progress)
     if state is None:
         raise CheckpointError(f"{ckpt.directory} has no ZeRO optimizer shards "
                               "(zero_pp_rank_*_mp_rank_*_optim_states.pt)")
     kwargs = {**optimizer_settings(ckpt.yml, ckpt.tp), **dict(optimizer_kwargs or {})}
-    # numpy throughout (master weights + two moments: the state's own 3x the model, no copies);
-    # the optimizer state's structure comes from an abstract init
+    # numpy throughout: master weights + two moments, the state's own 3x the model, no copies
     params = state.master
-    abstract = jax.eval_shape(build_optimizer(**kwargs).init,
-                              jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params))
-    opt_state = with_adam_moments(abstract, state.exp_avg, state.exp_avg_sq, state.step)
-    leftover = [x for x in jax.tree.leaves(opt_state) if isinstance(x, jax.ShapeDtypeStruct)]
-    if leftover:
-        raise AssertionError(f"optimizer state leaves not filled from the ZeRO state: {leftover[:3]}")
+    opt_state = state_with_moments(build_optimizer(**kwargs), state.exp_avg, state.exp_avg_sq, state.step)
     step = state.iteration if state.iteration is not None else (ckpt.step or state.step)
     if state.scheduler_steps is not None and state.scheduler_steps != state.step:
         warnings.warn(f"{ckpt.directory}: LR scheduler steps ({state.scheduler_steps}) differ from Adam "

@@ -219,6 +219,24 @@ def with_adam_moments(opt_state: optax.OptState, mu: PyTree, nu: PyTree, count) 
     return _map_states(opt_state, replace)
 
 
+def state_with_moments(optimizer: optax.GradientTransformation, mu: PyTree, nu: PyTree, count,
+                       schedule_count=None) -> optax.OptState:
+    """An optimizer state around given Adam moments, built without allocating anything else: the
+    structure comes from an abstract ``optimizer.init`` (numpy moments are kept as they are, so a
+    converter holds the moments once). ``count``: Adam updates applied; ``schedule_count``: the LR
+    schedule's count when it differs (fresh moments at a later step)."""
+    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.float32), mu)
+    state = with_adam_moments(jax.eval_shape(optimizer.init, shapes), mu, nu, count)
+    if schedule_count is not None:
+        sched = jnp.asarray(int(schedule_count), jnp.int32)
+        state = _map_states(state, lambda n: n._replace(count=sched)
+                            if isinstance(n, optax.ScaleByScheduleState) else n)
+    leftover = [x for x in jax.tree.leaves(state) if isinstance(x, jax.ShapeDtypeStruct)]
+    if leftover:
+        raise ValueError(f"optimizer state leaves not set from the moments: {leftover[:3]}")
+    return state
+
+
 _STATE_TYPES = (optax.ScaleByAdamState, optax.ScaleByScheduleState)
 
 
