@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
         module.add_arguments(p)
         p.set_defaults(_module=module)
     for name, module_name in PASSTHROUGH_COMMANDS:  # listed in --help; parsed by the wrapped tool
-        sub.add_parser(name, help=importlib.import_module(module_name).HELP, add_help=False)
+        module = importlib.import_module(module_name)
+        sub.add_parser(name, help=module.HELP, add_help=False).set_defaults(_module=module)
     return parser
 
 

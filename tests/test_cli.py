@@ -38,6 +38,9 @@ def test_gin_flags_on_a_command_without_gin_are_refused(capsys):
     with pytest.raises(SystemExit):
         cli.main(["info", "--gin.ModelConfig.hidden_size=8"])
     assert "does not take gin flags" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a passthrough command behind gin flags (was an AttributeError)
+        cli.main(["--gin_file=x.gin", "lm-eval"])
+    assert "'lm-eval' does not take gin flags" in capsys.readouterr().err
 
 
 def test_info_lists_presets_and_prints_one_config(capsys):
