@@ -52,8 +52,8 @@ class TrainResult:
 def maybe_initialize_distributed(cfg: DistributedConfig) -> None:
     """``jax.distributed.initialize`` for multi-process runs (before any device is touched).
 
-    "auto": initialise when a coordinator/process count is configured or a multi-host TPU slice is
-    detected (TPU VMs fill in everything themselves); "yes": always; "no": never. CPU multi-process
+    "auto": initialise when a coordinator/process count is configured or a TPU VM is
+    detected (its accelerator device files; TPU VMs fill in everything themselves, one host too); "yes": always; "no": never. CPU multi-process
     (tests) uses gloo collectives.
     """
     if cfg.initialize == "no" or jax.distributed.is_initialized():
@@ -292,7 +292,9 @@ def train(cfg: TrainConfig, *, devices=None, max_steps: int | None = None) -> Tr
                         f"saved {ckpt.directory}/{step} and stopped. Lower the learning rate or check the data.")
 
         throughput.start()
-        with PreemptionGuard() as guard:
+        # multi-process jobs without JAX's preemption service agree on a stop every log_every steps
+        # (an all-gather each step would make the host wait for the step just queued)
+        with PreemptionGuard(sync_every=cfg.log_every) as guard:
             while step < end:
                 # ---- iterate + step
                 batch = setup.put_batch(next(data_it))
