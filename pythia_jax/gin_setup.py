@@ -62,24 +62,17 @@ def parse(files: Sequence[str] = (), bindings: Sequence[str] = ()) -> None:
         raise ConfigError(f"bad gin configuration: {e}") from None
 
 
-class _SearchPathMissFilter(logging.Filter):
-    """Drops gin's 'Path not found' log lines: each include is tried in every search path."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.getMessage()).startswith("Path not found")
+def _not_a_search_path_miss(record: logging.LogRecord) -> bool:
+    """False for gin's 'Path not found' log lines: each include is tried in every search path."""
+    return not str(record.getMessage()).startswith("Path not found")
 
 
 @contextlib.contextmanager
 def _quiet_search_path_misses():
+    # gin logs through the root logger (logging.error), so a filter on that logger is enough
     root = logging.getLogger()
-    filt = _SearchPathMissFilter()
-    root.addFilter(filt)
-    handlers = list(root.handlers)
-    for h in handlers:
-        h.addFilter(filt)
+    root.addFilter(_not_a_search_path_miss)
     try:
         yield
     finally:
-        root.removeFilter(filt)
-        for h in handlers:
-            h.removeFilter(filt)
+        root.removeFilter(_not_a_search_path_miss)

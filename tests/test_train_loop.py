@@ -203,7 +203,7 @@ def test_init_from_hf_directory(tmp_path, compile_cache):
 
 
 def test_evaluate_is_the_token_weighted_mean_over_batches():
-    """Held-out loss = Σ loss_sum / Σ tokens over all batches (results read back once)."""
+    """Held-out loss = Σ loss_sum / Σ tokens over all batches."""
     import jax.numpy as jnp
 
     class Setup:

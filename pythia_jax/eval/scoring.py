@@ -4,8 +4,9 @@
 Requests are token lists. The model sees ``(context + continuation)[-(max_len + 1):][:-1]``, as
 lm-evaluation-harness feeds a causal model, so a context longer than the window is cut from the
 left (such requests are counted in ``ScoreResult.truncated``). Requests are sorted by length,
-right-padded to a length bucket (powers of two and 1.5x powers of two) and run in batches of a
-fixed size, so a whole task compiles once per bucket (a handful of times). The batch axis is
+right-padded to a length bucket (powers of two and 1.5x powers of two) and run in batches whose
+row count depends only on the bucket (fewer rows for long buckets under ``max_batch_tokens``),
+so a whole task compiles once per bucket (a handful of times). The batch axis is
 sharded over the mesh.
 """
 
@@ -111,14 +112,12 @@ class Scorer:
         while s < n:  # sorted longest first: the first row of a batch fixes its bucket
             L = next_bucket(len(rows[order[s]][0]) - 1, self.min_bucket, self.max_len)
             B = self.rows_for_length(L)
-            batches.append(order[s:s + B])
+            batches.append((order[s:s + B], L, B))
             s += B
         if progress:
             from tqdm import tqdm
             batches = tqdm(batches, desc="scoring", unit="batch")
-        for idx in batches:
-            L = next_bucket(max(len(rows[i][0]) - 1 for i in idx), self.min_bucket, self.max_len)
-            B = self.rows_for_length(L)
+        for idx, L, B in batches:
             C = next_bucket(max(rows[i][1] for i in idx), min(8, L), L)
             tokens = np.zeros((B, L), np.int32)
             positions = np.zeros((B, C), np.int32)
