@@ -63,9 +63,9 @@ def test_lm_task_rows(tmp_path):
     assert "pythia_demo_lm" in seqio.TaskRegistry.names()
 
 
-def test_missing_data_dir():
+def test_missing_data_dir(monkeypatch):
     from pythia_jax.errors import DataError
 
-    S._ZERO_SHOT_DATA_DIR = None
+    monkeypatch.setattr(S, "_ZERO_SHOT_DATA_DIR", None)
     with pytest.raises(DataError, match="set_zero_shot_data_dir"):
         S._zero_shot_examples("piqa")

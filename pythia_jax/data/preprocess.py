@@ -22,8 +22,8 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from pythia_jax.config import EOD_TOKEN_ID
 from pythia_jax.data.indexed import IndexedDatasetWriter, _atomic_path, publish, write_index
-from pythia_jax.data.tokenizer import EOD_ID
 from pythia_jax.errors import DataError
 from pythia_jax.io_utils import iter_jsonl_objects
 
@@ -53,7 +53,7 @@ def _init_worker(tokenizer_path: str | None) -> None:
 def encode_document(text: str) -> np.ndarray:
     """Token ids of one document followed by EOD (0), uint16 [n+1] (GPT-NeoX's encoding)."""
     ids = _WORKER_TOKENIZER.encode(text).ids
-    ids.append(EOD_ID)
+    ids.append(EOD_TOKEN_ID)
     return np.asarray(ids, dtype=np.uint16)
 
 

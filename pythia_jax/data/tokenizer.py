@@ -11,11 +11,8 @@ import functools
 import os
 from typing import Sequence
 
-from pythia_jax.config import EOD_TOKEN_ID, PAD_TOKEN_ID
 from pythia_jax.data import _ASSETS
 
-EOD_ID = EOD_TOKEN_ID
-PAD_ID = PAD_TOKEN_ID
 TOKENIZER_FILE = os.path.join(_ASSETS, "gpt-neox-20b-tokenizer.json")
 
 

@@ -2,7 +2,7 @@
 
 Importing this module registers the model name ``pythia_jax``::
 
-    python -m pythia_jax.eval.lm_eval_cli --model pythia_jax --model_args path=/ckpts,step=1000 \\
+    pythia-jax lm-eval --model pythia_jax --model_args path=/ckpts,step=1000 \\
         --batch_size 16 --tasks piqa          # the lm_eval CLI with this module imported
 
 ``path`` is anything ``pythia_jax.eval.loading.load_model_params`` reads (an HF directory, HF
