@@ -152,13 +152,14 @@ def rank_classification_metric(targets: Sequence[tuple], scores: Sequence[float]
     docs: dict[int, list[tuple[int, bool, int, float]]] = {}
     for (doc, choice, correct, n_chars), score in zip(targets, scores):
         docs.setdefault(doc, []).append((choice, correct, n_chars, float(score)))
-    acc, acc_norm = [], []
+    from pythia_jax.eval.zero_shot import choice_hits
+
+    hits = []
     for items in docs.values():
         items.sort()
-        lls = np.array([i[3] for i in items])
         gold = [i[1] for i in items].index(True)
-        acc.append(float(np.argmax(lls) == gold))
-        acc_norm.append(float(np.argmax(lls / np.array([i[2] for i in items])) == gold))
+        hits.append(choice_hits([i[3] for i in items], [i[2] for i in items], gold))
+    acc, acc_norm = zip(*hits)
     return {"acc": float(np.mean(acc)), "acc_norm": float(np.mean(acc_norm))}
 
 

@@ -46,6 +46,14 @@ def tokenize_examples(tokenizer: Any, examples: Sequence[Example]) -> list[tuple
     return [encode_pair(tokenizer, ctx, cont) for ex in examples for ctx, cont in ex.requests]
 
 
+def choice_hits(lls: Any, choice_chars: Any, gold: int) -> tuple[float, float]:
+    """``(acc, acc_norm)`` of one multiple-choice example, as the harness: the highest
+    log-likelihood, and the highest log-likelihood per character of the choice text, is ``gold``."""
+    lls = np.asarray(lls, np.float64)
+    return (float(int(np.argmax(lls)) == gold),
+            float(int(np.argmax(lls / np.asarray(choice_chars, np.float64))) == gold))
+
+
 def score_examples(spec: TaskSpec, examples: Sequence[Example], logliks: Sequence[float],
                    truncated: int = 0) -> TaskResult:
     """Turn per-request log-likelihoods (flattened in example order) into metrics."""
@@ -55,14 +63,12 @@ def score_examples(spec: TaskSpec, examples: Sequence[Example], logliks: Sequenc
     for ex in examples:
         lls = np.asarray(logliks[k:k + len(ex.requests)], np.float64)
         k += len(ex.requests)
-        lengths = np.array([float(len(c)) for c in ex.choice_texts])
         row: dict[str, Any] = {"doc_id": ex.doc_id, "gold": ex.gold, "loglik": lls.tolist()}
-        if "acc" in hits:
-            row["acc"] = float(int(np.argmax(lls)) == ex.gold)
-            hits["acc"].append(row["acc"])
-        if "acc_norm" in hits:
-            row["acc_norm"] = float(int(np.argmax(lls / lengths)) == ex.gold)
-            hits["acc_norm"].append(row["acc_norm"])
+        acc, acc_norm = choice_hits(lls, [len(c) for c in ex.choice_texts], ex.gold)
+        for name, value in (("acc", acc), ("acc_norm", acc_norm)):
+            if name in hits:
+                row[name] = value
+                hits[name].append(value)
         per_example.append(row)
     if k != len(logliks):
         raise ValueError(f"{len(logliks)} log-likelihoods for {k} requests")
