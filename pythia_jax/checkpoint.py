@@ -420,6 +420,27 @@ def _check_shapes(item: str, stored: Any, target: Any, where: str) -> None:
 
 
 # ---------------------------------------------------------------------------------- manager
+class _OrbaxTracebackFilter(logging.Filter):
+    """Orbax logs a failed save's exception with its full traceback from each of its threads
+    (hundreds of lines on stderr). The checkpointer reports such a failure itself, in one line,
+    so these records go to this module's logger at DEBUG level instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and "orbax" in (record.pathname or ""):
+            logger.debug("Orbax: %s", record.getMessage(), exc_info=record.exc_info)
+            return False
+        return True
+
+
+_ORBAX_FILTER = _OrbaxTracebackFilter()
+
+
+def _quiet_orbax_tracebacks() -> None:
+    absl_logger = logging.getLogger("absl")  # absl.logging, which Orbax logs through
+    if _ORBAX_FILTER not in absl_logger.filters:
+        absl_logger.addFilter(_ORBAX_FILTER)
+
+
 class TrainCheckpointer:
     """Saves and restores training state on a step schedule with Orbax (local disk or ``gs://``).
 
@@ -447,6 +468,7 @@ class TrainCheckpointer:
 
         self.directory = _epath(directory)
         self._should_save = _as_predicate(save_steps)
+        _quiet_orbax_tracebacks()
         self.model_config = model_config
         if model_config is not None:
             write_model_config(self.directory, model_config)
@@ -465,6 +487,7 @@ class TrainCheckpointer:
         self._bad_steps: set[int] = set()  # found unusable by restore/latest_valid_step
         self._pending: int | None = None  # step of the last save, until it is confirmed on disk
         self._save_error: BaseException | None = None  # what the background save raised
+        self._failed = False  # a failed save was reported (Orbax raises it again on each wait)
         self._error_lock = threading.Lock()
         self._record_background_errors()
 
@@ -510,8 +533,7 @@ class TrainCheckpointer:
         if not (force or self.should_save(step)):
             return False
         if self._pending is not None:  # Orbax would wait for it anyway: report its failure first
-            self._manager.wait_until_finished()
-            self.check_for_errors()
+            self._finish(self._pending)
         if step in self._manager.all_steps():
             if step not in self._bad_steps:
                 logger.warning("checkpoint step %d already exists in %s (written earlier); not "
@@ -524,6 +546,7 @@ class TrainCheckpointer:
         try:
             saved = self._manager.save(step, args=ocp.args.Composite(**args), force=True)
         except Exception as e:  # noqa: BLE001 - e.g. a full disk during a synchronous save
+            self._failed = True
             raise self._save_failed(step, e) from e
         if saved:
             self._pending = step
@@ -533,26 +556,30 @@ class TrainCheckpointer:
         """Raise :class:`CheckpointSaveFailed` if the last save failed; cheap, never blocks.
 
         Call it after every training step: an asynchronous save runs in Orbax's background
-        threads, and its failure (e.g. ``No space left on device``) would otherwise show only as
-        a step missing from the directory. A save counts as finished once Orbax reports no save
-        in progress; its step must then be complete on disk (:func:`step_problem`).
+        threads, and its failure (e.g. ``No space left on device``) would otherwise surface only
+        at the next save. A save counts as finished once Orbax reports no save in progress; its
+        error is then collected (``wait_until_finished`` returns at once), and its step must be
+        complete on disk (:func:`step_problem`).
         """
         step = self._pending
-        if step is None:
+        if step is None or self._manager.is_saving_in_progress():
             return
+        self._finish(step)
+
+    def _finish(self, step: int) -> None:
+        """Collect the outcome of the (finished or awaited) save of ``step``; raise if it failed."""
+        error: BaseException | None = None
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - the background save's error, re-raised by Orbax
+            error = e
         with self._error_lock:
-            error = self._save_error
-        if error is None:
-            if self._manager.is_saving_in_progress():
-                return
-            with self._error_lock:
-                error = self._save_error
+            error = self._save_error or error
         problem = step_problem(self.directory, step) if error is None else None
-        if error is None and problem is None:
-            self._pending = None
-            return
         self._pending = None
-        raise self._save_failed(step, error, problem)
+        if error is not None or problem is not None:
+            self._failed = True
+            raise self._save_failed(step, error, problem)
 
     def _record_background_errors(self) -> None:
         """Keep the exception of a failed background save for :meth:`check_for_errors`.
@@ -599,21 +626,40 @@ class TrainCheckpointer:
         else:
             kept = "no intact step (a rerun starts from step 0)"
         return CheckpointSaveFailed(f"saving checkpoint step {step} to {self.directory}/{step} failed: "
-                                    f"{why}; {kept}; fix the cause, then rerun")
+                                    f"{why}; {kept}; fix the cause, then rerun (it removes the "
+                                    "partial files)")
 
     def wait_until_finished(self) -> None:
         """Wait for the save in flight, then raise :class:`CheckpointSaveFailed` if it failed."""
-        self._manager.wait_until_finished()
-        self.check_for_errors()
+        if self._pending is not None:
+            self._finish(self._pending)
+        else:
+            self._wait_quietly()
 
-    def close(self, check: bool = True) -> None:
-        """Finish the save in flight and release Orbax's threads; ``check``: report a failed save."""
+    def _wait_quietly(self) -> None:
+        """Wait for Orbax; a failure already reported (Orbax re-raises it on every wait) is not
+        raised again."""
         try:
             self._manager.wait_until_finished()
+        except Exception:  # noqa: BLE001
+            if not self._failed:
+                raise
+
+    def close(self, check: bool = True) -> None:
+        """Finish the save in flight and release Orbax's threads; ``check``: report a failed save
+        (False: when another error is already on its way)."""
+        try:
             if check:
-                self.check_for_errors()
+                self.wait_until_finished()
+            else:
+                self._failed = self._failed or self._pending is not None
+                self._wait_quietly()
         finally:
-            self._manager.close()
+            try:
+                self._manager.close()
+            except Exception:  # noqa: BLE001 - the failed save again
+                if not self._failed:
+                    raise
 
     def __enter__(self) -> "TrainCheckpointer":
         return self

@@ -470,7 +470,7 @@ def _train(cfg: TrainConfig, devices, max_steps: int | None) -> TrainResult:
             state = (setup.state_from_params(_initial_params(cfg)) if cfg.init_from
                      else setup.init_state(cfg.seed))
         step = int(jax.device_get(state.step))
-        restored_step = restored.step if restored is not None else None
+        last_saved = restored.step if restored is not None else None  # on disk already
         metrics_log = MetricsLog(os.path.join(local_output_dir(out), "metrics.jsonl"))
         metrics_log.restart_at(step)  # the steps after the restored one are redone: one row each
         writer = MetricWriter(os.path.join(local_output_dir(out), "tensorboard") if cfg.tensorboard else None, cfg.num_steps,
@@ -481,11 +481,13 @@ def _train(cfg: TrainConfig, devices, max_steps: int | None) -> TrainResult:
 
         def save(force: bool = False) -> None:
             """Checkpoint ``state`` at ``step`` when the schedule says so (or ``force``); the
-            metadata's host reads happen only then, not on every step. The step this run resumed
-            from is on disk already."""
-            if step != restored_step and (force or ckpt.should_save(step)):
+            metadata's host reads happen only then, not on every step. A step already saved (or
+            restored from) is not saved again."""
+            nonlocal last_saved
+            if step != last_saved and (force or ckpt.should_save(step)):
                 ckpt.save(step, state.params, state.opt_state, data_it, _metadata(state, cfg, run_record),
                           force=force)
+                last_saved = step
 
         save()
         throughput = Throughput(cfg.model, cfg.seq_length, cfg.tokens_per_step, setup.num_devices,
