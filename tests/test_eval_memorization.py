@@ -87,7 +87,7 @@ def test_runner_memorization_over_checkpoints(setup, tmp_path):
     ckpt = tmp_path / "ckpt"
     for s in (0, 2, 4):
         save_params_checkpoint(ckpt, s, CFG, params_to_dict(model))
-    settings = EvalSettings(tasks=["memorization"], mem_data=prefix, mem_seq_len=SEQ_LEN,
+    settings = EvalSettings(tasks=["memorization"], mem_data=prefix, mem_order="preshuffled", mem_seq_len=SEQ_LEN,
                             mem_rows_per_step=2, details_dir=str(tmp_path / "details"), progress=False)
     out = tmp_path / "mem.jsonl"
     evaluate_checkpoints(ckpt, [0, 2, 4], settings, out, log=lambda _: None)
@@ -104,7 +104,7 @@ def test_select_rows():
     s = select_rows(100, batch_size=1024, sample=50, seed=1)
     assert len(s) == 50 and len(set(s.tolist())) == 50 and s.max() < 102400
     assert (s == select_rows(100, batch_size=1024, sample=50, seed=1)).all()
-    assert select_rows(0).size == 0
+    assert select_rows(0, batch_size=1024).size == 0
     with pytest.raises(DataError, match="has only 8"):
         select_rows(5, batch_size=2, num_rows=8)
 

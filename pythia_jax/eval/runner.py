@@ -35,12 +35,19 @@ class EvalSettings:
     max_len: int | None = None
     ppl_data: str | None = None  # indexed-dataset prefix or .jsonl
     ppl_text_key: str = "text"
+    # memorization: the run's data settings come from the checkpoints' run record; these are
+    # checked against it, or all required when the checkpoints hold none (RunData.resolve)
     mem_data: str | None = None  # indexed-dataset prefix of the training data
-    mem_order: str = "preshuffled"
-    mem_seq_len: int = 2048
-    mem_rows_per_step: int = 1024
-    mem_sample: int | None = None
-    mem_seed: int = 0
+    mem_order: str | None = None
+    mem_seq_len: int | None = None
+    mem_rows_per_step: int | None = None  # the run's global batch
+    mem_order_seed: int | None = None  # GPT-NeoX order seed
+    mem_train_iters: int | None = None  # steps the GPT-NeoX index maps were built for
+    mem_sample: int | None = None  # score a random sample of the seen rows (None: all of them)
+    mem_seed: int = 0  # the sample's seed
+    mem_chunk_rows: int = 65536  # rows per resumable part file
+    num_hosts: int = 1  # memorization chunks split over hosts by index
+    host_index: int = 0
     details_dir: str | None = None  # per-example / per-row outputs
     progress: bool = True
 
@@ -173,9 +180,7 @@ def check_tasks(tasks: Sequence[str], settings: EvalSettings) -> dict[str, Any]:
                 raise PythiaJaxError("task 'perplexity' needs --ppl-data (indexed-dataset prefix or .jsonl)")
             resolved[name] = None
         elif name == "memorization":
-            if not settings.mem_data:
-                raise PythiaJaxError("task 'memorization' needs --mem-data (training data prefix)")
-            resolved[name] = None
+            resolved[name] = None  # the run's rows: resolved per step from the checkpoints
         else:
             spec = T.load_spec(name)
             resolved[spec.name] = (spec, T.load_examples(spec, settings.data_dir, limit=settings.limit))
@@ -197,11 +202,14 @@ def evaluate_checkpoints(checkpoints: str | os.PathLike, steps: Sequence[int], s
         raise CheckpointError(f"{checkpoints}: no step {', '.join(map(str, missing))}; available: "
                               f"{', '.join(map(str, have)) or 'none'}")
     tasks = check_tasks(settings.tasks, settings)
+    env = _Env(settings, checkpoints)
+    if "memorization" in tasks:  # the run's rows for every step, checked before any model loads
+        for s in steps:
+            env.run_data(s)
     todo = [(s, t) for s in steps for t in tasks if (s, t) not in table.done]
     skipped = len(steps) * len(tasks) - len(todo)
     if skipped:
         log(f"resuming: {skipped} (step, task) results already in {out}")
-    env = _Env(settings)
     for step in steps:
         step_tasks = [t for t in tasks if (step, t) not in table.done]
         if not step_tasks:
@@ -212,15 +220,17 @@ def evaluate_checkpoints(checkpoints: str | os.PathLike, steps: Sequence[int], s
             rows = env.run(step, task, tasks[task])
             table.add(rows)
             summary = ", ".join(f"{r['metric']}={r['value']:.4g}" for r in rows)
-            log(f"step {step} {task}: {summary}")
+            log(f"step {step} {task}: {summary or 'this host is done; the result comes with the merge'}")
     return table
 
 
 class _Env:
     """The model of the current step plus the reusable scorer / generator / data."""
 
-    def __init__(self, settings: EvalSettings):
+    def __init__(self, settings: EvalSettings, checkpoints: str | os.PathLike | None = None):
         self.settings = settings
+        self.checkpoints = checkpoints
+        self._run_data: dict[int, Any] = {}
         self.placed = None
         self.scorer = None
         self.generator = None
@@ -288,20 +298,44 @@ class _Env:
             _write_jsonl(path, per_doc)
         return [_row(step, "perplexity", m, v, se, len(docs)) for m, (v, se) in metrics.items()]
 
+    def run_data(self, step: int):
+        """The ``RunData`` of the rows checkpoint ``step`` has seen (recorded, or all flags)."""
+        from pythia_jax.data.run_data import RunData
+
+        if step not in self._run_data:
+            s = self.settings
+            self._run_data[step] = RunData.resolve(
+                self.checkpoints, step, what=MEM_FLAGS, data=s.mem_data, order=s.mem_order,
+                seq_len=s.mem_seq_len, global_batch=s.mem_rows_per_step, seed=s.mem_order_seed,
+                train_iters=s.mem_train_iters)
+        return self._run_data[step]
+
     def _memorization(self, step: int) -> list[dict[str, Any]]:
-        from pythia_jax.eval.memorization import evaluate_memorization
+        from pythia_jax.eval.memorization import sweep_memorization
 
         s = self.settings
-        if self._order is None:
-            from pythia_jax.data.orders import open_order
-            self._order = open_order(s.mem_data, s.mem_order, seq_len=s.mem_seq_len)
-        res = evaluate_memorization(self.generator, self._order, step, batch_size=s.mem_rows_per_step,
-                                    sample=s.mem_sample, seed=s.mem_seed)
-        path = self._details(step, "memorization", ".npy")
-        if path is not None:
-            res.save(path)
+        run = self.run_data(step)
+        key = json.dumps(run.fingerprint(), sort_keys=True) + run.prefix()
+        if self._order is None or self._order[0] != key:
+            self._order = (key, run.open_order())
+        if not s.details_dir:  # no folder for the resumable parts: in memory, single host
+            from pythia_jax.eval.memorization import evaluate_memorization
+            res = evaluate_memorization(self.generator, self._order[1], step, batch_size=run.global_batch,
+                                        sample=s.mem_sample, seed=s.mem_seed, run=run)
+        else:
+            res = sweep_memorization(self.generator, run, step, s.details_dir, order=self._order[1],
+                                     sample=s.mem_sample, sample_seed=s.mem_seed,
+                                     chunk_rows=s.mem_chunk_rows, num_hosts=s.num_hosts,
+                                     host_index=s.host_index, progress=s.progress)
+        if res is None:  # other hosts' chunks are missing: no summary row yet
+            return []
         n = len(res.per_row)
         return [_row(step, "memorization", m, v, se, n) for m, (v, se) in res.summary().items()]
+
+
+MEM_FLAGS = {"data": "--mem-data", "order": "--mem-order", "seq_len": "--mem-seq-len",
+             "global_batch": "--mem-rows-per-step", "seed": "--mem-order-seed",
+             "train_iters": "--mem-train-iters"}
 
 
 def _row(step, task, metric, value, stderr, n) -> dict[str, Any]:

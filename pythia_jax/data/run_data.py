@@ -1,0 +1,337 @@
+"""A run's training rows, read exactly as that run read them.
+
+Anything that reads the rows a run trained on (memorization, ``pythia-jax count``,
+``pythia-jax batches --checkpoints``) needs the run's whole data configuration: the source
+(dataset prefix), the order (``preshuffled`` or GPT-NeoX ``neox``), the GPT-NeoX seed, the global
+batch, the sequence length, the number of training steps the GPT-NeoX index maps were built for
+(``train_iters``: GPT-NeoX ``megatron/data/gpt2_dataset.py`` ``_build_index_mappings`` sizes the
+maps for ``train_iters · global_batch`` samples, so another value gives other rows) and the row
+transform. Guessing any of them (e.g. Pythia's 143,000 × 1,024, seed 1234, for a demo run) reads
+rows the run never saw.
+
+``RunData.from_checkpoints(dir, step)`` takes them from the record every checkpoint of this
+project holds (``pythia_jax.checkpoint.read_run_config``); explicit values that disagree are
+refused (``RunDataMismatch``, one line naming the setting, the recorded and the given value).
+``RunData.from_flags(...)`` is for weights without a record (HF revisions, converted
+checkpoints): then every setting that decides the rows must be given, none is defaulted.
+``RunData.resolve(checkpoints, step, **flags)`` picks between the two.
+
+Step ``n`` of a run trained on rows ``[n·global_batch, (n+1)·global_batch)`` of the order, so a
+checkpoint saved after ``s`` steps has seen rows ``[0, s·global_batch)`` (``rows_seen``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any
+
+import numpy as np
+
+from pythia_jax.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+ROW_ORDERS = ("preshuffled", "neox")
+# The settings that decide a run's rows, by the name ``from_flags`` / ``from_checkpoints`` take.
+SETTINGS = ("data", "order", "seq_len", "global_batch", "seed", "train_iters")
+NEOX_ONLY = ("seed", "train_iters")  # the pre-shuffled rows do not depend on these
+
+
+class RunDataError(DataError):
+    """Missing or unusable data settings for reading a run's training rows."""
+
+
+class RunDataMismatch(RunDataError):
+    """An explicit data setting that disagrees with the one recorded in the run's checkpoints."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunData:
+    """Everything that decides which tokens training step ``n`` of a run saw.
+
+    data: indexed dataset prefix (without ``.bin``/``.idx``; "demo" = the bundled Wikipedia set).
+    order: "preshuffled" or "neox" (``pythia_jax.data.orders``). seq_len: tokens per training
+    sequence (rows hold seq_len+1). global_batch: rows per step. seed / train_iters: the GPT-NeoX
+    order's seed and the training length its index maps were built for (``neox`` only; None is
+    refused when the order is opened). transform: the run's row transform record (None: rows as
+    stored). cache_prefix: where the GPT-NeoX index maps are looked up / written first (a run's
+    ``<output_dir>/index_maps/<name>``). documents / tokens: the source's size as recorded (a
+    moved copy is recognised by them). origin: where the settings came from (for messages).
+    """
+
+    data: str
+    order: str
+    seq_len: int
+    global_batch: int
+    seed: int | None = None
+    train_iters: int | None = None
+    transform: Any = None
+    cache_prefix: str | None = dataclasses.field(default=None, compare=False)
+    documents: int | None = dataclasses.field(default=None, compare=False)
+    tokens: int | None = dataclasses.field(default=None, compare=False)
+    origin: str = dataclasses.field(default="flags", compare=False)
+
+    # ------------------------------------------------------------------------------ building
+    @classmethod
+    def from_flags(cls, *, data: str | None = None, order: str | None = None,
+                   seq_len: int | None = None, global_batch: int | None = None,
+                   seed: int | None = None, train_iters: int | None = None,
+                   cache_prefix: str | None = None, what: str = "") -> "RunData":
+        """Settings given explicitly (weights without a run record). Every setting that decides
+        the rows is required: data, order, seq_len, global_batch, and for ``neox`` also seed and
+        train_iters. ``what`` names the flags in the error (e.g. ``{"data": "--mem-data", ...}``
+        is not needed: pass a prefix such as ``"--mem-"`` and names become ``--mem-data`` …).
+        Raises ``RunDataError`` naming every missing setting."""
+        given = dict(data=data, order=order, seq_len=seq_len, global_batch=global_batch, seed=seed,
+                     train_iters=train_iters)
+        needed = [k for k in SETTINGS if k not in NEOX_ONLY or order == "neox"]
+        missing = [k for k in needed if given[k] is None]
+        if missing:
+            raise RunDataError(
+                "these checkpoints hold no record of the run's data configuration (e.g. HF revisions or a "
+                f"converted checkpoint), so every setting that decides the rows must be given; missing: "
+                f"{', '.join(flag_name(k, what) for k in missing)}")
+        if order not in ROW_ORDERS:
+            raise RunDataError(f"data order {order!r}: expected one of {', '.join(ROW_ORDERS)}")
+        run = cls(data=str(data), order=order, seq_len=int(seq_len), global_batch=int(global_batch),
+                  seed=None if seed is None else int(seed),
+                  train_iters=None if train_iters is None else int(train_iters),
+                  cache_prefix=cache_prefix, origin="flags")
+        run.check()
+        return run
+
+    @classmethod
+    def from_record(cls, record: dict, *, origin: str = "record", cache_prefix: str | None = None,
+                    data: str | None = None) -> "RunData":
+        """From a run record (``checkpoint.read_run_config``). A partial record (checkpoints that
+        predate the full record: no source) needs ``data``."""
+        d = record.get("data") or {}
+        prefix = d.get("prefix")
+        if prefix is None:
+            if data is None:
+                raise RunDataError(f"{origin} records the data order but not its source (a checkpoint "
+                                   "written before the full run record); give the training data prefix")
+            prefix = data
+        missing = [k for k in ("order", "seq_len", "global_batch") if d.get(k) is None]
+        if missing:
+            raise RunDataError(f"{origin}: the run record lacks {', '.join(missing)}")
+        run = cls(data=str(prefix), order=str(d["order"]), seq_len=int(d["seq_len"]),
+                  global_batch=int(d["global_batch"]),
+                  seed=None if d.get("seed") is None else int(d["seed"]),
+                  train_iters=None if d.get("train_iters") is None else int(d["train_iters"]),
+                  transform=d.get("transform"), cache_prefix=cache_prefix,
+                  documents=d.get("documents"), tokens=d.get("tokens"), origin=origin)
+        run.check()
+        return run
+
+    @classmethod
+    def from_checkpoints(cls, checkpoints: str | os.PathLike, step: int | None = None, *,
+                         what: str = "", **explicit: Any) -> "RunData":
+        """The data configuration recorded in ``checkpoints`` (a run's output dir, its
+        ``checkpoints/`` root or a step directory) at ``step`` (None: the newest complete step).
+
+        ``explicit``: settings given by the user (``data``, ``order``, ``seq_len``,
+        ``global_batch``, ``seed``, ``train_iters``; None = not given). Each given one must equal
+        the record (``data`` may name a moved copy with the same number of documents and
+        tokens); otherwise ``RunDataMismatch``. Raises ``RunDataError`` when the step holds no
+        record (use ``from_flags``) and ``CheckpointError`` for an unusable directory.
+        """
+        from pythia_jax.checkpoint import read_run_config, resolve_checkpoint_dir
+
+        path = os.fspath(checkpoints)
+        if (os.path.isdir(os.path.join(path, "checkpoints"))
+                and not os.path.exists(os.path.join(path, "model_config.json"))):
+            path = os.path.join(path, "checkpoints")
+        record = read_run_config(path, step)
+        if record is None:
+            raise RunDataError(f"{path} step {step}: no record of the run's data configuration")
+        root, _ = resolve_checkpoint_dir(path)
+        origin = f"the run recorded in {os.fspath(root)} (step {record['step']})"
+        run = cls.from_record(record, origin=origin, cache_prefix=_run_cache_prefix(root, record),
+                              data=explicit.get("data"))
+        return run.checked_against(explicit, what=what)
+
+    @classmethod
+    def resolve(cls, checkpoints: str | os.PathLike | None, step: int | None = None, *,
+                what: str = "", **explicit: Any) -> "RunData":
+        """``from_checkpoints`` when ``checkpoints`` (a checkpoint directory of this project) holds
+        a run record, else ``from_flags(**explicit)`` (all settings required)."""
+        from pythia_jax.checkpoint import is_checkpoint_dir, read_run_config
+
+        if checkpoints is not None:
+            path = os.fspath(checkpoints)
+            if os.path.isdir(os.path.join(path, "checkpoints")) and not is_checkpoint_dir(path):
+                path = os.path.join(path, "checkpoints")
+            if is_checkpoint_dir(path) and read_run_config(path, step) is not None:
+                return cls.from_checkpoints(path, step, what=what, **explicit)
+        return cls.from_flags(what=what, **{k: explicit.get(k) for k in SETTINGS},
+                              cache_prefix=explicit.get("cache_prefix"))
+
+    # ------------------------------------------------------------------------------ checks
+    def check(self) -> None:
+        if self.order not in ROW_ORDERS:
+            raise RunDataError(f"data order {self.order!r}: expected one of {', '.join(ROW_ORDERS)}")
+        if self.global_batch < 1 or self.seq_len < 1:
+            raise RunDataError(f"global batch {self.global_batch} and seq_len {self.seq_len} must be >= 1")
+        if self.order == "neox" and (self.seed is None or self.train_iters is None):
+            raise RunDataError("the GPT-NeoX order needs its seed and train_iters (the steps its index "
+                               "maps were built for)")
+
+    def checked_against(self, explicit: dict, *, what: str = "") -> "RunData":
+        """``self`` after checking each explicitly given setting (None = not given) against it;
+        a moved copy of the source (same documents and tokens) replaces the recorded prefix."""
+        run = self
+        for key in SETTINGS:
+            given = explicit.get(key)
+            if given is None:
+                continue
+            if key == "data":
+                run = run._with_source(str(given), what)
+                continue
+            if key in NEOX_ONLY and self.order != "neox":
+                continue  # the pre-shuffled rows do not depend on it
+            recorded = getattr(self, key)
+            if str(given) != str(recorded):
+                raise RunDataMismatch(
+                    f"{flag_name(key, what)} {given} disagrees with {self.origin}: {key} = {recorded}; "
+                    f"drop the flag (the run's value is used) or evaluate the run it belongs to")
+        return run
+
+    def _with_source(self, given: str, what: str) -> "RunData":
+        mine, theirs = _abs(self.prefix()), _abs(_resolve_prefix(given))
+        if mine == theirs:
+            return self
+        if self.documents is None or self.tokens is None:  # partial record: the given source is it
+            return dataclasses.replace(self, data=given)
+        docs, toks = _source_size(theirs)
+        if (docs, toks) != (self.documents, self.tokens):
+            raise RunDataMismatch(
+                f"{flag_name('data', what)} {given} ({docs} documents, {toks} tokens) disagrees with "
+                f"{self.origin}: data = {self.data} ({self.documents} documents, {self.tokens} tokens); "
+                "drop the flag or point it at a copy of the run's data")
+        logger.info("reading the run's data from %s, a copy of the recorded %s (%d documents, %d tokens)",
+                    given, self.data, docs, toks)
+        return dataclasses.replace(self, data=given)
+
+    # ------------------------------------------------------------------------------ rows
+    def prefix(self) -> str:
+        return _resolve_prefix(self.data)
+
+    def rows_seen(self, step: int) -> int:
+        """Rows a checkpoint saved after ``step`` updates has trained on: ``step·global_batch``
+        (rows ``[0, step·global_batch)``)."""
+        if step < 0:
+            raise RunDataError(f"step must be >= 0, got {step}")
+        return int(step) * self.global_batch
+
+    def open_order(self):
+        """The ``Order`` (row j -> seq_len+1 tokens) the run read, with GPT-NeoX index maps for
+        exactly the run's ``train_iters · global_batch`` (looked up first under ``cache_prefix``)."""
+        from pythia_jax.data.orders import open_order
+
+        self.check()
+        prefix = self.prefix()
+        if self.order == "neox" and not _source_exists(prefix):
+            raise RunDataError(f"the run's data {prefix} (.bin/.idx) is not there; give the path of a copy "
+                               "(the data flag)")
+        if self.cache_prefix:
+            os.makedirs(os.path.dirname(self.cache_prefix) or ".", exist_ok=True)
+        kw = dict(seed=self.seed, train_iters=self.train_iters) if self.order == "neox" else {}
+        return open_order(prefix, self.order, seq_len=self.seq_len, global_batch=self.global_batch,
+                          cache_prefix=self.cache_prefix, **kw)
+
+    open = open_order  # the name ``pythia_jax.data.count`` uses
+
+    def read_rows(self, order, rows: np.ndarray) -> np.ndarray:
+        """Rows at ``rows`` (int [n]) of ``order`` (``open_order()``) as the run trained on them:
+        [n, seq_len+1] of the data's dtype, with the run's row transform applied to the rows of
+        the steps it covered."""
+        rows = np.asarray(rows, np.int64)
+        tokens = np.asarray(order.read_row_indices(rows))
+        if self.transform is None or len(rows) == 0:
+            return tokens
+        spec, fn = self._transform()
+        steps = rows // self.global_batch
+        hit = np.array([spec.applies_to(int(s)) for s in steps], bool)
+        if hit.any():
+            from pythia_jax.data.transforms import apply_to_rows
+            tokens = tokens.copy()
+            tokens[hit] = apply_to_rows(tokens[hit], fn)[0]
+        return tokens
+
+    def _transform(self):
+        cached = getattr(self, "_built_transform", None)
+        if cached is not None:
+            return cached
+        try:
+            from pythia_jax.data.transforms import TransformSpec
+        except ImportError:
+            raise RunDataError(f"{self.origin} applied the row transform {self.transform}, which this "
+                               "installation cannot apply (no pythia_jax.data.transforms)") from None
+        spec = TransformSpec.from_dict(self.transform)
+        built = (spec, spec.build())
+        object.__setattr__(self, "_built_transform", built)
+        return built
+
+    def fingerprint(self) -> dict:
+        """What identifies the rows, independent of where the data lives on each host."""
+        fp = {k: getattr(self, k) for k in SETTINGS}
+        fp["data"] = os.path.basename(self.prefix().rstrip("/"))
+        if self.order == "preshuffled":
+            fp.pop("seed")
+            fp.pop("train_iters")
+        if self.transform is not None:
+            fp["transform"] = self.transform
+        return fp
+
+    def describe(self) -> str:
+        extra = f", seed {self.seed}, train_iters {self.train_iters}" if self.order == "neox" else ""
+        tf = f", transform {self.transform}" if self.transform is not None else ""
+        return (f"{self.prefix()} in {self.order} order, global batch {self.global_batch}, seq_len "
+                f"{self.seq_len}{extra}{tf} (from {self.origin})")
+
+
+def flag_name(key: str, what: str = "") -> str:
+    """``"seq_len"`` -> ``"--seq-len"``, with ``what`` as a prefix: ``"--mem-"`` -> ``--mem-seq-len``;
+    a dict maps keys to flag names."""
+    if isinstance(what, dict):
+        return what.get(key, key)
+    return (what or "--") + key.replace("_", "-")
+
+
+def _resolve_prefix(data: str) -> str:
+    from pythia_jax.data import demo_data_prefix
+
+    return demo_data_prefix() if data == "demo" else data
+
+
+def _abs(prefix: str) -> str:
+    return prefix if "://" in prefix else os.path.realpath(os.path.abspath(prefix))
+
+
+def _source_exists(prefix: str) -> bool:
+    return "://" in prefix or os.path.exists(prefix + ".idx")
+
+
+def _source_size(prefix: str) -> tuple[int, int]:
+    from pythia_jax.data.indexed import Index
+
+    if not _source_exists(prefix):
+        raise RunDataError(f"{prefix}.idx does not exist")
+    sizes = Index(prefix + ".idx").sizes
+    return int(len(sizes)), int(np.asarray(sizes).sum(dtype=np.int64))
+
+
+def _run_cache_prefix(root, record: dict) -> str | None:
+    """The run's own index-map cache (``<output_dir>/index_maps/<name>``, where the trainer built
+    them) when the checkpoints sit in ``<output_dir>/checkpoints`` and that folder exists."""
+    prefix = (record.get("data") or {}).get("prefix")
+    root = os.fspath(root)
+    if not prefix or "://" in root:
+        return None
+    maps = os.path.join(os.path.dirname(os.path.abspath(root).rstrip("/")), "index_maps")
+    if not os.path.isdir(maps):
+        return None
+    return os.path.join(maps, os.path.basename(prefix.rstrip("/")))
