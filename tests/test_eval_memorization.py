@@ -114,3 +114,44 @@ def test_rows_too_short(setup):
 
     with pytest.raises(DataError, match="at least 64 tokens"):
         memorization_scores(Generator(setup[0]), np.zeros((2, 40), np.int64))
+
+
+def test_scores_equal_hf_greedy_generation_per_token_accuracy(tmp_path):
+    """Per-row scores = HF PyTorch greedy generation's per-token accuracy on the same rows and
+    weights (transformers GPTNeoXForCausalLM.generate, do_sample=False, never stopping at EOS)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from pythia_jax.convert.hf import read_hf_dir
+    from pythia_jax.eval.generate import Generator
+    from pythia_jax.eval.runtime import place_model
+
+    cfg = ModelConfig(name="tiny-hf", vocab_size=101, hidden_size=32, num_layers=2, num_heads=4,
+                      max_position_embeddings=128)
+    torch.manual_seed(0)
+    hf = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**cfg.to_hf_dict()))
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0.0, 0.2)
+    hf = hf.float().eval()
+    hf.save_pretrained(tmp_path / "hf")
+    config, params = read_hf_dir(tmp_path / "hf")
+    gen = Generator(place_model(params, config=config), batch_size=8)
+
+    rng = np.random.default_rng(3)
+    n = 12
+    prompts = rng.integers(0, cfg.vocab_size, (n, 32))
+    hf.generation_config.eos_token_id = None  # the score never stops early
+    with torch.no_grad():
+        out = hf.generate(torch.as_tensor(prompts), attention_mask=torch.ones(n, 32, dtype=torch.long),
+                          do_sample=False, max_new_tokens=32, min_new_tokens=32, pad_token_id=1,
+                          use_cache=True).numpy()[:, 32:]
+    assert out.shape == (n, 32)
+    truth = out.copy()  # the true continuation: HF's own greedy tokens, k of them changed in row k
+    for i in range(n):
+        pos = rng.choice(32, size=min(i * 3, 32), replace=False)
+        truth[i, pos] = (truth[i, pos] + 1 + rng.integers(0, cfg.vocab_size - 1, len(pos))) % cfg.vocab_size
+    hf_accuracy = (out == truth).mean(axis=1)
+    res = memorization_scores(gen, np.concatenate([prompts, truth], axis=1))
+    np.testing.assert_array_equal(res.per_row["score"], hf_accuracy.astype(np.float32))
+    assert res.per_row["memorized"].tolist() == (hf_accuracy == 1).tolist()
+    assert len(set(hf_accuracy.tolist())) > 5  # scores spread over many values k/32

@@ -80,6 +80,7 @@ class Scorer:
         self.max_batch_tokens = int(max_batch_tokens)
         self._score = _score_fn(self.placed)
         self.compiled_shapes: set[tuple[int, int, int]] = set()  # (batch, length, scored positions)
+        self.result_shape: tuple[int, ...] = ()  # (K,) when the params are K stacked checkpoints
 
     def rows_for_length(self, length: int) -> int:
         """Rows per batch for padded ``length``: ``batch_size``, fewer when over the token budget."""
@@ -105,8 +106,8 @@ class Scorer:
                 whole = whole[-(self.max_len + 1):]
             rows.append((whole, len(cont)))
         order = sorted(range(n), key=lambda i: -len(rows[i][0]))
-        loglik = np.zeros(n, np.float64)
-        greedy = np.zeros(n, bool)
+        loglik = np.zeros((n,) + self.result_shape, np.float64)  # [N], or [N, K] for K stacked models
+        greedy = np.zeros((n,) + self.result_shape, bool)
         batches = []
         s = 0
         while s < n:  # sorted longest first: the first row of a batch fixes its bucket
@@ -135,8 +136,8 @@ class Scorer:
             ll, gr = self._score(self.placed.params, put(tokens), put(positions), put(targets), put(mask))
             ll, gr = np.asarray(ll), np.asarray(gr)
             for r, i in enumerate(idx):
-                loglik[i] = ll[r]
-                greedy[i] = gr[r]
+                loglik[i] = ll[..., r]
+                greedy[i] = gr[..., r]
         num_tokens = np.array([len(c) for _, c in requests], np.int64)
         return ScoreResult(loglik=loglik, is_greedy=greedy, num_tokens=num_tokens, truncated=truncated)
 
@@ -155,8 +156,9 @@ class Scorer:
                 owner.append(d)
         res = self.loglikelihood(requests, progress=progress)
         owner_arr = np.asarray(owner)
-        loglik = np.bincount(owner_arr, weights=res.loglik, minlength=len(documents))
-        greedy = np.ones(len(documents), bool)
+        loglik = np.zeros((len(documents),) + res.loglik.shape[1:], np.float64)
+        np.add.at(loglik, owner_arr, res.loglik)
+        greedy = np.ones((len(documents),) + res.loglik.shape[1:], bool)
         np.logical_and.at(greedy, owner_arr, res.is_greedy)
         num_tokens = np.array([len(d) for d in documents], np.int64)
         return ScoreResult(loglik=loglik, is_greedy=greedy, num_tokens=num_tokens, truncated=0)
