@@ -81,3 +81,34 @@ def test_choose_stack_caps_to_the_budget(caplog):
     with pytest.raises(PythiaJaxError, match="other parameter structure"):
         from pythia_jax.eval.stacked import stack_params
         stack_params([{"a": np.zeros(2)}, {"b": np.zeros(2)}])
+
+
+def test_eval_stack_gives_the_per_step_table(checkpoints, tmp_path, capsys):
+    """``pythia-jax eval --stack 3`` (perplexity over 3 checkpoints in one pass) writes the same
+    table as the per-step evaluation; ``--stack 0`` is refused in one line."""
+    import json
+
+    from pythia_jax.checkpoint import save_params_checkpoint
+    from pythia_jax.cli import main
+    from pythia_jax.data.indexed import write_indexed_dataset
+
+    ckpt = tmp_path / "ckpt"
+    for step, params in zip((10, 20, 30), checkpoints):
+        save_params_checkpoint(ckpt, step, CFG, params)
+    rng = np.random.default_rng(2)
+    data = write_indexed_dataset(str(tmp_path / "ppl"), [rng.integers(0, CFG.vocab_size, int(n)).astype(np.uint16)
+                                                          for n in rng.integers(5, 150, 6)])
+    tables = {}
+    for stack in (1, 3):
+        out = tmp_path / f"s{stack}.jsonl"
+        assert main(["eval", "--checkpoints", str(ckpt), "--steps", "all", "--tasks", "perplexity",
+                     "--ppl-data", data, "--out", str(out), "--stack", str(stack), "--no-progress",
+                     "--batch-size", "4"]) == 0
+        tables[stack] = {(r["step"], r["metric"]): r["value"] for r in map(json.loads, out.read_text().splitlines())}
+    assert "stacking 3 checkpoints per pass" in capsys.readouterr().out
+    assert tables[1].keys() == tables[3].keys() and len(tables[1]) >= 6
+    for key, value in tables[1].items():
+        assert tables[3][key] == pytest.approx(value, rel=1e-5), key
+    assert main(["eval", "--checkpoints", str(ckpt), "--steps", "all", "--tasks", "perplexity",
+                 "--ppl-data", data, "--out", str(tmp_path / "x.jsonl"), "--stack", "0"]) == 2
+    assert "--stack 0: expected K >= 1" in capsys.readouterr().err

@@ -34,6 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-len", type=int, default=None, help="context window (default: the model's)")
     parser.add_argument("--details-dir", default=None, help="per-example outputs (default: <out>_details)")
+    parser.add_argument("--stack", type=int, default=1,
+                        help="score K checkpoints at a time in one compiled pass (capped to fit memory)")
+    parser.add_argument("--max-stack-bytes", type=float, default=None,
+                        help="memory budget for --stack in bytes (default: 80%% of the device's)")
     g = parser.add_argument_group("perplexity")
     g.add_argument("--ppl-data", default=None, help="indexed-dataset prefix or .jsonl of texts")
     g.add_argument("--ppl-text-key", default="text")
@@ -67,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
     if not steps:
         raise PythiaJaxError(f"no steps selected by --steps {args.steps!r}")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if args.stack < 1:
+        raise PythiaJaxError(f"--stack {args.stack}: expected K >= 1 checkpoints per pass")
     if args.num_hosts > 1 and tasks != ["memorization"]:
         raise PythiaJaxError(f"--num-hosts {args.num_hosts} splits memorization only; expected --tasks "
                              f"memorization, got {args.tasks}; run the other tasks in a separate command")
@@ -78,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
         mem_rows_per_step=args.mem_rows_per_step, mem_order_seed=args.mem_order_seed,
         mem_train_iters=args.mem_train_iters, mem_sample=args.mem_sample, mem_seed=args.mem_seed,
         mem_chunk_rows=args.mem_chunk_rows, num_hosts=args.num_hosts, host_index=args.host_index,
-        details_dir=details, progress=not args.no_progress)
+        details_dir=details, progress=not args.no_progress, stack=args.stack,
+        max_stack_bytes=None if args.max_stack_bytes is None else int(args.max_stack_bytes))
     table = evaluate_checkpoints(args.checkpoints, steps, settings, args.out)
     if args.csv:
         write_csv(table.rows, args.csv)

@@ -49,6 +49,8 @@ class EvalSettings:
     num_hosts: int = 1  # memorization chunks split over hosts by index
     host_index: int = 0
     details_dir: str | None = None  # per-example / per-row outputs
+    stack: int = 1  # score K checkpoints at a time in one compiled pass (pythia_jax.eval.stacked)
+    max_stack_bytes: int | None = None  # memory budget for the stack (default: the device's)
     progress: bool = True
 
 
@@ -210,10 +212,12 @@ def evaluate_checkpoints(checkpoints: str | os.PathLike, steps: Sequence[int], s
     skipped = len(steps) * len(tasks) - len(todo)
     if skipped:
         log(f"resuming: {skipped} (step, task) results already in {out}")
-    for step in steps:
+    pending = [s for s in steps if any((s, t) not in table.done for t in tasks)]
+    if settings.stack > 1 and pending:
+        _evaluate_stacked(checkpoints, pending, tasks, settings, env, table, log)
+        pending = [s for s in steps if any((s, t) not in table.done for t in tasks)]
+    for step in pending:
         step_tasks = [t for t in tasks if (step, t) not in table.done]
-        if not step_tasks:
-            continue
         config, params = load_model_params(checkpoints, step)
         env.set_model(config, params)
         for task in step_tasks:
@@ -222,6 +226,43 @@ def evaluate_checkpoints(checkpoints: str | os.PathLike, steps: Sequence[int], s
             summary = ", ".join(f"{r['metric']}={r['value']:.4g}" for r in rows)
             log(f"step {step} {task}: {summary or 'this host is done; the result comes with the merge'}")
     return table
+
+
+def _evaluate_stacked(checkpoints, steps, tasks, settings, env, table, log) -> None:
+    """``--stack K``: the scoring tasks (zero-shot, perplexity) of K steps at a time in one compiled
+    pass (``pythia_jax.eval.stacked``); K is capped to fit the device memory / ``max_stack_bytes``.
+    Memorization (generation) stays per step. Groups whose configs differ fall back to per step."""
+    from pythia_jax.eval.loading import load_model_params
+    from pythia_jax.eval.stacked import StackedScorer, choose_stack
+
+    scoring = [t for t in tasks if t != "memorization"]
+    todo = [s for s in steps if any((s, t) not in table.done for t in scoring)]
+    if not todo:
+        return
+    first_config, _ = load_model_params(checkpoints, todo[0])
+    k = choose_stack(first_config, settings.stack, max_bytes=settings.max_stack_bytes,
+                     batch_tokens=settings.batch_size * (settings.max_len or first_config.max_position_embeddings))
+    log(f"stacking {k} checkpoints per pass (asked {settings.stack})")
+    stacked = None
+    for g in range(0, len(todo), k):
+        group = todo[g:g + k]
+        loaded = [load_model_params(checkpoints, s) for s in group]
+        if len(group) < 2 or any(c.replace(name=loaded[0][0].name) != loaded[0][0] for c, _ in loaded):
+            continue  # a lone step or mixed architectures: evaluated one by one afterwards
+        params = [p for _, p in loaded]
+        if stacked is not None and stacked.num_models == len(group) and stacked.config == loaded[0][0]:
+            stacked.replace_params(params)
+        else:
+            stacked = StackedScorer(params, loaded[0][0], batch_size=settings.batch_size, max_len=settings.max_len)
+        for i, step in enumerate(group):
+            env.scorer = stacked.view(i)
+            for task in scoring:
+                if (step, task) in table.done:
+                    continue
+                rows = env.run(step, task, tasks[task])
+                table.add(rows)
+                log(f"step {step} {task} (stacked): " + ", ".join(f"{r['metric']}={r['value']:.4g}" for r in rows))
+    env.placed = env.scorer = None  # the per-step loop places its own model
 
 
 class _Env:
