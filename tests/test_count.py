@@ -293,3 +293,19 @@ def test_existing_output_needs_resume(corpus, tmp_path, capsys):
     assert out.read_text() == "keep me\n" and sorted(os.listdir(tmp_path)) == ["c.csv"]
     assert main(args + ["--resume"]) == 0
     assert out.read_text().startswith("window_start,window_end,term,variant,count,cumulative\n")
+
+
+def test_byte_decoder_equals_the_tokenizer():
+    from pythia_jax.data.count import decode_rows
+    from pythia_jax.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()
+    every_id = np.arange(1 << 16, dtype=np.uint16)[:, None]  # includes ids beyond the vocabulary
+    assert decode_rows(every_id) == tok.decode_batch([[i] for i in range(1 << 16)],
+                                                     skip_special_tokens=False)
+    rng = np.random.default_rng(3)  # random ids: split UTF-8 sequences, special tokens, spaces
+    rows = rng.integers(0, 50277, size=(64, 97)).astype(np.uint16)
+    rows[:, ::7] = rng.choice([0, 1, 50254, 50276, 187, 209], size=rows[:, ::7].shape)
+    assert decode_rows(rows) == tok.decode_batch([r.tolist() for r in rows],
+                                                 skip_special_tokens=False)
+    assert decode_rows(rows[:0]) == []

@@ -213,58 +213,66 @@ class NgramCounter:
         self.uniq: list[tuple[int, ...]] = sorted({ids for _, _, ids in self.terms})
         uid = {ids: k for k, ids in enumerate(self.uniq)}
         self.term_uid = np.array([uid[ids] for _, _, ids in self.terms], dtype=np.int64)
-        self.groups = []  # per n: (n, lut, uids [u], prefix keys [u] sorted, order)
-        for n in sorted({len(u) for u in self.uniq}):
+        self.groups = []  # per n: (n, bit, uids [u] and their prefix keys [u], sorted by key)
+        # One lookup table for all lengths: bit g of lut[t] is set when a term of group g starts
+        # with token t (groups beyond 64 share bits; the key comparison sorts them out).
+        self.lut = np.zeros(1 << 16, dtype=np.uint64)
+        for g, n in enumerate(sorted({len(u) for u in self.uniq})):
             uids = np.array([k for k, u in enumerate(self.uniq) if len(u) == n], dtype=np.int64)
-            lut = np.zeros(1 << 16, dtype=bool)
-            lut[[self.uniq[k][0] for k in uids]] = True
+            bit = np.uint64(1 << (g % 64))
+            self.lut[[self.uniq[k][0] for k in uids]] |= bit
             pk = np.array([_pack(self.uniq[k][:4]) for k in uids], dtype=np.uint64)
             srt = np.argsort(pk, kind="stable")
-            self.groups.append((n, lut, uids[srt], pk[srt]))
+            self.groups.append((n, bit, uids[srt], pk[srt]))
+        self.lut_dtype = np.uint8 if len(self.groups) <= 8 else np.uint64
+        self.lut = self.lut.astype(self.lut_dtype)
 
     def _matches(self, rows: np.ndarray, positions: bool):
         """Yield (uid, r [m], p [m]) for each distinct id sequence that occurs in ``rows``; without
         ``positions``, single tokens are counted with ``np.bincount`` and yield (uid, count, None)."""
         width = rows.shape[1]
-        for n, lut, uids, pk in self.groups:
-            if n > width:
+        flat = np.ascontiguousarray(rows).ravel()
+        groups = [g for g in self.groups if g[0] <= width]
+        if not positions and groups and groups[0][0] == 1:
+            _, _, uids, pk = groups.pop(0)
+            hits = np.bincount(flat, minlength=1 << 16)[pk.astype(np.int64)]
+            for k, h in zip(uids, hits):
+                if h:
+                    yield int(k), int(h), None
+        if not groups:
+            return
+        flags = self.lut[flat]
+        cand = np.flatnonzero(flags)
+        fcand, col = flags[cand], cand % width
+        for n, bit, uids, pk in groups:
+            q = cand[((fcand & bit) != 0) & (col <= width - n)]  # flat positions of candidates
+            if not q.size:
                 continue
-            if n == 1 and not positions:
-                hits = np.bincount(rows.ravel(), minlength=1 << 16)[pk.astype(np.int64)]
-                for k, h in zip(uids, hits):
-                    if h:
-                        yield int(k), int(h), None
-                continue
-            r, p = np.nonzero(lut[rows[:, : width - n + 1]])
-            if not r.size:
-                continue
-            key = np.zeros(r.size, dtype=np.uint64)
-            for j in range(min(n, 4)):
-                key = (key << np.uint64(16)) | rows[r, p + j].astype(np.uint64)
+            key = flat[q].astype(np.uint64)
+            for j in range(1, min(n, 4)):
+                key = (key << np.uint64(16)) | flat[q + j]
             lo = np.searchsorted(pk, key, side="left")
             hi = np.searchsorted(pk, key, side="right")
             hit = hi > lo
             if not hit.any():
                 continue
-            r, p, lo, hi = r[hit], p[hit], lo[hit], hi[hit]
+            q, lo, hi = q[hit], lo[hit], hi[hit]
             if n <= 4:  # the key is the whole sequence: one uid per key
                 order = np.argsort(lo, kind="stable")
-                r, p, lo = r[order], p[order], lo[order]
+                q, lo = q[order], lo[order]
                 bounds = np.flatnonzero(np.diff(lo)) + 1
-                for seg_r, seg_p, seg_lo in zip(np.split(r, bounds), np.split(p, bounds),
-                                                np.split(lo, bounds)):
-                    yield int(uids[seg_lo[0]]), seg_r, seg_p
+                for seg_q, seg_lo in zip(np.split(q, bounds), np.split(lo, bounds)):
+                    yield int(uids[seg_lo[0]]), seg_q // width, seg_q % width
                 continue
             for j in range(len(uids)):  # longer than 4 tokens: compare the rest on the candidates
                 ids = self.uniq[int(uids[j])]
-                sel = (lo <= j) & (j < hi)
-                if not sel.any():
+                qq = q[(lo <= j) & (j < hi)]
+                if not qq.size:
                     continue
-                rr, pp = r[sel], p[sel]
-                tail = rows[rr[:, None], pp[:, None] + np.arange(4, n)]
-                ok = np.all(tail == np.asarray(ids[4:], dtype=rows.dtype), axis=1)
-                if ok.any():
-                    yield int(uids[j]), rr[ok], pp[ok]
+                tail = flat[qq[:, None] + np.arange(4, n)]
+                qq = qq[np.all(tail == np.asarray(ids[4:], dtype=flat.dtype), axis=1)]
+                if qq.size:
+                    yield int(uids[j]), qq // width, qq % width
 
     def count(self, rows: np.ndarray, texts=None) -> dict[Key, int]:
         per_uid = np.zeros(len(self.uniq), dtype=np.int64)
@@ -493,11 +501,71 @@ def fixed_keys(counters) -> list[Key]:
 # --------------------------------------------------------------------------- counting rows
 
 
-def decode_rows(rows: np.ndarray) -> list[str]:
-    """Text of each row (the Pythia tokenizer's ``decode_batch``; special tokens kept)."""
-    from pythia_jax.data.tokenizer import load_tokenizer
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level BPE alphabet (openai/gpt-2 ``encoder.py``, ``bytes_to_unicode``), which
+    the GPT-NeoX-20B tokenizer's ``ByteLevel`` pre-tokenizer/decoder uses: byte -> one character."""
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1))
+          + list(range(ord("\xae"), ord("\xff") + 1)))
+    cs = bs[:]
+    extra = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
 
-    return load_tokenizer().decode_batch([r.tolist() for r in rows], skip_special_tokens=False)
+
+class ByteDecoder:
+    """Rows of token ids -> text, vectorised: each id's bytes from a table, one UTF-8 decode per row.
+
+    Gives exactly ``Tokenizer.decode(ids, skip_special_tokens=False)`` of the Pythia tokenizer
+    (byte-level BPE: a token is a fixed byte string; added tokens are their content; the
+    concatenated bytes are decoded as UTF-8 with U+FFFD replacement; ids outside the vocabulary
+    give nothing), which ``tests/test_count.py`` checks for every id and for random rows.
+    """
+
+    def __init__(self, tokenizer=None):
+        from pythia_jax.data.tokenizer import load_tokenizer
+
+        tok = tokenizer or load_tokenizer()
+        byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+        added = {i: t.content for i, t in tok.get_added_tokens_decoder().items()}
+        table = [b""] * (1 << 16)
+        for piece, i in tok.get_vocab(with_added_tokens=False).items():
+            if i < len(table):
+                table[i] = bytes(byte_of[c] for c in piece)
+        for i, content in added.items():
+            if i < len(table):
+                table[i] = content.encode("utf-8")
+        self.lens = np.array([len(t) for t in table], dtype=np.int32)  # table < 2 GB: int32
+        self.starts = (np.cumsum(self.lens) - self.lens).astype(np.int32)
+        self.buf = np.frombuffer(b"".join(table), dtype=np.uint8)
+
+    def __call__(self, rows: np.ndarray) -> list[str]:
+        """rows: integer ids [R, W] -> R strings."""
+        rows = as_uint16(np.asarray(rows))
+        flat = rows.ravel()
+        lens = self.lens[flat]
+        row_bytes = lens.reshape(rows.shape).sum(axis=1, dtype=np.int64)
+        ends = np.cumsum(row_bytes)
+        # byte k of the output comes from buf[starts[token] + (k - first output byte of token)]
+        shift = self.starts[flat].astype(np.int64) - (np.cumsum(lens, dtype=np.int64) - lens)
+        idx = np.repeat(shift, lens) + np.arange(int(ends[-1]) if len(ends) else 0)
+        data = self.buf[idx].tobytes()
+        return [data[a:b].decode("utf-8", "replace")
+                for a, b in zip((ends - row_bytes).tolist(), ends.tolist())]
+
+
+_DECODER: list = []
+
+
+def decode_rows(rows: np.ndarray) -> list[str]:
+    """Text of each row of ``rows`` [R, W] (as the Pythia tokenizer's ``decode``; special tokens
+    such as ``<|endoftext|>`` kept), with ``ByteDecoder``."""
+    if not _DECODER:
+        _DECODER.append(ByteDecoder())
+    return _DECODER[0](rows)
 
 
 def as_uint16(rows: np.ndarray) -> np.ndarray:
