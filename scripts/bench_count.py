@@ -4,8 +4,9 @@
 - n-gram mode (``run_count`` with text terms, end to end: read rows, count, write the table)
   against a plain ``numpy.memmap`` read of the same rows (the limit: counting cannot be faster
   than reading);
-- regex mode and the numerals preset against a plain decode of the same rows (``decode_batch``,
-  which both must do first).
+- regex mode and the numerals preset against a plain decode of the same rows (the tokenizer's
+  ``decode_batch``); count decodes with its own byte table (``ByteDecoder``, the same text),
+  also timed alone.
 
 The rows: the bundled demo data's GPT-NeoX order at ``--seq-len`` (default 2048, Pythia's),
 written once as a pre-shuffled dataset in a temporary directory (the Pythia release's layout:
@@ -60,6 +61,7 @@ def main(argv=None) -> int:
     from pythia_jax.data.count import (CountSpec, RunData, build_counters, decode_rows, run_count)
     from pythia_jax.data.orders import open_order
     from pythia_jax.data.preprocess import write_preshuffled
+    from pythia_jax.data.tokenizer import load_tokenizer
 
     B, W = args.batch_size, args.seq_len + 1
     steps = args.rows // B
@@ -81,7 +83,15 @@ def main(argv=None) -> int:
             total += int(block[:, 0].sum())  # touch the copy
         return total
 
-    def plain_decode():
+    tokenizer = load_tokenizer()
+
+    def plain_decode():  # what one would write: the tokenizer's own batch decode
+        mm = np.memmap(prefix + ".bin", dtype=np.uint16, mode="r").reshape(-1, W)
+        for a in range(0, steps, chunk_steps):
+            block = np.array(mm[a * B: min(a + chunk_steps, steps) * B])
+            tokenizer.decode_batch([r.tolist() for r in block], skip_special_tokens=False)
+
+    def table_decode():  # count's own decoder (ByteDecoder), same text
         mm = np.memmap(prefix + ".bin", dtype=np.uint16, mode="r").reshape(-1, W)
         for a in range(0, steps, chunk_steps):
             decode_rows(np.array(mm[a * B: min(a + chunk_steps, steps) * B]))
@@ -106,6 +116,7 @@ def main(argv=None) -> int:
     memmap_read()  # warm the page cache
     t_mm = best_of(args.repeats, memmap_read)
     t_dec = best_of(args.repeats, plain_decode)
+    t_tab = best_of(args.repeats, table_decode)
     results = {name: best_of(args.repeats, counted(spec)) for name, spec in specs.items()}
 
     def rate(t):
@@ -127,7 +138,8 @@ def main(argv=None) -> int:
     line("numpy.memmap read (limit for n-grams)", t_mm, None)
     first = next(iter(results))
     line(first, results[first], t_mm)
-    line("plain decode (limit for regex/numerals)", t_dec, None)
+    line("plain decode: tokenizers decode_batch", t_dec, None)
+    line("count's byte-table decode (same text)", t_tab, t_dec)
     for name, t in list(results.items())[1:]:
         line(name, t, t_dec)
     print(f"'vs limit' = rate / limit rate (1.00x = as fast as the read or decode alone). "

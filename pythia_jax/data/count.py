@@ -354,7 +354,7 @@ def compile_regex(pattern: str) -> re.Pattern:
 # An integer: 1-5 digits, not part of a longer number, a word ("5th"), a decimal ("3.14") or a
 # digit group ("1,000").
 INTEGER_RE = re.compile(r"(?<![\w.,])\d{1,5}(?!\w|[.,]\d)")
-WORD_RE = re.compile(r"\S+")
+WORD_START_RE = re.compile(r"(?<=\s)\S")  # where a word (a run of \S) begins
 
 
 class NumeralCounter:
@@ -381,14 +381,17 @@ class NumeralCounter:
         self.keys: list[Key] = []
 
     def _occurrences(self, text: str):
-        """(value [k] int64, char offset [k], word index [k]) of the integers in ``text``."""
-        ints = [(m.start(), int(m.group(0))) for m in INTEGER_RE.finditer(text)]
-        if not ints:
+        """(value [k], char offset [k], word index [k] relative to the first) of the integers in
+        ``text``; None when fewer than two (no integer can have a neighbour)."""
+        found = list(INTEGER_RE.finditer(text))
+        if len(found) < 2:
             return None
-        starts = np.fromiter((m.start() for m in WORD_RE.finditer(text)), dtype=np.int64)
-        off = np.array([o for o, _ in ints], dtype=np.int64)
-        val = np.array([v for _, v in ints], dtype=np.int64)
-        return val, off, np.searchsorted(starts, off, side="right") - 1
+        off = [m.start() for m in found]
+        # Words between consecutive integers: word starts (non-space after space) in (s_i, s_i+1].
+        gaps = [len(WORD_START_RE.findall(text, a + 1, b + 1)) for a, b in zip(off, off[1:])]
+        word = np.concatenate([[0], np.cumsum(gaps, dtype=np.int64)])
+        val = np.array([int(m.group(0)) for m in found], dtype=np.int64)
+        return val, np.array(off, dtype=np.int64), word
 
     def _row(self, text: str):
         """(qualifying occurrences: values, offsets), (pairs: a [q], b [q])."""
