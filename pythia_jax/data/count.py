@@ -41,11 +41,10 @@ import dataclasses
 import io
 import json
 import logging
-import math
 import os
 import re
 import shutil
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -791,7 +790,6 @@ def run_count(run: RunData, spec: CountSpec, out: str, *, start: int = 0, stop: 
     ``DataError`` from the data) otherwise. Finished windows are kept in ``work_dir(out)`` until
     the end, so an interrupted run continues with ``resume=True``.
     """
-    fmt_out = out
     output_format(out)
     if num_hosts < 1 or not 0 <= host_index < num_hosts:
         raise CountError(f"--host-index {host_index} is not in [0, --num-hosts {num_hosts})")
@@ -847,7 +845,7 @@ def run_count(run: RunData, spec: CountSpec, out: str, *, start: int = 0, stop: 
         bar.close()
 
     if num_hosts == 1:
-        written = assemble(manifest, done, fmt_out)
+        written = assemble(manifest, done, out)
     else:
         shard = {"manifest": manifest, "num_hosts": num_hosts, "host_index": host_index,
                  "results": [done[windows[w]] | {"window": list(windows[w])} for w in mine]}
