@@ -31,8 +31,8 @@ from pythia_jax.errors import CheckpointError
 from pythia_jax.host_memory import aligned_empty, copy_cast, plain_pages, to_numpy
 
 # Defined here before the split; still importable from this module.
-from pythia_jax.convert.hf_keys import GLOBAL_TABLE, IGNORED_SUFFIXES, LAYER_TABLE  # noqa: F401, E402
-from pythia_jax.host_memory import to_device_tree  # noqa: F401, E402
+from pythia_jax.convert.hf_keys import GLOBAL_TABLE, IGNORED_SUFFIXES, LAYER_TABLE  # noqa: F401
+from pythia_jax.host_memory import to_device_tree  # noqa: F401
 
 
 class ParamAssembler:
