@@ -2,8 +2,8 @@
 
 ``zero_pp_rank_{dp}_mp_rank_{tp:02d}_optim_states.pt`` hold, per data-parallel rank, one flat fp32
 partition of every param group (``single_partition_of_fp32_groups``) and the base (Adam)
-optimizer's state of that partition (DeepSpeed's ``DeepSpeedZeroOptimizer.state_dict`` in
-``deepspeed/runtime/zero/stage_1_and_2.py``). Per TP rank the partitions of every data-parallel
+optimizer's state of that partition (what DeepSpeed's ZeRO stage 1/2 optimizer,
+``DeepSpeedZeroOptimizer.state_dict``, saves). Per TP rank the partitions of every data-parallel
 rank are laid end to end and cut by the ``param_shapes`` recorded in
 ``mp_rank_{tp}_model_states.pt``, the protocol of DeepSpeed's ``utils/zero_to_fp32.py``; Adam's
 ``exp_avg`` / ``exp_avg_sq`` are cut the same way, then the TP ranks are merged like the weights.
