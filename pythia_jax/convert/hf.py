@@ -543,7 +543,7 @@ def write_hf_dir(config: ModelConfig, params: Mapping[str, Any], out_dir: str | 
 
     name = canonical_dtype(dtype)
     np_dtype = numpy_dtype(name)
-    check_output_dir(out_dir, overwrite)
+    check_output_dir(out_dir, overwrite, kind="hf")
     tensors = iter_hf_tensors(config, params, np_dtype)  # checks the shapes now, before any output
     shards = plan_shards(config, name, shard_size)
     n = len(shards)
@@ -552,7 +552,7 @@ def write_hf_dir(config: ModelConfig, params: Mapping[str, Any], out_dir: str | 
     tensors = io_utils.prefetch(tensors)
     weight_map: dict[str, str] = {}
     total_size = 0
-    with atomic_output_dir(out_dir, overwrite) as tmp, \
+    with atomic_output_dir(out_dir, overwrite, kind="hf") as tmp, \
             _progress(progress, sum(map(len, shards)), f"writing {os.path.basename(os.fspath(out_dir))}") as bar:
         shapes = hf_shapes(config)
         for keys, file in zip(shards, files):

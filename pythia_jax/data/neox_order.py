@@ -40,7 +40,7 @@ import time
 
 import numpy as np
 
-from pythia_jax.data.indexed import save_npy_atomic
+from pythia_jax.data.indexed import save_npys_together
 from pythia_jax.errors import DataError
 
 MARGIN = 1.005  # GPT-NeoX asks for 0.5% more samples than training consumes
@@ -262,8 +262,8 @@ def load_or_build_index_maps(data_prefix: str, sizes: np.ndarray, num_samples: i
         paths = index_map_paths(target, num_samples, seq_len, seed)
         try:
             os.makedirs(os.path.dirname(os.path.abspath(paths["doc_idx"])), exist_ok=True)
-            for k in ("doc_idx", "sample_idx", "shuffle_idx"):
-                save_npy_atomic(paths[k], getattr(maps, k))
+            save_npys_together([(paths[k], getattr(maps, k))  # the three maps: all or none
+                                for k in ("doc_idx", "sample_idx", "shuffle_idx")])
         except OSError as e:
             if verbose:
                 print(f"index maps not cached ({e})")
