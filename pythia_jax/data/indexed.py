@@ -619,7 +619,11 @@ class IndexedDatasetWriter:
         check_dataset_output(self.prefix, inputs)
         os.makedirs(os.path.dirname(os.path.abspath(self.prefix)) or ".", exist_ok=True)
         self._bin_tmp = _atomic_path(self.prefix + ".bin")
-        self._bin = open(self._bin_tmp, "wb")
+        try:
+            self._bin = open(self._bin_tmp, "wb")
+        except BaseException:
+            os.remove(self._bin_tmp)
+            raise
         self._sizes = array.array("q")
         self._doc_idx = array.array("q", [0])
         self._closed = False

@@ -120,10 +120,17 @@ class _ShardedBinWriter:
         self.prefix = prefix
         self.shard_bytes = -(-total_bytes // shards) if total_bytes else 1
         self.finals = [f"{prefix}-{k:05d}-of-{shards - 1:05d}.bin" for k in range(shards)]
-        self.temps = [_atomic_path(p) for p in self.finals]
+        self.temps: list[str] = []
         self._k = 0
         self._written = 0  # bytes in the current shard
-        self._f = open(self.temps[0], "wb")
+        try:
+            for p in self.finals:
+                self.temps.append(_atomic_path(p))
+            self._f = open(self.temps[0], "wb")
+        except BaseException:
+            for tmp in self.temps:
+                os.remove(tmp)
+            raise
 
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
