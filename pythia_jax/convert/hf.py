@@ -538,6 +538,8 @@ def write_hf_dir(config: ModelConfig, params: Mapping[str, Any], out_dir: str | 
     Files: config.json, model.safetensors (or model-0000k-of-0000N.safetensors +
     model.safetensors.index.json when over ``shard_size``), generation_config.json and the
     GPT-NeoX-20B tokenizer files. Streams: besides ``params`` it holds one converted tensor.
+    An existing ``out_dir`` is refused unless ``overwrite``, which replaces only an HF directory
+    (``io_utils.check_output_dir``; a run folder or any other folder raises ``PythiaJaxError``).
     """
     from pythia_jax.io_utils import atomic_output_dir, check_output_dir
 
