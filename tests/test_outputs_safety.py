@@ -449,3 +449,21 @@ def test_convert_without_step_says_which_step_and_dtype_and_why_it_fell_back(tmp
     assert cli("convert", "jax-to-hf", run / "checkpoints", tmp_path / "hf32", "--step", "0",
                "--dtype", "float32", "--no-progress") == 0
     assert "(step 0, float32)" in capsys.readouterr().out
+
+
+def test_a_failed_model_config_sidecar_write_leaves_no_temporary(tmp_path, monkeypatch):
+    """``<checkpoints>/model_config.json`` of a training run is written beside the steps."""
+    from etils import epath
+
+    from pythia_jax import checkpoint
+
+    real = epath.Path.write_text
+
+    def failing(self, *a, **k):
+        real(self, "{partial", *a[1:], **k)
+        raise OSError(28, "No space left on device (simulated)")
+
+    monkeypatch.setattr(epath.Path, "write_text", failing)
+    with pytest.raises(OSError):
+        checkpoint.write_model_config(tmp_path, TINY)
+    assert os.listdir(tmp_path) == []
