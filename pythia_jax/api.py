@@ -100,7 +100,10 @@ def load(path: str | os.PathLike, step: int | None = None, dtype: str | None = N
 
 
 def save_hf(model, out_dir: str | os.PathLike, dtype: str = "float16", **kwargs: Any) -> str:
-    """Write ``model`` as an HF ``GPTNeoXForCausalLM`` directory (``shard_size``, ``overwrite``)."""
+    """Write ``model`` as an HF ``GPTNeoXForCausalLM`` directory (``shard_size``, ``overwrite``).
+
+    ``overwrite=True`` replaces only an existing HF directory, never a run or another folder
+    (``PythiaJaxError``, see ``pythia_jax.io_utils``)."""
     from pythia_jax.convert.hf import write_hf_dir
     from pythia_jax.model import params_to_dict
 

@@ -155,8 +155,13 @@ def _sync(name: str) -> None:
 def _write_text_atomic(path, text: str) -> None:
     """Write ``text`` to ``path`` via a temporary sibling and a rename (epath: local or gs://)."""
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{time.time_ns()}"
-    tmp.write_text(text)
-    tmp.rename(path)
+    try:
+        tmp.write_text(text)
+        tmp.rename(path)
+    except BaseException:
+        if tmp.exists():
+            tmp.unlink()
+        raise
 
 
 # ---------------------------------------------------------------------------------- model config

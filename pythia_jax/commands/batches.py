@@ -37,8 +37,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
     import numpy as np
 
     from pythia_jax.data.indexed import save_npy_atomic
@@ -47,6 +45,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.start < 0 or args.end < args.start:
         raise DataError(f"bad step range --start {args.start} --end {args.end}")
+    if args.out:  # replaces an .npy file, never the dataset or anything else
+        from pythia_jax.io_utils import check_output_file
+        check_output_file(args.out, "npy", inputs=[args.data + ".bin", args.data + ".idx"])
     order = open_order(args.data, args.order, seq_len=args.seq_len, seed=args.seed,
                        train_iters=args.train_iters, global_batch=args.batch_size)
     first, stop = args.batch_size * args.start, args.batch_size * (args.end + 1)
@@ -56,7 +57,6 @@ def run(args: argparse.Namespace) -> int:
                         f"(last full step {len(order) // args.batch_size - 1})")
     rows = np.asarray(order.read_rows(first, stop)).astype(np.uint16)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)) or ".", exist_ok=True)
         save_npy_atomic(args.out, rows)
         print(f"saved rows [{first}, {stop}) as {rows.dtype} {list(rows.shape)} to {args.out}")
         return 0

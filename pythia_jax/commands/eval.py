@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
         raise PythiaJaxError(f"no steps selected by --steps {args.steps!r}")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     details = args.details_dir or os.path.splitext(args.out)[0] + "_details"
+    _check_outputs(args.checkpoints, args.out, args.csv, details)
     settings = EvalSettings(
         tasks=tasks, data_dir=args.data_dir, limit=args.limit, batch_size=args.batch_size,
         max_len=args.max_len, ppl_data=args.ppl_data, ppl_text_key=args.ppl_text_key,
@@ -70,3 +71,19 @@ def run(args: argparse.Namespace) -> int:
         write_csv(table.rows, args.csv)
     print(f"{len(table.rows)} rows in {args.out}")
     return 0
+
+
+def _check_outputs(checkpoints: str, out: str, csv: str | None, details: str) -> None:
+    """Before any work: the tables and the details folder are outside the checkpoints (and not
+    above them); existing tables are results tables (extended / replaced); an existing details
+    folder is not a run, checkpoint or model directory."""
+    from pythia_jax.errors import PythiaJaxError
+    from pythia_jax.io_utils import check_inputs, check_output_file, describe_path, path_kind
+
+    check_output_file(out, "table", inputs=[checkpoints])
+    if csv:
+        check_output_file(csv, "table", inputs=[checkpoints, out])
+    check_inputs(details, [checkpoints])
+    if path_kind(details) not in (None, "empty", "other"):
+        raise PythiaJaxError(f"--details-dir {details} is {describe_path(details)}; per-example "
+                             "outputs need a folder of their own: choose another --details-dir")

@@ -24,6 +24,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not os.path.exists(args.results):
         raise DataError(f"{args.results} does not exist")
+    from pythia_jax.io_utils import check_output_file
+    check_output_file(args.out, "png", inputs=[args.results])
     rows = read_table(args.results)
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
     out = plot_metric(rows, args.metric, args.out, tasks=tasks, title=args.title)

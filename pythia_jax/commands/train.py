@@ -46,6 +46,9 @@ def run(args: argparse.Namespace) -> int:
 
     from pythia_jax.train.loop import train
 
+    if cfg.export_hf_dir and "://" not in cfg.export_hf_dir:  # refuse now, not after the run
+        from pythia_jax.io_utils import check_output_dir
+        check_output_dir(cfg.export_hf_dir, overwrite=True, kind="hf")
     result = train(cfg, max_steps=args.max_steps)
     import jax
 

@@ -358,12 +358,14 @@ def write_hf_dir(config: ModelConfig, params: Mapping[str, Any], out_dir: str | 
     Files: config.json, model.safetensors (or model-0000k-of-0000N.safetensors +
     model.safetensors.index.json when over ``shard_size``), generation_config.json and the
     GPT-NeoX-20B tokenizer files. Streams: besides ``params`` it holds one converted tensor.
+    An existing ``out_dir`` is refused unless ``overwrite``, which replaces only an HF directory
+    (``io_utils.check_output_dir``; a run folder or any other folder raises ``PythiaJaxError``).
     """
     from pythia_jax.io_utils import atomic_output_dir, check_output_dir
 
     name = canonical_dtype(dtype)
     np_dtype = numpy_dtype(name)
-    check_output_dir(out_dir, overwrite)
+    check_output_dir(out_dir, overwrite, kind="hf")
     tensors = iter_hf_tensors(config, params, np_dtype)  # checks the shapes now, before any output
     shards = plan_shards(config, name, shard_size)
     n = len(shards)
@@ -372,7 +374,7 @@ def write_hf_dir(config: ModelConfig, params: Mapping[str, Any], out_dir: str | 
     tensors = io_utils.prefetch(tensors)
     weight_map: dict[str, str] = {}
     total_size = 0
-    with atomic_output_dir(out_dir, overwrite) as tmp, \
+    with atomic_output_dir(out_dir, overwrite, kind="hf") as tmp, \
             TensorProgress(progress, sum(map(len, shards)), f"writing {os.path.basename(os.fspath(out_dir))}") as bar:
         shapes = hf_shapes(config)
         for keys, file in zip(shards, files):

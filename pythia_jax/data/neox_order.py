@@ -52,7 +52,7 @@ import time
 
 import numpy as np
 
-from pythia_jax.data.indexed import save_npy_atomic
+from pythia_jax.data.indexed import save_npys_together
 from pythia_jax.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -459,8 +459,8 @@ def load_or_build_index_maps(data_prefix: str, sizes: np.ndarray, num_samples: i
     if paths:
         try:
             os.makedirs(os.path.dirname(os.path.abspath(paths["doc_idx"])), exist_ok=True)
-            for k in ("doc_idx", "sample_idx", "shuffle_idx"):
-                save_npy_atomic(paths[k], getattr(maps, k))
+            save_npys_together([(paths[k], getattr(maps, k))  # the three maps: all or none
+                                for k in ("doc_idx", "sample_idx", "shuffle_idx")])
         except OSError as e:
             logger.warning("index maps not cached at %s (%s); they will be rebuilt next time",
                            paths["doc_idx"][:-len("_doc_idx.npy")], e)

@@ -23,7 +23,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from pythia_jax.config import EOD_TOKEN_ID
-from pythia_jax.data.indexed import IndexedDatasetWriter, _atomic_path, publish, write_index
+from pythia_jax.data.indexed import IndexedDatasetWriter, _atomic_path, check_dataset_output, write_index
 from pythia_jax.errors import DataError
 from pythia_jax.io_utils import iter_jsonl_objects
 
@@ -120,10 +120,17 @@ class _ShardedBinWriter:
         self.prefix = prefix
         self.shard_bytes = -(-total_bytes // shards) if total_bytes else 1
         self.finals = [f"{prefix}-{k:05d}-of-{shards - 1:05d}.bin" for k in range(shards)]
-        self.temps = [_atomic_path(p) for p in self.finals]
+        self.temps: list[str] = []
         self._k = 0
         self._written = 0  # bytes in the current shard
-        self._f = open(self.temps[0], "wb")
+        try:
+            for p in self.finals:
+                self.temps.append(_atomic_path(p))
+            self._f = open(self.temps[0], "wb")
+        except BaseException:
+            for tmp in self.temps:
+                os.remove(tmp)
+            raise
 
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
@@ -140,12 +147,12 @@ class _ShardedBinWriter:
             self._written += take
             view = view[take:]
 
-    def finalize(self) -> None:
+    def finalize(self) -> list[tuple[str, str]]:
+        """Close the shards; return their ``(tmp, final)`` pairs, to be published with the ``.idx``."""
         self._f.close()
         for k in range(self._k + 1, len(self.temps)):
             open(self.temps[k], "wb").close()  # empty trailing shards (tiny data)
-        for tmp, final in zip(self.temps, self.finals):
-            publish(tmp, final)
+        return list(zip(self.temps, self.finals))
 
     def abort(self) -> None:
         self._f.close()
@@ -156,10 +163,16 @@ class _ShardedBinWriter:
 
 def write_preshuffled(order, output_prefix: str, num_rows: int, *, shards: int | None = None,
                       chunk_rows: int = 1024, progress: bool = True) -> str:
-    """Write rows [0, num_rows) of ``order`` as a pre-shuffled dataset. Returns the prefix."""
+    """Write rows [0, num_rows) of ``order`` as a pre-shuffled dataset. Returns the prefix.
+
+    The ``.bin`` file(s) and the ``.idx`` are published together, or not at all on an error;
+    the output may not be the order's own dataset, nor replace anything but an indexed dataset.
+    """
     from tqdm import tqdm
     if num_rows > len(order):
         raise DataError(f"{order.name}: {num_rows} rows requested, the order has {len(order)}")
+    source = getattr(getattr(order, "dataset", None), "prefix", None)
+    check_dataset_output(output_prefix, [source] if isinstance(source, str) and "://" not in source else [])
     width = order.seq_len + 1
     dtype = order.dataset.dtype
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)) or ".", exist_ok=True)
@@ -180,12 +193,12 @@ def write_preshuffled(order, output_prefix: str, num_rows: int, *, shards: int |
             rows = order.read_rows(a, min(num_rows, a + chunk_rows))
             out.write(np.ascontiguousarray(rows, dtype=dtype.newbyteorder("<")).tobytes())
             bar.update(len(rows))
-        out.finalize()
+        pairs = out.finalize()
     except BaseException:
         out.abort()
         raise
     finally:
         bar.close()
     write_index(output_prefix + ".idx", dtype, np.full(num_rows, width, np.int64),
-                np.arange(num_rows + 1, dtype=np.int64))
+                np.arange(num_rows + 1, dtype=np.int64), with_files=pairs)
     return output_prefix

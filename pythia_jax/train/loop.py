@@ -326,7 +326,7 @@ def train(cfg: TrainConfig, *, devices=None, max_steps: int | None = None) -> Tr
         ckpt.wait_until_finished()
         hf_dir = None
         if cfg.export_hf and stopped is None and step == cfg.num_steps:
-            hf_dir = export_hf(cfg, state.params, cfg.export_hf)
+            hf_dir = export_hf(cfg, state.params, cfg.export_hf_dir)
         writer.close()
         return TrainResult(final_step=step, params=state.params, losses=losses, eval_losses=eval_losses,
                            stopped=stopped, hf_dir=hf_dir)
