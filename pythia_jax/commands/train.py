@@ -21,7 +21,9 @@ USES_GIN = True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max_steps", type=int, default=None,
+    from pythia_jax.commands.argtypes import positive_int
+
+    parser.add_argument("--max_steps", type=positive_int, default=None,
                         help="stop after this many steps of this invocation (the run can be resumed)")
     parser.add_argument("--print_config", action="store_true",
                         help="print the resolved configuration and exit without training")
