@@ -60,10 +60,12 @@ def _report(cfg, result) -> None:
     import os
 
     ckpt_dir = os.path.join(cfg.output_dir, "checkpoints")
-    if result.stopped:
-        print(f"stopped at step {result.final_step}; resume with the same command")
+    if result.stopped or result.final_step < cfg.num_steps:
+        why = "a stop signal" if result.stopped else "--max_steps"
+        print(f"stopped at step {result.final_step} of {cfg.num_steps} ({why}; checkpoint saved in {ckpt_dir}); "
+              "run the same command to continue")
         return
-    print(f"done: step {result.final_step}; checkpoints in {ckpt_dir}")
+    print(f"done: step {result.final_step} of {cfg.num_steps}; checkpoints in {ckpt_dir}")
     if result.losses:
         first, last = min(result.losses), max(result.losses)
         print(f"train loss: step {first} {result.losses[first]:.4f} -> step {last} {result.losses[last]:.4f}")
