@@ -15,6 +15,8 @@ import contextlib
 import errno
 import importlib
 import logging
+import os
+import re
 import sys
 import warnings
 from typing import Iterator, Sequence
@@ -200,7 +202,7 @@ def describe_os_failure(exc: BaseException, args: argparse.Namespace | None = No
             return None
         os_error = OSError(code, _ERRNO_TEXTS[code])
     code, reason = os_error.errno, os_error.strerror or one_line(str(os_error)) or type(os_error).__name__
-    paths = [p for p in (os_error.filename, os_error.filename2) if p is not None]
+    paths = [_published_name(p) for p in (os_error.filename, os_error.filename2) if p is not None]
     where = " -> ".join(str(p) for p in paths) if paths else (f"writing {output}" if output else "")
     hints = {
         errno.ENOSPC: f"free some space or choose another {flag}",
@@ -215,6 +217,21 @@ def describe_os_failure(exc: BaseException, args: argparse.Namespace | None = No
     }
     hint = hints.get(code)
     return "; ".join(x for x in (f"{where}: {reason}" if where else reason, hint) if x)
+
+
+_TEMPORARY = (re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{6,}\.tmp$"),  # files: mkstemp siblings
+              re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-[A-Za-z0-9_]+$"))  # folders: atomic_output_dir
+
+
+def _published_name(path) -> str:
+    """The output a temporary sibling (``.NAME.xxxxxxxx.tmp``, ``.NAME.tmp-xxxx``) stands for."""
+    path = os.fspath(path) if isinstance(path, (str, os.PathLike)) else str(path)
+    head, tail = os.path.split(path)
+    for pattern in _TEMPORARY:
+        m = pattern.match(tail)
+        if m:
+            return os.path.join(head, m.group("name"))
+    return path
 
 
 def one_line(text: str, limit: int = 400) -> str:

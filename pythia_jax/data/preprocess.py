@@ -127,14 +127,13 @@ def preprocess_jsonl(inputs: Sequence[str] | str, output_prefix: str, *, jsonl_k
         _init_worker(tokenizer_path)
         encoded = (encode_document(t) for t in texts)
     try:
-        with IndexedDatasetWriter(prefix, np.uint16) as writer:
-            bar = tqdm(encoded, desc=f"tokenizing -> {os.path.basename(prefix)}", unit=" docs",
-                       disable=not progress)
+        with IndexedDatasetWriter(prefix, np.uint16) as writer, \
+                tqdm(encoded, desc=f"tokenizing -> {os.path.basename(prefix)}", unit=" docs",
+                     disable=not progress) as bar:  # closed (its line ended) on errors too
             documents = 0
             for doc in bar:
                 writer.add_document(doc)
                 documents += 1
-            bar.close()
             if documents == 0:  # nothing is written: a 0-document dataset would only fail later
                 raise DataError(f"{', '.join(inputs)}: no non-empty {jsonl_key!r} field in any line, so there is "
                                 f"no document to write (nothing written); check the input or --jsonl-key")
@@ -200,13 +199,12 @@ def write_preshuffled(order, output_prefix: str, num_rows: int, *, shards: int |
     bar = tqdm(total=num_rows, desc=f"pre-shuffling -> {os.path.basename(output_prefix)}",
                unit=" rows", disable=not progress)
     if shards is None:
-        with IndexedDatasetWriter(output_prefix, dtype) as writer:
+        with bar, IndexedDatasetWriter(output_prefix, dtype) as writer:
             for a in range(0, num_rows, chunk_rows):
                 rows = order.read_rows(a, min(num_rows, a + chunk_rows))
                 for row in rows:
                     writer.add_document(row)
                 bar.update(len(rows))
-        bar.close()
         return output_prefix
     out = _ShardedBinWriter(output_prefix, num_rows * width * dtype.itemsize, shards)
     try:
