@@ -39,7 +39,6 @@ DIRECTIONS = ("hf-to-jax", "jax-to-hf", "neox-to-jax", "jax-to-neox")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("direction", choices=DIRECTIONS, help="what to convert into what")
     parser.add_argument("source", help="input directory")
     parser.add_argument("output", help="output directory (root folder for --all-steps)")
