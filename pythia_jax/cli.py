@@ -270,6 +270,12 @@ def console_logging() -> Iterator[None]:
     handler.setFormatter(_ConsoleFormatter())
     root, package = logging.getLogger(), logging.getLogger("pythia_jax")
     saved = root.level, package.level, warnings.showwarning
+    # a bare console handler set up before (logging.basicConfig, e.g. by absl on import) would print
+    # each record a second time in its own format: it rests while the command runs
+    resting = [h for h in root.handlers if type(h) is logging.StreamHandler
+               and getattr(h, "stream", None) in (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__)]
+    for h in resting:
+        root.removeHandler(h)
     root.addHandler(handler)
     if root.level == logging.NOTSET or root.level > logging.WARNING:
         root.setLevel(logging.WARNING)
@@ -280,6 +286,8 @@ def console_logging() -> Iterator[None]:
         yield
     finally:
         root.removeHandler(handler)
+        for h in resting:
+            root.addHandler(h)
         root.setLevel(saved[0])
         package.setLevel(saved[1])
         warnings.showwarning = saved[2]
