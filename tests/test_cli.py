@@ -227,6 +227,7 @@ def test_generate_on_hf_revisions_uses_the_newest(models, capsys):
     assert "using the newest HF revision, step5 (of 0, 5)" in captured.err
 
 
+@pytest.mark.slow  # end to end: five tasks at three steps
 def test_readme_eval_example_runs_as_written(models, monkeypatch, capsys):
     """The README's zero-shot eval command (on a tiny stand-in of the demo run, --limit 2 added)."""
     readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read().replace("\\\n", " ")
@@ -241,6 +242,7 @@ def test_readme_eval_example_runs_as_written(models, monkeypatch, capsys):
 
 
 # ------------------------------------------------------------------------------------ train
+@pytest.mark.slow  # end to end: three short training runs
 def test_train_reports_unfinished_runs_lost_steps_and_full_disks(tmp_path, monkeypatch, capsys):
     import re
 
