@@ -90,7 +90,7 @@ def load(path: str | os.PathLike, step: int | None = None, dtype: str | None = N
     """
     from pythia_jax.model import model_from_params
 
-    from pythia_jax.convert.hf import to_device_tree
+    from pythia_jax.host_memory import to_device_tree
 
     config, params = load_params(path, step=step, **kwargs)
     params = to_device_tree(params)  # numpy sources: shared with JAX on CPU, one leaf at a time elsewhere

@@ -835,7 +835,7 @@ def load_params(directory: str | os.PathLike, step: int | None = None,
     if host:
         return config, restored.params
     if abstract is None:  # numpy -> the first local device, leaf by leaf (adopted, not copied, on CPU)
-        from pythia_jax.convert.hf import to_device_tree
+        from pythia_jax.host_memory import to_device_tree
 
         return config, to_device_tree(restored.params)
     return config, restored.params

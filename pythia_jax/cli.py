@@ -33,6 +33,8 @@ SUBCOMMANDS: tuple[tuple[str, str], ...] = (
     ("preprocess", "pythia_jax.commands.preprocess"),
     ("preshuffle", "pythia_jax.commands.preshuffle"),
     ("batches", "pythia_jax.commands.batches"),
+    ("count", "pythia_jax.commands.count"),
+    ("count-merge", "pythia_jax.commands.count_merge"),
     ("info", "pythia_jax.commands.info"),
 )
 

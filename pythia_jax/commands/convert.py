@@ -95,7 +95,7 @@ def _hf_to_jax(args: argparse.Namespace, progress: bool) -> None:
     config, params = read_hf_dir(args.source, progress=progress)
     opt_state = None
     if args.with_optimizer:
-        from pythia_jax.convert.neox import fresh_opt_state
+        from pythia_jax.train.continuation import fresh_opt_state
         opt_state = fresh_opt_state(params, schedule_count=step)
     write_checkpoint(args.output, step, config, params, opt_state,
                      {"source": "hf", "hf_dir": os.path.abspath(args.source)}, args.overwrite, progress)
@@ -103,7 +103,8 @@ def _hf_to_jax(args: argparse.Namespace, progress: bool) -> None:
 
 
 def _neox_to_jax(args: argparse.Namespace, progress: bool) -> None:
-    from pythia_jax.convert.neox import fresh_opt_state, neox_train_state, read_neox_checkpoint
+    from pythia_jax.convert.neox import read_neox_checkpoint
+    from pythia_jax.train.continuation import fresh_opt_state, neox_train_state
 
     _check_output(args)
     config, params, ckpt = read_neox_checkpoint(args.source, step=args.step, config_files=args.neox_config,

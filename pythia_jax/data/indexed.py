@@ -545,7 +545,8 @@ def write_index(path: str, dtype, sizes: np.ndarray, doc_idx: np.ndarray) -> Non
     code = dtype_code(dtype)
     sizes = np.asarray(sizes, dtype=np.int64)
     if (sizes < 0).any() or (sizes > np.iinfo(np.int32).max).any():
-        raise DataError(f"{path}: item sizes must fit int32")
+        raise DataError(f"{path}: item sizes must be in [0, {np.iinfo(np.int32).max:,}] (the .idx "
+                        f"format stores them as int32), got {int(sizes.min())}..{int(sizes.max())}")
     pointers = np.zeros(len(sizes), dtype=np.int64)
     if len(sizes) > 1:
         np.cumsum(sizes[:-1] * dtype.itemsize, out=pointers[1:])
@@ -591,6 +592,9 @@ class IndexedDatasetWriter:
         arr = np.asarray(tokens)
         if arr.ndim != 1:
             arr = arr.reshape(-1)
+        if arr.size > np.iinfo(np.int32).max:  # the .idx format stores item sizes as int32
+            raise DataError(f"{self.prefix}: an item of {arr.size:,} tokens does not fit the index's "
+                            f"int32 sizes (at most {np.iinfo(np.int32).max:,}); split it into items")
         if arr.size and arr.dtype != self.dtype:
             info = np.iinfo(self.dtype) if self.dtype.kind in "iu" else None
             if info is not None and arr.dtype.kind in "iu" and (

@@ -130,11 +130,15 @@ class NeoxOrder(Order):
               global_batch: int, num_samples: int | None = None, cache: bool = True,
               cache_prefix: str | None = None, verbose: bool = False) -> "NeoxOrder":
         """Load or build the maps for ``num_samples`` (default GPT-NeoX's
-        ceil(train_iters·global_batch·1.005))."""
-        if num_samples is None:
+        ceil(train_iters·global_batch·1.005)). A build too large for the limit or the disk is
+        refused before it starts (``neox_order.check_index_map_plan``, ``DataError``)."""
+        derived = num_samples is None
+        if derived:
             num_samples = neox_num_samples(train_iters, global_batch)
         maps = load_or_build_index_maps(dataset.prefix, dataset.sizes, num_samples, seq_len, seed,
-                                        cache=cache, cache_prefix=cache_prefix, verbose=verbose)
+                                        cache=cache, cache_prefix=cache_prefix, verbose=verbose,
+                                        train_iters=train_iters if derived else None,
+                                        global_batch=global_batch)
         return cls(dataset, seq_len, maps)
 
     def __len__(self) -> int:

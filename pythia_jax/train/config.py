@@ -32,12 +32,16 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-    """The Pythia AdamW recipe (PYTHIA_FACTS §5). ``min_lr`` None → 0.1·max_lr; ``warmup_steps`` None →
-    1% of the run (1430 for 143,000 steps); ``decay_steps`` None → the run's ``num_steps``."""
+    """The Pythia AdamW recipe (Pythia paper, appendix E). ``min_lr`` None → 0.1·max_lr;
+    ``warmup_steps`` None → ``warmup · decay_steps``, unrounded as in GPT-NeoX (1430 for 143,000
+    steps, 0.2 for 20); ``decay_steps`` None → the run's ``num_steps``; ``decay_style``: GPT-NeoX's
+    ``lr_decay_style`` (cosine, linear, exponential, constant; ``train/optimizer.py``)."""
     max_lr: float = 1.0e-3
     min_lr: float | None = None
-    warmup_steps: int | None = None
+    warmup_steps: float | None = None
     decay_steps: int | None = None
+    warmup: float = 0.01  # GPT-NeoX's `warmup`: the fraction of decay_steps spent warming up
+    decay_style: str = "cosine"
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
@@ -137,9 +141,10 @@ class TrainConfig:
         self.validate()
 
     @property
-    def warmup_steps(self) -> int:
+    def warmup_steps(self) -> float:
+        """GPT-NeoX's ``warmup_iter = warmup · lr_decay_iters``, a float (not rounded)."""
         w = self.optimizer.warmup_steps
-        return int(round(0.01 * self.decay_steps)) if w is None else int(w)
+        return self.optimizer.warmup * self.decay_steps if w is None else float(w)
 
     @property
     def decay_steps(self) -> int:
@@ -178,6 +183,10 @@ class TrainConfig:
         if self.optimizer.max_lr < 0 or self.min_lr > self.optimizer.max_lr:
             raise ConfigError(f"need 0 <= min_lr <= max_lr, got min_lr {self.min_lr}, "
                               f"max_lr {self.optimizer.max_lr}")
+        from pythia_jax.train.optimizer import DECAY_STYLES
+        if self.optimizer.decay_style not in DECAY_STYLES:
+            raise ConfigError(f"OptimizerConfig.decay_style must be one of {DECAY_STYLES}, got "
+                              f"{self.optimizer.decay_style!r}")
         if not 0 <= self.warmup_steps <= self.decay_steps:
             raise ConfigError(f"warmup_steps {self.warmup_steps} must be in [0, decay_steps "
                               f"{self.decay_steps}]")
