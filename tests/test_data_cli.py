@@ -185,9 +185,10 @@ def test_preprocess_names_the_line_of_a_truncated_gzip(tmp_path):
 
 
 def _error_lines(capsys) -> list[str]:
-    """stderr without the progress bars."""
+    """stderr without the progress bars and the progress log lines ('pythia-jax: ...')."""
     return [line for line in capsys.readouterr().err.splitlines()
-            if line.strip() and "tokenizing ->" not in line and "pre-shuffling ->" not in line]
+            if line.strip() and "tokenizing ->" not in line and "pre-shuffling ->" not in line
+            and not line.startswith("pythia-jax: ")]
 
 
 def _one_error_line(capsys) -> str:
