@@ -444,23 +444,103 @@ def open_text(path: str | os.PathLike) -> io.TextIOBase:
         raise DataError(f"cannot read {path}: {e.strerror}") from None
 
 
+def _open_bytes(path: str) -> io.BufferedIOBase:
+    """A binary reader of ``path``, decompressing ``.gz`` / ``.zst`` by extension."""
+    try:
+        if path.endswith(".gz"):
+            return gzip.open(path, "rb")
+        if path.endswith(".zst") or path.endswith(".zstd"):
+            return io.BufferedReader(_ZstdReader(open(path, "rb")))
+        return open(path, "rb")
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+class _ZstdReader(io.RawIOBase):
+    """Decompresses a (multi-frame) zstd file; unlike ``stream_reader`` a stream that ends inside a
+    frame raises ``zstandard.ZstdError`` instead of ending quietly."""
+
+    def __init__(self, raw: io.BufferedIOBase):
+        import zstandard
+
+        self._zstd, self._raw = zstandard, raw
+        self._obj = zstandard.ZstdDecompressor().decompressobj()
+        self._buf, self._in_frame, self._done = b"", False, False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self._buf and not self._done:
+            chunk = self._raw.read(1 << 20)
+            if not chunk:
+                if self._in_frame:
+                    raise self._zstd.ZstdError("the data ends inside a zstd frame (truncated file)")
+                self._done = True
+                break
+            while chunk:
+                self._in_frame = True
+                self._buf += self._obj.decompress(chunk)
+                chunk = b""
+                if self._obj.eof:  # frame complete; the next one may start in the same chunk
+                    self._in_frame = False
+                    chunk = self._obj.unused_data
+                    self._obj = self._zstd.ZstdDecompressor().decompressobj()
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+def _decompression_errors() -> tuple[type[BaseException], ...]:
+    """What a damaged or truncated compressed stream raises (gzip/zlib, zstandard) besides OSError."""
+    import zlib
+
+    errors: list[type[BaseException]] = [OSError, EOFError, zlib.error]
+    try:
+        import zstandard
+        errors.append(zstandard.ZstdError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
 def iter_jsonl_objects(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     """``(line number, object)`` for each non-blank line of a JSONL file (plain, ``.gz``, ``.zst``).
 
-    A missing or unreadable file, a line that is not JSON or not a JSON object raises DataError
-    naming the file and the line.
+    Raises DataError naming the file and the line for: a missing or unreadable file, a damaged or
+    truncated ``.gz`` / ``.zst`` stream, a line that is not UTF-8, not JSON or not a JSON object.
+    Each line is decoded on its own, so the line named is the one holding the bad bytes.
     """
-    with open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object")
-            yield lineno, row
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: input file not found")
+    lineno = 0
+    try:
+        with _open_bytes(path) as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                                    f"{e.start + 1}); re-encode the file as UTF-8") from None
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}:{lineno}: expected a JSON object")
+                yield lineno, row
+    except _decompression_errors() as e:
+        what = "damaged or truncated compressed data" if path.endswith((".gz", ".zst", ".zstd")) else "read error"
+        reason = getattr(e, "strerror", None) or " ".join(str(e).split()) or type(e).__name__
+        raise DataError(f"{path}:{lineno + 1}: {what} ({reason}); check or re-download the file") from None
 
 
 def release_free_memory() -> None:

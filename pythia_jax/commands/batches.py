@@ -11,7 +11,13 @@ The rows of steps START..END inclusive: rows [BATCH*START, BATCH*(END+1)) of the
 reproduced). --out FILE.npy saves them as uint16 [rows, SEQ_LEN+1]; without --out they are
 printed (token ids, or text with --decode).
 
+The defaults of --batch-size, --seq-len, --seed and --train-iters are Pythia's (1024 rows of
+2048+1 tokens, seed 1234, 143,000 steps): for any other run pass that run's values, since the
+GPT-NeoX order depends on all four. --data demo is the bundled demo data (as in configs/demo.gin).
+
 Examples:
+  pythia-jax batches --data demo --order neox --batch-size 8 --seq-len 128 --train-iters 200 \
+      --start 0 --end 0 --rows 2 --decode            # the first step of configs/demo.gin
   pythia-jax batches --data pile_text_document --order neox --start 0 --end 0 --out step0.npy
   pythia-jax batches --data preshuffled/document --order preshuffled --start 1000 --end 1000 \\
       --decode --rows 2
@@ -19,21 +25,27 @@ Examples:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True,
+    from pythia_jax.commands.argtypes import dataset_prefix, nonneg_int, positive_int
+
+    parser.add_argument("--data", required=True, type=dataset_prefix,
                         help="dataset prefix without .bin/.idx (for sharded pre-shuffled data, "
-                             "the .idx prefix; the shards are found beside it)")
-    parser.add_argument("--order", choices=("preshuffled", "neox"), default="preshuffled")
-    parser.add_argument("--start", type=int, required=True, help="first step (0-based)")
-    parser.add_argument("--end", type=int, required=True, help="last step, inclusive")
-    parser.add_argument("--batch-size", type=int, default=1024, help="global batch (rows per step)")
-    parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--seed", type=int, default=1234, help="GPT-NeoX order seed")
-    parser.add_argument("--train-iters", type=int, default=143000,
+                             "the .idx prefix; the shards are found beside it); 'demo' = the bundled "
+                             "demo training data")
+    parser.add_argument("--order", choices=("preshuffled", "neox"), default="preshuffled",
+                        help="preshuffled: row j is item j of a pre-shuffled dataset; neox: GPT-NeoX's "
+                             "index maps over a raw document dataset")
+    parser.add_argument("--start", type=nonneg_int, required=True, help="first step (0-based)")
+    parser.add_argument("--end", type=nonneg_int, required=True, help="last step, inclusive")
+    parser.add_argument("--batch-size", type=positive_int, default=1024, help="global batch (rows per step)")
+    parser.add_argument("--seq-len", type=positive_int, default=2048,
+                        help="tokens per row (each row holds seq_len+1)")
+    parser.add_argument("--seed", type=nonneg_int, default=1234, help="GPT-NeoX order seed")
+    parser.add_argument("--train-iters", type=positive_int, default=143000,
                         help="training steps the GPT-NeoX maps were built for")
     parser.add_argument("--out", default=None, help="save uint16 [rows, seq_len+1] to this .npy file")
     parser.add_argument("--decode", action="store_true", help="print the rows as text")
-    parser.add_argument("--rows", type=int, default=None,
-                        help="when printing, show only the first N rows")
+    parser.add_argument("--rows", type=positive_int, default=None,
+                        help="when printing, show only the first N rows (default: all)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,8 +55,9 @@ def run(args: argparse.Namespace) -> int:
     from pythia_jax.data.orders import open_order
     from pythia_jax.errors import DataError
 
-    if args.start < 0 or args.end < args.start:
-        raise DataError(f"bad step range --start {args.start} --end {args.end}")
+    if args.end < args.start:
+        raise DataError(f"--end {args.end} is before --start {args.start}; --end is the last step, inclusive "
+                        f"(use --end {args.start} for one step)")
     if args.out:  # replaces an .npy file, never the dataset or anything else
         from pythia_jax.io_utils import check_output_file
         check_output_file(args.out, "npy", inputs=[args.data + ".bin", args.data + ".idx"])

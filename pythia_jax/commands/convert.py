@@ -45,11 +45,12 @@ DIRECTIONS = ("hf-to-jax", "jax-to-hf", "neox-to-jax", "jax-to-neox")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("direction", choices=DIRECTIONS, help="what to convert into what")
     parser.add_argument("source", help="input directory")
     parser.add_argument("output", help="output directory (root folder for --all-steps)")
-    parser.add_argument("--step", type=int, default=None,
+    from pythia_jax.commands.argtypes import nonneg_int
+
+    parser.add_argument("--step", type=nonneg_int, default=None,
                         help="hf-to-jax: step to store the weights at (default: N of a 'stepN' source "
                              "folder, else 0); jax-to-*: checkpoint step to export (default: newest); "
                              "neox-to-jax: which global_stepN of a NeoX run folder")
@@ -58,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None,
                         help="weights dtype written: float16 (default for jax-to-hf, like the releases), "
                              "bfloat16 or float32 (default for jax-to-neox)")
-    parser.add_argument("--shard-size", default="2GB", help="jax-to-hf: max safetensors shard size (default 2GB)")
+    parser.add_argument("--shard-size", default="2GB", help="jax-to-hf: max safetensors shard size")
     parser.add_argument("--with-optimizer", action="store_true",
                         help="hf-to-jax / neox-to-jax without ZeRO shards: also store a fresh optimizer "
                              "state (LR schedule at --step) so `pythia-jax train` can continue")

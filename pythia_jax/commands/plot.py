@@ -9,10 +9,10 @@ HELP = "plot a metric of an eval results table (JSONL/CSV) against training step
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("results", help="results table written by 'pythia-jax eval' (.jsonl or .csv)")
-    parser.add_argument("--metric", default="acc", help="metric to plot (default: acc)")
+    parser.add_argument("--metric", default="acc", help="metric to plot")
     parser.add_argument("--tasks", default=None, help="comma-separated tasks (default: all with the metric)")
     parser.add_argument("--out", required=True, help="output PNG path")
-    parser.add_argument("--title", default=None)
+    parser.add_argument("--title", default=None, help="plot title (default: the metric)")
 
 
 def run(args: argparse.Namespace) -> int:

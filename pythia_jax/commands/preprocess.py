@@ -16,14 +16,16 @@ Example:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from pythia_jax.commands.argtypes import positive_int
+
     parser.add_argument("--input", required=True,
                         help="JSONL file(s), comma-separated; .gz and .zst are decompressed")
     parser.add_argument("--output-prefix", required=True,
                         help="output path prefix; writes PREFIX_<key>_document.{bin,idx}")
-    parser.add_argument("--jsonl-key", default="text", help="JSON field holding the text (default: text)")
-    parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (default: 1)")
+    parser.add_argument("--jsonl-key", default="text", help="JSON field holding the text")
+    parser.add_argument("--workers", type=positive_int, default=1, help="tokenizer processes")
     parser.add_argument("--tokenizer", default=None,
-                        help="tokenizer.json to use instead of the bundled Pythia tokenizer")
+                        help="tokenizer.json to use (default: the bundled Pythia tokenizer)")
 
 
 def run(args: argparse.Namespace) -> int:

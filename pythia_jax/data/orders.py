@@ -75,9 +75,16 @@ class PreshuffledOrder(Order):
         self.seq_len = int(seq_len)
         self.name = dataset.prefix
         if len(dataset) and int(dataset.sizes[0]) != self.seq_len + 1:
+            if np.unique(dataset.sizes[:1024]).size > 1:  # items of many lengths: raw documents
+                raise DataError(
+                    f"{dataset.idx_path}: items of different lengths ({int(dataset.sizes.min())} to "
+                    f"{int(dataset.sizes.max())} tokens) look like a raw document dataset, not pre-shuffled "
+                    f"rows of seq_len+1 = {self.seq_len + 1}; use --order neox (DataConfig.order = 'neox') "
+                    "to read it in GPT-NeoX order, or check --seq-len")
             raise DataError(
                 f"{dataset.idx_path}: pre-shuffled rows have {int(dataset.sizes[0])} tokens but "
-                f"seq_len {self.seq_len} needs {self.seq_len + 1}; check --seq-len")
+                f"seq_len {self.seq_len} needs {self.seq_len + 1}; check --seq-len, or use --order neox "
+                "if this is a raw document dataset")
 
     def __len__(self) -> int:
         return len(self.dataset)

@@ -29,16 +29,41 @@ from pythia_jax.io_utils import iter_jsonl_objects
 
 
 def iter_jsonl_texts(paths: Sequence[str], key: str = "text") -> Iterator[str]:
-    """The non-empty ``key`` fields of the JSONL files, in order."""
+    """The non-empty ``key`` fields of the JSONL files, in order.
+
+    A field that is a list of strings is joined with blank lines (lm_dataformat's paragraph lists).
+    Raises DataError naming the file and line for a missing field, a field that is not a string
+    (or list of strings), and everything ``iter_jsonl_objects`` refuses (non-UTF-8 bytes, bad JSON,
+    a damaged ``.gz`` / ``.zst`` stream).
+    """
     for path in paths:
         for line_no, obj in iter_jsonl_objects(path):
             if key not in obj:
-                raise DataError(f"{path}:{line_no}: no {key!r} field")
+                raise DataError(f"{path}:{line_no}: no {key!r} field (fields: {', '.join(map(repr, obj)) or 'none'}); "
+                                "choose the field with --jsonl-key")
             text = obj[key]
-            if isinstance(text, list):  # lm_dataformat joined paragraph lists
-                text = "\n\n".join(text)
+            if isinstance(text, list) and all(isinstance(t, str) for t in text):
+                text = "\n\n".join(text)  # lm_dataformat joined paragraph lists
+            if not isinstance(text, str):
+                raise DataError(f"{path}:{line_no}: the {key!r} field is {_json_type(text)}, expected a string "
+                                "(or a list of strings); fix the line or choose another field with --jsonl-key")
             if text:
                 yield text
+
+
+def _json_type(value) -> str:
+    """'a number', 'null', ... for an error message."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return f"a number ({value!r})"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list holding non-strings"
+    return type(value).__name__
 
 
 _WORKER_TOKENIZER = None
@@ -65,7 +90,11 @@ def dataset_prefix(output_prefix: str, jsonl_key: str = "text") -> str:
 def preprocess_jsonl(inputs: Sequence[str] | str, output_prefix: str, *, jsonl_key: str = "text",
                      workers: int = 1, tokenizer_path: str | None = None,
                      progress: bool = True, chunksize: int = 32) -> str:
-    """Tokenize JSONL documents into an indexed dataset. Returns the dataset prefix."""
+    """Tokenize JSONL documents into an indexed dataset. Returns the dataset prefix.
+
+    Raises DataError (naming the file and line) for undecodable input, see ``iter_jsonl_texts``,
+    and when the inputs hold no non-empty document; nothing is written then.
+    """
     from tqdm import tqdm
     if isinstance(inputs, str):
         inputs = [p for p in inputs.split(",") if p]
@@ -98,12 +127,16 @@ def preprocess_jsonl(inputs: Sequence[str] | str, output_prefix: str, *, jsonl_k
         _init_worker(tokenizer_path)
         encoded = (encode_document(t) for t in texts)
     try:
-        with IndexedDatasetWriter(prefix, np.uint16) as writer:
-            bar = tqdm(encoded, desc=f"tokenizing -> {os.path.basename(prefix)}", unit=" docs",
-                       disable=not progress)
+        with IndexedDatasetWriter(prefix, np.uint16) as writer, \
+                tqdm(encoded, desc=f"tokenizing -> {os.path.basename(prefix)}", unit=" docs",
+                     disable=not progress) as bar:  # closed (its line ended) on errors too
+            documents = 0
             for doc in bar:
                 writer.add_document(doc)
-            bar.close()
+                documents += 1
+            if documents == 0:  # nothing is written: a 0-document dataset would only fail later
+                raise DataError(f"{', '.join(inputs)}: no non-empty {jsonl_key!r} field in any line, so there is "
+                                f"no document to write (nothing written); check the input or --jsonl-key")
     finally:
         if pool is not None:
             pool.close()
@@ -179,13 +212,12 @@ def write_preshuffled(order, output_prefix: str, num_rows: int, *, shards: int |
     bar = tqdm(total=num_rows, desc=f"pre-shuffling -> {os.path.basename(output_prefix)}",
                unit=" rows", disable=not progress)
     if shards is None:
-        with IndexedDatasetWriter(output_prefix, dtype) as writer:
+        with bar, IndexedDatasetWriter(output_prefix, dtype) as writer:
             for a in range(0, num_rows, chunk_rows):
                 rows = order.read_rows(a, min(num_rows, a + chunk_rows))
                 for row in rows:
                     writer.add_document(row)
                 bar.update(len(rows))
-        bar.close()
         return output_prefix
     out = _ShardedBinWriter(output_prefix, num_rows * width * dtype.itemsize, shards)
     try:
