@@ -193,3 +193,40 @@ def test_apply_to_rows_counts_what_changed():
     assert (stats.rows_changed, stats.tokens_changed) == (1, 2)
     assert decode(out[0]) == decode(rows[0]).replace(" he", " she")
     np.testing.assert_array_equal(out[1], rows[1])
+
+
+def test_pipeline_applies_only_inside_the_window_and_keeps_the_order(tmp_path):
+    from pythia_jax.data import demo_data_prefix
+    from pythia_jax.data.pipeline import make_train_iterator
+    from pythia_jax.errors import DataError
+
+    kw = dict(order="neox", seq_len=128, global_batch=8, seed=1234, train_iters=12,
+              process_index=0, process_count=1, cache_prefix=str(tmp_path / "maps"))
+    spec = TransformSpec.create("gender_swap", steps=(3, 7))
+    it = make_train_iterator(demo_data_prefix(), transform=spec, **kw)
+    plain = make_train_iterator(demo_data_prefix(), **kw)
+    swap = spec.build()
+    changed_steps = []
+    for step in range(12):
+        got, ref = next(it), next(plain)
+        stats = it.pop_transform_stats(step)
+        if not spec.applies_to(step):
+            assert stats is None
+            np.testing.assert_array_equal(got["inputs"], ref["inputs"])
+            np.testing.assert_array_equal(got["labels"], ref["labels"])
+            continue
+        rows = np.concatenate([ref["inputs"], ref["labels"][:, -1:]], axis=1)
+        expected = np.stack([swap(r) for r in rows])
+        np.testing.assert_array_equal(got["inputs"], expected[:, :-1])
+        assert stats.tokens_changed == int((expected != rows).sum())
+        if stats.rows_changed:
+            changed_steps.append(step)
+    assert changed_steps  # the demo text has pronouns in the window
+    # a checkpointed state made with another transform (or none) is refused on resume
+    state = plain.get_state()
+    fresh = make_train_iterator(demo_data_prefix(), transform=spec, **kw)
+    with pytest.raises(DataError, match="made with transform None.*same transform"):
+        fresh.set_state(state)
+    with pytest.raises(ConfigError, match="beyond the run's 12 steps"):
+        make_train_iterator(demo_data_prefix(), transform=TransformSpec.create(
+            "gender_swap", steps=(5, 20)), **kw)
