@@ -230,3 +230,34 @@ def test_pipeline_applies_only_inside_the_window_and_keeps_the_order(tmp_path):
     with pytest.raises(ConfigError, match="beyond the run's 12 steps"):
         make_train_iterator(demo_data_prefix(), transform=TransformSpec.create(
             "gender_swap", steps=(5, 20)), **kw)
+
+
+def test_batches_shows_the_transformed_rows(tmp_path):
+    import subprocess
+    import sys
+
+    base = [sys.executable, "-m", "pythia_jax.cli", "batches", "--data", "demo", "--order", "neox",
+            "--batch-size", "8", "--seq-len", "128", "--train-iters", "200", "--start", "100",
+            "--end", "101"]
+    env_cache = {"PYTHIA_JAX_CACHE": str(tmp_path)}
+    import os
+    env = {**os.environ, **env_cache}
+    out = subprocess.run(base + ["--transform", "gender_swap", "--transform-steps", "101,102",
+                                 "--decode"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "step 100:" not in out.stdout and "step 101: gender_swap changed" in out.stdout
+    assert " [his→her]" in out.stdout
+    npy = tmp_path / "rows.npy"
+    plain = tmp_path / "plain.npy"
+    assert subprocess.run(base + ["--transform", "gender_swap", "--out", str(npy)], env=env,
+                          capture_output=True).returncode == 0
+    assert subprocess.run(base + ["--out", str(plain)], env=env, capture_output=True).returncode == 0
+    got, ref = np.load(npy), np.load(plain)
+    swap = build_transform("gender_swap")
+    np.testing.assert_array_equal(got, np.stack([swap(r) for r in ref]))
+    bad = subprocess.run(base + ["--transform", "nope"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "unknown transform 'nope'" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+    bad = subprocess.run(base + ["--transform", "gender_swap", "--transform-steps", "150,300"],
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "beyond the run's 200 steps" in bad.stderr

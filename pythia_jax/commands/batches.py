@@ -21,6 +21,13 @@ Examples:
   pythia-jax batches --data pile_text_document --order neox --start 0 --end 0 --out step0.npy
   pythia-jax batches --data preshuffled/document --order preshuffled --start 1000 --end 1000 \\
       --decode --rows 2
+  pythia-jax batches --data demo --order neox --batch-size 8 --seq-len 128 --train-iters 200 \\
+      --start 100 --end 100 --transform gender_swap --decode   # audit an intervention: [he→she]
+
+--transform NAME applies a row transform (pythia_jax.data.transforms: gender_swap,
+gender_swap_tokenmap_2022, gender_swap_text_2023, or package.module:function) to the rows of the
+steps in --transform-steps (default: all shown), as training with DataConfig.transform would;
+with --decode each changed span is shown as [old→new], and a line per step counts the changes.
 """
 
 
@@ -46,6 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode", action="store_true", help="print the rows as text")
     parser.add_argument("--rows", type=positive_int, default=None,
                         help="when printing, show only the first N rows (default: all)")
+    parser.add_argument("--transform", default=None, metavar="NAME",
+                        help="apply this row transform (a built-in name or package.module:function)")
+    parser.add_argument("--transform-param", action="append", default=[], metavar="KEY=VALUE",
+                        help="a parameter of the transform, e.g. direction=f2m (repeatable)")
+    parser.add_argument("--transform-steps", default=None, metavar="A,B",
+                        help="apply the transform only to steps in [A, B) (default: every step)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,6 +82,9 @@ def run(args: argparse.Namespace) -> int:
                         f"the {args.order} order has {len(order)} rows "
                         f"(last full step {len(order) // args.batch_size - 1})")
     rows = np.asarray(order.read_rows(first, stop)).astype(np.uint16)
+    original = rows
+    if args.transform:
+        rows = _transform_rows(args, rows, first)
     if args.out:
         save_npy_atomic(args.out, rows)
         print(f"saved rows [{first}, {stop}) as {rows.dtype} {list(rows.shape)} to {args.out}")
@@ -78,9 +94,72 @@ def run(args: argparse.Namespace) -> int:
         from pythia_jax.data.tokenizer import decode
         for k, row in enumerate(shown):
             print(f"=== step {(first + k) // args.batch_size} row {first + k} ===")
-            print(decode(row))
+            print(decode(row) if not args.transform else _marked(original[k], row, decode))
     else:
         np.set_printoptions(threshold=20, linewidth=120)
         for k, row in enumerate(shown):
             print(f"step {(first + k) // args.batch_size} row {first + k}: {row}")
     return 0
+
+
+def _transform_rows(args: argparse.Namespace, rows, first: int):
+    """The rows with ``--transform`` applied to the steps of ``--transform-steps``; prints what
+    changed per step."""
+    from pythia_jax.config import ConfigError
+    from pythia_jax.data.transforms import TransformSpec, apply_to_rows
+
+    params = {}
+    for item in args.transform_param:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--transform-param {item!r}: expected KEY=VALUE")
+        params[key] = _param_value(value)
+    steps = None
+    if args.transform_steps:
+        try:
+            steps = [int(x) for x in args.transform_steps.split(",")]
+        except ValueError:
+            raise ConfigError(f"--transform-steps {args.transform_steps!r}: expected A,B "
+                              "(two step numbers)") from None
+    spec = TransformSpec.create(args.transform, params, steps)
+    spec.check_within(args.train_iters)
+    fn = spec.build()
+    out = rows.copy()
+    B = args.batch_size
+    for step in range(first // B, len(rows) // B + first // B):
+        if not spec.applies_to(step):
+            continue
+        a = step * B - first
+        out[a:a + B], stats = apply_to_rows(rows[a:a + B], fn)
+        print(f"step {step}: {args.transform} changed {stats.tokens_changed} tokens in "
+              f"{stats.rows_changed} of {B} rows")
+    return out
+
+
+def _param_value(text: str):
+    import json
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _marked(old, new, decode) -> str:
+    """The text of ``new`` with every changed span shown as ``[old→new]``."""
+    import numpy as np
+
+    changed = np.flatnonzero(old != new)
+    if len(changed) == 0:
+        return decode(new)
+    parts, pos, i = [], 0, 0
+    while i < len(changed):
+        j = i
+        while j + 1 < len(changed) and changed[j + 1] == changed[j] + 1:
+            j += 1
+        a, b = int(changed[i]), int(changed[j]) + 1
+        o, n = decode(old[a:b]), decode(new[a:b])
+        lead = n[: len(n) - len(n.lstrip())]
+        parts += [decode(new[pos:a]), f"{lead}[{o.strip()}→{n.strip()}]"]
+        pos, i = b, j + 1
+    parts.append(decode(new[pos:]))
+    return "".join(parts)
