@@ -28,6 +28,8 @@ SUBCOMMANDS: tuple[tuple[str, str], ...] = (
     ("preshuffle", "pythia_jax.commands.preshuffle"),
     ("batches", "pythia_jax.commands.batches"),
     ("info", "pythia_jax.commands.info"),
+    ("audit", "pythia_jax.commands.audit"),
+    ("memorization-report", "pythia_jax.commands.memorization_report"),
 )
 
 # Subcommands that hand all their arguments to another tool's parser.
