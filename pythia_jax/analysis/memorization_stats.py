@@ -8,8 +8,8 @@ the 32 tokens that match, in {0, 1/32, …, 1}).
 
 - Poisson analysis: memorized rows counted in windows of ``window`` (512) consecutive rows and
   compared with Poisson(mean count): Q-Q data (and PNG), the index-of-dispersion test, a
-  chi-square goodness-of-fit test on binned counts and a KS test. The paper drew the Q-Q plot
-  only; the tests are added beside it.
+  chi-square goodness-of-fit test on binned counts and a KS test (conservative on discrete
+  counts). The paper drew the Q-Q plot only; the tests are added beside it.
 - Correlation of per-row scores between checkpoints on the rows every one of them has seen
   (Pearson and Spearman).
 - Whether checkpoint A's memorized set predicts checkpoint B's: confusion matrix, precision,
@@ -143,16 +143,30 @@ def poisson_gof(counts: np.ndarray, min_expected: float = 5.0) -> TestResult:
 
 
 def poisson_ks(counts: np.ndarray) -> TestResult:
-    """Kolmogorov-Smirnov test of counts against Poisson(mean) (``scipy.stats.kstest`` with the
-    Poisson CDF). KS assumes a continuous distribution: on discrete data the p-value is
-    conservative (too large), and the mean is estimated from the same data, which makes it more
-    conservative still. Read it beside the dispersion and chi-square tests, not alone."""
+    """Kolmogorov-Smirnov test of counts against Poisson(mean).
+
+    The statistic is D = max over integers k of |ECDF(k) - F(k)| (both step functions jump only
+    at integers, so this is the supremum over all x), and the p-value is the continuous-case
+    one, ``scipy.stats.kstwo.sf(D, n)``. KS assumes a continuous distribution: for discrete
+    data this p-value is conservative (too large), and estimating the mean from the same data
+    makes it more conservative still; read it beside the dispersion and chi-square tests.
+
+    ``scipy.stats.kstest(counts, poisson(mean).cdf)`` is *not* used: it evaluates D- as
+    ``F(x_i) - (i-1)/n`` at every sample, which on tied (discrete) samples adds the probability
+    mass of the tied value and overstates D. On 200 genuine Poisson(3) samples of 400 windows
+    it rejected all 200 at 0.05, against none with the statistic above.
+    """
     from scipy import stats
 
-    c = np.asarray(counts, np.float64)
+    c = np.asarray(counts, np.int64)
+    n = c.size
+    if n == 0:
+        raise DataError("the KS test needs at least one window")
     mu = float(c.mean())
-    res = stats.kstest(c, stats.poisson(mu).cdf)
-    return TestResult(float(res.statistic), float(res.pvalue))
+    k = np.arange(0, int(max(c.max(), stats.poisson.ppf(1 - 1e-12, mu))) + 1)
+    ecdf = np.searchsorted(np.sort(c), k, side="right") / n
+    d = float(np.max(np.abs(ecdf - stats.poisson.cdf(k, mu))))
+    return TestResult(d, float(stats.kstwo.sf(d, n)))
 
 
 def qq_points(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
