@@ -22,18 +22,12 @@ def load_model_params(path: str | os.PathLike, step: int | None = None) -> tuple
     The params are numpy arrays in host memory: ``place_model`` then sends each device only its
     part (loading onto one device first would need the whole model in that device's memory).
     """
-    from pythia_jax.convert.hf import is_hf_dir, read_hf_dir
-
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p} does not exist")
-    revisions = [] if is_hf_dir(p) else hf_revision_steps(p)
-    if revisions:
-        if step is None:
-            raise CheckpointError(f"{p} holds HF revisions {_fmt(revisions)}; give a step")
-        if step not in revisions:
-            raise CheckpointError(f"{p} has no step {step}; available: {_fmt(revisions)}")
-        return read_hf_dir(p / f"step{step}")
+    found = read_hf_revision(p, step)
+    if found is not None:
+        return found
     from pythia_jax import checkpoint as ckpt
     from pythia_jax.api import load_params
 
@@ -42,6 +36,23 @@ def load_model_params(path: str | os.PathLike, step: int | None = None) -> tuple
         if step not in steps:
             raise CheckpointError(f"{p} has no step {step}; available: {_fmt(steps)}")
     return load_params(p, step=step, host=True)
+
+
+def read_hf_revision(path: str | os.PathLike, step: int | None) -> tuple[Any, dict] | None:
+    """``(ModelConfig, params)`` of ``path/step<step>/`` when ``path`` is a folder of HF revision
+    folders (numpy float32 params, as ``read_hf_dir``); None when it is not such a folder.
+    Raises CheckpointError without a step, or for a step that is not there (listing those that are)."""
+    from pythia_jax.convert.hf import is_hf_dir, read_hf_dir
+
+    p = Path(path)
+    revisions = [] if is_hf_dir(p) else hf_revision_steps(p)
+    if not revisions:
+        return None
+    if step is None:
+        raise CheckpointError(f"{p} holds HF revisions {_fmt(revisions)}; give a step")
+    if step not in revisions:
+        raise CheckpointError(f"{p} has no step {step}; available: {_fmt(revisions)}")
+    return read_hf_dir(p / f"step{step}")
 
 
 def hf_revision_steps(path: str | os.PathLike) -> list[int]:
