@@ -76,6 +76,15 @@ def test_identical_consecutive_steps(clean, tmp_path):
     assert f.other == "step1"
 
 
+def test_steps_0_and_1_identical_is_expected(clean, tmp_path):
+    root = fresh(clean, tmp_path)
+    shutil.rmtree(root / "step1")
+    shutil.copytree(root / "step0", root / "step1")
+    report = audit.audit_series(root)
+    assert report.ok, report.table()
+    assert [(f.kind, f.step, f.severity) for f in report.findings] == [("identical_step", "step1", "note")]
+
+
 def test_shard_from_another_step(clean, tmp_path):
     root = fresh(clean, tmp_path)
     name = "model-00001-of-" + sorted((root / "step1").glob("model-00001-of-*"))[0].name.split("-of-")[1]

@@ -15,7 +15,9 @@ one step at a time (one float32 model).
 Findings (:class:`Finding`, ``kind``):
 
 - ``identical_step``: two steps whose tensors are all byte-identical (e.g. Hub revisions of
-  different steps serving the same weights);
+  different steps serving the same weights). Steps 0 and 1 are expected to be identical (GPT-NeoX's
+  ``AnnealingLR`` warmup, like this project's schedule, gives lr 0 to the first update), so that
+  pair is a note;
 - ``duplicate_shard``: a weight file whose tensors are byte-identical to a file of another step
   (an out-of-era shard); ``duplicate_tensor``: the same for single tensors (tensors whose values
   are all equal, such as LayerNorm scales still at 1.0 early in training, are not compared);
@@ -687,9 +689,15 @@ def analyze(records: Sequence[StepRecord], *, norm_window: int = 4, norm_z: floa
     for group in by_print.values():
         for prev, r in zip(group, group[1:]):
             adjacent = order[r.label] == order[prev.label] + 1
-            findings.append(Finding("identical_step", r.label,
-                                    f"every tensor is byte-identical to {prev.label}'s"
-                                    + ("" if adjacent else " (not adjacent in the series)"), other=prev.label))
+            if (prev.step, r.step) == (0, 1):  # lr(0) = 0: the first update leaves the weights as they are
+                findings.append(Finding("identical_step", r.label, f"byte-identical to {prev.label}'s, as "
+                                        "expected: GPT-NeoX's warmup starts at lr 0, so the first update "
+                                        "does not move the weights", "note", other=prev.label))
+            else:
+                findings.append(Finding("identical_step", r.label,
+                                        f"every tensor is byte-identical to {prev.label}'s"
+                                        + ("" if adjacent else " (not adjacent in the series)"),
+                                        other=prev.label))
             same_as[r.label] = group[0].label
     def related(a: StepRecord, b: StepRecord) -> bool:
         return same_as.get(a.label, a.label) == same_as.get(b.label, b.label)
