@@ -36,6 +36,8 @@ SUBCOMMANDS: tuple[tuple[str, str], ...] = (
     ("count", "pythia_jax.commands.count"),
     ("count-merge", "pythia_jax.commands.count_merge"),
     ("info", "pythia_jax.commands.info"),
+    ("audit", "pythia_jax.commands.audit"),
+    ("memorization-report", "pythia_jax.commands.memorization_report"),
 )
 
 # Subcommands that hand all their arguments to another tool's parser.

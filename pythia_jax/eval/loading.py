@@ -41,14 +41,9 @@ def load_model_params(path: str | os.PathLike, step: int | None = None) -> tuple
                                   f"ask for step {own} (eval: --steps {own} or all) or give the folder of "
                                   "step<N>/ revisions")
         return read_hf_dir(p)
-    revisions = hf_revision_steps(p)
-    if revisions:
-        if step is None:
-            step = revisions[-1]
-            logger.info("%s: using the newest HF revision, step%d (of %s)", p, step, _fmt(revisions))
-        if step not in revisions:
-            raise CheckpointError(f"{p} has no step {step}; available: {_fmt(revisions)}")
-        return read_hf_dir(p / f"step{step}")
+    found = read_hf_revision(p, step)
+    if found is not None:
+        return found
     from pythia_jax import checkpoint as ckpt
     from pythia_jax.api import load_params
 
@@ -57,6 +52,25 @@ def load_model_params(path: str | os.PathLike, step: int | None = None) -> tuple
         if step not in steps:
             raise CheckpointError(f"{p} has no step {step}; available: {_fmt(steps)}")
     return load_params(p, step=step, host=True)
+
+
+def read_hf_revision(path: str | os.PathLike, step: int | None) -> tuple[Any, dict] | None:
+    """``(ModelConfig, params)`` of ``path/step<step>/`` when ``path`` is a folder of HF revision
+    folders (numpy float32 params, as ``read_hf_dir``; the newest revision when ``step`` is None);
+    None when it is not such a folder. Raises CheckpointError for a step that is not there
+    (listing those that are)."""
+    from pythia_jax.convert.hf import is_hf_dir, read_hf_dir
+
+    p = Path(path)
+    revisions = [] if is_hf_dir(p) else hf_revision_steps(p)
+    if not revisions:
+        return None
+    if step is None:
+        step = revisions[-1]
+        logger.info("%s: using the newest HF revision, step%d (of %s)", p, step, _fmt(revisions))
+    if step not in revisions:
+        raise CheckpointError(f"{p} has no step {step}; available: {_fmt(revisions)}")
+    return read_hf_dir(p / f"step{step}")
 
 
 def hf_revision_steps(path: str | os.PathLike) -> list[int]:
