@@ -87,8 +87,8 @@ def load_params(path: str | os.PathLike, step: int | None = None, **kwargs: Any
 
 
 def load(path: str | os.PathLike, step: int | None = None, dtype: str | None = None, **kwargs: Any):
-    """A ``GPTNeoX`` from an HF directory, a folder of HF revisions ``step<N>/`` (``step``
-    required), a pythia-jax checkpoint directory (newest valid step unless ``step``) or a
+    """A ``GPTNeoX`` from an HF directory, a folder of HF revisions ``step<N>/`` (the newest
+    unless ``step``), a pythia-jax checkpoint directory (newest valid step unless ``step``) or a
     GPT-NeoX DeepSpeed checkpoint (``global_stepN/`` or its parent; fp32 ZeRO master weights
     when the optimizer shards are there).
 
