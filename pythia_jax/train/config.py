@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import posixpath
+from typing import Any, Mapping
 
 from pythia_jax.config import ConfigError, ModelConfig
 
@@ -73,6 +74,12 @@ class DataConfig:
     eval_prefix: a separate held-out dataset read in file order ("demo" = the bundled held-out
       Wikipedia set); None → held-out rows of the training order after the training range.
     cache_dir: directory for GPT-NeoX index-map caches (None → next to the dataset).
+    transform: a row transform applied to the training rows (``pythia_jax.data.transforms``: e.g.
+      "gender_swap", "gender_swap_tokenmap_2022", "gender_swap_text_2023", or
+      "package.module:function"), with ``transform_params`` (a dict, e.g. {"direction": "f2m"}),
+      only in the steps ``transform_steps = (start, stop)`` (None: every step). Rows outside the
+      window are untouched; the transform is recorded in every checkpoint and a resume with
+      another one is refused.
     """
     prefix: str = "demo"
     order: str = "neox"
@@ -81,6 +88,32 @@ class DataConfig:
     cache_dir: str | None = None
     num_threads: int = 2
     prefetch: int = 2
+    transform: str | None = None
+    transform_params: Any = None
+    transform_steps: tuple | None = None
+
+    def __post_init__(self) -> None:
+        # a dict from gin is kept as sorted (key, value) pairs, so the config stays hashable
+        if isinstance(self.transform_params, Mapping):
+            object.__setattr__(self, "transform_params", tuple(sorted(self.transform_params.items())))
+        if isinstance(self.transform_steps, list):
+            object.__setattr__(self, "transform_steps", tuple(self.transform_steps))
+
+    def transform_spec(self):
+        """The ``TransformSpec`` of ``transform`` (None without one); ConfigError if malformed."""
+        from pythia_jax.data.transforms import TransformSpec
+
+        if not self.transform:
+            if self.transform_params or self.transform_steps is not None:
+                raise ConfigError("DataConfig.transform_params / transform_steps are set but "
+                                  "DataConfig.transform is not")
+            return None
+        params = self.transform_params or ()
+        try:
+            params = dict(params)
+        except (TypeError, ValueError):
+            raise ConfigError(f"DataConfig.transform_params must be a dict, got {self.transform_params!r}") from None
+        return TransformSpec.create(self.transform, params, self.transform_steps)
 
     def resolved_prefix(self) -> str:
         from pythia_jax.data import demo_data_prefix
@@ -127,7 +160,15 @@ class TrainConfig:
     checkpoint_extra_steps: tuple = ()
     keep_checkpoints: int | None = None  # None: keep all (Pythia releases every one)
     async_checkpointing: bool = True
-    init_from: str | None = None  # HF dir / project checkpoint to start from (instead of random init)
+    # Start from other weights instead of a random init: an HF directory (or an HF ``step<N>/``
+    # revision folder), a checkpoint directory of this project, or a GPT-NeoX checkpoint
+    # (``global_stepN/``, with its ZeRO optimizer states when present). With ``start_step = S``
+    # the run branches at step S: it reads step S's rows next, the LR schedule is at step S, and
+    # its checkpoints are numbered from S. Adam moments come from the source when it has them (a
+    # checkpoint of this project, a GPT-NeoX ZeRO checkpoint), else start at zero (logged, and
+    # recorded in the checkpoints' run configuration).
+    init_from: str | None = None
+    start_step: int = 0
     # Resuming with another num_steps or optimizer setting than the checkpoint's is refused
     # unless this is True (train/loop.py check_resume; a changed data order or model never is).
     allow_schedule_change: bool = False
@@ -190,6 +231,18 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Checks that need no devices (mesh/batch divisibility is checked in ``sharding``)."""
+        if not isinstance(self.start_step, int) or isinstance(self.start_step, bool) or self.start_step < 0:
+            raise ConfigError(f"TrainConfig.start_step must be a non-negative integer, got {self.start_step!r}")
+        if self.start_step and not self.init_from:
+            raise ConfigError(f"TrainConfig.start_step = {self.start_step} needs TrainConfig.init_from "
+                              "(the run to branch from)")
+        if self.start_step >= self.num_steps:
+            raise ConfigError(f"TrainConfig.start_step {self.start_step} must be below num_steps "
+                              f"{self.num_steps}")
+        spec = self.data.transform_spec()
+        if spec is not None:
+            spec.check_within(self.num_steps)
+            spec.build()  # an unknown name or bad parameters fail here, before any work
         for name in ("num_steps", "global_batch", "seq_length", "micro_batches", "log_every"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:

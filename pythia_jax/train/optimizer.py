@@ -231,6 +231,20 @@ def schedule_count(opt_state: optax.OptState) -> jax.Array:
     return states[0][1].count
 
 
+def with_schedule_count(opt_state: optax.OptState, count: int) -> optax.OptState:
+    """``opt_state`` with the LR schedule's count set to ``count`` (Adam's own count unchanged):
+    a branch that starts with fresh moments at step ``count`` gets that step's learning rate."""
+    sched = jnp.asarray(int(count), jnp.int32)
+
+    def setter(n):
+        if isinstance(n, optax.ScaleByScheduleState):
+            return n._replace(count=jax.device_put(sched, getattr(n.count, "sharding", None))
+                              if isinstance(n.count, jax.Array) else sched)
+        return n
+
+    return _map_states(opt_state, setter)
+
+
 # ------------------------------------------------------------------------ Adam moments for converters
 def adam_moments(opt_state: optax.OptState) -> tuple[PyTree, PyTree, jax.Array]:
     """``(mu, nu, count)`` of the Adam state: first/second moments (same tree as the params, float32)
