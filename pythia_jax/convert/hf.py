@@ -1,6 +1,7 @@
 """Hugging Face ``GPTNeoXForCausalLM`` weights <-> this project's parameter tree.
 
-The key table (PYTHIA_FACTS §3) maps every HF tensor to one slot of the canonical params::
+The key table (transformers' ``GPTNeoXForCausalLM`` state dict) maps every HF tensor to one slot
+of the canonical params (shapes: ``pythia_jax.config.param_shapes``)::
 
     HF key (torch layout [out, in])                 params path (ours, [in, out], layers stacked)
     gpt_neox.embed_in.weight            [V, H]      embed_in/embedding                   [V, H]
@@ -11,7 +12,10 @@ The key table (PYTHIA_FACTS §3) maps every HF tensor to one slot of the canonic
     embed_out.weight                    [V, H]      embed_out/kernel                     [H, V]
 
 Old checkpoints' buffers (``attention.bias``, ``attention.masked_bias``,
-``attention.rotary_emb.inv_freq``) are ignored on read and never written.
+``attention.rotary_emb.inv_freq``) are ignored on read and never written. Checkpoints saved with
+``attention_bias=false`` (no QKV / attention-output biases) read those biases as zeros, and with
+``tie_word_embeddings=true`` (no head tensor) read ``embed_out`` as a copy of ``embed_in``: the
+same outputs in the always-untied, biased layout of this project (``config.HFWeightLayout``).
 
 Directory I/O (``read_hf_dir`` / ``write_hf_dir``) streams tensor by tensor: reading holds one
 float32 model plus one tensor of the file being read; writing holds the params plus one shard.
@@ -22,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import os
 import re
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -29,9 +34,12 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import numpy as np
 
 from pythia_jax import io_utils
-from pythia_jax.config import ModelConfig
+from pythia_jax.config import (HFWeightLayout, ModelConfig, check_param_shapes, hf_weight_layout,
+                               param_shapes, read_hf_config_json)
 from pythia_jax.data.tokenizer import TOKENIZER_FILE
 from pythia_jax.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
 
 Path = tuple[str, ...]
 
@@ -64,25 +72,6 @@ _GLOBAL_KEY = {key: (path, t) for path, key, t in GLOBAL_TABLE}
 # transformers 5.x names the head ``lm_head`` in memory (and in files saved from a fresh model);
 # the releases and GPT-NeoX's converter use ``embed_out``. Read both, write ``embed_out``.
 KEY_ALIASES = {"lm_head.weight": "embed_out.weight"}
-
-
-def param_shapes(config: ModelConfig) -> dict[Path, tuple[int, ...]]:
-    """Shape of every leaf of the params tree, keyed by its full path (e.g. ``("layers", "mlp", ...)``)."""
-    H, F, L, V = config.hidden_size, config.intermediate_size, config.num_layers, config.vocab_size
-    per_layer = {
-        ("input_layernorm", "scale"): (H,), ("input_layernorm", "bias"): (H,),
-        ("post_attention_layernorm", "scale"): (H,), ("post_attention_layernorm", "bias"): (H,),
-        ("attention", "query_key_value", "kernel"): (H, 3 * H),
-        ("attention", "query_key_value", "bias"): (3 * H,),
-        ("attention", "dense", "kernel"): (H, H), ("attention", "dense", "bias"): (H,),
-        ("mlp", "dense_h_to_4h", "kernel"): (H, F), ("mlp", "dense_h_to_4h", "bias"): (F,),
-        ("mlp", "dense_4h_to_h", "kernel"): (F, H), ("mlp", "dense_4h_to_h", "bias"): (H,),
-    }
-    shapes: dict[Path, tuple[int, ...]] = {("embed_in", "embedding"): (V, H)}
-    shapes.update({("layers",) + p: (L,) + s for p, s in per_layer.items()})
-    shapes.update({("final_layer_norm", "scale"): (H,), ("final_layer_norm", "bias"): (H,),
-                   ("embed_out", "kernel"): (H, V)})
-    return shapes
 
 
 def hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -122,26 +111,46 @@ def _set(tree: dict, path: Path, value: Any) -> None:
     tree[path[-1]] = value
 
 
+# HF keys that a checkpoint without attention biases lacks (read as zeros)
+_ATTENTION_BIAS_SUFFIXES = ("attention.query_key_value.bias", "attention.dense.bias")
+_HEAD_KEY = "embed_out.weight"
+
+
 class ParamAssembler:
     """Fills a float32 params tree one HF tensor at a time (for streaming readers).
 
     ``add(key, array)`` checks the shape, casts to float32 and writes the tensor into its slot
     (transposed for Linear weights, at index ``i`` of the layer stack); ``finish()`` checks that
     every tensor arrived and returns the nested dict of ``np.ndarray`` (float32).
+    ``layout`` (from ``config.hf_weight_layout``): without attention biases those tensors are
+    zeros; with tied embeddings ``embed_out`` is ``embed_in`` transposed. Tensors the layout
+    says are absent are skipped when present, as transformers does (logged).
     """
 
-    def __init__(self, config: ModelConfig, source: str = "checkpoint"):
+    def __init__(self, config: ModelConfig, source: str = "checkpoint",
+                 layout: HFWeightLayout = HFWeightLayout()):
         self.config = config
         self.source = source
+        self.layout = layout
         self._shapes = param_shapes(config)
         with plain_pages():  # aligned: to_device_tree then adopts the arrays on CPU (no copy)
             self._arrays = {p: aligned_empty(s, np.float32) for p, s in self._shapes.items()}
-        self._expected = hf_shapes(config)
+        self._expected = {k: s for k, s in hf_shapes(config).items() if not self._absent(k)}
         self._seen: set[str] = set()
+        self._skipped: list[str] = []
+
+    def _absent(self, key: str) -> bool:
+        """True for a tensor the checkpoint's layout does not have (filled in by ``finish``)."""
+        if not self.layout.attention_bias and key.endswith(_ATTENTION_BIAS_SUFFIXES):
+            return True
+        return self.layout.tie_word_embeddings and key == _HEAD_KEY
 
     def slot(self, key: str) -> tuple[Path, int | None, bool] | None:
         """(params path, layer index or None, transpose) of an HF key; None for ignored buffers."""
         key = KEY_ALIASES.get(key, key)
+        if self._absent(key):
+            self._skipped.append(key)  # transformers does not use it either
+            return None
         if key in _GLOBAL_KEY:
             path, t = _GLOBAL_KEY[key]
             return path, None, t
@@ -160,9 +169,6 @@ class ParamAssembler:
 
     def wants(self, key: str) -> bool:
         return self.slot(key) is not None
-
-    def expected_shape(self, key: str) -> tuple[int, ...]:
-        return self._expected[key]
 
     def check_shape(self, key: str, shape: Iterable[int]) -> None:
         key = KEY_ALIASES.get(key, key)
@@ -193,6 +199,15 @@ class ParamAssembler:
         if missing:
             shown = ", ".join(missing[:5]) + (f" … ({len(missing)} in all)" if len(missing) > 5 else "")
             raise CheckpointError(f"{self.source}: missing tensors: {shown}")
+        if self._skipped:
+            logger.warning("%s: %d tensor(s) the config says are unused were skipped, as transformers "
+                           "does (e.g. %s)", self.source, len(self._skipped), self._skipped[0])
+        if not self.layout.attention_bias:
+            for name in ("query_key_value", "dense"):
+                self._arrays[("layers", "attention", name, "bias")][...] = 0.0
+        if self.layout.tie_word_embeddings:
+            copy_cast(self._arrays[("embed_out", "kernel")], self._arrays[("embed_in", "embedding")],
+                      transpose=True)
         tree: dict[str, Any] = {}
         for path, arr in self._arrays.items():
             _set(tree, path, arr)
@@ -201,12 +216,15 @@ class ParamAssembler:
 
 
 def hf_state_dict_to_params(config: ModelConfig, state_dict: Mapping[str, Any],
-                            source: str = "state dict") -> dict[str, Any]:
+                            source: str = "state dict",
+                            layout: HFWeightLayout = HFWeightLayout()) -> dict[str, Any]:
     """HF state dict (arrays or torch tensors, any float dtype) -> params tree of float32 ``np.ndarray``.
 
-    Raises ``CheckpointError`` for a missing tensor, a wrong shape or an unknown key.
+    ``layout``: ``config.hf_weight_layout(config_json)`` for checkpoints without attention biases
+    or with tied embeddings. Raises ``CheckpointError`` for a missing tensor, a wrong shape or an
+    unknown key.
     """
-    assembler = ParamAssembler(config, source)
+    assembler = ParamAssembler(config, source, layout)
     for key, value in state_dict.items():
         if assembler.wants(key):
             assembler.add(key, to_numpy(value))
@@ -220,7 +238,8 @@ def iter_hf_tensors(config: ModelConfig, params: Mapping[str, Any],
     ``params`` leaves may be numpy or JAX arrays (sharded ones too). Only the yielded tensor
     is materialised on the host: a JAX leaf is sliced on device first and just that slice is
     fetched (``np.asarray`` of a whole JAX leaf would also keep a host copy cached on it).
-    Shapes are checked here, before the first tensor is made (``CheckpointError``).
+    Shapes are checked here, before the first tensor is made (``ParamShapeError``, a
+    ``CheckpointError``).
     """
     _check_params(config, params)
     return _hf_tensors(config, params, np.dtype(dtype))
@@ -488,13 +507,17 @@ def read_hf_dir(path: str | os.PathLike, *, progress: bool = False) -> tuple[Mod
     Accepts model.safetensors, sharded safetensors with model.safetensors.index.json,
     pytorch_model.bin (+ index); fp16 / bf16 / fp32 tensors. Streams tensor by tensor: peak
     memory is one float32 model plus one tensor (safetensors) or one shard (.bin).
+    Every ``config.json`` key is checked first (``ConfigError`` naming an unsupported setting,
+    before any tensor is read; see ``config.HF_FIELDS``).
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path} is not a directory")
-    config = ModelConfig.from_hf_file(path)
+    hf_config = read_hf_config_json(path)
+    layout = hf_weight_layout(hf_config)
+    config = ModelConfig.from_hf_dict(hf_config)
     fmt, files = find_weight_files(path)
-    assembler = ParamAssembler(config, source=path)
+    assembler = ParamAssembler(config, source=path, layout=layout)
     total = len(assembler.missing())
     with _progress(progress, total, f"reading {os.path.basename(path.rstrip('/')) or path}") as bar:
         for file in files:
@@ -523,11 +546,8 @@ def plan_shards(config: ModelConfig, dtype: Any, shard_size: int | str) -> list[
 
 
 def _check_params(config: ModelConfig, params: Mapping[str, Any]) -> None:
-    for path, shape in param_shapes(config).items():
-        value = _get(params, path)
-        if tuple(np.shape(value)) != shape:
-            raise CheckpointError(f"params {'/'.join(path)} has shape {list(np.shape(value))}, "
-                                  f"expected {list(shape)} for this config")
+    """``config.check_param_shapes`` (kept under this name for the GPT-NeoX writer)."""
+    check_param_shapes(config, params)
 
 
 def write_hf_dir(config: ModelConfig, params: Mapping[str, Any], out_dir: str | os.PathLike, *,
