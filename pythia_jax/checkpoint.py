@@ -38,7 +38,7 @@ from typing import Any, Callable, Collection, Mapping
 
 import numpy as np
 
-from pythia_jax.config import ConfigError, ModelConfig, check_param_shapes
+from pythia_jax.config import ConfigError, ModelConfig
 from pythia_jax.errors import CheckpointError
 
 
@@ -832,8 +832,6 @@ def load_params(directory: str | os.PathLike, step: int | None = None,
         ckpt.close()
     if restored is None:
         raise CheckpointError(f"{root}: no valid checkpoint step")
-    if config is not None:
-        check_param_shapes(config, restored.params, what=f"{root} params")
     if host:
         return config, restored.params
     if abstract is None:  # numpy -> the first local device, leaf by leaf (adopted, not copied, on CPU)

@@ -46,7 +46,7 @@ import numpy as np
 
 from pythia_jax.config import (EXACT_GELU_NAMES, INIT_METHODS, TOKENIZER_VOCAB_SIZE, ConfigError,
                                ModelConfig)
-from pythia_jax.convert import hf as hf_convert
+from pythia_jax.convert import hf as hf_convert, neox_yml_keys
 from pythia_jax.data.tokenizer import TOKENIZER_FILE
 from pythia_jax.errors import CheckpointError
 
@@ -360,6 +360,7 @@ def locate_neox_checkpoint(path: str | os.PathLike, step: int | None = None,
     if not yml:
         raise ConfigError(f"no GPT-NeoX yml config found in {step_dir}/configs or next to it; "
                           "pass the training yml (config_files=… / --neox-config)")
+    neox_yml_keys.check_neox_yml(yml)  # every model key honoured or refused, before any tensor
     yml_tp = yml_get(yml, "model-parallel-size")
     if yml_tp is not None and int(yml_tp) != tp:
         raise CheckpointError(f"{step_dir}: mixed tensor-parallel sizes: the yml says "
