@@ -18,7 +18,7 @@ Parameter tree (``params_to_dict``) and logical axis names: see ``params_to_dict
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
