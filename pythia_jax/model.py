@@ -27,7 +27,8 @@ from flax import nnx, struct
 
 from pythia_jax.config import ModelConfig, check_param_shapes
 from pythia_jax.layers import (Dense, Embed, LayerNorm, apply_rotary, cached_attention, causal_mask,
-                               dot_product_attention, gelu, rotary_cos_sin, with_logical_constraint)
+                               check_attention_supported, dot_product_attention, gelu, rotary_cos_sin,
+                               with_logical_constraint)
 
 _BATCH_LENGTH = ("batch", "length")  # the flattened leading dim of 2-D activations
 
@@ -209,8 +210,14 @@ class GPTNeoX(nnx.Module):
         key_mask: bool, True = real token. Without a cache, [B, T]. With a cache, either [B, T]
         (the new tokens' validity, recorded in the cache) or [B, max_len] (all slots).
         cache: new keys/values are written at slots cache.index … cache.index + T − 1.
+        Every compute dtype (float32, bfloat16, float16) with every parameter dtype runs on every
+        backend with attention 'auto', 'xla' or 'reference'; raises ``ConfigError`` for
+        attention='cudnn' off GPU or in float32 (``layers.check_attention_supported``).
         """
         cfg = self.config
+        # an attention kernel named in the config that cannot run on this backend / dtype is
+        # refused here, at trace time, before any compute (ConfigError)
+        check_attention_supported(cfg.attention, cfg.dtype, cfg.head_dim)
         B, T = tokens.shape
         index = cache.index if cache is not None else jnp.zeros((), jnp.int32)
         if positions is None:

@@ -336,8 +336,16 @@ def test_existing_output_refused_and_overwrite(tmp_path):
     with pytest.raises(PythiaJaxError, match="already exists"):
         hfc.write_hf_dir(TINY, params, out)
     assert os.listdir(out) == ["keep.txt"]
-    hfc.write_hf_dir(TINY, params, out, overwrite=True)
-    assert "keep.txt" not in os.listdir(out) and "model.safetensors" in os.listdir(out)
+    # --overwrite replaces only an HF directory, never an unrelated folder
+    with pytest.raises(PythiaJaxError, match="not an HF model directory"):
+        hfc.write_hf_dir(TINY, params, out, overwrite=True)
+    assert os.listdir(out) == ["keep.txt"]
+    os.remove(out / "keep.txt")
+    hfc.write_hf_dir(TINY, params, out, dtype="float32")  # an empty folder needs no overwrite
+    with pytest.raises(PythiaJaxError, match="already exists"):
+        hfc.write_hf_dir(TINY, params, out)
+    hfc.write_hf_dir(TINY, params, out, overwrite=True)  # an HF directory is replaced
+    assert "model.safetensors" in os.listdir(out)
     assert os.listdir(tmp_path) == ["out"]  # no temporary siblings left
 
 

@@ -21,28 +21,38 @@ the same --out skips results already there. Per-example outputs go to --details-
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoints", required=True, help="checkpoint directory or folder of step<N>/ HF dirs")
-    parser.add_argument("--steps", required=True, help="e.g. 0,1000,2000 | all | 1000-10000")
+    from pythia_jax.commands.argtypes import dataset_prefix, nonneg_int, positive_int
+
+    parser.add_argument("--checkpoints", required=True,
+                        help="checkpoint directory, folder of step<N>/ HF dirs, or one HF directory")
+    parser.add_argument("--steps", required=True,
+                        help="e.g. 0,1000,2000 | all | 1000-10000 (one HF directory: all, or its step)")
     parser.add_argument("--tasks", default="piqa,arc_easy,arc_challenge,sciq,winogrande",
                         help="comma-separated: task names / spec .yaml paths, perplexity, memorization")
-    parser.add_argument("--data-dir", default=None, help="directory with the tasks' JSONL files")
-    parser.add_argument("--limit", type=int, default=None, help="first N examples/documents per task")
+    parser.add_argument("--data-dir", default=None,
+                        help="directory with the tasks' <task>.jsonl files (small slices: tests/data/eval)")
+    parser.add_argument("--limit", type=positive_int, default=None,
+                        help="first N examples/documents per task (default: all)")
     parser.add_argument("--out", required=True, help="results table: .jsonl or .csv")
     parser.add_argument("--csv", default=None, help="also write the whole table as CSV here at the end")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-len", type=int, default=None, help="context window (default: the model's)")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="sequences per forward pass")
+    parser.add_argument("--max-len", type=positive_int, default=None, help="context window (default: the model's)")
     parser.add_argument("--details-dir", default=None, help="per-example outputs (default: <out>_details)")
     g = parser.add_argument_group("perplexity")
     g.add_argument("--ppl-data", default=None, help="indexed-dataset prefix or .jsonl of texts")
-    g.add_argument("--ppl-text-key", default="text")
+    g.add_argument("--ppl-text-key", default="text", help="JSON field holding the text (for .jsonl)")
     g = parser.add_argument_group("memorization")
-    g.add_argument("--mem-data", default=None, help="training data prefix (indexed dataset)")
-    g.add_argument("--mem-order", default="preshuffled", choices=("preshuffled", "neox"))
-    g.add_argument("--mem-seq-len", type=int, default=2048)
-    g.add_argument("--mem-rows-per-step", type=int, default=1024, help="training rows per step (global batch)")
-    g.add_argument("--mem-sample", type=int, default=None, help="test a random sample of the seen rows")
-    g.add_argument("--mem-seed", type=int, default=0)
-    parser.add_argument("--no-progress", action="store_true")
+    g.add_argument("--mem-data", default=None, type=dataset_prefix,
+                   help="training data prefix (indexed dataset; 'demo' = the bundled demo data)")
+    g.add_argument("--mem-order", default="preshuffled", choices=("preshuffled", "neox"),
+                   help="the order the training data was read in")
+    g.add_argument("--mem-seq-len", type=positive_int, default=2048, help="training sequence length")
+    g.add_argument("--mem-rows-per-step", type=positive_int, default=1024,
+                   help="training rows per step (global batch)")
+    g.add_argument("--mem-sample", type=positive_int, default=None,
+                   help="test a random sample of this many seen rows (default: all)")
+    g.add_argument("--mem-seed", type=nonneg_int, default=0, help="seed of the --mem-sample draw")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         raise PythiaJaxError(f"no steps selected by --steps {args.steps!r}")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     details = args.details_dir or os.path.splitext(args.out)[0] + "_details"
+    _check_outputs(args.checkpoints, args.out, args.csv, details)
     settings = EvalSettings(
         tasks=tasks, data_dir=args.data_dir, limit=args.limit, batch_size=args.batch_size,
         max_len=args.max_len, ppl_data=args.ppl_data, ppl_text_key=args.ppl_text_key,
@@ -70,3 +81,19 @@ def run(args: argparse.Namespace) -> int:
         write_csv(table.rows, args.csv)
     print(f"{len(table.rows)} rows in {args.out}")
     return 0
+
+
+def _check_outputs(checkpoints: str, out: str, csv: str | None, details: str) -> None:
+    """Before any work: the tables and the details folder are outside the checkpoints (and not
+    above them); existing tables are results tables (extended / replaced); an existing details
+    folder is not a run, checkpoint or model directory."""
+    from pythia_jax.errors import PythiaJaxError
+    from pythia_jax.io_utils import check_inputs, check_output_file, describe_path, path_kind
+
+    check_output_file(out, "table", inputs=[checkpoints])
+    if csv:
+        check_output_file(csv, "table", inputs=[checkpoints, out])
+    check_inputs(details, [checkpoints])
+    if path_kind(details) not in (None, "empty", "other"):
+        raise PythiaJaxError(f"--details-dir {details} is {describe_path(details)}; per-example "
+                             "outputs need a folder of their own: choose another --details-dir")

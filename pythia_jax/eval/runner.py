@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from pythia_jax.errors import CheckpointError, DataError, PythiaJaxError
+from pythia_jax.io_utils import atomic_files, check_output_file
 
 COLUMNS = ("step", "task", "metric", "value", "stderr", "num_examples")
 DEFAULT_TASKS = ("piqa", "arc_easy", "arc_challenge", "sciq", "winogrande")
@@ -94,6 +95,7 @@ class ResultsTable:
         self.path = Path(path)
         if self.path.suffix not in (".jsonl", ".csv"):
             raise PythiaJaxError(f"--out must end in .jsonl or .csv, got {self.path}")
+        check_output_file(self.path, "table")  # extends a results table, never another file
         self.rows = read_table(self.path)
         self.done = {(r["step"], r["task"]) for r in self.rows}
         if self.path.suffix == ".jsonl" and self.path.exists():
@@ -113,30 +115,22 @@ class ResultsTable:
             self._rewrite()
 
     def _rewrite(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            if self.path.suffix == ".csv":
-                w = csv.DictWriter(f, fieldnames=COLUMNS)
-                w.writeheader()
-                for r in self.rows:
-                    w.writerow({k: ("" if isinstance(r[k], float) and math.isnan(r[k]) else r[k]) for k in COLUMNS})
-            else:
-                for r in self.rows:
-                    f.write(json.dumps({k: _json_value(r[k]) for k in COLUMNS}) + "\n")
-        os.replace(tmp, self.path)
+        if self.path.suffix == ".csv":
+            write_csv(self.rows, self.path)
+            return
+        with atomic_files(self.path) as (tmp,), open(tmp, "w", encoding="utf-8") as f:
+            for r in self.rows:
+                f.write(json.dumps({k: _json_value(r[k]) for k in COLUMNS}) + "\n")
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
-    """Write ``rows`` as a CSV table (atomically)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    """Write ``rows`` as a CSV table (atomically; replaces only a results table)."""
+    check_output_file(path, "table")
+    with atomic_files(path) as (tmp,), open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
         for r in rows:
             w.writerow({k: ("" if isinstance(r[k], float) and math.isnan(r[k]) else r[k]) for k in COLUMNS})
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------- evaluation
@@ -310,8 +304,6 @@ def _row(step, task, metric, value, stderr, n) -> dict[str, Any]:
 
 
 def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_files(path) as (tmp,), open(tmp, "w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)

@@ -10,4 +10,6 @@ Modules (each documents its API):
 - ``metrics``: FLOPs per token, MFU, throughput, console / TensorBoard writers.
 - ``loop``: ``train(cfg)``: restore → iterate → step → log → evaluate → checkpoint.
 - ``preemption``: clean stop on SIGTERM.
+- ``continuation``: optimizer states for training on from converted checkpoints (GPT-NeoX ZeRO
+  moments, or a fresh state with the LR schedule at the checkpoint's step).
 """

@@ -9,6 +9,9 @@ configurable under its own name, e.g. ``TrainConfig.num_steps = 100``, ``Optimiz
 from __future__ import annotations
 
 import dataclasses
+import os
+import posixpath
+
 from pythia_jax.config import ConfigError, ModelConfig
 
 
@@ -32,12 +35,16 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-    """The Pythia AdamW recipe (PYTHIA_FACTS §5). ``min_lr`` None → 0.1·max_lr; ``warmup_steps`` None →
-    1% of the run (1430 for 143,000 steps); ``decay_steps`` None → the run's ``num_steps``."""
+    """The Pythia AdamW recipe (Pythia paper, appendix E). ``min_lr`` None → 0.1·max_lr;
+    ``warmup_steps`` None → ``warmup · decay_steps``, unrounded as in GPT-NeoX (1430 for 143,000
+    steps, 0.2 for 20); ``decay_steps`` None → the run's ``num_steps``; ``decay_style``: GPT-NeoX's
+    ``lr_decay_style`` (cosine, linear, exponential, constant; ``train/optimizer.py``)."""
     max_lr: float = 1.0e-3
     min_lr: float | None = None
-    warmup_steps: int | None = None
+    warmup_steps: float | None = None
     decay_steps: int | None = None
+    warmup: float = 0.01  # GPT-NeoX's `warmup`: the fraction of decay_steps spent warming up
+    decay_style: str = "cosine"
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
@@ -130,16 +137,35 @@ class TrainConfig:
     progress_bar: bool = True
     peak_flops_per_device: float | None = None  # None: from the device table (metrics.py)
 
-    export_hf: str | None = None  # after the last step, write an HF directory here
+    # After the last step, write an HF directory here: a relative path is inside output_dir
+    # ("hf" -> <output_dir>/hf), an absolute path / URL is used as it is (``export_hf_dir``).
+    # It may not be output_dir, a folder above it, or one of the run's own entries (checkpoints/ …).
+    export_hf: str | None = None
     export_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         self.validate()
 
     @property
-    def warmup_steps(self) -> int:
+    def export_hf_dir(self) -> str | None:
+        """Where the HF export goes: ``export_hf`` joined to ``output_dir`` when relative (to the
+        local mirror folder of a ``gs://`` run, where its logs go), else ``export_hf`` itself."""
+        if not self.export_hf:
+            return None
+        path = os.path.expanduser(str(self.export_hf))
+        if "://" in path or os.path.isabs(path):
+            return path
+        if "://" in self.output_dir:  # logs and exports of a gs:// run go to its local mirror
+            from pythia_jax.train.loop import local_output_dir
+
+            return os.path.join(local_output_dir(self.output_dir), path)
+        return os.path.join(self.output_dir, path)
+
+    @property
+    def warmup_steps(self) -> float:
+        """GPT-NeoX's ``warmup_iter = warmup · lr_decay_iters``, a float (not rounded)."""
         w = self.optimizer.warmup_steps
-        return int(round(0.01 * self.decay_steps)) if w is None else int(w)
+        return self.optimizer.warmup * self.decay_steps if w is None else float(w)
 
     @property
     def decay_steps(self) -> int:
@@ -178,6 +204,10 @@ class TrainConfig:
         if self.optimizer.max_lr < 0 or self.min_lr > self.optimizer.max_lr:
             raise ConfigError(f"need 0 <= min_lr <= max_lr, got min_lr {self.min_lr}, "
                               f"max_lr {self.optimizer.max_lr}")
+        from pythia_jax.train.optimizer import DECAY_STYLES
+        if self.optimizer.decay_style not in DECAY_STYLES:
+            raise ConfigError(f"OptimizerConfig.decay_style must be one of {DECAY_STYLES}, got "
+                              f"{self.optimizer.decay_style!r}")
         if not 0 <= self.warmup_steps <= self.decay_steps:
             raise ConfigError(f"warmup_steps {self.warmup_steps} must be in [0, decay_steps "
                               f"{self.decay_steps}]")
@@ -196,6 +226,41 @@ class TrainConfig:
             v = getattr(self.mesh, a)
             if not isinstance(v, int) or (v <= 0 and v != -1):
                 raise ConfigError(f"MeshConfig.{a} must be a positive integer or -1, got {v!r}")
+        self._validate_export()
+
+    def _validate_export(self) -> None:
+        """Refuse an ``export_hf`` that would replace the run: ``output_dir`` itself, a folder above
+        it, or one of the run's own entries (checkpoints/, tensorboard/, index_maps/,
+        metrics.jsonl) or a folder inside them. Symlinks of local paths are resolved."""
+        export = self.export_hf_dir
+        if export is None:
+            return
+        if not isinstance(self.export_hf, str):
+            raise ConfigError(f"TrainConfig.export_hf must be a path string or None, got {self.export_hf!r}")
+
+        def norm(path: str) -> str:
+            if "://" in path:
+                scheme, rest = path.split("://", 1)
+                return scheme + "://" + posixpath.normpath("/" + rest).lstrip("/")
+            return os.path.realpath(os.path.expanduser(path))
+
+        out, exp = norm(self.output_dir), norm(export)
+
+        def inside(a: str, b: str) -> bool:  # a == b or a below b
+            return a == b or a.startswith(b.rstrip("/") + "/")
+
+        fix = (f"use a new folder, e.g. TrainConfig.export_hf = \"hf\" (that is {self.output_dir}/hf), "
+               "or an absolute path outside the run")
+        if inside(out, exp):
+            raise ConfigError(f"TrainConfig.export_hf {export!r} is {'' if out == exp else 'above '}the "
+                              f"run's output_dir {self.output_dir!r}: the export would replace the run "
+                              f"(checkpoints, metrics); {fix}")
+        for entry in ("checkpoints", "tensorboard", "index_maps", "metrics.jsonl"):
+            own = norm(posixpath.join(self.output_dir, entry) if "://" in self.output_dir
+                       else os.path.join(self.output_dir, entry))
+            if inside(exp, own):
+                raise ConfigError(f"TrainConfig.export_hf {export!r} is inside the run's {entry} "
+                                  f"({own}); {fix}")
 
     def checkpoint_schedule(self):
         """The ``pythia_jax.checkpoint.CheckpointSchedule`` of this run (the last step added)."""

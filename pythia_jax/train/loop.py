@@ -223,6 +223,7 @@ def train(cfg: TrainConfig, *, devices=None, max_steps: int | None = None) -> Tr
     ckpt = TrainCheckpointer(os.path.join(out, "checkpoints"), save_steps=cfg.checkpoint_schedule(),
                              async_save=cfg.async_checkpointing, max_to_keep=cfg.keep_checkpoints,
                              model_config=cfg.model)
+    step = None
     try:
         setup = builder.build(cfg, devices, compile_eval=cfg.eval_every > 0)
         data_it = make_data_iterator(cfg, setup)
@@ -326,12 +327,36 @@ def train(cfg: TrainConfig, *, devices=None, max_steps: int | None = None) -> Tr
         ckpt.wait_until_finished()
         hf_dir = None
         if cfg.export_hf and stopped is None and step == cfg.num_steps:
-            hf_dir = export_hf(cfg, state.params, cfg.export_hf)
+            hf_dir = export_hf(cfg, state.params, cfg.export_hf_dir)
         writer.close()
         return TrainResult(final_step=step, params=state.params, losses=losses, eval_losses=eval_losses,
                            stopped=stopped, hf_dir=hf_dir)
+    except KeyboardInterrupt:
+        _log_interrupt(ckpt, step)
+        raise
     finally:
         ckpt.close()
+
+
+def _log_interrupt(ckpt, step: int | None) -> None:
+    """Ctrl-C: say how many steps since the newest checkpoint are lost (after a save in flight ends)."""
+    import logging
+
+    log = logging.getLogger(__name__)
+    if step is None:
+        log.warning("interrupted before the first step; nothing was trained")
+        return
+    try:
+        ckpt.wait_until_finished()
+        saved = [s for s in ckpt.all_steps() if s <= step]
+    except Exception:  # noqa: BLE001 - the report must not hide the interrupt
+        saved = []
+    if not saved:
+        log.warning("interrupted at step %d with no checkpoint saved: all %d steps are lost", step, step)
+        return
+    last = max(saved)
+    log.warning("interrupted at step %d: the newest checkpoint is step %d, so %d step(s) since it are lost; "
+                "the same command resumes from step %d", step, last, step - last, last)
 
 
 def _append_jsonl(path: str, record: dict) -> None:
