@@ -246,7 +246,7 @@ def test_readme_eval_example_runs_as_written(models, monkeypatch, capsys):
 def test_train_reports_unfinished_runs_lost_steps_and_full_disks(tmp_path, monkeypatch, capsys):
     import re
 
-    from pythia_jax.train import loop
+    from pythia_jax.train import metrics
 
     out = tmp_path / "run"
     argv = ["train", "--gin_file=configs/demo.gin", f"--gin.TrainConfig.output_dir='{out}'",
@@ -262,14 +262,14 @@ def test_train_reports_unfinished_runs_lost_steps_and_full_disks(tmp_path, monke
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["tokens_per_s"] > 0 and "mfu" not in r for r in rows if "tokens_per_s" in r)  # CPU: no peak
 
-    real_append = loop._append_jsonl
+    real_append = metrics.MetricsLog.append
 
-    def interrupt_at_5(path, row):
+    def interrupt_at_5(self, row):
         if row.get("step") == 5:
             raise KeyboardInterrupt
-        real_append(path, row)
+        real_append(self, row)
 
-    monkeypatch.setattr(loop, "_append_jsonl", interrupt_at_5)
+    monkeypatch.setattr(metrics.MetricsLog, "append", interrupt_at_5)
     assert cli.main(argv) == 130
     err = capsys.readouterr().err
     m = re.search(r"pythia-jax: warning: interrupted at step (\d+): the newest checkpoint is step 3, so (\d+) "
@@ -277,10 +277,10 @@ def test_train_reports_unfinished_runs_lost_steps_and_full_disks(tmp_path, monke
     assert m and int(m.group(1)) - 3 == int(m.group(2)) > 0, err
     assert err.rstrip().endswith("pythia-jax train: interrupted")
 
-    def disk_full(path, row):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+    def disk_full(self, row):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path)
 
-    monkeypatch.setattr(loop, "_append_jsonl", disk_full)
+    monkeypatch.setattr(metrics.MetricsLog, "append", disk_full)
     assert cli.main(argv) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert err == [f"pythia-jax train: error: {out}/metrics.jsonl: No space left on device; free some space or "

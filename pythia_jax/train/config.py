@@ -128,6 +128,9 @@ class TrainConfig:
     keep_checkpoints: int | None = None  # None: keep all (Pythia releases every one)
     async_checkpointing: bool = True
     init_from: str | None = None  # HF dir / project checkpoint to start from (instead of random init)
+    # Resuming with another num_steps or optimizer setting than the checkpoint's is refused
+    # unless this is True (train/loop.py check_resume; a changed data order or model never is).
+    allow_schedule_change: bool = False
 
     log_every: int = 10
     eval_every: int = 1000  # 0: never

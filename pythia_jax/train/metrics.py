@@ -19,14 +19,18 @@ Only process 0 writes anything.
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import os
 import time
-from typing import Mapping
+from typing import Any, Mapping
 
 import jax
 
 from pythia_jax.config import ModelConfig
+
+logger = logging.getLogger(__name__)
 
 # Peak dense bf16 FLOP/s per chip (vendor data sheets). Keys are matched against jax's device_kind.
 PEAK_FLOPS: dict[str, float] = {
@@ -188,3 +192,75 @@ def _fmt(v: float) -> str:
     if abs(v) >= 1e4 or abs(v) < 1e-3:
         return f"{v:.3e}"
     return f"{v:.4f}"
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats (NaN, ±inf) replaced by None (JSON ``null``), recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per line, strict JSON (a NaN loss is ``null``).
+
+    One training row per step: a resumed run first calls :meth:`restart_at` with the step it
+    restored, which drops the rows of the steps after it (the interrupted run's steps that are
+    about to be redone), so every step appears once. Evaluation rows (``{"step", "eval_loss"}``)
+    are separate lines. Written by process 0 only.
+    """
+
+    def __init__(self, path: str, enabled: bool | None = None):
+        self.path = path
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+
+    def restart_at(self, step: int) -> int:
+        """Keep only rows with ``step <= step`` (an atomic rewrite); returns how many were dropped.
+
+        Lines that are not JSON (the last line of a killed run, cut mid-write) are dropped too.
+        """
+        if not self.enabled or not os.path.exists(self.path):
+            return 0
+        with open(self.path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        keep, dropped, broken = [], 0, 0
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)  # also reads the bare NaN of files written before null
+            except ValueError:
+                broken += 1
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), (int, float)) and row["step"] > step:
+                dropped += 1
+                continue
+            keep.append(json.dumps(json_safe(row), allow_nan=False))
+        if not dropped and not broken and len(keep) == len(lines):
+            return 0
+        tmp = f"{self.path}.tmp-{os.getpid()}"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write("".join(line + "\n" for line in keep))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        if dropped or broken:
+            logger.info("%s: dropped %d row(s) after step %d (redone now)%s", self.path, dropped, step,
+                        f" and {broken} unreadable line(s)" if broken else "")
+        return dropped
+
+    def append(self, row: Mapping[str, Any]) -> None:
+        """Append one row (a JSON object; non-finite values written as null)."""
+        if not self.enabled:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(json_safe(dict(row)), allow_nan=False) + "\n")
