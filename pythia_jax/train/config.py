@@ -358,11 +358,9 @@ def build_train_config(**overrides) -> TrainConfig:
 
 def pythia_recipe(model_name: str, **overrides) -> TrainConfig:
     """The released Pythia recipe for a preset (batch 1024 × 2048, 143,000 steps, its LR), in Python."""
-    from pythia_jax.config import PRESET_MAX_LR, PRESET_TENSOR_PARALLEL
+    from pythia_jax.config import PRESET_MAX_LR, PRESET_TENSOR_PARALLEL, parse_preset_name
 
-    base = model_name.replace("-deduped", "")
-    if not base.startswith("pythia-"):
-        base = "pythia-" + base
+    base = parse_preset_name(model_name).base  # ConfigError for an unknown name
     model = ModelConfig.preset(model_name)
     opt = OptimizerConfig(max_lr=PRESET_MAX_LR[base], loss_scaling=base != "pythia-1b",
                           row_parallel_bias_copies=PRESET_TENSOR_PARALLEL.get(base, 1))
