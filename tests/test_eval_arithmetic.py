@@ -64,10 +64,6 @@ def test_task_expansion():
         A.expand_task_name("arithmetic", [32])
 
 
-class _FakeGenerator:
-    """Stands in for ``Generator`` where the model is irrelevant: answers from the prompt."""
-
-
 def test_scoring_uses_first_integer(monkeypatch):
     """Correct iff the first integer of the (stop-cut) output equals the answer; per-operand rows."""
     from pythia_jax.eval import generate

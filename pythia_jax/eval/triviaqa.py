@@ -7,7 +7,8 @@ Rows are the dataset's JSON objects: ``question`` (str) and ``answer.aliases`` (
   prompts end ``??``, exactly as the harness writes them). k-shot: k solved examples first, each
   the same template + ``" "`` + the example's first alias, joined and followed by ``"\\n\\n"``.
 - Few-shot examples, as the harness's default ``ContextSampler`` draws them when the examples come
-  from the evaluated split itself: one ``random.Random(1234)`` for the whole task, and for each
+  from the evaluated split itself and the sampler is seeded as ``simple_evaluate`` (the lm_eval
+  CLI) seeds it (``fewshot_random_seed=1234``): one ``random.Random(1234)`` for the task, and for each
   evaluated row in file order ``k + 1`` rows are sampled from all rows, the evaluated row is
   removed and the first ``k`` remain (resampled without it if duplicates of it left fewer).
 - Generation: greedy, until ``"\\n"``, ``"."`` or ``","`` (or EOD), at most ``max_gen_toks``
