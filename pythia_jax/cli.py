@@ -35,6 +35,7 @@ SUBCOMMANDS: tuple[tuple[str, str], ...] = (
     ("batches", "pythia_jax.commands.batches"),
     ("count", "pythia_jax.commands.count"),
     ("count-merge", "pythia_jax.commands.count_merge"),
+    ("term-frequency", "pythia_jax.commands.term_frequency"),
     ("info", "pythia_jax.commands.info"),
     ("audit", "pythia_jax.commands.audit"),
     ("memorization-report", "pythia_jax.commands.memorization_report"),

@@ -6,6 +6,9 @@
 - :mod:`pythia_jax.analysis.memorization_stats`: statistics of per-row memorization results
   (Poisson tests over windows of rows, correlations and prediction of memorized sets between
   checkpoints; ``pythia-jax memorization-report``).
+- :mod:`pythia_jax.analysis.term_frequency`: joins term counts up to each checkpoint with few-shot
+  arithmetic accuracy (binned accuracy against count, the frequent-minus-rare gap;
+  ``pythia-jax term-frequency``).
 
 This subpackage reads checkpoints and results through ``pythia_jax.convert``,
 ``pythia_jax.checkpoint`` and ``pythia_jax.eval``; it never imports the command-line layer.

@@ -13,7 +13,9 @@ Evaluate many checkpoints of a run and write one tidy table (step, task, metric,
       --tasks piqa,arc_easy,arc_challenge,sciq,winogrande --data-dir data/eval --out results.jsonl
 
 --checkpoints is a pythia-jax checkpoint directory or a folder of HF revisions (step1000/ ...).
-Zero-shot tasks read <data-dir>/<task>.jsonl (lm-evaluation-harness formats). 'perplexity' needs
+Zero-shot tasks read <data-dir>/<task>.jsonl (lm-evaluation-harness formats). The few-shot
+generation tasks 'arithmetic' (or 'arithmetic_plus', 'arithmetic_times') and 'triviaqa' (reads
+<data-dir>/triviaqa.jsonl) give one task per k of --shots, e.g. arithmetic_plus_k4. 'perplexity' needs
 --ppl-data, 'memorization' needs --mem-data (the training data in its exact order). Rerunning with
 the same --out skips results already there. Per-example outputs go to --details-dir
 (default: <out>_details/).
@@ -32,7 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=None,
                         help="directory with the tasks' <task>.jsonl files (small slices: tests/data/eval)")
     parser.add_argument("--limit", type=positive_int, default=None,
-                        help="first N examples/documents per task (default: all)")
+                        help="first N examples/documents per task (arithmetic: second operands 1..N; "
+                             "default: all)")
+    parser.add_argument("--shots", default=None,
+                        help="k of the few-shot generation tasks, e.g. 0,2,4,8,16 (default: arithmetic "
+                             "0,2,4,8,16; triviaqa 0)")
     parser.add_argument("--out", required=True, help="results table: .jsonl or .csv")
     parser.add_argument("--csv", default=None, help="also write the whole table as CSV here at the end")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="sequences per forward pass")
@@ -68,6 +74,12 @@ def run(args: argparse.Namespace) -> int:
     if not steps:
         raise PythiaJaxError(f"no steps selected by --steps {args.steps!r}")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    shots = None
+    if args.shots:
+        try:
+            shots = sorted({int(k) for k in args.shots.split(",") if k.strip()})
+        except ValueError:
+            raise PythiaJaxError(f"--shots {args.shots!r}: expected comma-separated integers, e.g. 0,4,16") from None
     details = args.details_dir or os.path.splitext(args.out)[0] + "_details"
     _check_outputs(args.checkpoints, args.out, args.csv, details)
     settings = EvalSettings(
@@ -75,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         max_len=args.max_len, ppl_data=args.ppl_data, ppl_text_key=args.ppl_text_key,
         mem_data=args.mem_data, mem_order=args.mem_order, mem_seq_len=args.mem_seq_len,
         mem_rows_per_step=args.mem_rows_per_step, mem_sample=args.mem_sample, mem_seed=args.mem_seed,
-        details_dir=details, progress=not args.no_progress)
+        details_dir=details, progress=not args.no_progress, shots=shots)
     table = evaluate_checkpoints(args.checkpoints, steps, settings, args.out)
     if args.csv:
         write_csv(table.rows, args.csv)

@@ -1,6 +1,8 @@
 """Evaluate many checkpoints of a run and write one tidy table (step, task, metric, value, stderr).
 
 Tasks: the zero-shot multiple-choice specs (``piqa``, ``arc_easy``, …, or a spec .yaml path),
+the generation tasks of ``pythia_jax.eval.generation_tasks`` (``arithmetic``, ``arithmetic_plus``,
+``arithmetic_times``, ``triviaqa``: one table task per k of ``shots``, e.g. ``arithmetic_plus_k4``),
 ``perplexity`` (rolling log-likelihood of an indexed dataset or JSONL) and ``memorization``
 (32-token prompts of the training rows each checkpoint has seen). The table is JSON lines
 (``.jsonl``) or CSV (``.csv``), written after every (step, task) so an interrupted run loses at
@@ -43,6 +45,7 @@ class EvalSettings:
     mem_sample: int | None = None
     mem_seed: int = 0
     details_dir: str | None = None  # per-example / per-row outputs
+    shots: Sequence[int] | None = None  # k of the few-shot generation tasks (None: each task's default)
     progress: bool = True
 
 
@@ -158,6 +161,7 @@ def parse_steps(text: str, available: Callable[[], list[int]]) -> list[int]:
 def check_tasks(tasks: Sequence[str], settings: EvalSettings) -> dict[str, Any]:
     """Resolve task names before any model is loaded: zero-shot specs with their examples, and
     the special tasks with their data. Raises DataError / PythiaJaxError on a problem."""
+    from pythia_jax.eval import generation_tasks
     from pythia_jax.eval import tasks as T
 
     resolved: dict[str, Any] = {}
@@ -170,6 +174,9 @@ def check_tasks(tasks: Sequence[str], settings: EvalSettings) -> dict[str, Any]:
             if not settings.mem_data:
                 raise PythiaJaxError("task 'memorization' needs --mem-data (training data prefix)")
             resolved[name] = None
+        elif (gen := generation_tasks.resolve(name, data_dir=settings.data_dir, shots=settings.shots,
+                                              limit=settings.limit)) is not None:
+            resolved.update(gen)
         else:
             spec = T.load_spec(name)
             resolved[spec.name] = (spec, T.load_examples(spec, settings.data_dir, limit=settings.limit))
@@ -253,6 +260,10 @@ class _Env:
             return self._perplexity(step)
         if task == "memorization":
             return self._memorization(step)
+        from pythia_jax.eval import generation_tasks
+        if isinstance(resolved, generation_tasks.TASK_TYPES):
+            return generation_tasks.run(self.generator, self.tokenizer, step, resolved,
+                                        self._details(step, task, ".jsonl"))
         from pythia_jax.eval.zero_shot import evaluate_task
 
         spec, examples = resolved
