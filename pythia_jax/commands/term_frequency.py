@@ -28,11 +28,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--details-dir", required=True, help="--details-dir of 'pythia-jax eval --tasks arithmetic'")
     parser.add_argument("--out", required=True, help="output PNG")
     parser.add_argument("--table", default=None, help="frequency-gap table (.csv)")
-    parser.add_argument("--shots", type=int, default=16, help="k of the plotted accuracy (default 16)")
-    parser.add_argument("--table-shots", default="0,4,16", help="k of the gap table (default 0,4,16)")
-    parser.add_argument("--bins", type=int, default=20)
+    from pythia_jax.commands.argtypes import nonneg_int, positive_int
+
+    parser.add_argument("--shots", type=nonneg_int, default=16, help="k of the plotted accuracy")
+    parser.add_argument("--table-shots", default="0,4,16", help="k of the gap table")
+    parser.add_argument("--bins", type=positive_int, default=20, help="log-spaced count bins of the plot")
     parser.add_argument("--count-range", default=None, help="low,high of the bins, e.g. 1e5,2e8")
-    parser.add_argument("--top", type=int, default=10, help="operands at each end of the gap (default 10)")
+    parser.add_argument("--top", type=positive_int, default=10, help="operands at each end of the gap")
 
 
 def run(args: argparse.Namespace) -> int:
