@@ -171,8 +171,13 @@ def _sync(name: str) -> None:
 def _write_text_atomic(path, text: str) -> None:
     """Write ``text`` to ``path`` via a temporary sibling and a rename (epath: local or gs://)."""
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{time.time_ns()}"
-    tmp.write_text(text)
-    tmp.rename(path)
+    try:
+        tmp.write_text(text)
+        tmp.rename(path)
+    except BaseException:
+        if tmp.exists():
+            tmp.unlink()
+        raise
 
 
 # ---------------------------------------------------------------------------------- model config
@@ -1098,7 +1103,7 @@ def load_params(directory: str | os.PathLike, step: int | None = None,
     if host:
         return config, restored.params
     if abstract is None:  # numpy -> the first local device, leaf by leaf (adopted, not copied, on CPU)
-        from pythia_jax.convert.hf import to_device_tree
+        from pythia_jax.host_memory import to_device_tree
 
         return config, to_device_tree(restored.params)
     return config, restored.params

@@ -72,7 +72,8 @@ def test_loop_logs_evaluates_and_checkpoints(straight_run):
     assert train[-1]["loss"] < train[0]["loss"]
     logged = [r for r in train if "tokens_per_s" in r]
     assert [r["step"] for r in logged] == [2, 4, 6]
-    assert all(0 < r["mfu"] and r["tokens_per_s_per_chip"] == r["tokens_per_s"] for r in logged)
+    # no MFU on CPU: its peak is unknown (MFU needs a data-sheet peak or TrainConfig.peak_flops_per_device)
+    assert all("mfu" not in r and 0 < r["tokens_per_s_per_chip"] == r["tokens_per_s"] for r in logged)
     evals = [r for r in _records(out) if "eval_loss" in r]
     assert [r["step"] for r in evals] == [3, 6] and set(result.eval_losses) == {3, 6}
     assert sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(out, "checkpoints", "[0-9]*"))) == [0, 2, 4, 6]

@@ -13,7 +13,9 @@ Evaluate many checkpoints of a run and write one tidy table (step, task, metric,
       --tasks piqa,arc_easy,arc_challenge,sciq,winogrande --data-dir data/eval --out results.jsonl
 
 --checkpoints is a pythia-jax checkpoint directory or a folder of HF revisions (step1000/ ...).
-Zero-shot tasks read <data-dir>/<task>.jsonl (lm-evaluation-harness formats). 'perplexity' needs
+Zero-shot tasks read <data-dir>/<task>.jsonl (lm-evaluation-harness formats). The few-shot
+generation tasks 'arithmetic' (or 'arithmetic_plus', 'arithmetic_times') and 'triviaqa' (reads
+<data-dir>/triviaqa.jsonl) give one task per k of --shots, e.g. arithmetic_plus_k4. 'perplexity' needs
 --ppl-data. 'memorization' reads the rows each checkpoint has seen as the run read them, from the
 run record in its checkpoints (no flags needed; --mem-* flags that disagree are refused); for
 weights without a record (HF revisions) every --mem-* data flag is required. Rerunning with
@@ -23,16 +25,26 @@ the same --out skips results already there. Per-example outputs go to --details-
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoints", required=True, help="checkpoint directory or folder of step<N>/ HF dirs")
-    parser.add_argument("--steps", required=True, help="e.g. 0,1000,2000 | all | 1000-10000")
+    from pythia_jax.commands.argtypes import dataset_prefix, nonneg_int, positive_int
+
+    parser.add_argument("--checkpoints", required=True,
+                        help="checkpoint directory, folder of step<N>/ HF dirs, or one HF directory")
+    parser.add_argument("--steps", required=True,
+                        help="e.g. 0,1000,2000 | all | 1000-10000 (one HF directory: all, or its step)")
     parser.add_argument("--tasks", default="piqa,arc_easy,arc_challenge,sciq,winogrande",
                         help="comma-separated: task names / spec .yaml paths, perplexity, memorization")
-    parser.add_argument("--data-dir", default=None, help="directory with the tasks' JSONL files")
-    parser.add_argument("--limit", type=int, default=None, help="first N examples/documents per task")
+    parser.add_argument("--data-dir", default=None,
+                        help="directory with the tasks' <task>.jsonl files (small slices: tests/data/eval)")
+    parser.add_argument("--limit", type=positive_int, default=None,
+                        help="first N examples/documents per task (arithmetic: second operands 1..N; "
+                             "default: all)")
+    parser.add_argument("--shots", default=None,
+                        help="k of the few-shot generation tasks, e.g. 0,2,4,8,16 (default: arithmetic "
+                             "0,2,4,8,16; triviaqa 0)")
     parser.add_argument("--out", required=True, help="results table: .jsonl or .csv")
     parser.add_argument("--csv", default=None, help="also write the whole table as CSV here at the end")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-len", type=int, default=None, help="context window (default: the model's)")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="sequences per forward pass")
+    parser.add_argument("--max-len", type=positive_int, default=None, help="context window (default: the model's)")
     parser.add_argument("--details-dir", default=None, help="per-example outputs (default: <out>_details)")
     parser.add_argument("--stack", type=int, default=1,
                         help="score K checkpoints at a time in one compiled pass (capped to fit memory)")
@@ -40,22 +52,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="memory budget for --stack in bytes (default: 80%% of the device's)")
     g = parser.add_argument_group("perplexity")
     g.add_argument("--ppl-data", default=None, help="indexed-dataset prefix or .jsonl of texts")
-    g.add_argument("--ppl-text-key", default="text")
+    g.add_argument("--ppl-text-key", default="text", help="JSON field holding the text (for .jsonl)")
     g = parser.add_argument_group("memorization (data flags: only for checkpoints without a run record)")
-    g.add_argument("--mem-data", default=None, help="training data prefix (indexed dataset)")
-    g.add_argument("--mem-order", default=None, choices=("preshuffled", "neox"))
-    g.add_argument("--mem-seq-len", type=int, default=None)
-    g.add_argument("--mem-rows-per-step", type=int, default=None, help="training rows per step (global batch)")
-    g.add_argument("--mem-order-seed", type=int, default=None, help="GPT-NeoX order seed")
-    g.add_argument("--mem-train-iters", type=int, default=None,
+    g.add_argument("--mem-data", default=None, type=dataset_prefix,
+                   help="training data prefix (indexed dataset; 'demo' = the bundled demo data)")
+    g.add_argument("--mem-order", default=None, choices=("preshuffled", "neox"),
+                   help="the order the training data was read in")
+    g.add_argument("--mem-seq-len", type=positive_int, default=None, help="training sequence length")
+    g.add_argument("--mem-rows-per-step", type=positive_int, default=None,
+                   help="training rows per step (global batch)")
+    g.add_argument("--mem-order-seed", type=nonneg_int, default=None, help="GPT-NeoX order seed")
+    g.add_argument("--mem-train-iters", type=positive_int, default=None,
                    help="training steps the GPT-NeoX index maps were built for")
-    g.add_argument("--mem-sample", type=int, default=None,
-                   help="score a random sample of the seen rows (default: every seen row)")
-    g.add_argument("--mem-seed", type=int, default=0, help="seed of --mem-sample's draw")
-    g.add_argument("--mem-chunk-rows", type=int, default=65536, help="rows per resumable part file")
-    g.add_argument("--num-hosts", type=int, default=1, help="hosts splitting the memorization chunks")
-    g.add_argument("--host-index", type=int, default=0, help="this host's index in [0, --num-hosts)")
-    parser.add_argument("--no-progress", action="store_true")
+    g.add_argument("--mem-sample", type=positive_int, default=None,
+                   help="score a random sample of this many seen rows (default: every seen row)")
+    g.add_argument("--mem-seed", type=nonneg_int, default=0, help="seed of the --mem-sample draw")
+    g.add_argument("--mem-chunk-rows", type=positive_int, default=65536, help="rows per resumable part file")
+    g.add_argument("--num-hosts", type=positive_int, default=1, help="hosts splitting the memorization chunks")
+    g.add_argument("--host-index", type=nonneg_int, default=0, help="this host's index in [0, --num-hosts)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,7 +91,14 @@ def run(args: argparse.Namespace) -> int:
     if args.num_hosts > 1 and tasks != ["memorization"]:
         raise PythiaJaxError(f"--num-hosts {args.num_hosts} splits memorization only; expected --tasks "
                              f"memorization, got {args.tasks}; run the other tasks in a separate command")
+    shots = None
+    if args.shots:
+        try:
+            shots = sorted({int(k) for k in args.shots.split(",") if k.strip()})
+        except ValueError:
+            raise PythiaJaxError(f"--shots {args.shots!r}: expected comma-separated integers, e.g. 0,4,16") from None
     details = args.details_dir or os.path.splitext(args.out)[0] + "_details"
+    _check_outputs(args.checkpoints, args.out, args.csv, details)
     settings = EvalSettings(
         tasks=tasks, data_dir=args.data_dir, limit=args.limit, batch_size=args.batch_size,
         max_len=args.max_len, ppl_data=args.ppl_data, ppl_text_key=args.ppl_text_key,
@@ -84,10 +106,26 @@ def run(args: argparse.Namespace) -> int:
         mem_rows_per_step=args.mem_rows_per_step, mem_order_seed=args.mem_order_seed,
         mem_train_iters=args.mem_train_iters, mem_sample=args.mem_sample, mem_seed=args.mem_seed,
         mem_chunk_rows=args.mem_chunk_rows, num_hosts=args.num_hosts, host_index=args.host_index,
-        details_dir=details, progress=not args.no_progress, stack=args.stack,
+        details_dir=details, progress=not args.no_progress, shots=shots, stack=args.stack,
         max_stack_bytes=None if args.max_stack_bytes is None else int(args.max_stack_bytes))
     table = evaluate_checkpoints(args.checkpoints, steps, settings, args.out)
     if args.csv:
         write_csv(table.rows, args.csv)
     print(f"{len(table.rows)} rows in {args.out}")
     return 0
+
+
+def _check_outputs(checkpoints: str, out: str, csv: str | None, details: str) -> None:
+    """Before any work: the tables and the details folder are outside the checkpoints (and not
+    above them); existing tables are results tables (extended / replaced); an existing details
+    folder is not a run, checkpoint or model directory."""
+    from pythia_jax.errors import PythiaJaxError
+    from pythia_jax.io_utils import check_inputs, check_output_file, describe_path, path_kind
+
+    check_output_file(out, "table", inputs=[checkpoints])
+    if csv:
+        check_output_file(csv, "table", inputs=[checkpoints, out])
+    check_inputs(details, [checkpoints])
+    if path_kind(details) not in (None, "empty", "other"):
+        raise PythiaJaxError(f"--details-dir {details} is {describe_path(details)}; per-example "
+                             "outputs need a folder of their own: choose another --details-dir")

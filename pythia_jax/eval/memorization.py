@@ -84,14 +84,11 @@ def _stderr(x: np.ndarray) -> float:
 
 
 def _save_npy(path: str, array: np.ndarray) -> str:
+    from pythia_jax.io_utils import atomic_files
+
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}.npy"
-    try:
-        np.save(tmp, array)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_files(path) as (tmp,), open(tmp, "wb") as f:
+        np.save(f, array)
     return path
 
 

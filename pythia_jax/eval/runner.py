@@ -1,6 +1,8 @@
 """Evaluate many checkpoints of a run and write one tidy table (step, task, metric, value, stderr).
 
 Tasks: the zero-shot multiple-choice specs (``piqa``, ``arc_easy``, …, or a spec .yaml path),
+the generation tasks of ``pythia_jax.eval.generation_tasks`` (``arithmetic``, ``arithmetic_plus``,
+``arithmetic_times``, ``triviaqa``: one table task per k of ``shots``, e.g. ``arithmetic_plus_k4``),
 ``perplexity`` (rolling log-likelihood of an indexed dataset or JSONL) and ``memorization``
 (32-token prompts of the training rows each checkpoint has seen). The table is JSON lines
 (``.jsonl``) or CSV (``.csv``), written after every (step, task) so an interrupted run loses at
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from pythia_jax.errors import CheckpointError, DataError, PythiaJaxError
+from pythia_jax.io_utils import atomic_files, check_output_file
 
 COLUMNS = ("step", "task", "metric", "value", "stderr", "num_examples")
 DEFAULT_TASKS = ("piqa", "arc_easy", "arc_challenge", "sciq", "winogrande")
@@ -51,6 +54,7 @@ class EvalSettings:
     details_dir: str | None = None  # per-example / per-row outputs
     stack: int = 1  # score K checkpoints at a time in one compiled pass (pythia_jax.eval.stacked)
     max_stack_bytes: int | None = None  # memory budget for the stack (default: the device's)
+    shots: Sequence[int] | None = None  # k of the few-shot generation tasks (None: each task's default)
     progress: bool = True
 
 
@@ -103,6 +107,7 @@ class ResultsTable:
         self.path = Path(path)
         if self.path.suffix not in (".jsonl", ".csv"):
             raise PythiaJaxError(f"--out must end in .jsonl or .csv, got {self.path}")
+        check_output_file(self.path, "table")  # extends a results table, never another file
         self.rows = read_table(self.path)
         self.done = {(r["step"], r["task"]) for r in self.rows}
         if self.path.suffix == ".jsonl" and self.path.exists():
@@ -122,30 +127,22 @@ class ResultsTable:
             self._rewrite()
 
     def _rewrite(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            if self.path.suffix == ".csv":
-                w = csv.DictWriter(f, fieldnames=COLUMNS)
-                w.writeheader()
-                for r in self.rows:
-                    w.writerow({k: ("" if isinstance(r[k], float) and math.isnan(r[k]) else r[k]) for k in COLUMNS})
-            else:
-                for r in self.rows:
-                    f.write(json.dumps({k: _json_value(r[k]) for k in COLUMNS}) + "\n")
-        os.replace(tmp, self.path)
+        if self.path.suffix == ".csv":
+            write_csv(self.rows, self.path)
+            return
+        with atomic_files(self.path) as (tmp,), open(tmp, "w", encoding="utf-8") as f:
+            for r in self.rows:
+                f.write(json.dumps({k: _json_value(r[k]) for k in COLUMNS}) + "\n")
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
-    """Write ``rows`` as a CSV table (atomically)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    """Write ``rows`` as a CSV table (atomically; replaces only a results table)."""
+    check_output_file(path, "table")
+    with atomic_files(path) as (tmp,), open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
         for r in rows:
             w.writerow({k: ("" if isinstance(r[k], float) and math.isnan(r[k]) else r[k]) for k in COLUMNS})
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------- evaluation
@@ -173,6 +170,7 @@ def parse_steps(text: str, available: Callable[[], list[int]]) -> list[int]:
 def check_tasks(tasks: Sequence[str], settings: EvalSettings) -> dict[str, Any]:
     """Resolve task names before any model is loaded: zero-shot specs with their examples, and
     the special tasks with their data. Raises DataError / PythiaJaxError on a problem."""
+    from pythia_jax.eval import generation_tasks
     from pythia_jax.eval import tasks as T
 
     resolved: dict[str, Any] = {}
@@ -183,6 +181,9 @@ def check_tasks(tasks: Sequence[str], settings: EvalSettings) -> dict[str, Any]:
             resolved[name] = None
         elif name == "memorization":
             resolved[name] = None  # the run's rows: resolved per step from the checkpoints
+        elif (gen := generation_tasks.resolve(name, data_dir=settings.data_dir, shots=settings.shots,
+                                              limit=settings.limit)) is not None:
+            resolved.update(gen)
         else:
             spec = T.load_spec(name)
             resolved[spec.name] = (spec, T.load_examples(spec, settings.data_dir, limit=settings.limit))
@@ -231,11 +232,14 @@ def evaluate_checkpoints(checkpoints: str | os.PathLike, steps: Sequence[int], s
 def _evaluate_stacked(checkpoints, steps, tasks, settings, env, table, log) -> None:
     """``--stack K``: the scoring tasks (zero-shot, perplexity) of K steps at a time in one compiled
     pass (``pythia_jax.eval.stacked``); K is capped to fit the device memory / ``max_stack_bytes``.
-    Memorization (generation) stays per step. Groups whose configs differ fall back to per step."""
+    Memorization and the generation tasks stay per step. Groups whose configs differ fall back to per step."""
     from pythia_jax.eval.loading import load_model_params
     from pythia_jax.eval.stacked import StackedScorer, choose_stack
 
-    scoring = [t for t in tasks if t != "memorization"]
+    from pythia_jax.eval import generation_tasks
+
+    scoring = [t for t, r in tasks.items()  # generation tasks and memorization stay per step
+               if t != "memorization" and not isinstance(r, generation_tasks.TASK_TYPES)]
     todo = [s for s in steps if any((s, t) not in table.done for t in scoring)]
     if not todo:
         return
@@ -310,6 +314,10 @@ class _Env:
             return self._perplexity(step)
         if task == "memorization":
             return self._memorization(step)
+        from pythia_jax.eval import generation_tasks
+        if isinstance(resolved, generation_tasks.TASK_TYPES):
+            return generation_tasks.run(self.generator, self.tokenizer, step, resolved,
+                                        self._details(step, task, ".jsonl"))
         from pythia_jax.eval.zero_shot import evaluate_task
 
         spec, examples = resolved
@@ -385,8 +393,6 @@ def _row(step, task, metric, value, stderr, n) -> dict[str, Any]:
 
 
 def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_files(path) as (tmp,), open(tmp, "w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)

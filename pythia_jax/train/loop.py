@@ -123,7 +123,7 @@ def make_data_iterator(cfg: TrainConfig, setup, start_step: int = 0):
         seed=cfg.data.seed, train_iters=cfg.num_steps, start_step=start_step,
         host_rows=host_row_range(setup.batch_shardings["inputs"], cfg.global_batch),
         num_threads=cfg.data.num_threads, prefetch=cfg.data.prefetch,
-        cache_prefix=_cache_prefix(cfg, prefix))
+        cache_prefix=_cache_prefix(cfg, prefix), transform=cfg.data.transform_spec())
 
 
 def make_eval_batches(cfg: TrainConfig, setup) -> Iterator[dict]:
@@ -181,23 +181,26 @@ def run_config(cfg: TrainConfig) -> dict:
     of documents and tokens from the ``.idx``, so a moved copy of the same data is recognised),
     order, seed, global batch, sequence length and ``train_iters`` (= ``num_steps``: the GPT-NeoX
     index maps are built for ``train_iters · global_batch`` samples, GPT-NeoX
-    ``megatron/data/gpt2_dataset.py`` ``_build_index_mappings``), and the row transform (none in
-    the trainer). Step ``n`` trained on rows ``[n·global_batch, (n+1)·global_batch)`` of that order.
+    ``megatron/data/gpt2_dataset.py`` ``_build_index_mappings``), and the row transform
+    (``TransformSpec.to_dict()``: name, parameters, step window; None without one). Step ``n`` trained on rows ``[n·global_batch, (n+1)·global_batch)`` of that order.
     ``schedule``: ``num_steps`` and the optimizer settings, the LR schedule's fields resolved.
-    ``model``: ``ModelConfig.to_dict()``. ``init``: parameter seed and ``init_from`` (used at step
-    0 only; recorded, not checked).
+    ``model``: ``ModelConfig.to_dict()``. ``init``: parameter seed, ``init_from`` and
+    ``start_step`` (used when the run starts; recorded, not checked), and for a branch
+    ``adam_moments`` ("source" or "zero").
     """
     from pythia_jax.data.indexed import Index
 
     prefix = cfg.data.resolved_prefix()
     sizes = Index(prefix + ".idx").sizes
     o = cfg.optimizer
+    spec = cfg.data.transform_spec()
+    transform = spec.to_dict() if spec is not None else None
     return {
         "version": RUN_CONFIG_VERSION,
         "data": {"prefix": prefix if "://" in prefix else os.path.abspath(prefix),
                  "documents": int(len(sizes)), "tokens": int(np.asarray(sizes).sum(dtype=np.int64)),
                  "order": cfg.data.order, "seed": int(cfg.data.seed), "global_batch": int(cfg.global_batch),
-                 "seq_len": int(cfg.seq_length), "train_iters": int(cfg.num_steps), "transform": None},
+                 "seq_len": int(cfg.seq_length), "train_iters": int(cfg.num_steps), "transform": transform},
         "schedule": {"num_steps": int(cfg.num_steps), "max_lr": float(o.max_lr), "min_lr": float(cfg.min_lr),
                      "warmup_steps": int(cfg.warmup_steps), "decay_steps": int(cfg.decay_steps),
                      "b1": float(o.b1), "b2": float(o.b2), "eps": float(o.eps),
@@ -207,7 +210,7 @@ def run_config(cfg: TrainConfig) -> dict:
                      "min_loss_scale": float(o.min_loss_scale),
                      "row_parallel_bias_copies": int(o.row_parallel_bias_copies)},
         "model": cfg.model.to_dict(),
-        "init": {"seed": int(cfg.seed), "init_from": cfg.init_from},
+        "init": {"seed": int(cfg.seed), "init_from": cfg.init_from, "start_step": int(cfg.start_step)},
         "changes": [],
     }
 
@@ -370,16 +373,112 @@ def _state_from_restored(setup, restored):
                       nonfinite_run=jax.device_put(jnp.int32(meta.get("nonfinite_run", 0)), sh.nonfinite_run))
 
 
-def _initial_params(cfg: TrainConfig):
-    """Params of ``cfg.init_from`` (HF dir or project checkpoint), shape-checked against the model."""
-    from pythia_jax import api
-    from pythia_jax.checkpoint import config_differences
+def _initial_state(cfg: TrainConfig, setup, current: dict):
+    """The state a run without checkpoints starts from, and what to record of it.
 
-    config, params = api.load_params(cfg.init_from, host=True)  # numpy: placed slice by slice
+    A random init, or ``cfg.init_from`` at ``cfg.start_step`` (see ``TrainConfig.init_from``):
+    a checkpoint of this project gives its params, optimizer state and loss-scale state at that
+    step (its data order and model must be this run's; ``check_resume``'s rules); a GPT-NeoX
+    checkpoint its fp32 master weights and ZeRO Adam moments (its iteration must be the step);
+    an HF directory the params only, with zero Adam moments and the LR schedule at the step.
+    """
+    from pythia_jax import checkpoint as ckpt_lib
+
+    S = int(cfg.start_step)
+    if not cfg.init_from:
+        return setup.init_state(cfg.seed), {}
+    source = cfg.init_from
+    root = _checkpoint_root(source)
+    if root is not None:
+        return _branch_from_checkpoint(cfg, setup, current, root, S)
+    if _is_neox_checkpoint(source):
+        return _branch_from_neox(cfg, setup, source, S)
+    from pythia_jax import api
+
+    config, params = api.load_params(source, host=True)  # numpy: placed slice by slice
+    diff = ckpt_lib.config_differences(config, cfg.model)
+    if diff:
+        raise CheckpointError(f"{source} holds a different model: {'; '.join(diff)}")
+    state = setup.state_from_params(params, step=S)
+    if S:
+        from pythia_jax.train.optimizer import with_schedule_count
+
+        state = state.replace(opt_state=with_schedule_count(state.opt_state, S))
+        logger.warning("branching from %s at step %d with zero Adam moments: the source holds no "
+                       "optimizer state (recorded in the checkpoints as init.adam_moments = 'zero')",
+                       source, S)
+    return state, {"start_step": S, "adam_moments": "zero"}
+
+
+def _checkpoint_root(path: str):
+    """The checkpoint root of this project at ``path`` (a run's output_dir, a checkpoint root or
+    a step folder), else None."""
+    from pythia_jax import checkpoint as ckpt_lib
+
+    for candidate in (path, os.path.join(path, "checkpoints")):
+        if ckpt_lib.is_checkpoint_dir(candidate):
+            return ckpt_lib.resolve_checkpoint_dir(candidate)[0]
+    return None
+
+
+def _is_neox_checkpoint(path: str) -> bool:
+    p = os.path.abspath(path)
+    return bool(glob.glob(os.path.join(p, "*model_states.pt")) or glob.glob(os.path.join(p, "global_step*"))
+                or glob.glob(os.path.join(p, "mp_rank_*")))
+
+
+def _branch_from_checkpoint(cfg: TrainConfig, setup, current: dict, root, S: int):
+    """Params, optimizer and loss-scale state of step ``S`` of another run's checkpoints."""
+    from pythia_jax.checkpoint import TrainCheckpointer, read_run_config
+
+    reader = TrainCheckpointer(root, async_save=False)  # a reader: never cleans up the source
+    try:
+        steps = reader.all_steps()
+        if S not in steps:
+            raise CheckpointError(f"cannot branch from {root} at step {S}: it has no step {S}; "
+                                  f"its steps are {_step_list(steps)} (TrainConfig.start_step)")
+        stored = read_run_config(root, S)
+        if stored and not stored.get("partial"):
+            # the branch may change the transform, nothing else that decides the rows or the model
+            stored = {**stored, "data": {**stored.get("data", {}), "transform": current["data"]["transform"]}}
+            check_resume(stored, current, cfg, S, f"a branch of {root}/{S}")
+        abstract = {"params": setup.abstract_state.params, "opt_state": setup.abstract_state.opt_state}
+        restored = reader.restore(step=S, abstract_state=abstract)
+    finally:
+        reader.close()
+    logger.info("branching from %s at step %d (params, Adam moments and loss scale of the source)", root, S)
+    return _state_from_restored(setup, restored), {"start_step": S, "adam_moments": "source"}
+
+
+def _branch_from_neox(cfg: TrainConfig, setup, source: str, S: int):
+    """fp32 master weights and ZeRO Adam moments of a GPT-NeoX checkpoint at iteration ``S``."""
+    from pythia_jax.checkpoint import config_differences
+    from pythia_jax.convert.neox import read_neox_checkpoint
+    from pythia_jax.train.continuation import neox_train_state
+
+    config, _, neox_ckpt = read_neox_checkpoint(source, step=S or None)
     diff = config_differences(config, cfg.model)
     if diff:
-        raise CheckpointError(f"{cfg.init_from} holds a different model: {'; '.join(diff)}")
-    return params
+        raise CheckpointError(f"{source} holds a different model: {'; '.join(diff)}")
+    o = cfg.optimizer
+    params, opt_state, step, _ = neox_train_state(neox_ckpt, config, dict(
+        max_lr=o.max_lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.decay_steps,
+        b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, clip_norm=o.clip_norm,
+        row_parallel_bias_copies=o.row_parallel_bias_copies, decay_style=o.decay_style))
+    if S and step != S:
+        raise CheckpointError(f"cannot branch from {source} at step {S}: it is iteration {step}")
+    state = setup.state_from_params(params, step=step)
+    state = state.replace(opt_state=jax.tree.map(
+        lambda a, sh: jax.device_put(np.asarray(a), sh), opt_state, setup.state_shardings.opt_state))
+    return state, {"start_step": int(step), "adam_moments": "source"}
+
+
+def _step_list(steps) -> str:
+    steps = list(steps)
+    if not steps:
+        return "none"
+    return ", ".join(map(str, steps)) if len(steps) <= 12 else \
+        f"{', '.join(map(str, steps[:6]))}, …, {', '.join(map(str, steps[-3:]))} ({len(steps)} in all)"
 
 
 def export_hf(cfg: TrainConfig, params, out_dir: str) -> str | None:
@@ -445,6 +544,7 @@ def _train(cfg: TrainConfig, devices, max_steps: int | None) -> TrainResult:
     ckpt = TrainCheckpointer(os.path.join(out, "checkpoints"), save_steps=cfg.checkpoint_schedule(),
                              async_save=cfg.async_checkpointing, max_to_keep=cfg.keep_checkpoints,
                              model_config=cfg.model)
+    step = None
     ok = False
     try:
         current = run_config(cfg)
@@ -466,10 +566,11 @@ def _train(cfg: TrainConfig, devices, max_steps: int | None) -> TrainResult:
             if data_it.step != restored.step:
                 data_it.set_step(restored.step)
         else:
-            run_record = current
-            state = (setup.state_from_params(_initial_params(cfg)) if cfg.init_from
-                     else setup.init_state(cfg.seed))
+            state, branch = _initial_state(cfg, setup, current)
+            run_record = {**current, "init": {**current["init"], **branch}}
         step = int(jax.device_get(state.step))
+        if data_it.step != step:
+            data_it.set_step(step)
         last_saved = restored.step if restored is not None else None  # on disk already
         metrics_log = MetricsLog(os.path.join(local_output_dir(out), "metrics.jsonl"))
         metrics_log.restart_at(step)  # the steps after the restored one are redone: one row each
@@ -502,13 +603,16 @@ def _train(cfg: TrainConfig, devices, max_steps: int | None) -> TrainResult:
         in_flight: list[tuple[int, dict]] = []  # (step, its metrics on device), oldest first
         eval_data: list[dict] | None = None
 
-        def record(done: int, device_metrics: dict) -> dict[str, float]:
-            """Host side of step ``done``: wait for it, then record and log its metrics."""
+        def record(done: int, device_metrics: dict, changed=None) -> dict[str, float]:
+            """Host side of step ``done``: wait for it, then record and log its metrics
+            (``changed``: the row transform's (rows, tokens) changed in the step's batch)."""
             metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
             throughput.add_steps()
             losses[done] = metrics["loss"]
             row = {"step": done, **{k: metrics[k] for k in ("loss", "grad_norm", "lr", "loss_scale",
                                                             "skipped") if k in metrics}}
+            if changed is not None:
+                row["transform_rows"], row["transform_tokens"] = changed
             if done % cfg.log_every == 0 or done == end:
                 row.update(throughput.measure())
                 writer.write(done, {k: v for k, v in row.items() if k != "step"})
@@ -518,8 +622,8 @@ def _train(cfg: TrainConfig, devices, max_steps: int | None) -> TrainResult:
         def settle(keep: int = 0) -> None:
             """Record the steps in flight, all but the newest ``keep``; stop on divergence."""
             while len(in_flight) > keep:
-                done, device_metrics = in_flight.pop(0)
-                metrics = record(done, device_metrics)
+                done, device_metrics, changed = in_flight.pop(0)
+                metrics = record(done, device_metrics, changed)
                 if metrics["nonfinite_run"] >= cfg.max_nonfinite_steps:
                     while in_flight:  # the step already queued is recorded and saved too
                         record(*in_flight.pop(0))
@@ -536,10 +640,11 @@ def _train(cfg: TrainConfig, devices, max_steps: int | None) -> TrainResult:
             while step < end:
                 # ---- iterate + step
                 batch = setup.put_batch(next(data_it))
+                changed = _transform_changes(data_it, step)
                 state, device_metrics = setup.train_step(state, batch)
                 step += 1
                 writer.advance()
-                in_flight.append((step, device_metrics))
+                in_flight.append((step, device_metrics, changed))
                 settle(keep=1)  # the previous step, while this one runs
                 ckpt.check_for_errors()  # a failed background save stops the run within a step
                 # ---- evaluate
@@ -565,10 +670,51 @@ def _train(cfg: TrainConfig, devices, max_steps: int | None) -> TrainResult:
         ckpt.wait_until_finished()
         hf_dir = None
         if cfg.export_hf and stopped is None and step == cfg.num_steps:
-            hf_dir = export_hf(cfg, state.params, cfg.export_hf)
+            hf_dir = export_hf(cfg, state.params, cfg.export_hf_dir)
         writer.close()
         ok = True
         return TrainResult(final_step=step, params=state.params, losses=losses, eval_losses=eval_losses,
                            stopped=stopped, hf_dir=hf_dir)
+    except KeyboardInterrupt:
+        _log_interrupt(ckpt, step)
+        raise
     finally:
         ckpt.close(check=ok)  # an error already on its way is not replaced by a save's
+
+
+def _transform_changes(data_it, step: int) -> tuple[int, int] | None:
+    """(rows, tokens) the row transform changed in ``step``'s global batch, or None when the step
+    was not transformed. Multi-process: summed over the hosts (one small all-gather, only for
+    steps inside the transform's window)."""
+    stats = data_it.pop_transform_stats(step) if hasattr(data_it, "pop_transform_stats") else None
+    source = getattr(data_it, "source", None)
+    if source is None or not source.transforms_step(step):
+        return None
+    counts = np.array([stats.rows_changed, stats.tokens_changed] if stats else [0, 0], np.int64)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, 2).sum(0)
+    return int(counts[0]), int(counts[1])
+
+
+def _log_interrupt(ckpt, step: int | None) -> None:
+    """Ctrl-C: say how many steps since the newest checkpoint are lost (after a save in flight ends)."""
+    import logging
+
+    log = logging.getLogger(__name__)
+    if step is None:
+        log.warning("interrupted before the first step; nothing was trained")
+        return
+    try:
+        ckpt.wait_until_finished()
+        saved = [s for s in ckpt.all_steps() if s <= step]
+    except Exception:  # noqa: BLE001 - the report must not hide the interrupt
+        saved = []
+    if not saved:
+        log.warning("interrupted at step %d with no checkpoint saved: all %d steps are lost", step, step)
+        return
+    last = max(saved)
+    log.warning("interrupted at step %d: the newest checkpoint is step %d, so %d step(s) since it are lost; "
+                "the same command resumes from step %d", step, last, step - last, last)
+

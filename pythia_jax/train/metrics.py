@@ -12,7 +12,8 @@ FLOPs per trained token (forward + backward = 3 × forward, matmuls only)::
   mask makes only half of the T×T pairs useful, so 6·L·H·T ("causal-halved", as the issue asks).
 
 MFU = (FLOPs per token × tokens/s) / (number of devices × peak FLOP/s per device), with the peak dense
-bf16 numbers of ``PEAK_FLOPS`` (CPU: measured with a jitted matmul, or set explicitly).
+bf16 numbers of ``PEAK_FLOPS`` or ``TrainConfig.peak_flops_per_device``; with neither (CPUs), no MFU
+is reported.
 Only process 0 writes anything.
 """
 
@@ -84,22 +85,24 @@ def measure_matmul_flops(n: int = 1024, repeats: int = 5, dtype: str = "float32"
     return _measured_cpu[dtype]
 
 
-def peak_flops_per_device(override: float | None = None, device: jax.Device | None = None) -> float:
-    """``override`` if given, else the table value for the device, else (CPU) a measured matmul rate."""
+def peak_flops_per_device(override: float | None = None, device: jax.Device | None = None) -> float | None:
+    """``override`` if given, else the data-sheet value for the device (``PEAK_FLOPS``), else None.
+
+    None (CPUs and unlisted accelerators): no MFU is reported, since a guessed peak (a measured
+    matmul rate swings severalfold between identical runs on a shared CPU) would make it noise.
+    Set ``TrainConfig.peak_flops_per_device`` to get MFU against your own peak.
+    """
     if override:
         return float(override)
     device = device or jax.devices()[0]
-    peak = peak_flops_for_kind(device.device_kind)
-    if peak is not None:
-        return peak
-    return measure_matmul_flops()
+    return peak_flops_for_kind(device.device_kind)
 
 
 class Throughput:
     """Tokens/s, tokens/s/chip and MFU over the steps since the last ``measure`` call."""
 
     def __init__(self, config: ModelConfig, seq_length: int, tokens_per_step: int, num_devices: int,
-                 peak_flops: float):
+                 peak_flops: float | None):
         self.flops_per_token = flops_per_token(config, seq_length)
         self.tokens_per_step = tokens_per_step
         self.num_devices = num_devices
@@ -121,8 +124,9 @@ class Throughput:
         dt = time.perf_counter() - self._t0
         tokens_s = self._steps * self.tokens_per_step / dt
         out = {"step_time_s": dt / self._steps, "tokens_per_s": tokens_s,
-               "tokens_per_s_per_chip": tokens_s / self.num_devices,
-               "mfu": tokens_s * self.flops_per_token / (self.num_devices * self.peak_flops)}
+               "tokens_per_s_per_chip": tokens_s / self.num_devices}
+        if self.peak_flops:  # only against a known peak (see peak_flops_per_device)
+            out["mfu"] = tokens_s * self.flops_per_token / (self.num_devices * self.peak_flops)
         self.start()
         return out
 
