@@ -75,25 +75,18 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from pythia_jax.data.indexed import save_npy_atomic
-    from pythia_jax.data.run_data import RunData
+    from pythia_jax.data.run_data import run_data_for_cli
     from pythia_jax.errors import DataError
 
     if args.end < args.start:
         raise DataError(f"--end {args.end} is before --start {args.start}; --end is the last step, inclusive "
                         f"(use --end {args.start} for one step)")
-    flags = dict(data=args.data, order=args.order, seq_len=args.seq_len, global_batch=args.batch_size,
-                 seed=args.seed, train_iters=args.train_iters)
-    if args.checkpoints:
-        run_data = RunData.from_checkpoints(args.checkpoints, args.step, what=FLAG_NAMES, **flags)
-        if args.end >= run_data.train_iters:
-            raise DataError(f"steps {args.start}..{args.end}: the run has {run_data.train_iters} steps "
-                            f"(0..{run_data.train_iters - 1})")
-    else:
-        if args.data is None:
-            raise DataError("give --data (a dataset prefix) or --checkpoints (a run's directory)")
-        pythia = dict(order="preshuffled", seq_len=2048, global_batch=1024, seed=1234, train_iters=143000)
-        run_data = RunData.from_flags(**{k: pythia[k] if v is None and k in pythia else v
-                                         for k, v in flags.items()}, what=FLAG_NAMES)
+    run_data = run_data_for_cli(args.checkpoints, args.step, what=FLAG_NAMES, data=args.data, order=args.order,
+                                seq_len=args.seq_len, global_batch=args.batch_size, seed=args.seed,
+                                train_iters=args.train_iters)
+    if args.checkpoints and args.end >= run_data.train_iters:
+        raise DataError(f"steps {args.start}..{args.end}: the run has {run_data.train_iters} steps "
+                        f"(0..{run_data.train_iters - 1})")
     args.data, args.order, args.batch_size = run_data.prefix(), run_data.order, run_data.global_batch
     args.seq_len, args.train_iters = run_data.seq_len, run_data.train_iters
     if args.out:  # replaces an .npy file, never the dataset or anything else
@@ -105,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         raise DataError(f"{order.name}: steps {args.start}..{args.end} need rows [{first}, {stop}), "
                         f"the {args.order} order has {len(order)} rows "
                         f"(last full step {len(order) // args.batch_size - 1})")
-    rows = np.asarray(run_data.read_rows(order, np.arange(first, stop))).astype(np.uint16)
+    rows = np.asarray(run_data.read_range(order, first, stop)).astype(np.uint16)
     original = rows
     if args.transform:
         rows = _transform_rows(args, rows, first)

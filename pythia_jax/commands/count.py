@@ -26,7 +26,12 @@ interrupted count continues with --resume. --workers N counts windows in N local
 --num-hosts H --host-index i counts every H-th window and writes FILE.host-0000i-of-0000H.json,
 which 'pythia-jax count-merge' joins into the single-host table.
 
+With --checkpoints DIR no data flag is needed: the rows are the ones the run trained on (its recorded
+source, order, seed, batch, seq_len, train_iters and transform). Without it, unset data flags take
+Pythia's values.
+
 Examples:
+  pythia-jax count --checkpoints runs/demo --text Paris --at-steps 50,100,200 --out paris.csv
   pythia-jax count --data demo --order neox --batch-size 8 --seq-len 128 --train-iters 200 \\
       --preset numerals --numeral-max 99 --at-steps 1,2,4,8,16,50,100,150,200 --out numerals.csv
   pythia-jax count --data preshuffled/document --text Paris --ids 50276 --window 13000 \\
@@ -38,16 +43,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from pythia_jax.commands.argtypes import nonneg_int, positive_int
 
     g = parser.add_argument_group("data (as for 'pythia-jax batches')")
-    g.add_argument("--data", required=True,
+    g.add_argument("--checkpoints", default=None,
+                   help="a run's directory or its checkpoints/: count the rows it trained on, with the "
+                        "data settings it recorded (data flags given beside it must agree)")
+    g.add_argument("--step", type=nonneg_int, default=None,
+                   help="with --checkpoints: the checkpoint whose record is read (default: newest)")
+    g.add_argument("--data", default=None,
                    help="dataset prefix without .bin/.idx ('demo' = the bundled Wikipedia set)")
-    g.add_argument("--order", choices=("preshuffled", "neox"), default="preshuffled",
-                   help="preshuffled: row j is item j of a pre-shuffled dataset; neox: GPT-NeoX's "
-                        "index maps over a raw document dataset")
-    g.add_argument("--batch-size", type=positive_int, default=1024, help="global batch (rows per step)")
-    g.add_argument("--seq-len", type=positive_int, default=2048, help="tokens per row (each row holds seq_len+1)")
-    g.add_argument("--seed", type=nonneg_int, default=1234, help="GPT-NeoX order seed")
-    g.add_argument("--train-iters", type=positive_int, default=143000,
-                   help="training steps the GPT-NeoX maps were built for")
+    g.add_argument("--order", choices=("preshuffled", "neox"), default=None,
+                   help="preshuffled (default): row j is item j of a pre-shuffled dataset; neox: "
+                        "GPT-NeoX's index maps over a raw document dataset")
+    g.add_argument("--batch-size", type=positive_int, default=None, help="global batch (rows per step; default 1024)")
+    g.add_argument("--seq-len", type=positive_int, default=None,
+                   help="tokens per row, each row holds seq_len+1 (default 2048)")
+    g.add_argument("--seed", type=nonneg_int, default=None, help="GPT-NeoX order seed (default 1234)")
+    g.add_argument("--train-iters", type=positive_int, default=None,
+                   help="training steps the GPT-NeoX maps were built for (default 143000)")
     s = parser.add_argument_group("steps")
     s.add_argument("--start", type=nonneg_int, default=0, help="first step counted")
     s.add_argument("--stop", type=positive_int, default=None,
@@ -107,7 +118,7 @@ def _hosts(args) -> tuple[int, int]:
 def run(args: argparse.Namespace) -> int:
     import logging
 
-    from pythia_jax.data.count import CountError, CountSpec, RunData, parse_ids, run_count
+    from pythia_jax.data.count import CountError, CountSpec, parse_ids, run_count
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     texts = list(args.text)
@@ -121,8 +132,12 @@ def run(args: argparse.Namespace) -> int:
                      regexes=tuple(args.regex), per_match=args.per_match,
                      numerals=args.preset == "numerals", numeral_max=args.numeral_max,
                      locate=args.locate, max_locations=args.max_locations)
-    run_data = RunData(data=args.data, order=args.order, seq_len=args.seq_len,
-                       global_batch=args.batch_size, seed=args.seed, train_iters=args.train_iters)
+    from pythia_jax.commands.batches import FLAG_NAMES
+    from pythia_jax.data.run_data import run_data_for_cli
+
+    run_data = run_data_for_cli(args.checkpoints, args.step, what=FLAG_NAMES, data=args.data, order=args.order,
+                                seq_len=args.seq_len, global_batch=args.batch_size, seed=args.seed,
+                                train_iters=args.train_iters)
     at_steps = _int_list(args.at_steps, "--at-steps") if args.at_steps is not None else None
     num_hosts, host_index = _hosts(args)
     written = run_count(run_data, spec, args.out, start=args.start, stop=args.stop,

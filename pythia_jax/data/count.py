@@ -48,6 +48,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from pythia_jax.data.run_data import RunData  # noqa: F401  (re-exported: the counting API takes one)
 from pythia_jax.errors import PythiaJaxError
 
 logger = logging.getLogger(__name__)
@@ -67,47 +68,7 @@ class CountError(PythiaJaxError):
 # --------------------------------------------------------------------------- the rows
 
 
-@dataclasses.dataclass(frozen=True)
-class RunData:
-    """Everything that decides which tokens training step n saw (the ``pythia-jax batches`` flags).
-
-    data: indexed dataset prefix (without ``.bin``/``.idx``; "demo" = the bundled Wikipedia set).
-    order: "preshuffled" or "neox" (``pythia_jax.data.orders``). seq_len: tokens per training
-    sequence (rows hold seq_len+1). global_batch: rows per step. seed / train_iters: the GPT-NeoX
-    order's seed and the training length its index maps were built for (``neox`` only).
-    """
-
-    data: str
-    order: str = "preshuffled"
-    seq_len: int = 2048
-    global_batch: int = 1024
-    seed: int = 1234
-    train_iters: int = 143000
-
-    def prefix(self) -> str:
-        from pythia_jax.data import demo_data_prefix
-
-        return demo_data_prefix() if self.data == "demo" else self.data
-
-    def open(self):
-        """The ``Order`` (row j -> seq_len+1 tokens) of this run's training data."""
-        from pythia_jax.data.orders import open_order
-
-        if self.order not in ("preshuffled", "neox"):
-            raise CountError(f"data order {self.order!r}: expected 'preshuffled' or 'neox'")
-        if self.global_batch < 1 or self.seq_len < 1:
-            raise CountError(f"global batch {self.global_batch} and seq_len {self.seq_len} must be >= 1")
-        return open_order(self.prefix(), self.order, seq_len=self.seq_len, seed=self.seed,
-                          train_iters=self.train_iters, global_batch=self.global_batch)
-
-    def fingerprint(self) -> dict:
-        """What identifies the rows, independent of where the data lives on each host."""
-        fp = dataclasses.asdict(self)
-        fp["data"] = os.path.basename(self.prefix().rstrip("/"))
-        if self.order == "preshuffled":  # the pre-shuffled rows do not depend on these
-            fp.pop("seed")
-            fp.pop("train_iters")
-        return fp
+# The rows' settings: ``RunData`` (pythia_jax.data.run_data), from a run's checkpoints or from flags.
 
 
 def steps_available(order, global_batch: int) -> int:
@@ -612,7 +573,7 @@ def _count_chunk(task: tuple[int, int, int, int]):
     w, c, a, b = task
     run, spec = _WORKER["run"], _WORKER["spec"]
     B = run.global_batch
-    rows = _WORKER["order"].read_rows(a * B, b * B)
+    rows = run.read_range(_WORKER["order"], a * B, b * B)  # the run's transform applied
     counts, locs = count_rows(_WORKER["counters"], rows, locate=spec.locate,
                               max_locations=spec.max_locations)
     locs = [(t, v, a + i // B, i % B, off, unit) for t, v, i, off, unit in locs]

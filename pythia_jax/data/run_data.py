@@ -78,11 +78,11 @@ class RunData:
     def from_flags(cls, *, data: str | None = None, order: str | None = None,
                    seq_len: int | None = None, global_batch: int | None = None,
                    seed: int | None = None, train_iters: int | None = None,
-                   cache_prefix: str | None = None, what: str = "") -> "RunData":
+                   cache_prefix: str | None = None, what: str | dict = "") -> "RunData":
         """Settings given explicitly (weights without a run record). Every setting that decides
         the rows is required: data, order, seq_len, global_batch, and for ``neox`` also seed and
-        train_iters. ``what`` names the flags in the error (e.g. ``{"data": "--mem-data", ...}``
-        is not needed: pass a prefix such as ``"--mem-"`` and names become ``--mem-data`` …).
+        train_iters. ``what`` names the flags in messages: a dict setting -> flag name, or a
+        prefix (``"--mem-"`` gives ``--mem-seq-len``; default ``--seq-len``).
         Raises ``RunDataError`` naming every missing setting."""
         given = dict(data=data, order=order, seq_len=seq_len, global_batch=global_batch, seed=seed,
                      train_iters=train_iters)
@@ -128,7 +128,7 @@ class RunData:
 
     @classmethod
     def from_checkpoints(cls, checkpoints: str | os.PathLike, step: int | None = None, *,
-                         what: str = "", **explicit: Any) -> "RunData":
+                         what: str | dict = "", **explicit: Any) -> "RunData":
         """The data configuration recorded in ``checkpoints`` (a run's output dir, its
         ``checkpoints/`` root or a step directory) at ``step`` (None: the newest complete step).
 
@@ -155,7 +155,7 @@ class RunData:
 
     @classmethod
     def resolve(cls, checkpoints: str | os.PathLike | None, step: int | None = None, *,
-                what: str = "", **explicit: Any) -> "RunData":
+                what: str | dict = "", **explicit: Any) -> "RunData":
         """``from_checkpoints`` when ``checkpoints`` (a checkpoint directory of this project) holds
         a run record, else ``from_flags(**explicit)`` (all settings required)."""
         from pythia_jax.checkpoint import is_checkpoint_dir, read_run_config
@@ -179,7 +179,7 @@ class RunData:
             raise RunDataError("the GPT-NeoX order needs its seed and train_iters (the steps its index "
                                "maps were built for)")
 
-    def checked_against(self, explicit: dict, *, what: str = "") -> "RunData":
+    def checked_against(self, explicit: dict, *, what: str | dict = "") -> "RunData":
         """``self`` after checking each explicitly given setting (None = not given) against it;
         a moved copy of the source (same documents and tokens) replaces the recorded prefix."""
         run = self
@@ -249,7 +249,14 @@ class RunData:
         [n, seq_len+1] of the data's dtype, with the run's row transform applied to the rows of
         the steps it covered."""
         rows = np.asarray(rows, np.int64)
-        tokens = np.asarray(order.read_row_indices(rows))
+        return self._transformed(np.asarray(order.read_row_indices(rows)), rows)
+
+    def read_range(self, order, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` of ``order`` as the run trained on them (see ``read_rows``)."""
+        tokens = np.asarray(order.read_rows(start, stop))
+        return self._transformed(tokens, np.arange(start, stop, dtype=np.int64))
+
+    def _transformed(self, tokens: np.ndarray, rows: np.ndarray) -> np.ndarray:
         if self.transform is None or len(rows) == 0:
             return tokens
         spec, fn = self._transform()
@@ -260,6 +267,13 @@ class RunData:
             tokens = tokens.copy()
             tokens[hit] = apply_to_rows(tokens[hit], fn)[0]
         return tokens
+
+    def __getstate__(self) -> dict:  # the built transform (a closure) is rebuilt after unpickling
+        return {k: v for k, v in self.__dict__.items() if k != "_built_transform"}
+
+    def __setstate__(self, state: dict) -> None:
+        for k, v in state.items():
+            object.__setattr__(self, k, v)
 
     def _transform(self):
         cached = getattr(self, "_built_transform", None)
@@ -293,7 +307,26 @@ class RunData:
                 f"{self.seq_len}{extra}{tf} (from {self.origin})")
 
 
-def flag_name(key: str, what: str = "") -> str:
+PYTHIA_DEFAULTS = {"order": "preshuffled", "seq_len": 2048, "global_batch": 1024, "seed": 1234,
+                   "train_iters": 143000}
+
+
+def run_data_for_cli(checkpoints: str | None, step: int | None, *, what: dict, **flags: Any) -> RunData:
+    """The rows a command reads: with ``checkpoints`` (a run directory or checkpoint root), the
+    run's recorded settings, the given ``flags`` checked against them (``from_checkpoints``);
+    without, the flags, unset ones taking Pythia's values (``PYTHIA_DEFAULTS``: the standalone
+    view of a dataset in Pythia's order). ``flags``: data, order, seq_len, global_batch, seed,
+    train_iters (None = not given). ``what``: setting -> flag name for messages."""
+    if checkpoints:
+        return RunData.from_checkpoints(checkpoints, step, what=what, **flags)
+    if flags.get("data") is None:
+        raise RunDataError(f"give {flag_name('data', what)} (a dataset prefix) or --checkpoints (a run's "
+                           "directory, whose recorded data settings are then used)")
+    filled = {k: PYTHIA_DEFAULTS[k] if v is None and k in PYTHIA_DEFAULTS else v for k, v in flags.items()}
+    return RunData.from_flags(what=what, **filled)
+
+
+def flag_name(key: str, what: str | dict = "") -> str:
     """``"seq_len"`` -> ``"--seq-len"``, with ``what`` as a prefix: ``"--mem-"`` -> ``--mem-seq-len``;
     a dict maps keys to flag names."""
     if isinstance(what, dict):
