@@ -11,6 +11,13 @@ Generation task: ``--task-items`` arithmetic items (``pythia_jax.eval.arithmetic
 shots) through ``generate_until`` (batches of ``--batch-size``, stop at a newline, at most 16 new
 tokens) against HF ``generate`` with the same batches, left padding, 16-token limit and a stopping
 criterion that ends a batch when every row has written a newline; items/s.
+Memorization: the paper's score on real training rows (the bundled demo data in the demo run's
+GPT-NeoX order): prompt = tokens [0, 32), 32 greedy tokens, per-row score = fraction equal to
+tokens [32, 64); rows/s against HF ``generate`` (greedy, KV cache, same batches of rows, same
+weights, never stopping early). Numerics: both sides float32 here (the original Pythia evaluation
+generated in fp16 without a KV cache). Stacked scoring: K random checkpoints of the model scored in
+one vmapped pass (``pythia_jax.eval.stacked``) against K separate ``Scorer`` passes (compilations
+reused between them), tokens/s over all K, max |Δ loglik|.
 Compilation (JAX) is timed separately and excluded from the throughput; each side's best of
 ``--repeats`` alternating runs is reported.
 """
@@ -48,6 +55,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--task-items", type=int, default=64, help="arithmetic items of the generation-task bench")
     p.add_argument("--task-shots", type=int, default=4)
+    p.add_argument("--mem-rows", type=int, default=64, help="training rows of the memorization bench")
+    p.add_argument("--stack", type=int, default=4, help="checkpoints of the stacked-scoring bench")
+    p.add_argument("--sections", default="scoring,generation,task,memorization,stack",
+                   help="which benches to run (comma-separated)")
     p.add_argument("--repeats", type=int, default=3,
                    help="timed runs per side, alternating jax/hf; the best of each is reported")
     args = p.parse_args()
@@ -77,6 +88,13 @@ def main() -> None:
              rng.integers(2, 50000, int(rng.integers(1, 20))).tolist()) for _ in range(args.requests)]
     n_tokens = sum(len(c) + len(x) - 1 for c, x in reqs)
 
+    sections = set(args.sections.split(","))
+    if "memorization" in sections:
+        bench_memorization(args, model, hf)
+    if "stack" in sections:
+        bench_stack(args, cfg, model, reqs, n_tokens)
+    if "scoring" not in sections:
+        return
     # ---------------------------------------------------------------- scoring
     scorer = Scorer(model, batch_size=args.batch_size)
     t0 = time.perf_counter()
@@ -110,6 +128,8 @@ def main() -> None:
     print(f"  HF torch   {n_tokens / t_hf:10.0f} tok/s ({t_hf:.2f} s)")
     print(f"  ratio jax/hf {t_hf / t_jax:.2f}x   max |Δ loglik| {np.max(np.abs(ours.loglik - ref)):.2e}")
 
+    if "generation" not in sections:
+        return
     # ---------------------------------------------------------------- generation
     prompts = [rng.integers(2, 50000, int(rng.integers(8, 64))).tolist() for _ in range(args.gen_prompts)]
     gen = Generator(model, batch_size=args.gen_prompts)
@@ -141,6 +161,8 @@ def main() -> None:
     print(f"  HF torch   {n_new / t_hf:10.0f} tok/s ({t_hf:.2f} s)")
     print(f"  ratio jax/hf {t_hf / t_jax:.2f}x   identical greedy outputs: {same}/{len(prompts)}")
 
+    if "task" not in sections:
+        return
     # ---------------------------------------------------------------- generation task (arithmetic)
     from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -196,6 +218,76 @@ def main() -> None:
     print(f"  pythia-jax {len(items) / t_jax:10.1f} items/s ({t_jax:.2f} s; first call incl. compile {t_first:.1f} s)")
     print(f"  HF torch   {len(items) / t_hf:10.1f} items/s ({t_hf:.2f} s)")
     print(f"  ratio jax/hf {t_hf / t_jax:.2f}x   identical outputs: {same}/{len(items)}")
+
+
+def bench_memorization(args, model, hf) -> None:
+    """Memorization rows/s: pythia-jax (Generator, KV cache) vs HF generate, same rows and batches."""
+    import torch
+
+    from pythia_jax.data.run_data import RunData
+    from pythia_jax.eval.generate import Generator
+    from pythia_jax.eval.memorization import memorization_scores
+
+    run = RunData.from_flags(data="demo", order="neox", seq_len=128, global_batch=8, seed=1234,
+                             train_iters=200)  # configs/demo.gin's rows
+    rows = run.read_rows(run.open_order(), np.arange(args.mem_rows)).astype(np.int64)[:, :64]
+    gen = Generator(model, batch_size=args.batch_size)
+    t0 = time.perf_counter()
+    ours = memorization_scores(gen, rows)
+    t_first = time.perf_counter() - t0
+    hf.generation_config.eos_token_id = None  # never stop early
+
+    def hf_scores():
+        out = np.zeros(len(rows), np.float32)
+        for s in range(0, len(rows), gen.batch_size):
+            batch = torch.as_tensor(rows[s:s + gen.batch_size, :32])
+            with torch.inference_mode():
+                res = hf.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=32,
+                                  do_sample=False, use_cache=True, pad_token_id=1)[:, 32:].numpy()
+            out[s:s + len(batch)] = (res == rows[s:s + len(batch), 32:64]).mean(axis=1)
+        return out
+
+    ref = hf_scores()  # warm-up
+    t_jax, t_hf = best_of(lambda: memorization_scores(gen, rows), hf_scores, args.repeats)
+    same = int((ours.per_row["score"] == ref).sum())
+    print(f"memorization: {len(rows)} demo training rows, 32-token prompt + 32 greedy tokens, batch "
+          f"{gen.batch_size}, float32 both sides, KV cache both sides")
+    print(f"  pythia-jax {len(rows) / t_jax:10.1f} rows/s ({t_jax:.2f} s; first call incl. compile {t_first:.1f} s)")
+    print(f"  HF torch   {len(rows) / t_hf:10.1f} rows/s ({t_hf:.2f} s)")
+    print(f"  ratio jax/hf {t_hf / t_jax:.2f}x   identical per-row scores: {same}/{len(rows)}")
+
+
+def bench_stack(args, cfg, model, reqs, n_tokens) -> None:
+    """K checkpoints in one vmapped pass vs K separate passes of the same Scorer."""
+    from flax import nnx
+
+    from pythia_jax.eval.runtime import place_model
+    from pythia_jax.eval.scoring import Scorer
+    from pythia_jax.eval.stacked import StackedScorer
+    from pythia_jax.model import GPTNeoX, params_to_dict
+
+    ckpts = [params_to_dict(model)] + [params_to_dict(GPTNeoX(cfg, rngs=nnx.Rngs(args.seed + k)))
+                                       for k in range(1, args.stack)]
+    stacked = StackedScorer(ckpts, cfg, batch_size=args.batch_size)
+    single = Scorer(place_model(ckpts[0], config=cfg), batch_size=args.batch_size)
+    t0 = time.perf_counter()
+    got = stacked.loglikelihood(reqs).loglik
+    t_first = time.perf_counter() - t0
+    ref = np.zeros_like(got)
+
+    def separate():
+        for k, params in enumerate(ckpts):
+            single.placed.replace_params(params)
+            ref[:, k] = single.loglikelihood(reqs).loglik
+
+    separate()  # compiles once, reused for every checkpoint
+    t_stack, t_sep = best_of(lambda: stacked.loglikelihood(reqs), separate, args.repeats)
+    total = n_tokens * args.stack
+    print(f"stacked scoring: {args.stack} checkpoints x {len(reqs)} requests ({n_tokens} tokens each), "
+          f"batch {stacked.batch_size}")
+    print(f"  stacked (one pass)  {total / t_stack:10.0f} tok/s ({t_stack:.2f} s; first call incl. compile {t_first:.1f} s)")
+    print(f"  {args.stack} separate passes  {total / t_sep:10.0f} tok/s ({t_sep:.2f} s)")
+    print(f"  ratio stacked/separate {t_sep / t_stack:.2f}x   max |Δ loglik| {np.max(np.abs(got - ref)):.2e}")
 
 
 if __name__ == "__main__":
