@@ -117,9 +117,7 @@ def test_correlations_and_prediction():
 
 
 def test_normalize_existing_format_and_score():
-    from pythia_jax.eval.memorization import ROW_DTYPE
-
-    old = np.zeros(3, ROW_DTYPE)
+    old = np.zeros(3, [("row", np.int64), ("memorized", np.bool_), ("matched", np.int16)])  # no score field
     old["row"], old["matched"], old["memorized"] = [0, 1, 2], [32, 16, 0], [True, False, False]
     r = ms.normalize_result(old)
     np.testing.assert_allclose(r["score"], [1, 0.5, 0])

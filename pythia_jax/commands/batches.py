@@ -53,12 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--start", type=nonneg_int, required=True, help="first step (0-based)")
     parser.add_argument("--end", type=nonneg_int, required=True, help="last step, inclusive")
     parser.add_argument("--batch-size", type=positive_int, default=None,
-                        help="global batch (rows per step; default 1024)")
+                        help="global batch, rows per step (default: 1024)")
     parser.add_argument("--seq-len", type=positive_int, default=None,
-                        help="tokens per row, each row holds seq_len+1 (default 2048)")
-    parser.add_argument("--seed", type=nonneg_int, default=None, help="GPT-NeoX order seed (default 1234)")
+                        help="tokens per row, each row holds seq_len+1 (default: 2048)")
+    parser.add_argument("--seed", type=nonneg_int, default=None, help="GPT-NeoX order seed (default: 1234)")
     parser.add_argument("--train-iters", type=positive_int, default=None,
-                        help="training steps the GPT-NeoX maps were built for (default 143000)")
+                        help="training steps the GPT-NeoX maps were built for (default: 143000)")
     parser.add_argument("--out", default=None, help="save uint16 [rows, seq_len+1] to this .npy file")
     parser.add_argument("--decode", action="store_true", help="print the rows as text")
     parser.add_argument("--rows", type=positive_int, default=None,

@@ -53,12 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--order", choices=("preshuffled", "neox"), default=None,
                    help="preshuffled (default): row j is item j of a pre-shuffled dataset; neox: "
                         "GPT-NeoX's index maps over a raw document dataset")
-    g.add_argument("--batch-size", type=positive_int, default=None, help="global batch (rows per step; default 1024)")
+    g.add_argument("--batch-size", type=positive_int, default=None, help="global batch, rows per step (default: 1024)")
     g.add_argument("--seq-len", type=positive_int, default=None,
-                   help="tokens per row, each row holds seq_len+1 (default 2048)")
-    g.add_argument("--seed", type=nonneg_int, default=None, help="GPT-NeoX order seed (default 1234)")
+                   help="tokens per row, each row holds seq_len+1 (default: 2048)")
+    g.add_argument("--seed", type=nonneg_int, default=None, help="GPT-NeoX order seed (default: 1234)")
     g.add_argument("--train-iters", type=positive_int, default=None,
-                   help="training steps the GPT-NeoX maps were built for (default 143000)")
+                   help="training steps the GPT-NeoX maps were built for (default: 143000)")
     s = parser.add_argument_group("steps")
     s.add_argument("--start", type=nonneg_int, default=0, help="first step counted")
     s.add_argument("--stop", type=positive_int, default=None,
