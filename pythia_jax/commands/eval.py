@@ -13,7 +13,15 @@ Evaluate many checkpoints of a run and write one tidy table (step, task, metric,
       --tasks piqa,arc_easy,arc_challenge,sciq,winogrande --data-dir data/eval --out results.jsonl
 
 --checkpoints is a pythia-jax checkpoint directory or a folder of HF revisions (step1000/ ...).
-Zero-shot tasks read <data-dir>/<task>.jsonl (lm-evaluation-harness formats). 'perplexity' needs
+Tasks (files under --data-dir):
+  piqa arc_easy arc_challenge sciq winogrande lambada_openai logiqa wsc   <task>.jsonl
+  crows_pairs (all bias types), crows_pairs_gender     crows_pairs_anonymized.csv
+  winobias (type1/type2 x pro/anti; net bias = pro - anti)   winobias/*.txt.dev
+  paper = lambada_openai,piqa,winogrande,arc_easy,arc_challenge,sciq,logiqa (+wsc if wsc.jsonl)
+  bias  = winobias,crows_pairs_gender
+All but winobias run lm-evaluation-harness's own task definitions on the local files (install
+the extra: pip install 'pythia-jax[lm_eval]'); without it, piqa/arc/sciq/winogrande fall back to
+bundled specs of the same prompts. 'perplexity' needs
 --ppl-data, 'memorization' needs --mem-data (the training data in its exact order). Rerunning with
 the same --out skips results already there. Per-example outputs go to --details-dir
 (default: <out>_details/).
@@ -24,7 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoints", required=True, help="checkpoint directory or folder of step<N>/ HF dirs")
     parser.add_argument("--steps", required=True, help="e.g. 0,1000,2000 | all | 1000-10000")
     parser.add_argument("--tasks", default="piqa,arc_easy,arc_challenge,sciq,winogrande",
-                        help="comma-separated: task names / spec .yaml paths, perplexity, memorization")
+                        help="comma-separated: task names (see above), groups 'paper' / 'bias', spec "
+                             ".yaml paths, perplexity, memorization")
+    parser.add_argument("--task-system", default="auto", choices=("auto", "harness", "native"),
+                        help="harness tasks: lm-evaluation-harness if installed (auto), always, or the "
+                             "bundled specs (native; piqa/arc/sciq/winogrande only)")
     parser.add_argument("--data-dir", default=None, help="directory with the tasks' JSONL files")
     parser.add_argument("--limit", type=int, default=None, help="first N examples/documents per task")
     parser.add_argument("--out", required=True, help="results table: .jsonl or .csv")
@@ -64,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         max_len=args.max_len, ppl_data=args.ppl_data, ppl_text_key=args.ppl_text_key,
         mem_data=args.mem_data, mem_order=args.mem_order, mem_seq_len=args.mem_seq_len,
         mem_rows_per_step=args.mem_rows_per_step, mem_sample=args.mem_sample, mem_seed=args.mem_seed,
-        details_dir=details, progress=not args.no_progress)
+        details_dir=details, progress=not args.no_progress, task_system=args.task_system)
     table = evaluate_checkpoints(args.checkpoints, steps, settings, args.out)
     if args.csv:
         write_csv(table.rows, args.csv)

@@ -1,8 +1,18 @@
 """Evaluate many checkpoints of a run and write one tidy table (step, task, metric, value, stderr).
 
-Tasks: the zero-shot multiple-choice specs (``piqa``, ``arc_easy``, …, or a spec .yaml path),
-``perplexity`` (rolling log-likelihood of an indexed dataset or JSONL) and ``memorization``
-(32-token prompts of the training rows each checkpoint has seen). The table is JSON lines
+Tasks:
+
+- lm-evaluation-harness's own tasks on local files (``pythia_jax.eval.harness``): ``piqa``,
+  ``arc_easy``, ``arc_challenge``, ``sciq``, ``winogrande``, ``lambada_openai``, ``logiqa``, ``wsc``,
+  ``crows_pairs``, ``crows_pairs_gender`` (needs the ``lm_eval`` extra). Without lm_eval (or with
+  ``task_system="native"``) the first five run on the bundled YAML specs (``tasks.py``), which
+  reproduce the harness's prompts; the others then refuse with an install hint.
+- ``winobias`` (native, ``pythia_jax.eval.winobias``): generation + exact match, net bias.
+- ``perplexity`` (rolling log-likelihood of an indexed dataset or JSONL) and ``memorization``
+  (32-token prompts of the training rows each checkpoint has seen).
+- Groups: ``paper`` (the Pythia paper's zero-shot suite: ``PAPER_TASKS``, plus ``wsc`` when
+  ``<data_dir>/wsc.jsonl`` exists) and ``bias`` (``BIAS_TASKS``).
+ The table is JSON lines
 (``.jsonl``) or CSV (``.csv``), written after every (step, task) so an interrupted run loses at
 most one task; rerunning skips the (step, task) pairs already in the file.
 """
@@ -12,6 +22,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -19,9 +30,15 @@ from typing import Any, Callable, Iterable, Sequence
 
 from pythia_jax.errors import CheckpointError, DataError, PythiaJaxError
 
+logger = logging.getLogger(__name__)
+
 COLUMNS = ("step", "task", "metric", "value", "stderr", "num_examples")
 DEFAULT_TASKS = ("piqa", "arc_easy", "arc_challenge", "sciq", "winogrande")
 SPECIAL_TASKS = ("perplexity", "memorization")
+PAPER_TASKS = ("lambada_openai", "piqa", "winogrande", "arc_easy", "arc_challenge", "sciq", "logiqa")
+BIAS_TASKS = ("winobias", "crows_pairs_gender")
+TASK_GROUPS = {"paper": PAPER_TASKS, "bias": BIAS_TASKS}
+TASK_SYSTEMS = ("auto", "harness", "native")
 
 
 @dataclasses.dataclass
@@ -43,6 +60,11 @@ class EvalSettings:
     mem_seed: int = 0
     details_dir: str | None = None  # per-example / per-row outputs
     progress: bool = True
+    task_system: str = "auto"  # harness tasks: "auto" (harness if installed), "harness", "native"
+    datasets_cache: str | None = None  # Arrow copies of the local files (default: datasets' cache)
+    bootstrap_iters: int = 100000  # the harness's bootstrapped stderrs (perplexity); 0 = none
+    winobias_split: str = "dev"
+    winobias_max_new_tokens: int = 32
 
 
 # --------------------------------------------------------------------------------- the table
@@ -161,13 +183,36 @@ def parse_steps(text: str, available: Callable[[], list[int]]) -> list[int]:
     return sorted(dict.fromkeys(steps))
 
 
+def expand_tasks(tasks: Sequence[str], data_dir: str | None = None) -> list[str]:
+    """Group names expanded (``paper``, ``bias``), harness aliases resolved, duplicates dropped.
+    ``paper`` adds ``wsc`` when ``<data_dir>/wsc.jsonl`` exists."""
+    from pythia_jax.eval.harness import canonical_name
+
+    out: list[str] = []
+    for name in tasks:
+        if name in TASK_GROUPS:
+            out.extend(TASK_GROUPS[name])
+            if name == "paper" and data_dir and (Path(data_dir) / "wsc.jsonl").is_file():
+                out.append("wsc")
+        else:
+            out.append(canonical_name(name) or name)
+    return list(dict.fromkeys(out))
+
+
 def check_tasks(tasks: Sequence[str], settings: EvalSettings) -> dict[str, Any]:
-    """Resolve task names before any model is loaded: zero-shot specs with their examples, and
-    the special tasks with their data. Raises DataError / PythiaJaxError on a problem."""
+    """Resolve task names before any model is loaded: harness tasks built on their local files,
+    zero-shot specs with their examples, WinoBias sentences, and the special tasks with their data.
+    Raises DataError / PythiaJaxError on a problem."""
+    from pythia_jax.eval import harness as H
     from pythia_jax.eval import tasks as T
 
+    if settings.task_system not in TASK_SYSTEMS:
+        raise PythiaJaxError(f"task system must be one of {TASK_SYSTEMS}, got {settings.task_system!r}")
+    have_harness = H.lm_eval_available()
+    if settings.task_system == "harness":
+        H.require_lm_eval("--task-system harness")
     resolved: dict[str, Any] = {}
-    for name in tasks:
+    for name in expand_tasks(tasks, settings.data_dir):
         if name == "perplexity":
             if not settings.ppl_data:
                 raise PythiaJaxError("task 'perplexity' needs --ppl-data (indexed-dataset prefix or .jsonl)")
@@ -176,6 +221,27 @@ def check_tasks(tasks: Sequence[str], settings: EvalSettings) -> dict[str, Any]:
             if not settings.mem_data:
                 raise PythiaJaxError("task 'memorization' needs --mem-data (training data prefix)")
             resolved[name] = None
+        elif name == "winobias":
+            from pythia_jax.eval.winobias import load_winobias
+            if settings.data_dir is None:
+                raise DataError("task winobias: no data directory given (--data-dir with winobias/)")
+            resolved[name] = load_winobias(Path(settings.data_dir) / "winobias", settings.winobias_split,
+                                           limit=settings.limit)
+        elif name in H.HARNESS_TASKS:
+            native = name in T.available_tasks() and (
+                settings.task_system == "native" or (settings.task_system == "auto" and not have_harness))
+            if native:
+                if settings.task_system == "auto":
+                    logger.info("lm_eval not installed: task %s runs on the bundled YAML spec", name)
+                spec = T.load_spec(name)
+                resolved[name] = (spec, T.load_examples(spec, settings.data_dir, limit=settings.limit))
+            else:
+                if settings.task_system == "native":
+                    raise PythiaJaxError(f"task {name!r} has no native implementation; it runs on "
+                                         f"lm-evaluation-harness (drop --task-system native)")
+                H.require_lm_eval(f"task {name!r}")
+                resolved[name] = H.build_task(name, H.default_file(name, settings.data_dir),
+                                              cache_dir=settings.datasets_cache)
         else:
             spec = T.load_spec(name)
             resolved[spec.name] = (spec, T.load_examples(spec, settings.data_dir, limit=settings.limit))
@@ -259,6 +325,10 @@ class _Env:
             return self._perplexity(step)
         if task == "memorization":
             return self._memorization(step)
+        if task == "winobias":
+            return self._winobias(step, resolved)
+        if not isinstance(resolved, tuple):
+            return self._harness(step, task, resolved)
         from pythia_jax.eval.zero_shot import evaluate_task
 
         spec, examples = resolved
@@ -268,6 +338,32 @@ class _Env:
             _write_jsonl(path, res.per_example)
         rows = [_row(step, task, m, v, se, res.num_examples) for m, (v, se) in res.metrics.items()]
         rows.append(_row(step, task, "truncated", float(res.truncated), float("nan"), res.num_examples))
+        return rows
+
+    def _harness(self, step: int, task: str, harness_task: Any) -> list[dict[str, Any]]:
+        from pythia_jax.eval.harness import evaluate_task
+        from pythia_jax.eval.lm_eval_adapter import PythiaJaxLM
+
+        lm = PythiaJaxLM(scorer=self.scorer, generator=self.generator)
+        res = evaluate_task(lm, harness_task, limit=self.settings.limit,
+                            bootstrap_iters=self.settings.bootstrap_iters)
+        path = self._details(step, task, ".jsonl")
+        if path is not None:
+            _write_jsonl(path, res.per_example)
+        rows = [_row(step, task, m, v, se, res.num_examples) for m, (v, se) in res.metrics.items()]
+        rows.append(_row(step, task, "truncated", float(lm.truncated), float("nan"), res.num_examples))
+        return rows
+
+    def _winobias(self, step: int, sets: Any) -> list[dict[str, Any]]:
+        from pythia_jax.eval.winobias import evaluate_winobias
+
+        res = evaluate_winobias(self.generator, self.tokenizer, sets,
+                                max_new_tokens=self.settings.winobias_max_new_tokens)
+        path = self._details(step, "winobias", ".jsonl")
+        if path is not None:
+            _write_jsonl(path, res.per_example)
+        rows = [_row(step, "winobias", m, v, se, res.num_examples) for m, (v, se) in res.metrics.items()]
+        rows.append(_row(step, "winobias", "truncated", float(res.truncated), float("nan"), res.num_examples))
         return rows
 
     def _perplexity(self, step: int) -> list[dict[str, Any]]:
