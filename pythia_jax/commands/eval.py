@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task-system", default="auto", choices=("auto", "harness", "native"),
                         help="harness tasks: lm-evaluation-harness if installed (auto), always, or the "
                              "bundled specs (native; piqa/arc/sciq/winogrande only)")
+    parser.add_argument("--bootstrap-iters", type=int, default=100000,
+                        help="draws for the harness's bootstrapped stderrs (lambada perplexity); "
+                             "0: the harness reports no stderrs at all")
     parser.add_argument("--data-dir", default=None, help="directory with the tasks' JSONL files")
     parser.add_argument("--limit", type=int, default=None, help="first N examples/documents per task")
     parser.add_argument("--out", required=True, help="results table: .jsonl or .csv")
@@ -76,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
         max_len=args.max_len, ppl_data=args.ppl_data, ppl_text_key=args.ppl_text_key,
         mem_data=args.mem_data, mem_order=args.mem_order, mem_seq_len=args.mem_seq_len,
         mem_rows_per_step=args.mem_rows_per_step, mem_sample=args.mem_sample, mem_seed=args.mem_seed,
-        details_dir=details, progress=not args.no_progress, task_system=args.task_system)
+        details_dir=details, progress=not args.no_progress, task_system=args.task_system,
+        bootstrap_iters=args.bootstrap_iters)
     table = evaluate_checkpoints(args.checkpoints, steps, settings, args.out)
     if args.csv:
         write_csv(table.rows, args.csv)

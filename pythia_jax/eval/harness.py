@@ -229,13 +229,23 @@ def evaluate_task(lm: Any, task: Any, *, limit: int | None = None,
     ``lm_eval.evaluator.evaluate`` and return its metrics and per-document outputs.
 
     ``bootstrap_iters``: draws for the harness's bootstrapped standard errors (perplexity);
-    0 skips them.
+    0 makes the harness skip every standard error (NaN in ``metrics``), the closed-form ones too.
     """
     from lm_eval import evaluator
 
     name = task.config.task
-    out = evaluator.evaluate(lm=lm, task_dict={name: task}, limit=limit, bootstrap_iters=bootstrap_iters,
-                             log_samples=True, verbosity="WARNING")
+    # The harness bootstraps in a forked process pool unless DISABLE_MULTIPROC is set; forking a
+    # process that runs JAX's threads can deadlock, so the draws run in this process.
+    saved = os.environ.get("DISABLE_MULTIPROC")
+    os.environ["DISABLE_MULTIPROC"] = "1"
+    try:
+        out = evaluator.evaluate(lm=lm, task_dict={name: task}, limit=limit, bootstrap_iters=bootstrap_iters,
+                                 log_samples=True, verbosity="WARNING")
+    finally:
+        if saved is None:
+            os.environ.pop("DISABLE_MULTIPROC", None)
+        else:
+            os.environ["DISABLE_MULTIPROC"] = saved
     res = out["results"][name]
     samples = out.get("samples", {}).get(name, [])
     metrics: dict[str, tuple[float, float]] = {}

@@ -62,7 +62,7 @@ class EvalSettings:
     progress: bool = True
     task_system: str = "auto"  # harness tasks: "auto" (harness if installed), "harness", "native"
     datasets_cache: str | None = None  # Arrow copies of the local files (default: datasets' cache)
-    bootstrap_iters: int = 100000  # the harness's bootstrapped stderrs (perplexity); 0 = none
+    bootstrap_iters: int = 100000  # harness's bootstrapped stderrs (perplexity); 0: no stderrs at all
     winobias_split: str = "dev"
     winobias_max_new_tokens: int = 32
 
