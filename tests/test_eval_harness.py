@@ -128,7 +128,7 @@ def test_bad_files_and_names(tmp_path, monkeypatch):
 
     bad = tmp_path / "lambada_openai.jsonl"
     bad.write_text('{"passage": "no text field"}\n')
-    with pytest.raises(DataError, match=r"needs fields \['text'\].*has \['passage'\]"):
+    with pytest.raises(DataError, match=r"lambada_openai.jsonl:1: .*needs fields \['text'\].*has \['passage'\]"):
         H.build_task("lambada_openai", bad)
     with pytest.raises(DataError, match="does not exist"):
         H.build_task("logiqa", tmp_path / "nope.jsonl")

@@ -106,24 +106,39 @@ def require_lm_eval(what: str) -> None:
                              f"module lm_eval is not installed; {INSTALL_HINT}")
 
 
-def _first_fields(path: Path) -> list[str]:
-    """Field names of the first document of a JSONL or CSV file."""
+def check_fields(path: Path, fields: Sequence[str], renames: Mapping[str, str], what: str) -> None:
+    """DataError naming ``path:line`` at the first document (JSONL: every line; CSV: the header)
+    that lacks one of ``fields`` (a field renamed by ``renames`` counts under its new name)."""
+
+    def missing(have: Sequence[str]) -> list[str]:
+        names = set(have) | {renames[k] for k in renames if k in have}
+        return [f for f in fields if f not in names]
+
     try:
         with open(path, encoding="utf-8", newline="") as f:
             if path.suffix == ".csv":
-                return list(next(csv.reader(f), []))
+                header = next(csv.reader(f), [])
+                if missing(header):
+                    raise DataError(f"{path}:1: {what} needs columns {missing(header)}; the header has {header}")
+                return
+            n = 0
             for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}:{lineno}: not JSON ({e})") from None
-                    if not isinstance(row, dict):
-                        raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-                    return list(row)
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: not JSON ({e})") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+                if missing(row):
+                    raise DataError(f"{path}:{lineno}: {what} needs fields {missing(row)}; "
+                                    f"the row has {sorted(row)}")
+                n += 1
     except OSError as e:
         raise DataError(f"cannot read {path}: {e}") from None
-    return []
+    if not n:
+        raise DataError(f"{path}: no documents")
 
 
 def _rename_then(renames: Mapping[str, str], then: Callable | None) -> Callable:
@@ -168,12 +183,7 @@ def build_task(name: str, data_file: str | os.PathLike, *, cache_dir: str | os.P
         raise DataError(f"task {name}: data file {path} must be .jsonl, .json or .csv")
     if spec is not None:
         yaml_path = Path(lm_eval.__file__).parent / "tasks" / spec.yaml
-        have = set(_first_fields(path))
-        have |= {spec.renames[k] for k in spec.renames if k in have}
-        missing = [f for f in spec.fields if f not in have]
-        if missing:
-            raise DataError(f"{path}: task {name} needs fields {missing} (the harness's {spec.harness} "
-                            f"format); the file has {sorted(have)}")
+        check_fields(path, spec.fields, spec.renames, f"task {name} (the harness's {spec.harness} format)")
     cfg = load_yaml(yaml_path)
     split = "test"
     dataset_kwargs: dict[str, Any] = {"data_files": {split: os.path.abspath(path)}}
