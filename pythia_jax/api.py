@@ -59,8 +59,14 @@ def load_params(path: str | os.PathLike, step: int | None = None, **kwargs: Any
     """(ModelConfig, params) from any supported source (see ``load``).
 
     HF and GPT-NeoX sources give numpy arrays; a checkpoint of this project gives arrays on the
-    first local device, on ``shardings=`` when given, or numpy with ``host=True``.
+    first local device, on ``shardings=`` when given, or numpy with ``host=True``. A folder of HF
+    revision folders ``step<N>/`` (as the Pythia suite publishes them) needs ``step``.
     """
+    if "://" not in os.fspath(path) and os.path.isdir(path):
+        from pythia_jax.eval.loading import read_hf_revision
+        found = read_hf_revision(path, step)
+        if found is not None:
+            return found
     source = detect_source(path)
     if source == "hf":
         if step is not None:
@@ -81,9 +87,10 @@ def load_params(path: str | os.PathLike, step: int | None = None, **kwargs: Any
 
 
 def load(path: str | os.PathLike, step: int | None = None, dtype: str | None = None, **kwargs: Any):
-    """A ``GPTNeoX`` from an HF directory, a pythia-jax checkpoint directory (newest valid step
-    unless ``step``) or a GPT-NeoX DeepSpeed checkpoint (``global_stepN/`` or its parent; fp32
-    ZeRO master weights when the optimizer shards are there).
+    """A ``GPTNeoX`` from an HF directory, a folder of HF revisions ``step<N>/`` (the newest
+    unless ``step``), a pythia-jax checkpoint directory (newest valid step unless ``step``) or a
+    GPT-NeoX DeepSpeed checkpoint (``global_stepN/`` or its parent; fp32 ZeRO master weights
+    when the optimizer shards are there).
 
     ``dtype``: compute dtype (``"float32"``, ``"bfloat16"``); parameters stay float32.
     ``shardings`` (checkpoints of this project): restore each device's slice only.
@@ -100,7 +107,10 @@ def load(path: str | os.PathLike, step: int | None = None, dtype: str | None = N
 
 
 def save_hf(model, out_dir: str | os.PathLike, dtype: str = "float16", **kwargs: Any) -> str:
-    """Write ``model`` as an HF ``GPTNeoXForCausalLM`` directory (``shard_size``, ``overwrite``)."""
+    """Write ``model`` as an HF ``GPTNeoXForCausalLM`` directory (``shard_size``, ``overwrite``).
+
+    ``overwrite=True`` replaces only an existing HF directory, never a run or another folder
+    (``PythiaJaxError``, see ``pythia_jax.io_utils``)."""
     from pythia_jax.convert.hf import write_hf_dir
     from pythia_jax.model import params_to_dict
 

@@ -9,7 +9,9 @@ Layout of a checkpoint directory (an ``orbax.checkpoint.CheckpointManager`` root
     <dir>/<step>/data_iter/          data-iterator state: grain's per-process JSON files
                                      (``process_<i>-of-<n>.json``) or one JSON document
     <dir>/<step>/metadata/           JSON: the caller's metadata plus ``__checkpoint__``
-                                     (format version, item list, per-leaf checksums)
+                                     (format version, item list, per-leaf checksums); the
+                                     trainer's metadata holds ``run_config`` (the run's data
+                                     order, schedule and model: :func:`read_run_config`)
 
 A step directory is written under a temporary name and renamed (local disk) or marked with
 ``commit_success.txt`` (``gs://``) by Orbax when complete, so an interrupted save is never seen
@@ -30,8 +32,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import errno
 import json
+import logging
 import os
+import threading
 import time
 import warnings
 from typing import Any, Callable, Collection, Mapping
@@ -39,8 +44,9 @@ from typing import Any, Callable, Collection, Mapping
 import numpy as np
 
 from pythia_jax.config import ConfigError, ModelConfig
-from pythia_jax.errors import CheckpointError
+from pythia_jax.errors import CheckpointError, DataError
 
+logger = logging.getLogger(__name__)
 
 MODEL_CONFIG_FILE = "model_config.json"
 PARAMS = "params"
@@ -53,6 +59,7 @@ _INTERNAL_KEY = "__checkpoint__"
 _COMMIT_MARKER = "commit_success.txt"
 _ORBAX_STEP_METADATA = "_CHECKPOINT_METADATA"
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"
+RUN_CONFIG_KEY = "run_config"  # the trainer's record of the run in each step's metadata
 
 # ModelConfig fields that describe how the model runs, not what its parameters are.
 EXECUTION_FIELDS = ("name", "dtype", "param_dtype", "remat", "attention", "scan_layers")
@@ -60,6 +67,15 @@ EXECUTION_FIELDS = ("name", "dtype", "param_dtype", "remat", "attention", "scan_
 
 class CheckpointIntegrityError(CheckpointError):
     """A step that is incomplete or whose stored bytes do not match what was saved."""
+
+
+class RunConfigMismatch(CheckpointError):
+    """A checkpoint written by a run whose data order, model or schedule differ from this one's
+    (not corruption: the step is intact, it belongs to another configuration)."""
+
+
+class CheckpointSaveFailed(CheckpointError):
+    """A checkpoint save (synchronous or in the background) failed: disk full, permissions, …"""
 
 
 # ---------------------------------------------------------------------------------- schedule
@@ -155,8 +171,13 @@ def _sync(name: str) -> None:
 def _write_text_atomic(path, text: str) -> None:
     """Write ``text`` to ``path`` via a temporary sibling and a rename (epath: local or gs://)."""
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{time.time_ns()}"
-    tmp.write_text(text)
-    tmp.rename(path)
+    try:
+        tmp.write_text(text)
+        tmp.rename(path)
+    except BaseException:
+        if tmp.exists():
+            tmp.unlink()
+        raise
 
 
 # ---------------------------------------------------------------------------------- model config
@@ -404,6 +425,27 @@ def _check_shapes(item: str, stored: Any, target: Any, where: str) -> None:
 
 
 # ---------------------------------------------------------------------------------- manager
+class _OrbaxTracebackFilter(logging.Filter):
+    """Orbax logs a failed save's exception with its full traceback from each of its threads
+    (hundreds of lines on stderr). The checkpointer reports such a failure itself, in one line,
+    so these records go to this module's logger at DEBUG level instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and "orbax" in (record.pathname or ""):
+            logger.debug("Orbax: %s", record.getMessage(), exc_info=record.exc_info)
+            return False
+        return True
+
+
+_ORBAX_FILTER = _OrbaxTracebackFilter()
+
+
+def _quiet_orbax_tracebacks() -> None:
+    absl_logger = logging.getLogger("absl")  # absl.logging, which Orbax logs through
+    if _ORBAX_FILTER not in absl_logger.filters:
+        absl_logger.addFilter(_ORBAX_FILTER)
+
+
 class TrainCheckpointer:
     """Saves and restores training state on a step schedule with Orbax (local disk or ``gs://``).
 
@@ -431,18 +473,28 @@ class TrainCheckpointer:
 
         self.directory = _epath(directory)
         self._should_save = _as_predicate(save_steps)
+        _quiet_orbax_tracebacks()
         self.model_config = model_config
         if model_config is not None:
             write_model_config(self.directory, model_config)
-        self._warn_tmp_dirs()
+        # Only a writer (given the model config) removes leftovers of interrupted saves: a reader
+        # (load_params, eval) opened beside a running training would delete its save in flight.
+        writer = model_config is not None
+        if writer:
+            self._warn_tmp_dirs()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,
+            cleanup_tmp_directories=writer,
             enable_should_save_is_saving_in_progress_check=False)
         registry = _bounded_io_registry(io_limit_bytes) if io_limit_bytes else None
         self._host_io = registry is not None
         self._manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=registry)
         self._bad_steps: set[int] = set()  # found unusable by restore/latest_valid_step
+        self._pending: int | None = None  # step of the last save, until it is confirmed on disk
+        self._save_error: BaseException | None = None  # what the background save raised
+        self._failed = False  # a failed save was reported (Orbax raises it again on each wait)
+        self._error_lock = threading.Lock()
+        self._record_background_errors()
 
     # -------------------------------------------------------------- queries
     def should_save(self, step: int) -> bool:
@@ -485,27 +537,140 @@ class TrainCheckpointer:
         step = int(step)
         if not (force or self.should_save(step)):
             return False
+        if self._pending is not None:  # Orbax would wait for it anyway: report its failure first
+            self._finish(self._pending)
         if step in self._manager.all_steps():
             if step not in self._bad_steps:
-                return False  # already saved (e.g. the step a run resumed from)
+                logger.warning("checkpoint step %d already exists in %s (written earlier); not "
+                               "overwritten, so this run's state at step %d is not saved", step,
+                               self.directory, step)
+                return False
             self._quarantine(step)
         args, _ = _save_args(params, opt_state, extra_state, data_state, metadata, step,
                              host_io=self._host_io)
-        saved = self._manager.save(step, args=ocp.args.Composite(**args), force=True)
+        try:
+            saved = self._manager.save(step, args=ocp.args.Composite(**args), force=True)
+        except Exception as e:  # noqa: BLE001 - e.g. a full disk during a synchronous save
+            self._failed = True
+            raise self._save_failed(step, e) from e
+        if saved:
+            self._pending = step
         return bool(saved)
 
-    def wait_until_finished(self) -> None:
-        self._manager.wait_until_finished()
+    def check_for_errors(self) -> None:
+        """Raise :class:`CheckpointSaveFailed` if the last save failed; cheap, never blocks.
 
-    def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        Call it after every training step: an asynchronous save runs in Orbax's background
+        threads, and its failure (e.g. ``No space left on device``) would otherwise surface only
+        at the next save. A save counts as finished once Orbax reports no save in progress; its
+        error is then collected (``wait_until_finished`` returns at once), and its step must be
+        complete on disk (:func:`step_problem`).
+        """
+        step = self._pending
+        if step is None or self._manager.is_saving_in_progress():
+            return
+        self._finish(step)
+
+    def _finish(self, step: int) -> None:
+        """Collect the outcome of the (finished or awaited) save of ``step``; raise if it failed."""
+        error: BaseException | None = None
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - the background save's error, re-raised by Orbax
+            error = e
+        with self._error_lock:
+            error = self._save_error or error
+        problem = step_problem(self.directory, step) if error is None else None
+        self._pending = None
+        if error is not None or problem is not None:
+            self._failed = True
+            raise self._save_failed(step, error, problem)
+
+    def _record_background_errors(self) -> None:
+        """Keep the exception of a failed background save for :meth:`check_for_errors`.
+
+        Orbax's save-finalize thread asks its async checkpointer for errors, logs the one it
+        finds and drops it (the step is then left unfinalized), so the error is recorded here as
+        it passes. Without this hook (a future Orbax) a failed save is still detected, from the
+        directory, only without its reason.
+        """
+        inner = getattr(self._manager, "_checkpointer", None)
+        check = getattr(inner, "check_for_errors", None)
+        if check is None:
+            return
+
+        def recording_check() -> None:
+            try:
+                check()
+            except BaseException as e:
+                with self._error_lock:
+                    if self._save_error is None:
+                        self._save_error = e
+                raise
+
+        try:
+            inner.check_for_errors = recording_check
+        except AttributeError:  # pragma: no cover - a read-only attribute in another Orbax
+            pass
+
+    def _save_failed(self, step: int, error: BaseException | None,
+                     problem: str | None = None) -> "CheckpointSaveFailed":
+        """The one-line report of a failed save: which step, where, why, which steps are intact."""
+        with self._error_lock:
+            self._save_error = None
+        why = _failure_reason(error) if error is not None else f"the step is not on disk ({problem})"
+        try:
+            intact = [s for s in self.all_steps() if s != step and step_problem(self.directory, s) is None]
+        except Exception:  # noqa: BLE001 - the directory itself may be the problem
+            intact = None
+        if intact is None:
+            kept = "the intact steps could not be listed"
+        elif intact:
+            kept = (f"intact steps: {_step_list(intact)} (a rerun of the same command resumes from "
+                    f"{intact[-1]})")
+        else:
+            kept = "no intact step (a rerun starts from step 0)"
+        return CheckpointSaveFailed(f"saving checkpoint step {step} to {self.directory}/{step} failed: "
+                                    f"{why}; {kept}; fix the cause, then rerun (it removes the "
+                                    "partial files)")
+
+    def wait_until_finished(self) -> None:
+        """Wait for the save in flight, then raise :class:`CheckpointSaveFailed` if it failed."""
+        if self._pending is not None:
+            self._finish(self._pending)
+        else:
+            self._wait_quietly()
+
+    def _wait_quietly(self) -> None:
+        """Wait for Orbax; a failure already reported (Orbax re-raises it on every wait) is not
+        raised again."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception:  # noqa: BLE001
+            if not self._failed:
+                raise
+
+    def close(self, check: bool = True) -> None:
+        """Finish the save in flight and release Orbax's threads; ``check``: report a failed save
+        (False: when another error is already on its way)."""
+        try:
+            if check:
+                self.wait_until_finished()
+            else:
+                self._failed = self._failed or self._pending is not None
+                self._wait_quietly()
+        finally:
+            try:
+                self._manager.close()
+            except Exception:  # noqa: BLE001 - the failed save again
+                if not self._failed:
+                    raise
 
     def __enter__(self) -> "TrainCheckpointer":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(check=exc_type is None)  # never mask the exception already in flight
 
     # -------------------------------------------------------------- restore
     def restore(self, step: int | None = None, abstract_state: Mapping[str, Any] | None = None, *,
@@ -569,6 +734,30 @@ class TrainCheckpointer:
         if leftovers:
             warnings.warn(f"{self.directory}: removing incomplete checkpoint(s) from an interrupted "
                           f"save: {', '.join(leftovers)}", stacklevel=3)
+
+
+def _failure_reason(error: BaseException) -> str:
+    """The OS error behind ``error`` (``No space left on device: <file>``), else its first line."""
+    seen = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno:
+            where = f" ({e.filename})" if e.filename else ""
+            return f"{os.strerror(e.errno)}{where} [errno {errno.errorcode.get(e.errno, e.errno)}]"
+        e = e.__cause__ or e.__context__
+    text = str(error).strip().splitlines()
+    first = text[0] if text else ""
+    if len(first) > 300:
+        first = first[:300] + "…"
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+def _step_list(steps: list[int]) -> str:
+    """``0, 1, 2`` or ``0, 1, …, 3000 (154 steps)`` for long lists."""
+    if len(steps) <= 6:
+        return ", ".join(str(s) for s in steps)
+    return f"{steps[0]}, {steps[1]}, …, {steps[-1]} ({len(steps)} steps)"
 
 
 def _save_args(params, opt_state, extra_state, data_state, metadata, step,
@@ -716,6 +905,10 @@ def _restore_items(manager, directory, step: int, abstract_state: dict,
     try:
         restored = manager.restore(step, args=ocp.args.Composite(**args))
     except Exception as e:  # noqa: BLE001 - a local read failure; agreed on below
+        mismatch = _data_mismatch(e)
+        if mismatch is not None:  # another run's data order: intact, not this run's to resume
+            raise RunConfigMismatch(f"{where}: {mismatch}; use another output directory, or the "
+                                    "checkpoint's value") from e
         error = CheckpointIntegrityError(f"{where}: cannot read arrays ({type(e).__name__}: {e})")
         error.__cause__ = e
     _agree_on_success(where, error)
@@ -727,6 +920,19 @@ def _restore_items(manager, directory, step: int, abstract_state: dict,
                          extra_state=restored[EXTRA_STATE] if EXTRA_STATE in targets else None,
                          data_state=restored[DATA_ITER] if DATA_ITER in args else None,
                          metadata=doc)
+
+
+def _data_mismatch(error: BaseException) -> str | None:
+    """The message of the ``DataError`` the data iterator raised for a state saved with other
+    settings (found anywhere in ``error``'s chain), or None."""
+    seen = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, DataError) and "data iterator checkpoint was made with" in str(e):
+            return str(e)
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _grain_state_exists(directory, step: int) -> bool:
@@ -759,6 +965,68 @@ def _agree_on_success(where: str, error: Exception | None) -> None:
             error = CheckpointIntegrityError(f"{where}: another process failed to read this step")
     if error is not None:
         raise error
+
+
+# ---------------------------------------------------------------------------------- run config
+def read_run_config(directory: str | os.PathLike, step: int | None = None) -> dict | None:
+    """The training run's configuration as recorded in a checkpoint step's metadata.
+
+    ``directory``: a run's ``output_dir`` (with ``checkpoints/``), a checkpoint root or a step
+    directory. ``step``: None = the newest step that looks complete (:func:`step_problem`).
+    Returns the trainer's record (``pythia_jax.train.loop.run_config``)::
+
+        {"version": 1,
+         "data": {"prefix", "documents", "tokens", "order", "seed", "global_batch", "seq_len",
+                  "train_iters", "transform"},
+         "schedule": {"num_steps", "max_lr", "min_lr", "warmup_steps", "decay_steps", …},
+         "model": ModelConfig.to_dict(), "init": {"seed", "init_from"},
+         "changes": [{"step", "changed": {"section.key": [old, new]}}, …],
+         "step": <the step read>}
+
+    The rows a step has seen are rows ``[0, step · global_batch)`` of the order that ``data``
+    opens. Checkpoints written before this record existed give ``{"partial": True, "step",
+    "data": {order, seed, global_batch, seq_len, train_iters}}`` from the data iterator's saved
+    state (no prefix). None: the step holds neither (e.g. a converted checkpoint). Raises
+    ``CheckpointError`` when there is no usable step.
+    """
+    path = _epath(directory)
+    if not (path / MODEL_CONFIG_FILE).exists() and (path / "checkpoints" / MODEL_CONFIG_FILE).exists():
+        path = path / "checkpoints"
+    root, dir_step = resolve_checkpoint_dir(path)
+    step = dir_step if step is None else int(step)
+    if step is None:  # listed here: a checkpoint manager would clean up a running save's files
+        steps = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit()), reverse=True)
+        step = next((s for s in steps if step_problem(root, s) is None), None)
+        if step is None:
+            raise CheckpointError(f"{root} holds no usable checkpoint step")
+    problem = step_problem(root, step)
+    if problem is not None:
+        raise CheckpointError(f"{root}/{step}: cannot read its run configuration ({problem})")
+    doc = _read_json(root / str(step) / METADATA / METADATA)
+    record = doc.get(RUN_CONFIG_KEY)
+    if isinstance(record, dict):
+        return {**record, "step": step}
+    state = _legacy_data_state(root, step)
+    if state is None:
+        return None
+    return {"partial": True, "step": step,
+            "data": {k: state[k] for k in ("order", "seed", "global_batch", "seq_len", "train_iters")
+                     if k in state}}
+
+
+def _legacy_data_state(root, step: int) -> dict | None:
+    """Process 0's saved data-iterator state of a step (grain JSON), or None."""
+    folder = root / str(step) / DATA_ITER
+    if not folder.exists():
+        return None
+    for name in sorted(p.name for p in folder.iterdir()):
+        if name.startswith("process_0-of-") and name.endswith(".json"):
+            try:
+                state = json.loads((folder / name).read_text())
+            except (OSError, ValueError):
+                return None
+            return state if isinstance(state, dict) else None
+    return None
 
 
 # ---------------------------------------------------------------------------------- params API
@@ -962,7 +1230,8 @@ def _item_tree_metadata(directory, step: int, item: str) -> Any:
 
 
 __all__ = [
-    "CheckpointIntegrityError", "CheckpointSchedule", "RestoredState", "TrainCheckpointer",
+    "CheckpointIntegrityError", "CheckpointSaveFailed", "RunConfigMismatch", "read_run_config",
+    "CheckpointSchedule", "RestoredState", "TrainCheckpointer",
     "pythia_steps", "save_params_checkpoint", "load_params", "read_model_config",
     "write_model_config", "config_differences", "tree_checksums", "step_problem",
     "is_checkpoint_dir", "resolve_checkpoint_dir",

@@ -11,9 +11,15 @@ Gin flags follow the T5X convention and are accepted by every subcommand that de
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import importlib
+import logging
+import os
+import re
 import sys
-from typing import Sequence
+import warnings
+from typing import Iterator, Sequence
 
 from pythia_jax.errors import ConfigError, PythiaJaxError
 
@@ -29,7 +35,10 @@ SUBCOMMANDS: tuple[tuple[str, str], ...] = (
     ("batches", "pythia_jax.commands.batches"),
     ("count", "pythia_jax.commands.count"),
     ("count-merge", "pythia_jax.commands.count_merge"),
+    ("term-frequency", "pythia_jax.commands.term_frequency"),
     ("info", "pythia_jax.commands.info"),
+    ("audit", "pythia_jax.commands.audit"),
+    ("memorization-report", "pythia_jax.commands.memorization_report"),
 )
 
 # Subcommands that hand all their arguments to another tool's parser.
@@ -82,15 +91,32 @@ def split_gin_flags(argv: Sequence[str]) -> tuple[list[str], list[str], list[str
     return rest, files, bindings
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the descriptions' line breaks and appends ``(default: X)`` to every option whose
+    default is a value (not None, False or an empty list) and whose help does not already name it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("%(default)" in text or "default:" in text or default is None or default is False
+                or default == [] or default is argparse.SUPPRESS or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from pythia_jax import __version__
+
     parser = argparse.ArgumentParser(
         prog="pythia-jax", description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"pythia-jax {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module_name in SUBCOMMANDS:
         module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=module.HELP, description=getattr(module, "DESCRIPTION", module.HELP),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=HelpFormatter)
         if getattr(module, "USES_GIN", False):
             p.add_argument("--gin_file", action="append", default=[], metavar="PATH",
                            help="gin file to parse (repeatable; searched in ., configs/)")
@@ -126,15 +152,150 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(module, args: argparse.Namespace) -> int:
-    """Run one subcommand; input errors become one line on stderr and exit status 2."""
+    """Run one subcommand. Input errors and I/O failures (a full disk, a read-only or missing
+    folder, an unreadable file) become one line on stderr and exit status 2; Ctrl-C exits 130."""
+    with console_logging():
+        try:
+            return int(module.run(args) or 0)
+        except KeyboardInterrupt:
+            print(f"pythia-jax {args.command}: interrupted", file=sys.stderr)
+            return 130
+        except (PythiaJaxError, ConfigError) as e:
+            print(f"pythia-jax {args.command}: error: {one_line(str(e), limit=2000)}", file=sys.stderr)
+            return 2
+        except Exception as e:  # noqa: BLE001 - only OS-level failures are reported here
+            message = describe_os_failure(e, args)
+            if message is None:
+                raise
+            print(f"pythia-jax {args.command}: error: {message}", file=sys.stderr)
+            return 2
+
+
+# ----------------------------------------------------------------------------- I/O failures
+# Where each command writes, for the hint of a failed write.
+_OUTPUT_FLAGS = {"train": "--gin.TrainConfig.output_dir", "convert": "OUTPUT", "preprocess": "--output-prefix",
+                 "preshuffle": "--out", "batches": "--out", "eval": "--out", "plot": "--out"}
+_OUTPUT_ATTRS = ("out", "output", "output_prefix")
+
+# Failures that tensorstore / Orbax report in their own exception types, recognised by strerror.
+_ERRNO_TEXTS = {errno.ENOSPC: "No space left on device", errno.EROFS: "Read-only file system",
+                errno.EDQUOT: "Disk quota exceeded"}
+
+
+def _find_os_error(exc: BaseException) -> OSError | None:
+    """The first OSError in ``exc``'s cause/context chain (itself included)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def describe_os_failure(exc: BaseException, args: argparse.Namespace | None = None) -> str | None:
+    """One line for an OS-level failure: the path, the reason and what to do; None when ``exc``
+    is not one (a programming error keeps its traceback)."""
+    command = getattr(args, "command", None)
+    flag = _OUTPUT_FLAGS.get(command or "", "the output location")
+    output = next((getattr(args, a) for a in _OUTPUT_ATTRS if getattr(args, a, None)), None)
+    os_error = _find_os_error(exc)
+    if os_error is None:
+        text = str(exc)
+        code = next((c for c, t in _ERRNO_TEXTS.items() if t in text), None)
+        if code is None:
+            return None
+        os_error = OSError(code, _ERRNO_TEXTS[code])
+    code, reason = os_error.errno, os_error.strerror or one_line(str(os_error)) or type(os_error).__name__
+    paths = [_published_name(p) for p in (os_error.filename, os_error.filename2) if p is not None]
+    where = " -> ".join(str(p) for p in paths) if paths else (f"writing {output}" if output else "")
+    hints = {
+        errno.ENOSPC: f"free some space or choose another {flag}",
+        errno.EDQUOT: f"free some space (disk quota) or choose another {flag}",
+        errno.EROFS: f"the file system is read-only: choose another {flag}",
+        errno.EACCES: f"no permission: choose a location you can write (another {flag}) or fix the permissions",
+        errno.EPERM: f"not permitted: choose another {flag} or fix the permissions",
+        errno.ENOENT: "check the path (a missing file or parent folder)",
+        errno.ENOTDIR: "a part of the path is a file, not a folder",
+        errno.EISDIR: "the path is a folder where a file was expected",
+        errno.EIO: "the device reported an I/O error: check the disk",
+    }
+    hint = hints.get(code)
+    return "; ".join(x for x in (f"{where}: {reason}" if where else reason, hint) if x)
+
+
+_TEMPORARY = (re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{6,}\.tmp$"),  # files: mkstemp siblings
+              re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-[A-Za-z0-9_]+$"))  # folders: atomic_output_dir
+
+
+def _published_name(path) -> str:
+    """The output a temporary sibling (``.NAME.xxxxxxxx.tmp``, ``.NAME.tmp-xxxx``) stands for."""
+    path = os.fspath(path) if isinstance(path, (str, os.PathLike)) else str(path)
+    head, tail = os.path.split(path)
+    for pattern in _TEMPORARY:
+        m = pattern.match(tail)
+        if m:
+            return os.path.join(head, m.group("name"))
+    return path
+
+
+def one_line(text: str, limit: int = 400) -> str:
+    """``text`` on one line (newlines collapsed); an over-long text keeps its start and its end."""
+    text = " ".join(text.split())
+    if len(text) > limit:
+        head = limit * 2 // 3
+        text = text[:head] + " … " + text[-(limit - head):]
+    return text
+
+
+# ---------------------------------------------------------------------------------- logging
+class _ConsoleFormatter(logging.Formatter):
+    """``pythia-jax: warning: <message>``, always one line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = one_line(record.getMessage())
+        if record.levelno >= logging.WARNING:
+            return f"pythia-jax: {record.levelname.lower()}: {message}"
+        return f"pythia-jax: {message}"
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` replacement: the warning as one log line (no file, no source line)."""
+    text = str(message)
+    if category is not UserWarning:
+        text = f"{category.__name__}: {text}"
+    logging.getLogger("py.warnings").warning("%s", text)
+
+
+@contextlib.contextmanager
+def console_logging() -> Iterator[None]:
+    """While a command runs: log records (the package's INFO and up, others' WARNING and up) and
+    Python warnings go to stderr, one readable line each. Restores the previous setup after."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_ConsoleFormatter())
+    root, package = logging.getLogger(), logging.getLogger("pythia_jax")
+    saved = root.level, package.level, warnings.showwarning
+    # a bare console handler set up before (logging.basicConfig, e.g. by absl on import) would print
+    # each record a second time in its own format: it rests while the command runs
+    resting = [h for h in root.handlers if type(h) is logging.StreamHandler
+               and getattr(h, "stream", None) in (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__)]
+    for h in resting:
+        root.removeHandler(h)
+    root.addHandler(handler)
+    if root.level == logging.NOTSET or root.level > logging.WARNING:
+        root.setLevel(logging.WARNING)
+    if package.level == logging.NOTSET or package.level > logging.INFO:
+        package.setLevel(logging.INFO)
+    warnings.showwarning = _show_warning
     try:
-        return int(module.run(args) or 0)
-    except KeyboardInterrupt:
-        print("pythia-jax: interrupted", file=sys.stderr)
-        return 130
-    except (PythiaJaxError, ConfigError) as e:
-        print(f"pythia-jax {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        yield
+    finally:
+        root.removeHandler(handler)
+        for h in resting:
+            root.addHandler(h)
+        root.setLevel(saved[0])
+        package.setLevel(saved[1])
+        warnings.showwarning = saved[2]
 
 
 if __name__ == "__main__":

@@ -1,33 +1,41 @@
 """Model configuration: the typed ``ModelConfig``, the Pythia presets and the HF ``config.json`` round trip.
 
-Numbers come from PYTHIA_FACTS §1–3. Nothing here reads gin or the environment; gin binds
-``ModelConfig`` fields at the edges (see ``pythia_jax.gin_setup``).
+Numbers come from the Pythia paper (Biderman et al. 2023, Table 1 and Appendix E) and the released
+HF ``config.json`` files. Nothing here reads gin or the environment; gin binds ``ModelConfig``
+fields at the edges (see ``pythia_jax.gin_setup``).
+
+Every field of transformers' ``GPTNeoXConfig`` (and the legacy transformers 4.x names) is either
+read, honoured when the weights are read, ignored for a stated reason, or refused with a
+``ConfigError`` naming the field and its value: see ``HF_FIELDS``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
-# Vocabulary facts (PYTHIA_FACTS §3).
+from pythia_jax.errors import ConfigError, ParamShapeError
+
+logger = logging.getLogger(__name__)
+
+# Vocabulary of the GPT-NeoX-20B tokenizer (HF ``EleutherAI/gpt-neox-20b``): 50,277 ids, <|endoftext|> = 0, <|padding|> = 1.
 TOKENIZER_VOCAB_SIZE = 50277
 EOD_TOKEN_ID = 0
 PAD_TOKEN_ID = 1
 
-# HF activation names: "gelu" is exact erf GELU; these are the tanh approximation.
-TANH_GELU_NAMES = ("gelu_new", "gelu_fast", "gelu_pytorch_tanh", "gelu_tanh")
-EXACT_GELU_NAMES = ("gelu",)
+# HF activation names (transformers ``activations.ACT2FN``): "gelu"/"gelu_python" are exact erf
+# GELU; these are the tanh approximation 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))).
+TANH_GELU_NAMES = ("gelu_new", "gelu_fast", "gelu_pytorch_tanh", "gelu_tanh", "gelu_accurate",
+                   "gelu_python_tanh")
+EXACT_GELU_NAMES = ("gelu", "gelu_python")
 INIT_METHODS = ("small_init", "wang_init", "normal", "scaled_normal")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash", "reference")
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot describe a valid model."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +118,7 @@ class ModelConfig:
         return self.hidden_act in TANH_GELU_NAMES
 
     def init_std(self, method: str | None = None) -> float:
-        """Standard deviation of one of the Pythia init methods for this shape (PYTHIA_FACTS §1)."""
+        """Standard deviation of one of the Pythia init methods (GPT-NeoX v1.0 ``megatron/model/init_functions.py``)."""
         method = method or self.init_method
         H, L = self.hidden_size, self.num_layers
         if method == "small_init":
@@ -134,14 +142,9 @@ class ModelConfig:
         return self.init_std(self.output_init_method)
 
     def num_params(self, include_embeddings: bool = True) -> int:
-        """Exact parameter count from the shapes (embed_in and embed_out are untied)."""
-        H, F, L, V = self.hidden_size, self.intermediate_size, self.num_layers, self.vocab_size
-        per_layer = (4 * H  # two LayerNorms
-                     + H * 3 * H + 3 * H  # QKV
-                     + H * H + H  # attention dense
-                     + H * F + F + F * H + H)  # MLP
-        non_embedding = L * per_layer + 2 * H
-        return non_embedding + (2 * V * H if include_embeddings else 0)
+        """Exact parameter count from :func:`param_shapes` (embed_in and embed_out are untied)."""
+        return sum(math.prod(shape) for path, shape in param_shapes(self).items()
+                   if include_embeddings or path[0] not in ("embed_in", "embed_out"))
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -149,29 +152,36 @@ class ModelConfig:
     # ------------------------------------------------------------ presets
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "ModelConfig":
-        """One of the Pythia models by name (``pythia-160m``, ``pythia-1.4b-deduped``, ``14m``…)."""
-        key = name.strip().lower()
-        if key.startswith("eleutherai/"):
-            key = key[len("eleutherai/"):]
-        if not key.startswith("pythia-"):
-            key = "pythia-" + key
-        base = key[: -len("-deduped")] if key.endswith("-deduped") else key
-        if base.endswith("-v0"):
-            base = base[: -len("-v0")]
-        if base not in _PRESET_SHAPES:
-            raise ConfigError(f"unknown model name {name!r}; known: {', '.join(preset_names())}")
-        L, H, heads, vocab, init, out_init = _PRESET_SHAPES[base]
-        fields = dict(name=key, vocab_size=vocab, hidden_size=H, num_layers=L, num_heads=heads,
+        """One of the Pythia models by name (``pythia-160m``, ``EleutherAI/pythia-1.4b-deduped``,
+        ``pythia-160m-v0``, ``14m``…; spellings as in :func:`parse_preset_name`)."""
+        preset = parse_preset_name(name)
+        L, H, heads, vocab, init, out_init = _PRESET_SHAPES[preset.base]
+        fields = dict(name=preset.name, vocab_size=vocab, hidden_size=H, num_layers=L, num_heads=heads,
                       init_method=init, output_init_method=out_init)
         fields.update(overrides)
         return cls(**fields)
 
+    def matching_preset(self) -> str | None:
+        """The base preset (``pythia-160m`` …) whose architecture equals this one, or None."""
+        arch = {k: v for k, v in self.to_dict().items() if k not in _NOT_ARCHITECTURE}
+        for base in _PRESET_SHAPES:
+            other = ModelConfig.preset(base)
+            if arch == {k: v for k, v in other.to_dict().items() if k not in _NOT_ARCHITECTURE}:
+                return base
+        return None
+
     # ------------------------------------------------------------ HF interop
     def to_hf_dict(self) -> dict[str, Any]:
-        """The contents of an HF ``config.json`` for ``GPTNeoXForCausalLM``."""
+        """The contents of an HF ``config.json`` for ``GPTNeoXForCausalLM``.
+
+        Written with both the transformers 4.x keys (``rotary_pct``, ``rotary_emb_base``) and the
+        5.x ``rope_parameters``, plus ``pythia_jax_name`` (transformers keeps unknown keys), so
+        :meth:`from_hf_dict` gives this config back, name included.
+        """
         return {
             "architectures": ["GPTNeoXForCausalLM"],
             "model_type": "gpt_neox",
+            "pythia_jax_name": self.name,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "num_hidden_layers": self.num_layers,
@@ -199,54 +209,55 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, hf: Mapping[str, Any], **overrides: Any) -> "ModelConfig":
-        """Build from an HF ``config.json`` dict (legacy keys or transformers 5.x ``rope_parameters``)."""
-        if hf.get("model_type", "gpt_neox") != "gpt_neox":
-            raise ConfigError(f"config.json has model_type {hf.get('model_type')!r}, expected 'gpt_neox'")
-        missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
-                   if k not in hf]
-        if missing:
-            raise ConfigError(f"config.json is missing required keys: {', '.join(missing)}")
-        if hf.get("tie_word_embeddings", False):
-            raise ConfigError("tie_word_embeddings=true is not a GPT-NeoX/Pythia layout")
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", None):
-            raise ConfigError(f"rope type {rope_type!r} is not supported (Pythia uses default rotary)")
-        rotary_pct = hf.get("rotary_pct", rope.get("partial_rotary_factor", 0.25))
-        base = hf.get("rotary_emb_base", rope.get("rope_theta", 10000.0))
+        """Build from an HF ``config.json`` dict (transformers 4.x keys or 5.x ``rope_parameters``).
+
+        Every key is handled as ``HF_FIELDS`` says; a setting this model cannot run raises
+        ``ConfigError`` naming the key and its value (before any weights are read). The name is
+        ``pythia_jax_name`` when present, else the last part of ``_name_or_path``, else the
+        Pythia preset with the same architecture (``pythia-160m`` …), else ``custom``.
+        """
+        hf_weight_layout(hf)  # every check, before any field is read
+        rope = _rope_parameters(hf)
         fields = dict(
-            name=str(hf.get("_name_or_path") or "custom").split("/")[-1] or "custom",
-            vocab_size=int(hf["vocab_size"]),
-            hidden_size=int(hf["hidden_size"]),
-            num_layers=int(hf["num_hidden_layers"]),
-            num_heads=int(hf["num_attention_heads"]),
-            intermediate_size=int(hf.get("intermediate_size") or 4 * int(hf["hidden_size"])),
-            rotary_pct=float(rotary_pct),
-            rotary_emb_base=float(base),
-            max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-            use_parallel_residual=bool(hf.get("use_parallel_residual", True)),
+            vocab_size=_hf_int(hf, "vocab_size"),
+            hidden_size=_hf_int(hf, "hidden_size"),
+            num_layers=_hf_int(hf, "num_hidden_layers"),
+            num_heads=_hf_int(hf, "num_attention_heads"),
+            intermediate_size=(_hf_int(hf, "intermediate_size") if hf.get("intermediate_size") is not None
+                               else 4 * _hf_int(hf, "hidden_size")),
+            rotary_pct=_hf_float(rope, "partial_rotary_factor", "rope_parameters.partial_rotary_factor"),
+            rotary_emb_base=_hf_float(rope, "rope_theta", "rope_parameters.rope_theta"),
+            max_position_embeddings=(_hf_int(hf, "max_position_embeddings")
+                                     if hf.get("max_position_embeddings") is not None else 2048),
+            use_parallel_residual=_hf_bool(hf, "use_parallel_residual", True),
             hidden_act=str(hf.get("hidden_act", "gelu")),
-            layer_norm_eps=float(hf.get("layer_norm_eps", 1e-5)),
+            layer_norm_eps=(_hf_float(hf, "layer_norm_eps") if hf.get("layer_norm_eps") is not None
+                            else 1e-5),
         )
-        fields.update(overrides)
-        return cls(**fields)
+        config = cls(**fields)
+        name = hf.get("pythia_jax_name") or str(hf.get("_name_or_path") or "").rstrip("/").split("/")[-1]
+        base = config.matching_preset()
+        try:
+            named = parse_preset_name(name).base if name else None
+        except ConfigError:
+            named = None
+        if named is not None and named == base:
+            # a Pythia model: the init methods of its preset (config.json does not record them)
+            preset = cls.preset(name)
+            config = config.replace(name=preset.name, init_method=preset.init_method,
+                                    output_init_method=preset.output_init_method)
+        elif name:
+            config = config.replace(name=str(name))
+        elif base is not None:
+            preset = cls.preset(base)
+            config = config.replace(name=base, init_method=preset.init_method,
+                                    output_init_method=preset.output_init_method)
+        return config.replace(**overrides) if overrides else config
 
     @classmethod
     def from_hf_file(cls, path: str | os.PathLike, **overrides: Any) -> "ModelConfig":
         """Read ``config.json`` (a file, or a directory holding one)."""
-        path = os.fspath(path)
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        try:
-            with open(path, encoding="utf-8") as f:
-                hf = json.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"no config.json at {path}") from None
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"cannot read {path}: {e}") from None
-        if not isinstance(hf, dict):
-            raise ConfigError(f"{path} does not hold a JSON object")
-        return cls.from_hf_dict(hf, **overrides)
+        return cls.from_hf_dict(read_hf_config_json(path), **overrides)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -264,7 +275,317 @@ def _int_if_whole(x: float) -> float | int:
     return int(x) if float(x).is_integer() else x
 
 
-# name -> (layers, hidden, heads, padded vocab, init, output init)   (PYTHIA_FACTS §1)
+# ================================================================ preset names
+class PresetName(NamedTuple):
+    """A parsed Pythia model name: ``name`` as the preset calls it, ``base`` the size key."""
+
+    name: str  # e.g. "pythia-1.4b-deduped-v0"
+    base: str  # e.g. "pythia-1.4b" (key of the shape, learning-rate and tensor-parallel tables)
+
+
+def parse_preset_name(name: str) -> PresetName:
+    """The one normaliser of Pythia model names, used by ``ModelConfig.preset`` and ``pythia_recipe``.
+
+    Accepts the HF repository id or its last part, any case, with or without ``pythia-``,
+    ``-deduped`` and the ``-v0`` suffix of the first release (``EleutherAI/pythia-160m``,
+    ``pythia-160m-deduped-v0``, ``160m``). Raises ``ConfigError`` for anything else.
+    """
+    if not isinstance(name, str):
+        raise ConfigError(f"a model name must be a string, got {type(name).__name__}")
+    key = name.strip().lower()
+    if "/" in key:
+        org, _, key = key.rpartition("/")
+        if org != "eleutherai":
+            key = ""  # only EleutherAI's repositories are Pythia models
+    if key and not key.startswith("pythia-"):
+        key = "pythia-" + key
+    base = key
+    for suffix in ("-v0", "-deduped", "-v0"):  # both orders: pythia-160m-deduped-v0 is the HF spelling
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+    if base not in _PRESET_SHAPES:
+        raise ConfigError(f"unknown model name {name!r}; known: {', '.join(preset_names())} "
+                          "(optionally with 'EleutherAI/' before and '-v0' after)")
+    return PresetName(key, base)
+
+
+# fields that do not change the architecture (nor the weights), for matching against the presets
+_NOT_ARCHITECTURE = ("name", "init_method", "output_init_method", "dtype", "param_dtype", "remat",
+                     "attention", "scan_layers")
+
+
+# ================================================================ parameter shapes
+ParamPath = tuple[str, ...]
+
+
+def param_shapes(config: ModelConfig) -> dict[ParamPath, tuple[int, ...]]:
+    """Shape of every leaf of the parameter tree, keyed by its path: the one definition.
+
+    The tree is this project's canonical layout (names follow HF's ``GPTNeoXForCausalLM``,
+    Linear kernels ``[in, out]``, the L layers stacked on axis 0); the model's modules, the
+    converters and the checkpoint reader all check against it (``check_param_shapes``)::
+
+        embed_in/embedding                                     [V, H]
+        layers/{input,post_attention}_layernorm/{scale,bias}   [L, H]
+        layers/attention/query_key_value/{kernel, bias}        [L, H, 3H], [L, 3H]
+        layers/attention/dense/{kernel, bias}                  [L, H, H], [L, H]
+        layers/mlp/dense_h_to_4h/{kernel, bias}                [L, H, F], [L, F]
+        layers/mlp/dense_4h_to_h/{kernel, bias}                [L, F, H], [L, H]
+        final_layer_norm/{scale, bias}                         [H]
+        embed_out/kernel                                       [H, V]
+    """
+    H, F, L, V = config.hidden_size, config.intermediate_size, config.num_layers, config.vocab_size
+    per_layer = {
+        ("input_layernorm", "scale"): (H,), ("input_layernorm", "bias"): (H,),
+        ("post_attention_layernorm", "scale"): (H,), ("post_attention_layernorm", "bias"): (H,),
+        ("attention", "query_key_value", "kernel"): (H, 3 * H),
+        ("attention", "query_key_value", "bias"): (3 * H,),
+        ("attention", "dense", "kernel"): (H, H), ("attention", "dense", "bias"): (H,),
+        ("mlp", "dense_h_to_4h", "kernel"): (H, F), ("mlp", "dense_h_to_4h", "bias"): (F,),
+        ("mlp", "dense_4h_to_h", "kernel"): (F, H), ("mlp", "dense_4h_to_h", "bias"): (H,),
+    }
+    shapes: dict[ParamPath, tuple[int, ...]] = {("embed_in", "embedding"): (V, H)}
+    shapes.update({("layers",) + p: (L,) + s for p, s in per_layer.items()})
+    shapes.update({("final_layer_norm", "scale"): (H,), ("final_layer_norm", "bias"): (H,),
+                   ("embed_out", "kernel"): (H, V)})
+    return shapes
+
+
+def _leaf_shapes(tree: Any, prefix: ParamPath = ()) -> dict[ParamPath, tuple[int, ...] | None]:
+    """Path -> shape of every leaf of a nested mapping (None for leaves without a shape)."""
+    if isinstance(tree, Mapping):
+        out: dict[ParamPath, tuple[int, ...] | None] = {}
+        for k, v in tree.items():
+            out.update(_leaf_shapes(v, prefix + (str(k),)))
+        return out
+    shape = getattr(tree, "shape", None)
+    if shape is None:
+        try:
+            import numpy as np
+            shape = np.shape(tree)
+        except Exception:  # noqa: BLE001 - an object numpy cannot describe
+            return {prefix: None}
+    return {prefix: tuple(int(d) for d in shape)}
+
+
+def check_param_shapes(config: ModelConfig, params: Mapping[str, Any], what: str = "params") -> None:
+    """The one parameter check: raise ``ParamShapeError`` (a ``ConfigError`` and a
+    ``CheckpointError``) naming missing, unexpected or wrongly shaped leaves of ``params``
+    (arrays, ``jax.ShapeDtypeStruct`` or anything with ``.shape``) against :func:`param_shapes`.
+    """
+    expected = param_shapes(config)
+    given = _leaf_shapes(params)
+    missing = ["/".join(p) for p in expected if p not in given]
+    unexpected = ["/".join(p) for p in given if p not in expected]
+    if missing or unexpected:
+        raise ParamShapeError(
+            f"{what} do not match model {config.name!r}: missing {missing[:5]}"
+            f"{f' (+{len(missing) - 5} more)' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+            f"{f' (+{len(unexpected) - 5} more)' if len(unexpected) > 5 else ''}; pass the ModelConfig "
+            "the weights were made with")
+    for path, shape in expected.items():
+        if given[path] != shape:
+            raise ParamShapeError(
+                f"{what}: {'/'.join(path)} has shape {list(given[path] or ())}, expected {list(shape)} "
+                f"for model {config.name!r} (hidden {config.hidden_size}, layers {config.num_layers}, "
+                f"vocab {config.vocab_size}, MLP {config.intermediate_size}); pass the ModelConfig "
+                "the weights were made with")
+
+
+# ================================================================ HF config.json fields
+# What ``from_hf_dict`` does with every ``GPTNeoXConfig`` key (transformers 5.x and the 4.x names).
+#   read     -> a ModelConfig field
+#   weights  -> honoured while reading the weights (``hf_weight_layout``), see the note
+#   checked  -> accepted for the values in the note, otherwise ``ConfigError`` naming key and value
+#   ignored  -> does not change the model's outputs here; the note says why
+HF_FIELDS: dict[str, tuple[str, str]] = {
+    # architecture
+    "model_type": ("checked", "must be 'gpt_neox'"),
+    "architectures": ("checked", "absent or naming GPTNeoXForCausalLM (other heads have other weights)"),
+    "vocab_size": ("read", "vocab_size"),
+    "hidden_size": ("read", "hidden_size"),
+    "num_hidden_layers": ("read", "num_layers"),
+    "num_attention_heads": ("read", "num_heads"),
+    "intermediate_size": ("read", "intermediate_size (absent or null: 4 x hidden_size)"),
+    "hidden_act": ("read", f"hidden_act; one of {EXACT_GELU_NAMES + TANH_GELU_NAMES}"),
+    "max_position_embeddings": ("read", "max_position_embeddings"),
+    "layer_norm_eps": ("read", "layer_norm_eps"),
+    "use_parallel_residual": ("read", "use_parallel_residual"),
+    "rope_parameters": ("checked", "rope_type 'default' (or absent); rope_theta -> rotary_emb_base, "
+                                   "partial_rotary_factor -> rotary_pct; other rope types refused "
+                                   "(the model has no position scaling)"),
+    "rope_scaling": ("checked", "transformers 4.x name of rope_parameters: null or type 'default'"),
+    "rotary_pct": ("read", "rotary_pct (transformers 4.x; must agree with rope_parameters)"),
+    "rotary_emb_base": ("read", "rotary_emb_base (transformers 4.x; must agree with rope_parameters)"),
+    "partial_rotary_factor": ("read", "rotary_pct (top-level spelling; must agree with rope_parameters)"),
+    "rope_theta": ("read", "rotary_emb_base (top-level spelling; must agree with rope_parameters)"),
+    "attention_bias": ("weights", "false: the QKV and attention-output biases are zero (same outputs; "
+                                  "training may then learn them)"),
+    "tie_word_embeddings": ("weights", "true: embed_out is a copy of embed_in (same outputs; training "
+                                       "then updates the two separately)"),
+    "is_encoder_decoder": ("checked", "must be false"),
+    "add_cross_attention": ("checked", "must be false (GPT-NeoX has no cross-attention)"),
+    "pruned_heads": ("checked", "must be empty (pruned heads change the QKV shapes)"),
+    "quantization_config": ("checked", "must be absent (quantized weights are not read)"),
+    # training-time only
+    "attention_dropout": ("ignored", "dropout is off at inference; pythia-jax trains without dropout "
+                                     "(Pythia used 0), a non-zero value is logged"),
+    "hidden_dropout": ("ignored", "dropout is off at inference; pythia-jax trains without dropout "
+                                  "(Pythia used 0), a non-zero value is logged"),
+    "classifier_dropout": ("ignored", "only GPTNeoXFor{Sequence,Token}Classification use it"),
+    "initializer_range": ("ignored", "HF's random init; pythia-jax initialises by init_method"),
+    # runtime, generation and tokenizer settings
+    "use_cache": ("ignored", "a runtime switch of HF's generate"),
+    "bos_token_id": ("ignored", "tokenizer setting; the weights do not depend on it"),
+    "eos_token_id": ("ignored", "tokenizer setting; pythia-jax's generate takes its stop id as an argument"),
+    "pad_token_id": ("ignored", "tokenizer setting; the weights do not depend on it"),
+    "is_decoder": ("ignored", "GPTNeoX attention is always causal (GPTNeoXAttention.is_causal)"),
+    "output_hidden_states": ("ignored", "what HF's forward returns, not the model"),
+    "output_attentions": ("ignored", "what HF's forward returns, not the model"),
+    "return_dict": ("ignored", "what HF's forward returns, not the model"),
+    "use_return_dict": ("ignored", "what HF's forward returns, not the model"),
+    "chunk_size_feed_forward": ("ignored", "chunking the MLP does not change its result"),
+    "id2label": ("ignored", "labels of classification heads"),
+    "label2id": ("ignored", "labels of classification heads"),
+    "num_labels": ("ignored", "labels of classification heads"),
+    "problem_type": ("ignored", "loss of classification heads"),
+    "dtype": ("ignored", "dtype the tensors were saved in; each tensor's own dtype is read"),
+    "torch_dtype": ("ignored", "transformers 4.x name of dtype"),
+    "transformers_version": ("ignored", "metadata"),
+    "_name_or_path": ("read", "name (its last path component)"),
+    "pythia_jax_name": ("read", "name (written by to_hf_dict)"),
+    "tokenizer_class": ("ignored", "tokenizer setting"),
+    "torchscript": ("ignored", "HF export switch"),
+}
+
+_HF_REFUSED_TRUE = ("is_encoder_decoder", "add_cross_attention")
+
+
+class HFWeightLayout(NamedTuple):
+    """How an HF checkpoint's tensors map onto the (always untied, biased) params tree."""
+
+    attention_bias: bool = True  # False: QKV / attention-dense biases absent, read as zeros
+    tie_word_embeddings: bool = False  # True: no embed_out tensor, embed_out = embed_in.T
+
+
+def hf_weight_layout(hf: Mapping[str, Any]) -> HFWeightLayout:
+    """Check every key of an HF ``config.json`` dict against ``HF_FIELDS`` and return the weight layout.
+
+    Raises ``ConfigError`` naming the key and its value for a setting this model cannot run;
+    logs (``pythia_jax.config``) keys it does not know and non-zero dropout.
+    """
+    if not isinstance(hf, Mapping):
+        raise ConfigError(f"an HF config must be a JSON object, got {type(hf).__name__}")
+    fix = "; this GPT-NeoX implementation cannot run it (see pythia_jax.config.HF_FIELDS)"
+    if hf.get("model_type", "gpt_neox") != "gpt_neox":
+        raise ConfigError(f"config.json has model_type {hf.get('model_type')!r}, expected 'gpt_neox'")
+    missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+               if hf.get(k) is None]
+    if missing:
+        raise ConfigError(f"config.json is missing required keys: {', '.join(missing)}")
+    arch = hf.get("architectures")
+    if arch is not None and (not isinstance(arch, (list, tuple)) or "GPTNeoXForCausalLM" not in arch):
+        raise ConfigError(f"config.json has architectures={arch!r}: only GPTNeoXForCausalLM checkpoints "
+                          "(with the embed_out head) can be read")
+    for key in _HF_REFUSED_TRUE:
+        if hf.get(key):
+            raise ConfigError(f"config.json has {key}={hf[key]!r}{fix}")
+    if hf.get("pruned_heads"):
+        raise ConfigError(f"config.json has pruned_heads={hf['pruned_heads']!r}{fix}")
+    if hf.get("quantization_config") is not None:
+        raise ConfigError(f"config.json has quantization_config={hf['quantization_config']!r}; "
+                          "dequantize the weights first (pythia-jax reads float16/bfloat16/float32)")
+    act = hf.get("hidden_act", "gelu")
+    if act not in EXACT_GELU_NAMES + TANH_GELU_NAMES:
+        raise ConfigError(f"config.json has hidden_act={act!r}; supported: "
+                          f"{', '.join(EXACT_GELU_NAMES + TANH_GELU_NAMES)}")
+    _rope_parameters(hf)
+    for key in ("attention_dropout", "hidden_dropout"):
+        value = hf.get(key)
+        if value:
+            logger.warning("config.json has %s=%r: dropout is off at inference; pythia-jax has no dropout, "
+                           "so training from this model does not apply it", key, value)
+    unknown = sorted(k for k in hf if k not in HF_FIELDS)
+    if unknown:
+        logger.warning("config.json keys not known to pythia-jax, ignored: %s (check they do not change "
+                       "the architecture)", ", ".join(unknown))
+    return HFWeightLayout(attention_bias=_hf_bool(hf, "attention_bias", True),
+                          tie_word_embeddings=_hf_bool(hf, "tie_word_embeddings", False))
+
+
+def _rope_parameters(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"rope_theta", "partial_rotary_factor"}`` from any spelling; refuses non-default rope types
+    and spellings that disagree (transformers' ``GPTNeoXConfig.convert_rope_params_to_dict``)."""
+    rope: dict[str, Any] = {}
+    for key in ("rope_scaling", "rope_parameters"):
+        value = hf.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config.json has {key}={value!r}; expected a mapping or null")
+        rope_type = value.get("rope_type", value.get("type", "default"))
+        if rope_type not in ("default", None):
+            raise ConfigError(f"config.json has {key}.rope_type={rope_type!r} ({dict(value)!r}); only "
+                              "'default' rotary embeddings are supported (no position scaling)")
+        rope.update({k: v for k, v in value.items() if k in ("rope_theta", "partial_rotary_factor")})
+        extra = sorted(set(value) - {"rope_type", "type", "rope_theta", "partial_rotary_factor"})
+        if extra:
+            logger.warning("config.json %s keys %s are ignored by default rotary embeddings", key, extra)
+    for legacy, new in (("rotary_pct", "partial_rotary_factor"), ("partial_rotary_factor", "partial_rotary_factor"),
+                        ("rotary_emb_base", "rope_theta"), ("rope_theta", "rope_theta")):
+        if hf.get(legacy) is None:
+            continue
+        value = _hf_float(hf, legacy)
+        if new in rope and float(rope[new]) != value:
+            raise ConfigError(f"config.json has {legacy}={hf[legacy]!r} but rope_parameters.{new}="
+                              f"{rope[new]!r}; make them agree (transformers uses rope_parameters)")
+        rope.setdefault(new, value)
+    rope.setdefault("rope_theta", 10000.0)
+    rope.setdefault("partial_rotary_factor", 0.25)  # GPTNeoXConfig's default
+    return rope
+
+
+def _hf_int(hf: Mapping[str, Any], key: str) -> int:
+    value = hf.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        raise ConfigError(f"config.json has {key}={value!r}; expected an integer")
+    return int(value)
+
+
+def _hf_float(hf: Mapping[str, Any], key: str, what: str | None = None) -> float:
+    value = hf.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"config.json has {what or key}={value!r}; expected a number")
+    return float(value)
+
+
+def _hf_bool(hf: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = hf.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ConfigError(f"config.json has {key}={value!r}; expected true or false")
+    return value
+
+
+def read_hf_config_json(path: str | os.PathLike) -> dict[str, Any]:
+    """The dict of an HF ``config.json`` (a file, or a directory holding one); ``ConfigError`` if unreadable."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            hf = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"no config.json at {path}") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {path}: {e}") from None
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{path} does not hold a JSON object")
+    return hf
+
+
+# name -> (layers, hidden, heads, padded vocab, init, output init): Pythia paper Table 1, released config.json
 _PRESET_SHAPES: dict[str, tuple[int, int, int, int, str, str]] = {
     "pythia-14m": (6, 128, 4, 50304, "small_init", "wang_init"),
     "pythia-31m": (6, 256, 8, 50304, "small_init", "wang_init"),
@@ -278,14 +599,14 @@ _PRESET_SHAPES: dict[str, tuple[int, int, int, int, str, str]] = {
     "pythia-12b": (36, 5120, 40, 50688, "normal", "scaled_normal"),
 }
 
-# Peak learning rates of the released runs (PYTHIA_FACTS §1/§5); min lr is 0.1 × max.
+# Peak learning rates of the released runs (Pythia paper Table 1 / the released GPT-NeoX ymls); min lr is 0.1 × max.
 PRESET_MAX_LR: dict[str, float] = {
     "pythia-14m": 1.0e-3, "pythia-31m": 1.0e-3,
     "pythia-70m": 1.0e-3, "pythia-160m": 6.0e-4, "pythia-410m": 3.0e-4, "pythia-1b": 2.5e-4,
     "pythia-1.4b": 2.0e-4, "pythia-2.8b": 1.6e-4, "pythia-6.9b": 1.2e-4, "pythia-12b": 1.2e-4,
 }
 
-# GPT-NeoX tensor-parallel size of the original runs (PYTHIA_FACTS §4); the others ran with TP 1.
+# GPT-NeoX tensor-parallel size of the original runs (model-parallel-size of the released ymls); the others ran with TP 1.
 PRESET_TENSOR_PARALLEL: dict[str, int] = {"pythia-6.9b": 2, "pythia-12b": 4}
 
 RELEASED_SIZES = ("70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b", "12b")

@@ -1,14 +1,28 @@
-"""Exception types shared by the package; the CLI prints these without a traceback."""
+"""Exception types shared by the package; the CLI prints these without a traceback.
 
-from pythia_jax.config import ConfigError
+This module imports nothing from the package, so every layer can raise these without an import
+cycle (``pythia_jax.config`` re-exports ``ConfigError`` from here).
+"""
 
 
 class PythiaJaxError(Exception):
     """Base class of errors caused by bad input (files, shapes, settings)."""
 
 
+class ConfigError(PythiaJaxError, ValueError):
+    """A configuration that cannot describe a valid model or run (also a ``ValueError``)."""
+
+
 class CheckpointError(PythiaJaxError):
     """A weights or checkpoint directory that is missing, corrupt or does not match the model."""
+
+
+class ParamShapeError(ConfigError, CheckpointError):
+    """A parameter tree whose leaves or shapes do not match its ``ModelConfig``.
+
+    Both a ``ConfigError`` (the config does not describe these weights) and a
+    ``CheckpointError`` (the weights do not fit the config), so callers catching either see it.
+    """
 
 
 class DataError(PythiaJaxError):
@@ -19,4 +33,5 @@ class DataFileNotFound(DataError):
     """A dataset file that does not exist (callers may fall back to another layout)."""
 
 
-__all__ = ["ConfigError", "PythiaJaxError", "CheckpointError", "DataError", "DataFileNotFound"]
+__all__ = ["ConfigError", "PythiaJaxError", "CheckpointError", "ParamShapeError", "DataError",
+           "DataFileNotFound"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import tokenize
 from pathlib import Path
 from typing import Sequence
 
@@ -55,11 +56,46 @@ def parse(files: Sequence[str] = (), bindings: Sequence[str] = ()) -> None:
     for p in search_paths():
         gin.add_config_file_search_path(p)
     paths = [resolve_gin_file(f) for f in files]
+    for binding in bindings:
+        check_binding_syntax(binding)
     try:
         with _quiet_search_path_misses():
             gin.parse_config_files_and_bindings(paths, list(bindings), finalize_config=False)
-    except (ValueError, KeyError, SyntaxError) as e:
+    except (ValueError, KeyError, SyntaxError, tokenize.TokenError) as e:
         raise ConfigError(f"bad gin configuration: {e}") from None
+
+
+class _SyntaxOnly(gin.config_parser.ParserDelegate):
+    """Parses references and macros without resolving them (a syntax check only)."""
+
+    def configurable_reference(self, scoped_configurable_name, evaluate):
+        return None
+
+    def macro(self, macro_name):
+        return None
+
+
+def check_binding_syntax(binding: str) -> None:
+    """Raise ConfigError when ``binding`` (``"A.b = value"``) is not valid gin, saying how to write it.
+
+    Gin values are Python literals (``'text'``, ``1``, ``[1, 2]``, ``None``) or ``@references`` /
+    ``%MACROS``; a bare word such as ``runs/x`` is the usual mistake: a string needs quotes that
+    survive the shell, e.g. ``--gin.TrainConfig.output_dir="'runs/x'"``.
+    """
+    try:
+        for _ in gin.config_parser.ConfigParser(binding, _SyntaxOnly()):
+            pass
+    except (SyntaxError, ValueError, tokenize.TokenError) as e:
+        name, _, value = (part.strip() for part in binding.partition("="))
+        quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
+        if value and not quoted and value[0] not in "[({@%":  # a bare word: an unquoted string
+            text = value.replace("'", "\\'")
+            raise ConfigError(
+                f"--gin.{name}={value}: gin values are Python literals and {value!r} is not one; quote a "
+                f"string inside the shell's quotes: --gin.{name}=\"'{text}'\" (numbers, True/False, None, "
+                "lists and @references need no quotes)") from None
+        detail = " ".join(str(getattr(e, "msg", None) or e).split())
+        raise ConfigError(f"--gin.{name}={value}: not a valid gin value ({detail})") from None
 
 
 def _not_a_search_path_miss(record: logging.LogRecord) -> bool:

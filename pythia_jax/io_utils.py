@@ -1,4 +1,22 @@
-"""Small file-system helpers: atomic output directories, size strings, JSONL rows with line numbers."""
+"""Small file-system helpers: safe, atomic outputs; size strings; JSONL rows with line numbers.
+
+Output rule (every command and Python API that writes a file or folder goes through here):
+
+* ``check_output_dir`` / ``check_output_file``: an output may never contain, or lie inside, one
+  of its inputs (symlinks resolved, both directions), and is never the home folder, the working
+  folder, the filesystem root or a folder above them. An existing output is refused unless
+  ``overwrite``; with ``overwrite`` only an output of the *same kind* is replaced (an HF model
+  directory by an HF export, a checkpoint directory of this project by a checkpoint, an indexed
+  dataset by a dataset, a ``.npy`` / PNG / results table by the same) — never a training run
+  directory, nor any other non-empty folder. Refusals are one line (``PythiaJaxError``) naming
+  what the existing path looks like.
+* ``atomic_output_dir`` / ``atomic_files``: outputs are written under hidden temporary siblings
+  (``.NAME.tmp-PID@HOST-XXXXXXXX``) and renamed into place when complete; outputs that belong
+  together (``.bin`` + ``.idx``) are published together or, on an error, not at all (the
+  previous ones are put back). The temporaries are removed on any exception; a later writer of
+  the same output removes the leftovers of a killed one (``clean_stale_temps``, with a warning).
+  Published files and folders get the user's umask (``0o666`` / ``0o777`` minus it).
+"""
 
 from __future__ import annotations
 
@@ -6,57 +24,380 @@ import contextlib
 import gzip
 import io
 import json
+import logging
 import os
 import re
+import secrets
 import shutil
-import tempfile
-import uuid
+import socket
+import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from pythia_jax.errors import DataError, PythiaJaxError
 
+logger = logging.getLogger(__name__)
 
-def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Refuse an existing output (unless ``overwrite``) before any work starts; return the absolute path."""
-    out = Path(out_dir).expanduser().absolute()
-    if out.exists() or out.is_symlink():
-        if not overwrite:
-            raise PythiaJaxError(f"output {out} already exists; pass --overwrite (overwrite=True) "
-                                 "to replace it")
-        if not out.is_dir():
-            raise PythiaJaxError(f"output {out} exists and is not a directory; refusing to replace it")
+# ----------------------------------------------------------------------------- what a path is
+HF_WEIGHTS = re.compile(r"^(model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|"
+                        r"pytorch_model(-\d+-of-\d+)?\.bin|pytorch_model\.bin\.index\.json|"
+                        r"flax_model\.msgpack)$")
+KIND_NAMES = {
+    "hf": "an HF model directory (config.json + weights)",
+    "checkpoint": "a pythia-jax checkpoint directory (model_config.json + step folders)",
+    "neox": "a GPT-NeoX checkpoint (latest + global_step<N>/)",
+    "steps": "a folder of step<N>/ HF directories",
+    "dataset": "an indexed dataset (.bin/.idx)",
+    "npy": "a .npy array file",
+    "png": "a PNG image",
+    "table": "a results table (.jsonl/.csv)",
+}
+_NPY_MAGIC = b"\x93NUMPY"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_IDX_MAGIC = b"MMIDIDX\x00\x00"
+
+
+def _resolved(path: str | os.PathLike) -> Path:
+    return Path(os.path.expanduser(os.fspath(path))).resolve(strict=False)
+
+
+def _visible(entries: Sequence[Path]) -> list[Path]:
+    return [e for e in entries if not e.name.startswith(".")]
+
+
+def _list_dir(path: Path) -> list[Path]:
+    try:
+        return sorted(path.iterdir())
+    except OSError:
+        return []
+
+
+def _head(path: Path, n: int) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError:
+        return b""
+
+
+def path_kind(path: str | os.PathLike) -> str | None:
+    """What an existing path looks like: None (absent), ``"empty"`` (an empty folder), one of
+    ``KIND_NAMES`` (``"hf"``, ``"checkpoint"``, ``"neox"``, ``"steps"``, ``"npy"``, ``"png"``,
+    ``"table"``, ``"dataset"`` for an ``.idx`` file), ``"run"`` (a training run directory:
+    ``metrics.jsonl``, ``checkpoints/`` or ``tensorboard/``), ``"protected"`` (home, working
+    folder, root or above them) or ``"other"``."""
+    p = Path(os.path.expanduser(os.fspath(path)))
+    if not (p.exists() or p.is_symlink()):
+        return None
+    r = _resolved(p)
+    if r == Path(r.anchor) or any(r == q or r in q.parents for q in _protected()):
+        return "protected"
+    if r.is_file():
+        head = _head(r, 16)
+        if head.startswith(_NPY_MAGIC):
+            return "npy"
+        if head.startswith(_PNG_MAGIC):
+            return "png"
+        if head.startswith(_IDX_MAGIC):
+            return "dataset"
+        if r.suffix in (".jsonl", ".csv") and (r.stat().st_size == 0 or _is_table(r)):
+            return "table"
+        return "other"
+    if not r.is_dir():
+        return "other"
+    entries = _list_dir(r)
+    names = {e.name for e in entries}
+    visible = _visible(entries)
+    if not visible:
+        return "empty"
+    if "metrics.jsonl" in names or (r / "checkpoints").is_dir() or (r / "tensorboard").is_dir():
+        return "run"
+    if "model_config.json" in names and all(
+            re.fullmatch(r"\d+(\.unusable-\d+|\.orbax-checkpoint-tmp.*)?|model_config\.json", e.name)
+            for e in visible):
+        return "checkpoint"
+    if "latest" in names and any(re.fullmatch(r"global_step\d+", e.name) and e.is_dir() for e in visible) \
+            and all(e.is_file() or re.fullmatch(r"global_step\d+", e.name) for e in visible):
+        return "neox"
+    if "config.json" in names and any(HF_WEIGHTS.match(n) for n in names) \
+            and not any(e.is_dir() for e in visible):
+        return "hf"
+    if all(e.is_dir() and re.fullmatch(r"step\d+", e.name) for e in visible):
+        return "steps"
+    return "other"
+
+
+def _is_table(path: Path) -> bool:
+    head = _head(path, 4096).decode("utf-8", "replace")
+    first = head.splitlines()[0] if head else ""
+    if path.suffix == ".csv":
+        return first.startswith("step,task,metric")
+    try:
+        row = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(row, dict) and {"step", "task", "metric", "value"} <= set(row)
+
+
+def _protected() -> list[Path]:
+    out = []
+    for p in (os.path.expanduser("~"), os.getcwd()):
+        with contextlib.suppress(OSError):
+            out.append(_resolved(p))
     return out
 
 
-@contextlib.contextmanager
-def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary sibling of ``out_dir``; on success rename it to ``out_dir``.
+def describe_path(path: str | os.PathLike) -> str:
+    """One phrase for what ``path`` looks like (for refusals)."""
+    kind = path_kind(path)
+    if kind in KIND_NAMES:
+        return KIND_NAMES[kind]
+    if kind == "run":
+        return "a training run directory (metrics.jsonl / checkpoints/ / tensorboard/)"
+    if kind == "protected":
+        return "the home folder, the working folder, the root or a folder above them"
+    if kind == "empty":
+        return "an empty folder"
+    r = _resolved(path)
+    if r.is_dir():
+        names = [e.name for e in _list_dir(r)]
+        shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+        return f"a folder of {len(names)} other entries ({shown})"
+    return "an unrelated file" if r.is_file() else "something that is not a file or folder"
 
-    On any exception (KeyboardInterrupt included) the temporary folder is removed and
-    ``out_dir`` is left as it was, so an interrupted write never leaves partial output.
-    With ``overwrite`` an existing ``out_dir`` is replaced only after the new one is complete.
+
+def _relation(out: Path, inp: Path) -> str | None:
+    if out == inp:
+        return "is"
+    if inp in out.parents:
+        return "is inside"
+    if out in inp.parents:
+        return "contains"
+    return None
+
+
+def check_inputs(out: str | os.PathLike, inputs: Sequence[str | os.PathLike] = ()) -> None:
+    """Refuse an output that is, contains or lies inside one of ``inputs`` (symlinks resolved).
+    URLs (``gs://…``) are compared as normalised strings."""
+    for inp in inputs:
+        if inp is None:
+            continue
+        o, i = os.fspath(out), os.fspath(inp)
+        if "://" in o or "://" in i:
+            a, b = o.rstrip("/") + "/", i.rstrip("/") + "/"
+            rel = "is" if a == b else "is inside" if a.startswith(b) else "contains" if b.startswith(a) else None
+        else:
+            rel = _relation(_resolved(o), _resolved(i))
+        if rel:
+            raise PythiaJaxError(f"output {o} {rel} the input {i}; writing it would replace or mix with "
+                                 "its own source: choose an output outside the input (and not above it)")
+
+
+def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False, *, kind: str | None = None,
+                     inputs: Sequence[str | os.PathLike] = ()) -> Path:
+    """Refuse an output folder before any work starts; return its absolute path.
+
+    Refused (``PythiaJaxError``, one line): an output that is, contains or lies inside one of
+    ``inputs``; the home / working folder / root or above; an existing path (other than an
+    empty folder) without ``overwrite``; with ``overwrite``, an existing path that is not a folder
+    of the same ``kind`` (``KIND_NAMES``: ``"hf"``, ``"checkpoint"``, ``"neox"``) — a training run
+    directory or any other folder is never replaced. ``kind=None`` replaces only empty folders.
     """
-    out = check_output_dir(out_dir, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    out = Path(out_dir).expanduser().absolute()
+    check_inputs(out, inputs)
+    found = path_kind(out)
+    if found == "protected":
+        raise PythiaJaxError(f"output {out} is {describe_path(out)}; refusing to write there: "
+                             "choose a new folder for the output")
+    if found is None or found == "empty":
+        return out
+    what = describe_path(out)
+    if not overwrite:
+        raise PythiaJaxError(f"output {out} already exists ({what}); pass --overwrite "
+                             "(overwrite=True) to replace it, or choose another output")
+    if found != kind:
+        wanted = KIND_NAMES.get(kind or "", "an output of this command")
+        raise PythiaJaxError(f"output {out} is {what}, not {wanted}; --overwrite replaces only an "
+                             "output of the same kind: choose another output, or move that one away yourself")
+    return out
+
+
+def check_output_file(path: str | os.PathLike, kind: str, *, inputs: Sequence[str | os.PathLike] = (),
+                      overwrite: bool = True) -> Path:
+    """Refuse an output file (``kind``: ``"npy"``, ``"png"``, ``"table"``, ``"dataset"``) that is one
+    of ``inputs``, or an existing path that is not a file of the same kind (a folder, a run's
+    ``metrics.jsonl``, any other file). Same-kind files are replaced when ``overwrite``."""
+    out = Path(path).expanduser().absolute()
+    check_inputs(out, inputs)
+    found = path_kind(out)
+    if found is None:
+        return out
+    what = describe_path(out)
+    if found != kind:
+        raise PythiaJaxError(f"output {out} exists and is {what}, not {KIND_NAMES[kind]}; refusing to "
+                             "replace it: choose another output path")
+    if not overwrite:
+        raise PythiaJaxError(f"output {out} already exists ({what}); pass --overwrite to replace it")
+    return out
+
+
+# ------------------------------------------------------------------------- temporaries, publishing
+_TMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<what>tmp|old)-(?P<pid>\d+)@(?P<host>[^/]*)-[0-9a-f]{8}$")
+STALE_REMOTE_SECONDS = 24 * 3600  # another host's temporaries: removed only when this old
+
+
+def _tag() -> str:
+    return f"{os.getpid()}@{socket.gethostname()}-{secrets.token_hex(4)}"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def temp_sibling(final: str | os.PathLike, *, directory: bool = False) -> Path:
+    """Create a hidden temporary sibling of ``final`` (same folder, so the rename is atomic):
+    ``.NAME.tmp-PID@HOST-XXXXXXXX``; a folder when ``directory``. Leftovers of killed writers of
+    the same ``final`` are removed first (``clean_stale_temps``)."""
+    final = Path(final).expanduser().absolute()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(final)
+    tmp = final.parent / f".{final.name}.tmp-{_tag()}"
+    if directory:
+        tmp.mkdir()
+    else:
+        tmp.touch(exist_ok=False)
+    return tmp
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def clean_stale_temps(final: str | os.PathLike) -> list[str]:
+    """Remove the temporaries (``.NAME.tmp-*``) and set-aside old copies (``.NAME.old-*``) of
+    ``final`` left by a writer that was killed: on this host when its process is gone, from
+    another host when older than ``STALE_REMOTE_SECONDS``. A set-aside copy whose ``final`` is
+    missing (killed while publishing) is renamed back instead. Each is logged as a warning;
+    returns the names handled."""
+    final = Path(final).expanduser().absolute()
+    host = socket.gethostname()
+    handled = []
+    for p in _list_dir(final.parent):
+        m = _TMP_RE.match(p.name)
+        if not m or m.group("name") != final.name:
+            continue
+        if m.group("host") == host:
+            if _alive(int(m.group("pid"))):
+                continue
+        else:
+            with contextlib.suppress(OSError):
+                if time.time() - p.lstat().st_mtime < STALE_REMOTE_SECONDS:
+                    continue
+        if m.group("what") == "old" and not (final.exists() or final.is_symlink()):
+            logger.warning("%s: restoring %s, set aside by a writer that was killed (pid %s on %s)",
+                           final, p.name, m.group("pid"), m.group("host"))
+            os.rename(p, final)
+        else:
+            logger.warning("%s: removing %s, left by a writer that was killed (pid %s on %s)",
+                           final, p.name, m.group("pid"), m.group("host"))
+            _remove(p)
+        handled.append(p.name)
+    return handled
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _chmod_published(path: Path) -> None:
+    """The mode an ordinary ``open``/``mkdir`` gives under the user's umask (mkstemp / mkdtemp
+    make 0600 / 0700)."""
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
+
+
+def publish(pairs: Sequence[tuple[str | os.PathLike, str | os.PathLike]]) -> None:
+    """Rename each temporary onto its final path, all together or none.
+
+    Existing finals are first set aside (``.NAME.old-…``), then every temporary is renamed in,
+    then the old copies are removed. An exception at any point puts the old copies back and
+    removes the temporaries, so the previous outputs stay intact. Modes get the user's umask.
+    """
+    pairs = [(Path(t), Path(f).expanduser().absolute()) for t, f in pairs]
+    moved: list[tuple[Path, Path]] = []  # (final, old copy)
+    done: list[Path] = []
+    try:
+        for tmp, _ in pairs:
+            _chmod_published(tmp)
+        for _, final in pairs:
+            if final.exists() or final.is_symlink():
+                old = final.parent / f".{final.name}.old-{_tag()}"
+                os.rename(final, old)
+                moved.append((final, old))
+        for tmp, final in pairs:
+            os.rename(tmp, final)
+            done.append(final)
+    except BaseException:
+        for final in done:
+            _remove(final)
+        for final, old in moved:
+            with contextlib.suppress(OSError):
+                os.rename(old, final)
+        for tmp, _ in pairs:
+            _remove(tmp)
+        raise
+    for _, old in moved:
+        _remove(old)
+
+
+@contextlib.contextmanager
+def atomic_files(*finals: str | os.PathLike) -> Iterator[list[Path]]:
+    """Yield temporary sibling paths for ``finals`` (created empty); when the block succeeds
+    they are published together (``publish``); on any exception they are removed and the
+    ``finals`` are left as they were."""
+    temps: list[Path] = []
+    try:
+        for f in finals:
+            temps.append(temp_sibling(f))
+        yield temps
+    except BaseException:
+        for t in temps:
+            _remove(t)
+        raise
+    publish(list(zip(temps, finals)))
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False, *, kind: str | None = None,
+                      inputs: Sequence[str | os.PathLike] = ()) -> Iterator[Path]:
+    """Yield a fresh temporary sibling folder of ``out_dir``; on success rename it to ``out_dir``.
+
+    ``check_output_dir`` decides first (and again just before the rename) whether ``out_dir``
+    may be written / replaced. On any exception (KeyboardInterrupt included) the temporary
+    folder is removed and ``out_dir`` is left as it was. With ``overwrite`` an existing
+    ``out_dir`` of the same ``kind`` is replaced only after the new one is complete. The
+    published folder gets mode ``0o777 & ~umask``.
+    """
+    out = check_output_dir(out_dir, overwrite, kind=kind, inputs=inputs)
+    tmp = temp_sibling(out, directory=True)
     try:
         yield tmp
+        check_output_dir(out, overwrite, kind=kind)  # it may have appeared while we were writing
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise
-    try:
-        if out.exists():
-            check_output_dir(out, overwrite)  # it may have appeared while we were writing
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    publish([(tmp, out)])
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
@@ -103,23 +444,103 @@ def open_text(path: str | os.PathLike) -> io.TextIOBase:
         raise DataError(f"cannot read {path}: {e.strerror}") from None
 
 
+def _open_bytes(path: str) -> io.BufferedIOBase:
+    """A binary reader of ``path``, decompressing ``.gz`` / ``.zst`` by extension."""
+    try:
+        if path.endswith(".gz"):
+            return gzip.open(path, "rb")
+        if path.endswith(".zst") or path.endswith(".zstd"):
+            return io.BufferedReader(_ZstdReader(open(path, "rb")))
+        return open(path, "rb")
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+class _ZstdReader(io.RawIOBase):
+    """Decompresses a (multi-frame) zstd file; unlike ``stream_reader`` a stream that ends inside a
+    frame raises ``zstandard.ZstdError`` instead of ending quietly."""
+
+    def __init__(self, raw: io.BufferedIOBase):
+        import zstandard
+
+        self._zstd, self._raw = zstandard, raw
+        self._obj = zstandard.ZstdDecompressor().decompressobj()
+        self._buf, self._in_frame, self._done = b"", False, False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self._buf and not self._done:
+            chunk = self._raw.read(1 << 20)
+            if not chunk:
+                if self._in_frame:
+                    raise self._zstd.ZstdError("the data ends inside a zstd frame (truncated file)")
+                self._done = True
+                break
+            while chunk:
+                self._in_frame = True
+                self._buf += self._obj.decompress(chunk)
+                chunk = b""
+                if self._obj.eof:  # frame complete; the next one may start in the same chunk
+                    self._in_frame = False
+                    chunk = self._obj.unused_data
+                    self._obj = self._zstd.ZstdDecompressor().decompressobj()
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+def _decompression_errors() -> tuple[type[BaseException], ...]:
+    """What a damaged or truncated compressed stream raises (gzip/zlib, zstandard) besides OSError."""
+    import zlib
+
+    errors: list[type[BaseException]] = [OSError, EOFError, zlib.error]
+    try:
+        import zstandard
+        errors.append(zstandard.ZstdError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
 def iter_jsonl_objects(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     """``(line number, object)`` for each non-blank line of a JSONL file (plain, ``.gz``, ``.zst``).
 
-    A missing or unreadable file, a line that is not JSON or not a JSON object raises DataError
-    naming the file and the line.
+    Raises DataError naming the file and the line for: a missing or unreadable file, a damaged or
+    truncated ``.gz`` / ``.zst`` stream, a line that is not UTF-8, not JSON or not a JSON object.
+    Each line is decoded on its own, so the line named is the one holding the bad bytes.
     """
-    with open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object")
-            yield lineno, row
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: input file not found")
+    lineno = 0
+    try:
+        with _open_bytes(path) as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                                    f"{e.start + 1}); re-encode the file as UTF-8") from None
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}:{lineno}: expected a JSON object")
+                yield lineno, row
+    except _decompression_errors() as e:
+        what = "damaged or truncated compressed data" if path.endswith((".gz", ".zst", ".zstd")) else "read error"
+        reason = getattr(e, "strerror", None) or " ".join(str(e).split()) or type(e).__name__
+        raise DataError(f"{path}:{lineno + 1}: {what} ({reason}); check or re-download the file") from None
 
 
 def release_free_memory() -> None:

@@ -263,6 +263,34 @@ def _cudnn_ok(q: jax.Array) -> bool:
     return q.dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 256
 
 
+def check_attention_supported(impl: str, dtype, head_dim: int, backend: str | None = None) -> None:
+    """Refuse, before any compute, an attention kernel asked for by name that cannot run here.
+
+    impl: ``ModelConfig.attention``; dtype: the compute dtype; backend: ``jax.default_backend()``
+    when None. 'auto', 'xla' and 'reference' run everywhere in float32/bfloat16/float16. 'cudnn'
+    needs a GPU, a 16-bit compute dtype and head_dim a multiple of 8 up to 256 (the cuDNN flash
+    attention that ``jax.nn.dot_product_attention(implementation="cudnn")`` calls). 'splash' is the
+    TPU Pallas kernel; elsewhere it runs in Pallas interpret mode (slow, for checks).
+    Raises ``ConfigError`` (one line naming the setting, what was found and what to use instead).
+    """
+    from pythia_jax.config import ConfigError
+
+    if impl != "cudnn":
+        return
+    backend = backend or jax.default_backend()
+    dtype = jnp.dtype(dtype)
+    if backend != "gpu":
+        raise ConfigError(f"attention='cudnn' needs a GPU (cuDNN flash attention), but the JAX "
+                          f"backend is {backend!r}; use attention='auto' (picks the fastest kernel "
+                          f"available) or 'xla'")
+    if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise ConfigError(f"attention='cudnn' needs dtype bfloat16 or float16, got {dtype.name}; set "
+                          f"dtype='bfloat16' or use attention='auto' / 'xla'")
+    if head_dim % 8 or head_dim > 256:
+        raise ConfigError(f"attention='cudnn' needs head_dim a multiple of 8 and at most 256, got "
+                          f"{head_dim}; use attention='auto' / 'xla'")
+
+
 def resolve_attention_impl(impl: str, q: jax.Array, masked: bool) -> str:
     """The attention path actually used: 'xla', 'cudnn', 'splash' or 'reference'.
 
@@ -314,9 +342,29 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax
             if impl == "cudnn":
                 raise
             chosen = "xla"
+    return xla_attention(q, k, v, mask, scale)
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+                  scale: float) -> jax.Array:
+    """Softmax attention as plain XLA ops, in any compute dtype on any backend.
+
+    q [B, T, N, D], k/v [B, S, N, D]; mask bool broadcastable to [B, N, T, S] or None (causal,
+    T == S). The q·k product takes the compute-dtype inputs and accumulates into float32
+    (``preferred_element_type``), the scaling, masking and softmax are float32, the probabilities
+    are cast to v's dtype for the second product: the numerics of
+    ``jax.nn.dot_product_attention(implementation="xla")``. That function is not used because it
+    pins the dot algorithm (``F16_F16_F32`` / ``BF16_BF16_F32``), which XLA rejects at compile
+    time on CPU (float16), TPU (float16) and some GPUs (bfloat16); its fallback only catches the
+    eager error. Returns [B, T, N, D] in q's dtype.
+    """
+    logits = jnp.einsum("btnd,bsnd->bnts", q, k, preferred_element_type=jnp.float32)
+    logits = logits * jnp.float32(scale)
     if mask is None:
-        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="xla")
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
+        mask = causal_mask(jnp.arange(q.shape[1], dtype=jnp.int32), k.shape[1])
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bnts,bsnd->btnd", probs, v).astype(q.dtype)
 
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:

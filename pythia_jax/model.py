@@ -18,16 +18,17 @@ Parameter tree (``params_to_dict``) and logical axis names: see ``params_to_dict
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from pythia_jax.config import ConfigError, ModelConfig
+from pythia_jax.config import ModelConfig, check_param_shapes
 from pythia_jax.layers import (Dense, Embed, LayerNorm, apply_rotary, cached_attention, causal_mask,
-                               dot_product_attention, gelu, rotary_cos_sin, with_logical_constraint)
+                               check_attention_supported, dot_product_attention, gelu, rotary_cos_sin,
+                               with_logical_constraint)
 
 _BATCH_LENGTH = ("batch", "length")  # the flattened leading dim of 2-D activations
 
@@ -209,8 +210,14 @@ class GPTNeoX(nnx.Module):
         key_mask: bool, True = real token. Without a cache, [B, T]. With a cache, either [B, T]
         (the new tokens' validity, recorded in the cache) or [B, max_len] (all slots).
         cache: new keys/values are written at slots cache.index … cache.index + T − 1.
+        Every compute dtype (float32, bfloat16, float16) with every parameter dtype runs on every
+        backend with attention 'auto', 'xla' or 'reference'; raises ``ConfigError`` for
+        attention='cudnn' off GPU or in float32 (``layers.check_attention_supported``).
         """
         cfg = self.config
+        # an attention kernel named in the config that cannot run on this backend / dtype is
+        # refused here, at trace time, before any compute (ConfigError)
+        check_attention_supported(cfg.attention, cfg.dtype, cfg.head_dim)
         B, T = tokens.shape
         index = cache.index if cache is not None else jnp.zeros((), jnp.int32)
         if positions is None:
@@ -335,30 +342,10 @@ def _logical_axes_copy(tree):
     return tuple(tree)
 
 
-def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            flat.update(_flatten(v, key + "/"))
-        else:
-            flat[key] = v
-    return flat
-
-
 def check_params(config: ModelConfig, params: Mapping) -> None:
-    """Raise ``ConfigError`` naming missing, unexpected or wrongly shaped parameters."""
-    expected = _flatten(abstract_params(config))
-    given = _flatten(params)
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    if missing or unexpected:
-        raise ConfigError(f"parameters do not match {config.name}: missing {missing}, "
-                          f"unexpected {unexpected}")
-    for key, spec in expected.items():
-        if tuple(np.shape(given[key])) != tuple(spec.shape):
-            raise ConfigError(f"parameter {key} has shape {tuple(np.shape(given[key]))}, "
-                              f"expected {tuple(spec.shape)} for {config.name}")
+    """Raise ``ParamShapeError`` (a ``ConfigError``) naming missing, unexpected or wrongly shaped
+    parameters: ``config.check_param_shapes``, the one check against ``config.param_shapes``."""
+    check_param_shapes(config, params, what="parameters")
 
 
 def model_from_params(config: ModelConfig, params: Mapping) -> GPTNeoX:

@@ -7,6 +7,10 @@ against the HF PyTorch model with the same weights, on the same machine in the s
 Scoring: zero-shot style requests (contexts of 40–300 tokens, 1–20 token continuations), both
 sides sorted by length and batched the same way; tokens/s counts real (unpadded) tokens.
 Generation: greedy, ``--new-tokens`` per prompt, left-padded prompts, both with a KV cache.
+Generation task: ``--task-items`` arithmetic items (``pythia_jax.eval.arithmetic``, ``--task-shots``
+shots) through ``generate_until`` (batches of ``--batch-size``, stop at a newline, at most 16 new
+tokens) against HF ``generate`` with the same batches, left padding, 16-token limit and a stopping
+criterion that ends a batch when every row has written a newline; items/s.
 Compilation (JAX) is timed separately and excluded from the throughput; each side's best of
 ``--repeats`` alternating runs is reported.
 """
@@ -42,6 +46,8 @@ def main() -> None:
     p.add_argument("--gen-prompts", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--task-items", type=int, default=64, help="arithmetic items of the generation-task bench")
+    p.add_argument("--task-shots", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3,
                    help="timed runs per side, alternating jax/hf; the best of each is reported")
     args = p.parse_args()
@@ -134,6 +140,62 @@ def main() -> None:
     print(f"  pythia-jax {n_new / t_jax:10.0f} tok/s ({t_jax:.2f} s; first call incl. compile {t_first:.1f} s)")
     print(f"  HF torch   {n_new / t_hf:10.0f} tok/s ({t_hf:.2f} s)")
     print(f"  ratio jax/hf {t_hf / t_jax:.2f}x   identical greedy outputs: {same}/{len(prompts)}")
+
+    # ---------------------------------------------------------------- generation task (arithmetic)
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    from pythia_jax.eval import arithmetic
+    from pythia_jax.eval.generate import cut_at_stops, generate_until
+    from pythia_jax.eval.tokens import encode, get_tokenizer
+
+    tok = get_tokenizer()
+    items = [it for t in arithmetic.expand_task_name("arithmetic", [args.task_shots]) for it in t.items()]
+    items = [items[i] for i in rng.choice(len(items), args.task_items, replace=False)]
+    prompts = [encode(tok, it.prompt) for it in items]
+    tgen = Generator(model, batch_size=args.batch_size)
+    stop_mask = torch.tensor(tgen.stop_string_tokens(tok, ["\n"]))
+    t0 = time.perf_counter()
+    ours = generate_until(tgen, tok, prompts, ["\n"], arithmetic.MAX_NEW_TOKENS)
+    t_first = time.perf_counter() - t0
+
+    class AllStopped(StoppingCriteria):
+        def __init__(self, start):
+            self.start = start
+
+        def __call__(self, input_ids, scores, **kw):
+            new = input_ids[:, self.start:]
+            return bool((stop_mask[new].any(dim=1) | (new == 0).any(dim=1)).all())
+
+    def hf_task():
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # same batches as ours
+        texts = [""] * len(prompts)
+        for s in range(0, len(order), args.batch_size):
+            idx = order[s:s + args.batch_size]
+            P = max(len(prompts[i]) for i in idx)
+            toks = torch.full((len(idx), P), 1, dtype=torch.long)
+            mask = torch.zeros((len(idx), P), dtype=torch.long)
+            for r, i in enumerate(idx):
+                toks[r, P - len(prompts[i]):] = torch.tensor(prompts[i])
+                mask[r, P - len(prompts[i]):] = 1
+            with torch.inference_mode():
+                res = hf.generate(toks, attention_mask=mask, max_new_tokens=arithmetic.MAX_NEW_TOKENS,
+                                  do_sample=False, use_cache=True, pad_token_id=1,
+                                  stopping_criteria=StoppingCriteriaList([AllStopped(P)]))
+            for r, i in enumerate(idx):
+                new = [t for t in res[r, P:].tolist()]
+                new = new[:new.index(0)] if 0 in new else new
+                texts[i] = cut_at_stops(tok.decode(new), ["\n"])
+        return texts
+
+    hf_texts = hf_task()  # warm-up
+    t_jax, t_hf = best_of(lambda: generate_until(tgen, tok, prompts, ["\n"], arithmetic.MAX_NEW_TOKENS),
+                          hf_task, args.repeats)
+    same = sum(a == b for a, b in zip(ours, hf_texts))
+    print(f"generation task: {len(items)} arithmetic items ({args.task_shots}-shot), batch {tgen.batch_size}, "
+          f"until newline, <= {arithmetic.MAX_NEW_TOKENS} new tokens")
+    print(f"  pythia-jax {len(items) / t_jax:10.1f} items/s ({t_jax:.2f} s; first call incl. compile {t_first:.1f} s)")
+    print(f"  HF torch   {len(items) / t_hf:10.1f} items/s ({t_hf:.2f} s)")
+    print(f"  ratio jax/hf {t_hf / t_jax:.2f}x   identical outputs: {same}/{len(items)}")
 
 
 if __name__ == "__main__":

@@ -193,6 +193,8 @@ def run_gpu(args) -> None:
     devices = jax.devices()
     n = len(devices)
     peak = peak_flops_per_device(args.peak_flops, devices[0])
+    if peak is None:
+        raise SystemExit(f"no peak FLOP/s known for {devices[0].device_kind}; pass --peak_flops")
     seq = 2048
     print(f"GPU: {n} x {devices[0].device_kind}, peak {peak / 1e12:.0f} TFLOP/s bf16 per chip, seq {seq}, "
           f"bf16 compute with fp32 master weights, median of {args.steps} steps after {args.warmup} warm-up\n",

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
+import errno
+import json
+import os
+import shlex
 import subprocess
 import sys
+import types
+import warnings
 
 import pytest
 
@@ -64,3 +71,217 @@ def test_config_errors_name_the_field():
         ModelConfig(hidden_size=100, num_heads=3)
     with pytest.raises(ValueError, match="hidden_act"):
         ModelConfig(hidden_act="relu")
+
+
+# ------------------------------------------------------------------ help, version, numeric flags
+def _subparsers():
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {name: p for name, p in sub.choices.items() if name not in dict(cli.PASSTHROUGH_COMMANDS)}
+
+
+def test_every_option_of_every_subcommand_has_help_and_shows_its_default():
+    subparsers = _subparsers()
+    assert set(subparsers) == {name for name, _ in cli.SUBCOMMANDS}
+    for name, p in subparsers.items():
+        text = p.format_help()
+        for action in p._actions:
+            assert action.help and action.help.strip(), f"{name} {action.option_strings or action.dest}"
+            shown = action.default not in (None, False, [], argparse.SUPPRESS) and action.option_strings
+            if shown:
+                assert f"default: {action.default}" in " ".join(text.split()), f"{name} {action.option_strings}"
+    batches = " ".join(subparsers["batches"].format_help().split())
+    for default in ("(default: 1024)", "(default: 2048)", "(default: 1234)", "(default: 143000)"):
+        assert default in batches
+
+
+def test_version(capsys):
+    import pythia_jax
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"pythia-jax {pythia_jax.__version__}"
+
+
+@pytest.mark.parametrize("argv, flag, value", [
+    (["batches", "--data", "d", "--start", "0", "--end", "0", "--batch-size", "0"], "--batch-size", "0"),
+    (["batches", "--data", "d", "--start", "0", "--end", "0", "--train-iters", "-3"], "--train-iters", "-3"),
+    (["preshuffle", "--data", "d", "--out", "o", "--shards", "0"], "--shards", "0"),
+    (["preprocess", "--input", "i", "--output-prefix", "o", "--workers", "0"], "--workers", "0"),
+    (["eval", "--checkpoints", "c", "--steps", "0", "--out", "o", "--limit", "-1"], "--limit", "-1"),
+    (["eval", "--checkpoints", "c", "--steps", "0", "--out", "o", "--batch-size", "0"], "--batch-size", "0"),
+    (["generate", "m", "--prompt", "p", "--top-p", "0"], "--top-p", "0"),
+    (["generate", "m", "--prompt", "p", "--temperature", "-1"], "--temperature", "-1"),
+    (["generate", "m", "--prompt", "p", "--max-new-tokens", "0"], "--max-new-tokens", "0"),
+    (["generate", "m", "--prompt", "p", "--step", "-1"], "--step", "-1"),
+    (["convert", "hf-to-jax", "a", "b", "--step", "-2"], "--step", "-2"),
+    (["train", "--gin_file=configs/demo.gin", "--max_steps", "0"], "--max_steps", "0"),
+    (["train", "--gin_file=configs/demo.gin", "--max_steps", "nan"], "--max_steps", "nan"),
+])
+def test_numeric_flags_are_validated_before_any_work(argv, flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {flag}: expected" in err and repr(value) in err, err
+
+
+def test_an_unquoted_gin_string_says_how_to_quote_it(capsys):
+    assert cli.main(["train", "--gin_file=configs/demo.gin", "--gin.TrainConfig.output_dir=runs/x",
+                     "--print_config"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ast.Name" not in err[0]
+    assert """quote a string inside the shell's quotes: --gin.TrainConfig.output_dir="'runs/x'\"""" in err[0]
+    assert cli.main(["train", "--gin_file=configs/demo.gin", "--gin.TrainConfig.output_dir='runs/x'",
+                     "--print_config"]) == 0
+
+
+# ------------------------------------------------------------------------- one-line failures
+def test_os_failures_name_the_path_reason_and_fix():
+    args = argparse.Namespace(command="convert", output="/x/out")
+    e = PermissionError(errno.EACCES, "Permission denied", "/x/.out.tmp-ab12cd")
+    assert cli.describe_os_failure(e, args) == (
+        "/x/out: Permission denied; no permission: choose a location you can write (another OUTPUT) "
+        "or fix the permissions")
+    e = OSError(errno.EROFS, "Read-only file system", "/ro/.x.npy.k2j3h4l5.tmp")
+    assert cli.describe_os_failure(e, argparse.Namespace(command="batches", out="/ro/x.npy")) == (
+        "/ro/x.npy: Read-only file system; the file system is read-only: choose another --out")
+    # tensorstore / Orbax report a full disk in their own exception types: recognised by the text
+    e = ValueError("FAILED_PRECONDITION: Error writing local file \"/d/ocdbt.process_0/d/x\":\n"
+                   "[OS error 28: No space left on device] [source locations='tensorstore/...']")
+    assert cli.describe_os_failure(e, args) == (
+        "writing /x/out: No space left on device; free some space or choose another OUTPUT")
+    try:  # an OSError behind another exception (raise ... from)
+        try:
+            raise OSError(errno.EDQUOT, "Disk quota exceeded", "/q/f")
+        except OSError as inner:
+            raise RuntimeError("save failed") from inner
+    except RuntimeError as outer:
+        assert cli.describe_os_failure(outer, args).startswith("/q/f: Disk quota exceeded; free some space")
+    assert cli.describe_os_failure(KeyError("x"), args) is None  # a programming error keeps its traceback
+
+
+def test_warnings_are_one_readable_log_line(capsys, monkeypatch):
+    module = types.SimpleNamespace(run=lambda args: warnings.warn(
+        "checkpoint step 8 in /r/checkpoints is unusable (" + "tensorstore detail\n" * 60 + "); using step 4",
+        stacklevel=1))
+    assert cli._run(module, argparse.Namespace(command="eval")) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("pythia-jax: warning: checkpoint step 8 in /r/checkpoints is unusable")
+    assert err[0].endswith("); using step 4") and ".py" not in err[0] and "UserWarning" not in err[0]
+    assert len(err[0]) < 450
+    assert warnings.showwarning is not cli._show_warning  # restored after the command
+
+
+def test_failures_inside_a_command_are_one_line(capsys):
+    def run(args):
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/out/x.bin")
+    assert cli._run(types.SimpleNamespace(run=run), argparse.Namespace(command="preprocess")) == 2
+    assert capsys.readouterr().err == ("pythia-jax preprocess: error: /data/out/x.bin: No space left on device; "
+                                       "free some space or choose another --output-prefix\n")
+
+
+# ------------------------------------------------------------- eval / generate model folders
+TINY = ModelConfig(name="tiny", vocab_size=50304, hidden_size=16, num_layers=1, num_heads=2,
+                   max_position_embeddings=64)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """One HF directory, a folder of HF revisions step0/ step5/, and the README's demo run layout
+    (runs/demo/checkpoints with steps 0, 50, 200) next to a tests/data/eval link."""
+    from flax import nnx
+
+    from pythia_jax.checkpoint import save_params_checkpoint
+    from pythia_jax.convert.hf import write_hf_dir
+    from pythia_jax.model import GPTNeoX, params_to_dict
+
+    root = tmp_path_factory.mktemp("models")
+    params = params_to_dict(GPTNeoX(TINY, rngs=nnx.Rngs(0)))
+    write_hf_dir(TINY, params, root / "hf", dtype="float32")
+    for step in (0, 5):
+        write_hf_dir(TINY, params, root / "revisions" / f"step{step}", dtype="float32")
+    for step in (0, 50, 200):
+        save_params_checkpoint(root / "runs" / "demo" / "checkpoints", step, TINY, params)
+    (root / "tests" / "data").mkdir(parents=True)
+    os.symlink(os.path.join(REPO, "tests", "data", "eval"), root / "tests" / "data" / "eval")
+    return root
+
+
+def test_one_hf_directory_is_one_checkpoint(models, tmp_path, capsys):
+    out = tmp_path / "r.jsonl"
+    assert cli.main(["eval", "--checkpoints", str(models / "hf"), "--steps", "all", "--tasks", "piqa",
+                     "--data-dir", os.path.join(REPO, "tests", "data", "eval"), "--limit", "2",
+                     "--out", str(out), "--no-progress"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {(r["step"], r["task"]) for r in rows} == {(0, "piqa")}
+    capsys.readouterr()
+    assert cli.main(["eval", "--checkpoints", str(models / "hf"), "--steps", "5", "--tasks", "piqa",
+                     "--out", str(tmp_path / "s.jsonl")]) == 2
+    assert "no step 5; available: 0" in capsys.readouterr().err
+
+
+def test_generate_on_hf_revisions_uses_the_newest(models, capsys):
+    assert cli.main(["generate", str(models / "revisions"), "--prompt", "Hello", "--max-new-tokens", "2"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("Hello")
+    assert "using the newest HF revision, step5 (of 0, 5)" in captured.err
+
+
+@pytest.mark.slow  # end to end: five tasks at three steps
+def test_readme_eval_example_runs_as_written(models, monkeypatch, capsys):
+    """The README's zero-shot eval command (on a tiny stand-in of the demo run, --limit 2 added)."""
+    readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read().replace("\\\n", " ")
+    commands = [shlex.split(line.split("#")[0]) for line in readme.splitlines()
+                if line.strip().startswith("pythia-jax eval --checkpoints runs/demo/checkpoints --steps 0,50,200")]
+    assert commands and "tests/data/eval" in commands[0]
+    monkeypatch.chdir(models)
+    assert cli.main(commands[0][1:] + ["--limit", "2", "--no-progress"]) == 0
+    rows = [json.loads(line) for line in (models / "results.jsonl").read_text().splitlines()]
+    assert {r["step"] for r in rows} == {0, 50, 200}
+    assert {r["task"] for r in rows} == {"piqa", "arc_easy", "arc_challenge", "sciq", "winogrande"}
+
+
+# ------------------------------------------------------------------------------------ train
+@pytest.mark.slow  # end to end: three short training runs
+def test_train_reports_unfinished_runs_lost_steps_and_full_disks(tmp_path, monkeypatch, capsys):
+    import re
+
+    from pythia_jax.train import metrics
+
+    out = tmp_path / "run"
+    argv = ["train", "--gin_file=configs/demo.gin", f"--gin.TrainConfig.output_dir='{out}'",
+            "--gin.ModelConfig.hidden_size=16", "--gin.ModelConfig.num_layers=1", "--gin.ModelConfig.num_heads=2",
+            "--gin.TrainConfig.num_steps=6", "--gin.TrainConfig.global_batch=2", "--gin.TrainConfig.seq_length=16",
+            "--gin.TrainConfig.eval_every=0", "--gin.TrainConfig.export_hf=None", "--gin.TrainConfig.log_every=1",
+            "--gin.TrainConfig.checkpoint_log_until=2", "--gin.TrainConfig.checkpoint_every=50",
+            "--gin.TrainConfig.progress_bar=False", "--gin.TrainConfig.tensorboard=False"]
+    # --max_steps: an unfinished run is not "done"
+    assert cli.main(argv + ["--max_steps", "3"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"stopped at step 3 of 6 (--max_steps; checkpoint saved in {out}/checkpoints); run the same command to continue")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["tokens_per_s"] > 0 and "mfu" not in r for r in rows if "tokens_per_s" in r)  # CPU: no peak
+
+    real_append = metrics.MetricsLog.append
+
+    def interrupt_at_5(self, row):
+        if row.get("step") == 5:
+            raise KeyboardInterrupt
+        real_append(self, row)
+
+    monkeypatch.setattr(metrics.MetricsLog, "append", interrupt_at_5)
+    assert cli.main(argv) == 130
+    err = capsys.readouterr().err
+    m = re.search(r"pythia-jax: warning: interrupted at step (\d+): the newest checkpoint is step 3, so (\d+) "
+                  r"step\(s\) since it are lost; the same command resumes from step 3", err)
+    assert m and int(m.group(1)) - 3 == int(m.group(2)) > 0, err
+    assert err.rstrip().endswith("pythia-jax train: interrupted")
+
+    def disk_full(self, row):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path)
+
+    monkeypatch.setattr(metrics.MetricsLog, "append", disk_full)
+    assert cli.main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert err == [f"pythia-jax train: error: {out}/metrics.jsonl: No space left on device; free some space or "
+                   "choose another --gin.TrainConfig.output_dir"]

@@ -11,7 +11,10 @@ import jax
 import pytest
 
 from pythia_jax import gin_setup
-from pythia_jax.config import ConfigError, ModelConfig, preset_names
+from pythia_jax import config as config_module
+from pythia_jax.config import (HF_FIELDS, ConfigError, ModelConfig, check_param_shapes, param_shapes,
+                               parse_preset_name, preset_names)
+from pythia_jax.errors import CheckpointError, ParamShapeError, PythiaJaxError
 from pythia_jax.model import abstract_params
 
 # PYTHIA_FACTS §1: size -> (L, H, heads, head dim, rotary dims, vocab, init, in std, out init, out std)
@@ -92,10 +95,6 @@ def test_unknown_model_name(bad):
         ModelConfig.preset(bad)
 
 
-def _unnamed(c: ModelConfig) -> ModelConfig:
-    return c.replace(name="custom")
-
-
 CUSTOM = ModelConfig(vocab_size=1001, hidden_size=160, num_layers=3, num_heads=2, rotary_pct=0.5,
                      rotary_emb_base=20000.0, use_parallel_residual=False, hidden_act="gelu_new",
                      layer_norm_eps=1e-6, max_position_embeddings=4096, intermediate_size=500)
@@ -110,7 +109,7 @@ def test_hf_dict_round_trip(config, keys):
         del hf["rope_parameters"]
     elif keys == "rope_parameters":
         del hf["rotary_pct"], hf["rotary_emb_base"]
-    assert ModelConfig.from_hf_dict(hf) == _unnamed(config)
+    assert ModelConfig.from_hf_dict(hf) == config  # the name too (a preset stays recognisable)
 
 
 def test_hf_dict_through_transformers_config():
@@ -153,3 +152,160 @@ def test_gin_binding_overrides_file():
     finally:
         gin.clear_config()
     assert parsed == ModelConfig.preset("pythia-70m", dtype="bfloat16")
+
+
+# ------------------------------------------------------------------ names survive the HF round trip
+@pytest.mark.parametrize("name", ["pythia-160m", "pythia-6.9b-deduped", "pythia-14m"])
+def test_preset_name_survives_hf_round_trip(name):
+    preset = ModelConfig.preset(name)
+    assert ModelConfig.from_hf_dict(preset.to_hf_dict()) == preset
+    # a released config.json has no pythia_jax_name: the preset is recognised by its architecture,
+    # and its init methods come with it (6.9b: normal / scaled_normal)
+    released = {k: v for k, v in preset.to_hf_dict().items() if k != "pythia_jax_name"}
+    base = parse_preset_name(name).base
+    assert ModelConfig.from_hf_dict(released) == ModelConfig.preset(base)
+    assert ModelConfig.from_hf_dict({**released, "_name_or_path": f"EleutherAI/{name}"}) == preset
+
+
+def test_custom_name_and_shape_kept_through_hf():
+    assert ModelConfig.from_hf_dict(CUSTOM.replace(name="mine").to_hf_dict()).name == "mine"
+    unnamed = {k: v for k, v in CUSTOM.to_hf_dict().items() if k != "pythia_jax_name"}
+    assert ModelConfig.from_hf_dict(unnamed).name == "custom"
+    # a preset's name on another shape is not mistaken for the preset's init
+    other = ModelConfig.preset("pythia-6.9b", num_layers=2)
+    assert ModelConfig.from_hf_dict(other.to_hf_dict()).init_method == "small_init"
+
+
+# ------------------------------------------------------------------ one preset-name normaliser
+SPELLINGS = {
+    "pythia-160m": ("pythia-160m", "pythia-160m"),
+    "EleutherAI/pythia-160m": ("pythia-160m", "pythia-160m"),
+    "pythia-160m-v0": ("pythia-160m-v0", "pythia-160m"),
+    "EleutherAI/pythia-160m-deduped-v0": ("pythia-160m-deduped-v0", "pythia-160m"),
+    "Pythia-1.4B-Deduped": ("pythia-1.4b-deduped", "pythia-1.4b"),
+    "1b": ("pythia-1b", "pythia-1b"),
+    " 14m ": ("pythia-14m", "pythia-14m"),
+}
+
+
+@pytest.mark.parametrize("spelling", list(SPELLINGS))
+def test_one_preset_normaliser_for_preset_and_recipe(spelling):
+    from pythia_jax.train.config import pythia_recipe
+
+    name, base = SPELLINGS[spelling]
+    assert parse_preset_name(spelling) == (name, base)
+    assert ModelConfig.preset(spelling).name == name
+    recipe = pythia_recipe(spelling)
+    assert recipe.model == ModelConfig.preset(spelling)
+    assert recipe.optimizer.max_lr == config_module.PRESET_MAX_LR[base]
+
+
+@pytest.mark.parametrize("bad", ["pythia-13b", "gpt2", "", "someone/pythia-160m", "pythia-160m-v1"])
+def test_unknown_names_are_config_errors_in_preset_and_recipe(bad):
+    from pythia_jax.train.config import pythia_recipe
+
+    with pytest.raises(ConfigError, match="unknown model name"):
+        ModelConfig.preset(bad)
+    with pytest.raises(ConfigError, match="unknown model name"):
+        pythia_recipe(bad)
+
+
+# ------------------------------------------------------------------ error hierarchy
+def test_config_error_is_a_pythia_jax_error():
+    from pythia_jax import errors
+
+    assert config_module.ConfigError is errors.ConfigError
+    with pytest.raises(PythiaJaxError):
+        ModelConfig(hidden_size=-1)
+    try:
+        ModelConfig.preset("pythia-3b")
+    except PythiaJaxError as e:  # what the CLI catches
+        assert isinstance(e, ConfigError) and isinstance(e, ValueError)
+    else:
+        raise AssertionError("no error")
+
+
+# ------------------------------------------------------------------ one parameter-shape source and check
+@pytest.mark.parametrize("config", [ModelConfig.preset("pythia-70m"), CUSTOM], ids=["70m", "custom"])
+def test_param_shapes_is_what_the_model_builds(config):
+    from pythia_jax.model import abstract_params
+
+    built = {tuple(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+             for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params(config))}
+    assert built == param_shapes(config)
+    assert config.num_params() == sum(math.prod(s) for s in built.values())
+    assert config.num_params(include_embeddings=False) == config.num_params() - 2 * config.vocab_size * config.hidden_size
+
+
+def test_one_param_check_everywhere():
+    import numpy as np
+
+    from pythia_jax.convert import hf as hfc
+    from pythia_jax.model import check_params
+
+    tiny = ModelConfig(vocab_size=11, hidden_size=16, num_layers=2, num_heads=2)
+    params = {}
+    for path, shape in param_shapes(tiny).items():
+        node = params
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = np.zeros(shape, np.float32)
+    check_param_shapes(tiny, params)
+    wrong = {**params, "final_layer_norm": {"scale": np.zeros(16), "bias": np.zeros(7)}}
+    missing = {k: v for k, v in params.items() if k != "embed_out"}
+    extra = {**params, "lm_head": {"kernel": np.zeros((16, 11))}}
+    for bad, pattern in ((wrong, r"final_layer_norm/bias has shape \[7\], expected \[16\]"),
+                         (missing, r"missing \['embed_out/kernel'\]"),
+                         (extra, r"unexpected \['lm_head/kernel'\]")):
+        for check in (check_param_shapes, check_params, hfc._check_params):
+            with pytest.raises(ParamShapeError, match=pattern) as info:
+                check(tiny, bad)
+            assert isinstance(info.value, ConfigError) and isinstance(info.value, CheckpointError)
+
+
+# ------------------------------------------------------------------ every GPTNeoXConfig field has a rule
+def test_every_gptneox_config_field_is_handled_by_name():
+    """New transformers fields fail here until HF_FIELDS says what happens to them."""
+    transformers = pytest.importorskip("transformers")
+    fields = set(transformers.GPTNeoXConfig().to_dict())
+    fields |= set(transformers.GPTNeoXConfig(**CUSTOM.to_hf_dict()).to_dict())
+    missing = sorted(fields - set(HF_FIELDS))
+    assert not missing, f"add these GPTNeoXConfig fields to config.HF_FIELDS: {missing}"
+    assert {kind for kind, _ in HF_FIELDS.values()} == {"read", "weights", "checked", "ignored"}
+    assert all(note for _, note in HF_FIELDS.values())
+
+
+REFUSED = [
+    ({"model_type": "llama"}, "model_type 'llama'"),
+    ({"architectures": ["GPTNeoXModel"]}, r"architectures=\['GPTNeoXModel'\]"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope_parameters.rope_type='yarn'"),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling.rope_type='linear'"),
+    ({"rope_parameters": "default"}, "rope_parameters='default'"),
+    ({"rotary_pct": 0.5}, r"rotary_pct=0.5 but rope_parameters.partial_rotary_factor=0.25"),
+    ({"rope_theta": 500}, r"rope_theta=500 but rope_parameters.rope_theta=10000"),
+    ({"hidden_act": "silu"}, "hidden_act='silu'"),
+    ({"is_encoder_decoder": True}, "is_encoder_decoder=True"),
+    ({"add_cross_attention": True}, "add_cross_attention=True"),
+    ({"pruned_heads": {"0": [1]}}, "pruned_heads="),
+    ({"quantization_config": {"quant_method": "bitsandbytes"}}, "quantization_config="),
+    ({"tie_word_embeddings": "yes"}, "tie_word_embeddings='yes'"),
+    ({"attention_bias": 0}, "attention_bias=0"),
+    ({"hidden_size": 64.5}, "hidden_size=64.5"),
+    ({"layer_norm_eps": "1e-5"}, "layer_norm_eps='1e-5'"),
+    ({"num_hidden_layers": None}, "missing required keys: num_hidden_layers"),
+]
+
+
+@pytest.mark.parametrize("change,pattern", REFUSED, ids=[p for _, p in REFUSED])
+def test_unsupported_hf_settings_are_refused_by_name(change, pattern):
+    hf = {**ModelConfig.preset("pythia-70m").to_hf_dict(), **change}
+    with pytest.raises(ConfigError, match=pattern):
+        ModelConfig.from_hf_dict(hf)
+
+
+def test_hf_keys_unknown_or_unused_are_logged(caplog):
+    hf = {**CUSTOM.to_hf_dict(), "my_new_field": 3, "hidden_dropout": 0.1}
+    with caplog.at_level("WARNING", logger="pythia_jax.config"):
+        assert ModelConfig.from_hf_dict(hf) == CUSTOM
+    text = caplog.text
+    assert "my_new_field" in text and "hidden_dropout=0.1" in text

@@ -44,7 +44,7 @@ def yml_for(L=2, H=32, heads=4, tp=1, parallel=True, pipe=1, rotary_pct=0.25, **
         "norm": "layernorm", "layernorm-epsilon": 1.0e-5, "bias-gelu-fusion": True,
         "optimizer": {"type": "Adam", "params": {"lr": 0.001, "betas": [0.9, 0.95], "eps": 1.0e-8}},
         "min_lr": 0.0001, "train-iters": 1000, "lr-decay-iters": 1000, "warmup": 0.01,
-        "weight-decay": 0.1, "gradient_clipping": 1.0, "make-vocab-size-divisible-by": 128,
+        "lr-decay-style": "cosine", "weight-decay": 0.1, "gradient_clipping": 1.0, "make-vocab-size-divisible-by": 128,
     }
     yml.update(extra)
     return yml
@@ -474,8 +474,8 @@ def test_zero_continuation_matches_torch_adamw(tmp_path):
     assert step == 23 and int(schedule_count(opt_state)) == 20 and meta["adam_steps"] == 20
     settings = neox.optimizer_settings(ckpt.yml)
     assert settings == {"max_lr": 0.001, "b1": 0.9, "b2": 0.95, "eps": 1e-8, "min_lr": 0.0001,
-                        "weight_decay": 0.1, "clip_norm": 1.0, "total_steps": 1000, "warmup_steps": 10,
-                        "row_parallel_bias_copies": 1}
+                        "weight_decay": 0.1, "clip_norm": 1.0, "total_steps": 1000, "warmup_steps": 10.0,
+                        "decay_style": "cosine", "row_parallel_bias_copies": 1}
     from pythia_jax.train.optimizer import build_optimizer
     opt = build_optimizer(**settings)
 
@@ -815,3 +815,13 @@ def test_converted_checkpoint_restores_onto_a_mesh(tmp_path):
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().startswith("OK")
+
+
+def test_optimizer_settings_keep_annealing_lr_semantics():
+    """warmup_iter = warmup · lr_decay_iters stays fractional; a yml without lr-decay-style gets
+    GPT-NeoX's default, "linear" (NeoXArgs.lr_decay_style)."""
+    yml = {"train-iters": 150, "warmup": 0.01, "optimizer": {"params": {"lr": 1e-3}}}
+    s = neox.optimizer_settings(yml)
+    assert s["warmup_steps"] == pytest.approx(1.5) and s["decay_style"] == "linear"
+    s = neox.optimizer_settings({**yml, "lr-decay-style": "cosine"})
+    assert s["decay_style"] == "cosine"

@@ -1,8 +1,11 @@
 """`pythia-jax preprocess`, `preshuffle` and `batches` through pythia_jax.cli.main."""
 
+import errno
 import gzip
 import json
 import os
+import re
+import shlex
 
 import numpy as np
 import pytest
@@ -121,3 +124,202 @@ def test_batches_errors(raw, tmp_path, capsys):
     assert "pre2.idx: pre-shuffled rows have 17 tokens but seq_len 2048" in capsys.readouterr().err
     assert main(["batches", "--data", str(tmp_path / "missing"), "--start", "0", "--end", "0"]) == 2
     assert "missing.idx: file not found" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- undecodable input, I/O failures
+def _gz_rows(n=2000):
+    return gzip.compress("".join(json.dumps({"text": f"doc {i} " * 40}) + "\n" for i in range(n)).encode())
+
+
+def _corrupt(data: bytes) -> bytes:
+    bad = bytearray(data)
+    bad[len(bad) // 2] ^= 0xFF
+    bad[len(bad) // 2 + 1] ^= 0xFF
+    return bytes(bad)
+
+
+def _zst_rows(n=2000):
+    import zstandard
+    return zstandard.ZstdCompressor().compress(
+        "".join(json.dumps({"text": f"doc {i} " * 40}) + "\n" for i in range(n)).encode())
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("latin1.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', "latin1.jsonl:2: not UTF-8 text (byte 0xe9 at column 14)"),
+    ("number.jsonl", b'{"text": "ok"}\n{"text": 5}\n', "number.jsonl:2: the 'text' field is a number (5), expected a string"),
+    ("null.jsonl", b'{"text": null}\n', "null.jsonl:1: the 'text' field is null"),
+    ("dict.jsonl", b'{"text": {"a": 1}}\n', "dict.jsonl:1: the 'text' field is an object"),
+    ("nokey.jsonl", b'{"body": "x"}\n', "nokey.jsonl:1: no 'text' field (fields: 'body'); choose the field with --jsonl-key"),
+    ("empty.jsonl", b'{"text": ""}\n\n', "empty.jsonl: no non-empty 'text' field in any line"),
+    ("notgz.jsonl.gz", b"plain text\n", "notgz.jsonl.gz:1: damaged or truncated compressed data (Not a gzipped file"),
+    ("truncated.jsonl.gz", _gz_rows()[:3000], "truncated.jsonl.gz:"),
+    ("corrupt.jsonl.gz", _corrupt(_gz_rows()), "corrupt.jsonl.gz:"),
+    ("truncated.jsonl.zst", _zst_rows()[:2000], "truncated.jsonl.zst:"),
+    ("garbage.jsonl.zst", b"not zstd at all\n", "garbage.jsonl.zst:1: damaged or truncated compressed data"),
+])
+def test_preprocess_undecodable_input_is_one_line(tmp_path, capsys, name, content, expected):
+    """Undecodable input: one line naming the file and the line, exit 2, nothing written."""
+    (tmp_path / "in").mkdir()
+    path = tmp_path / "in" / name
+    path.write_bytes(content)
+    assert main(["preprocess", "--input", str(path), "--output-prefix", str(tmp_path / "out" / "o")]) == 2
+    err = _error_lines(capsys)
+    assert len(err) == 1 and expected in err[0], err
+    if "compressed" in err[0] or name.startswith(("truncated", "corrupt")):
+        assert re.search(r":\d+: damaged or truncated compressed data", err[0]), err[0]
+    assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
+
+
+def test_preprocess_names_the_line_of_a_truncated_gzip(tmp_path):
+    """The line named is the first one that could not be read: every line before it decoded."""
+    from pythia_jax.errors import DataError
+    from pythia_jax.io_utils import iter_jsonl_objects
+
+    path = tmp_path / "t.jsonl.gz"
+    path.write_bytes(_gz_rows()[:3000])
+    read = []
+    with pytest.raises(DataError, match=r"t\.jsonl\.gz:(\d+): damaged or truncated") as e:
+        for lineno, _ in iter_jsonl_objects(path):
+            read.append(lineno)
+    assert f"t.jsonl.gz:{read[-1] + 1}:" in str(e.value) and read == list(range(1, len(read) + 1))
+
+
+def _error_lines(capsys) -> list[str]:
+    """stderr without the progress bars and the progress log lines ('pythia-jax: ...')."""
+    return [line for line in capsys.readouterr().err.splitlines()
+            if line.strip() and "tokenizing ->" not in line and "pre-shuffling ->" not in line
+            and not line.startswith("pythia-jax: ")]
+
+
+def _one_error_line(capsys) -> str:
+    err = _error_lines(capsys)
+    assert len(err) == 1, err
+    return err[0]
+
+
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_full_disk_is_one_line_for_batches_and_preprocess(raw, tmp_path, capsys, monkeypatch):
+    """An injected ENOSPC (a full disk) while writing: one line naming the output, the reason and the
+    fix, exit 2, and no temporary file left behind."""
+    from pythia_jax.data.indexed import IndexedDatasetWriter
+
+    out = tmp_path / "b" / "x.npy"
+    monkeypatch.setattr(np, "save", _no_space)
+    assert main(["batches", "--data", raw, "--order", "neox", "--start", "0", "--end", "0",
+                 "--out", str(out)] + COMMON) == 2
+    line = _one_error_line(capsys)
+    assert line == (f"pythia-jax batches: error: writing {out}: No space left on device; "
+                    "free some space or choose another --out")
+    assert os.listdir(tmp_path / "b") == []
+    monkeypatch.undo()
+
+    src = tmp_path / "in.jsonl"
+    _write_jsonl(src, TEXTS)
+    monkeypatch.setattr(IndexedDatasetWriter, "add_item", _no_space)
+    assert main(["preprocess", "--input", str(src), "--output-prefix", str(tmp_path / "p" / "o")]) == 2
+    assert _one_error_line(capsys).endswith("No space left on device; free some space or choose another --output-prefix")
+    assert os.listdir(tmp_path / "p") == []
+
+
+@pytest.fixture
+def readonly_dir(tmp_path, monkeypatch):
+    """A folder nobody may write into. As root, where permission bits do not bind, the kernel's
+    answer (EACCES) is injected for paths inside it (os.open, os.mkdir, open for writing)."""
+    import builtins
+
+    d = tmp_path / "readonly"
+    d.mkdir()
+    d.chmod(0o555)
+    if os.access(d, os.W_OK):
+        inside = str(d) + os.sep
+
+        def refuse(path):
+            p = os.path.abspath(os.fspath(path))
+            if p.startswith(inside):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), p)
+
+        real_open, real_mkdir, real_builtin_open = os.open, os.mkdir, builtins.open
+
+        def os_open(path, flags, *a, **k):
+            if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+                refuse(path)
+            return real_open(path, flags, *a, **k)
+
+        def mkdir(path, *a, **k):
+            refuse(path)
+            return real_mkdir(path, *a, **k)
+
+        def builtin_open(file, mode="r", *a, **k):
+            if isinstance(file, (str, os.PathLike)) and any(c in mode for c in "wax+"):
+                refuse(file)
+            return real_builtin_open(file, mode, *a, **k)
+
+        monkeypatch.setattr(os, "open", os_open)
+        monkeypatch.setattr(os, "mkdir", mkdir)
+        monkeypatch.setattr(builtins, "open", builtin_open)
+    yield d
+    monkeypatch.undo()
+    d.chmod(0o755)
+
+
+def test_readonly_output_folder_is_one_line_for_every_data_writer(raw, tmp_path, readonly_dir, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "hello"}\n')
+    table = tmp_path / "r.jsonl"
+    table.write_text(json.dumps({"step": 0, "task": "piqa", "metric": "acc", "value": 0.5, "stderr": 0.1,
+                                 "num_examples": 4}) + "\n")
+    commands = {
+        "batches": ["batches", "--data", raw, "--order", "neox", "--start", "0", "--end", "0",
+                    "--out", str(readonly_dir / "x.npy")] + COMMON,
+        "preprocess": ["preprocess", "--input", str(src), "--output-prefix", str(readonly_dir / "o")],
+        "preshuffle": ["preshuffle", "--data", raw, "--out", str(readonly_dir / "pre")] + COMMON,
+        "plot": ["plot", str(table), "--out", str(readonly_dir / "a.png")],
+    }
+    for name, argv in commands.items():
+        assert main(argv) == 2, name
+        line = _one_error_line(capsys)
+        assert line.startswith(f"pythia-jax {name}: error: {readonly_dir}"), line
+        assert "Permission denied; no permission: choose a location you can write" in line, line
+    assert os.listdir(readonly_dir) == []
+
+
+def test_batches_refuses_bad_numbers_and_points_to_the_fix(raw, tmp_path, capsys):
+    for flag, value in [("--batch-size", "0"), ("--batch-size", "-4"), ("--train-iters", "-1"),
+                        ("--seq-len", "0"), ("--rows", "0"), ("--start", "-1"), ("--seed", "x")]:
+        argv = ["batches", "--data", raw, "--order", "neox", "--start", "0", "--end", "0"] + COMMON + [flag, value]
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert f"argument {flag}: expected" in err and repr(value) in err, err
+    assert main(["batches", "--data", raw, "--order", "neox", "--start", "3", "--end", "1"] + COMMON) == 2
+    assert "--end 1 is before --start 3" in capsys.readouterr().err
+    # the usual mistake: a raw document dataset read as pre-shuffled rows
+    assert main(["batches", "--data", raw, "--order", "preshuffled", "--start", "0", "--end", "0"] + COMMON) == 2
+    err = _one_error_line(capsys)
+    assert "look like a raw document dataset" in err and "use --order neox" in err
+
+
+def _readme_commands(start: str) -> list[list[str]]:
+    """The README's shell commands that start with ``start`` (continuation lines joined)."""
+    text = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    text = text.replace("\\\n", " ")
+    return [shlex.split(line.split("#")[0]) for line in text.splitlines() if line.strip().startswith(start)]
+
+
+def test_readme_batches_example_on_the_demo_data_runs_as_written(capsys):
+    """The README's `batches --data demo` command, as written: the first rows of configs/demo.gin."""
+    from pythia_jax.data import demo_data_prefix
+
+    commands = _readme_commands("pythia-jax batches --data demo")
+    assert commands, "the README has no batches example on the demo data"
+    for argv in commands:
+        assert main(argv[1:]) == 0
+        out = capsys.readouterr().out
+        assert "=== step 0 row 0 ===" in out and "=== step 0 row 1 ===" in out and "=== step 0 row 2" not in out
+    order = open_order(demo_data_prefix(), "neox", seq_len=128, seed=1234, train_iters=200, global_batch=8)
+    from pythia_jax.data.tokenizer import decode
+    assert decode(order.read_rows(0, 1)[0]) in out

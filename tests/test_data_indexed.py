@@ -310,3 +310,17 @@ def test_remote_size_by_bisection(monkeypatch):
         assert indexed.KvStoreFile(f"memory://bisect/f{n}.bin").size == n
     with pytest.raises(DataError, match="nothing.bin: file not found"):
         indexed.KvStoreFile("memory://bisect/nothing.bin")
+
+
+def test_item_sizes_past_int32_refused_without_wrapping(tmp_path):
+    """The .idx format stores item sizes as int32: a larger item is refused by name (before
+    anything is written for the writer), never stored wrapped."""
+    from pythia_jax.data.indexed import write_index
+    huge = np.broadcast_to(np.uint16(7), (2 ** 31,))  # 4 GiB of tokens, no memory
+    with IndexedDatasetWriter(str(tmp_path / "huge"), np.uint16) as w:
+        with pytest.raises(DataError, match=r"2,147,483,648 tokens does not fit the index's int32 sizes"):
+            w.add_item(huge)
+        assert os.path.getsize(w._bin_tmp) == 0
+    with pytest.raises(DataError, match=r"item sizes must be in \[0, 2,147,483,647\].*got 3\.\.2147483648"):
+        write_index(str(tmp_path / "x.idx"), np.uint16, np.array([3, 2 ** 31]), np.array([0, 1, 2]))
+    assert not (tmp_path / "x.idx").exists()

@@ -222,3 +222,145 @@ def test_sample_idx_across_chunk_edges(tmp_path, monkeypatch, chunk):
             maps.sample_idx,
             ref_sample_idx(ds.sizes, maps.doc_idx, seq_len, epochs, int(ds.sizes.sum())))
         np.testing.assert_array_equal(NeoxOrder(ds, seq_len, maps).read_rows(0, len(rows)), rows)
+
+
+# ------------------------------------------------------------------ 32-bit limits and huge builds
+
+
+def test_sample_idx_widens_when_positions_pass_int32(tmp_path, monkeypatch):
+    """Positions in doc_idx past the int32 range go into an int64 sample_idx with exact values
+    (the limit lowered to 50 so a small corpus crosses it); below it the maps stay int32."""
+    from pythia_jax.data import neox_order
+    rng = np.random.default_rng(5)
+    docs = random_corpus(rng, 12, 6)
+    prefix = write_indexed_dataset(str(tmp_path / "wide"), docs)
+    ds = IndexedDataset(prefix)
+    ns = neox_num_samples(10, 4)
+    epochs, _, _, rows = ref_rows(docs, ns, 8, 3)
+    assert epochs * len(docs) > 51  # doc_idx positions beyond the lowered limit
+    narrow = build_index_maps(ds.sizes, ns, 8, 3)
+    assert narrow.sample_idx.dtype == np.int32
+    monkeypatch.setattr(neox_order, "_INT32_MAX", 50)
+    wide = build_index_maps(ds.sizes, ns, 8, 3)
+    assert wide.sample_idx.dtype == np.int64 and wide.doc_idx.dtype == np.int32  # 12 item ids fit
+    assert int(wide.sample_idx[:, 0].max()) > 50
+    np.testing.assert_array_equal(wide.sample_idx, narrow.sample_idx)
+    np.testing.assert_array_equal(
+        wide.sample_idx, ref_sample_idx(ds.sizes, wide.doc_idx, 8, epochs, int(ds.sizes.sum())))
+    np.testing.assert_array_equal(NeoxOrder(ds, 8, wide).read_rows(0, len(rows)), rows)
+
+
+def test_index_dtypes_at_the_real_int32_boundary():
+    from pythia_jax.data import neox_order
+    big = 2 ** 31
+    assert neox_order.sample_idx_dtype(10, big) == np.int32       # last position 2^31 - 1 fits
+    assert neox_order.sample_idx_dtype(10, big + 1) == np.int64   # position 2^31 does not
+    assert neox_order.sample_idx_dtype(2 ** 30 - 1, 10) == np.int64  # GPT-NeoX's own 2(S+1) rule
+    assert neox_order.sample_idx_dtype(2 ** 30 - 2, 10) == np.int32
+    assert neox_order.doc_idx_dtype(big) == np.int32 and neox_order.doc_idx_dtype(big + 1) == np.int64
+    # the chunk arithmetic in int64 for a chunk starting past 2^31 (no 2^31-entry array needed)
+    lens = np.array([5, 0, 7, 3], np.int64)  # items at positions 2^31+5 .. 2^31+8 (one empty)
+    base = 3 * 2 ** 32  # stream tokens before the chunk
+    ends = np.cumsum(lens) + base
+    pos, off = neox_order._sample_rows(ends, lens, base // 4, (base + 14) // 4, 4, big + 5)
+    # sample tokens base, +4, +8, +12: item 0 at 0 and 4, item 2 at 3, item 3 at 0
+    np.testing.assert_array_equal(pos, [big + 5, big + 5, big + 7, big + 8])
+    np.testing.assert_array_equal(off, [0, 4, 3, 0])
+    assert pos.dtype == np.int64 and off.dtype == np.int64
+
+
+def _bundled_scale_sizes():
+    """Sizes like the bundled Wikipedia set: 2,791 items, 339,766 tokens."""
+    sizes = np.full(2791, 121, np.int32)
+    sizes[:2055] += 1
+    assert int(sizes.sum()) == 339_766
+    return sizes
+
+
+def test_plan_of_pythia_settings_on_a_small_dataset():
+    """Default Pythia settings on the bundled data: ~887,000 epochs, doc_idx past 2^31 (so a
+    64-bit sample_idx), ~12.8 GB of maps — sized without allocating."""
+    from pythia_jax.data import neox_order
+    plan = neox_order.plan_index_maps(_bundled_scale_sizes(), neox_num_samples(143000, 1024), 2048)
+    assert plan.num_epochs == 887_059 and plan.doc_idx_len == 887_059 * 2791 > 2 ** 31
+    assert plan.sample_idx_dtype == np.int64 and plan.doc_idx_dtype == np.int32
+    assert plan.nbytes["doc_idx"] == 4 * plan.doc_idx_len
+    assert 12e9 < plan.total_bytes < 13e9
+    # the Pile (210,607,728 items, 1 epoch) stays int32 and under the default limit
+    pile = neox_order.IndexMapPlan(210_607_728, 300 * 10 ** 9, 2048, 147_164_160, 1, 162_165_686,
+                                   np.dtype(np.int32), neox_order.sample_idx_dtype(162_165_686, 210_607_728),
+                                   np.dtype(np.uint32))
+    assert pile.sample_idx_dtype == np.int32 and pile.total_bytes < neox_order.DEFAULT_LIMIT_GB * 1e9
+
+
+def test_huge_build_refused_before_it_starts(tmp_path, monkeypatch):
+    from pythia_jax.data import neox_order
+    sizes = _bundled_scale_sizes()
+    ns = neox_num_samples(143000, 1024)
+
+    def no_build(*a, **k):
+        raise AssertionError("must not start building")
+
+    monkeypatch.setattr(neox_order, "build_index_maps", no_build)
+    monkeypatch.delenv(neox_order.LIMIT_ENV, raising=False)
+    with pytest.raises(DataError) as e:
+        load_or_build_index_maps(str(tmp_path / "wiki"), sizes, ns, 2048, 1234, train_iters=143000,
+                                 global_batch=1024)
+    msg = str(e.value)
+    assert "\n" not in msg
+    for part in ("147,164,160 samples of 2048 tokens", "ceil(143000 steps × 1024 rows × 1.005)",
+                 "887,059 epochs", "12.8 GB", "over the 8.0 GB limit", "--train-iters",
+                 "TrainConfig.num_steps", neox_order.LIMIT_ENV, str(tmp_path)):
+        assert part in msg, part
+    assert not os.listdir(tmp_path)
+    # over the free disk even when the limit allows it
+    monkeypatch.setenv(neox_order.LIMIT_ENV, "inf")
+    monkeypatch.setattr(neox_order, "_free_bytes", lambda path: 10 ** 9)
+    with pytest.raises(DataError, match=r"over the 1\.0 GB free there.*and free disk space"):
+        load_or_build_index_maps(str(tmp_path / "wiki"), sizes, ns, 2048, 1234)
+    monkeypatch.setenv(neox_order.LIMIT_ENV, "lots")
+    with pytest.raises(DataError, match="PYTHIA_JAX_INDEX_MAP_LIMIT_GB='lots' is not a number"):
+        load_or_build_index_maps(str(tmp_path / "wiki"), sizes, ns, 2048, 1234)
+
+
+def test_limit_override_lets_a_build_run(tmp_path, monkeypatch, caplog):
+    """A small limit refuses a small build; the variable raises it; building logs the cache path."""
+    import logging
+    from pythia_jax.data import neox_order
+    docs = random_corpus(np.random.default_rng(2), 30, 50)
+    prefix = write_indexed_dataset(str(tmp_path / "lim"), docs)
+    ds = IndexedDataset(prefix)
+    ns = neox_num_samples(5, 4)
+    monkeypatch.setenv(neox_order.LIMIT_ENV, "1e-9")  # 1 byte
+    with pytest.raises(DataError, match="over the 0.0 MB limit"):
+        load_or_build_index_maps(prefix, ds.sizes, ns, 16, 1)
+    monkeypatch.setenv(neox_order.LIMIT_ENV, "1")
+    with caplog.at_level(logging.INFO, logger="pythia_jax.data.neox_order"):
+        maps = load_or_build_index_maps(prefix, ds.sizes, ns, 16, 1, verbose=True)
+    text = caplog.text
+    assert "building GPT-NeoX index maps" in text and f"cached at {prefix}_train_0_indexmap" in text
+    assert "index maps written to" in text
+    np.testing.assert_array_equal(maps.doc_idx, build_index_maps(ds.sizes, ns, 16, 1).doc_idx)
+
+
+def test_wrapped_int32_maps_are_refused(tmp_path):
+    """Maps written with wrapped int32 positions (by an older build or GPT-NeoX's helper past
+    2^31) are refused with a clear message instead of a numpy traceback."""
+    rng = np.random.default_rng(4)
+    docs = random_corpus(rng, 20, 40)
+    prefix = write_indexed_dataset(str(tmp_path / "wrap"), docs)
+    ds = IndexedDataset(prefix)
+    ns = neox_num_samples(6, 4)
+    maps = build_index_maps(ds.sizes, ns, 8, 1)
+    wrapped = maps.sample_idx.copy()
+    wrapped[-3:, 0] = (wrapped[-3:, 0].astype(np.int64) + 2 ** 32 - 2 ** 31 - 5).astype(np.int32)
+    assert wrapped[-1, 0] < 0
+    bad = type(maps)(maps.doc_idx, wrapped, maps.shuffle_idx)
+    last_sample = len(wrapped) - 2
+    with pytest.raises(DataError, match=r"index maps are corrupt: sample .* wrapped past 2\^31"):
+        bad.sample_segments(np.array([0, last_sample]), ds.sizes)
+    paths = index_map_paths(prefix, ns, 8, 1)
+    for k, a in (("doc_idx", maps.doc_idx), ("sample_idx", wrapped), ("shuffle_idx", maps.shuffle_idx)):
+        np.save(paths[k], a)
+    with pytest.raises(DataError, match=r"last position -\d+ is outside doc_idx.*wrapped"):
+        load_or_build_index_maps(prefix, ds.sizes, ns, 8, 1)

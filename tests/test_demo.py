@@ -22,7 +22,7 @@ def demo_run(tmp_path_factory):
             "--gin.TrainConfig.seq_length=32", "--gin.TrainConfig.global_batch=4",
             "--gin.TrainConfig.eval_every=2", "--gin.TrainConfig.eval_batches=1",
             "--gin.TrainConfig.checkpoint_every=2", "--gin.TrainConfig.progress_bar=False",
-            f"--gin.TrainConfig.output_dir='{out}'", f"--gin.TrainConfig.export_hf='{out / 'hf'}'"]
+            f"--gin.TrainConfig.output_dir='{out}'"]  # the demo's export_hf "hf": <output_dir>/hf
     # The run happens here, not in the first test: under pytest-xdist the tests of this module
     # may land on different workers, and each must then see a finished run.
     stdout = io.StringIO()

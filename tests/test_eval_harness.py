@@ -182,3 +182,26 @@ def test_cli_bias_and_lambada_table(env, tmp_path, monkeypatch, capsys):
                .read_text().splitlines()]
     assert [d["doc_id"] for d in details] == [0, 1, 2]
     assert "net_bias" in capsys.readouterr().out
+
+
+def test_check_tasks_resolves_every_family_in_one_run():
+    """One --tasks list with a harness task, a native spec, WinoBias, arithmetic and TriviaQA
+    (few-shot, one task per k) and perplexity: each resolves to its own kind (what the runner
+    dispatches on), before any model is loaded."""
+    from lm_eval.api.task import ConfigurableTask
+
+    from pythia_jax.eval import arithmetic, triviaqa
+    from pythia_jax.eval import runner as R
+    from pythia_jax.eval.winobias import WinoBiasExample
+
+    s = R.EvalSettings(tasks=[], data_dir=str(DATA), limit=2, shots=[0, 2], ppl_data="x.jsonl")
+    got = R.check_tasks(["lambada_openai", "crows_pairs_english_gender", "winobias", "arithmetic_plus",
+                         "triviaqa", "perplexity", str(Path(R.__file__).parent / "task_specs" / "piqa.yaml")], s)
+    assert list(got) == ["lambada_openai", "crows_pairs_gender", "winobias", "arithmetic_plus_k0",
+                         "arithmetic_plus_k2", "triviaqa_k0", "triviaqa_k2", "perplexity", "piqa"]
+    assert isinstance(got["lambada_openai"], ConfigurableTask)
+    assert isinstance(got["crows_pairs_gender"], ConfigurableTask)
+    assert all(isinstance(x, WinoBiasExample) for v in got["winobias"].values() for x in v)
+    assert isinstance(got["arithmetic_plus_k2"], arithmetic.ArithmeticTask) and got["arithmetic_plus_k2"].k == 2
+    assert isinstance(got["triviaqa_k2"], triviaqa.TriviaQATask) and got["triviaqa_k2"].k == 2
+    assert got["perplexity"] is None and isinstance(got["piqa"], tuple)

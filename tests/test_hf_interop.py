@@ -336,8 +336,16 @@ def test_existing_output_refused_and_overwrite(tmp_path):
     with pytest.raises(PythiaJaxError, match="already exists"):
         hfc.write_hf_dir(TINY, params, out)
     assert os.listdir(out) == ["keep.txt"]
-    hfc.write_hf_dir(TINY, params, out, overwrite=True)
-    assert "keep.txt" not in os.listdir(out) and "model.safetensors" in os.listdir(out)
+    # --overwrite replaces only an HF directory, never an unrelated folder
+    with pytest.raises(PythiaJaxError, match="not an HF model directory"):
+        hfc.write_hf_dir(TINY, params, out, overwrite=True)
+    assert os.listdir(out) == ["keep.txt"]
+    os.remove(out / "keep.txt")
+    hfc.write_hf_dir(TINY, params, out, dtype="float32")  # an empty folder needs no overwrite
+    with pytest.raises(PythiaJaxError, match="already exists"):
+        hfc.write_hf_dir(TINY, params, out)
+    hfc.write_hf_dir(TINY, params, out, overwrite=True)  # an HF directory is replaced
+    assert "model.safetensors" in os.listdir(out)
     assert os.listdir(tmp_path) == ["out"]  # no temporary siblings left
 
 
@@ -403,3 +411,94 @@ def test_read_params_are_adopted_by_jax_without_a_copy():
     after = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(on_device)]
     assert after == before
     assert hfc.aligned_empty((3, 5), np.float16).shape == (3, 5)
+
+
+# ------------------------------------------------------------------ every GPTNeoXConfig setting that can be run
+def _save_variant(tmp_path, hf_overrides, seed=5):
+    """A random transformers model of TINY's shape with ``hf_overrides`` saved by transformers."""
+    hf = {**TINY.to_hf_dict(), **hf_overrides}
+    for key in ("rotary_pct", "rotary_emb_base", "rope_parameters", "pythia_jax_name"):
+        if key in hf_overrides.get("_drop", ()):
+            del hf[key]
+    hf.pop("_drop", None)
+    torch.manual_seed(seed)
+    model = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**hf))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    model.eval()
+    model.save_pretrained(tmp_path / "hf")
+    return model
+
+
+HF_VARIANTS = {
+    "attention_bias_false": {"attention_bias": False},
+    "tied_embeddings": {"tie_word_embeddings": True},
+    "both": {"attention_bias": False, "tie_word_embeddings": True},
+    "sequential_residual": {"use_parallel_residual": False},
+    "layer_norm_eps_1e-3": {"layer_norm_eps": 1e-3},
+    "rope_theta_500": {"rope_parameters": {"rope_type": "default", "rope_theta": 500.0,
+                                           "partial_rotary_factor": 0.5}, "_drop": ("rotary_pct", "rotary_emb_base")},
+    "legacy_rotary_keys_only": {"rotary_pct": 1.0, "rotary_emb_base": 1234, "_drop": ("rope_parameters",)},
+    "rope_scaling_null": {"rope_scaling": None},
+    "dropout_nonzero": {"attention_dropout": 0.3, "hidden_dropout": 0.2, "classifier_dropout": 0.5},
+    "intermediate_size_96": {"intermediate_size": 96},
+    "runtime_fields": {"use_cache": False, "is_decoder": True, "initializer_range": 0.5, "bos_token_id": 7,
+                       "eos_token_id": [0, 3], "pad_token_id": 1, "max_position_embeddings": 64,
+                       "output_hidden_states": True, "chunk_size_feed_forward": 4},
+    **{f"hidden_act_{a}": {"hidden_act": a} for a in ("gelu", "gelu_python", "gelu_new", "gelu_fast",
+                                                        "gelu_pytorch_tanh", "gelu_accurate", "gelu_python_tanh")},
+}
+
+
+@pytest.mark.parametrize("name", list(HF_VARIANTS))
+def test_supported_gptneox_settings_match_transformers_logits(tmp_path, name):
+    """Each GPTNeoXConfig setting pythia-jax runs (config.HF_FIELDS 'read'/'weights'/'ignored')
+    gives transformers' logits after read_hf_dir (within 1e-5, fp32)."""
+    model = _save_variant(tmp_path, dict(HF_VARIANTS[name]))
+    config, params = hfc.read_hf_dir(tmp_path / "hf")
+    tokens = np.random.default_rng(1).integers(0, TINY.vocab_size, (2, 13))
+    with torch.no_grad():
+        theirs = model(torch.from_numpy(tokens)).logits.numpy()
+    ours = jax_logits(config, params, tokens)
+    assert np.abs(ours - theirs).max() <= 1e-5
+    if "attention_bias" in name or name == "both":
+        assert not params["layers"]["attention"]["query_key_value"]["bias"].any()
+    if "tied" in name or name == "both":
+        np.testing.assert_array_equal(params["embed_out"]["kernel"], params["embed_in"]["embedding"].T)
+    # written back (untied, with biases) it loads in transformers with the same logits
+    hfc.write_hf_dir(config, params, tmp_path / "out", dtype="float32")
+    back, info, messages = load_quietly(tmp_path / "out")
+    assert_clean_load(info, messages)
+    with torch.no_grad():
+        assert np.abs(back(torch.from_numpy(tokens)).logits.numpy() - theirs).max() <= 1e-5
+
+
+REFUSED_HF = {
+    "rope_linear": ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0,
+                                         "partial_rotary_factor": 0.25}}, r"rope_parameters.rope_type='linear'"),
+    "rope_dynamic": ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0,
+                                          "partial_rotary_factor": 0.25}}, r"rope_type='dynamic'"),
+    "hidden_act_relu": ({"hidden_act": "relu"}, r"hidden_act='relu'"),
+    "hidden_act_quick_gelu": ({"hidden_act": "quick_gelu"}, r"hidden_act='quick_gelu'"),
+    "encoder_decoder": ({"is_encoder_decoder": True}, r"is_encoder_decoder=True"),
+    "cross_attention": ({"add_cross_attention": True}, r"add_cross_attention=True"),
+    "classifier": ({"architectures": ["GPTNeoXForSequenceClassification"]}, r"architectures=\['GPTNeoXFor"),
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSED_HF))
+def test_unsupported_gptneox_settings_refused_by_name_before_reading_tensors(tmp_path, name):
+    """A setting transformers loads but this model cannot run: ConfigError naming it and its
+    value, raised before any tensor is read (so not 'missing tensors')."""
+    overrides, pattern = REFUSED_HF[name]
+    src = _good_dir(tmp_path)
+    hf = json.loads((src / "config.json").read_text())
+    hf.update(overrides)
+    (src / "config.json").write_text(json.dumps(hf))
+    transformers.GPTNeoXConfig.from_pretrained(src)  # transformers accepts the config
+    with pytest.raises(ConfigError, match=pattern):
+        hfc.read_hf_dir(src)
+    os.remove(src / "model.safetensors")  # no weights at all: still the config error, not a weights error
+    with pytest.raises(ConfigError, match=pattern):
+        hfc.read_hf_dir(src)

@@ -213,7 +213,7 @@ def test_attention_impls_agree_in_model(init_model):
             assert np.abs(out16 - ref16).max() <= BF16_TOL
 
 
-@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 2e-2)])
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 2e-2), ("float16", 4e-3)])
 def test_attention_kernels_agree(dtype, tol):
     rng = np.random.RandomState(0)
     q, k, v = (jnp.asarray(rng.randn(2, 136, 3, 16), dtype) for _ in range(3))
@@ -238,6 +238,98 @@ def test_resolve_attention_impl_on_cpu():
         assert layers.resolve_attention_impl("auto", q, masked=False) == "xla"
     assert layers.resolve_attention_impl("cudnn", q, masked=True) == "xla"
     assert layers.resolve_attention_impl("reference", q, masked=True) == "reference"
+
+
+# ---------------------------------------------------------------------------- every dtype on CPU
+DTYPES = ("float32", "bfloat16", "float16")
+# max-abs logit difference to float32 allowed when a 16-bit type is involved (compute or
+# parameters); measured on the tiny model below: bf16 ≈ 1.4e-2, fp16 ≈ 1.8e-3 (fp16 keeps 3 more
+# mantissa bits than bf16), with logits of std ≈ 1
+DTYPE_TOL = {"float32": 1e-5, "bfloat16": BF16_TOL, "float16": 8e-3}
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    config = ModelConfig(vocab_size=128, hidden_size=64, num_layers=1, num_heads=2)
+    params = params_to_dict(GPTNeoX(config, rngs=nnx.Rngs(2)))
+    tokens = jnp.asarray(random_tokens(config, 2, 12, seed=8))
+    return config, params, tokens, jax_logits(config, params, tokens)
+
+
+@pytest.mark.parametrize("impl", ["xla", "reference", "auto", "splash"])
+def test_every_dtype_combination_runs_close_to_float32(small_model, impl):
+    """Every compute dtype × parameter dtype gives finite float32 logits close to the float32
+    model, with every attention path that runs on this backend (float16 used to fail on CPU with
+    XLA's "precision 'F16_F16_F32' is not supported by dot_general")."""
+    config, params, tokens, ref = small_model
+    combos = [(d, p) for d in DTYPES for p in DTYPES]
+    if impl == "splash":  # Pallas interpret mode off TPU: slow, so the compute dtypes only
+        combos = [(d, "float32") for d in DTYPES]
+    for dtype, param_dtype in combos:
+        cfg = config.replace(dtype=dtype, param_dtype=param_dtype, attention=impl)
+        out = jax_logits(cfg, params, tokens)
+        tol = max(DTYPE_TOL[dtype], DTYPE_TOL[param_dtype])
+        assert out.dtype == np.float32 and np.isfinite(out).all(), (dtype, param_dtype)
+        assert np.abs(out - ref).max() <= tol, (dtype, param_dtype, float(np.abs(out - ref).max()))
+
+
+@pytest.mark.parametrize("dtype,param_dtype", [("float16", "float16"), ("float16", "float32"),
+                                               ("bfloat16", "bfloat16")])
+def test_kv_cache_decoding_in_16_bit(small_model, dtype, param_dtype):
+    """The KV-cache path (cache in the compute dtype) runs in float16/bfloat16, agrees with the
+    full forward pass of the same model and stays close to float32."""
+    config, params, tokens, ref = small_model
+    cfg = config.replace(dtype=dtype, param_dtype=param_dtype)
+    model = model_from_params(cfg, params)
+    full = np.asarray(model(tokens))
+    step = jax.jit(lambda m, t, c: m(t, cache=c))
+    cache = init_kv_cache(cfg, batch=2, max_len=16, dtype=jnp.dtype(dtype))
+    logits, cache = step(model, tokens[:, :7], cache)
+    pieces = [np.asarray(logits)]
+    for t in range(7, tokens.shape[1]):
+        logits, cache = step(model, tokens[:, t:t + 1], cache)
+        pieces.append(np.asarray(logits))
+    decoded = np.concatenate(pieces, axis=1)
+    assert decoded.dtype == np.float32 and np.isfinite(decoded).all()
+    tol = max(DTYPE_TOL[dtype], DTYPE_TOL[param_dtype])
+    assert np.abs(decoded - full).max() <= tol
+    assert np.abs(decoded - ref).max() <= tol
+
+
+def test_load_in_float16(small_model, tmp_path):
+    """``pythia_jax.load(dir, dtype="float16")`` runs (it used to fail like init in float16)."""
+    import pythia_jax
+
+    config, params, tokens, ref = small_model
+    pythia_jax.save_hf(model_from_params(config, params), tmp_path / "hf", dtype="float32")
+    out = np.asarray(pythia_jax.load(tmp_path / "hf", dtype="float16")(tokens))
+    assert out.dtype == np.float32 and np.isfinite(out).all()
+    assert np.abs(out - ref).max() <= DTYPE_TOL["float16"]
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="cuDNN runs on GPU")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cudnn_attention_refused_off_gpu(small_model, dtype):
+    config, params, tokens, _ = small_model
+    model = model_from_params(config.replace(attention="cudnn", dtype=dtype), params)
+    with pytest.raises(ConfigError, match=r"attention='cudnn' needs a GPU.*use attention='auto'"):
+        model(tokens)
+
+
+def test_cudnn_attention_requirements():
+    """What cuDNN flash attention needs, checked without a GPU (the backend is passed in)."""
+    layers.check_attention_supported("cudnn", "bfloat16", 64, backend="gpu")
+    layers.check_attention_supported("cudnn", "float16", 256, backend="gpu")
+    with pytest.raises(ConfigError, match="needs dtype bfloat16 or float16, got float32"):
+        layers.check_attention_supported("cudnn", "float32", 64, backend="gpu")
+    with pytest.raises(ConfigError, match="head_dim a multiple of 8 and at most 256, got 20"):
+        layers.check_attention_supported("cudnn", "bfloat16", 20, backend="gpu")
+    with pytest.raises(ConfigError, match="needs a GPU.*'tpu'"):
+        layers.check_attention_supported("cudnn", "bfloat16", 64, backend="tpu")
+    for impl in ("auto", "xla", "reference", "splash"):
+        for backend in ("cpu", "gpu", "tpu"):
+            for dtype in DTYPES:
+                layers.check_attention_supported(impl, dtype, 20, backend=backend)
 
 
 # ---------------------------------------------------------------------------- KV cache, padding

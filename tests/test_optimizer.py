@@ -14,7 +14,7 @@ MAX, MIN, WARM, TOTAL = 1.0e-3, 1.0e-4, 1430, 143000
 
 
 def facts_formula(n: int) -> float:
-    """PYTHIA_FACTS §5 written out independently: warmup max·n/1430 for n <= 1430, then
+    """Pythia's schedule (paper, appendix E) written out independently: warmup max·n/1430 for n <= 1430, then
     max/2·(1 + cos(π·(min(n, 143000−1430) − 1430)/143000)) floored at min."""
     if n <= WARM:
         return MAX * n / WARM
@@ -47,6 +47,157 @@ def test_schedule_landmarks():
     np.testing.assert_allclose(vals, ref, rtol=2e-6, atol=1e-12)
     after = vals[WARM + 1:]
     assert WARM + 1 + int(np.argmax(np.isclose(after, MIN, rtol=1e-7, atol=0))) == 115139
+
+
+# --------------------------------------------------------------- GPT-NeoX v1.0 AnnealingLR, any run
+class AnnealingLR:
+    """GPT-NeoX v1.0 ``megatron/learning_rates.py`` ``AnnealingLR``, transcribed (the optimizer's
+    param groups replaced by ``self.lr``), with ``get_learning_rate_scheduler``'s arguments from
+    ``megatron/training.py``: ``num_iters = max(1, lr_decay_iters or train_iters)``,
+    ``warmup_iter = warmup * num_iters``, ``last_iter = 0``."""
+
+    def __init__(self, start_lr, warmup_iter, total_iters, decay_style, last_iter, min_lr=0.0):
+        self.start_lr = start_lr
+        self.min_lr = min_lr
+        self.warmup_iter = warmup_iter
+        self.num_iters = last_iter
+        self.end_iter = total_iters
+        assert self.end_iter > 0
+        self.decay_style = decay_style
+        self.step(self.num_iters)
+
+    def get_lr(self):
+        num_iters_ = min(self.num_iters, self.end_iter - self.warmup_iter)
+        # Warmup.
+        if self.warmup_iter > 0 and self.num_iters <= self.warmup_iter:
+            return float(self.start_lr) * num_iters_ / self.warmup_iter
+
+        num_iters_ = num_iters_ - self.warmup_iter
+        if self.decay_style == "linear":
+            lr = self.start_lr * (self.end_iter - num_iters_) / self.end_iter
+        elif self.decay_style == "cosine":
+            lr = (
+                self.start_lr
+                / 2.0
+                * (math.cos(math.pi * num_iters_ / self.end_iter) + 1)
+            )
+        elif self.decay_style == "exponential":
+            # exp(-0.693) = 1/2
+            lr = self.start_lr * math.exp(-0.693 * num_iters_ / self.end_iter)
+        else:
+            lr = self.start_lr
+        return max(lr, self.min_lr)
+
+    def step(self, step_num=None):
+        if step_num is None:
+            step_num = self.num_iters + 1
+        self.num_iters = step_num
+        self.lr = self.get_lr()
+
+    @classmethod
+    def from_neox_args(cls, lr, min_lr, warmup, train_iters, lr_decay_iters, lr_decay_style):
+        num_iters = lr_decay_iters if lr_decay_iters is not None else train_iters
+        num_iters = max(1, num_iters)
+        return cls(start_lr=lr, warmup_iter=warmup * num_iters, total_iters=num_iters,
+                   decay_style=lr_decay_style, last_iter=0, min_lr=min_lr)
+
+
+def neox_rates(sched: AnnealingLR, updates: int) -> list[float]:
+    """The lr of updates 1..``updates``: DeepSpeed calls ``lr_scheduler.step()`` after each one."""
+    rates = []
+    for _ in range(updates):
+        rates.append(sched.lr)
+        sched.step()
+    return rates
+
+
+def _train_config(**optimizer):
+    from pythia_jax.train.config import OptimizerConfig, TrainConfig
+
+    num_steps = optimizer.pop("num_steps")
+    return TrainConfig(num_steps=num_steps, optimizer=OptimizerConfig(**optimizer))
+
+
+def test_short_run_schedule_matches_gpt_neox():
+    """Issue example: 20 steps at max_lr 1e-3 warm up over 0.2 steps, so the first update uses lr 0
+    (rounding the warmup to 0 steps used [0.001, 0.0009938, 0.0009755]); 150 steps warm up over
+    1.5 steps, so update 2 uses 1e-3/1.5."""
+    cfg = _train_config(num_steps=20, max_lr=1e-3)
+    assert cfg.warmup_steps == pytest.approx(0.2, rel=1e-15)
+    rates = np.asarray(opt.schedule_for(cfg)(jnp.arange(3)))
+    np.testing.assert_allclose(rates, [0.0, 0.0009961, 0.0009801], rtol=0, atol=5e-8)
+    assert rates[0] == 0.0
+    np.testing.assert_allclose(rates, neox_rates(AnnealingLR.from_neox_args(
+        1e-3, 1e-4, 0.01, 20, None, "cosine"), 3), rtol=1e-6, atol=0)
+    cfg150 = _train_config(num_steps=150, max_lr=1e-3)
+    assert float(opt.schedule_for(cfg150)(1)) == pytest.approx(1e-3 / 1.5, rel=1e-6)
+    assert float(opt.schedule_for(cfg150)(1)) == pytest.approx(6.667e-4, abs=5e-8)
+
+
+def test_short_run_first_update_does_not_move_the_weights():
+    """Through the whole chain: the first applied update of a 20-step run is zero."""
+    cfg = _train_config(num_steps=20, max_lr=1e-3)
+    tx = opt.build_optimizer(schedule=opt.schedule_for(cfg))
+    params = _params(np.random.default_rng(3))
+    grads = jax.tree.map(lambda x: np.ones_like(x), params)
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    lrs = []
+    for _ in range(3):
+        lrs.append(float(opt.current_lr(state, opt.schedule_for(cfg))))
+        updates, state = update(grads, state, params)
+        if len(lrs) == 1:
+            assert all(float(jnp.abs(u).max()) == 0.0 for u in jax.tree.leaves(updates))
+    np.testing.assert_allclose(lrs, [0.0, 0.0009961, 0.0009801], rtol=0, atol=5e-8)
+
+
+def test_pythia_recipe_warmup_is_exactly_1430():
+    cfg = _train_config(num_steps=143000, max_lr=6e-4)
+    assert cfg.warmup_steps == 1430 and cfg.decay_steps == 143000
+    ref = AnnealingLR.from_neox_args(6e-4, 6e-5, 0.01, 143000, 143000, "cosine")
+    assert ref.warmup_iter == cfg.warmup_steps
+
+
+def _random_settings(rng: np.random.Generator) -> dict:
+    num_steps = int(rng.choice([1, 2, 3, 7, 20, 49, 50, 51, 150, 333, 1000, int(rng.integers(1, 5000))]))
+    decay = None if rng.random() < 0.5 else int(rng.integers(1, 2 * num_steps + 2))
+    warmup = float(rng.choice([0.0, 0.01, 0.01, 0.1, 0.5, 0.7, 1.0, rng.random()]))
+    max_lr = float(10 ** rng.uniform(-5, -2))
+    min_lr = float(rng.choice([0.0, 0.1 * max_lr, rng.random() * max_lr, max_lr]))
+    style = str(rng.choice(opt.DECAY_STYLES))
+    return dict(num_steps=num_steps, lr_decay_iters=decay, warmup=warmup, max_lr=max_lr,
+                min_lr=min_lr, style=style)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_schedule_matches_annealing_lr_for_random_runs(seed):
+    """TrainConfig → schedule equals the AnnealingLR transcription for every update of random runs
+    (length, decay length shorter or longer than the run, warmup fraction, min_lr, style)."""
+    rng = np.random.default_rng(seed)
+    for _ in range(60):
+        s = _random_settings(rng)
+        cfg = _train_config(num_steps=s["num_steps"], max_lr=s["max_lr"], min_lr=s["min_lr"],
+                            warmup=s["warmup"], decay_steps=s["lr_decay_iters"], decay_style=s["style"])
+        n = 5010  # every update of the run and past its end (one array shape: no recompiles)
+        want = neox_rates(AnnealingLR.from_neox_args(s["max_lr"], s["min_lr"], s["warmup"],
+                                                     s["num_steps"], s["lr_decay_iters"], s["style"]), n)
+        python = [opt.neox_lr(k, s["max_lr"], s["min_lr"], cfg.warmup_steps, cfg.decay_steps,
+                              s["style"]) for k in range(n)]
+        assert python == want, s  # the library's float64 formula: identical
+        got = np.asarray(opt.schedule_for(cfg)(jnp.arange(n)))  # the trainer's float32 schedule
+        np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-7 * s["max_lr"], err_msg=str(s))
+        if s["warmup"] > 0:
+            assert got[0] == 0.0
+
+
+def test_schedule_settings_refused():
+    with pytest.raises(ValueError, match="decay_style must be one of"):
+        opt.neox_lr_schedule(1e-3, 0.0, 1.0, 10, "cosin")
+    with pytest.raises(ValueError, match="warmup_steps must be in"):
+        opt.neox_lr_schedule(1e-3, 0.0, 11.0, 10)
+    from pythia_jax.config import ConfigError
+    with pytest.raises(ConfigError, match="decay_style must be one of"):
+        _train_config(num_steps=10, decay_style="step")
 
 
 def _params(rng):

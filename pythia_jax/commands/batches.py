@@ -11,42 +11,69 @@ The rows of steps START..END inclusive: rows [BATCH*START, BATCH*(END+1)) of the
 reproduced). --out FILE.npy saves them as uint16 [rows, SEQ_LEN+1]; without --out they are
 printed (token ids, or text with --decode).
 
+The defaults of --batch-size, --seq-len, --seed and --train-iters are Pythia's (1024 rows of
+2048+1 tokens, seed 1234, 143,000 steps): for any other run pass that run's values, since the
+GPT-NeoX order depends on all four. --data demo is the bundled demo data (as in configs/demo.gin).
+
 Examples:
+  pythia-jax batches --data demo --order neox --batch-size 8 --seq-len 128 --train-iters 200 \
+      --start 0 --end 0 --rows 2 --decode            # the first step of configs/demo.gin
   pythia-jax batches --data pile_text_document --order neox --start 0 --end 0 --out step0.npy
   pythia-jax batches --data preshuffled/document --order preshuffled --start 1000 --end 1000 \\
       --decode --rows 2
+  pythia-jax batches --data demo --order neox --batch-size 8 --seq-len 128 --train-iters 200 \\
+      --start 100 --end 100 --transform gender_swap --decode   # audit an intervention: [he→she]
+
+--transform NAME applies a row transform (pythia_jax.data.transforms: gender_swap,
+gender_swap_tokenmap_2022, gender_swap_text_2023, or package.module:function) to the rows of the
+steps in --transform-steps (default: all shown), as training with DataConfig.transform would;
+with --decode each changed span is shown as [old→new], and a line per step counts the changes.
 """
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True,
+    from pythia_jax.commands.argtypes import dataset_prefix, nonneg_int, positive_int
+
+    parser.add_argument("--data", required=True, type=dataset_prefix,
                         help="dataset prefix without .bin/.idx (for sharded pre-shuffled data, "
-                             "the .idx prefix; the shards are found beside it)")
-    parser.add_argument("--order", choices=("preshuffled", "neox"), default="preshuffled")
-    parser.add_argument("--start", type=int, required=True, help="first step (0-based)")
-    parser.add_argument("--end", type=int, required=True, help="last step, inclusive")
-    parser.add_argument("--batch-size", type=int, default=1024, help="global batch (rows per step)")
-    parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--seed", type=int, default=1234, help="GPT-NeoX order seed")
-    parser.add_argument("--train-iters", type=int, default=143000,
+                             "the .idx prefix; the shards are found beside it); 'demo' = the bundled "
+                             "demo training data")
+    parser.add_argument("--order", choices=("preshuffled", "neox"), default="preshuffled",
+                        help="preshuffled: row j is item j of a pre-shuffled dataset; neox: GPT-NeoX's "
+                             "index maps over a raw document dataset")
+    parser.add_argument("--start", type=nonneg_int, required=True, help="first step (0-based)")
+    parser.add_argument("--end", type=nonneg_int, required=True, help="last step, inclusive")
+    parser.add_argument("--batch-size", type=positive_int, default=1024, help="global batch (rows per step)")
+    parser.add_argument("--seq-len", type=positive_int, default=2048,
+                        help="tokens per row (each row holds seq_len+1)")
+    parser.add_argument("--seed", type=nonneg_int, default=1234, help="GPT-NeoX order seed")
+    parser.add_argument("--train-iters", type=positive_int, default=143000,
                         help="training steps the GPT-NeoX maps were built for")
     parser.add_argument("--out", default=None, help="save uint16 [rows, seq_len+1] to this .npy file")
     parser.add_argument("--decode", action="store_true", help="print the rows as text")
-    parser.add_argument("--rows", type=int, default=None,
-                        help="when printing, show only the first N rows")
+    parser.add_argument("--rows", type=positive_int, default=None,
+                        help="when printing, show only the first N rows (default: all)")
+    parser.add_argument("--transform", default=None, metavar="NAME",
+                        help="apply this row transform (a built-in name or package.module:function)")
+    parser.add_argument("--transform-param", action="append", default=[], metavar="KEY=VALUE",
+                        help="a parameter of the transform, e.g. direction=f2m (repeatable)")
+    parser.add_argument("--transform-steps", default=None, metavar="A,B",
+                        help="apply the transform only to steps in [A, B) (default: every step)")
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
     import numpy as np
 
     from pythia_jax.data.indexed import save_npy_atomic
     from pythia_jax.data.orders import open_order
     from pythia_jax.errors import DataError
 
-    if args.start < 0 or args.end < args.start:
-        raise DataError(f"bad step range --start {args.start} --end {args.end}")
+    if args.end < args.start:
+        raise DataError(f"--end {args.end} is before --start {args.start}; --end is the last step, inclusive "
+                        f"(use --end {args.start} for one step)")
+    if args.out:  # replaces an .npy file, never the dataset or anything else
+        from pythia_jax.io_utils import check_output_file
+        check_output_file(args.out, "npy", inputs=[args.data + ".bin", args.data + ".idx"])
     order = open_order(args.data, args.order, seq_len=args.seq_len, seed=args.seed,
                        train_iters=args.train_iters, global_batch=args.batch_size)
     first, stop = args.batch_size * args.start, args.batch_size * (args.end + 1)
@@ -55,8 +82,10 @@ def run(args: argparse.Namespace) -> int:
                         f"the {args.order} order has {len(order)} rows "
                         f"(last full step {len(order) // args.batch_size - 1})")
     rows = np.asarray(order.read_rows(first, stop)).astype(np.uint16)
+    original = rows
+    if args.transform:
+        rows = _transform_rows(args, rows, first)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)) or ".", exist_ok=True)
         save_npy_atomic(args.out, rows)
         print(f"saved rows [{first}, {stop}) as {rows.dtype} {list(rows.shape)} to {args.out}")
         return 0
@@ -65,9 +94,72 @@ def run(args: argparse.Namespace) -> int:
         from pythia_jax.data.tokenizer import decode
         for k, row in enumerate(shown):
             print(f"=== step {(first + k) // args.batch_size} row {first + k} ===")
-            print(decode(row))
+            print(decode(row) if not args.transform else _marked(original[k], row, decode))
     else:
         np.set_printoptions(threshold=20, linewidth=120)
         for k, row in enumerate(shown):
             print(f"step {(first + k) // args.batch_size} row {first + k}: {row}")
     return 0
+
+
+def _transform_rows(args: argparse.Namespace, rows, first: int):
+    """The rows with ``--transform`` applied to the steps of ``--transform-steps``; prints what
+    changed per step."""
+    from pythia_jax.config import ConfigError
+    from pythia_jax.data.transforms import TransformSpec, apply_to_rows
+
+    params = {}
+    for item in args.transform_param:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--transform-param {item!r}: expected KEY=VALUE")
+        params[key] = _param_value(value)
+    steps = None
+    if args.transform_steps:
+        try:
+            steps = [int(x) for x in args.transform_steps.split(",")]
+        except ValueError:
+            raise ConfigError(f"--transform-steps {args.transform_steps!r}: expected A,B "
+                              "(two step numbers)") from None
+    spec = TransformSpec.create(args.transform, params, steps)
+    spec.check_within(args.train_iters)
+    fn = spec.build()
+    out = rows.copy()
+    B = args.batch_size
+    for step in range(first // B, len(rows) // B + first // B):
+        if not spec.applies_to(step):
+            continue
+        a = step * B - first
+        out[a:a + B], stats = apply_to_rows(rows[a:a + B], fn)
+        print(f"step {step}: {args.transform} changed {stats.tokens_changed} tokens in "
+              f"{stats.rows_changed} of {B} rows")
+    return out
+
+
+def _param_value(text: str):
+    import json
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _marked(old, new, decode) -> str:
+    """The text of ``new`` with every changed span shown as ``[old→new]``."""
+    import numpy as np
+
+    changed = np.flatnonzero(old != new)
+    if len(changed) == 0:
+        return decode(new)
+    parts, pos, i = [], 0, 0
+    while i < len(changed):
+        j = i
+        while j + 1 < len(changed) and changed[j + 1] == changed[j] + 1:
+            j += 1
+        a, b = int(changed[i]), int(changed[j]) + 1
+        o, n = decode(old[a:b]), decode(new[a:b])
+        lead = n[: len(n) - len(n.lstrip())]
+        parts += [decode(new[pos:a]), f"{lead}[{o.strip()}→{n.strip()}]"]
+        pos, i = b, j + 1
+    parts.append(decode(new[pos:]))
+    return "".join(parts)

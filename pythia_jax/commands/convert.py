@@ -9,14 +9,18 @@ Directions::
     jax-to-neox  checkpoint dir        -> NeoX pipeline checkpoint (TP 1) + yml
 
 Every output is written to a temporary sibling and renamed when complete; an existing output is
-refused unless --overwrite.
+refused unless --overwrite, which replaces only an output of the same kind (``io_utils``); an
+output that is, contains or lies inside the source is always refused.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
+
+logger = logging.getLogger(__name__)
 
 HELP = "convert weights: hf-to-jax, jax-to-hf, neox-to-jax, jax-to-neox"
 DESCRIPTION = """\
@@ -28,7 +32,9 @@ Move weights between Hugging Face directories, pythia-jax checkpoints and GPT-Ne
   jax-to-neox  pythia-jax ckpt     -> GPT-NeoX pipeline checkpoint (TP 1) + yml
 
 Outputs are written to a temporary sibling folder and renamed when complete; an existing
-output is refused unless --overwrite.
+output is refused unless --overwrite, and --overwrite replaces only a folder of the same kind
+(an HF directory, a pythia-jax checkpoint, a GPT-NeoX checkpoint), never a run directory or
+any other folder. The output may not be, contain or lie inside the source.
 
 examples:
   pythia-jax convert hf-to-jax ./pythia-160m/step143000 ckpt/160m
@@ -39,11 +45,12 @@ DIRECTIONS = ("hf-to-jax", "jax-to-hf", "neox-to-jax", "jax-to-neox")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("direction", choices=DIRECTIONS, help="what to convert into what")
     parser.add_argument("source", help="input directory")
     parser.add_argument("output", help="output directory (root folder for --all-steps)")
-    parser.add_argument("--step", type=int, default=None,
+    from pythia_jax.commands.argtypes import nonneg_int
+
+    parser.add_argument("--step", type=nonneg_int, default=None,
                         help="hf-to-jax: step to store the weights at (default: N of a 'stepN' source "
                              "folder, else 0); jax-to-*: checkpoint step to export (default: newest); "
                              "neox-to-jax: which global_stepN of a NeoX run folder")
@@ -52,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None,
                         help="weights dtype written: float16 (default for jax-to-hf, like the releases), "
                              "bfloat16 or float32 (default for jax-to-neox)")
-    parser.add_argument("--shard-size", default="2GB", help="jax-to-hf: max safetensors shard size (default 2GB)")
+    parser.add_argument("--shard-size", default="2GB", help="jax-to-hf: max safetensors shard size")
     parser.add_argument("--with-optimizer", action="store_true",
                         help="hf-to-jax / neox-to-jax without ZeRO shards: also store a fresh optimizer "
                              "state (LR schedule at --step) so `pythia-jax train` can continue")
@@ -74,8 +81,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--all-steps only applies to jax-to-hf")
     if args.all_steps and args.step is not None:
         raise ConfigError("use either --step or --all-steps")
-    if os.path.abspath(args.source) == os.path.abspath(args.output):
-        raise ConfigError("the output must not be the source directory")
+    from pythia_jax.io_utils import check_inputs
+    check_inputs(args.output, [args.source])
     progress = not args.no_progress
     handler = {"hf-to-jax": _hf_to_jax, "jax-to-hf": _jax_to_hf,
                "neox-to-jax": _neox_to_jax, "jax-to-neox": _jax_to_neox}[args.direction]
@@ -90,7 +97,7 @@ def _hf_to_jax(args: argparse.Namespace, progress: bool) -> None:
     if step is None:
         m = re.fullmatch(r"step(\d+)", os.path.basename(os.path.normpath(args.source)))
         step = int(m.group(1)) if m else 0
-    _check_output(args)
+    _check_output(args, "checkpoint")
     config, params = read_hf_dir(args.source, progress=progress)
     opt_state = None
     if args.with_optimizer:
@@ -105,7 +112,7 @@ def _neox_to_jax(args: argparse.Namespace, progress: bool) -> None:
     from pythia_jax.convert.neox import read_neox_checkpoint
     from pythia_jax.train.continuation import fresh_opt_state, neox_train_state
 
-    _check_output(args)
+    _check_output(args, "checkpoint")
     config, params, ckpt = read_neox_checkpoint(args.source, step=args.step, config_files=args.neox_config,
                                                 hidden_act=args.hidden_act, progress=progress)
     metadata = {"source": "gpt-neox", "neox_checkpoint": ckpt.directory}
@@ -135,52 +142,94 @@ def _jax_to_hf(args: argparse.Namespace, progress: bool) -> None:
     from pythia_jax.io_utils import check_output_dir
 
     dtype = args.dtype or "float16"
+    root, dir_step = resolve_checkpoint_dir(args.source)
+    inputs = [args.source, os.fspath(root)]
     if not args.all_steps:
-        check_output_dir(args.output, args.overwrite)
+        check_output_dir(args.output, args.overwrite, kind="hf", inputs=inputs)
+        step = args.step if args.step is not None else dir_step
         _status(progress, f"reading checkpoint {args.source}")
-        config, params = load_params(args.source, step=args.step, host=True)
+        config, params, step, why = _load_step(root, step)
         write_hf_dir(config, params, args.output, dtype=dtype, shard_size=args.shard_size,
                      overwrite=args.overwrite, progress=progress)
-        print(f"wrote {args.output}")
+        print(f"wrote {args.output} (step {step}, {dtype}{why})")
         return
-    root, _ = resolve_checkpoint_dir(args.source)
+    # the root of the step folders: new, empty or holding only step<N>/ folders
+    check_output_dir(args.output, True, kind="steps", inputs=inputs)
     with TrainCheckpointer(root, save_steps=(), async_save=False) as ckpt:
         steps = ckpt.all_steps()
     if not steps:
         raise CheckpointError(f"{root} holds no checkpoint steps")
     targets = {s: os.path.join(args.output, f"step{s}") for s in steps}
     for target in targets.values():  # refuse before writing anything
-        check_output_dir(target, args.overwrite)
+        check_output_dir(target, args.overwrite, kind="hf")
     from tqdm.auto import tqdm
     for s in tqdm(steps, desc="steps", unit="step", disable=not progress):
         config, params = load_params(root, step=s, host=True)
         write_hf_dir(config, params, targets[s], dtype=dtype, shard_size=args.shard_size,
                      overwrite=args.overwrite, progress=False)
         del params
-    print(f"wrote {len(steps)} step folders under {args.output}")
+    print(f"wrote {len(steps)} step folders under {args.output} (steps {steps[0]}..{steps[-1]}, {dtype})")
 
 
 def _jax_to_neox(args: argparse.Namespace, progress: bool) -> None:
-    from pythia_jax.checkpoint import load_params, resolve_checkpoint_dir
+    from pythia_jax.checkpoint import resolve_checkpoint_dir
     from pythia_jax.convert.neox import write_neox_checkpoint
-
-    _check_output(args)
-    root, dir_step = resolve_checkpoint_dir(args.source)
-    step = args.step if args.step is not None else dir_step
-    if step is None:
-        from pythia_jax.checkpoint import TrainCheckpointer
-        with TrainCheckpointer(root, save_steps=(), async_save=False) as ckpt:
-            step = ckpt.latest_valid_step()
-    _status(progress, f"reading checkpoint {root}/{step}")
-    config, params = load_params(root, step=step, host=True)
-    out = write_neox_checkpoint(config, params, args.output, step=step or 0, dtype=args.dtype or "float32",
-                                overwrite=args.overwrite, progress=progress)
-    print(f"wrote {out}")
-
-
-def _check_output(args: argparse.Namespace) -> None:
     from pythia_jax.io_utils import check_output_dir
-    check_output_dir(args.output, args.overwrite)
+
+    root, dir_step = resolve_checkpoint_dir(args.source)
+    check_output_dir(args.output, args.overwrite, kind="neox", inputs=[args.source, os.fspath(root)])
+    step = args.step if args.step is not None else dir_step
+    _status(progress, f"reading checkpoint {root}")
+    config, params, step, why = _load_step(root, step)
+    dtype = args.dtype or "float32"
+    out = write_neox_checkpoint(config, params, args.output, step=step or 0, dtype=dtype,
+                                overwrite=args.overwrite, progress=progress)
+    print(f"wrote {out} (step {step}, {dtype}{why})")
+
+
+def _load_step(root, step: int | None):
+    """``(config, host params, step, note)``: ``step``, or the newest step that reads and verifies.
+
+    Without a step each newer unusable step (incomplete, or failing its checksums) is skipped
+    with a logged warning, and ``note`` says which and why (for the closing line).
+    """
+    import warnings
+
+    from pythia_jax.checkpoint import CheckpointIntegrityError, TrainCheckpointer, load_params, step_problem
+    from pythia_jax.errors import CheckpointError
+
+    if step is not None:
+        config, params = load_params(root, step=step, host=True)
+        return config, params, step, ""
+    with TrainCheckpointer(root, save_steps=(), async_save=False) as ckpt:
+        steps = ckpt.all_steps()
+    if not steps:
+        raise CheckpointError(f"{root} holds no checkpoint steps")
+    skipped = []
+    for candidate in reversed(steps):
+        problem = step_problem(root, candidate)
+        if problem is None:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    config, params = load_params(root, step=candidate, host=True)
+            except CheckpointIntegrityError as e:
+                problem = str(e)
+            else:
+                note = "".join(f"; newest step {s} skipped: {p}" for s, p in skipped[:1])
+                if len(skipped) > 1:
+                    note += f" (and {len(skipped) - 1} more: steps {', '.join(str(s) for s, _ in skipped[1:])})"
+                return config, params, candidate, note
+        logger.warning("checkpoint step %d in %s is unusable (%s); falling back to an earlier step",
+                       candidate, root, problem)
+        skipped.append((candidate, problem))
+    raise CheckpointError(f"{root}: no valid checkpoint step (" +
+                          "; ".join(f"step {s}: {p}" for s, p in skipped) + ")")
+
+
+def _check_output(args: argparse.Namespace, kind: str) -> None:
+    from pythia_jax.io_utils import check_output_dir
+    check_output_dir(args.output, args.overwrite, kind=kind, inputs=[args.source])
 
 
 def _status(enabled: bool, message: str) -> None:
@@ -203,5 +252,5 @@ def write_checkpoint(out_dir: str, step: int, config, params, opt_state, metadat
 
     release_free_memory()  # the reader's freed buffers: don't hold them through the save
     _status(progress, f"writing checkpoint {out_dir} ({_gigabytes(params, opt_state):.2f} GB)")
-    with atomic_output_dir(out_dir, overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite, kind="checkpoint") as tmp:
         save_params_checkpoint(str(tmp), int(step), config, params, opt_state=opt_state, metadata=metadata)

@@ -35,21 +35,25 @@ Examples:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from pythia_jax.commands.argtypes import nonneg_int, positive_int
+
     g = parser.add_argument_group("data (as for 'pythia-jax batches')")
     g.add_argument("--data", required=True,
                    help="dataset prefix without .bin/.idx ('demo' = the bundled Wikipedia set)")
-    g.add_argument("--order", choices=("preshuffled", "neox"), default="preshuffled")
-    g.add_argument("--batch-size", type=int, default=1024, help="global batch (rows per step)")
-    g.add_argument("--seq-len", type=int, default=2048)
-    g.add_argument("--seed", type=int, default=1234, help="GPT-NeoX order seed")
-    g.add_argument("--train-iters", type=int, default=143000,
+    g.add_argument("--order", choices=("preshuffled", "neox"), default="preshuffled",
+                   help="preshuffled: row j is item j of a pre-shuffled dataset; neox: GPT-NeoX's "
+                        "index maps over a raw document dataset")
+    g.add_argument("--batch-size", type=positive_int, default=1024, help="global batch (rows per step)")
+    g.add_argument("--seq-len", type=positive_int, default=2048, help="tokens per row (each row holds seq_len+1)")
+    g.add_argument("--seed", type=nonneg_int, default=1234, help="GPT-NeoX order seed")
+    g.add_argument("--train-iters", type=positive_int, default=143000,
                    help="training steps the GPT-NeoX maps were built for")
     s = parser.add_argument_group("steps")
-    s.add_argument("--start", type=int, default=0, help="first step counted (default 0)")
-    s.add_argument("--stop", type=int, default=None,
+    s.add_argument("--start", type=nonneg_int, default=0, help="first step counted")
+    s.add_argument("--stop", type=positive_int, default=None,
                    help="step after the last one counted (exclusive; default: the last --at-steps, "
                         "else every training step the data holds)")
-    s.add_argument("--window", type=int, default=None, help="window length in steps")
+    s.add_argument("--window", type=int, default=None, help="window length in steps")  # checked by run_count
     s.add_argument("--at-steps", default=None, help="comma-separated window ends, e.g. 1,2,4,8")
     t = parser.add_argument_group("terms")
     t.add_argument("--text", action="append", default=[], help="text term (repeatable)")
@@ -57,20 +61,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--ids", action="append", default=[], help="token-id sequence, e.g. 123,456")
     t.add_argument("--regex", action="append", default=[], help="pattern over decoded rows")
     t.add_argument("--per-match", action="store_true", help="count regex matches per matched text")
-    t.add_argument("--preset", choices=("numerals",), default=None)
-    t.add_argument("--numeral-max", type=int, default=None,
+    t.add_argument("--preset", choices=("numerals",), default=None,
+                   help="numerals: the Pythia paper's term-frequency rule (see above)")
+    t.add_argument("--numeral-max", type=nonneg_int, default=None,
                    help="report numbers (and pairs) up to this value only, e.g. 99")
     t.add_argument("--locate", action="store_true", help="also write where terms occur")
-    t.add_argument("--max-locations", type=int, default=1000,
+    t.add_argument("--max-locations", type=nonneg_int, default=1000,
                    help="locations kept per term and variant (first in training order)")
     o = parser.add_argument_group("output and parallelism")
     o.add_argument("--out", required=True, help="table: .jsonl or .csv")
     o.add_argument("--resume", action="store_true",
                    help="continue an interrupted count (or redo one whose output exists)")
-    o.add_argument("--workers", type=int, default=1, help="local processes")
+    o.add_argument("--workers", type=positive_int, default=1, help="local processes")
     o.add_argument("--num-hosts", default="1", help="hosts sharing the windows, or 'auto' (JAX)")
     o.add_argument("--host-index", default="0", help="this host's index, or 'auto' (JAX)")
-    o.add_argument("--chunk-steps", type=int, default=None,
+    o.add_argument("--chunk-steps", type=positive_int, default=None,
                    help="steps read at once (default: about 4M tokens)")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "evaluate checkpoints (zero-shot tasks, perplexity, memorization) into a results table"
+HELP = ("evaluate checkpoints (zero-shot, bias and few-shot generation tasks, perplexity, "
+        "memorization) into a results table")
 
 DESCRIPTION = """\
 Evaluate many checkpoints of a run and write one tidy table (step, task, metric, value, stderr).
@@ -17,11 +18,14 @@ Tasks (files under --data-dir):
   piqa arc_easy arc_challenge sciq winogrande lambada_openai logiqa wsc   <task>.jsonl
   crows_pairs (all bias types), crows_pairs_gender     crows_pairs_anonymized.csv
   winobias (type1/type2 x pro/anti; net bias = pro - anti)   winobias/*.txt.dev
+  arithmetic (or arithmetic_plus, arithmetic_times)    generated, no file
+  triviaqa                                             triviaqa.jsonl
   paper = lambada_openai,piqa,winogrande,arc_easy,arc_challenge,sciq,logiqa (+wsc if wsc.jsonl)
   bias  = winobias,crows_pairs_gender
-All but winobias run lm-evaluation-harness's own task definitions on the local files (install
-the extra: pip install 'pythia-jax[lm_eval]'); without it, piqa/arc/sciq/winogrande fall back to
-bundled specs of the same prompts. 'perplexity' needs
+The zero-shot tasks above winobias run lm-evaluation-harness's own task definitions on the local
+files (install the extra: pip install 'pythia-jax[lm_eval]'); without it, piqa/arc/sciq/winogrande
+fall back to bundled specs of the same prompts. The few-shot generation tasks arithmetic and
+triviaqa give one task per k of --shots, e.g. arithmetic_plus_k4. 'perplexity' needs
 --ppl-data, 'memorization' needs --mem-data (the training data in its exact order). Rerunning with
 the same --out skips results already there. Per-example outputs go to --details-dir
 (default: <out>_details/).
@@ -29,35 +33,49 @@ the same --out skips results already there. Per-example outputs go to --details-
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoints", required=True, help="checkpoint directory or folder of step<N>/ HF dirs")
-    parser.add_argument("--steps", required=True, help="e.g. 0,1000,2000 | all | 1000-10000")
+    from pythia_jax.commands.argtypes import dataset_prefix, nonneg_int, positive_int
+
+    parser.add_argument("--checkpoints", required=True,
+                        help="checkpoint directory, folder of step<N>/ HF dirs, or one HF directory")
+    parser.add_argument("--steps", required=True,
+                        help="e.g. 0,1000,2000 | all | 1000-10000 (one HF directory: all, or its step)")
     parser.add_argument("--tasks", default="piqa,arc_easy,arc_challenge,sciq,winogrande",
                         help="comma-separated: task names (see above), groups 'paper' / 'bias', spec "
                              ".yaml paths, perplexity, memorization")
     parser.add_argument("--task-system", default="auto", choices=("auto", "harness", "native"),
                         help="harness tasks: lm-evaluation-harness if installed (auto), always, or the "
                              "bundled specs (native; piqa/arc/sciq/winogrande only)")
-    parser.add_argument("--bootstrap-iters", type=int, default=100000,
+    parser.add_argument("--bootstrap-iters", type=nonneg_int, default=100000,
                         help="draws for the harness's bootstrapped stderrs (lambada perplexity); "
                              "0: the harness reports no stderrs at all")
-    parser.add_argument("--data-dir", default=None, help="directory with the tasks' JSONL files")
-    parser.add_argument("--limit", type=int, default=None, help="first N examples/documents per task")
+    parser.add_argument("--data-dir", default=None,
+                        help="directory with the tasks' files (see above; small slices: tests/data/eval)")
+    parser.add_argument("--limit", type=positive_int, default=None,
+                        help="first N examples/documents per task (arithmetic: second operands 1..N; "
+                             "default: all)")
+    parser.add_argument("--shots", default=None,
+                        help="k of the few-shot generation tasks, e.g. 0,2,4,8,16 (default: arithmetic "
+                             "0,2,4,8,16; triviaqa 0)")
     parser.add_argument("--out", required=True, help="results table: .jsonl or .csv")
     parser.add_argument("--csv", default=None, help="also write the whole table as CSV here at the end")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-len", type=int, default=None, help="context window (default: the model's)")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="sequences per forward pass")
+    parser.add_argument("--max-len", type=positive_int, default=None, help="context window (default: the model's)")
     parser.add_argument("--details-dir", default=None, help="per-example outputs (default: <out>_details)")
     g = parser.add_argument_group("perplexity")
     g.add_argument("--ppl-data", default=None, help="indexed-dataset prefix or .jsonl of texts")
-    g.add_argument("--ppl-text-key", default="text")
+    g.add_argument("--ppl-text-key", default="text", help="JSON field holding the text (for .jsonl)")
     g = parser.add_argument_group("memorization")
-    g.add_argument("--mem-data", default=None, help="training data prefix (indexed dataset)")
-    g.add_argument("--mem-order", default="preshuffled", choices=("preshuffled", "neox"))
-    g.add_argument("--mem-seq-len", type=int, default=2048)
-    g.add_argument("--mem-rows-per-step", type=int, default=1024, help="training rows per step (global batch)")
-    g.add_argument("--mem-sample", type=int, default=None, help="test a random sample of the seen rows")
-    g.add_argument("--mem-seed", type=int, default=0)
-    parser.add_argument("--no-progress", action="store_true")
+    g.add_argument("--mem-data", default=None, type=dataset_prefix,
+                   help="training data prefix (indexed dataset; 'demo' = the bundled demo data)")
+    g.add_argument("--mem-order", default="preshuffled", choices=("preshuffled", "neox"),
+                   help="the order the training data was read in")
+    g.add_argument("--mem-seq-len", type=positive_int, default=2048, help="training sequence length")
+    g.add_argument("--mem-rows-per-step", type=positive_int, default=1024,
+                   help="training rows per step (global batch)")
+    g.add_argument("--mem-sample", type=positive_int, default=None,
+                   help="test a random sample of this many seen rows (default: all)")
+    g.add_argument("--mem-seed", type=nonneg_int, default=0, help="seed of the --mem-sample draw")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,16 +91,39 @@ def run(args: argparse.Namespace) -> int:
     if not steps:
         raise PythiaJaxError(f"no steps selected by --steps {args.steps!r}")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    shots = None
+    if args.shots:
+        try:
+            shots = sorted({int(k) for k in args.shots.split(",") if k.strip()})
+        except ValueError:
+            raise PythiaJaxError(f"--shots {args.shots!r}: expected comma-separated integers, e.g. 0,4,16") from None
     details = args.details_dir or os.path.splitext(args.out)[0] + "_details"
+    _check_outputs(args.checkpoints, args.out, args.csv, details)
     settings = EvalSettings(
         tasks=tasks, data_dir=args.data_dir, limit=args.limit, batch_size=args.batch_size,
         max_len=args.max_len, ppl_data=args.ppl_data, ppl_text_key=args.ppl_text_key,
         mem_data=args.mem_data, mem_order=args.mem_order, mem_seq_len=args.mem_seq_len,
         mem_rows_per_step=args.mem_rows_per_step, mem_sample=args.mem_sample, mem_seed=args.mem_seed,
-        details_dir=details, progress=not args.no_progress, task_system=args.task_system,
-        bootstrap_iters=args.bootstrap_iters)
+        details_dir=details, progress=not args.no_progress, shots=shots,
+        task_system=args.task_system, bootstrap_iters=args.bootstrap_iters)
     table = evaluate_checkpoints(args.checkpoints, steps, settings, args.out)
     if args.csv:
         write_csv(table.rows, args.csv)
     print(f"{len(table.rows)} rows in {args.out}")
     return 0
+
+
+def _check_outputs(checkpoints: str, out: str, csv: str | None, details: str) -> None:
+    """Before any work: the tables and the details folder are outside the checkpoints (and not
+    above them); existing tables are results tables (extended / replaced); an existing details
+    folder is not a run, checkpoint or model directory."""
+    from pythia_jax.errors import PythiaJaxError
+    from pythia_jax.io_utils import check_inputs, check_output_file, describe_path, path_kind
+
+    check_output_file(out, "table", inputs=[checkpoints])
+    if csv:
+        check_output_file(csv, "table", inputs=[checkpoints, out])
+    check_inputs(details, [checkpoints])
+    if path_kind(details) not in (None, "empty", "other"):
+        raise PythiaJaxError(f"--details-dir {details} is {describe_path(details)}; per-example "
+                             "outputs need a folder of their own: choose another --details-dir")

@@ -16,20 +16,25 @@ Example:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from pythia_jax.commands.argtypes import positive_int
+
     parser.add_argument("--input", required=True,
                         help="JSONL file(s), comma-separated; .gz and .zst are decompressed")
     parser.add_argument("--output-prefix", required=True,
                         help="output path prefix; writes PREFIX_<key>_document.{bin,idx}")
-    parser.add_argument("--jsonl-key", default="text", help="JSON field holding the text (default: text)")
-    parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (default: 1)")
+    parser.add_argument("--jsonl-key", default="text", help="JSON field holding the text")
+    parser.add_argument("--workers", type=positive_int, default=1, help="tokenizer processes")
     parser.add_argument("--tokenizer", default=None,
-                        help="tokenizer.json to use instead of the bundled Pythia tokenizer")
+                        help="tokenizer.json to use (default: the bundled Pythia tokenizer)")
 
 
 def run(args: argparse.Namespace) -> int:
     from pythia_jax.data.indexed import IndexedDataset
     from pythia_jax.data.preprocess import preprocess_jsonl
 
+    from pythia_jax.data.indexed import check_dataset_output
+    from pythia_jax.data.preprocess import dataset_prefix
+    check_dataset_output(dataset_prefix(args.output_prefix, args.jsonl_key))  # a dataset, or nothing
     prefix = preprocess_jsonl(args.input, args.output_prefix, jsonl_key=args.jsonl_key,
                               workers=args.workers, tokenizer_path=args.tokenizer)
     ds = IndexedDataset(prefix)

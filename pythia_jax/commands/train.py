@@ -21,7 +21,9 @@ USES_GIN = True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max_steps", type=int, default=None,
+    from pythia_jax.commands.argtypes import positive_int
+
+    parser.add_argument("--max_steps", type=positive_int, default=None,
                         help="stop after this many steps of this invocation (the run can be resumed)")
     parser.add_argument("--print_config", action="store_true",
                         help="print the resolved configuration and exit without training")
@@ -46,6 +48,9 @@ def run(args: argparse.Namespace) -> int:
 
     from pythia_jax.train.loop import train
 
+    if cfg.export_hf_dir and "://" not in cfg.export_hf_dir:  # refuse now, not after the run
+        from pythia_jax.io_utils import check_output_dir
+        check_output_dir(cfg.export_hf_dir, overwrite=True, kind="hf")
     result = train(cfg, max_steps=args.max_steps)
     import jax
 
@@ -58,10 +63,12 @@ def _report(cfg, result) -> None:
     import os
 
     ckpt_dir = os.path.join(cfg.output_dir, "checkpoints")
-    if result.stopped:
-        print(f"stopped at step {result.final_step}; resume with the same command")
+    if result.stopped or result.final_step < cfg.num_steps:
+        why = "a stop signal" if result.stopped else "--max_steps"
+        print(f"stopped at step {result.final_step} of {cfg.num_steps} ({why}; checkpoint saved in {ckpt_dir}); "
+              "run the same command to continue")
         return
-    print(f"done: step {result.final_step}; checkpoints in {ckpt_dir}")
+    print(f"done: step {result.final_step} of {cfg.num_steps}; checkpoints in {ckpt_dir}")
     if result.losses:
         first, last = min(result.losses), max(result.losses)
         print(f"train loss: step {first} {result.losses[first]:.4f} -> step {last} {result.losses[last]:.4f}")

@@ -1,10 +1,16 @@
 """Hugging Face ``GPTNeoXForCausalLM`` weights <-> this project's parameter tree.
 
-Which HF tensor fills which params slot is the table in ``pythia_jax.convert.hf_keys``; here
-``ParamAssembler`` fills a params tree from HF tensors and ``iter_hf_tensors`` streams them back
-out, and the directory I/O reads and writes the files ``transformers``' ``from_pretrained`` /
-``save_pretrained`` use (``model.safetensors``, sharded safetensors with
-``model.safetensors.index.json``, ``pytorch_model.bin`` (+ index); ``config.json``, tokenizer).
+Which HF tensor fills which params slot is the table in ``pythia_jax.convert.hf_keys`` (shapes:
+``pythia_jax.config.param_shapes``); here ``ParamAssembler`` fills a params tree from HF tensors
+and ``iter_hf_tensors`` streams them back out, and the directory I/O reads and writes the files
+``transformers``' ``from_pretrained`` / ``save_pretrained`` use (``model.safetensors``, sharded
+safetensors with ``model.safetensors.index.json``, ``pytorch_model.bin`` (+ index); ``config.json``,
+tokenizer).
+
+Checkpoints saved with ``attention_bias=false`` (no QKV / attention-output biases) read those
+biases as zeros, and with ``tie_word_embeddings=true`` (no head tensor) read ``embed_out`` as a
+copy of ``embed_in``: the same outputs in the always-untied, biased layout of this project
+(``config.HFWeightLayout``).
 
 Directory I/O (``read_hf_dir`` / ``write_hf_dir``) streams tensor by tensor: reading holds one
 float32 model plus one tensor of the file being read; writing holds the params plus one shard.
@@ -15,13 +21,14 @@ The key-table and host-memory names (``LAYER_TABLE``, ``param_shapes``, ``copy_c
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
 from pythia_jax import io_utils
-from pythia_jax.config import ModelConfig
+from pythia_jax.config import HFWeightLayout, ModelConfig, hf_weight_layout, read_hf_config_json
 from pythia_jax.convert.hf_keys import (GLOBAL_KEY, KEY_ALIASES, LAYER_KEY, LAYER_SUFFIX, Path,
                                         check_params, get_path, hf_shapes, is_ignored_key,
                                         param_shapes, set_path)
@@ -34,6 +41,13 @@ from pythia_jax.host_memory import aligned_empty, copy_cast, plain_pages, to_num
 from pythia_jax.convert.hf_keys import GLOBAL_TABLE, IGNORED_SUFFIXES, LAYER_TABLE  # noqa: F401
 from pythia_jax.host_memory import to_device_tree  # noqa: F401
 
+logger = logging.getLogger(__name__)
+
+
+# HF keys that a checkpoint without attention biases lacks (read as zeros)
+_ATTENTION_BIAS_SUFFIXES = ("attention.query_key_value.bias", "attention.dense.bias")
+_HEAD_KEY = "embed_out.weight"
+
 
 class ParamAssembler:
     """Fills a float32 params tree one HF tensor at a time (for streaming readers).
@@ -41,20 +55,35 @@ class ParamAssembler:
     ``add(key, array)`` checks the shape, casts to float32 and writes the tensor into its slot
     (transposed for Linear weights, at index ``i`` of the layer stack); ``finish()`` checks that
     every tensor arrived and returns the nested dict of ``np.ndarray`` (float32).
+    ``layout`` (from ``config.hf_weight_layout``): without attention biases those tensors are
+    zeros; with tied embeddings ``embed_out`` is ``embed_in`` transposed. Tensors the layout
+    says are absent are skipped when present, as transformers does (logged).
     """
 
-    def __init__(self, config: ModelConfig, source: str = "checkpoint"):
+    def __init__(self, config: ModelConfig, source: str = "checkpoint",
+                 layout: HFWeightLayout = HFWeightLayout()):
         self.config = config
         self.source = source
+        self.layout = layout
         self._shapes = param_shapes(config)
         with plain_pages():  # aligned: to_device_tree then adopts the arrays on CPU (no copy)
             self._arrays = {p: aligned_empty(s, np.float32) for p, s in self._shapes.items()}
-        self._expected = hf_shapes(config)
+        self._expected = {k: s for k, s in hf_shapes(config).items() if not self._absent(k)}
         self._seen: set[str] = set()
+        self._skipped: list[str] = []
+
+    def _absent(self, key: str) -> bool:
+        """True for a tensor the checkpoint's layout does not have (filled in by ``finish``)."""
+        if not self.layout.attention_bias and key.endswith(_ATTENTION_BIAS_SUFFIXES):
+            return True
+        return self.layout.tie_word_embeddings and key == _HEAD_KEY
 
     def slot(self, key: str) -> tuple[Path, int | None, bool] | None:
         """(params path, layer index or None, transpose) of an HF key; None for ignored buffers."""
         key = KEY_ALIASES.get(key, key)
+        if self._absent(key):
+            self._skipped.append(key)  # transformers does not use it either
+            return None
         if key in GLOBAL_KEY:
             path, t = GLOBAL_KEY[key]
             return path, None, t
@@ -73,9 +102,6 @@ class ParamAssembler:
 
     def wants(self, key: str) -> bool:
         return self.slot(key) is not None
-
-    def expected_shape(self, key: str) -> tuple[int, ...]:
-        return self._expected[key]
 
     def check_shape(self, key: str, shape: Iterable[int]) -> None:
         key = KEY_ALIASES.get(key, key)
@@ -106,6 +132,15 @@ class ParamAssembler:
         if missing:
             shown = ", ".join(missing[:5]) + (f" … ({len(missing)} in all)" if len(missing) > 5 else "")
             raise CheckpointError(f"{self.source}: missing tensors: {shown}")
+        if self._skipped:
+            logger.warning("%s: %d tensor(s) the config says are unused were skipped, as transformers "
+                           "does (e.g. %s)", self.source, len(self._skipped), self._skipped[0])
+        if not self.layout.attention_bias:
+            for name in ("query_key_value", "dense"):
+                self._arrays[("layers", "attention", name, "bias")][...] = 0.0
+        if self.layout.tie_word_embeddings:
+            copy_cast(self._arrays[("embed_out", "kernel")], self._arrays[("embed_in", "embedding")],
+                      transpose=True)
         tree: dict[str, Any] = {}
         for path, arr in self._arrays.items():
             set_path(tree, path, arr)
@@ -114,12 +149,15 @@ class ParamAssembler:
 
 
 def hf_state_dict_to_params(config: ModelConfig, state_dict: Mapping[str, Any],
-                            source: str = "state dict") -> dict[str, Any]:
+                            source: str = "state dict",
+                            layout: HFWeightLayout = HFWeightLayout()) -> dict[str, Any]:
     """HF state dict (arrays or torch tensors, any float dtype) -> params tree of float32 ``np.ndarray``.
 
-    Raises ``CheckpointError`` for a missing tensor, a wrong shape or an unknown key.
+    ``layout``: ``config.hf_weight_layout(config_json)`` for checkpoints without attention biases
+    or with tied embeddings. Raises ``CheckpointError`` for a missing tensor, a wrong shape or an
+    unknown key.
     """
-    assembler = ParamAssembler(config, source)
+    assembler = ParamAssembler(config, source, layout)
     for key, value in state_dict.items():
         if assembler.wants(key):
             assembler.add(key, to_numpy(value))
@@ -133,7 +171,8 @@ def iter_hf_tensors(config: ModelConfig, params: Mapping[str, Any],
     ``params`` leaves may be numpy or JAX arrays (sharded ones too). Only the yielded tensor
     is materialised on the host: a JAX leaf is sliced on device first and just that slice is
     fetched (``np.asarray`` of a whole JAX leaf would also keep a host copy cached on it).
-    Shapes are checked here, before the first tensor is made (``CheckpointError``).
+    Shapes are checked here, before the first tensor is made (``ParamShapeError``, a
+    ``CheckpointError``).
     """
     check_params(config, params)
     return _hf_tensors(config, params, np.dtype(dtype))
@@ -315,13 +354,17 @@ def read_hf_dir(path: str | os.PathLike, *, progress: bool = False) -> tuple[Mod
     Accepts model.safetensors, sharded safetensors with model.safetensors.index.json,
     pytorch_model.bin (+ index); fp16 / bf16 / fp32 tensors. Streams tensor by tensor: peak
     memory is one float32 model plus one tensor (safetensors) or one shard (.bin).
+    Every ``config.json`` key is checked first (``ConfigError`` naming an unsupported setting,
+    before any tensor is read; see ``config.HF_FIELDS``).
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path} is not a directory")
-    config = ModelConfig.from_hf_file(path)
+    hf_config = read_hf_config_json(path)
+    layout = hf_weight_layout(hf_config)
+    config = ModelConfig.from_hf_dict(hf_config)
     fmt, files = find_weight_files(path)
-    assembler = ParamAssembler(config, source=path)
+    assembler = ParamAssembler(config, source=path, layout=layout)
     total = len(assembler.missing())
     with TensorProgress(progress, total, f"reading {os.path.basename(path.rstrip('/')) or path}") as bar:
         for file in files:
@@ -349,6 +392,9 @@ def plan_shards(config: ModelConfig, dtype: Any, shard_size: int | str) -> list[
     return shards
 
 
+# ``config.check_param_shapes`` under its old name here (``hf_keys.check_params``).
+_check_params = check_params
+
 
 def write_hf_dir(config: ModelConfig, params: Mapping[str, Any], out_dir: str | os.PathLike, *,
                  dtype: Any = "float16", shard_size: int | str = "2GB", overwrite: bool = False,
@@ -358,12 +404,14 @@ def write_hf_dir(config: ModelConfig, params: Mapping[str, Any], out_dir: str | 
     Files: config.json, model.safetensors (or model-0000k-of-0000N.safetensors +
     model.safetensors.index.json when over ``shard_size``), generation_config.json and the
     GPT-NeoX-20B tokenizer files. Streams: besides ``params`` it holds one converted tensor.
+    An existing ``out_dir`` is refused unless ``overwrite``, which replaces only an HF directory
+    (``io_utils.check_output_dir``; a run folder or any other folder raises ``PythiaJaxError``).
     """
     from pythia_jax.io_utils import atomic_output_dir, check_output_dir
 
     name = canonical_dtype(dtype)
     np_dtype = numpy_dtype(name)
-    check_output_dir(out_dir, overwrite)
+    check_output_dir(out_dir, overwrite, kind="hf")
     tensors = iter_hf_tensors(config, params, np_dtype)  # checks the shapes now, before any output
     shards = plan_shards(config, name, shard_size)
     n = len(shards)
@@ -372,7 +420,7 @@ def write_hf_dir(config: ModelConfig, params: Mapping[str, Any], out_dir: str | 
     tensors = io_utils.prefetch(tensors)
     weight_map: dict[str, str] = {}
     total_size = 0
-    with atomic_output_dir(out_dir, overwrite) as tmp, \
+    with atomic_output_dir(out_dir, overwrite, kind="hf") as tmp, \
             TensorProgress(progress, sum(map(len, shards)), f"writing {os.path.basename(os.fspath(out_dir))}") as bar:
         shapes = hf_shapes(config)
         for keys, file in zip(shards, files):

@@ -14,7 +14,9 @@ writes the same keys)::
 
 Old checkpoints' buffers (``attention.bias``, ``attention.masked_bias``,
 ``attention.rotary_emb.inv_freq``, registered by older transformers releases) are ignored on
-read and never written. Pure tables and shape arithmetic: no tensors are read or made here.
+read and never written. The shape of every params leaf is ``pythia_jax.config.param_shapes`` (the
+one definition, re-exported here). Pure tables and shape arithmetic: no tensors are read or made
+here.
 """
 
 from __future__ import annotations
@@ -22,9 +24,7 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping
 
-import numpy as np
-
-from pythia_jax.config import ModelConfig
+from pythia_jax.config import ModelConfig, check_param_shapes, param_shapes  # noqa: F401 (re-exported)
 from pythia_jax.errors import CheckpointError
 
 Path = tuple[str, ...]
@@ -58,25 +58,6 @@ GLOBAL_KEY = {key: (path, t) for path, key, t in GLOBAL_TABLE}
 # transformers 5.x names the head ``lm_head`` in memory (and in files saved from a fresh model);
 # the releases and GPT-NeoX's converter use ``embed_out``. Read both, write ``embed_out``.
 KEY_ALIASES = {"lm_head.weight": "embed_out.weight"}
-
-
-def param_shapes(config: ModelConfig) -> dict[Path, tuple[int, ...]]:
-    """Shape of every leaf of the params tree, keyed by its full path (e.g. ``("layers", "mlp", ...)``)."""
-    H, F, L, V = config.hidden_size, config.intermediate_size, config.num_layers, config.vocab_size
-    per_layer = {
-        ("input_layernorm", "scale"): (H,), ("input_layernorm", "bias"): (H,),
-        ("post_attention_layernorm", "scale"): (H,), ("post_attention_layernorm", "bias"): (H,),
-        ("attention", "query_key_value", "kernel"): (H, 3 * H),
-        ("attention", "query_key_value", "bias"): (3 * H,),
-        ("attention", "dense", "kernel"): (H, H), ("attention", "dense", "bias"): (H,),
-        ("mlp", "dense_h_to_4h", "kernel"): (H, F), ("mlp", "dense_h_to_4h", "bias"): (F,),
-        ("mlp", "dense_4h_to_h", "kernel"): (F, H), ("mlp", "dense_4h_to_h", "bias"): (H,),
-    }
-    shapes: dict[Path, tuple[int, ...]] = {("embed_in", "embedding"): (V, H)}
-    shapes.update({("layers",) + p: (L,) + s for p, s in per_layer.items()})
-    shapes.update({("final_layer_norm", "scale"): (H,), ("final_layer_norm", "bias"): (H,),
-                   ("embed_out", "kernel"): (H, V)})
-    return shapes
 
 
 def hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -119,9 +100,6 @@ def set_path(tree: dict, path: Path, value: Any) -> None:
 
 
 def check_params(config: ModelConfig, params: Mapping[str, Any]) -> None:
-    """Raise ``CheckpointError`` unless every leaf of ``params`` has its ``param_shapes`` shape."""
-    for path, shape in param_shapes(config).items():
-        value = get_path(params, path)
-        if tuple(np.shape(value)) != shape:
-            raise CheckpointError(f"params {'/'.join(path)} has shape {list(np.shape(value))}, "
-                                  f"expected {list(shape)} for this config")
+    """``config.check_param_shapes``: raise ``ParamShapeError`` (a ``CheckpointError``) naming a
+    missing, unexpected or wrongly shaped leaf of ``params`` against ``config.param_shapes``."""
+    check_param_shapes(config, params)

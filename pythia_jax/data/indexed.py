@@ -27,7 +27,8 @@ Public API:
 - ``IndexedDatasetWriter(prefix, dtype)``: ``add_item(tokens)``, ``end_document()``,
   ``add_document(tokens)``, ``finalize()``; writes to temporary siblings and renames at the end.
 - ``write_indexed_dataset(prefix, documents, dtype)``: one item per document.
-- ``save_npy_atomic(path, array)``: an ``.npy`` file written to a temporary sibling, then renamed.
+- ``save_npy_atomic(path, array)``: an ``.npy`` file written to a temporary sibling, then renamed;
+  ``save_npys_together`` publishes several at once (all or none).
 
 Every problem with the files raises ``pythia_jax.errors.DataError`` naming the file.
 """
@@ -39,8 +40,8 @@ import glob
 import os
 import re
 import struct
-import tempfile
 import threading
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -512,59 +513,95 @@ class IndexedDataset:
 
 def _atomic_path(final: str) -> str:
     """A new temporary sibling of ``final`` (same directory, so a rename is atomic)."""
-    directory = os.path.dirname(os.path.abspath(final)) or "."
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(final) + ".", suffix=".tmp", dir=directory)
-    os.close(fd)
-    return tmp
+    from pythia_jax.io_utils import temp_sibling
+
+    return os.fspath(temp_sibling(final))
 
 
 def publish(tmp: str, final: str) -> None:
     """Give ``tmp`` the usual file mode (mkstemp makes 0600) and rename it to ``final``."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, final)
+    publish_together([(tmp, final)])
+
+
+def publish_together(pairs) -> None:
+    """Rename ``(tmp, final)`` pairs into place together or not at all (``io_utils.publish``)."""
+    from pythia_jax.io_utils import publish as publish_all
+
+    publish_all(pairs)
+
+
+def check_dataset_output(prefix: str, inputs=()) -> None:
+    """Refuse to write ``prefix.bin``/``prefix.idx`` over anything but an indexed dataset (or
+    over one of ``inputs``, dataset prefixes read by the same command)."""
+    from pythia_jax.io_utils import check_inputs, check_output_file, describe_path
+
+    for inp in inputs:
+        check_inputs(prefix + ".idx", [inp + ".idx"])
+    check_output_file(prefix + ".idx", "dataset")
+    bin_path = prefix + ".bin"
+    if os.path.isdir(bin_path) or (os.path.exists(bin_path) and not os.path.exists(prefix + ".idx")):
+        raise DataError(f"output {bin_path} exists and is {describe_path(bin_path)} without a "
+                        f"{prefix}.idx beside it; refusing to replace it: choose another output prefix")
 
 
 def save_npy_atomic(path: str, array: np.ndarray) -> None:
     """``numpy.save`` to a temporary sibling of ``path``, then rename it into place."""
-    tmp = _atomic_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-        publish(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    save_npys_together([(path, array)])
 
 
-def write_index(path: str, dtype, sizes: np.ndarray, doc_idx: np.ndarray) -> None:
-    """Write an ``.idx`` file atomically. sizes: int [N] tokens per item; doc_idx: int [D]."""
+def save_npys_together(items) -> None:
+    """``numpy.save`` each ``(path, array)`` to a temporary sibling; publish them all together
+    (none on an error: the previous files stay)."""
+    from pythia_jax.io_utils import atomic_files
+
+    items = list(items)
+    with atomic_files(*(p for p, _ in items)) as temps:
+        for tmp, (_, array) in zip(temps, items):
+            with open(tmp, "wb") as f:
+                np.save(f, array, allow_pickle=False)
+
+
+def _write_index_file(path, dtype, sizes: np.ndarray, doc_idx: np.ndarray) -> None:
     dtype = np.dtype(dtype)
     code = dtype_code(dtype)
     sizes = np.asarray(sizes, dtype=np.int64)
     if (sizes < 0).any() or (sizes > np.iinfo(np.int32).max).any():
-        raise DataError(f"{path}: item sizes must fit int32")
+        raise DataError(f"{path}: item sizes must be in [0, {np.iinfo(np.int32).max:,}] (the .idx "
+                        f"format stores them as int32), got {int(sizes.min())}..{int(sizes.max())}")
     pointers = np.zeros(len(sizes), dtype=np.int64)
     if len(sizes) > 1:
         np.cumsum(sizes[:-1] * dtype.itemsize, out=pointers[1:])
-    tmp = _atomic_path(path)
+    with open(path, "wb") as f:
+        f.write(MAGIC)
+        f.write(struct.pack("<Q", VERSION))
+        f.write(struct.pack("<B", code))
+        f.write(struct.pack("<Q", len(sizes)))
+        f.write(struct.pack("<Q", len(doc_idx)))
+        f.write(sizes.astype("<i4").tobytes())
+        f.write(pointers.astype("<i8").tobytes())
+        f.write(np.asarray(doc_idx, dtype="<i8").tobytes())
+
+
+def write_index(path: str, dtype, sizes: np.ndarray, doc_idx: np.ndarray, *, with_files=()) -> None:
+    """Write an ``.idx`` file atomically. sizes: int [N] tokens per item; doc_idx: int [D].
+
+    ``with_files``: ``(tmp, final)`` pairs (the ``.bin`` data) published together with it.
+    """
+    from pythia_jax.io_utils import _remove
+
     try:
-        with open(tmp, "wb") as f:
-            f.write(MAGIC)
-            f.write(struct.pack("<Q", VERSION))
-            f.write(struct.pack("<B", code))
-            f.write(struct.pack("<Q", len(sizes)))
-            f.write(struct.pack("<Q", len(doc_idx)))
-            f.write(sizes.astype("<i4").tobytes())
-            f.write(pointers.astype("<i8").tobytes())
-            f.write(np.asarray(doc_idx, dtype="<i8").tobytes())
-        publish(tmp, path)
+        tmp = _atomic_path(path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for t, _ in with_files:
+            _remove(Path(t))
         raise
+    try:
+        _write_index_file(tmp, dtype, sizes, doc_idx)
+    except BaseException:
+        for t in [tmp, *(t for t, _ in with_files)]:
+            _remove(Path(t))
+        raise
+    publish_together([*with_files, (tmp, path)])
 
 
 class IndexedDatasetWriter:
@@ -576,13 +613,18 @@ class IndexedDatasetWriter:
     never see a half-written dataset. Use as a context manager to clean up on errors.
     """
 
-    def __init__(self, prefix: str, dtype=np.uint16):
+    def __init__(self, prefix: str, dtype=np.uint16, inputs=()):
         self.prefix = str(prefix)
         self.dtype = np.dtype(dtype)
         dtype_code(self.dtype)
+        check_dataset_output(self.prefix, inputs)
         os.makedirs(os.path.dirname(os.path.abspath(self.prefix)) or ".", exist_ok=True)
         self._bin_tmp = _atomic_path(self.prefix + ".bin")
-        self._bin = open(self._bin_tmp, "wb")
+        try:
+            self._bin = open(self._bin_tmp, "wb")
+        except BaseException:
+            os.remove(self._bin_tmp)
+            raise
         self._sizes = array.array("q")
         self._doc_idx = array.array("q", [0])
         self._closed = False
@@ -591,6 +633,9 @@ class IndexedDatasetWriter:
         arr = np.asarray(tokens)
         if arr.ndim != 1:
             arr = arr.reshape(-1)
+        if arr.size > np.iinfo(np.int32).max:  # the .idx format stores item sizes as int32
+            raise DataError(f"{self.prefix}: an item of {arr.size:,} tokens does not fit the index's "
+                            f"int32 sizes (at most {np.iinfo(np.int32).max:,}); split it into items")
         if arr.size and arr.dtype != self.dtype:
             info = np.iinfo(self.dtype) if self.dtype.kind in "iu" else None
             if info is not None and arr.dtype.kind in "iu" and (
@@ -608,12 +653,12 @@ class IndexedDatasetWriter:
         self.end_document()
 
     def finalize(self) -> str:
-        """Close and move the files into place. Returns the prefix."""
+        """Close and move the files into place, ``.bin`` and ``.idx`` together. Returns the prefix."""
         self._bin.close()
         try:
-            publish(self._bin_tmp, self.prefix + ".bin")
             write_index(self.prefix + ".idx", self.dtype, np.frombuffer(self._sizes, np.int64),
-                        np.frombuffer(self._doc_idx, np.int64))
+                        np.frombuffer(self._doc_idx, np.int64),
+                        with_files=[(self._bin_tmp, self.prefix + ".bin")])
         finally:
             self._closed = True
             if os.path.exists(self._bin_tmp):

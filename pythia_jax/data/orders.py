@@ -75,9 +75,16 @@ class PreshuffledOrder(Order):
         self.seq_len = int(seq_len)
         self.name = dataset.prefix
         if len(dataset) and int(dataset.sizes[0]) != self.seq_len + 1:
+            if np.unique(dataset.sizes[:1024]).size > 1:  # items of many lengths: raw documents
+                raise DataError(
+                    f"{dataset.idx_path}: items of different lengths ({int(dataset.sizes.min())} to "
+                    f"{int(dataset.sizes.max())} tokens) look like a raw document dataset, not pre-shuffled "
+                    f"rows of seq_len+1 = {self.seq_len + 1}; use --order neox (DataConfig.order = 'neox') "
+                    "to read it in GPT-NeoX order, or check --seq-len")
             raise DataError(
                 f"{dataset.idx_path}: pre-shuffled rows have {int(dataset.sizes[0])} tokens but "
-                f"seq_len {self.seq_len} needs {self.seq_len + 1}; check --seq-len")
+                f"seq_len {self.seq_len} needs {self.seq_len + 1}; check --seq-len, or use --order neox "
+                "if this is a raw document dataset")
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -123,11 +130,15 @@ class NeoxOrder(Order):
               global_batch: int, num_samples: int | None = None, cache: bool = True,
               cache_prefix: str | None = None, verbose: bool = False) -> "NeoxOrder":
         """Load or build the maps for ``num_samples`` (default GPT-NeoX's
-        ceil(train_iters·global_batch·1.005))."""
-        if num_samples is None:
+        ceil(train_iters·global_batch·1.005)). A build too large for the limit or the disk is
+        refused before it starts (``neox_order.check_index_map_plan``, ``DataError``)."""
+        derived = num_samples is None
+        if derived:
             num_samples = neox_num_samples(train_iters, global_batch)
         maps = load_or_build_index_maps(dataset.prefix, dataset.sizes, num_samples, seq_len, seed,
-                                        cache=cache, cache_prefix=cache_prefix, verbose=verbose)
+                                        cache=cache, cache_prefix=cache_prefix, verbose=verbose,
+                                        train_iters=train_iters if derived else None,
+                                        global_batch=global_batch)
         return cls(dataset, seq_len, maps)
 
     def __len__(self) -> int:

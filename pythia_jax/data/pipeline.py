@@ -17,7 +17,7 @@ Public API (for the training loop)::
         seq_len=2048, global_batch=1024, seed=1234, train_iters=143000,
         start_step=0,                          # resume from a step alone
         process_index=jax.process_index(), process_count=jax.process_count(),
-        transform=None)                        # optional per-row hook: row[int32 seq+1] -> row
+        transform=None)     # optional TransformSpec / per-row hook (pythia_jax.data.transforms)
     batch = next(it)      # {'inputs': int32 [B/P, seq_len], 'labels': int32 [B/P, seq_len]}
     it.step               # global step of the next batch
     state = it.get_state()   # {'next_index': step, ...}; it.set_state(state)
@@ -42,14 +42,14 @@ the training range (GPT-NeoX's 0.5% margin: rows ``[train_iters·B, len)``), for
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
 from pythia_jax.data.orders import Order, open_order
+from pythia_jax.data.transforms import RowTransform, TransformSpec, apply_to_rows
 from pythia_jax.errors import DataError
 
-RowTransform = Callable[[np.ndarray], np.ndarray]
 
 
 def host_slice(global_batch: int, process_index: int, process_count: int) -> tuple[int, int]:
@@ -94,7 +94,10 @@ class StepRowsSource:
     """A grain ``RandomAccessDataSource`` over global steps: element n = this host's rows of step n.
 
     Element n is ``{'inputs': int32 [b, L], 'labels': int32 [b, L]}`` built from rows
-    ``[B·n + row_start, B·n + row_stop)`` of ``order``, each row passed through ``transform``.
+    ``[B·n + row_start, B·n + row_stop)`` of ``order``. When ``transform`` is set, each row of the
+    steps in ``transform_steps = (start, stop)`` (every step if None) is passed through it in the
+    dataset's dtype before the shift; other rows are untouched. What it changed is kept per step
+    in ``transform_stats`` (``pythia_jax.data.transforms.TransformStats``) until ``pop_stats``.
     """
 
     order: Order
@@ -103,19 +106,31 @@ class StepRowsSource:
     row_start: int
     row_stop: int
     transform: RowTransform | None = None
+    transform_steps: tuple[int, int] | None = None
+    transform_stats: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return self.num_steps
+
+    def transforms_step(self, step: int) -> bool:
+        return self.transform is not None and (
+            self.transform_steps is None
+            or self.transform_steps[0] <= step < self.transform_steps[1])
 
     def __getitem__(self, step: int) -> dict[str, np.ndarray]:
         step = int(step)
         if not 0 <= step < self.num_steps:
             raise IndexError(f"step {step} out of range [0, {self.num_steps})")
         base = self.global_batch * step
-        rows = self.order.read_rows(base + self.row_start, base + self.row_stop, np.int32)
-        if self.transform is not None:
-            rows = apply_transform(rows, self.transform)
+        rows = self.order.read_rows(base + self.row_start, base + self.row_stop)
+        if self.transforms_step(step):
+            rows, stats = apply_to_rows(rows, self.transform)
+            self.transform_stats[step] = stats
         return to_inputs_labels(rows)
+
+    def pop_stats(self, step: int):
+        """The TransformStats of ``step`` (None when the step was not transformed or not read)."""
+        return self.transform_stats.pop(int(step), None)
 
     def __repr__(self) -> str:
         return (f"StepRowsSource({self.order.name}, B={self.global_batch}, "
@@ -123,14 +138,8 @@ class StepRowsSource:
 
 
 def apply_transform(rows: np.ndarray, transform: RowTransform) -> np.ndarray:
-    """Apply a per-row hook to int32 rows [b, L+1]; each output must keep the row's shape."""
-    out = np.empty_like(rows)
-    for i, row in enumerate(rows):
-        new = np.asarray(transform(row.copy()))
-        if new.shape != row.shape:
-            raise DataError(f"the row transform changed a row's shape {row.shape} to {new.shape}")
-        out[i] = new
-    return out
+    """Apply a per-row hook to rows [b, L+1]; each output must keep the row's shape."""
+    return apply_to_rows(rows, transform)[0]
 
 
 def _grain():
@@ -167,12 +176,22 @@ def _make_iterator_class():
                                 f"[0, {self._meta['train_iters']}]")
             self._source_it.set_state({"next_index": int(step)})
 
+        def pop_transform_stats(self, step: int):
+            """What the row transform changed in ``step``'s rows on this host (or None)."""
+            source = getattr(self, "source", None)
+            return source.pop_stats(step) if source is not None else None
+
         def get_state(self) -> dict[str, Any]:
             state = dict(self._meta)
             state["next_index"] = self.step
             return state
 
         def set_state(self, state: dict[str, Any]) -> None:
+            if state.get("transform") != self._meta.get("transform"):
+                raise DataError(f"data iterator checkpoint was made with transform "
+                                f"{state.get('transform')}, this run uses "
+                                f"{self._meta.get('transform')}; resume with the same transform "
+                                "or branch into another output_dir")
             for key in ("global_batch", "seq_len", "order", "seed"):
                 if key in state and state[key] != self._meta[key]:
                     raise DataError(f"data iterator checkpoint was made with {key}={state[key]!r}, "
@@ -198,7 +217,9 @@ def _batch_iterator_class():
 def make_train_iterator(data_prefix: str, *, order: str | Order = "neox", seq_len: int = 2048,
                         global_batch: int = 1024, seed: int = 1234, train_iters: int = 143000,
                         start_step: int = 0, process_index: int | None = None,
-                        process_count: int | None = None, transform: RowTransform | None = None,
+                        process_count: int | None = None,
+                        transform: RowTransform | TransformSpec | None = None,
+                        transform_steps: tuple[int, int] | None = None,
                         host_rows: tuple[int, int] | None = None, num_threads: int = 2,
                         prefetch: int = 2, cache_prefix: str | None = None,
                         verbose: bool = False):
@@ -209,8 +230,15 @@ def make_train_iterator(data_prefix: str, *, order: str | Order = "neox", seq_le
     process_index/process_count default to ``jax.process_index()/process_count()``; host_rows
     overrides the per-host slice of each step's rows (offsets in [0, global_batch)).
     Yields ``{'inputs': int32 [b, seq_len], 'labels': int32 [b, seq_len]}``, b = rows per host.
+    transform: a ``TransformSpec`` (name, parameters, step window; recorded in the iterator state,
+    so a checkpoint made with another transform is refused) or a plain callable applied in the
+    steps ``transform_steps = (start, stop)`` (every step if None).
     """
     grain = _grain()
+    spec = transform if isinstance(transform, TransformSpec) else None
+    if spec is not None:
+        spec.check_within(train_iters)
+        transform, transform_steps = spec.build(), spec.steps
     if isinstance(order, Order):
         order_obj = order
     else:
@@ -235,13 +263,17 @@ def make_train_iterator(data_prefix: str, *, order: str | Order = "neox", seq_le
     a, b = host_rows
     if not 0 <= a < b <= global_batch:
         raise DataError(f"host rows [{a}, {b}) are not inside a batch of {global_batch}")
-    source = StepRowsSource(order_obj, global_batch, train_iters, a, b, transform)
+    source = StepRowsSource(order_obj, global_batch, train_iters, a, b, transform,
+                            tuple(transform_steps) if transform_steps is not None else None)
     ds = grain.MapDataset.source(source)
     parent = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                                        prefetch_buffer_size=prefetch)))
     meta = {"global_batch": int(global_batch), "seq_len": int(seq_len), "order": order_name,
             "seed": int(seed), "train_iters": int(train_iters)}
+    if spec is not None:
+        meta["transform"] = spec.to_dict()
     it = _batch_iterator_class()(parent, meta)
+    it.source = source
     if start_step:
         it.set_step(int(start_step))
     return it

@@ -23,22 +23,47 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from pythia_jax.config import EOD_TOKEN_ID
-from pythia_jax.data.indexed import IndexedDatasetWriter, _atomic_path, publish, write_index
+from pythia_jax.data.indexed import IndexedDatasetWriter, _atomic_path, check_dataset_output, write_index
 from pythia_jax.errors import DataError
 from pythia_jax.io_utils import iter_jsonl_objects
 
 
 def iter_jsonl_texts(paths: Sequence[str], key: str = "text") -> Iterator[str]:
-    """The non-empty ``key`` fields of the JSONL files, in order."""
+    """The non-empty ``key`` fields of the JSONL files, in order.
+
+    A field that is a list of strings is joined with blank lines (lm_dataformat's paragraph lists).
+    Raises DataError naming the file and line for a missing field, a field that is not a string
+    (or list of strings), and everything ``iter_jsonl_objects`` refuses (non-UTF-8 bytes, bad JSON,
+    a damaged ``.gz`` / ``.zst`` stream).
+    """
     for path in paths:
         for line_no, obj in iter_jsonl_objects(path):
             if key not in obj:
-                raise DataError(f"{path}:{line_no}: no {key!r} field")
+                raise DataError(f"{path}:{line_no}: no {key!r} field (fields: {', '.join(map(repr, obj)) or 'none'}); "
+                                "choose the field with --jsonl-key")
             text = obj[key]
-            if isinstance(text, list):  # lm_dataformat joined paragraph lists
-                text = "\n\n".join(text)
+            if isinstance(text, list) and all(isinstance(t, str) for t in text):
+                text = "\n\n".join(text)  # lm_dataformat joined paragraph lists
+            if not isinstance(text, str):
+                raise DataError(f"{path}:{line_no}: the {key!r} field is {_json_type(text)}, expected a string "
+                                "(or a list of strings); fix the line or choose another field with --jsonl-key")
             if text:
                 yield text
+
+
+def _json_type(value) -> str:
+    """'a number', 'null', ... for an error message."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return f"a number ({value!r})"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list holding non-strings"
+    return type(value).__name__
 
 
 _WORKER_TOKENIZER = None
@@ -65,7 +90,11 @@ def dataset_prefix(output_prefix: str, jsonl_key: str = "text") -> str:
 def preprocess_jsonl(inputs: Sequence[str] | str, output_prefix: str, *, jsonl_key: str = "text",
                      workers: int = 1, tokenizer_path: str | None = None,
                      progress: bool = True, chunksize: int = 32) -> str:
-    """Tokenize JSONL documents into an indexed dataset. Returns the dataset prefix."""
+    """Tokenize JSONL documents into an indexed dataset. Returns the dataset prefix.
+
+    Raises DataError (naming the file and line) for undecodable input, see ``iter_jsonl_texts``,
+    and when the inputs hold no non-empty document; nothing is written then.
+    """
     from tqdm import tqdm
     if isinstance(inputs, str):
         inputs = [p for p in inputs.split(",") if p]
@@ -98,12 +127,16 @@ def preprocess_jsonl(inputs: Sequence[str] | str, output_prefix: str, *, jsonl_k
         _init_worker(tokenizer_path)
         encoded = (encode_document(t) for t in texts)
     try:
-        with IndexedDatasetWriter(prefix, np.uint16) as writer:
-            bar = tqdm(encoded, desc=f"tokenizing -> {os.path.basename(prefix)}", unit=" docs",
-                       disable=not progress)
+        with IndexedDatasetWriter(prefix, np.uint16) as writer, \
+                tqdm(encoded, desc=f"tokenizing -> {os.path.basename(prefix)}", unit=" docs",
+                     disable=not progress) as bar:  # closed (its line ended) on errors too
+            documents = 0
             for doc in bar:
                 writer.add_document(doc)
-            bar.close()
+                documents += 1
+            if documents == 0:  # nothing is written: a 0-document dataset would only fail later
+                raise DataError(f"{', '.join(inputs)}: no non-empty {jsonl_key!r} field in any line, so there is "
+                                f"no document to write (nothing written); check the input or --jsonl-key")
     finally:
         if pool is not None:
             pool.close()
@@ -120,10 +153,17 @@ class _ShardedBinWriter:
         self.prefix = prefix
         self.shard_bytes = -(-total_bytes // shards) if total_bytes else 1
         self.finals = [f"{prefix}-{k:05d}-of-{shards - 1:05d}.bin" for k in range(shards)]
-        self.temps = [_atomic_path(p) for p in self.finals]
+        self.temps: list[str] = []
         self._k = 0
         self._written = 0  # bytes in the current shard
-        self._f = open(self.temps[0], "wb")
+        try:
+            for p in self.finals:
+                self.temps.append(_atomic_path(p))
+            self._f = open(self.temps[0], "wb")
+        except BaseException:
+            for tmp in self.temps:
+                os.remove(tmp)
+            raise
 
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
@@ -140,12 +180,12 @@ class _ShardedBinWriter:
             self._written += take
             view = view[take:]
 
-    def finalize(self) -> None:
+    def finalize(self) -> list[tuple[str, str]]:
+        """Close the shards; return their ``(tmp, final)`` pairs, to be published with the ``.idx``."""
         self._f.close()
         for k in range(self._k + 1, len(self.temps)):
             open(self.temps[k], "wb").close()  # empty trailing shards (tiny data)
-        for tmp, final in zip(self.temps, self.finals):
-            publish(tmp, final)
+        return list(zip(self.temps, self.finals))
 
     def abort(self) -> None:
         self._f.close()
@@ -156,23 +196,28 @@ class _ShardedBinWriter:
 
 def write_preshuffled(order, output_prefix: str, num_rows: int, *, shards: int | None = None,
                       chunk_rows: int = 1024, progress: bool = True) -> str:
-    """Write rows [0, num_rows) of ``order`` as a pre-shuffled dataset. Returns the prefix."""
+    """Write rows [0, num_rows) of ``order`` as a pre-shuffled dataset. Returns the prefix.
+
+    The ``.bin`` file(s) and the ``.idx`` are published together, or not at all on an error;
+    the output may not be the order's own dataset, nor replace anything but an indexed dataset.
+    """
     from tqdm import tqdm
     if num_rows > len(order):
         raise DataError(f"{order.name}: {num_rows} rows requested, the order has {len(order)}")
+    source = getattr(getattr(order, "dataset", None), "prefix", None)
+    check_dataset_output(output_prefix, [source] if isinstance(source, str) and "://" not in source else [])
     width = order.seq_len + 1
     dtype = order.dataset.dtype
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)) or ".", exist_ok=True)
     bar = tqdm(total=num_rows, desc=f"pre-shuffling -> {os.path.basename(output_prefix)}",
                unit=" rows", disable=not progress)
     if shards is None:
-        with IndexedDatasetWriter(output_prefix, dtype) as writer:
+        with bar, IndexedDatasetWriter(output_prefix, dtype) as writer:
             for a in range(0, num_rows, chunk_rows):
                 rows = order.read_rows(a, min(num_rows, a + chunk_rows))
                 for row in rows:
                     writer.add_document(row)
                 bar.update(len(rows))
-        bar.close()
         return output_prefix
     out = _ShardedBinWriter(output_prefix, num_rows * width * dtype.itemsize, shards)
     try:
@@ -180,12 +225,12 @@ def write_preshuffled(order, output_prefix: str, num_rows: int, *, shards: int |
             rows = order.read_rows(a, min(num_rows, a + chunk_rows))
             out.write(np.ascontiguousarray(rows, dtype=dtype.newbyteorder("<")).tobytes())
             bar.update(len(rows))
-        out.finalize()
+        pairs = out.finalize()
     except BaseException:
         out.abort()
         raise
     finally:
         bar.close()
     write_index(output_prefix + ".idx", dtype, np.full(num_rows, width, np.int64),
-                np.arange(num_rows + 1, dtype=np.int64))
+                np.arange(num_rows + 1, dtype=np.int64), with_files=pairs)
     return output_prefix

@@ -3,9 +3,13 @@
 Prompts of different lengths are left-padded into one batch (``key_mask`` hides the padding,
 ``positions`` count only real tokens, so every row sees exactly what it would see alone). One
 forward pass fills the cache with the prompts, then a ``lax.while_loop`` decodes one token per
-step until ``max_new_tokens`` or until every row has produced the stop token (EOD).
-Compilation is keyed by (batch, padded prompt length, max_new_tokens, sampling settings); prompt
-lengths are bucketed (``runtime.next_bucket``).
+step until ``max_new_tokens`` or until every row has stopped. Each row stops on its own: at the
+stop token (EOD, not kept) or after any token of a ``stop_after`` set (kept): ``generate_until``
+uses that set for stop *strings* (every token whose text contains one), so a batch of prompts
+ends as soon as each row has written, say, a newline, and the text is then cut at the first stop
+string exactly as lm-evaluation-harness's ``generate_until`` cuts it.
+Compilation is keyed by (batch, padded prompt length, max_new_tokens, sampling settings, whether a
+``stop_after`` set is given); prompt lengths are bucketed (``runtime.next_bucket``).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import numpy as np
 from pythia_jax.config import EOD_TOKEN_ID
 from pythia_jax.errors import PythiaJaxError
 from pythia_jax.eval.runtime import PlacedModel, next_bucket, place_model
+from pythia_jax.sharding import replicated
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,14 +65,15 @@ def sample_logits(logits: jax.Array, rng: jax.Array, sampling: SamplingConfig) -
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-def _generate_fn(placed: PlacedModel, max_new: int, sampling: SamplingConfig, stop_token: int | None):
+def _generate_fn(placed: PlacedModel, max_new: int, sampling: SamplingConfig, stop_token: int | None,
+                 has_stop_after: bool):
     from pythia_jax.model import init_kv_cache
 
     config = placed.config
 
-    def run(params, tokens, prompt_mask, rng):
-        """tokens int32 [B, P] left-padded, prompt_mask bool [B, P] -> new tokens int32 [B, max_new],
-        number of valid new tokens int32 [B]."""
+    def run(params, tokens, prompt_mask, rng, stop_after):
+        """tokens int32 [B, P] left-padded, prompt_mask bool [B, P], stop_after bool [V] (or None)
+        -> new tokens int32 [B, max_new], number of valid new tokens int32 [B]."""
         model = placed.build(params)
         B, P = tokens.shape
         S = P + max_new
@@ -76,11 +82,19 @@ def _generate_fn(placed: PlacedModel, max_new: int, sampling: SamplingConfig, st
         cache = init_kv_cache(config, B, S, dtype=jnp.dtype(config.dtype))
         logits, cache = model(tokens, positions=positions, key_mask=key_mask, cache=cache)
         next_pos = jnp.sum(prompt_mask.astype(jnp.int32), axis=1)  # [B]
+
+        def advance(tok, done, lengths):
+            """Count ``tok`` for rows still running; a row stops at the stop token (not counted)
+            or after a ``stop_after`` token (counted)."""
+            hit_excl = (tok == stop_token) if stop_token is not None else jnp.zeros_like(done)
+            hit_incl = stop_after[tok] if has_stop_after else jnp.zeros_like(done)
+            lengths = lengths + jnp.where(done | hit_excl, 0, 1)
+            return done | hit_excl | hit_incl, lengths
+
         rng, sub = jax.random.split(rng)
         first = sample_logits(logits[:, -1], sub, sampling)
         out = jnp.zeros((B, max_new), jnp.int32).at[:, 0].set(first)
-        done = (first == stop_token) if stop_token is not None else jnp.zeros((B,), bool)
-        lengths = jnp.where(done, 0, 1) if stop_token is not None else jnp.ones((B,), jnp.int32)
+        done, lengths = advance(first, jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32))
 
         def cond(carry):
             i, _, _, done, _, _ = carry
@@ -95,11 +109,7 @@ def _generate_fn(placed: PlacedModel, max_new: int, sampling: SamplingConfig, st
             tok = sample_logits(logits[:, 0], sub, sampling)
             tok = jnp.where(done, stop_token if stop_token is not None else 0, tok)
             out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], i, axis=1)
-            if stop_token is not None:
-                lengths = lengths + jnp.where(done | (tok == stop_token), 0, 1)
-                done = done | (tok == stop_token)
-            else:
-                lengths = lengths + 1
+            done, lengths = advance(tok, done, lengths)
             return i + 1, cache, out, done, lengths, rng
 
         carry = (jnp.ones((), jnp.int32), cache, out, done, lengths, rng)
@@ -126,15 +136,46 @@ class Generator:
         self.min_bucket = min_bucket
         self.truncated = 0
 
+        self._stop_masks: dict[tuple[int, tuple[str, ...]], np.ndarray] = {}
+
     @functools.lru_cache(maxsize=32)
-    def _fn(self, max_new: int, sampling: SamplingConfig, stop_token: int | None):
-        return _generate_fn(self.placed, max_new, sampling, stop_token)
+    def _fn(self, max_new: int, sampling: SamplingConfig, stop_token: int | None, has_stop_after: bool):
+        return _generate_fn(self.placed, max_new, sampling, stop_token, has_stop_after)
+
+    def stop_string_tokens(self, tokenizer: Any, stops: Sequence[str]) -> np.ndarray:
+        """bool [vocab_size]: the token ids whose decoded text contains one of ``stops``.
+
+        After such a token the text is cut at (or before) its end, so generation of that row can
+        stop there without changing the cut text. Byte-level BPE decodes each token's bytes the
+        same alone as in context for ASCII stop strings; for others, a token whose bytes are only
+        part of a character decodes to U+FFFD alone and is left out (generation then runs on, and
+        the text is cut afterwards as usual). Cached per (tokenizer, stops).
+        """
+        key = (id(tokenizer), tuple(stops))
+        if key not in self._stop_masks:
+            V = int(self.config.vocab_size)
+            n = min(V, _tokenizer_size(tokenizer))
+            ids = [[i] for i in range(n)]
+            if hasattr(tokenizer, "decode_batch"):
+                texts = tokenizer.decode_batch(ids, skip_special_tokens=False)
+            else:
+                texts = [tokenizer.decode(x, skip_special_tokens=False) for x in ids]
+            mask = np.zeros(V, bool)
+            mask[:n] = [any(s and s in t for s in stops) for t in texts]
+            self._stop_masks[key] = mask
+        return self._stop_masks[key]
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                  sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
-                 stop_token: int | None = EOD_TOKEN_ID) -> list[list[int]]:
+                 stop_token: int | None = EOD_TOKEN_ID,
+                 stop_after: np.ndarray | None = None) -> list[list[int]]:
         """New tokens for each prompt: up to ``max_new_tokens``, cut before the first
-        ``stop_token`` (None: always exactly ``max_new_tokens``).
+        ``stop_token`` (None: no stop token) and after the first token ``t`` with
+        ``stop_after[t]`` (bool [vocab_size], e.g. ``stop_string_tokens``; None: none). Each row
+        stops on its own; the batch ends when every row has stopped.
+
+        Prompts are sorted by length and run ``batch_size`` at a time, left-padded to a common
+        bucket length; greedy results equal those of each prompt alone.
 
         Prompts longer than ``max_position_embeddings - max_new_tokens`` keep their last tokens
         (``self.truncated`` counts them).
@@ -145,7 +186,16 @@ class Generator:
             raise PythiaJaxError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the "
                                  f"{self.max_len}-token window")
         room = self.max_len - max_new_tokens
-        fn = self._fn(int(max_new_tokens), sampling, stop_token)
+        has_stop_after = stop_after is not None and bool(np.any(stop_after))
+        if has_stop_after:
+            stop_after = np.asarray(stop_after, bool)
+            if stop_after.shape != (int(self.config.vocab_size),):
+                raise PythiaJaxError(f"stop_after must be bool [{self.config.vocab_size}], got shape "
+                                     f"{stop_after.shape}")
+            stop_arr = jax.device_put(stop_after, replicated(self.placed.mesh))
+        else:
+            stop_arr = None
+        fn = self._fn(int(max_new_tokens), sampling, stop_token, has_stop_after)
         results: list[list[int]] = [[] for _ in prompts]
         B = self.batch_size
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
@@ -170,11 +220,46 @@ class Generator:
             mask[len(rows):, -1] = True  # filler rows: one real token so nothing is fully masked
             rng, sub = jax.random.split(rng)
             out, lengths = fn(self.placed.params, self.placed.put_batch(tokens),
-                              self.placed.put_batch(mask), sub)
+                              self.placed.put_batch(mask), sub, stop_arr)
             out, lengths = np.asarray(out), np.asarray(lengths)
             for r, i in enumerate(idx):
                 results[i] = out[r, :lengths[r]].tolist()
         return results
+
+
+def _tokenizer_size(tokenizer: Any) -> int:
+    """Number of ids the tokenizer can decode (``tokenizers.Tokenizer`` or an HF tokenizer)."""
+    if hasattr(tokenizer, "get_vocab_size"):
+        return int(tokenizer.get_vocab_size(with_added_tokens=True))
+    return len(tokenizer)
+
+
+def cut_at_stops(text: str, until: Sequence[str]) -> str:
+    """``text`` before the first occurrence of each stop string in turn, as lm-evaluation-harness's
+    ``generate_until`` does (``for term in until: text = text.split(term)[0]``)."""
+    for term in until:
+        if term:
+            text = text.split(term)[0]
+    return text
+
+
+def generate_until(generator: Generator, tokenizer: Any, prompts: Sequence[Sequence[int]],
+                   until: Sequence[str], max_new_tokens: int, *,
+                   sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
+                   stop_token: int | None = EOD_TOKEN_ID) -> list[str]:
+    """Generate for a batch of token prompts and return each continuation's text cut at the stop
+    strings ``until``.
+
+    Rows stop independently: at ``stop_token`` or after the first token whose text contains a
+    stop string (``Generator.stop_string_tokens``); the decoded text (special tokens skipped) is
+    then cut with ``cut_at_stops``. A stop string split over two tokens is cut the same way after
+    generation, so the text equals that of generating ``max_new_tokens`` tokens and cutting.
+    """
+    until = [u for u in until if u]
+    stop_after = generator.stop_string_tokens(tokenizer, until) if until else None
+    outs = generator.generate(prompts, max_new_tokens, sampling=sampling, seed=seed,
+                              stop_token=stop_token, stop_after=stop_after)
+    return [cut_at_stops(tokenizer.decode(o, skip_special_tokens=True), until) for o in outs]
 
 
 def generate_no_cache(model: Any, prompt: Sequence[int], max_new_tokens: int,

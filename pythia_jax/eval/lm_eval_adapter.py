@@ -101,15 +101,22 @@ class PythiaJaxLM(TemplateLM):
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Requests with the same generation settings are decoded together in batches (greedy
-        decoding is per row, so the texts equal one-at-a-time decoding)."""
-        from pythia_jax.eval.generate import SamplingConfig
+        """Requests are grouped by their ``gen_kwargs`` and each group is generated in batches of
+        prompts with the KV cache (``pythia_jax.eval.generate.generate_until``: left-padded,
+        each row stopping on its own at EOD or a stop string). Results come back in request order
+        and equal generating each request alone (greedy)."""
+        import json
 
+        from pythia_jax.eval.generate import SamplingConfig, generate_until
+
+        groups: dict[str, list[int]] = {}
+        for i, req in enumerate(requests):
+            key = json.dumps(req.args[1] or {}, sort_keys=True, default=repr)
+            groups.setdefault(key, []).append(i)
+        results: list[str] = [""] * len(requests)
         eos = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
-        groups: dict[tuple, list[tuple[int, list[int], list[str]]]] = {}
-        for n, req in enumerate(requests):
-            context, gen_kwargs = req.args
-            kwargs = dict(gen_kwargs or {})
+        for idx in groups.values():
+            kwargs = dict(requests[idx[0]].args[1] or {})
             until = kwargs.pop("until", None) or []
             until = [until] if isinstance(until, str) else list(until)
             if eos not in until:
@@ -119,22 +126,12 @@ class PythiaJaxLM(TemplateLM):
             temperature = float(kwargs.pop("temperature", 0.0)) if do_sample else 0.0
             sampling = SamplingConfig(temperature=temperature, top_k=int(kwargs.pop("top_k", 0) or 0),
                                       top_p=float(kwargs.pop("top_p", 1.0) or 1.0))
-            seed = int(kwargs.pop("seed", 0) or 0)
-            # sampled requests stay one per call so that each sees its own seed as before
-            key = (max_new, sampling, seed, None if sampling.temperature == 0.0 else n)
-            prompt = self.tok_encode(context) or [self.eot_token_id]
-            groups.setdefault(key, []).append((n, prompt, until))
-        results: list[str] = [""] * len(requests)
-        for (max_new, sampling, seed, _), items in groups.items():
-            outs = self.generator.generate([p for _, p, _ in items], max_new, sampling=sampling, seed=seed)
-            for (n, _, until), new in zip(items, outs):
-                text = self.tok_decode(new)
-                for stop in until:
-                    if stop:
-                        text = text.split(stop)[0]
-                results[n] = text
-        for req, text in zip(requests, results):
-            self.cache_hook.add_partial("generate_until", req.args, text)
+            prompts = [self.tok_encode(requests[i].args[0]) or [self.eot_token_id] for i in idx]
+            texts = generate_until(self.generator, self.tokenizer, prompts, until, max_new,
+                                   sampling=sampling, seed=int(kwargs.pop("seed", 0) or 0))
+            for i, text in zip(idx, texts):
+                results[i] = text
+                self.cache_hook.add_partial("generate_until", requests[i].args, text)
         return results
 
 

@@ -41,10 +41,11 @@ class MemorizationResult:
 
     def save(self, path: str | os.PathLike) -> str:
         """Write ``per_row`` as ``.npy`` atomically; returns the path."""
+        from pythia_jax.io_utils import atomic_files
+
         path = os.fspath(path)
-        tmp = path + ".tmp.npy"
-        np.save(tmp, self.per_row)
-        os.replace(tmp, path)
+        with atomic_files(path) as (tmp,), open(tmp, "wb") as f:
+            np.save(f, self.per_row)
         return path
 
 

@@ -12,6 +12,7 @@ from collections import defaultdict
 from typing import Any, Sequence
 
 from pythia_jax.errors import DataError
+from pythia_jax.io_utils import atomic_files, check_output_file
 
 
 def plot_metric(rows: Sequence[dict[str, Any]], metric: str, out: str | os.PathLike, *,
@@ -47,8 +48,10 @@ def plot_metric(rows: Sequence[dict[str, Any]], metric: str, out: str | os.PathL
     ax.set_title(title or f"{metric} across training")
     fig.tight_layout()
     out = os.fspath(out)
-    tmp = out + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, out)
+    check_output_file(out, "png")  # replaces a PNG, nothing else
+    try:
+        with atomic_files(out) as (tmp,):
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
     return out

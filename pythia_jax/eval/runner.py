@@ -6,13 +6,17 @@ Tasks:
   ``arc_easy``, ``arc_challenge``, ``sciq``, ``winogrande``, ``lambada_openai``, ``logiqa``, ``wsc``,
   ``crows_pairs``, ``crows_pairs_gender`` (needs the ``lm_eval`` extra). Without lm_eval (or with
   ``task_system="native"``) the first five run on the bundled YAML specs (``tasks.py``), which
-  reproduce the harness's prompts; the others then refuse with an install hint.
+  reproduce the harness's prompts; the others then refuse with an install hint. Any other
+  zero-shot spec .yaml path runs natively.
 - ``winobias`` (native, ``pythia_jax.eval.winobias``): generation + exact match, net bias.
+- the generation tasks of ``pythia_jax.eval.generation_tasks`` (``arithmetic``, ``arithmetic_plus``,
+  ``arithmetic_times``, ``triviaqa``: one table task per k of ``shots``, e.g. ``arithmetic_plus_k4``).
 - ``perplexity`` (rolling log-likelihood of an indexed dataset or JSONL) and ``memorization``
   (32-token prompts of the training rows each checkpoint has seen).
 - Groups: ``paper`` (the Pythia paper's zero-shot suite: ``PAPER_TASKS``, plus ``wsc`` when
   ``<data_dir>/wsc.jsonl`` exists) and ``bias`` (``BIAS_TASKS``).
- The table is JSON lines
+
+The table is JSON lines
 (``.jsonl``) or CSV (``.csv``), written after every (step, task) so an interrupted run loses at
 most one task; rerunning skips the (step, task) pairs already in the file.
 """
@@ -29,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from pythia_jax.errors import CheckpointError, DataError, PythiaJaxError
+from pythia_jax.io_utils import atomic_files, check_output_file
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +64,7 @@ class EvalSettings:
     mem_sample: int | None = None
     mem_seed: int = 0
     details_dir: str | None = None  # per-example / per-row outputs
+    shots: Sequence[int] | None = None  # k of the few-shot generation tasks (None: each task's default)
     progress: bool = True
     task_system: str = "auto"  # harness tasks: "auto" (harness if installed), "harness", "native"
     datasets_cache: str | None = None  # Arrow copies of the local files (default: datasets' cache)
@@ -116,6 +122,7 @@ class ResultsTable:
         self.path = Path(path)
         if self.path.suffix not in (".jsonl", ".csv"):
             raise PythiaJaxError(f"--out must end in .jsonl or .csv, got {self.path}")
+        check_output_file(self.path, "table")  # extends a results table, never another file
         self.rows = read_table(self.path)
         self.done = {(r["step"], r["task"]) for r in self.rows}
         if self.path.suffix == ".jsonl" and self.path.exists():
@@ -135,30 +142,22 @@ class ResultsTable:
             self._rewrite()
 
     def _rewrite(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            if self.path.suffix == ".csv":
-                w = csv.DictWriter(f, fieldnames=COLUMNS)
-                w.writeheader()
-                for r in self.rows:
-                    w.writerow({k: ("" if isinstance(r[k], float) and math.isnan(r[k]) else r[k]) for k in COLUMNS})
-            else:
-                for r in self.rows:
-                    f.write(json.dumps({k: _json_value(r[k]) for k in COLUMNS}) + "\n")
-        os.replace(tmp, self.path)
+        if self.path.suffix == ".csv":
+            write_csv(self.rows, self.path)
+            return
+        with atomic_files(self.path) as (tmp,), open(tmp, "w", encoding="utf-8") as f:
+            for r in self.rows:
+                f.write(json.dumps({k: _json_value(r[k]) for k in COLUMNS}) + "\n")
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
-    """Write ``rows`` as a CSV table (atomically)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    """Write ``rows`` as a CSV table (atomically; replaces only a results table)."""
+    check_output_file(path, "table")
+    with atomic_files(path) as (tmp,), open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
         for r in rows:
             w.writerow({k: ("" if isinstance(r[k], float) and math.isnan(r[k]) else r[k]) for k in COLUMNS})
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------- evaluation
@@ -201,8 +200,10 @@ def expand_tasks(tasks: Sequence[str], data_dir: str | None = None) -> list[str]
 
 def check_tasks(tasks: Sequence[str], settings: EvalSettings) -> dict[str, Any]:
     """Resolve task names before any model is loaded: harness tasks built on their local files,
-    zero-shot specs with their examples, WinoBias sentences, and the special tasks with their data.
+    zero-shot specs with their examples, WinoBias sentences, the generation tasks (one per k of
+    ``settings.shots``) and the special tasks with their data.
     Raises DataError / PythiaJaxError on a problem."""
+    from pythia_jax.eval import generation_tasks
     from pythia_jax.eval import harness as H
     from pythia_jax.eval import tasks as T
 
@@ -242,6 +243,9 @@ def check_tasks(tasks: Sequence[str], settings: EvalSettings) -> dict[str, Any]:
                 H.require_lm_eval(f"task {name!r}")
                 resolved[name] = H.build_task(name, H.default_file(name, settings.data_dir),
                                               cache_dir=settings.datasets_cache)
+        elif (gen := generation_tasks.resolve(name, data_dir=settings.data_dir, shots=settings.shots,
+                                              limit=settings.limit)) is not None:
+            resolved.update(gen)
         else:
             spec = T.load_spec(name)
             resolved[spec.name] = (spec, T.load_examples(spec, settings.data_dir, limit=settings.limit))
@@ -327,6 +331,10 @@ class _Env:
             return self._memorization(step)
         if task == "winobias":
             return self._winobias(step, resolved)
+        from pythia_jax.eval import generation_tasks
+        if isinstance(resolved, generation_tasks.TASK_TYPES):
+            return generation_tasks.run(self.generator, self.tokenizer, step, resolved,
+                                        self._details(step, task, ".jsonl"))
         if not isinstance(resolved, tuple):
             return self._harness(step, task, resolved)
         from pythia_jax.eval.zero_shot import evaluate_task
@@ -406,8 +414,6 @@ def _row(step, task, metric, value, stderr, n) -> dict[str, Any]:
 
 
 def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_files(path) as (tmp,), open(tmp, "w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)

@@ -203,7 +203,8 @@ def evaluate_winobias(generator: Any, tokenizer: Any, sets: dict[str, list[WinoB
                       max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> WinoBiasResult:
     """Greedy generation (batched, KV cache: ``generate.Generator``) for every sentence and
     template, exact match against the referent, and the aggregates of ``aggregate``."""
-    from pythia_jax.eval.tokens import decode, encode
+    from pythia_jax.eval.generate import generate_until
+    from pythia_jax.eval.tokens import encode
 
     unknown = [t for t in templates if t not in TEMPLATES]
     if unknown:
@@ -211,11 +212,11 @@ def evaluate_winobias(generator: Any, tokenizer: Any, sets: dict[str, list[WinoB
     jobs = [(s, t, ex) for s in SETS for t in templates for ex in sets[s]]
     texts = [prompt(ex, t) for _, t, ex in jobs]
     before = generator.truncated
-    outs = generator.generate([encode(tokenizer, x) for x in texts], max_new_tokens)
+    # each row stops at its first newline token (Generator's stop tokens); the text is cut there
+    gens = generate_until(generator, tokenizer, [encode(tokenizer, x) for x in texts], ["\n"], max_new_tokens)
     em: dict[tuple[str, str], list[float]] = {(s, t): [] for s in SETS for t in templates}
     per_example = []
-    for (s, t, ex), text, new in zip(jobs, texts, outs):
-        gen = decode(tokenizer, new).split("\n")[0]
+    for (s, t, ex), text, gen in zip(jobs, texts, gens):
         hit = exact_match(gen, ex.referent)
         em[(s, t)].append(hit)
         per_example.append({"set": s, "template": t, "line": ex.line, "prompt": text, "generation": gen,

@@ -7,8 +7,10 @@ Modules (each documents its API):
   converters, DeepSpeed-style dynamic loss scaling.
 - ``step``: ``TrainState``, the pure ``train_step`` / ``eval_step``, AOT compilation with shardings.
 - ``builder``: mesh + shardings + compiled steps + initial state for a ``TrainConfig``.
-- ``metrics``: FLOPs per token, MFU, throughput, console / TensorBoard writers.
-- ``loop``: ``train(cfg)``: restore → iterate → step → log → evaluate → checkpoint.
+- ``metrics``: FLOPs per token, MFU, throughput, console / TensorBoard writers, ``metrics.jsonl``.
+- ``loop``: ``train(cfg)``: restore → iterate → step → log → evaluate → checkpoint; the run
+  record in every checkpoint (``run_config``) and the resume check (``check_resume``).
+- ``run_lock``: the lock on a run directory (one ``train`` at a time).
 - ``preemption``: clean stop on SIGTERM.
 - ``continuation``: optimizer states for training on from converted checkpoints (GPT-NeoX ZeRO
   moments, or a fresh state with the LR schedule at the checkpoint's step).

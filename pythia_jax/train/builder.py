@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 
 from pythia_jax import sharding as shd
 from pythia_jax.train.config import TrainConfig
-from pythia_jax.train.optimizer import DynamicLossScale, build_optimizer, neox_lr_schedule
+from pythia_jax.train.optimizer import DynamicLossScale, build_optimizer, schedule_for
 from pythia_jax.train.step import (TrainState, abstract_with_shardings, compile_eval_step, compile_train_step,
                                    init_train_state, make_eval_step, make_train_step)
 
@@ -96,7 +96,7 @@ def build(cfg: TrainConfig, devices: Sequence[jax.Device] | None = None, *, comp
     shd.check_batch(cfg.global_batch, cfg.micro_batches, mesh, rules)
     param_sh = shd.param_shardings(cfg.model, mesh, rules)
 
-    schedule = neox_lr_schedule(cfg.optimizer.max_lr, cfg.min_lr, cfg.warmup_steps, cfg.decay_steps)
+    schedule = schedule_for(cfg)
     o = cfg.optimizer
     optimizer = build_optimizer(b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                                 clip_norm=o.clip_norm, schedule=schedule,

@@ -9,6 +9,10 @@ configurable under its own name, e.g. ``TrainConfig.num_steps = 100``, ``Optimiz
 from __future__ import annotations
 
 import dataclasses
+import os
+import posixpath
+from typing import Any, Mapping
+
 from pythia_jax.config import ConfigError, ModelConfig
 
 
@@ -32,12 +36,16 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-    """The Pythia AdamW recipe (PYTHIA_FACTS §5). ``min_lr`` None → 0.1·max_lr; ``warmup_steps`` None →
-    1% of the run (1430 for 143,000 steps); ``decay_steps`` None → the run's ``num_steps``."""
+    """The Pythia AdamW recipe (Pythia paper, appendix E). ``min_lr`` None → 0.1·max_lr;
+    ``warmup_steps`` None → ``warmup · decay_steps``, unrounded as in GPT-NeoX (1430 for 143,000
+    steps, 0.2 for 20); ``decay_steps`` None → the run's ``num_steps``; ``decay_style``: GPT-NeoX's
+    ``lr_decay_style`` (cosine, linear, exponential, constant; ``train/optimizer.py``)."""
     max_lr: float = 1.0e-3
     min_lr: float | None = None
-    warmup_steps: int | None = None
+    warmup_steps: float | None = None
     decay_steps: int | None = None
+    warmup: float = 0.01  # GPT-NeoX's `warmup`: the fraction of decay_steps spent warming up
+    decay_style: str = "cosine"
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
@@ -66,6 +74,12 @@ class DataConfig:
     eval_prefix: a separate held-out dataset read in file order ("demo" = the bundled held-out
       Wikipedia set); None → held-out rows of the training order after the training range.
     cache_dir: directory for GPT-NeoX index-map caches (None → next to the dataset).
+    transform: a row transform applied to the training rows (``pythia_jax.data.transforms``: e.g.
+      "gender_swap", "gender_swap_tokenmap_2022", "gender_swap_text_2023", or
+      "package.module:function"), with ``transform_params`` (a dict, e.g. {"direction": "f2m"}),
+      only in the steps ``transform_steps = (start, stop)`` (None: every step). Rows outside the
+      window are untouched; the transform is recorded in every checkpoint and a resume with
+      another one is refused.
     """
     prefix: str = "demo"
     order: str = "neox"
@@ -74,6 +88,32 @@ class DataConfig:
     cache_dir: str | None = None
     num_threads: int = 2
     prefetch: int = 2
+    transform: str | None = None
+    transform_params: Any = None
+    transform_steps: tuple | None = None
+
+    def __post_init__(self) -> None:
+        # a dict from gin is kept as sorted (key, value) pairs, so the config stays hashable
+        if isinstance(self.transform_params, Mapping):
+            object.__setattr__(self, "transform_params", tuple(sorted(self.transform_params.items())))
+        if isinstance(self.transform_steps, list):
+            object.__setattr__(self, "transform_steps", tuple(self.transform_steps))
+
+    def transform_spec(self):
+        """The ``TransformSpec`` of ``transform`` (None without one); ConfigError if malformed."""
+        from pythia_jax.data.transforms import TransformSpec
+
+        if not self.transform:
+            if self.transform_params or self.transform_steps is not None:
+                raise ConfigError("DataConfig.transform_params / transform_steps are set but "
+                                  "DataConfig.transform is not")
+            return None
+        params = self.transform_params or ()
+        try:
+            params = dict(params)
+        except (TypeError, ValueError):
+            raise ConfigError(f"DataConfig.transform_params must be a dict, got {self.transform_params!r}") from None
+        return TransformSpec.create(self.transform, params, self.transform_steps)
 
     def resolved_prefix(self) -> str:
         from pythia_jax.data import demo_data_prefix
@@ -120,7 +160,18 @@ class TrainConfig:
     checkpoint_extra_steps: tuple = ()
     keep_checkpoints: int | None = None  # None: keep all (Pythia releases every one)
     async_checkpointing: bool = True
-    init_from: str | None = None  # HF dir / project checkpoint to start from (instead of random init)
+    # Start from other weights instead of a random init: an HF directory (or an HF ``step<N>/``
+    # revision folder), a checkpoint directory of this project, or a GPT-NeoX checkpoint
+    # (``global_stepN/``, with its ZeRO optimizer states when present). With ``start_step = S``
+    # the run branches at step S: it reads step S's rows next, the LR schedule is at step S, and
+    # its checkpoints are numbered from S. Adam moments come from the source when it has them (a
+    # checkpoint of this project, a GPT-NeoX ZeRO checkpoint), else start at zero (logged, and
+    # recorded in the checkpoints' run configuration).
+    init_from: str | None = None
+    start_step: int = 0
+    # Resuming with another num_steps or optimizer setting than the checkpoint's is refused
+    # unless this is True (train/loop.py check_resume; a changed data order or model never is).
+    allow_schedule_change: bool = False
 
     log_every: int = 10
     eval_every: int = 1000  # 0: never
@@ -130,16 +181,35 @@ class TrainConfig:
     progress_bar: bool = True
     peak_flops_per_device: float | None = None  # None: from the device table (metrics.py)
 
-    export_hf: str | None = None  # after the last step, write an HF directory here
+    # After the last step, write an HF directory here: a relative path is inside output_dir
+    # ("hf" -> <output_dir>/hf), an absolute path / URL is used as it is (``export_hf_dir``).
+    # It may not be output_dir, a folder above it, or one of the run's own entries (checkpoints/ …).
+    export_hf: str | None = None
     export_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         self.validate()
 
     @property
-    def warmup_steps(self) -> int:
+    def export_hf_dir(self) -> str | None:
+        """Where the HF export goes: ``export_hf`` joined to ``output_dir`` when relative (to the
+        local mirror folder of a ``gs://`` run, where its logs go), else ``export_hf`` itself."""
+        if not self.export_hf:
+            return None
+        path = os.path.expanduser(str(self.export_hf))
+        if "://" in path or os.path.isabs(path):
+            return path
+        if "://" in self.output_dir:  # logs and exports of a gs:// run go to its local mirror
+            from pythia_jax.train.loop import local_output_dir
+
+            return os.path.join(local_output_dir(self.output_dir), path)
+        return os.path.join(self.output_dir, path)
+
+    @property
+    def warmup_steps(self) -> float:
+        """GPT-NeoX's ``warmup_iter = warmup · lr_decay_iters``, a float (not rounded)."""
         w = self.optimizer.warmup_steps
-        return int(round(0.01 * self.decay_steps)) if w is None else int(w)
+        return self.optimizer.warmup * self.decay_steps if w is None else float(w)
 
     @property
     def decay_steps(self) -> int:
@@ -161,6 +231,18 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Checks that need no devices (mesh/batch divisibility is checked in ``sharding``)."""
+        if not isinstance(self.start_step, int) or isinstance(self.start_step, bool) or self.start_step < 0:
+            raise ConfigError(f"TrainConfig.start_step must be a non-negative integer, got {self.start_step!r}")
+        if self.start_step and not self.init_from:
+            raise ConfigError(f"TrainConfig.start_step = {self.start_step} needs TrainConfig.init_from "
+                              "(the run to branch from)")
+        if self.start_step >= self.num_steps:
+            raise ConfigError(f"TrainConfig.start_step {self.start_step} must be below num_steps "
+                              f"{self.num_steps}")
+        spec = self.data.transform_spec()
+        if spec is not None:
+            spec.check_within(self.num_steps)
+            spec.build()  # an unknown name or bad parameters fail here, before any work
         for name in ("num_steps", "global_batch", "seq_length", "micro_batches", "log_every"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
@@ -178,6 +260,10 @@ class TrainConfig:
         if self.optimizer.max_lr < 0 or self.min_lr > self.optimizer.max_lr:
             raise ConfigError(f"need 0 <= min_lr <= max_lr, got min_lr {self.min_lr}, "
                               f"max_lr {self.optimizer.max_lr}")
+        from pythia_jax.train.optimizer import DECAY_STYLES
+        if self.optimizer.decay_style not in DECAY_STYLES:
+            raise ConfigError(f"OptimizerConfig.decay_style must be one of {DECAY_STYLES}, got "
+                              f"{self.optimizer.decay_style!r}")
         if not 0 <= self.warmup_steps <= self.decay_steps:
             raise ConfigError(f"warmup_steps {self.warmup_steps} must be in [0, decay_steps "
                               f"{self.decay_steps}]")
@@ -196,6 +282,41 @@ class TrainConfig:
             v = getattr(self.mesh, a)
             if not isinstance(v, int) or (v <= 0 and v != -1):
                 raise ConfigError(f"MeshConfig.{a} must be a positive integer or -1, got {v!r}")
+        self._validate_export()
+
+    def _validate_export(self) -> None:
+        """Refuse an ``export_hf`` that would replace the run: ``output_dir`` itself, a folder above
+        it, or one of the run's own entries (checkpoints/, tensorboard/, index_maps/,
+        metrics.jsonl) or a folder inside them. Symlinks of local paths are resolved."""
+        export = self.export_hf_dir
+        if export is None:
+            return
+        if not isinstance(self.export_hf, str):
+            raise ConfigError(f"TrainConfig.export_hf must be a path string or None, got {self.export_hf!r}")
+
+        def norm(path: str) -> str:
+            if "://" in path:
+                scheme, rest = path.split("://", 1)
+                return scheme + "://" + posixpath.normpath("/" + rest).lstrip("/")
+            return os.path.realpath(os.path.expanduser(path))
+
+        out, exp = norm(self.output_dir), norm(export)
+
+        def inside(a: str, b: str) -> bool:  # a == b or a below b
+            return a == b or a.startswith(b.rstrip("/") + "/")
+
+        fix = (f"use a new folder, e.g. TrainConfig.export_hf = \"hf\" (that is {self.output_dir}/hf), "
+               "or an absolute path outside the run")
+        if inside(out, exp):
+            raise ConfigError(f"TrainConfig.export_hf {export!r} is {'' if out == exp else 'above '}the "
+                              f"run's output_dir {self.output_dir!r}: the export would replace the run "
+                              f"(checkpoints, metrics); {fix}")
+        for entry in ("checkpoints", "tensorboard", "index_maps", "metrics.jsonl"):
+            own = norm(posixpath.join(self.output_dir, entry) if "://" in self.output_dir
+                       else os.path.join(self.output_dir, entry))
+            if inside(exp, own):
+                raise ConfigError(f"TrainConfig.export_hf {export!r} is inside the run's {entry} "
+                                  f"({own}); {fix}")
 
     def checkpoint_schedule(self):
         """The ``pythia_jax.checkpoint.CheckpointSchedule`` of this run (the last step added)."""
@@ -237,11 +358,9 @@ def build_train_config(**overrides) -> TrainConfig:
 
 def pythia_recipe(model_name: str, **overrides) -> TrainConfig:
     """The released Pythia recipe for a preset (batch 1024 × 2048, 143,000 steps, its LR), in Python."""
-    from pythia_jax.config import PRESET_MAX_LR, PRESET_TENSOR_PARALLEL
+    from pythia_jax.config import PRESET_MAX_LR, PRESET_TENSOR_PARALLEL, parse_preset_name
 
-    base = model_name.replace("-deduped", "")
-    if not base.startswith("pythia-"):
-        base = "pythia-" + base
+    base = parse_preset_name(model_name).base  # ConfigError for an unknown name
     model = ModelConfig.preset(model_name)
     opt = OptimizerConfig(max_lr=PRESET_MAX_LR[base], loss_scaling=base != "pythia-1b",
                           row_parallel_bias_copies=PRESET_TENSOR_PARALLEL.get(base, 1))

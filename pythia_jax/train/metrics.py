@@ -12,20 +12,25 @@ FLOPs per trained token (forward + backward = 3 × forward, matmuls only)::
   mask makes only half of the T×T pairs useful, so 6·L·H·T ("causal-halved", as the issue asks).
 
 MFU = (FLOPs per token × tokens/s) / (number of devices × peak FLOP/s per device), with the peak dense
-bf16 numbers of ``PEAK_FLOPS`` (CPU: measured with a jitted matmul, or set explicitly).
+bf16 numbers of ``PEAK_FLOPS`` or ``TrainConfig.peak_flops_per_device``; with neither (CPUs), no MFU
+is reported.
 Only process 0 writes anything.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import os
 import time
-from typing import Mapping
+from typing import Any, Mapping
 
 import jax
 
 from pythia_jax.config import ModelConfig
+
+logger = logging.getLogger(__name__)
 
 # Peak dense bf16 FLOP/s per chip (vendor data sheets). Keys are matched against jax's device_kind.
 PEAK_FLOPS: dict[str, float] = {
@@ -80,22 +85,24 @@ def measure_matmul_flops(n: int = 1024, repeats: int = 5, dtype: str = "float32"
     return _measured_cpu[dtype]
 
 
-def peak_flops_per_device(override: float | None = None, device: jax.Device | None = None) -> float:
-    """``override`` if given, else the table value for the device, else (CPU) a measured matmul rate."""
+def peak_flops_per_device(override: float | None = None, device: jax.Device | None = None) -> float | None:
+    """``override`` if given, else the data-sheet value for the device (``PEAK_FLOPS``), else None.
+
+    None (CPUs and unlisted accelerators): no MFU is reported, since a guessed peak (a measured
+    matmul rate swings severalfold between identical runs on a shared CPU) would make it noise.
+    Set ``TrainConfig.peak_flops_per_device`` to get MFU against your own peak.
+    """
     if override:
         return float(override)
     device = device or jax.devices()[0]
-    peak = peak_flops_for_kind(device.device_kind)
-    if peak is not None:
-        return peak
-    return measure_matmul_flops()
+    return peak_flops_for_kind(device.device_kind)
 
 
 class Throughput:
     """Tokens/s, tokens/s/chip and MFU over the steps since the last ``measure`` call."""
 
     def __init__(self, config: ModelConfig, seq_length: int, tokens_per_step: int, num_devices: int,
-                 peak_flops: float):
+                 peak_flops: float | None):
         self.flops_per_token = flops_per_token(config, seq_length)
         self.tokens_per_step = tokens_per_step
         self.num_devices = num_devices
@@ -117,8 +124,9 @@ class Throughput:
         dt = time.perf_counter() - self._t0
         tokens_s = self._steps * self.tokens_per_step / dt
         out = {"step_time_s": dt / self._steps, "tokens_per_s": tokens_s,
-               "tokens_per_s_per_chip": tokens_s / self.num_devices,
-               "mfu": tokens_s * self.flops_per_token / (self.num_devices * self.peak_flops)}
+               "tokens_per_s_per_chip": tokens_s / self.num_devices}
+        if self.peak_flops:  # only against a known peak (see peak_flops_per_device)
+            out["mfu"] = tokens_s * self.flops_per_token / (self.num_devices * self.peak_flops)
         self.start()
         return out
 
@@ -184,3 +192,75 @@ def _fmt(v: float) -> str:
     if abs(v) >= 1e4 or abs(v) < 1e-3:
         return f"{v:.3e}"
     return f"{v:.4f}"
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats (NaN, ±inf) replaced by None (JSON ``null``), recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per line, strict JSON (a NaN loss is ``null``).
+
+    One training row per step: a resumed run first calls :meth:`restart_at` with the step it
+    restored, which drops the rows of the steps after it (the interrupted run's steps that are
+    about to be redone), so every step appears once. Evaluation rows (``{"step", "eval_loss"}``)
+    are separate lines. Written by process 0 only.
+    """
+
+    def __init__(self, path: str, enabled: bool | None = None):
+        self.path = path
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+
+    def restart_at(self, step: int) -> int:
+        """Keep only rows with ``step <= step`` (an atomic rewrite); returns how many were dropped.
+
+        Lines that are not JSON (the last line of a killed run, cut mid-write) are dropped too.
+        """
+        if not self.enabled or not os.path.exists(self.path):
+            return 0
+        with open(self.path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        keep, dropped, broken = [], 0, 0
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)  # also reads the bare NaN of files written before null
+            except ValueError:
+                broken += 1
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), (int, float)) and row["step"] > step:
+                dropped += 1
+                continue
+            keep.append(json.dumps(json_safe(row), allow_nan=False))
+        if not dropped and not broken and len(keep) == len(lines):
+            return 0
+        tmp = f"{self.path}.tmp-{os.getpid()}"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write("".join(line + "\n" for line in keep))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        if dropped or broken:
+            logger.info("%s: dropped %d row(s) after step %d (redone now)%s", self.path, dropped, step,
+                        f" and {broken} unreadable line(s)" if broken else "")
+        return dropped
+
+    def append(self, row: Mapping[str, Any]) -> None:
+        """Append one row (a JSON object; non-finite values written as null)."""
+        if not self.enabled:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(json_safe(dict(row)), allow_nan=False) + "\n")

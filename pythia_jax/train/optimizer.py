@@ -1,4 +1,5 @@
-"""The Pythia optimizer: GPT-NeoX's pre-2023 LR schedule and the Adam/AdamW recipe (PYTHIA_FACTS §5).
+"""The Pythia optimizer: GPT-NeoX v1.0's LR schedule (``AnnealingLR``) and the Adam/AdamW recipe
+(the Pythia paper, appendix E; GPT-NeoX ``megatron/learning_rates.py``).
 
 ``build_optimizer`` returns one ``optax`` chain::
 
@@ -37,27 +38,14 @@ PyTree = Any
 
 
 # ---------------------------------------------------------------------------------------- schedule
-def neox_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
-    """The GPT-NeoX v1.0 ``AnnealingLR.get_lr`` (cosine) in plain Python floats (the reference formula).
-
-    ``step`` is the number of scheduler steps taken, i.e. updates applied before this one.
-    """
-    n = min(step, total_steps - warmup_steps)
-    if warmup_steps > 0 and step <= warmup_steps:
-        return float(max_lr) * n / warmup_steps
-    n = n - warmup_steps
-    lr = max_lr / 2.0 * (math.cos(math.pi * n / total_steps) + 1.0)
-    return max(lr, min_lr)
+DECAY_STYLES = ("cosine", "linear", "exponential", "constant")
 
 
-def neox_lr_schedule(max_lr: float, min_lr: float, warmup_steps: int,
-                     total_steps: int) -> Callable[[jax.Array], jax.Array]:
-    """``optax.Schedule``: count (int, updates applied so far) → learning rate (float32 scalar).
-
-    Linear warmup from 0 over ``warmup_steps`` (lr(0) = 0, so the first update does not move the
-    weights), then ``max/2·(1 + cos(π·(min(n, total − warmup) − warmup)/total))`` floored at ``min_lr``.
-    For Pythia (143,000 steps, warmup 1430) the floor is reached at n = 115,139.
-    """
+def check_schedule(max_lr: float, min_lr: float, warmup_steps: float, total_steps: int,
+                   decay_style: str = "cosine") -> None:
+    """Raise ``ValueError`` for settings the schedule does not accept (see ``neox_lr``)."""
+    if decay_style not in DECAY_STYLES:
+        raise ValueError(f"decay_style must be one of {DECAY_STYLES}, got {decay_style!r}")
     if total_steps <= 0:
         raise ValueError(f"total_steps must be positive, got {total_steps}")
     if not 0 <= warmup_steps <= total_steps:
@@ -65,19 +53,79 @@ def neox_lr_schedule(max_lr: float, min_lr: float, warmup_steps: int,
     if min_lr > max_lr:
         raise ValueError(f"min_lr {min_lr} exceeds max_lr {max_lr}")
 
+
+def neox_lr(step: int, max_lr: float, min_lr: float, warmup_steps: float, total_steps: int,
+            decay_style: str = "cosine") -> float:
+    """GPT-NeoX v1.0's ``AnnealingLR.get_lr`` (megatron/learning_rates.py) in Python floats.
+
+    step: scheduler steps taken (updates applied before this one); warmup_steps: GPT-NeoX's
+    ``warmup_iter = warmup · lr_decay_iters``, a float that is *not* rounded (1% of 20 steps is
+    0.2); total_steps: ``end_iter`` (``lr_decay_iters``, else ``train_iters``). With
+    ``n = min(step, total − warmup)``: ``max·n/warmup`` while ``step ≤ warmup``, else with
+    ``x = n − warmup``: cosine ``max/2·(cos(π·x/total) + 1)``, linear ``max·(total − x)/total``,
+    exponential ``max·exp(−0.693·x/total)`` or constant ``max``, floored at ``min_lr``.
+    """
+    n = min(step, total_steps - warmup_steps)
+    if warmup_steps > 0 and step <= warmup_steps:
+        return float(max_lr) * n / warmup_steps
+    x = n - warmup_steps
+    if decay_style == "linear":
+        lr = max_lr * (total_steps - x) / total_steps
+    elif decay_style == "cosine":
+        lr = max_lr / 2.0 * (math.cos(math.pi * x / total_steps) + 1)
+    elif decay_style == "exponential":
+        lr = max_lr * math.exp(-0.693 * x / total_steps)
+    else:
+        lr = max_lr
+    return max(lr, min_lr)
+
+
+def neox_lr_schedule(max_lr: float, min_lr: float, warmup_steps: float, total_steps: int,
+                     decay_style: str = "cosine") -> Callable[[jax.Array], jax.Array]:
+    """``optax.Schedule``: count (int, updates applied so far) → learning rate (float32 scalar).
+
+    The same function as ``neox_lr`` (GPT-NeoX v1.0 ``AnnealingLR``) for every style, any
+    fractional ``warmup_steps`` in [0, total_steps] and any ``total_steps``: lr(0) = 0 whenever
+    there is a warmup, so the first update does not move the weights. For Pythia (143,000 steps,
+    warmup 1430, cosine) the ``min_lr`` floor is reached at n = 115,139.
+
+    Written out rather than composed from optax schedules (``join_schedules`` of
+    ``linear_schedule`` and ``cosine_decay_schedule``) because those cannot say it exactly:
+    AnnealingLR clamps the step at ``total − warmup`` (so the decay argument stops at
+    ``total − 2·warmup``, not at the decay length), floors with ``max(lr, min_lr)`` (optax's
+    ``alpha`` rescales instead), caps the warmup ramp at ``(total − warmup)/warmup·max`` when
+    the warmup is over half the run, and its exponential uses 0.693, not ln 2.
+    Raises ``ValueError`` for an unknown style or out-of-range settings (``check_schedule``).
+    """
+    check_schedule(max_lr, min_lr, warmup_steps, total_steps, decay_style)
+    warmup = float(warmup_steps)
+    total = float(total_steps)
+
     def schedule(count: jax.Array) -> jax.Array:
-        step = jnp.asarray(count, jnp.int32)
-        n = jnp.minimum(step, total_steps - warmup_steps)
-        if warmup_steps > 0:
-            warm = max_lr * n.astype(jnp.float32) / warmup_steps
+        step = jnp.asarray(count).astype(jnp.float32)
+        n = jnp.minimum(step, total - warmup)
+        x = n - warmup
+        if decay_style == "linear":
+            lr = max_lr * (total - x) / total
+        elif decay_style == "cosine":
+            lr = max_lr / 2.0 * (jnp.cos(jnp.pi * x / total) + 1.0)
+        elif decay_style == "exponential":
+            lr = max_lr * jnp.exp(-0.693 * x / total)
         else:
-            warm = jnp.float32(0.0)
-        x = (n - warmup_steps).astype(jnp.float32)
-        cosine = jnp.maximum(max_lr / 2.0 * (jnp.cos(jnp.pi * x / total_steps) + 1.0), min_lr)
-        in_warmup = (step <= warmup_steps) if warmup_steps > 0 else jnp.bool_(False)
-        return jnp.where(in_warmup, warm, cosine).astype(jnp.float32)
+            lr = jnp.full_like(x, max_lr)
+        lr = jnp.maximum(lr, min_lr)
+        if warmup > 0:
+            lr = jnp.where(step <= warmup, max_lr * n / warmup, lr)
+        return lr.astype(jnp.float32)
 
     return schedule
+
+
+def schedule_for(cfg) -> Callable[[jax.Array], jax.Array]:
+    """The LR schedule of a ``TrainConfig``: ``neox_lr_schedule(max_lr, min_lr, warmup_steps,
+    decay_steps, decay_style)`` with the config's resolved values (the trainer's schedule)."""
+    return neox_lr_schedule(cfg.optimizer.max_lr, cfg.min_lr, cfg.warmup_steps, cfg.decay_steps,
+                            cfg.optimizer.decay_style)
 
 
 # ------------------------------------------------------------------------------------ transforms
@@ -142,12 +190,15 @@ def _key_name(key) -> str:
     return str(key)
 
 
-def build_optimizer(max_lr: float = 1e-3, min_lr: float | None = None, warmup_steps: int = 1430,
+def build_optimizer(max_lr: float = 1e-3, min_lr: float | None = None, warmup_steps: float = 1430,
                     total_steps: int = 143000, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
                     weight_decay: float = 0.1, clip_norm: float | None = 1.0,
                     schedule: Callable[[jax.Array], jax.Array] | None = None,
-                    row_parallel_bias_copies: int = 1) -> optax.GradientTransformation:
-    """The Pythia AdamW chain (see the module docstring). ``min_lr`` defaults to ``0.1·max_lr``.
+                    row_parallel_bias_copies: int = 1,
+                    decay_style: str = "cosine") -> optax.GradientTransformation:
+    """The Pythia AdamW chain (see the module docstring). ``min_lr`` defaults to ``0.1·max_lr``;
+    the schedule (unless given) is ``neox_lr_schedule(max_lr, min_lr, warmup_steps, total_steps,
+    decay_style)``, ``warmup_steps`` a float as GPT-NeoX keeps it.
 
     Works on the pure param dict (``embed_in/embedding``, ``…/kernel``, ``…/bias``, ``…/scale``).
     The state's structure does not depend on ``row_parallel_bias_copies`` (a stateless transform).
@@ -155,7 +206,7 @@ def build_optimizer(max_lr: float = 1e-3, min_lr: float | None = None, warmup_st
     if min_lr is None:
         min_lr = 0.1 * max_lr
     if schedule is None:
-        schedule = neox_lr_schedule(max_lr, min_lr, warmup_steps, total_steps)
+        schedule = neox_lr_schedule(max_lr, min_lr, warmup_steps, total_steps, decay_style)
     parts = []
     if clip_norm is not None and clip_norm > 0:
         parts.append(clip_by_global_norm_torch(clip_norm))
@@ -178,6 +229,20 @@ def schedule_count(opt_state: optax.OptState) -> jax.Array:
     if not states:
         raise ValueError("optimizer state has no ScaleByScheduleState")
     return states[0][1].count
+
+
+def with_schedule_count(opt_state: optax.OptState, count: int) -> optax.OptState:
+    """``opt_state`` with the LR schedule's count set to ``count`` (Adam's own count unchanged):
+    a branch that starts with fresh moments at step ``count`` gets that step's learning rate."""
+    sched = jnp.asarray(int(count), jnp.int32)
+
+    def setter(n):
+        if isinstance(n, optax.ScaleByScheduleState):
+            return n._replace(count=jax.device_put(sched, getattr(n.count, "sharding", None))
+                              if isinstance(n.count, jax.Array) else sched)
+        return n
+
+    return _map_states(opt_state, setter)
 
 
 # ------------------------------------------------------------------------ Adam moments for converters

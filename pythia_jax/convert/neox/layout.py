@@ -15,6 +15,7 @@ import os
 from typing import Any, Sequence
 
 from pythia_jax.config import ConfigError
+from pythia_jax.convert import neox_yml_keys
 from pythia_jax.convert.neox.keys import MP_FILE, OPTIM_FILE, PIPE_FILE, STEP_DIR
 from pythia_jax.convert.neox.yml import read_neox_yml, yml_get
 from pythia_jax.errors import CheckpointError
@@ -162,6 +163,7 @@ def _read_yml(step_dir: str, yml_files: list[str], tp: int) -> dict[str, Any]:
     if not yml:
         raise ConfigError(f"no GPT-NeoX yml config found in {step_dir}/configs or next to it; "
                           "pass the training yml (config_files=… / --neox-config)")
+    neox_yml_keys.check_neox_yml(yml)  # every model key honoured or refused, before any tensor
     yml_tp = yml_get(yml, "model-parallel-size")
     if yml_tp is not None and int(yml_tp) != tp:
         raise CheckpointError(f"{step_dir}: mixed tensor-parallel sizes: the yml says "

@@ -71,12 +71,12 @@ def write_neox_checkpoint(config: ModelConfig, params: Mapping[str, Any], out_di
 
     name = canonical_dtype(dtype)
     np_dtype = np.float32 if name == "bfloat16" else np.dtype(name)  # bf16 via torch below
-    check_output_dir(out_dir, overwrite)
+    check_output_dir(out_dir, overwrite, kind="neox")
     check_params(config, params)
     final_root = os.path.abspath(os.fspath(out_dir))
     tag = f"global_step{int(step)}"
     torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
-    with atomic_output_dir(out_dir, overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite, kind="neox") as tmp:
         step_dir = tmp / tag
         (step_dir / "configs").mkdir(parents=True)
         with TensorProgress(progress, config.num_layers + 3, f"writing {tag}") as bar:

@@ -121,8 +121,10 @@ def optimizer_settings(yml: Mapping[str, Any], tp: int = 1) -> dict[str, Any]:
     if total is not None:
         out["total_steps"] = int(total)
         warmup = yml_get(yml, "warmup")
-        if warmup is not None:
-            out["warmup_steps"] = int(_as_float(warmup, "warmup") * int(total))
+        if warmup is not None:  # AnnealingLR's warmup_iter = warmup * lr_decay_iters, a float
+            out["warmup_steps"] = _as_float(warmup, "warmup") * max(1, int(total))
+    # GPT-NeoX's NeoXArgs default lr_decay_style is "linear" (megatron/neox_arguments/neox_args.py)
+    out["decay_style"] = str(yml_get(yml, "lr-decay-style", "linear"))
     parallel_residual = _as_bool(yml_get(yml, "gpt-j-residual", False))
     out["row_parallel_bias_copies"] = int(tp) if parallel_residual else 1
     return out

@@ -1,0 +1,124 @@
+"""Intervention runs (the paper's gender-swap case study): a row transform in a step window, its
+per-step counts, its record in the checkpoints, and branching a run at step S from another run's
+checkpoint (bit-identical without a transform), an HF directory (zero moments) or a bad step."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from pythia_jax import checkpoint as C
+from pythia_jax.config import ConfigError, ModelConfig
+from pythia_jax.errors import CheckpointError
+from pythia_jax.train import loop
+from pythia_jax.train.config import DataConfig, MeshConfig, OptimizerConfig, TrainConfig
+
+NUM_STEPS = 8
+TINY = ModelConfig(vocab_size=50304, hidden_size=32, num_layers=2, num_heads=2)
+
+
+def run_cfg(output_dir, data=None, **kw) -> TrainConfig:
+    fields = dict(model=TINY, optimizer=OptimizerConfig(max_lr=3e-3, warmup_steps=1), mesh=MeshConfig(data=1),
+                  data=data or DataConfig(prefix="demo", order="neox"), output_dir=str(output_dir),
+                  num_steps=NUM_STEPS, global_batch=4, seq_length=128, checkpoint_log_until=4,
+                  checkpoint_every=0, log_every=1, eval_every=0, progress_bar=False, tensorboard=False,
+                  async_checkpointing=False)
+    fields.update(kw)
+    return TrainConfig(**fields)
+
+
+def rows(out) -> dict[int, dict]:
+    lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r for r in map(json.loads, lines) if "loss" in r}
+
+
+def params_of(result):
+    return jax.tree.map(np.asarray, result.params)
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    """8 steps without a transform; checkpoints 0, 1, 2, 4, 8 (with optimizer state)."""
+    out = tmp_path_factory.mktemp("baseline")
+    return out, loop.train(run_cfg(out), devices=jax.devices()[:1])
+
+
+SWAP = DataConfig(prefix="demo", order="neox", transform="gender_swap", transform_steps=(4, 8))
+
+
+def test_branch_from_a_checkpoint_reproduces_the_run_bit_for_bit(baseline, tmp_path):
+    out, base = baseline
+    branch = loop.train(run_cfg(tmp_path / "b", init_from=str(out), start_step=4), devices=jax.devices()[:1])
+    assert sorted(branch.losses) == [5, 6, 7, 8]
+    assert all(branch.losses[s] == base.losses[s] for s in branch.losses)  # exact, not close
+    for a, b in zip(jax.tree.leaves(params_of(branch)), jax.tree.leaves(params_of(base))):
+        np.testing.assert_array_equal(a, b)
+    # numbered from S: the branch's own checkpoints are 4 and 8
+    assert C.TrainCheckpointer(tmp_path / "b" / "checkpoints").all_steps() == [4, 8]
+    record = C.read_run_config(tmp_path / "b")
+    assert record["init"]["start_step"] == 4 and record["init"]["adam_moments"] == "source"
+
+
+def test_intervention_branch_differs_only_by_the_transform(baseline, tmp_path):
+    out, base = baseline
+    cfg = run_cfg(tmp_path / "swap", data=SWAP, init_from=str(out), start_step=4)
+    swapped = loop.train(cfg, devices=jax.devices()[:1])
+    log = rows(tmp_path / "swap")
+    changed = {s: (r["transform_rows"], r["transform_tokens"]) for s, r in log.items() if "transform_rows" in r}
+    # step n's row in metrics.jsonl is the update made with the batch of step n-1
+    assert sorted(changed) == [5, 6, 7, 8]
+    from pythia_jax.data.orders import open_order
+    from pythia_jax.data import demo_data_prefix
+    from pythia_jax.data.transforms import apply_to_rows, build_transform
+
+    order = open_order(demo_data_prefix(), "neox", seq_len=128, seed=1234, train_iters=NUM_STEPS,
+                       global_batch=4, cache_prefix=str(tmp_path / "maps" / "demo"))
+    fn = build_transform("gender_swap")
+    for step in range(4, 8):
+        _, stats = apply_to_rows(order.read_rows(4 * step, 4 * step + 4), fn)
+        assert changed[step + 1] == (stats.rows_changed, stats.tokens_changed)
+    assert sum(t for _, t in changed.values()) > 0  # the demo text has pronouns in these steps
+    assert swapped.losses[5] != base.losses[5] or changed[5][1] == 0
+    record = C.read_run_config(tmp_path / "swap")
+    assert record["data"]["transform"] == {"name": "gender_swap", "params": {}, "steps": [4, 8]}
+    # resuming the intervention run without its transform is refused, with one line
+    with pytest.raises(C.RunConfigMismatch, match="transform"):
+        loop.train(run_cfg(tmp_path / "swap", init_from=str(out), start_step=4), devices=jax.devices()[:1])
+
+
+def test_branch_from_an_hf_directory_starts_adam_from_zero(baseline, tmp_path, caplog):
+    out, base = baseline
+    from pythia_jax.convert.hf import write_hf_dir
+
+    _, params = C.load_params(out / "checkpoints", step=4)
+    write_hf_dir(TINY, params, tmp_path / "hf" / "step4", dtype="float32")
+    with caplog.at_level(logging.WARNING):
+        branch = loop.train(run_cfg(tmp_path / "b", init_from=str(tmp_path / "hf" / "step4"), start_step=4),
+                            devices=jax.devices()[:1])
+    assert "zero Adam moments" in caplog.text
+    log, base_log = rows(tmp_path / "b"), rows(out)
+    assert log[5]["lr"] == pytest.approx(base_log[5]["lr"], rel=1e-6)  # the schedule is at step 4
+    assert branch.losses[5] == pytest.approx(base.losses[5], rel=1e-5)  # same weights, same batch
+    assert C.read_run_config(tmp_path / "b")["init"]["adam_moments"] == "zero"
+
+
+def test_bad_branches_and_transforms_are_one_line_errors(baseline, tmp_path):
+    out, _ = baseline
+    with pytest.raises(CheckpointError, match=r"it has no step 3; its steps are 0, 1, 2, 4, 8"):
+        loop.train(run_cfg(tmp_path / "b", init_from=str(out), start_step=3), devices=jax.devices()[:1])
+    assert not (tmp_path / "b" / "checkpoints").exists() or not C.TrainCheckpointer(
+        tmp_path / "b" / "checkpoints").all_steps()
+    with pytest.raises(ConfigError, match="unknown transform 'swap_all'"):
+        run_cfg(tmp_path / "c", data=DataConfig(prefix="demo", transform="swap_all"))
+    with pytest.raises(ConfigError, match="beyond the run's 8 steps"):
+        run_cfg(tmp_path / "c", data=DataConfig(prefix="demo", transform="gender_swap", transform_steps=(4, 9)))
+    with pytest.raises(ConfigError, match="needs TrainConfig.init_from"):
+        run_cfg(tmp_path / "c", start_step=4)
+    with pytest.raises(C.RunConfigMismatch, match="global_batch"):
+        loop.train(run_cfg(tmp_path / "d", init_from=str(out), start_step=4, global_batch=8),
+                   devices=jax.devices()[:1])
