@@ -1,6 +1,7 @@
 """GPT-NeoX (DeepSpeed) checkpoint conversion: TP merge, layouts, ZeRO import, jax-to-neox, bad input.
 
-Synthetic checkpoints are built with torch exactly as PYTHIA_FACTS §4 / DeepSpeed lay them out;
+Synthetic checkpoints are built with torch exactly as GPT-NeoX v1.0 (DeepSpeed's PipelineModule
+checkpoints) lays them out;
 the reference for the merged model is a re-implementation of the key mapping and arithmetic of
 GPT-NeoX's ``tools/ckpts/convert_neox_to_hf.py`` (``reference_neox_to_hf`` below).
 """
