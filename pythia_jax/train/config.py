@@ -205,10 +205,6 @@ class TrainConfig:
         return 0.1 * self.optimizer.max_lr if m is None else float(m)
 
     @property
-    def micro_batch_size(self) -> int:
-        return self.global_batch // self.micro_batches
-
-    @property
     def tokens_per_step(self) -> int:
         return self.global_batch * self.seq_length
 
