@@ -323,3 +323,32 @@ def test_readme_batches_example_on_the_demo_data_runs_as_written(capsys):
     order = open_order(demo_data_prefix(), "neox", seq_len=128, seed=1234, train_iters=200, global_batch=8)
     from pythia_jax.data.tokenizer import decode
     assert decode(order.read_rows(0, 1)[0]) in out
+
+
+def test_token_dtype_fits_the_vocabulary_as_gpt_neox_chooses():
+    """uint16 below 65,500 ids (Pythia), int32 above (GPT-NeoX best_fitting_dtype); never a wrap."""
+    import numpy as np
+
+    from pythia_jax.data import preprocess as pp
+
+    assert pp.best_fitting_dtype(50277) == np.uint16
+    assert pp.best_fitting_dtype(65500) == np.int32 and pp.best_fitting_dtype(100_000) == np.int32
+    pp._init_worker(None)
+    assert pp.encode_document("Hello, I am").tolist() == [12092, 13, 309, 717, 0]
+
+    class Big:
+        def encode(self, text):
+            class E:
+                ids = [70000]
+            return E()
+
+    old = pp._WORKER_TOKENIZER
+    try:
+        pp._WORKER_TOKENIZER = Big()
+        with pytest.raises(pp.DataError, match="token id 70000 does not fit the dataset dtype uint16"):
+            pp.encode_document("x")
+        pp._WORKER_DTYPE = pp.best_fitting_dtype(100_000)
+        assert pp.encode_document("x").tolist() == [70000, 0]
+    finally:
+        pp._init_worker(None)
+        pp._WORKER_TOKENIZER = old

@@ -67,19 +67,31 @@ def _json_type(value) -> str:
 
 
 _WORKER_TOKENIZER = None
+_WORKER_DTYPE = np.dtype(np.uint16)
+
+
+def best_fitting_dtype(vocab_size: int) -> np.dtype:
+    """The token dtype GPT-NeoX picks for a vocabulary (``megatron/data/indexed_dataset.py``
+    ``best_fitting_dtype``): uint16 below 65,500 ids (the Pythia tokenizer), else int32."""
+    return np.dtype(np.uint16 if vocab_size is not None and vocab_size < 65500 else np.int32)
 
 
 def _init_worker(tokenizer_path: str | None) -> None:
-    global _WORKER_TOKENIZER
+    global _WORKER_TOKENIZER, _WORKER_DTYPE
     from pythia_jax.data.tokenizer import load_tokenizer
     _WORKER_TOKENIZER = load_tokenizer(tokenizer_path)
+    _WORKER_DTYPE = best_fitting_dtype(_WORKER_TOKENIZER.get_vocab_size(with_added_tokens=True))
 
 
 def encode_document(text: str) -> np.ndarray:
-    """Token ids of one document followed by EOD (0), uint16 [n+1] (GPT-NeoX's encoding)."""
+    """Token ids of one document followed by EOD (0), [n+1] in the vocabulary's dtype (uint16
+    for the Pythia tokenizer, as GPT-NeoX's ``preprocess_data.py`` writes it)."""
     ids = _WORKER_TOKENIZER.encode(text).ids
     ids.append(EOD_TOKEN_ID)
-    return np.asarray(ids, dtype=np.uint16)
+    out = np.asarray(ids, dtype=np.int64)
+    if out.size and out.max() > np.iinfo(_WORKER_DTYPE).max:  # never wrap silently
+        raise DataError(f"token id {int(out.max())} does not fit the dataset dtype {_WORKER_DTYPE}")
+    return out.astype(_WORKER_DTYPE)
 
 
 def dataset_prefix(output_prefix: str, jsonl_key: str = "text") -> str:
@@ -127,7 +139,9 @@ def preprocess_jsonl(inputs: Sequence[str] | str, output_prefix: str, *, jsonl_k
         _init_worker(tokenizer_path)
         encoded = (encode_document(t) for t in texts)
     try:
-        with IndexedDatasetWriter(prefix, np.uint16) as writer, \
+        from pythia_jax.data.tokenizer import load_tokenizer
+        vocab = load_tokenizer(tokenizer_path).get_vocab_size(with_added_tokens=True)
+        with IndexedDatasetWriter(prefix, best_fitting_dtype(vocab)) as writer, \
                 tqdm(encoded, desc=f"tokenizing -> {os.path.basename(prefix)}", unit=" docs",
                      disable=not progress) as bar:  # closed (its line ended) on errors too
             documents = 0
