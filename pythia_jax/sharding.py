@@ -25,7 +25,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from pythia_jax.config import ConfigError, ModelConfig
-from pythia_jax.train.config import MeshConfig
+from pythia_jax.mesh_config import MeshConfig  # re-exported: sharding.MeshConfig
 
 MESH_AXES = ("slice", "data", "fsdp", "tensor")
 BATCH_AXES = ("slice", "data", "fsdp")

@@ -91,23 +91,19 @@ def test_save_restore_round_trip_bit_identical(tmp_path):
     opt_state = _trained_opt_state(params)
     sched = C.CheckpointSchedule(max_step=100, log_until=2, every=5)
     with C.TrainCheckpointer(tmp_path / "ckpt", save_steps=sched, model_config=TINY) as ckpt:
-        extra = {"loss_scale": jnp.float32(4096.0), "skipped": jnp.int32(3)}
         saved = [s for s in range(7) if ckpt.save(s, params, opt_state, {"next_row": s * 8},
-                                                 {"loss": 2.5 + s, "tokens": s * 1024},
-                                                 extra_state=extra)]
+                                                 {"loss": 2.5 + s, "tokens": s * 1024})]
         assert saved == [0, 1, 2, 5]
-        assert ckpt.save(6, params, opt_state, None, None, force=True)
+        assert ckpt.save(6, params, None, None, None, force=True)
         ckpt.wait_until_finished()
         assert ckpt.all_steps() == [0, 1, 2, 5, 6]
         assert ckpt.latest_valid_step() == 6
-        restored = ckpt.restore(5, {"params": _abstract(params), "opt_state": _abstract(opt_state),
-                                    "extra_state": _abstract(extra)})
-        with pytest.raises(CheckpointError, match="holds no extra_state"):
-            ckpt.restore(6, {"params": _abstract(params), "extra_state": _abstract(extra)})
+        restored = ckpt.restore(5, {"params": _abstract(params), "opt_state": _abstract(opt_state)})
+        with pytest.raises(CheckpointError, match="holds no optimizer state"):
+            ckpt.restore(6, {"params": _abstract(params), "opt_state": _abstract(opt_state)})
     assert restored.step == 5
     _assert_trees_equal(restored.params, params)
     _assert_trees_equal(restored.opt_state, opt_state)
-    _assert_trees_equal(restored.extra_state, extra)
     assert isinstance(restored.opt_state[1][0], optax.ScaleByAdamState)
     assert restored.data_state == {"next_row": 40}
     assert restored.metadata == {"loss": 7.5, "tokens": 5120}
@@ -244,7 +240,7 @@ def test_host_io_saves_write_chunked_arrays_that_restore_everywhere(tmp_path, mo
     """The converters' save (host I/O mode) writes numpy leaves in chunks of at most
     _HOST_CHUNK_BYTES, checksummed like any step, and the result restores as numpy (one array at
     a time), onto a device, and through the training checkpointer with an optimizer state."""
-    monkeypatch.setattr(C, "_HOST_CHUNK_BYTES", 1024)
+    monkeypatch.setattr(C.hostio, "_HOST_CHUNK_BYTES", 1024)  # read by the host handler
     params = _params(11)
     host = jax.tree.map(np.asarray, params)
     opt = optax.adam(1e-3).init(params)

@@ -1,5 +1,6 @@
-"""ModelConfig presets against PYTHIA_FACTS §1, parameter counts from abstract shapes, the HF
-config.json round trip, and the per-model gin files."""
+"""ModelConfig presets against the released configs (the Pythia paper's Table 1, the HF config.json
+files), parameter counts from abstract shapes, the HF config.json round trip, and the per-model gin
+files."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from pythia_jax.config import (HF_FIELDS, ConfigError, ModelConfig, check_param_
 from pythia_jax.errors import CheckpointError, ParamShapeError, PythiaJaxError
 from pythia_jax.model import abstract_params
 
-# PYTHIA_FACTS §1: size -> (L, H, heads, head dim, rotary dims, vocab, init, in std, out init, out std)
+# The released models (EleutherAI/pythia-*/config.json on the HF Hub; init from models/*.yml of the
+# EleutherAI/pythia repository): size -> (L, H, heads, head dim, rotary dims, vocab, init, in std,
+# out init, out std)
 FACTS = {
     "70m": (6, 512, 8, 64, 16, 50304, "small_init", "0.027951", "wang_init", "0.0147314"),
     "160m": (12, 768, 12, 64, 16, 50304, "small_init", "0.022822", "wang_init", "0.0060141"),

@@ -1,6 +1,7 @@
 """GPT-NeoX (DeepSpeed) checkpoint conversion: TP merge, layouts, ZeRO import, jax-to-neox, bad input.
 
-Synthetic checkpoints are built with torch exactly as PYTHIA_FACTS §4 / DeepSpeed lay them out;
+Synthetic checkpoints are built with torch exactly as GPT-NeoX v1.0 (DeepSpeed's PipelineModule
+checkpoints) lays them out;
 the reference for the merged model is a re-implementation of the key mapping and arithmetic of
 GPT-NeoX's ``tools/ckpts/convert_neox_to_hf.py`` (``reference_neox_to_hf`` below).
 """
@@ -22,6 +23,7 @@ from pythia_jax.config import ModelConfig  # noqa: E402
 from pythia_jax.convert import hf as hfc  # noqa: E402
 from pythia_jax.convert import neox  # noqa: E402
 from pythia_jax.errors import CheckpointError, ConfigError  # noqa: E402
+from pythia_jax.train import continuation  # noqa: E402
 
 LAYER_KEYS_V1 = [
     "input_layernorm.weight", "input_layernorm.bias",
@@ -470,7 +472,7 @@ def test_zero_continuation_matches_torch_adamw(tmp_path):
 
     step_dir, master, moments = build_zero(tmp_path, tp=1, dp=2, form="torch", step=20)
     config, _, ckpt = neox.read_neox_checkpoint(step_dir)
-    params, opt_state, step, meta = neox.neox_train_state(ckpt, config)
+    params, opt_state, step, meta = continuation.neox_train_state(ckpt, config)
     assert step == 23 and int(schedule_count(opt_state)) == 20 and meta["adam_steps"] == 20
     settings = neox.optimizer_settings(ckpt.yml)
     assert settings == {"max_lr": 0.001, "b1": 0.9, "b2": 0.95, "eps": 1e-8, "min_lr": 0.0001,
@@ -543,7 +545,7 @@ def test_zero_tp2_continuation_is_exact_with_row_parallel_bias_copies(tmp_path):
                                            replicated_moments_equal=True)
     config, _, ckpt = neox.read_neox_checkpoint(step_dir)
     assert config.use_parallel_residual
-    params, opt_state, _, meta = neox.neox_train_state(ckpt, config)
+    params, opt_state, _, meta = continuation.neox_train_state(ckpt, config)
     settings = neox.optimizer_settings(ckpt.yml, ckpt.tp)
     assert settings["row_parallel_bias_copies"] == 2 and meta["optimizer"]["row_parallel_bias_copies"] == 2
 

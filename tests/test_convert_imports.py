@@ -25,12 +25,8 @@ def test_importing_the_converters_imports_no_training_code():
 def test_old_import_paths_resolve_to_the_moved_objects():
     from pythia_jax import host_memory
     from pythia_jax.convert import hf, hf_keys, neox
-    from pythia_jax.convert.neox import (fresh_opt_state, layout, neox_train_state, read,  # noqa: F401
-                                         write, yml, zero)
-    from pythia_jax.train import continuation
+    from pythia_jax.convert.neox import layout, read, write, yml, zero
 
-    assert fresh_opt_state is continuation.fresh_opt_state
-    assert neox_train_state is continuation.neox_train_state
     for name in ("aligned_empty", "copy_cast", "plain_pages", "to_numpy", "to_device_tree"):
         assert getattr(hf, name) is getattr(host_memory, name)
     for name in ("LAYER_TABLE", "GLOBAL_TABLE", "IGNORED_SUFFIXES", "KEY_ALIASES", "param_shapes",
@@ -41,4 +37,6 @@ def test_old_import_paths_resolve_to_the_moved_objects():
     assert neox.read_neox_optimizer_state is zero.read_neox_optimizer_state
     assert neox.write_neox_checkpoint is write.write_neox_checkpoint
     assert neox.optimizer_settings is yml.optimizer_settings
-    assert set(neox.__all__) <= set(dir(neox)) | {"fresh_opt_state", "neox_train_state"}
+    assert set(neox.__all__) <= set(dir(neox))
+    # Optimizer continuation is training: only pythia_jax.train.continuation has it.
+    assert not hasattr(neox, "fresh_opt_state") and not hasattr(neox, "neox_train_state")

@@ -10,7 +10,8 @@ from pythia_jax.data.indexed import (DTYPES, IndexedDataset, IndexedDatasetWrite
                                      write_indexed_dataset)
 from pythia_jax.errors import DataError
 
-# Spec (PYTHIA_FACTS §6) dtype codes, restated here independently of the package.
+# The dtype codes of GPT-NeoX v1.0 megatron/data/indexed_dataset.py (``dtypes``), restated here
+# independently of the package.
 SPEC_CODES = {1: "u1", 2: "i1", 3: "<i2", 4: "<i4", 5: "<i8", 6: "<f4", 7: "<f8", 8: "<u2"}
 
 

@@ -16,7 +16,7 @@ from pythia_jax.errors import DataError
 
 
 def ref_epochs(tokens_per_epoch, seq_len, num_samples):
-    """PYTHIA_FACTS §6 step 2 as GPT-NeoX's loop: add epochs until enough samples."""
+    """GPT-NeoX v1.0 ``megatron/data/gpt2_dataset.py::_num_epochs``: add epochs until enough samples."""
     epochs, total = 0, 0
     while True:
         epochs += 1

@@ -178,3 +178,28 @@ def test_perplexity_on_indexed_dataset(runs, tmp_path):
     res = Scorer(place_model(params, config=config)).loglikelihood_rolling(docs)
     assert got["loss"]["value"] == pytest.approx(-res.loglik.sum() / sum(map(len, docs)), rel=1e-5)
     assert got["loss"]["num_examples"] == 3 and not math.isnan(got["doc_loss"]["stderr"])
+
+
+def test_plot_compares_runs_with_labels(tmp_path):
+    """Several results tables on one figure (baseline vs intervention): a panel per task:metric."""
+    from pythia_jax import cli
+
+    def table(path, bias):
+        rows = [{"step": s, "task": t, "metric": m, "value": v + bias * s / 100, "stderr": 0.01,
+                 "num_examples": 10}
+                for s in (0, 50, 100) for t, m, v in (("winobias", "net_bias", 0.1),
+                                                       ("crows_pairs_gender", "pct_stereotype", 0.6),
+                                                       ("lambada_openai", "acc", 0.2))]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(path)
+
+    base, swap = table(tmp_path / "base.jsonl", 0.0), table(tmp_path / "swap.jsonl", 0.05)
+    out = tmp_path / "bias.png"
+    assert cli.main(["plot", base, swap, "--labels", "baseline,gender_swap", "--panels",
+                     "winobias:net_bias,crows_pairs_gender:pct_stereotype,lambada_openai:acc",
+                     "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert cli.main(["plot", base, swap, "--metric", "acc", "--out", str(tmp_path / "acc.png")]) == 0
+    assert cli.main(["plot", base, swap, "--labels", "one", "--out", str(tmp_path / "x.png")]) == 2
+    assert cli.main(["plot", base, swap, "--panels", "winobias:nope", "--out", str(tmp_path / "y.png")]) == 2
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "y.png").exists()

@@ -5,7 +5,7 @@ dataset in which 3 documents occur 100 times each among 600 documents that occur
 memorizes exactly the rows holding those 3 documents. Memorization from the checkpoint directory
 alone (no data flags) must find exactly those rows, read through the trainer's own pipeline; wrong
 explicit flags are refused; no index maps but the run's own are used; ``batches --checkpoints`` and
-``RunData`` give the trainer's rows.
+``read_run_data`` give the trainer's rows.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import pytest
 
 from pythia_jax.cli import main as cli_main
 from pythia_jax.config import ModelConfig
-from pythia_jax.data.run_data import RunData, RunDataError, RunDataMismatch
+from pythia_jax.checkpoint import read_run_data, resolve_run_data
+from pythia_jax.data.run_data import RunDataError, RunDataMismatch
 
 SEQ, BATCH, STEPS, SEED = 64, 4, 150, 7
 TINY = ModelConfig(vocab_size=512, hidden_size=32, num_layers=1, num_heads=2, max_position_embeddings=64)
@@ -121,7 +122,7 @@ def test_agreeing_flags_and_a_moved_copy_are_accepted(run, tmp_path):
 
     for ext in (".bin", ".idx"):
         shutil.copy(run["prefix"] + ext, tmp_path / f"copy{ext}")
-    r = RunData.from_checkpoints(run["out"], 150, data=str(tmp_path / "copy"), order="neox", seq_len=SEQ,
+    r = read_run_data(run["out"], 150, data=str(tmp_path / "copy"), order="neox", seq_len=SEQ,
                                  global_batch=BATCH, seed=SEED, train_iters=STEPS)
     assert r.prefix() == str(tmp_path / "copy") and r.rows_seen(150) == 600
     order = r.open_order()
@@ -130,7 +131,7 @@ def test_agreeing_flags_and_a_moved_copy_are_accepted(run, tmp_path):
 
 def test_run_data_reads_the_trainers_rows_at_every_step(run):
     for step in (75, 150):
-        r = RunData.from_checkpoints(run["out"] / "checkpoints", step)
+        r = read_run_data(run["out"] / "checkpoints", step)
         assert (r.order, r.seed, r.global_batch, r.seq_len, r.train_iters) == ("neox", SEED, BATCH, SEQ, STEPS)
         assert r.cache_prefix == str(run["out"] / "index_maps" / "train")
     order = r.open_order()
@@ -148,15 +149,15 @@ def test_checkpoints_without_a_record_need_every_flag(run, tmp_path):
     from pythia_jax.eval.runner import MEM_FLAGS
 
     with pytest.raises(RunDataError, match=r"missing: --mem-order, --mem-seq-len, --mem-rows-per-step$"):
-        RunData.resolve(bare, 150, what=MEM_FLAGS, data=run["prefix"])
+        resolve_run_data(bare, 150, what=MEM_FLAGS, data=run["prefix"])
     with pytest.raises(RunDataError, match=r"missing: --mem-order-seed, --mem-train-iters$"):
-        RunData.resolve(bare, 150, what=MEM_FLAGS, data=run["prefix"], order="neox", seq_len=SEQ,
+        resolve_run_data(bare, 150, what=MEM_FLAGS, data=run["prefix"], order="neox", seq_len=SEQ,
                         global_batch=BATCH)
-    r = RunData.resolve(bare, 150, data=run["prefix"], order="neox", seq_len=SEQ, global_batch=BATCH,
+    r = resolve_run_data(bare, 150, data=run["prefix"], order="neox", seq_len=SEQ, global_batch=BATCH,
                         seed=SEED, train_iters=STEPS, cache_prefix=str(run["out"] / "index_maps" / "train"))
     np.testing.assert_array_equal(r.read_rows(r.open_order(), np.arange(8)), run["rows"][:8])
     with pytest.raises(RunDataMismatch, match=r"--global-batch 8 disagrees with .*global_batch = 4"):
-        RunData.from_checkpoints(run["out"], global_batch=8)
+        read_run_data(run["out"], global_batch=8)
 
 
 def test_batches_from_checkpoints(run, tmp_path, capsys):
@@ -181,7 +182,7 @@ def test_sweep_split_over_hosts_resumes_and_merges(run, tmp_path, monkeypatch):
     from pythia_jax.eval.generate import Generator
     from pythia_jax.eval.runtime import place_model
 
-    r = RunData.from_checkpoints(run["out"], 75)
+    r = read_run_data(run["out"], 75)
     order = r.open_order()
     config, params = load_params(run["out"] / "checkpoints", step=75, host=True)
     gen = Generator(place_model(params, config=config), batch_size=64)

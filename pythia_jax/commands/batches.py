@@ -75,16 +75,18 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from pythia_jax.data.indexed import save_npy_atomic
-    from pythia_jax.data.run_data import run_data_for_cli
+    from pythia_jax.checkpoint import resolve_run_data
+    from pythia_jax.data.run_data import PYTHIA_DEFAULTS
     from pythia_jax.errors import DataError
 
     if args.end < args.start:
         raise DataError(f"--end {args.end} is before --start {args.start}; --end is the last step, inclusive "
                         f"(use --end {args.start} for one step)")
-    run_data = run_data_for_cli(args.checkpoints, args.step, what=FLAG_NAMES, data=args.data, order=args.order,
+    run_data = resolve_run_data(args.checkpoints, args.step, what=FLAG_NAMES, data=args.data, order=args.order,
                                 seq_len=args.seq_len, global_batch=args.batch_size, seed=args.seed,
-                                train_iters=args.train_iters)
-    if args.checkpoints and args.end >= run_data.train_iters:
+                                train_iters=args.train_iters,
+                                defaults=None if args.checkpoints else PYTHIA_DEFAULTS)
+    if run_data.origin != "flags" and args.end >= run_data.train_iters:
         raise DataError(f"steps {args.start}..{args.end}: the run has {run_data.train_iters} steps "
                         f"(0..{run_data.train_iters - 1})")
     args.data, args.order, args.batch_size = run_data.prefix(), run_data.order, run_data.global_batch

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "evaluate checkpoints (zero-shot tasks, perplexity, memorization) into a results table"
+HELP = ("evaluate checkpoints (zero-shot, bias and few-shot generation tasks, perplexity, "
+        "memorization) into a results table")
 
 DESCRIPTION = """\
 Evaluate many checkpoints of a run and write one tidy table (step, task, metric, value, stderr).
@@ -13,9 +14,18 @@ Evaluate many checkpoints of a run and write one tidy table (step, task, metric,
       --tasks piqa,arc_easy,arc_challenge,sciq,winogrande --data-dir data/eval --out results.jsonl
 
 --checkpoints is a pythia-jax checkpoint directory or a folder of HF revisions (step1000/ ...).
-Zero-shot tasks read <data-dir>/<task>.jsonl (lm-evaluation-harness formats). The few-shot
-generation tasks 'arithmetic' (or 'arithmetic_plus', 'arithmetic_times') and 'triviaqa' (reads
-<data-dir>/triviaqa.jsonl) give one task per k of --shots, e.g. arithmetic_plus_k4. 'perplexity' needs
+Tasks (files under --data-dir):
+  piqa arc_easy arc_challenge sciq winogrande lambada_openai logiqa wsc   <task>.jsonl
+  crows_pairs (all bias types), crows_pairs_gender     crows_pairs_anonymized.csv
+  winobias (type1/type2 x pro/anti; net bias = pro - anti)   winobias/*.txt.dev
+  arithmetic (or arithmetic_plus, arithmetic_times)    generated, no file
+  triviaqa                                             triviaqa.jsonl
+  paper = lambada_openai,piqa,winogrande,arc_easy,arc_challenge,sciq,logiqa (+wsc if wsc.jsonl)
+  bias  = winobias,crows_pairs_gender
+The zero-shot tasks above winobias run lm-evaluation-harness's own task definitions on the local
+files (install the extra: pip install 'pythia-jax[lm_eval]'); without it, piqa/arc/sciq/winogrande
+fall back to bundled specs of the same prompts. The few-shot generation tasks arithmetic and
+triviaqa give one task per k of --shots, e.g. arithmetic_plus_k4. 'perplexity' needs
 --ppl-data. 'memorization' reads the rows each checkpoint has seen as the run read them, from the
 run record in its checkpoints (no flags needed; --mem-* flags that disagree are refused); for
 weights without a record (HF revisions) every --mem-* data flag is required. Rerunning with
@@ -32,9 +42,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", required=True,
                         help="e.g. 0,1000,2000 | all | 1000-10000 (one HF directory: all, or its step)")
     parser.add_argument("--tasks", default="piqa,arc_easy,arc_challenge,sciq,winogrande",
-                        help="comma-separated: task names / spec .yaml paths, perplexity, memorization")
+                        help="comma-separated: task names (see above), groups 'paper' / 'bias', spec "
+                             ".yaml paths, perplexity, memorization")
+    parser.add_argument("--task-system", default="auto", choices=("auto", "harness", "native"),
+                        help="harness tasks: lm-evaluation-harness if installed (auto), always, or the "
+                             "bundled specs (native; piqa/arc/sciq/winogrande only)")
+    parser.add_argument("--bootstrap-iters", type=nonneg_int, default=100000,
+                        help="draws for the harness's bootstrapped stderrs (lambada perplexity); "
+                             "0: the harness reports no stderrs at all")
     parser.add_argument("--data-dir", default=None,
-                        help="directory with the tasks' <task>.jsonl files (small slices: tests/data/eval)")
+                        help="directory with the tasks' files (see above; small slices: tests/data/eval)")
     parser.add_argument("--limit", type=positive_int, default=None,
                         help="first N examples/documents per task (arithmetic: second operands 1..N; "
                              "default: all)")
@@ -107,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
         mem_train_iters=args.mem_train_iters, mem_sample=args.mem_sample, mem_seed=args.mem_seed,
         mem_chunk_rows=args.mem_chunk_rows, num_hosts=args.num_hosts, host_index=args.host_index,
         details_dir=details, progress=not args.no_progress, shots=shots, stack=args.stack,
-        max_stack_bytes=None if args.max_stack_bytes is None else int(args.max_stack_bytes))
+        max_stack_bytes=None if args.max_stack_bytes is None else int(args.max_stack_bytes),
+        task_system=args.task_system, bootstrap_iters=args.bootstrap_iters)
     table = evaluate_checkpoints(args.checkpoints, steps, settings, args.out)
     if args.csv:
         write_csv(table.rows, args.csv)

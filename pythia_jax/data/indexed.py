@@ -1,6 +1,6 @@
 """GPT-NeoX / Megatron ``MMapIndexedDataset`` files (``prefix.bin`` + ``prefix.idx``): read and write.
 
-Layout (little-endian, PYTHIA_FACTS §6):
+Layout (little-endian; GPT-NeoX v1.0 ``megatron/data/indexed_dataset.py``, ``MMapIndexedDataset``):
 
 ``.idx``: 9-byte magic ``MMIDIDX\\x00\\x00``; uint64 version (1); uint8 dtype code; uint64 ``len``
 (items); uint64 ``doc_count``; int32 ``sizes[len]`` (tokens per item); int64 ``pointers[len]``

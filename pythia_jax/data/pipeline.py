@@ -8,9 +8,7 @@ from ``host_row_range(sharding, B)``). Inputs are ``row[:-1]``, labels ``row[1:]
 
 Public API (for the training loop)::
 
-    from pythia_jax.data.pipeline import (make_train_iterator, make_global_batch,
-                                          host_row_range, checkpoint_save_args,
-                                          checkpoint_restore_args, make_eval_batches)
+    from pythia_jax.data.pipeline import make_train_iterator, host_row_range, make_eval_batches
 
     it = make_train_iterator(
         data_prefix, order="neox",            # or "preshuffled"
@@ -21,16 +19,17 @@ Public API (for the training loop)::
     batch = next(it)      # {'inputs': int32 [B/P, seq_len], 'labels': int32 [B/P, seq_len]}
     it.step               # global step of the next batch
     state = it.get_state()   # {'next_index': step, ...}; it.set_state(state)
-    arrays = make_global_batch(batch, NamedSharding(mesh, P('data', None)), global_batch=1024)
+    # the global arrays: jax.make_array_from_process_local_data(sharding, batch[k], (1024, 2048))
+    # (pythia_jax.train.builder.TrainSetup.put_batch)
 
 Micro-batching / gradient accumulation: split the host batch (or the global arrays) along the
 batch axis; the order stays the global one.
 
 Checkpointing: ``it`` is a ``grain.DatasetIterator``; save it as the ``data_iter`` item of an
-Orbax checkpoint with ``checkpoint_save_args(it)`` (= ``grain.checkpoint.CheckpointSave(it)``,
-handled by ``grain.checkpoint.CheckpointHandler``, one JSON file per process) and restore it in
-place with ``checkpoint_restore_args(it)``. A restored state whose global batch, seq_len, order or
-seed differ from the iterator's raises ``DataError``. Without a checkpoint, pass
+Orbax checkpoint with ``grain.checkpoint.CheckpointSave(it)`` (handled by
+``grain.checkpoint.CheckpointHandler``, one JSON file per process) and restore it in place with
+``grain.checkpoint.CheckpointRestore(it)`` (``pythia_jax.checkpoint`` does both). A restored
+state whose global batch, seq_len, order or seed differ from the iterator's raises ``DataError``. Without a checkpoint, pass
 ``start_step=k`` (or ``it.set_step(k)``): the stream depends only on the step.
 
 Evaluation: ``make_eval_batches(data_prefix, order=..., seq_len=..., batch_size=...)`` yields
@@ -66,27 +65,6 @@ def to_inputs_labels(rows: np.ndarray) -> dict[str, np.ndarray]:
     """rows [b, L+1] -> {'inputs': int32 [b, L] = row[:-1], 'labels': int32 [b, L] = row[1:]}."""
     rows = np.asarray(rows, dtype=np.int32)
     return {"inputs": rows[:, :-1], "labels": rows[:, 1:]}
-
-
-class RowSource:
-    """A grain ``RandomAccessDataSource`` over training rows: element j = row j, [seq_len+1] int32.
-
-    For per-row grain pipelines (``grain.MapDataset.source(RowSource(order))``); the training
-    iterator reads whole host slices at once through ``StepRowsSource`` instead.
-    """
-
-    def __init__(self, order: Order):
-        self.order = order
-
-    def __len__(self) -> int:
-        return len(self.order)
-
-    def __getitem__(self, j: int) -> np.ndarray:
-        j = int(j)
-        return self.order.read_rows(j, j + 1, np.int32)[0]
-
-    def __repr__(self) -> str:
-        return f"RowSource({self.order.name}, rows={len(self.order)})"
 
 
 @dataclasses.dataclass
@@ -279,16 +257,6 @@ def make_train_iterator(data_prefix: str, *, order: str | Order = "neox", seq_le
     return it
 
 
-def checkpoint_save_args(iterator):
-    """Orbax args saving ``iterator`` as a checkpoint item (``grain.checkpoint.CheckpointSave``)."""
-    return _grain().checkpoint.CheckpointSave(iterator)
-
-
-def checkpoint_restore_args(iterator):
-    """Orbax args restoring into ``iterator`` in place (``grain.checkpoint.CheckpointRestore``)."""
-    return _grain().checkpoint.CheckpointRestore(iterator)
-
-
 def host_row_range(sharding, global_batch: int, seq_len: int = 1) -> tuple[int, int]:
     """Rows [a, b) of the global batch that this process's devices hold under ``sharding``.
 
@@ -309,20 +277,6 @@ def host_row_range(sharding, global_batch: int, seq_len: int = 1) -> tuple[int, 
             raise DataError(f"this process's batch rows are not contiguous: {spans}")
         b = max(b, e)
     return a, b
-
-
-def make_global_batch(host_batch: dict[str, np.ndarray], sharding, global_batch: int) -> dict:
-    """Assemble global ``jax.Array``s [global_batch, ...] from each host's rows.
-
-    host_batch: {'inputs', 'labels'}: int32 [b, seq_len] of this host (rows ``host_row_range``).
-    """
-    import jax
-    out = {}
-    for key, value in host_batch.items():
-        value = np.asarray(value)
-        out[key] = jax.make_array_from_process_local_data(
-            sharding, value, (global_batch,) + value.shape[1:])
-    return out
 
 
 def heldout_row_range(order: Order, train_iters: int, global_batch: int) -> tuple[int, int]:

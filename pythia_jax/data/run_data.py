@@ -9,12 +9,13 @@ maps for ``train_iters · global_batch`` samples, so another value gives other r
 transform. Guessing any of them (e.g. Pythia's 143,000 × 1,024, seed 1234, for a demo run) reads
 rows the run never saw.
 
-``RunData.from_checkpoints(dir, step)`` takes them from the record every checkpoint of this
-project holds (``pythia_jax.checkpoint.read_run_config``); explicit values that disagree are
-refused (``RunDataMismatch``, one line naming the setting, the recorded and the given value).
-``RunData.from_flags(...)`` is for weights without a record (HF revisions, converted
-checkpoints): then every setting that decides the rows must be given, none is defaulted.
-``RunData.resolve(checkpoints, step, **flags)`` picks between the two.
+``pythia_jax.checkpoint.read_run_data(dir, step)`` takes them from the record every checkpoint
+of this project holds (``RunData.from_record``); explicit values that disagree are refused
+(``checked_against``: ``RunDataMismatch``, one line naming the setting, the recorded and the
+given value). ``RunData.from_flags(...)`` is for weights without a record (HF revisions,
+converted checkpoints): then every setting that decides the rows must be given, none is
+defaulted. ``pythia_jax.checkpoint.resolve_run_data(checkpoints, step, **flags)`` picks between
+the two.
 
 Step ``n`` of a run trained on rows ``[n·global_batch, (n+1)·global_batch)`` of the order, so a
 checkpoint saved after ``s`` steps has seen rows ``[0, s·global_batch)`` (``rows_seen``).
@@ -125,49 +126,6 @@ class RunData:
                   documents=d.get("documents"), tokens=d.get("tokens"), origin=origin)
         run.check()
         return run
-
-    @classmethod
-    def from_checkpoints(cls, checkpoints: str | os.PathLike, step: int | None = None, *,
-                         what: str | dict = "", **explicit: Any) -> "RunData":
-        """The data configuration recorded in ``checkpoints`` (a run's output dir, its
-        ``checkpoints/`` root or a step directory) at ``step`` (None: the newest complete step).
-
-        ``explicit``: settings given by the user (``data``, ``order``, ``seq_len``,
-        ``global_batch``, ``seed``, ``train_iters``; None = not given). Each given one must equal
-        the record (``data`` may name a moved copy with the same number of documents and
-        tokens); otherwise ``RunDataMismatch``. Raises ``RunDataError`` when the step holds no
-        record (use ``from_flags``) and ``CheckpointError`` for an unusable directory.
-        """
-        from pythia_jax.checkpoint import read_run_config, resolve_checkpoint_dir
-
-        path = os.fspath(checkpoints)
-        if (os.path.isdir(os.path.join(path, "checkpoints"))
-                and not os.path.exists(os.path.join(path, "model_config.json"))):
-            path = os.path.join(path, "checkpoints")
-        record = read_run_config(path, step)
-        if record is None:
-            raise RunDataError(f"{path} step {step}: no record of the run's data configuration")
-        root, _ = resolve_checkpoint_dir(path)
-        origin = f"the run recorded in {os.fspath(root)} (step {record['step']})"
-        run = cls.from_record(record, origin=origin, cache_prefix=_run_cache_prefix(root, record),
-                              data=explicit.get("data"))
-        return run.checked_against(explicit, what=what)
-
-    @classmethod
-    def resolve(cls, checkpoints: str | os.PathLike | None, step: int | None = None, *,
-                what: str | dict = "", **explicit: Any) -> "RunData":
-        """``from_checkpoints`` when ``checkpoints`` (a checkpoint directory of this project) holds
-        a run record, else ``from_flags(**explicit)`` (all settings required)."""
-        from pythia_jax.checkpoint import is_checkpoint_dir, read_run_config
-
-        if checkpoints is not None:
-            path = os.fspath(checkpoints)
-            if os.path.isdir(os.path.join(path, "checkpoints")) and not is_checkpoint_dir(path):
-                path = os.path.join(path, "checkpoints")
-            if is_checkpoint_dir(path) and read_run_config(path, step) is not None:
-                return cls.from_checkpoints(path, step, what=what, **explicit)
-        return cls.from_flags(what=what, **{k: explicit.get(k) for k in SETTINGS},
-                              cache_prefix=explicit.get("cache_prefix"))
 
     # ------------------------------------------------------------------------------ checks
     def check(self) -> None:
@@ -311,21 +269,6 @@ PYTHIA_DEFAULTS = {"order": "preshuffled", "seq_len": 2048, "global_batch": 1024
                    "train_iters": 143000}
 
 
-def run_data_for_cli(checkpoints: str | None, step: int | None, *, what: dict, **flags: Any) -> RunData:
-    """The rows a command reads: with ``checkpoints`` (a run directory or checkpoint root), the
-    run's recorded settings, the given ``flags`` checked against them (``from_checkpoints``);
-    without, the flags, unset ones taking Pythia's values (``PYTHIA_DEFAULTS``: the standalone
-    view of a dataset in Pythia's order). ``flags``: data, order, seq_len, global_batch, seed,
-    train_iters (None = not given). ``what``: setting -> flag name for messages."""
-    if checkpoints:
-        return RunData.from_checkpoints(checkpoints, step, what=what, **flags)
-    if flags.get("data") is None:
-        raise RunDataError(f"give {flag_name('data', what)} (a dataset prefix) or --checkpoints (a run's "
-                           "directory, whose recorded data settings are then used)")
-    filled = {k: PYTHIA_DEFAULTS[k] if v is None and k in PYTHIA_DEFAULTS else v for k, v in flags.items()}
-    return RunData.from_flags(what=what, **filled)
-
-
 def flag_name(key: str, what: str | dict = "") -> str:
     """``"seq_len"`` -> ``"--seq-len"``, with ``what`` as a prefix: ``"--mem-"`` -> ``--mem-seq-len``;
     a dict maps keys to flag names."""
@@ -355,16 +298,3 @@ def _source_size(prefix: str) -> tuple[int, int]:
         raise RunDataError(f"{prefix}.idx does not exist")
     sizes = Index(prefix + ".idx").sizes
     return int(len(sizes)), int(np.asarray(sizes).sum(dtype=np.int64))
-
-
-def _run_cache_prefix(root, record: dict) -> str | None:
-    """The run's own index-map cache (``<output_dir>/index_maps/<name>``, where the trainer built
-    them) when the checkpoints sit in ``<output_dir>/checkpoints`` and that folder exists."""
-    prefix = (record.get("data") or {}).get("prefix")
-    root = os.fspath(root)
-    if not prefix or "://" in root:
-        return None
-    maps = os.path.join(os.path.dirname(os.path.abspath(root).rstrip("/")), "index_maps")
-    if not os.path.isdir(maps):
-        return None
-    return os.path.join(maps, os.path.basename(prefix.rstrip("/")))

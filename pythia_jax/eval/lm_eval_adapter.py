@@ -11,7 +11,8 @@ Tokenization and request handling are the harness's own (``TemplateLM``); scorin
 generation run on the jitted, bucketed JAX code of ``pythia_jax.eval``.
 
 ``harness_task_from_file`` builds one of the harness's own task YAMLs on a local JSONL file, so
-tasks run without the dataset hub.
+tasks run without the dataset hub (``pythia_jax.eval.harness.build_task`` is the fuller form used
+by ``pythia-jax eval``: CSV files, field renames, every task of the paper's suite).
 """
 
 from __future__ import annotations
@@ -31,8 +32,20 @@ class PythiaJaxLM(TemplateLM):
 
     def __init__(self, path: str | None = None, step: int | str | None = None, *, model: Any = None,
                  batch_size: int | str = 16, max_length: int | str | None = None,
-                 max_gen_toks: int | str = 256, **unused: Any):
+                 max_gen_toks: int | str = 256, scorer: Any = None, generator: Any = None,
+                 **unused: Any):
+        """``path``/``step`` (a model directory), ``model`` (a ``GPTNeoX`` or ``PlacedModel``) or
+        ``scorer`` + ``generator`` (a ``Scorer`` and ``Generator`` to reuse, with their compiled
+        functions: how ``pythia-jax eval`` runs harness tasks at every checkpoint)."""
         super().__init__()
+        self.truncated = 0  # loglikelihood requests cut from the left to fit the window
+        if scorer is not None and generator is not None:
+            from pythia_jax.eval.tokens import get_tokenizer
+            self.tokenizer = get_tokenizer()
+            self.scorer, self.generator = scorer, generator
+            self._max_length = int(max_length or scorer.max_len)
+            self.max_gen_toks = int(max_gen_toks)
+            return
         from pythia_jax.eval.generate import Generator
         from pythia_jax.eval.runtime import place_model
         from pythia_jax.eval.scoring import Scorer
@@ -72,6 +85,7 @@ class PythiaJaxLM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         pairs = [(ctx, cont) for _, ctx, cont in requests]
         res = self.scorer.loglikelihood(pairs, progress=not disable_tqdm)
+        self.truncated += int(res.truncated)
         out = [(float(ll), bool(g)) for ll, g in zip(res.loglik, res.is_greedy)]
         for (key, _, _), r in zip(requests, out):
             if key is not None:
@@ -132,15 +146,15 @@ def harness_task_from_file(task: str | os.PathLike, data_file: str | os.PathLike
     from lm_eval.api.task import ConfigurableTask
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    harness_yaml = {
-        "piqa": "piqa/piqa.yaml", "arc_easy": "arc/arc_easy.yaml", "arc_challenge": "arc/arc_challenge.yaml",
-        "sciq": "sciq/sciq.yaml", "winogrande": "winogrande/default.yaml",
-    }
+    from pythia_jax.eval.harness import HARNESS_TASKS, canonical_name
+
+    harness_yaml = {name: t.yaml for name, t in HARNESS_TASKS.items()}
     path = Path(task)
     if path.suffix not in (".yaml", ".yml"):
-        if str(task) not in harness_yaml:
+        name = canonical_name(str(task))
+        if name is None:
             raise ValueError(f"no bundled harness YAML known for {task!r}; pass a YAML path")
-        path = Path(lm_eval.__file__).parent / "tasks" / harness_yaml[str(task)]
+        path = Path(lm_eval.__file__).parent / "tasks" / harness_yaml[name]
     cfg = load_yaml(path)
     dataset_kwargs: dict[str, Any] = {"data_files": {split: os.path.abspath(data_file)}}
     if cache_dir is not None:

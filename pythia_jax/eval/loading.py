@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from pythia_jax.convert.sources import _fmt, hf_revision_steps, load_params, read_hf_revision
 from pythia_jax.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -45,46 +46,12 @@ def load_model_params(path: str | os.PathLike, step: int | None = None) -> tuple
     if found is not None:
         return found
     from pythia_jax import checkpoint as ckpt
-    from pythia_jax.api import load_params
 
     if step is not None and ckpt.is_checkpoint_dir(p):
         steps = available_steps(p)
         if step not in steps:
             raise CheckpointError(f"{p} has no step {step}; available: {_fmt(steps)}")
     return load_params(p, step=step, host=True)
-
-
-def read_hf_revision(path: str | os.PathLike, step: int | None) -> tuple[Any, dict] | None:
-    """``(ModelConfig, params)`` of ``path/step<step>/`` when ``path`` is a folder of HF revision
-    folders (numpy float32 params, as ``read_hf_dir``; the newest revision when ``step`` is None);
-    None when it is not such a folder. Raises CheckpointError for a step that is not there
-    (listing those that are)."""
-    from pythia_jax.convert.hf import is_hf_dir, read_hf_dir
-
-    p = Path(path)
-    revisions = [] if is_hf_dir(p) else hf_revision_steps(p)
-    if not revisions:
-        return None
-    if step is None:
-        step = revisions[-1]
-        logger.info("%s: using the newest HF revision, step%d (of %s)", p, step, _fmt(revisions))
-    if step not in revisions:
-        raise CheckpointError(f"{p} has no step {step}; available: {_fmt(revisions)}")
-    return read_hf_dir(p / f"step{step}")
-
-
-def hf_revision_steps(path: str | os.PathLike) -> list[int]:
-    """Steps N of the ``path/step<N>/`` HF folders, sorted."""
-    from pythia_jax.convert.hf import is_hf_dir
-
-    p = Path(path)
-    if not p.is_dir():
-        return []
-    steps = []
-    for child in p.iterdir():
-        if child.name.startswith("step") and child.name[4:].isdigit() and is_hf_dir(child):
-            steps.append(int(child.name[4:]))
-    return sorted(steps)
 
 
 def single_hf_step(path: str | os.PathLike) -> int:
@@ -109,9 +76,3 @@ def available_steps(path: str | os.PathLike) -> list[int]:
     root, _ = ckpt.resolve_checkpoint_dir(path)
     with ckpt.TrainCheckpointer(root, save_steps=(), async_save=False) as c:
         return c.all_steps()
-
-
-def _fmt(steps: list[int]) -> str:
-    if len(steps) > 12:
-        return ", ".join(map(str, steps[:6])) + ", …, " + ", ".join(map(str, steps[-3:]))
-    return ", ".join(map(str, steps)) or "none"

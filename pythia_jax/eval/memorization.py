@@ -182,7 +182,7 @@ def sweep_memorization(generator: Any, run: Any, step: int, details_dir: str | o
     """Score checkpoint ``step`` on the rows it has seen (all of ``[0, run.rows_seen(step))``, or
     ``sample`` of them), chunk by chunk into ``parts_dir(details_dir, step)``.
 
-    ``run``: the ``RunData`` of the run (``RunData.from_checkpoints``); ``order``: its opened
+    ``run``: the ``RunData`` of the run (``pythia_jax.checkpoint.read_run_data``); ``order``: its opened
     order (default ``run.open_order()``). This host scores the chunks ``c`` with
     ``c % num_hosts == host_index`` that are not done yet. Returns the merged result (also saved
     as ``merged_path``) once every chunk of the step is there, else None (other hosts' chunks

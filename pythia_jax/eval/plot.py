@@ -2,6 +2,9 @@
 
 Log-x with step 0 kept: the x axis is ``symlog`` (linear below step 1), so the initial
 checkpoint sits at the left edge. Error bars are the stored standard errors.
+
+``plot_compare`` puts several runs on one figure (e.g. a baseline and an intervention branched
+from it): one panel per (task, metric), one line per run.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 from collections import defaultdict
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from pythia_jax.errors import DataError
 from pythia_jax.io_utils import atomic_files, check_output_file
@@ -46,6 +49,12 @@ def plot_metric(rows: Sequence[dict[str, Any]], metric: str, out: str | os.PathL
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title or f"{metric} across training")
+    return _save(fig, out)
+
+
+def _save(fig, out: str | os.PathLike) -> str:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out = os.fspath(out)
     check_output_file(out, "png")  # replaces a PNG, nothing else
@@ -55,3 +64,51 @@ def plot_metric(rows: Sequence[dict[str, Any]], metric: str, out: str | os.PathL
     finally:
         plt.close(fig)
     return out
+
+
+def _points(rows: Sequence[dict[str, Any]], task: str, metric: str) -> list[tuple[int, float, float]]:
+    return sorted((int(r["step"]), float(r["value"]), float(r["stderr"]))
+                  for r in rows if r["task"] == task and r["metric"] == metric)
+
+
+def plot_compare(runs: Mapping[str, Sequence[dict[str, Any]]], panels: Sequence[tuple[str, str]],
+                 out: str | os.PathLike, *, title: str | None = None) -> str:
+    """Several runs' results tables on one figure: a panel per ``(task, metric)`` in ``panels``,
+    a line per run (labelled by its key in ``runs``), value vs. step with standard errors.
+
+    Raises DataError when a panel has no rows in any run (naming what the tables hold).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not runs or not panels:
+        raise DataError("plot_compare needs at least one run and one (task, metric) panel")
+    for task, metric in panels:
+        if not any(_points(rows, task, metric) for rows in runs.values()):
+            have = sorted({f"{r['task']}:{r['metric']}" for rows in runs.values() for r in rows})
+            raise DataError(f"no run has {task}:{metric}; the tables hold {', '.join(have[:20]) or 'nothing'}")
+    n = len(panels)
+    cols = min(n, 3)
+    nrows = -(-n // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.6 * nrows), dpi=120, squeeze=False)
+    for ax, (task, metric) in zip(axes.flat, panels):
+        for label, rows in runs.items():
+            pts = _points(rows, task, metric)
+            if not pts:
+                continue
+            errs = [0.0 if math.isnan(p[2]) else p[2] for p in pts]
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=errs if any(errs) else None,
+                        marker="o", markersize=3, capsize=2, linewidth=1.2, label=label)
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xlim(left=0)
+        ax.set_title(f"{task}: {metric}", fontsize=10)
+        ax.set_xlabel("training step")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, out)

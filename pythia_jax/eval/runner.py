@@ -1,10 +1,22 @@
 """Evaluate many checkpoints of a run and write one tidy table (step, task, metric, value, stderr).
 
-Tasks: the zero-shot multiple-choice specs (``piqa``, ``arc_easy``, …, or a spec .yaml path),
-the generation tasks of ``pythia_jax.eval.generation_tasks`` (``arithmetic``, ``arithmetic_plus``,
-``arithmetic_times``, ``triviaqa``: one table task per k of ``shots``, e.g. ``arithmetic_plus_k4``),
-``perplexity`` (rolling log-likelihood of an indexed dataset or JSONL) and ``memorization``
-(32-token prompts of the training rows each checkpoint has seen). The table is JSON lines
+Tasks:
+
+- lm-evaluation-harness's own tasks on local files (``pythia_jax.eval.harness``): ``piqa``,
+  ``arc_easy``, ``arc_challenge``, ``sciq``, ``winogrande``, ``lambada_openai``, ``logiqa``, ``wsc``,
+  ``crows_pairs``, ``crows_pairs_gender`` (needs the ``lm_eval`` extra). Without lm_eval (or with
+  ``task_system="native"``) the first five run on the bundled YAML specs (``tasks.py``), which
+  reproduce the harness's prompts; the others then refuse with an install hint. Any other
+  zero-shot spec .yaml path runs natively.
+- ``winobias`` (native, ``pythia_jax.eval.winobias``): generation + exact match, net bias.
+- the generation tasks of ``pythia_jax.eval.generation_tasks`` (``arithmetic``, ``arithmetic_plus``,
+  ``arithmetic_times``, ``triviaqa``: one table task per k of ``shots``, e.g. ``arithmetic_plus_k4``).
+- ``perplexity`` (rolling log-likelihood of an indexed dataset or JSONL) and ``memorization``
+  (32-token prompts of the training rows each checkpoint has seen).
+- Groups: ``paper`` (the Pythia paper's zero-shot suite: ``PAPER_TASKS``, plus ``wsc`` when
+  ``<data_dir>/wsc.jsonl`` exists) and ``bias`` (``BIAS_TASKS``).
+
+The table is JSON lines
 (``.jsonl``) or CSV (``.csv``), written after every (step, task) so an interrupted run loses at
 most one task; rerunning skips the (step, task) pairs already in the file.
 """
@@ -14,6 +26,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -22,9 +35,15 @@ from typing import Any, Callable, Iterable, Sequence
 from pythia_jax.errors import CheckpointError, DataError, PythiaJaxError
 from pythia_jax.io_utils import atomic_files, check_output_file
 
+logger = logging.getLogger(__name__)
+
 COLUMNS = ("step", "task", "metric", "value", "stderr", "num_examples")
 DEFAULT_TASKS = ("piqa", "arc_easy", "arc_challenge", "sciq", "winogrande")
 SPECIAL_TASKS = ("perplexity", "memorization")
+PAPER_TASKS = ("lambada_openai", "piqa", "winogrande", "arc_easy", "arc_challenge", "sciq", "logiqa")
+BIAS_TASKS = ("winobias", "crows_pairs_gender")
+TASK_GROUPS = {"paper": PAPER_TASKS, "bias": BIAS_TASKS}
+TASK_SYSTEMS = ("auto", "harness", "native")
 
 
 @dataclasses.dataclass
@@ -39,7 +58,7 @@ class EvalSettings:
     ppl_data: str | None = None  # indexed-dataset prefix or .jsonl
     ppl_text_key: str = "text"
     # memorization: the run's data settings come from the checkpoints' run record; these are
-    # checked against it, or all required when the checkpoints hold none (RunData.resolve)
+    # checked against it, or all required when the checkpoints hold none (checkpoint.resolve_run_data)
     mem_data: str | None = None  # indexed-dataset prefix of the training data
     mem_order: str | None = None
     mem_seq_len: int | None = None
@@ -56,6 +75,11 @@ class EvalSettings:
     max_stack_bytes: int | None = None  # memory budget for the stack (default: the device's)
     shots: Sequence[int] | None = None  # k of the few-shot generation tasks (None: each task's default)
     progress: bool = True
+    task_system: str = "auto"  # harness tasks: "auto" (harness if installed), "harness", "native"
+    datasets_cache: str | None = None  # Arrow copies of the local files (default: datasets' cache)
+    bootstrap_iters: int = 100000  # harness's bootstrapped stderrs (perplexity); 0: no stderrs at all
+    winobias_split: str = "dev"
+    winobias_max_new_tokens: int = 32
 
 
 # --------------------------------------------------------------------------------- the table
@@ -167,20 +191,65 @@ def parse_steps(text: str, available: Callable[[], list[int]]) -> list[int]:
     return sorted(dict.fromkeys(steps))
 
 
+def expand_tasks(tasks: Sequence[str], data_dir: str | None = None) -> list[str]:
+    """Group names expanded (``paper``, ``bias``), harness aliases resolved, duplicates dropped.
+    ``paper`` adds ``wsc`` when ``<data_dir>/wsc.jsonl`` exists."""
+    from pythia_jax.eval.harness import canonical_name
+
+    out: list[str] = []
+    for name in tasks:
+        if name in TASK_GROUPS:
+            out.extend(TASK_GROUPS[name])
+            if name == "paper" and data_dir and (Path(data_dir) / "wsc.jsonl").is_file():
+                out.append("wsc")
+        else:
+            out.append(canonical_name(name) or name)
+    return list(dict.fromkeys(out))
+
+
 def check_tasks(tasks: Sequence[str], settings: EvalSettings) -> dict[str, Any]:
-    """Resolve task names before any model is loaded: zero-shot specs with their examples, and
-    the special tasks with their data. Raises DataError / PythiaJaxError on a problem."""
+    """Resolve task names before any model is loaded: harness tasks built on their local files,
+    zero-shot specs with their examples, WinoBias sentences, the generation tasks (one per k of
+    ``settings.shots``) and the special tasks with their data.
+    Raises DataError / PythiaJaxError on a problem."""
     from pythia_jax.eval import generation_tasks
+    from pythia_jax.eval import harness as H
     from pythia_jax.eval import tasks as T
 
+    if settings.task_system not in TASK_SYSTEMS:
+        raise PythiaJaxError(f"task system must be one of {TASK_SYSTEMS}, got {settings.task_system!r}")
+    have_harness = H.lm_eval_available()
+    if settings.task_system == "harness":
+        H.require_lm_eval("--task-system harness")
     resolved: dict[str, Any] = {}
-    for name in tasks:
+    for name in expand_tasks(tasks, settings.data_dir):
         if name == "perplexity":
             if not settings.ppl_data:
                 raise PythiaJaxError("task 'perplexity' needs --ppl-data (indexed-dataset prefix or .jsonl)")
             resolved[name] = None
         elif name == "memorization":
             resolved[name] = None  # the run's rows: resolved per step from the checkpoints
+        elif name == "winobias":
+            from pythia_jax.eval.winobias import load_winobias
+            if settings.data_dir is None:
+                raise DataError("task winobias: no data directory given (--data-dir with winobias/)")
+            resolved[name] = load_winobias(Path(settings.data_dir) / "winobias", settings.winobias_split,
+                                           limit=settings.limit)
+        elif name in H.HARNESS_TASKS:
+            native = name in T.available_tasks() and (
+                settings.task_system == "native" or (settings.task_system == "auto" and not have_harness))
+            if native:
+                if settings.task_system == "auto":
+                    logger.info("lm_eval not installed: task %s runs on the bundled YAML spec", name)
+                spec = T.load_spec(name)
+                resolved[name] = (spec, T.load_examples(spec, settings.data_dir, limit=settings.limit))
+            else:
+                if settings.task_system == "native":
+                    raise PythiaJaxError(f"task {name!r} has no native implementation; it runs on "
+                                         f"lm-evaluation-harness (drop --task-system native)")
+                H.require_lm_eval(f"task {name!r}")
+                resolved[name] = H.build_task(name, H.default_file(name, settings.data_dir),
+                                              cache_dir=settings.datasets_cache)
         elif (gen := generation_tasks.resolve(name, data_dir=settings.data_dir, shots=settings.shots,
                                               limit=settings.limit)) is not None:
             resolved.update(gen)
@@ -232,14 +301,12 @@ def evaluate_checkpoints(checkpoints: str | os.PathLike, steps: Sequence[int], s
 def _evaluate_stacked(checkpoints, steps, tasks, settings, env, table, log) -> None:
     """``--stack K``: the scoring tasks (zero-shot, perplexity) of K steps at a time in one compiled
     pass (``pythia_jax.eval.stacked``); K is capped to fit the device memory / ``max_stack_bytes``.
-    Memorization and the generation tasks stay per step. Groups whose configs differ fall back to per step."""
+    Memorization, generation, harness and WinoBias tasks stay per step. Groups whose configs differ fall back to per step."""
     from pythia_jax.eval.loading import load_model_params
     from pythia_jax.eval.stacked import StackedScorer, choose_stack
 
-    from pythia_jax.eval import generation_tasks
-
-    scoring = [t for t, r in tasks.items()  # generation tasks and memorization stay per step
-               if t != "memorization" and not isinstance(r, generation_tasks.TASK_TYPES)]
+    scoring = [t for t, r in tasks.items()  # perplexity and native zero-shot (spec, examples) tasks
+               if t == "perplexity" or (t != "memorization" and isinstance(r, tuple))]
     todo = [s for s in steps if any((s, t) not in table.done for t in scoring)]
     if not todo:
         return
@@ -258,11 +325,11 @@ def _evaluate_stacked(checkpoints, steps, tasks, settings, env, table, log) -> N
             stacked.replace_params(params)
         else:
             stacked = StackedScorer(params, loaded[0][0], batch_size=settings.batch_size, max_len=settings.max_len)
-        for i, step in enumerate(group):
-            env.scorer = stacked.view(i)
-            for task in scoring:
+        for task in scoring:  # task-major: the first view scores all K, the others read its result
+            for i, step in enumerate(group):
                 if (step, task) in table.done:
                     continue
+                env.scorer = stacked.view(i)
                 rows = env.run(step, task, tasks[task])
                 table.add(rows)
                 log(f"step {step} {task} (stacked): " + ", ".join(f"{r['metric']}={r['value']:.4g}" for r in rows))
@@ -314,10 +381,14 @@ class _Env:
             return self._perplexity(step)
         if task == "memorization":
             return self._memorization(step)
+        if task == "winobias":
+            return self._winobias(step, resolved)
         from pythia_jax.eval import generation_tasks
         if isinstance(resolved, generation_tasks.TASK_TYPES):
             return generation_tasks.run(self.generator, self.tokenizer, step, resolved,
                                         self._details(step, task, ".jsonl"))
+        if not isinstance(resolved, tuple):
+            return self._harness(step, task, resolved)
         from pythia_jax.eval.zero_shot import evaluate_task
 
         spec, examples = resolved
@@ -327,6 +398,32 @@ class _Env:
             _write_jsonl(path, res.per_example)
         rows = [_row(step, task, m, v, se, res.num_examples) for m, (v, se) in res.metrics.items()]
         rows.append(_row(step, task, "truncated", float(res.truncated), float("nan"), res.num_examples))
+        return rows
+
+    def _harness(self, step: int, task: str, harness_task: Any) -> list[dict[str, Any]]:
+        from pythia_jax.eval.harness import evaluate_task
+        from pythia_jax.eval.lm_eval_adapter import PythiaJaxLM
+
+        lm = PythiaJaxLM(scorer=self.scorer, generator=self.generator)
+        res = evaluate_task(lm, harness_task, limit=self.settings.limit,
+                            bootstrap_iters=self.settings.bootstrap_iters)
+        path = self._details(step, task, ".jsonl")
+        if path is not None:
+            _write_jsonl(path, res.per_example)
+        rows = [_row(step, task, m, v, se, res.num_examples) for m, (v, se) in res.metrics.items()]
+        rows.append(_row(step, task, "truncated", float(lm.truncated), float("nan"), res.num_examples))
+        return rows
+
+    def _winobias(self, step: int, sets: Any) -> list[dict[str, Any]]:
+        from pythia_jax.eval.winobias import evaluate_winobias
+
+        res = evaluate_winobias(self.generator, self.tokenizer, sets,
+                                max_new_tokens=self.settings.winobias_max_new_tokens)
+        path = self._details(step, "winobias", ".jsonl")
+        if path is not None:
+            _write_jsonl(path, res.per_example)
+        rows = [_row(step, "winobias", m, v, se, res.num_examples) for m, (v, se) in res.metrics.items()]
+        rows.append(_row(step, "winobias", "truncated", float(res.truncated), float("nan"), res.num_examples))
         return rows
 
     def _perplexity(self, step: int) -> list[dict[str, Any]]:
@@ -349,11 +446,11 @@ class _Env:
 
     def run_data(self, step: int):
         """The ``RunData`` of the rows checkpoint ``step`` has seen (recorded, or all flags)."""
-        from pythia_jax.data.run_data import RunData
+        from pythia_jax.checkpoint import resolve_run_data
 
         if step not in self._run_data:
             s = self.settings
-            self._run_data[step] = RunData.resolve(
+            self._run_data[step] = resolve_run_data(
                 self.checkpoints, step, what=MEM_FLAGS, data=s.mem_data, order=s.mem_order,
                 seq_len=s.mem_seq_len, global_batch=s.mem_rows_per_step, seed=s.mem_order_seed,
                 train_iters=s.mem_train_iters)

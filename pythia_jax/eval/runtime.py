@@ -16,7 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from pythia_jax.errors import PythiaJaxError
 from pythia_jax.sharding import (DEFAULT_RULES, batch_sharding, data_shards, make_mesh, param_shardings,
                                  replicated)
-from pythia_jax.train.config import MeshConfig
+from pythia_jax.mesh_config import MeshConfig
 
 
 @dataclasses.dataclass

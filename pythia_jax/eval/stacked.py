@@ -121,7 +121,7 @@ class StackedScorer(Scorer):
 
     def __init__(self, params_list: Any, config: Any, *, stacked: bool = False, mesh=None, **kwargs):
         from pythia_jax.sharding import make_mesh, replicated
-        from pythia_jax.train.config import MeshConfig
+        from pythia_jax.mesh_config import MeshConfig
 
         tree = params_list if stacked else stack_params(params_list)
         k = {int(x.shape[0]) for x in jax.tree.leaves(tree)}
@@ -152,8 +152,7 @@ class StackedScorer(Scorer):
     def _cached(self, kind: str, items, progress: bool) -> ScoreResult:
         key = (kind, tuple((tuple(c), tuple(x)) for c, x in items) if kind == "ll"
                else tuple(tuple(d) for d in items))
-        if key not in self._cache:
-            self._cache.clear()  # one request list at a time: the K views of it
+        if key not in self._cache:  # kept until replace_params: every view of it reads this
             fn = self.loglikelihood if kind == "ll" else self.loglikelihood_rolling
             self._cache[key] = fn(items, progress=progress)
         return self._cache[key]

@@ -22,7 +22,7 @@ import dataclasses
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 from pythia_jax.errors import DataError
 from pythia_jax.io_utils import iter_jsonl_objects
@@ -209,8 +209,3 @@ def load_examples(spec: TaskSpec, data_dir: str | os.PathLike | None = None, *,
     if not examples:
         raise DataError(f"{path}: no examples")
     return examples
-
-
-def flatten_requests(examples: Sequence[Example]) -> list[tuple[str, str]]:
-    """All (context, continuation) pairs of ``examples`` in order."""
-    return [r for ex in examples for r in ex.requests]

@@ -14,24 +14,7 @@ import posixpath
 from typing import Any, Mapping
 
 from pythia_jax.config import ConfigError, ModelConfig
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-    """Device mesh ``(slice, data, fsdp, tensor)``. One of data/fsdp/tensor may be -1 (takes the rest).
-
-    slices: data-parallel replicas across TPU slices (DCN); 1 on a single slice / GPU host / CPU.
-    data: pure data parallelism (parameters replicated).
-    fsdp: ZeRO-3 style: batch split AND parameters/optimizer state sharded on their 'embed' dimension.
-    tensor: Megatron tensor parallelism (heads, MLP and vocab columns).
-    rules: extra (logical name, mesh axis or axes or None) pairs that override the default table
-      in ``pythia_jax.sharding.DEFAULT_RULES``.
-    """
-    slices: int = 1
-    data: int = -1
-    fsdp: int = 1
-    tensor: int = 1
-    rules: tuple = ()
+from pythia_jax.mesh_config import MeshConfig  # re-exported: train.config.MeshConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,7 +183,7 @@ class TrainConfig:
         if "://" in path or os.path.isabs(path):
             return path
         if "://" in self.output_dir:  # logs and exports of a gs:// run go to its local mirror
-            from pythia_jax.train.loop import local_output_dir
+            from pythia_jax.train.paths import local_output_dir
 
             return os.path.join(local_output_dir(self.output_dir), path)
         return os.path.join(self.output_dir, path)
@@ -220,10 +203,6 @@ class TrainConfig:
     def min_lr(self) -> float:
         m = self.optimizer.min_lr
         return 0.1 * self.optimizer.max_lr if m is None else float(m)
-
-    @property
-    def micro_batch_size(self) -> int:
-        return self.global_batch // self.micro_batches
 
     @property
     def tokens_per_step(self) -> int:
@@ -320,7 +299,7 @@ class TrainConfig:
 
     def checkpoint_schedule(self):
         """The ``pythia_jax.checkpoint.CheckpointSchedule`` of this run (the last step added)."""
-        from pythia_jax.checkpoint import CheckpointSchedule
+        from pythia_jax.checkpoint.schedule import CheckpointSchedule
 
         return CheckpointSchedule(max_step=self.num_steps, log_until=self.checkpoint_log_until,
                                   every=self.checkpoint_every,

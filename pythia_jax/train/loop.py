@@ -40,6 +40,7 @@ from pythia_jax.config import ConfigError
 from pythia_jax.checkpoint import RunConfigMismatch
 from pythia_jax.errors import CheckpointError, PythiaJaxError
 from pythia_jax.train.config import DistributedConfig, TrainConfig
+from pythia_jax.train.paths import local_output_dir  # re-exported: train.loop.local_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -91,18 +92,6 @@ def on_tpu_vm() -> bool:
     if len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:
         return True
     return bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
-
-
-def local_output_dir(output_dir: str) -> str:
-    """Where logs (metrics.jsonl, TensorBoard) and index-map caches go.
-
-    ``output_dir`` itself when it is a local path; for a URL (``gs://bucket/run``) a local folder
-    ``runs/bucket_run``, since appending JSON lines and building memory-mapped caches need a local
-    file system (checkpoints still go to the URL).
-    """
-    if "://" not in output_dir:
-        return output_dir
-    return os.path.join("runs", output_dir.split("://", 1)[1].strip("/").replace("/", "_"))
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -393,9 +382,9 @@ def _initial_state(cfg: TrainConfig, setup, current: dict):
         return _branch_from_checkpoint(cfg, setup, current, root, S)
     if _is_neox_checkpoint(source):
         return _branch_from_neox(cfg, setup, source, S)
-    from pythia_jax import api
+    from pythia_jax.convert.sources import load_params
 
-    config, params = api.load_params(source, host=True)  # numpy: placed slice by slice
+    config, params = load_params(source, host=True)  # numpy: placed slice by slice
     diff = ckpt_lib.config_differences(config, cfg.model)
     if diff:
         raise CheckpointError(f"{source} holds a different model: {'; '.join(diff)}")

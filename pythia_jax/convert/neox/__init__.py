@@ -28,12 +28,11 @@ Modules, one job each:
 - ``write``: ``write_neox_checkpoint``.
 
 Continuing training from the imported optimizer state is ``pythia_jax.train.continuation``
-(``neox_train_state``, ``fresh_opt_state``); both names are still importable from here.
+(``neox_train_state``, ``fresh_opt_state``): training, not conversion, so this package never
+imports ``pythia_jax.train``.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from pythia_jax.convert.neox.keys import (CAT0, CAT1, EMBED_KEYS, FINAL_NORM_KEYS, HEAD_KEYS,
                                           IGNORED_LAYER_KEYS, KEY_CONVENTIONS, MP_FILE, NORM,
@@ -57,17 +56,4 @@ __all__ = [
     "LayerRoles", "LayerSource", "detect_roles", "merge_layer", "merge_tp", "read_neox_checkpoint",
     "NeoxOptimizerState", "read_neox_optimizer_state",
     "iter_neox_layers", "write_neox_checkpoint",
-    "fresh_opt_state", "neox_train_state",
 ]
-
-# Optimizer continuation is training, not conversion: it lives in pythia_jax.train.continuation.
-# Its two names stay importable from here, resolved on first use so that importing this package
-# never imports ``pythia_jax.train`` (which imports the converters).
-_MOVED_TO_TRAIN = ("fresh_opt_state", "neox_train_state")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_TRAIN:
-        from pythia_jax.train import continuation
-        return getattr(continuation, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

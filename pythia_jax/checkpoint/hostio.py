@@ -1,0 +1,123 @@
+"""Bounded host I/O for one-off saves and restores (the converters).
+
+Measured at the pythia-1.4b shape (5.7 GB fp32, 1.6 GB largest array): Orbax's defaults write
+each array as one chunk, buffer up to a 2 GB OCDBT data file per write and read with 128
+concurrent file reads, which together cost 0.3-0.5x the tree on top of the tree itself; with
+these bounds a save adds about 0.1x and a restore about 0.15x (scripts/bench_convert.py).
+
+Orbax offers no public switch for these bounds, so this module subclasses its public
+``type_handlers.NumpyHandler`` and sets one private attribute of ``PyTreeCheckpointHandler``
+(``_bounded_io_registry``), each in one place.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+from typing import Any
+
+import numpy as np
+
+from pythia_jax.checkpoint.integrity import _host_view
+
+
+def _io_limit(trees: list[Any]) -> int:
+    """Bytes Orbax may have in flight at once: the largest array (+1 MiB), at least 64 MiB."""
+    import jax
+
+    sizes = [int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(trees) if hasattr(x, "shape") and hasattr(x, "dtype")]
+    return max(max(sizes, default=0) + (1 << 20), 64 << 20)
+
+
+def _host_leaf(x: Any) -> Any:
+    """A numpy view of a host-resident leaf (no copy); anything else unchanged."""
+    view = _host_view(x) if hasattr(x, "shape") and hasattr(x, "dtype") else None
+    return x if view is None else view
+
+
+_HOST_CHUNK_BYTES = 16 << 20       # largest chunk of an array written from host memory
+_HOST_DATA_FILE_BYTES = 64 << 20  # OCDBT data file size: tensorstore buffers about one per write
+_HOST_READ_FILES = 4               # concurrent file reads when restoring into host memory
+
+
+@functools.lru_cache(maxsize=1)
+def _host_array_handler() -> Any:
+    """Orbax's numpy handler, bounded: no defensive copy of every array before a save (the
+    converters never modify what they save), chunked writes into small OCDBT data files, and
+    restores that read one array at a time with few concurrent file reads."""
+    import orbax.checkpoint as ocp
+
+    from pythia_jax.io_utils import release_free_memory
+
+    def with_fields(info: Any, **fields: Any) -> Any:
+        info = copy.copy(info)
+        for name, value in fields.items():
+            setattr(info, name, value)
+        return info
+
+    class HostArrayHandler(ocp.type_handlers.NumpyHandler):
+        def __init__(self) -> None:
+            super().__init__(deepcopy_host_arrays=False)
+
+        async def serialize(self, values, infos, args=None):
+            args = args or [ocp.SaveArgs()] * len(values)
+            args = [dataclasses.replace(a, chunk_byte_size=a.chunk_byte_size or _HOST_CHUNK_BYTES)
+                    for a in args]
+            infos = [with_fields(i, ocdbt_target_data_file_size=i.ocdbt_target_data_file_size
+                                 or _HOST_DATA_FILE_BYTES) for i in infos]
+            return await super().serialize(values, infos, args)
+
+        async def deserialize(self, infos, args=None):
+            args = args or [ocp.RestoreArgs()] * len(infos)
+            out = []
+            for info, arg in zip(infos, args):
+                context = ocp.type_handlers.get_ts_context(
+                    use_ocdbt=bool(info.is_ocdbt_checkpoint), file_io_concurrency_limit=_HOST_READ_FILES)
+                out.extend(await super().deserialize([with_fields(info, ts_context=context)], [arg]))
+                release_free_memory()  # the read's freed chunk buffers, before the next array
+            return out
+
+    return HostArrayHandler()
+
+
+def _host_type_registry() -> Any:
+    """Orbax's default type handlers with numpy arrays going through :func:`_host_array_handler`."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    th = ocp.type_handlers
+    return th.create_type_handler_registry(
+        *[(t, th.get_type_handler(t)) for t in (int, float, bytes, np.number)],
+        (np.ndarray, _host_array_handler()),
+        (jax.Array, th.get_type_handler(jax.Array)),
+        (str, th.get_type_handler(str)))
+
+
+def _bounded_io_registry(limit_bytes: int) -> Any:
+    """Handlers of the host I/O mode (see :class:`TrainCheckpointer`'s ``io_limit_bytes``).
+
+    Saves (always PyTreeSave in this mode) and host restores (PyTreeRestore) go through the
+    bounded host handler for numpy leaves; jax leaves, and restores onto shardings
+    (StandardRestore), keep at most ``limit_bytes`` in flight. Without a limit Orbax starts every
+    array's write (or read) at once, and tensorstore's staging buffers plus the device->host
+    copies add up to about another copy of the tree.
+    """
+    import orbax.checkpoint as ocp
+
+    gb = limit_bytes / 1e9
+    pytree = ocp.PyTreeCheckpointHandler(save_concurrent_gb=gb, restore_concurrent_gb=gb,
+                                         type_handler_registry=_host_type_registry())
+    impl = getattr(pytree, "_handler_impl", None)
+    if impl is not None and hasattr(impl, "_save_device_host_concurrent_bytes"):
+        impl._save_device_host_concurrent_bytes = int(limit_bytes)  # also bound device->host copies
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    registry.add(None, ocp.args.StandardRestore, ocp.StandardCheckpointHandler(restore_concurrent_gb=gb))
+    registry.add(None, ocp.args.PyTreeSave, pytree)
+    registry.add(None, ocp.args.PyTreeRestore, pytree)
+    json_handler = ocp.JsonCheckpointHandler()
+    registry.add(None, ocp.args.JsonSave, json_handler)
+    registry.add(None, ocp.args.JsonRestore, json_handler)
+    return registry
+

@@ -1,0 +1,85 @@
+"""Parameter load/save for the converters and the public API: one step, synchronous, low memory.
+
+``save_params_checkpoint`` and ``load_params`` run the training checkpointer in its bounded host
+I/O mode (:mod:`pythia_jax.checkpoint.hostio`): peak memory stays near one copy of the tree.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+from pythia_jax.checkpoint.hostio import _io_limit
+from pythia_jax.checkpoint.layout import PARAMS, read_model_config, resolve_checkpoint_dir
+from pythia_jax.checkpoint.manager import TrainCheckpointer
+from pythia_jax.checkpoint.restore import _abstract_like, _item_tree_metadata
+from pythia_jax.config import ModelConfig
+from pythia_jax.errors import CheckpointError
+
+
+def save_params_checkpoint(directory: str | os.PathLike, step: int, config: ModelConfig, params: Any,
+                           opt_state: Any = None, metadata: Mapping[str, Any] | None = None) -> None:
+    """Write one step of params (and optionally optimizer state) as a checkpoint of this project.
+
+    Synchronous. Used by the converters (HF / GPT-NeoX → this format).
+    """
+    limit = _io_limit([params, opt_state])
+    with TrainCheckpointer(directory, save_steps=(), async_save=False,
+                           model_config=config, io_limit_bytes=limit) as ckpt:
+        if int(step) in ckpt.all_steps():
+            raise CheckpointError(f"{ckpt.directory}/{step} already exists")
+        ckpt.save(step, params, opt_state, None, metadata, force=True)
+
+
+def load_params(directory: str | os.PathLike, step: int | None = None,
+                shardings: Any = None, host: bool = False) -> tuple[ModelConfig, Any]:
+    """Read ``(ModelConfig, params)`` from a checkpoint directory (newest valid step by default).
+
+    ``shardings``: None (first local device), one ``jax.sharding.Sharding`` for every array, or a
+    tree of shardings matching params. ``host=True`` (without shardings): numpy arrays, never
+    copied to a device (the exporters' path). ``directory`` may also be a step directory
+    ``<dir>/<step>``.
+    """
+    if host and shardings is not None:
+        raise ValueError("load_params: host=True reads numpy arrays; do not pass shardings")
+    import jax
+
+    root, dir_step = resolve_checkpoint_dir(directory)
+    step = dir_step if step is None else step
+    config = read_model_config(root)
+    from pythia_jax.model import abstract_params
+
+    limit = _io_limit([abstract_params(config)]) if config is not None else None
+    ckpt = TrainCheckpointer(root, save_steps=(), async_save=False, io_limit_bytes=limit)
+    try:
+        if step is None and not ckpt.all_steps():
+            raise CheckpointError(f"{root} holds no checkpoint steps")
+        abstract = None
+        if shardings is not None:
+            stored = _stored_params_metadata(ckpt, step)
+            if isinstance(shardings, jax.sharding.Sharding):
+                abstract = _abstract_like(stored, lambda _: shardings)
+            else:
+                abstract = jax.tree.map(
+                    lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), stored, shardings)
+        restored = ckpt.restore(step, {PARAMS: abstract} if abstract is not None else None,
+                                host_params=abstract is None)
+    finally:
+        ckpt.close()
+    if restored is None:
+        raise CheckpointError(f"{root}: no valid checkpoint step")
+    if host:
+        return config, restored.params
+    if abstract is None:  # numpy -> the first local device, leaf by leaf (adopted, not copied, on CPU)
+        from pythia_jax.host_memory import to_device_tree
+
+        return config, to_device_tree(restored.params)
+    return config, restored.params
+
+
+def _stored_params_metadata(ckpt: TrainCheckpointer, step: int | None) -> Any:
+    step = ckpt.latest_valid_step() if step is None else step
+    if step is None:
+        raise CheckpointError(f"{ckpt.directory}: no valid checkpoint step")
+    return _item_tree_metadata(ckpt.directory, step, PARAMS)
+

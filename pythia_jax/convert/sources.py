@@ -1,0 +1,115 @@
+"""Reading a model from any supported source: which kind of directory ``path`` is, and its params.
+
+Sources: an HF ``GPTNeoXForCausalLM`` directory, a folder of HF revision folders ``step<N>/``
+(as the Pythia suite publishes them on the Hub), a checkpoint directory of this project, or a
+GPT-NeoX (DeepSpeed) checkpoint. ``pythia_jax.api`` (``load``), evaluation and training
+(``init_from``) all read through :func:`load_params` here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from pythia_jax.config import ConfigError, ModelConfig
+from pythia_jax.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+
+def detect_source(path: str | os.PathLike) -> str:
+    """``"hf"``, ``"checkpoint"`` (this project's Orbax directory) or ``"neox"`` for ``path``."""
+    from pythia_jax.checkpoint import is_checkpoint_dir
+    from pythia_jax.convert.hf import is_hf_dir
+    from pythia_jax.convert.neox import is_neox_checkpoint
+
+    path = os.fspath(path)
+    local = "://" not in path  # remote (gs://…) paths can only be checkpoints of this project
+    if local and not os.path.exists(path):
+        raise CheckpointError(f"{path} does not exist")
+    if local and os.path.isfile(path):
+        raise CheckpointError(f"{path} is a file; pass the model directory")
+    if local and is_hf_dir(path):
+        return "hf"
+    if is_checkpoint_dir(path):
+        return "checkpoint"
+    if local and is_neox_checkpoint(path):
+        return "neox"
+    if local and os.path.isfile(os.path.join(path, "config.json")):
+        return "hf"  # config.json without weights: read_hf_dir names what is missing
+    raise CheckpointError(
+        f"{path} is not a model directory: expected an HF directory (config.json + model.safetensors "
+        "or pytorch_model.bin), a pythia-jax checkpoint (model_config.json) or a GPT-NeoX checkpoint "
+        "(global_stepN/ with layer_XX-model_YY-model_states.pt or mp_rank_XX_model_states.pt)")
+
+
+def load_params(path: str | os.PathLike, step: int | None = None, **kwargs: Any
+                ) -> tuple[ModelConfig, dict[str, Any]]:
+    """(ModelConfig, params) from any supported source (see ``pythia_jax.api.load``).
+
+    HF and GPT-NeoX sources give numpy arrays; a checkpoint of this project gives arrays on the
+    first local device, on ``shardings=`` when given, or numpy with ``host=True``. A folder of HF
+    revision folders ``step<N>/`` (as the Pythia suite publishes them) needs ``step``.
+    """
+    if "://" not in os.fspath(path) and os.path.isdir(path):
+        found = read_hf_revision(path, step)
+        if found is not None:
+            return found
+    source = detect_source(path)
+    if source == "hf":
+        if step is not None:
+            raise ConfigError("step= does not apply to an HF directory (one revision per folder)")
+        from pythia_jax.convert.hf import read_hf_dir
+        return read_hf_dir(path)
+    if source == "checkpoint":
+        from pythia_jax.checkpoint import load_params as load_checkpoint
+        return load_checkpoint(path, step=step, shardings=kwargs.get("shardings"), host=kwargs.get("host", False))
+    from pythia_jax.convert.neox import read_neox_checkpoint, read_neox_optimizer_state
+    config, params, ckpt = read_neox_checkpoint(path, step=step, config_files=kwargs.get("config_files"),
+                                                hidden_act=kwargs.get("hidden_act"))
+    if kwargs.get("master_weights", True) and ckpt.optim_files:
+        state = read_neox_optimizer_state(ckpt, config)
+        if state is not None:
+            params = state.master
+    return config, params
+
+
+def read_hf_revision(path: str | os.PathLike, step: int | None) -> tuple[Any, dict] | None:
+    """``(ModelConfig, params)`` of ``path/step<step>/`` when ``path`` is a folder of HF revision
+    folders (numpy float32 params, as ``read_hf_dir``; the newest revision when ``step`` is None);
+    None when it is not such a folder. Raises CheckpointError for a step that is not there
+    (listing those that are)."""
+    from pythia_jax.convert.hf import is_hf_dir, read_hf_dir
+
+    p = Path(path)
+    revisions = [] if is_hf_dir(p) else hf_revision_steps(p)
+    if not revisions:
+        return None
+    if step is None:
+        step = revisions[-1]
+        logger.info("%s: using the newest HF revision, step%d (of %s)", p, step, _fmt(revisions))
+    if step not in revisions:
+        raise CheckpointError(f"{p} has no step {step}; available: {_fmt(revisions)}")
+    return read_hf_dir(p / f"step{step}")
+
+
+def hf_revision_steps(path: str | os.PathLike) -> list[int]:
+    """Steps N of the ``path/step<N>/`` HF folders, sorted."""
+    from pythia_jax.convert.hf import is_hf_dir
+
+    p = Path(path)
+    if not p.is_dir():
+        return []
+    steps = []
+    for child in p.iterdir():
+        if child.name.startswith("step") and child.name[4:].isdigit() and is_hf_dir(child):
+            steps.append(int(child.name[4:]))
+    return sorted(steps)
+
+
+def _fmt(steps: list[int]) -> str:
+    if len(steps) > 12:
+        return ", ".join(map(str, steps[:6])) + ", …, " + ", ".join(map(str, steps[-3:]))
+    return ", ".join(map(str, steps)) or "none"
