@@ -73,7 +73,20 @@ def _model_apply(config: ModelConfig) -> Callable[[Any, jax.Array], jax.Array]:
 
 
 def token_losses(config: ModelConfig, params: Any, inputs: jax.Array, labels: jax.Array) -> jax.Array:
-    """Per-token cross-entropy, float32 [B, T], of int inputs/labels [B, T]."""
+    """Per-token cross-entropy, float32 [B, T], of int inputs/labels [B, T].
+
+    With ``config.loss_chunk > 0`` the float32 logits are built ``loss_chunk`` positions at a time
+    and recomputed in the backward pass (``layers.chunked_cross_entropy``); otherwise all
+    [B, T, V] at once. Both give the same losses and gradients up to float32 rounding.
+    """
+    if config.loss_chunk:
+        from pythia_jax.layers import chunked_cross_entropy
+        from pythia_jax.model import model_from_params
+
+        model = model_from_params(config, params)
+        hidden = model.hidden_states(inputs.astype(jnp.int32))
+        return chunked_cross_entropy(hidden, model.embed_out.kernel[...], labels, config.loss_chunk,
+                                     dtype=config.dtype)
     logits = _model_apply(config)(params, inputs.astype(jnp.int32)).astype(jnp.float32)
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels.astype(jnp.int32))
 
