@@ -90,7 +90,8 @@ def bench_maps(n_docs: int, seq_len: int, seed: int) -> None:
           f"~{est_mem / 2**30:.1f} GiB (maps + sizes + chunk temporaries)")
 
 
-def bench_loader(n_docs: int, seq_len: int, batch: int, steps: int, workdir: str) -> None:
+def bench_loader(n_docs: int, seq_len: int, batch: int, steps: int, workdir: str,
+                 repeats: int = 5) -> None:
     from pythia_jax.data.indexed import IndexedDataset, IndexedDatasetWriter
     from pythia_jax.data.orders import open_order
     from pythia_jax.data.pipeline import make_train_iterator
@@ -103,58 +104,77 @@ def bench_loader(n_docs: int, seq_len: int, batch: int, steps: int, workdir: str
         for n in sizes:
             w.add_document(rng.integers(0, 50277, size=int(n), dtype=np.uint16))
     ds = IndexedDataset(prefix)
-    train_iters = steps + 2
+    train_iters = steps + 3  # the iterator reads steps 1..steps, and prefetches 2 more
     order = open_order(prefix, "neox", seq_len=seq_len, seed=1234, train_iters=train_iters,
                        global_batch=batch, cache_prefix=os.path.join(workdir, "maps"))
     print(f"[loader] dataset: {n_docs:,} documents, {ds.num_tokens:,} tokens "
           f"({os.path.getsize(prefix + '.bin') / 2**20:.0f} MiB); {steps} steps of {batch} rows "
           f"x {seq_len + 1} tokens")
 
-    # Precompute the token segments of the same rows for the plain-memmap peer.
+    # Precompute the token segments of the same rows (steps 1..steps) for the plain-memmap peer.
     segments = []
-    for n in range(steps):
+    for n in range(1, steps + 1):
         rows = np.arange(n * batch, (n + 1) * batch)
         samples = np.asarray(order.maps.shuffle_idx[rows], dtype=np.int64)
         _, items, starts, lengths = order.maps.sample_segments(samples, ds.sizes)
         segments.append(list(zip((ds.pointers[items] // 2 + starts).tolist(), lengths.tolist())))
     mm = np.memmap(prefix + ".bin", dtype=np.uint16, mode="r")
+    mm_view = mm.view(np.ndarray)  # the same map without the np.memmap subclass per slice
 
-    def peer_neox():
+    def peer_neox(m=mm):
         for segs in segments:
-            np.concatenate([mm[a:a + k] for a, k in segs]).reshape(batch, seq_len + 1)
+            np.concatenate([m[a:a + k] for a, k in segs]).reshape(batch, seq_len + 1)
 
     def ours_neox():
-        for n in range(steps):
+        for n in range(1, steps + 1):
             order.read_rows(n * batch, (n + 1) * batch)
 
     def ours_pipeline(num_threads):
+        # Steady state, as in training: the iterator (and its prefetch threads) is made once and
+        # warmed up; each timed run takes the next ``steps`` batches. Creating it per run would
+        # time the thread pool's start and the prefetched batches that run never takes.
+        it = make_train_iterator(prefix, order=order, seq_len=seq_len, global_batch=batch,
+                                 seed=1234, train_iters=train_iters, process_index=0,
+                                 process_count=1, num_threads=num_threads,
+                                 prefetch=2 if num_threads else 0)
+
         def run():
-            it = make_train_iterator(prefix, order=order, seq_len=seq_len, global_batch=batch,
-                                     seed=1234, train_iters=train_iters, process_index=0,
-                                     process_count=1, num_threads=num_threads,
-                                     prefetch=2 if num_threads else 0)
+            it.set_step(0)
+            next(it)  # untimed: step 0 read and the prefetch buffer filling
+            t = time.perf_counter()
             for _ in range(steps):
                 next(it)
+            return time.perf_counter() - t
         return run
 
-    def timed(fn, repeats=3):
-        """Best of ``repeats`` runs after a warm-up (the machine is shared: take the least noisy)."""
-        fn()  # warm the page cache and code paths
-        best = float("inf")
+    def interleaved(fns: dict, repeats: int) -> dict:
+        """rows/s of each function, run in turns ``repeats`` times after a warm-up (the machine
+        is shared: a ratio is taken within one turn, then the median and range over turns)."""
+        for fn in fns.values():
+            fn()  # warm the page cache and code paths
+        out = {k: [] for k in fns}
         for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - t)
-        return steps * batch / best
+            for k, fn in fns.items():
+                t = time.perf_counter()
+                took = fn()  # a function may time its own part and return the seconds
+                out[k].append(steps * batch / (took or time.perf_counter() - t))
+        return out
 
-    peer = timed(peer_neox)
-    ours = timed(ours_neox)
-    pipe0 = timed(ours_pipeline(0))
-    pipe2 = timed(ours_pipeline(2))
-    print(f"[loader] neox order: plain memmap segments {peer:,.0f} rows/s | NeoxOrder.read_rows "
-          f"{ours:,.0f} rows/s ({ours / peer:.2f}x) | grain iterator, int32 inputs/labels: "
-          f"no threads {pipe0:,.0f} rows/s ({pipe0 / peer:.2f}x), 2 prefetch threads "
-          f"{pipe2:,.0f} rows/s ({pipe2 / peer:.2f}x)")
+    def report(res: dict, peer_key: str, k: str) -> str:
+        ratios = sorted(a / b for a, b in zip(res[k], res[peer_key]))
+        return (f"{np.median(res[k]):,.0f} rows/s ({np.median(ratios):.2f}x, "
+                f"{ratios[0]:.2f}-{ratios[-1]:.2f})")
+
+    res = interleaved({"peer": peer_neox, "view": lambda: peer_neox(mm_view), "ours": ours_neox,
+                       "pipe0": ours_pipeline(0), "pipe2": ours_pipeline(2)}, repeats)
+    print(f"[loader] neox order ({repeats} interleaved turns; rows/s median, ratio to the peer "
+          f"median and range): plain memmap segments {np.median(res['peer']):,.0f} rows/s "
+          f"(uint16) | NeoxOrder.read_rows {report(res, 'peer', 'ours')} | grain iterator, int32 "
+          f"inputs/labels: no threads {report(res, 'peer', 'pipe0')}, 2 prefetch threads "
+          f"{report(res, 'peer', 'pipe2')}")
+    print(f"[loader] against the same segments sliced from a plain ndarray view of the map "
+          f"{np.median(res['view']):,.0f} rows/s: grain iterator no threads "
+          f"{report(res, 'view', 'pipe0')}, 2 prefetch threads {report(res, 'view', 'pipe2')}")
 
     pre_prefix = os.path.join(workdir, "pre", "document")
     write_preshuffled(order, pre_prefix, train_iters * batch, shards=3, progress=False)
@@ -175,12 +195,10 @@ def bench_loader(n_docs: int, seq_len: int, batch: int, steps: int, workdir: str
                 np.array(o.read_rows(n * batch, (n + 1) * batch))  # materialise, like the peer
         return f
 
-    peer_p = timed(peer_pre)
-    ours_p = timed(ours_pre(pre1))
-    ours_s = timed(ours_pre(pre))
-    print(f"[loader] pre-shuffled: plain memmap slice {peer_p:,.0f} rows/s | PreshuffledOrder "
-          f"{ours_p:,.0f} rows/s ({ours_p / peer_p:.2f}x) | 3-shard stream {ours_s:,.0f} rows/s "
-          f"({ours_s / peer_p:.2f}x)")
+    res = interleaved({"peer": peer_pre, "one": ours_pre(pre1), "shards": ours_pre(pre)}, repeats)
+    print(f"[loader] pre-shuffled: plain memmap slice {np.median(res['peer']):,.0f} rows/s | "
+          f"PreshuffledOrder {report(res, 'peer', 'one')} | 3-shard stream "
+          f"{report(res, 'peer', 'shards')}")
 
 
 def main() -> None:
@@ -191,6 +209,7 @@ def main() -> None:
     p.add_argument("--loader-docs", type=int, default=100_000)
     p.add_argument("--batch", type=int, default=1024)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=5, help="interleaved turns of the loader runs")
     p.add_argument("--skip-maps", action="store_true")
     p.add_argument("--skip-loader", action="store_true")
     args = p.parse_args()
@@ -200,7 +219,8 @@ def main() -> None:
         return
     workdir = tempfile.mkdtemp(prefix="bench_data_")
     try:
-        bench_loader(args.loader_docs, args.seq_len, args.batch, args.steps, workdir)
+        bench_loader(args.loader_docs, args.seq_len, args.batch, args.steps, workdir,
+                     args.repeats)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -110,7 +110,11 @@ class LocalFile(ByteSource):
         if not os.path.isfile(path):
             raise DataFileNotFound(f"{path}: file not found")
         self.size = os.path.getsize(path)
-        self._mm = np.memmap(path, dtype=np.uint8, mode="r") if self.size else np.zeros(0, np.uint8)
+        # A plain ndarray view of the map (the map stays open through ``.base``): slicing a
+        # ``np.memmap`` subclass runs ``__array_finalize__`` per slice, which cost as much as the
+        # copies themselves when a loader step gathers thousands of document segments.
+        self._mm = (np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray) if self.size
+                    else np.zeros(0, np.uint8))
 
     def read(self, start: int, stop: int) -> np.ndarray:
         self._check_range(start, stop)

@@ -100,10 +100,13 @@ class StepRowsSource:
         if not 0 <= step < self.num_steps:
             raise IndexError(f"step {step} out of range [0, {self.num_steps})")
         base = self.global_batch * step
+        if not self.transforms_step(step):
+            # Gathered straight into int32 (one pass; inputs/labels are views of those rows).
+            return to_inputs_labels(self.order.read_rows(base + self.row_start,
+                                                         base + self.row_stop, np.int32))
         rows = self.order.read_rows(base + self.row_start, base + self.row_stop)
-        if self.transforms_step(step):
-            rows, stats = apply_to_rows(rows, self.transform)
-            self.transform_stats[step] = stats
+        rows, stats = apply_to_rows(rows, self.transform)  # in the dataset's dtype
+        self.transform_stats[step] = stats
         return to_inputs_labels(rows)
 
     def pop_stats(self, step: int):
