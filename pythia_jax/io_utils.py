@@ -21,6 +21,7 @@ Output rule (every command and Python API that writes a file or folder goes thro
 from __future__ import annotations
 
 import contextlib
+import functools
 import gzip
 import io
 import json
@@ -549,14 +550,24 @@ def release_free_memory() -> None:
     Reading and converting a model frees many large temporary buffers; without this the process
     keeps them (RSS) while the next step (e.g. the Orbax save) allocates more. No-op off glibc.
     """
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    """glibc with ``malloc_trim``, or None. Looked up once: ``find_library`` starts a subprocess
+    (``ldconfig -p``), which cost more than the trim itself when called once per restored array."""
     import ctypes
     import ctypes.util
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
+        libc.malloc_trim  # noqa: B018 - AttributeError off glibc
+        return libc
     except (OSError, AttributeError):
-        pass
+        return None
 
 
 def prefetch(items: Iterator[Any]) -> Iterator[Any]:
