@@ -15,7 +15,6 @@ import logging
 import os
 import threading
 import time
-import warnings
 from typing import Any, Mapping
 
 from pythia_jax.checkpoint.failures import _failure_reason, _quiet_orbax_tracebacks, _step_list
@@ -103,8 +102,8 @@ class TrainCheckpointer:
             if problem is None:
                 return step
             self._bad_steps.add(step)
-            warnings.warn(f"checkpoint step {step} in {self.directory} is unusable ({problem}); "
-                          "falling back to an earlier step", stacklevel=2)
+            logger.warning(f"checkpoint step {step} in {self.directory} is unusable ({problem}); "
+                           "falling back to an earlier step")
         return None
 
     # -------------------------------------------------------------- save
@@ -283,8 +282,8 @@ class TrainCheckpointer:
                 except CheckpointIntegrityError as e:
                     problem = str(e)
             self._bad_steps.add(candidate)
-            warnings.warn(f"checkpoint step {candidate} in {self.directory} is unusable ({problem}); "
-                          "falling back to an earlier step", stacklevel=2)
+            logger.warning(f"checkpoint step {candidate} in {self.directory} is unusable ({problem}); "
+                           "falling back to an earlier step")
         return None
 
     def _restore_step(self, step: int, abstract_state: Mapping[str, Any] | None,
@@ -308,7 +307,7 @@ class TrainCheckpointer:
         if _is_primary():
             (self.directory / str(step)).rename(target)
         _sync(f"pythia_jax_quarantine_{step}")
-        warnings.warn(f"re-saving step {step}: the unusable copy was moved to {target}", stacklevel=3)
+        logger.warning(f"re-saving step {step}: the unusable copy was moved to {target}")
         self._bad_steps.discard(step)
         self._manager.reload()
 
@@ -317,6 +316,6 @@ class TrainCheckpointer:
             return
         leftovers = sorted(p.name for p in self.directory.iterdir() if _TMP_SUFFIX in p.name)
         if leftovers:
-            warnings.warn(f"{self.directory}: removing incomplete checkpoint(s) from an interrupted "
-                          f"save: {', '.join(leftovers)}", stacklevel=3)
+            logger.warning(f"{self.directory}: removing incomplete checkpoint(s) from an interrupted "
+                           f"save: {', '.join(leftovers)}")
 

@@ -167,12 +167,14 @@ class MetricWriter:
         self.message(line)
 
     def message(self, text: str) -> None:
+        """One line for the console: above the progress bar, or (without one) an INFO log record
+        of this module's logger (the CLI shows INFO; a library caller decides with ``logging``)."""
         if not self.enabled:
             return
         if self._bar is not None:
             self._bar.write(text)
         else:
-            print(text, flush=True)
+            logger.info("%s", text)
 
     def close(self) -> None:
         if self._bar is not None:
