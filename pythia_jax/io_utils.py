@@ -10,7 +10,7 @@ Output rule (every command and Python API that writes a file or folder goes thro
   dataset by a dataset, a ``.npy`` / PNG / results table by the same) — never a training run
   directory, nor any other non-empty folder. Refusals are one line (``PythiaJaxError``) naming
   what the existing path looks like.
-* ``atomic_output_dir`` / ``atomic_files``: outputs are written under hidden temporary siblings
+* ``atomic_output_dir`` / ``atomic_files`` / ``write_text_atomic`` (also ``gs://``): outputs are written under hidden temporary siblings
   (``.NAME.tmp-PID@HOST-XXXXXXXX``) and renamed into place when complete; outputs that belong
   together (``.bin`` + ``.idx``) are published together or, on an error, not at all (the
   previous ones are put back). The temporaries are removed on any exception; a later writer of
@@ -376,6 +376,35 @@ def atomic_files(*finals: str | os.PathLike) -> Iterator[list[Path]]:
             _remove(t)
         raise
     publish(list(zip(temps, finals)))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8, newlines as given) to ``path`` through a temporary sibling and a rename.
+
+    A local path goes through :func:`atomic_files` (hidden ``.NAME.tmp-…`` sibling, leftovers of
+    killed writers cleaned, umask mode; on an error the previous file stays). A URL (``gs://…``;
+    also an ``etils.epath.Path`` of one) is written with ``etils.epath`` to a sibling and renamed
+    (an object store's rename is a copy and a delete, so readers see the old or the whole new
+    object, never a partial one).
+    """
+    text_path = os.fspath(path)
+    if "://" not in text_path or text_path.startswith("file://"):
+        local = text_path[len("file://"):] if text_path.startswith("file://") else text_path
+        with atomic_files(local) as (tmp,):
+            tmp.write_text(text, encoding="utf-8", newline="")
+        return
+    from etils import epath
+
+    final = epath.Path(text_path)
+    tmp = final.parent / f".{final.name}.tmp-{_tag()}"
+    try:
+        tmp.write_text(text)
+        tmp.rename(final)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            if tmp.exists():
+                tmp.unlink()
+        raise
 
 
 @contextlib.contextmanager
