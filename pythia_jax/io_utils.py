@@ -454,25 +454,6 @@ def parse_size(size: int | str) -> int:
     return value
 
 
-def open_text(path: str | os.PathLike) -> io.TextIOBase:
-    """Open a UTF-8 text file, decompressing ``.gz`` / ``.zst`` by extension."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: input file not found")
-    try:
-        if path.endswith(".gz"):
-            return gzip.open(path, "rt", encoding="utf-8")
-        if path.endswith(".zst") or path.endswith(".zstd"):
-            import zstandard
-
-            raw = open(path, "rb")
-            return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True),
-                                    encoding="utf-8")
-        return open(path, encoding="utf-8")
-    except OSError as e:
-        raise DataError(f"cannot read {path}: {e.strerror}") from None
-
-
 def _open_bytes(path: str) -> io.BufferedIOBase:
     """A binary reader of ``path``, decompressing ``.gz`` / ``.zst`` by extension."""
     try:

@@ -50,7 +50,6 @@ from pythia_jax.data.transforms import RowTransform, TransformSpec, apply_to_row
 from pythia_jax.errors import DataError
 
 
-
 def host_slice(global_batch: int, process_index: int, process_count: int) -> tuple[int, int]:
     """Offsets [a, b) within a step's rows that host ``process_index`` of ``process_count`` reads."""
     if process_count < 1 or not 0 <= process_index < process_count:
@@ -113,11 +112,6 @@ class StepRowsSource:
     def __repr__(self) -> str:
         return (f"StepRowsSource({self.order.name}, B={self.global_batch}, "
                 f"rows=[{self.row_start}, {self.row_stop}), steps={self.num_steps})")
-
-
-def apply_transform(rows: np.ndarray, transform: RowTransform) -> np.ndarray:
-    """Apply a per-row hook to rows [b, L+1]; each output must keep the row's shape."""
-    return apply_to_rows(rows, transform)[0]
 
 
 def _grain():
