@@ -10,7 +10,8 @@ Output rule (every command and Python API that writes a file or folder goes thro
   dataset by a dataset, a ``.npy`` / PNG / results table by the same) — never a training run
   directory, nor any other non-empty folder. Refusals are one line (``PythiaJaxError``) naming
   what the existing path looks like.
-* ``atomic_output_dir`` / ``atomic_files`` / ``write_text_atomic`` (also ``gs://``): outputs are written under hidden temporary siblings
+* ``atomic_output_dir`` / ``atomic_files`` / ``write_text_atomic`` (also ``gs://``): outputs are
+  written under hidden temporary siblings
   (``.NAME.tmp-PID@HOST-XXXXXXXX``) and renamed into place when complete; outputs that belong
   together (``.bin`` + ``.idx``) are published together or, on an error, not at all (the
   previous ones are put back). The temporaries are removed on any exception; a later writer of

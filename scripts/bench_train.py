@@ -137,7 +137,8 @@ def run_cpu(args) -> None:
     j, t = statistics.median(jt), statistics.median(tt)
     print(f"{'implementation':28s} {'median s':>9s} {'min s':>8s} {'tokens/s':>10s}")
     print(f"{'pythia-jax (jax ' + jax.__version__ + ')':28s} {j:9.3f} {min(jt):8.3f} {tokens / j:10.0f}")
-    print(f"{'HF PyTorch (torch ' + torch.__version__.split('+')[0] + ')':28s} {t:9.3f} {min(tt):8.3f} {tokens / t:10.0f}")
+    label = f"HF PyTorch (torch {torch.__version__.split('+')[0]})"
+    print(f"{label:28s} {t:9.3f} {min(tt):8.3f} {tokens / t:10.0f}")
     print(f"\nratio PyTorch / pythia-jax step time: median {t / j:.2f}, min {min(tt) / min(jt):.2f}  "
           f"(> 1 means pythia-jax is faster); pythia-jax compile {compile_s:.1f} s (once)")
 
@@ -206,7 +207,7 @@ def run_gpu(args) -> None:
             proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--case", case,
                                    "--steps", str(args.steps), "--warmup", str(args.warmup)],
                                   capture_output=True, text=True, env=child_env)
-            lines = [l for l in proc.stdout.splitlines() if l.startswith("CASE ")]
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("CASE ")]
             if not lines:
                 tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
                 res = {"impl": impl, "model": name, "batch": batch, "remat": remat, "note": f"crashed: {tail[:90]}"}
@@ -224,7 +225,8 @@ def run_gpu(args) -> None:
     for r in rows:
         head = f"{label[r['impl']] + ' ' + r['model']:26s} {r['batch']:5d} {r['remat'][:10]:>10s}"
         if r.get("step_s"):
-            print(f"{head} {r['step_s']:7.3f} {r['tokens_s']:9.0f} {r['tokens_s_chip']:10.0f} {r['mfu']:6.1%}  {r['note']}")
+            print(f"{head} {r['step_s']:7.3f} {r['tokens_s']:9.0f} {r['tokens_s_chip']:10.0f} "
+                  f"{r['mfu']:6.1%}  {r['note']}")
         else:
             print(f"{head} {'-':>7s} {'-':>9s} {'-':>10s} {'-':>6s}  {r['note']}")
     for name, *_ in GPU_CASES:

@@ -173,7 +173,7 @@ def test_remote_paths_are_not_made_local():
 def _write_steps(directory, steps, params):
     with C.TrainCheckpointer(directory, save_steps=steps, model_config=TINY) as ckpt:
         for s in steps:
-            ckpt.save(s, jax.tree.map(lambda x: x + s, params), None, None, {"step": s})
+            ckpt.save(s, jax.tree.map(lambda x, s=s: x + s, params), None, None, {"step": s})
 
 
 def _restore_latest(directory, params):
@@ -338,7 +338,8 @@ _RESHARD_SCRIPT = textwrap.dedent("""
     mesh = Mesh(np.array(jax.devices()).reshape(mesh_shape), ("fsdp", "tensor"))
     specs = {{  # FSDP on one axis, Megatron-style tensor split on the other
         "embed_in": {{"embedding": P("tensor", "fsdp")}},
-        "layers": {{"attention": {{"query_key_value": {{"kernel": P(None, "fsdp", "tensor"), "bias": P(None, "tensor")}}}},
+        "layers": {{"attention": {{"query_key_value": {{"kernel": P(None, "fsdp", "tensor"),
+                                                       "bias": P(None, "tensor")}}}},
                    "mlp": {{"dense_h_to_4h": {{"kernel": P(None, "fsdp", "tensor"), "bias": P(None, "tensor")}}}}}},
         "final_layer_norm": {{"scale": P("fsdp"), "bias": P()}},
         "embed_out": {{"kernel": P("fsdp", "tensor")}},

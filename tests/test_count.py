@@ -9,8 +9,18 @@ import pytest
 
 from pythia_jax.cli import main
 from pythia_jax.data import count as count_lib
-from pythia_jax.data.count import (CountError, CountSpec, NgramCounter, NumeralCounter, RunData,
-                                   make_windows, merge_shards, read_table, run_count, shard_path)
+from pythia_jax.data.count import (
+    CountError,
+    CountSpec,
+    NgramCounter,
+    NumeralCounter,
+    RunData,
+    make_windows,
+    merge_shards,
+    read_table,
+    run_count,
+    shard_path,
+)
 from pythia_jax.data.indexed import write_indexed_dataset
 from pythia_jax.data.tokenizer import decode, encode
 

@@ -353,7 +353,8 @@ def _safetensors_entries(file: Path, size: int) -> tuple[int, list[tuple[str, st
     return start, entries
 
 
-def _stream_safetensors(file: Path, record: StepRecord, name: str, on_tensor: Callable[[str, str, tuple, str, Any], None]
+def _stream_safetensors(file: Path, record: StepRecord, name: str,
+                        on_tensor: Callable[[str, str, tuple, str, Any], None]
                         ) -> None:
     size = file.stat().st_size
     start, entries = _safetensors_entries(file, size)
@@ -411,7 +412,8 @@ def _stream_torch_bin(file: Path, record: StepRecord, on_tensor: Callable) -> No
                 raise
             state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a corrupt or truncated file raises many types
-        raise CheckpointError(f"cannot read it ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        raise CheckpointError(f"cannot read it ({type(e).__name__}: {first_line})") from None
     if not isinstance(state, Mapping):
         raise CheckpointError("does not hold a state dict")
     for key in list(state):
@@ -486,10 +488,11 @@ def _audit_hf_step(path: Path, label: str, step: int | None) -> StepRecord:
         file = path / name
         file_keys: list[tuple[str, str]] = []
 
+        # called only while this file is read (this iteration), so the loop variables are current
         def on_tensor(key: str, code: str, shape: tuple, digest: str, stats: Stats | None) -> None:
             canonical = hf.KEY_ALIASES.get(key, key)
-            record.tensors[canonical] = TensorPrint(canonical, code, tuple(shape), digest, name, stats)
-            file_keys.append((canonical, f"{code}|{list(shape)}|{digest}"))
+            record.tensors[canonical] = TensorPrint(canonical, code, tuple(shape), digest, name, stats)  # noqa: B023
+            file_keys.append((canonical, f"{code}|{list(shape)}|{digest}"))  # noqa: B023
 
         try:
             if fmt == "safetensors":
@@ -657,7 +660,7 @@ def audit_series(directory: str | os.PathLike, *, steps: Iterable[int] | None = 
         if leftovers:
             notes.append(Finding("leftover", "-", f"interrupted or quarantined saves: {_some(leftovers)}", "note"))
         config = ckpt.read_model_config(root)
-        for label, step, _ in entries:
+        for _label, step, _ in entries:
             records.append(_audit_checkpoint_step(root, step, config))
             if progress:
                 progress(records[-1])

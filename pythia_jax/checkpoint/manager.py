@@ -21,9 +21,19 @@ from pythia_jax.checkpoint.failures import _failure_reason, _quiet_orbax_traceba
 from pythia_jax.checkpoint.hostio import _bounded_io_registry
 from pythia_jax.checkpoint.integrity import step_problem
 from pythia_jax.checkpoint.items import _save_args
-from pythia_jax.checkpoint.layout import (_TMP_SUFFIX, OPT_STATE, PARAMS, CheckpointIntegrityError,
-                                          CheckpointSaveFailed, _epath, _is_primary, _sync,
-                                          config_differences, read_model_config, write_model_config)
+from pythia_jax.checkpoint.layout import (
+    _TMP_SUFFIX,
+    OPT_STATE,
+    PARAMS,
+    CheckpointIntegrityError,
+    CheckpointSaveFailed,
+    _epath,
+    _is_primary,
+    _sync,
+    config_differences,
+    read_model_config,
+    write_model_config,
+)
 from pythia_jax.checkpoint.restore import RestoredState, _restore_items
 from pythia_jax.checkpoint.schedule import SaveSteps, _as_predicate
 from pythia_jax.config import ModelConfig

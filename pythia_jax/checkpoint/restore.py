@@ -9,17 +9,26 @@ array items (:func:`_array_targets`), the Orbax arguments of every item (:func:`
 
 from __future__ import annotations
 
-import logging
 import dataclasses
+import logging
 from typing import Any, Callable
 
 import numpy as np
 
 from pythia_jax.checkpoint.integrity import _check_shapes, _verify_checksums, step_problem
 from pythia_jax.checkpoint.items import grain_restore_args
-from pythia_jax.checkpoint.layout import (_ARRAY_ITEMS, _INTERNAL_KEY, DATA_ITER, METADATA, OPT_STATE,
-                                          PARAMS, CheckpointIntegrityError, RunConfigMismatch,
-                                          _agree_on_success, _epath)
+from pythia_jax.checkpoint.layout import (
+    _ARRAY_ITEMS,
+    _INTERNAL_KEY,
+    DATA_ITER,
+    METADATA,
+    OPT_STATE,
+    PARAMS,
+    CheckpointIntegrityError,
+    RunConfigMismatch,
+    _agree_on_success,
+    _epath,
+)
 from pythia_jax.errors import CheckpointError, DataError
 
 logger = logging.getLogger(__name__)

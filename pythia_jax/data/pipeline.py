@@ -29,8 +29,8 @@ Checkpointing: ``it`` is a ``grain.DatasetIterator``; save it as the ``data_iter
 Orbax checkpoint with ``grain.checkpoint.CheckpointSave(it)`` (handled by
 ``grain.checkpoint.CheckpointHandler``, one JSON file per process) and restore it in place with
 ``grain.checkpoint.CheckpointRestore(it)`` (``pythia_jax.checkpoint`` does both). A restored
-state whose global batch, seq_len, order or seed differ from the iterator's raises ``DataError``. Without a checkpoint, pass
-``start_step=k`` (or ``it.set_step(k)``): the stream depends only on the step.
+state whose global batch, seq_len, order or seed differ from the iterator's raises ``DataError``.
+Without a checkpoint, pass ``start_step=k`` (or ``it.set_step(k)``): the stream depends only on the step.
 
 Evaluation: ``make_eval_batches(data_prefix, order=..., seq_len=..., batch_size=...)`` yields
 ``{'inputs', 'labels'}`` batches of held-out rows: for ``neox``/``preshuffled`` the rows after

@@ -14,8 +14,8 @@ def maybe_initialize_distributed(cfg: DistributedConfig) -> None:
     """``jax.distributed.initialize`` for multi-process runs (before any device is touched).
 
     "auto": initialise when a coordinator/process count is configured or a TPU VM is
-    detected (its accelerator device files; TPU VMs fill in everything themselves, one host too); "yes": always; "no": never. CPU multi-process
-    (tests) uses gloo collectives.
+    detected (its accelerator device files; TPU VMs fill in everything themselves, one host
+    too); "yes": always; "no": never. CPU multi-process (tests) uses gloo collectives.
     """
     if cfg.initialize == "no" or jax.distributed.is_initialized():
         return

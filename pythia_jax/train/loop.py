@@ -50,8 +50,12 @@ from pythia_jax.train.hooks import (
     run_steps,
 )
 from pythia_jax.train.paths import local_output_dir
-from pythia_jax.train.resume import _same_neox_rows  # noqa: F401 - re-exported for tests
-from pythia_jax.train.resume import RUN_CONFIG_VERSION, check_resume, run_config
+from pythia_jax.train.resume import (
+    RUN_CONFIG_VERSION,
+    _same_neox_rows,  # noqa: F401 - re-exported for tests
+    check_resume,
+    run_config,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -46,7 +46,8 @@ def run_config(cfg: TrainConfig) -> dict:
     order, seed, global batch, sequence length and ``train_iters`` (= ``num_steps``: the GPT-NeoX
     index maps are built for ``train_iters · global_batch`` samples, GPT-NeoX
     ``megatron/data/gpt2_dataset.py`` ``_build_index_mappings``), and the row transform
-    (``TransformSpec.to_dict()``: name, parameters, step window; None without one). Step ``n`` trained on rows ``[n·global_batch, (n+1)·global_batch)`` of that order.
+    (``TransformSpec.to_dict()``: name, parameters, step window; None without one). Step ``n``
+    trained on rows ``[n·global_batch, (n+1)·global_batch)`` of that order.
     ``schedule``: ``num_steps`` and the optimizer settings, the LR schedule's fields resolved.
     ``model``: ``ModelConfig.to_dict()``. ``init``: parameter seed, ``init_from`` and
     ``start_step`` (used when the run starts; recorded, not checked), and for a branch

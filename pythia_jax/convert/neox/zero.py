@@ -11,8 +11,8 @@ rank are laid end to end and cut by the ``param_shapes`` recorded in
 
 from __future__ import annotations
 
-import logging
 import dataclasses
+import logging
 import os
 from typing import Any, Mapping, Sequence
 
