@@ -43,6 +43,8 @@ RUNTIME_VERSIONS = {
 REMOTE_DIR = "$HOME/pythia-jax"
 LOG_FILE = "$HOME/pythia-jax-train.log"
 PID_FILE = "$HOME/pythia-jax-train.pid"
+COUNT_LOG_FILE = "$HOME/pythia-jax-count.log"
+COUNT_PID_FILE = "$HOME/pythia-jax-count.pid"
 REMOTE_ARCHIVE = "pythia-jax-src.tar.gz"  # scp destinations are relative to the home directory
 ARCHIVE = "/tmp/pythia-jax-src.tar.gz"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -164,6 +166,30 @@ def train_remote_command(args: argparse.Namespace) -> str:
             f"echo $! > {pid}; echo started pid $(cat {pid}) on $(hostname)")
 
 
+def count_remote_command(args: argparse.Namespace) -> str:
+    """Every worker runs ``pythia-jax count`` on its share of the windows (``--num-hosts auto
+    --host-index auto``: JAX's process count and index), in the background, logged; then
+    ``pythia-jax count-merge`` on one machine combines the per-host files."""
+    count = ["pythia-jax", "count", *args.count_args, "--num-hosts", "auto", "--host-index", "auto"]
+    env = "".join(f"{shlex.quote(e)} " for e in args.env)
+    pid, log = f'"{COUNT_PID_FILE}"', f'"{args.log_file}"'
+    return (f'cd "{REMOTE_DIR}" && . .venv/bin/activate && '
+            f"if [ -f {pid} ] && kill -0 $(cat {pid}) 2>/dev/null; then "
+            f"echo 'pythia-jax count is already running on this worker' >&2; exit 1; fi; "
+            f"{env}nohup {shlex.join(count)} > {log} 2>&1 < /dev/null & "
+            f"echo $! > {pid}; echo started pid $(cat {pid}) on $(hostname)")
+
+
+def count_commands(args: argparse.Namespace) -> list[list[str]]:
+    if not any(a == "--out" or a.startswith("--out=") for a in args.count_args):
+        raise UsageError("count needs --out (on a file system every worker writes to, e.g. gcsfuse, "
+                         "or merge the per-host files afterwards with pythia-jax count-merge)")
+    if any(a in ("--num-hosts", "--host-index") or a.startswith(("--num-hosts=", "--host-index="))
+           for a in args.count_args):
+        raise UsageError("count sets --num-hosts/--host-index itself (auto: one share per worker)")
+    return [ssh_all(args, count_remote_command(args))]
+
+
 def train_commands(args: argparse.Namespace) -> list[list[str]]:
     if not args.gin_file:
         raise UsageError("train needs at least one --gin_file")
@@ -206,7 +232,8 @@ def run_commands(args: argparse.Namespace) -> list[list[str]]:
 
 
 SUBCOMMANDS = {
-    "create": create_commands, "setup": setup_commands, "train": train_commands, "logs": logs_commands,
+    "create": create_commands, "setup": setup_commands, "train": train_commands, "count": count_commands,
+    "logs": logs_commands,
     "stop": stop_commands, "status": status_commands, "delete": delete_commands, "run": run_commands,
 }
 
@@ -251,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-distributed", dest="distributed", action="store_false",
                    help="do not force jax.distributed.initialize() (default: forced, as pods need it)")
 
+    cnt = sub.add_parser("count", help="run `pythia-jax count` on every worker, one share of the windows "
+                         "each (background, logged); its flags pass through")
+    cnt.add_argument("--env", action="append", default=[], help="KEY=VALUE for the counter (repeatable)")
+    cnt.add_argument("--log-file", default=COUNT_LOG_FILE)
+
     lg = sub.add_parser("logs", help="show / stream the training log")
     lg.add_argument("--worker", default="0", help="worker index or 'all'")
     lg.add_argument("--lines", type=int, default=100)
@@ -278,6 +310,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args, unknown = parser.parse_known_args(list(argv))
     if args.command == "train":
         args.train_args = unknown
+    elif args.command == "count":
+        args.count_args = unknown
     elif unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "create" and args.node_count > 1:

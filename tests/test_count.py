@@ -319,3 +319,24 @@ def test_byte_decoder_equals_the_tokenizer():
     assert decode_rows(rows) == tok.decode_batch([r.tolist() for r in rows],
                                                  skip_special_tokens=False)
     assert decode_rows(rows[:0]) == []
+
+
+def test_regex_and_numeral_locations_name_the_token_too():
+    """--locate gives the character offset of a regex / numeral match and the token holding it."""
+    import numpy as np
+
+    from pythia_jax.data import count as cnt
+    from pythia_jax.data.tokenizer import decode, encode
+
+    text = "Héllo wörld: Paris has 12 cats and 7 dogs; Paris again"
+    row = np.asarray(encode(text), dtype=np.uint16)[None, :]
+    counters = cnt.build_counters(cnt.CountSpec(regexes=("Paris",), numerals=True, locate=True))
+    _, locs = cnt.count_rows(counters, row, locate=True)
+    assert locs, "no locations"
+    for _term, _variant, _r, off, unit, tok in locs:
+        assert unit == "char"
+        pieces = [decode(row[0][: i + 1]) for i in range(len(row[0]))]
+        # the token holding character `off` is the first whose prefix decode reaches past it
+        assert len(pieces[tok]) > off and (tok == 0 or len(pieces[tok - 1]) <= off)
+    paris = [loc for loc in locs if loc[0] == "Paris"]
+    assert [loc[3] for loc in paris] == [m.start() for m in __import__("re").finditer("Paris", text)]

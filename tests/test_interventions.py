@@ -163,3 +163,42 @@ def test_readme_intervention_example_runs_as_written(tmp_path, monkeypatch):
     s100 = C.load_params(tmp_path / "runs/demo-swap/checkpoints", step=100)[1]
     for a, b in zip(jax.tree.leaves(b100), jax.tree.leaves(s100)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_branch_from_a_gpt_neox_zero_checkpoint_imports_master_weights_and_moments(tmp_path):
+    """init_from = an original GPT-NeoX checkpoint with ZeRO shards: the run starts at its iteration
+    with its fp32 master weights and Adam moments (the state saved at the branch step is theirs)."""
+    pytest.importorskip("torch")
+    from test_convert import build_zero
+
+    from pythia_jax.convert.neox import read_neox_checkpoint
+    from pythia_jax.train.continuation import neox_train_state
+    from pythia_jax.train.optimizer import adam_moments, schedule_count
+
+    step_dir, _, _ = build_zero(tmp_path, tp=1, dp=2, form="torch", step=20)
+    config, _, ckpt = read_neox_checkpoint(step_dir)
+    params, opt_state, iteration, _ = neox_train_state(ckpt, config)
+    assert iteration == 23
+    cfg = run_cfg(tmp_path / "run", model=config, num_steps=30, seq_length=32, init_from=step_dir,
+                  start_step=23)
+    loop.train(cfg, devices=jax.devices()[:1], max_steps=0)  # restore/import only, then save
+    root = tmp_path / "run" / "checkpoints"
+    assert C.TrainCheckpointer(root).all_steps() == [23]
+    record = C.read_run_config(root)
+    assert record["init"]["adam_moments"] == "source" and record["init"]["start_step"] == 23
+    from pythia_jax.train import builder
+
+    setup = builder.build(cfg, jax.devices()[:1], compile_eval=False)
+    restored = C.TrainCheckpointer(root).restore(
+        step=23, abstract_state={"params": setup.abstract_state.params,
+                                 "opt_state": setup.abstract_state.opt_state})
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(restored.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    mu, nu, count = adam_moments(restored.opt_state)
+    mu0, nu0, count0 = adam_moments(opt_state)
+    for a, b in zip(jax.tree.leaves(mu0) + jax.tree.leaves(nu0), jax.tree.leaves(mu) + jax.tree.leaves(nu)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(count) == int(count0) == 20 and int(schedule_count(restored.opt_state)) == 20
+    with pytest.raises(CheckpointError, match="it is iteration 23"):
+        loop.train(run_cfg(tmp_path / "run2", model=config, num_steps=30, seq_length=32,
+                           init_from=step_dir, start_step=22), devices=jax.devices()[:1], max_steps=0)

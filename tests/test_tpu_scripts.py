@@ -134,3 +134,18 @@ def test_dry_run_prints_and_runs_nothing():
     proc = subprocess.run([sys.executable, str(SCRIPT), *BASE, "--dry-run", "logs", "--bogus"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "unrecognized arguments" in proc.stderr
+
+
+def test_count_runs_one_share_per_worker_and_passes_flags_through(tmp_path):
+    (cmd,) = commands("count", "--data", "gs://b/pile/document", "--order", "preshuffled",
+                      "--preset", "numerals", "--window", "13000", "--out", "/mnt/gcs/numerals.jsonl")
+    assert "--worker=all" in cmd
+    remote = remote_of(cmd)
+    assert "pythia-jax count --data gs://b/pile/document --order preshuffled --preset numerals " \
+           "--window 13000 --out /mnt/gcs/numerals.jsonl --num-hosts auto --host-index auto" in remote
+    assert "pythia-jax-count.pid" in remote and "pythia-jax-count.log" in remote
+    subprocess.run(["bash", "-n", "-c", remote], check=True)  # valid shell
+    with pytest.raises(tpu.UsageError, match="needs --out"):
+        commands("count", "--data", "x", "--preset", "numerals")
+    with pytest.raises(tpu.UsageError, match="sets --num-hosts"):
+        commands("count", "--data", "x", "--out", "o.jsonl", "--num-hosts", "4")

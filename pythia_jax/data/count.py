@@ -19,8 +19,9 @@ batches`` use (``pythia_jax.data.orders.open_order``) and counts, per step windo
 Results form a tidy table, one row per (window, term, variant): ``window_start, window_end, term,
 variant, count, cumulative`` where ``count`` is over steps ``[window_start, window_end)`` and
 ``cumulative`` over ``[first window start, window_end)``. With ``locate`` a second table lists where
-terms occur: ``term, variant, step, row_in_step, offset, offset_unit`` (token offset within the
-row for n-grams, character offset within the decoded row for regex/numerals).
+terms occur: ``term, variant, step, row_in_step, offset, offset_unit, token_offset`` (``offset``:
+the token offset within the row for n-grams, the character offset within the decoded row for
+regex/numerals; ``token_offset``: always the token holding the match's first character).
 
 Running (``run_count``): each finished window is written as a part file in ``OUT.parts/`` (with a
 ``manifest.json`` of what is counted and over which rows), so a rerun with ``resume=True`` skips
@@ -55,7 +56,7 @@ from pythia_jax.io_utils import write_text_atomic
 logger = logging.getLogger(__name__)
 
 TABLE_COLUMNS = ("window_start", "window_end", "term", "variant", "count", "cumulative")
-LOCATION_COLUMNS = ("term", "variant", "step", "row_in_step", "offset", "offset_unit")
+LOCATION_COLUMNS = ("term", "variant", "step", "row_in_step", "offset", "offset_unit", "token_offset")
 OUTPUT_EXTENSIONS = (".jsonl", ".csv")
 MANIFEST_VERSION = 1
 # Tokens read per chunk when the caller does not choose (about 8 MB of uint16).
@@ -554,8 +555,23 @@ def count_rows(counters, rows: np.ndarray, *, locate: bool = False, max_location
     for c in counters:
         counts.update(c.count(rows, texts))
         if locate:
-            locs.extend((*loc, c.offset_unit) for loc in c.locate(rows, texts, max_locations))
+            found = c.locate(rows, texts, max_locations)
+            if c.offset_unit == "token":
+                locs.extend((*loc, "token", loc[-1]) for loc in found)
+            else:
+                locs.extend((*loc, c.offset_unit, _token_of_char(rows[loc[2]], texts[loc[2]], loc[3]))
+                            for loc in found)
     return counts, locs
+
+
+def _token_of_char(row: np.ndarray, text: str, char_offset: int) -> int:
+    """The index of the token of ``row`` whose bytes hold character ``char_offset`` of its decoded
+    ``text`` (exact for valid UTF-8; a U+FFFD replacement counts as its 3 bytes)."""
+    if not _DECODER:
+        _DECODER.append(ByteDecoder())
+    byte = len(text[:char_offset].encode("utf-8"))
+    ends = np.cumsum(_DECODER[0].lens[as_uint16(row)], dtype=np.int64)
+    return int(min(np.searchsorted(ends, byte, side="right"), len(row) - 1))
 
 
 # --------------------------------------------------------------------------- worker side
@@ -577,7 +593,7 @@ def _count_chunk(task: tuple[int, int, int, int]):
     rows = run.read_range(_WORKER["order"], a * B, b * B)  # the run's transform applied
     counts, locs = count_rows(_WORKER["counters"], rows, locate=spec.locate,
                               max_locations=spec.max_locations)
-    locs = [(t, v, a + i // B, i % B, off, unit) for t, v, i, off, unit in locs]
+    locs = [(t, v, a + i // B, i % B, off, unit, tok) for t, v, i, off, unit, tok in locs]
     return w, c, counts, locs, int(rows.size)
 
 
@@ -653,10 +669,11 @@ def _location_rows(manifest: dict, results) -> list[tuple]:
     seen: collections.Counter = collections.Counter()
     out = []
     for w in manifest["windows"]:
-        for t, v, step, r, off, unit in results[tuple(w)]["locations"]:
+        for loc in results[tuple(w)]["locations"]:
+            t, v = loc[0], loc[1]
             if seen[(t, v)] < limit:
                 seen[(t, v)] += 1
-                out.append((t, v, step, r, off, unit))
+                out.append(tuple(loc))
     return out
 
 

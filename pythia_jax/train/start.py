@@ -167,7 +167,11 @@ def _branch_from_neox(cfg: TrainConfig, setup, source: str, S: int):
     from pythia_jax.convert.neox import read_neox_checkpoint
     from pythia_jax.train.continuation import neox_train_state
 
-    config, _, neox_ckpt = read_neox_checkpoint(source, step=S or None)
+    # a global_stepN/ folder is read as it is (its iteration is checked below); a parent folder
+    # of several is asked for global_step<S>
+    is_step_dir = bool(glob.glob(os.path.join(source, "*model_states.pt")) or
+                       glob.glob(os.path.join(source, "mp_rank_*")))
+    config, _, neox_ckpt = read_neox_checkpoint(source, step=None if is_step_dir else (S or None))
     diff = config_differences(config, cfg.model)
     if diff:
         raise CheckpointError(f"{source} holds a different model: {'; '.join(diff)}")
