@@ -380,26 +380,28 @@ def atomic_files(*finals: str | os.PathLike) -> Iterator[list[Path]]:
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` (UTF-8, newlines as given) to ``path`` through a temporary sibling and a rename.
+    """Write ``text`` (UTF-8) to ``path`` through a temporary sibling and a rename.
 
-    A local path goes through :func:`atomic_files` (hidden ``.NAME.tmp-…`` sibling, leftovers of
-    killed writers cleaned, umask mode; on an error the previous file stays). A URL (``gs://…``;
-    also an ``etils.epath.Path`` of one) is written with ``etils.epath`` to a sibling and renamed
-    (an object store's rename is a copy and a delete, so readers see the old or the whole new
-    object, never a partial one).
+    The text is written with ``etils.epath`` (one writer for local files and ``gs://`` objects;
+    ``path`` may be an ``epath.Path``). A local path goes through :func:`atomic_files` (hidden
+    ``.NAME.tmp-…`` sibling, leftovers of killed writers cleaned, umask mode; on an error the
+    temporary is removed and the previous file stays). A URL (``gs://…``) is written to a sibling
+    object and renamed (an object store's rename is a copy and a delete, so readers see the old or
+    the whole new object, never a partial one).
     """
-    text_path = os.fspath(path)
-    if "://" not in text_path or text_path.startswith("file://"):
-        local = text_path[len("file://"):] if text_path.startswith("file://") else text_path
-        with atomic_files(local) as (tmp,):
-            tmp.write_text(text, encoding="utf-8", newline="")
-        return
     from etils import epath
 
+    text_path = os.fspath(path)
+    if text_path.startswith("file://"):
+        text_path = text_path[len("file://"):]
+    if "://" not in text_path:
+        with atomic_files(text_path) as (tmp,):
+            epath.Path(tmp).write_text(text, encoding="utf-8")
+        return
     final = epath.Path(text_path)
     tmp = final.parent / f".{final.name}.tmp-{_tag()}"
     try:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
         tmp.rename(final)
     except BaseException:
         with contextlib.suppress(Exception):

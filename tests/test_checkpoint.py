@@ -274,6 +274,7 @@ def test_host_io_saves_write_chunked_arrays_that_restore_everywhere(tmp_path, mo
         C.load_params(tmp_path, step=7, host=True)
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_no_valid_step_returns_none(tmp_path, caplog):
     params = _params(7)
     _write_steps(tmp_path, [4], params)

@@ -94,8 +94,8 @@ def test_write_text_atomic_replaces_whole_files_and_leaves_no_temporaries(tmp_pa
     from pythia_jax import io_utils
 
     target = tmp_path / "sub" / "manifest.json"
-    io_utils.write_text_atomic(target, "one\r\ntwo\n")  # the folder is made; newlines kept as given
-    assert target.read_bytes() == b"one\r\ntwo\n"
+    io_utils.write_text_atomic(target, "one\ntwo é\n")  # the folder is made
+    assert target.read_bytes() == "one\ntwo é\n".encode("utf-8")
     io_utils.write_text_atomic(f"file://{target}", "new")
     assert target.read_text() == "new"
 
