@@ -68,6 +68,9 @@ class ModelConfig:
     remat: str = "none"
     attention: str = "auto"
     scan_layers: bool = True
+    # > 0: the training/eval loss builds the float32 logits this many positions of each row at a
+    # time (``layers.chunked_cross_entropy``) instead of all [B, T, V] at once; 0: all at once
+    loss_chunk: int = 0
 
     def __post_init__(self) -> None:
         if self.intermediate_size == 0:
@@ -103,6 +106,9 @@ class ModelConfig:
             raise ConfigError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         if self.attention not in ATTENTION_IMPLS:
             raise ConfigError(f"attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
+        if not isinstance(self.loss_chunk, int) or isinstance(self.loss_chunk, bool) or self.loss_chunk < 0:
+            raise ConfigError(f"ModelConfig.loss_chunk must be an integer >= 0 (0 = whole logits, "
+                              f"else positions per chunk, e.g. 256), got {self.loss_chunk!r}")
 
     # ------------------------------------------------------------ derived
     @property

@@ -214,6 +214,24 @@ class GPTNeoX(nnx.Module):
         backend with attention 'auto', 'xla' or 'reference'; raises ``ConfigError`` for
         attention='cudnn' off GPU or in float32 (``layers.check_attention_supported``).
         """
+        x, new_cache = self._hidden(tokens, positions, key_mask, cache)
+        B, T = tokens.shape
+        logits = self.embed_out(x, out_dtype=jnp.float32).reshape(B, T, -1)
+        logits = with_logical_constraint(logits, ("batch", "length", "vocab"))
+        if cache is None:
+            return logits
+        return logits, new_cache
+
+    def hidden_states(self, tokens: jax.Array, *, positions: jax.Array | None = None,
+                      key_mask: jax.Array | None = None) -> jax.Array:
+        """The final-LayerNorm output [B·T, H] in the compute dtype (what ``embed_out`` reads),
+        for int tokens [B, T]: the input of a loss that never builds all [B, T, V] logits at once
+        (``layers.chunked_cross_entropy``). Arguments as for ``__call__`` (no cache).
+        """
+        return self._hidden(tokens, positions, key_mask, None)[0]
+
+    def _hidden(self, tokens, positions, key_mask, cache):
+        """(final-LayerNorm output [B·T, H], new cache or None); see ``__call__``."""
         cfg = self.config
         # an attention kernel named in the config that cannot run on this backend / dtype is
         # refused here, at trace time, before any compute (ConfigError)
@@ -241,12 +259,9 @@ class GPTNeoX(nnx.Module):
         kv = (cache.k, cache.v) if cache is not None else None
         x, new_kv = self._run_layers(x, cos, sin, mask, B, kv, index)
         x = self.final_layer_norm(x)
-        logits = self.embed_out(x, out_dtype=jnp.float32).reshape(B, T, -1)
-        logits = with_logical_constraint(logits, ("batch", "length", "vocab"))
         if cache is None:
-            return logits
-        new_cache = KVCache(k=new_kv[0], v=new_kv[1], valid=new_valid, index=index + T)
-        return logits, new_cache
+            return x, None
+        return x, KVCache(k=new_kv[0], v=new_kv[1], valid=new_valid, index=index + T)
 
     def _run_layers(self, x, cos, sin, mask, batch, kv, index):
         """Apply the L stacked blocks: a scan (or an unrolled loop when ``scan_layers`` is off).

@@ -7,12 +7,16 @@ model shape, batch and sequence length, with the same number of CPU threads.
     python scripts/bench_train.py                       # CPU: pythia-70m shape, seq 128, fp32
     python scripts/bench_train.py --model pythia-160m --seq 256 --batch 4
     python scripts/bench_train.py --gpu                 # GPU: pythia-410m and pythia-1.4b, seq 2048, bf16
+    python scripts/bench_train.py --gpu --quick         # GPU: one setting per model (about 4 minutes)
 
 CPU prints step time, tokens/s and the ratio PyTorch time / pythia-jax time (> 1: pythia-jax is
 faster). GPU mode prints tokens/s, tokens/s/chip and MFU (model FLOPs as in
 ``pythia_jax.train.metrics``: 6·(params − V·H) + causal-halved attention, against the device's peak
 dense bf16 FLOP/s) for both implementations (PyTorch: bf16 autocast, fp32 master weights, SDPA
-attention, fused AdamW). Each measurement runs in its own process; the whole GPU run takes about 3 minutes on one H100.
+attention, fused AdamW) and the peak per-device memory. pythia-jax runs with cuDNN flash attention
+inside the step and sweeps the remat policy, micro-batches, the chunked loss (``loss_chunk``) and an
+XLA flag set (``GPU_CASES``). Each measurement runs in its own process; the full sweep takes about
+10 minutes on one H100, ``--quick`` about 4.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 # ----------------------------------------------------------------------------------------- JAX
-def jax_stepper(model_name: str, batch: int, seq: int, dtype: str, remat: str = "none"):
+def jax_stepper(model_name: str, batch: int, seq: int, dtype: str, remat: str = "none",
+                loss_chunk: int = 0, micro_batches: int = 1, attention: str = "auto"):
     """(one_step() -> seconds, compile seconds) for the project's compiled train step."""
     import jax
     import numpy as np
@@ -36,9 +41,11 @@ def jax_stepper(model_name: str, batch: int, seq: int, dtype: str, remat: str = 
     from pythia_jax.train.builder import build
     from pythia_jax.train.config import MeshConfig, OptimizerConfig, TrainConfig
 
-    model = ModelConfig.preset(model_name, dtype=dtype, remat=remat)
+    model = ModelConfig.preset(model_name, dtype=dtype, remat=remat, loss_chunk=loss_chunk,
+                               attention=attention)
     cfg = TrainConfig(model=model, mesh=MeshConfig(data=-1), num_steps=1000, global_batch=batch,
-                      seq_length=seq, optimizer=OptimizerConfig(max_lr=1e-4, warmup_steps=0))
+                      seq_length=seq, micro_batches=micro_batches,
+                      optimizer=OptimizerConfig(max_lr=1e-4, warmup_steps=0))
     t0 = time.perf_counter()
     setup = build(cfg, compile_eval=False)
     compile_s = time.perf_counter() - t0
@@ -57,9 +64,10 @@ def jax_stepper(model_name: str, batch: int, seq: int, dtype: str, remat: str = 
 
 
 def jax_step_times(model_name: str, batch: int, seq: int, steps: int, warmup: int, dtype: str,
-                   remat: str = "none") -> tuple[list[float], float]:
-    """Seconds per step (after ``warmup`` untimed steps) and the compile time."""
-    one_step, compile_s = jax_stepper(model_name, batch, seq, dtype, remat)
+                   remat: str = "none", **options) -> tuple[list[float], float]:
+    """Seconds per step (after ``warmup`` untimed steps) and the compile time; ``options``:
+    loss_chunk, micro_batches, attention (see ``jax_stepper``)."""
+    one_step, compile_s = jax_stepper(model_name, batch, seq, dtype, remat, **options)
     times = [one_step() for _ in range(warmup + steps)][warmup:]
     return times, compile_s
 
@@ -143,35 +151,65 @@ def run_cpu(args) -> None:
           f"(> 1 means pythia-jax is faster); pythia-jax compile {compile_s:.1f} s (once)")
 
 
-GPU_CASES = (  # model, global batch (seq 2048), remat of pythia-jax
-    ("pythia-410m", 16, "dots_with_no_batch_dims_saveable"),
-    ("pythia-1.4b", 8, "dots_with_no_batch_dims_saveable"),
+# Accelerator sweep (prepared for issue 14, item 4). Each row: model, global batch (seq 2048),
+# remat policy, micro-batches, loss_chunk (0 = whole [B, T, V] float32 logits), XLA flag set.
+# The chunked loss keeps at most B·chunk·V float32 logits alive (B·512·50k·4 B = 1.6 GiB at B=16
+# instead of 6.6 GiB), which is what lets the cheaper remat policies fit.
+XLA_FLAG_SETS = {
+    "default": "",
+    # latency-hiding scheduler + async collectives do not matter on one chip; these do: fewer,
+    # larger fusions with cuBLAS(Lt) GEMMs instead of Triton GEMMs for the bf16 matmuls
+    "tuned": "--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_command_buffer= "
+             "--xla_gpu_enable_latency_hiding_scheduler=true",
+}
+GPU_CASES = (
+    # model,        batch, remat,                               micro, loss_chunk, flags
+    ("pythia-410m", 16, "dots_with_no_batch_dims_saveable", 1, 0, "default"),   # the earlier setting
+    ("pythia-410m", 16, "dots_with_no_batch_dims_saveable", 1, 512, "default"),
+    ("pythia-410m", 16, "none", 1, 512, "default"),
+    ("pythia-410m", 16, "none", 2, 512, "tuned"),
+    ("pythia-1.4b", 8, "dots_with_no_batch_dims_saveable", 1, 0, "default"),    # the earlier setting
+    ("pythia-1.4b", 8, "dots_with_no_batch_dims_saveable", 1, 512, "default"),
+    ("pythia-1.4b", 8, "dots_saveable", 1, 512, "tuned"),
+    ("pythia-1.4b", 16, "dots_with_no_batch_dims_saveable", 2, 512, "tuned"),
 )
+QUICK_CASES = (GPU_CASES[1], GPU_CASES[5])  # --quick: one setting per model
 
 
 def gpu_case(args) -> None:
     """One GPU measurement in this (fresh) process: prints ``CASE {json}``."""
     import json
 
-    impl, name, batch, remat = args.case.split(":")
-    batch, seq = int(batch), 2048
-    out = {"impl": impl, "model": name, "batch": batch, "remat": remat, "note": ""}
+    impl, name, batch, remat, micro, chunk, flags = args.case.split(":")
+    batch, micro, chunk, seq = int(batch), int(micro), int(chunk), 2048
+    out = {"impl": impl, "model": name, "batch": batch, "remat": remat, "micro": micro,
+           "loss_chunk": chunk, "flags": flags, "note": ""}
     try:
         if impl == "jax":
-            times, compile_s = jax_step_times(name, batch, seq, args.steps, args.warmup, "bfloat16", remat)
+            import jax
+
+            # cuDNN flash attention inside the train step: named explicitly, so that a fallback
+            # to XLA attention is an error here rather than a silent slowdown
+            times, compile_s = jax_step_times(name, batch, seq, args.steps, args.warmup, "bfloat16", remat,
+                                              loss_chunk=chunk, micro_batches=micro, attention="cudnn")
+            stats = jax.devices()[0].memory_stats() or {}
+            out["peak_gib"] = stats.get("peak_bytes_in_use", 0) / 2 ** 30
             out["note"] = f"compile {compile_s:.0f}s"
         else:
+            import torch
+
             try:
                 times = torch_step_times(name, batch, seq, args.steps, args.warmup, "cuda", bf16=True)
             except Exception as e:  # noqa: BLE001 - out of memory: retry with activation checkpointing
                 if "out of memory" not in str(e).lower():
                     raise
-                import torch
                 torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
                 times = torch_step_times(name, batch, seq, args.steps, args.warmup, "cuda", bf16=True,
                                          checkpointing=True)
                 out["remat"] = "full"
                 out["note"] = "gradient checkpointing (OOM without)"
+            out["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
         out["step_s"] = statistics.median(times)
     except Exception as e:  # noqa: BLE001 - report and go on
         out["note"] = f"{type(e).__name__}: {str(e).splitlines()[0][:90]}"
@@ -179,8 +217,9 @@ def gpu_case(args) -> None:
 
 
 def run_gpu(args) -> None:
-    """Every (implementation, model) in its own process: JAX preallocates GPU memory, and one
-    framework's cached memory must not starve the other."""
+    """Every (implementation, setting) in its own process: JAX preallocates GPU memory, and one
+    framework's cached memory must not starve the other. Prints tokens/s, MFU and the peak
+    per-device memory of every setting, then the best pythia-jax setting per model against HF."""
     import json
     import subprocess
 
@@ -197,43 +236,62 @@ def run_gpu(args) -> None:
     if peak is None:
         raise SystemExit(f"no peak FLOP/s known for {devices[0].device_kind}; pass --peak_flops")
     seq = 2048
+    cases = QUICK_CASES if args.quick else GPU_CASES
     print(f"GPU: {n} x {devices[0].device_kind}, peak {peak / 1e12:.0f} TFLOP/s bf16 per chip, seq {seq}, "
-          f"bf16 compute with fp32 master weights, median of {args.steps} steps after {args.warmup} warm-up\n",
-          flush=True)
+          f"bf16 compute with fp32 master weights, median of {args.steps} steps after {args.warmup} warm-up, "
+          f"{len(cases)} pythia-jax settings\n", flush=True)
+    runs = [("jax",) + c for c in cases]
+    if not args.no_torch:
+        for name in dict.fromkeys(c[0] for c in cases):
+            batch = next(c[1] for c in cases if c[0] == name)
+            runs.append(("torch", name, batch, "none", 1, 0, "default"))
     rows = []
-    for name, batch, remat in GPU_CASES:
-        for impl in ("jax",) + (() if args.no_torch else ("torch",)):
-            case = f"{impl}:{name}:{batch}:{remat if impl == 'jax' else 'none'}"
+    for impl, name, batch, remat, micro, chunk, flags in runs:
+        env = dict(child_env)
+        if impl == "jax" and XLA_FLAG_SETS[flags]:
+            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + XLA_FLAG_SETS[flags]).strip()
+        case = f"{impl}:{name}:{batch}:{remat}:{micro}:{chunk}:{flags}"
+        try:
             proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--case", case,
                                    "--steps", str(args.steps), "--warmup", str(args.warmup)],
-                                  capture_output=True, text=True, env=child_env)
-            lines = [line for line in proc.stdout.splitlines() if line.startswith("CASE ")]
-            if not lines:
-                tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-                res = {"impl": impl, "model": name, "batch": batch, "remat": remat, "note": f"crashed: {tail[:90]}"}
-            else:
-                res = json.loads(lines[-1][5:])
-            fpt = flops_per_token(ModelConfig.preset(name), seq)
-            if res.get("step_s"):
-                tps = batch * seq / res["step_s"]
-                res.update(tokens_s=tps, tokens_s_chip=tps / n, mfu=tps * fpt / (n * peak))
-            rows.append(res)
-            print(res, flush=True)
-    label = {"jax": "pythia-jax", "torch": "HF PyTorch"}
-    print(f"\n{'implementation / model':26s} {'batch':>5s} {'remat':>10s} {'step s':>7s} {'tokens/s':>9s} "
-          f"{'tok/s/chip':>10s} {'MFU':>6s}  note")
-    for r in rows:
-        head = f"{label[r['impl']] + ' ' + r['model']:26s} {r['batch']:5d} {r['remat'][:10]:>10s}"
-        if r.get("step_s"):
-            print(f"{head} {r['step_s']:7.3f} {r['tokens_s']:9.0f} {r['tokens_s_chip']:10.0f} "
-                  f"{r['mfu']:6.1%}  {r['note']}")
+                                  capture_output=True, text=True, env=env, timeout=args.case_timeout)
+            stdout, stderr = proc.stdout, proc.stderr
+        except subprocess.TimeoutExpired as e:
+            stdout, stderr = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), \
+                f"timed out after {args.case_timeout}s"
+        lines = [line for line in stdout.splitlines() if line.startswith("CASE ")]
+        if not lines:
+            tail = (stderr.strip().splitlines() or ["no output"])[-1]
+            res = {"impl": impl, "model": name, "batch": batch, "remat": remat, "micro": micro,
+                   "loss_chunk": chunk, "flags": flags, "note": f"crashed: {tail[:90]}"}
         else:
-            print(f"{head} {'-':>7s} {'-':>9s} {'-':>10s} {'-':>6s}  {r['note']}")
-    for name, *_ in GPU_CASES:
-        ours = next((r for r in rows if r["impl"] == "jax" and r["model"] == name and r.get("step_s")), None)
+            res = json.loads(lines[-1][5:])
+        fpt = flops_per_token(ModelConfig.preset(name), seq)
+        if res.get("step_s"):
+            tps = batch * seq / res["step_s"]
+            res.update(tokens_s=tps, tokens_s_chip=tps / n, mfu=tps * fpt / (n * peak))
+        rows.append(res)
+        print(res, flush=True)
+    label = {"jax": "pythia-jax", "torch": "HF PyTorch"}
+    print(f"\n{'implementation / model':26s} {'batch':>5s} {'remat':>12s} {'mb':>2s} {'chunk':>5s} {'flags':>7s} "
+          f"{'step s':>7s} {'tokens/s':>9s} {'tok/s/chip':>10s} {'MFU':>6s} {'peak GiB':>8s}  note")
+    for r in rows:
+        head = (f"{label[r['impl']] + ' ' + r['model']:26s} {r['batch']:5d} {r['remat'][:12]:>12s} "
+                f"{r['micro']:2d} {r['loss_chunk']:5d} {r['flags'][:7]:>7s}")
+        if r.get("step_s"):
+            print(f"{head} {r['step_s']:7.3f} {r['tokens_s']:9.0f} {r['tokens_s_chip']:10.0f} {r['mfu']:6.1%} "
+                  f"{r.get('peak_gib', 0):8.1f}  {r['note']}")
+        else:
+            print(f"{head} {'-':>7s} {'-':>9s} {'-':>10s} {'-':>6s} {'-':>8s}  {r['note']}")
+    for name in dict.fromkeys(c[0] for c in cases):
+        ours = [r for r in rows if r["impl"] == "jax" and r["model"] == name and r.get("step_s")]
         theirs = next((r for r in rows if r["impl"] == "torch" and r["model"] == name and r.get("step_s")), None)
-        if ours and theirs:
-            print(f"{name}: pythia-jax / HF PyTorch tokens/s = {ours['tokens_s'] / theirs['tokens_s']:.2f}")
+        if ours:
+            best = max(ours, key=lambda r: r["mfu"])
+            vs = f", {best['tokens_s'] / theirs['tokens_s']:.2f}x HF PyTorch tokens/s" if theirs else ""
+            print(f"{name}: best pythia-jax MFU {best['mfu']:.1%} (batch {best['batch']}, remat {best['remat']}, "
+                  f"micro {best['micro']}, loss_chunk {best['loss_chunk']}, flags {best['flags']}, "
+                  f"peak {best.get('peak_gib', 0):.1f} GiB/device){vs}")
 
 
 def main() -> None:
@@ -247,6 +305,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="CPU threads for PyTorch (default: all cores)")
     p.add_argument("--peak_flops", type=float, default=None, help="GPU mode: peak FLOP/s per chip override")
     p.add_argument("--no_torch", action="store_true", help="GPU mode: skip the PyTorch peer")
+    p.add_argument("--quick", action="store_true", help="GPU mode: one pythia-jax setting per model")
+    p.add_argument("--case_timeout", type=int, default=240, help="GPU mode: seconds per setting (default 240)")
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: one GPU measurement
     args = p.parse_args()
     if args.case:

@@ -282,8 +282,8 @@ def test_interrupted_count_resumes_to_the_same_table(corpus, tmp_path, monkeypat
     (["--ids", "1,,2"], "--ids '1,,2': expected comma-separated token ids"),
     (["--text", "cat", "--out", "c.txt"], "expected a .jsonl or .csv file name"),
 ])
-def test_bad_input_is_one_line_and_writes_nothing(corpus, tmp_path, capsys, extra, message):
-    os.chdir(tmp_path)
+def test_bad_input_is_one_line_and_writes_nothing(corpus, tmp_path, capsys, extra, message, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # restored afterwards: other tests read configs/ from the repo root
     args = ["count", "--data", corpus["neox"], "--order", "neox", "--no-progress"] + COMMON
     if "--out" not in extra:
         args += ["--out", "c.jsonl"]

@@ -37,7 +37,7 @@ _ORBAX_STEP_METADATA = "_CHECKPOINT_METADATA"
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 # ModelConfig fields that describe how the model runs, not what its parameters are.
-EXECUTION_FIELDS = ("name", "dtype", "param_dtype", "remat", "attention", "scan_layers")
+EXECUTION_FIELDS = ("name", "dtype", "param_dtype", "remat", "attention", "scan_layers", "loss_chunk")
 
 
 class CheckpointIntegrityError(CheckpointError):

@@ -50,6 +50,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from pythia_jax.data.run_data import RunData  # noqa: F401  (re-exported: the counting API takes one)
+from pythia_jax.data.tokenizer import bytes_to_unicode
 from pythia_jax.errors import PythiaJaxError
 from pythia_jax.io_utils import write_text_atomic
 
@@ -466,21 +467,6 @@ def fixed_keys(counters) -> list[Key]:
 # --------------------------------------------------------------------------- counting rows
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte-level BPE alphabet (openai/gpt-2 ``encoder.py``, ``bytes_to_unicode``), which
-    the GPT-NeoX-20B tokenizer's ``ByteLevel`` pre-tokenizer/decoder uses: byte -> one character."""
-    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1))
-          + list(range(ord("\xae"), ord("\xff") + 1)))
-    cs = bs[:]
-    extra = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + extra)
-            extra += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
-
-
 class ByteDecoder:
     """Rows of token ids -> text, vectorised: each id's bytes from a table, one UTF-8 decode per row.
 
@@ -494,7 +480,7 @@ class ByteDecoder:
         from pythia_jax.data.tokenizer import load_tokenizer
 
         tok = tokenizer or load_tokenizer()
-        byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+        byte_of = {c: b for b, c in bytes_to_unicode().items()}
         added = {i: t.content for i, t in tok.get_added_tokens_decoder().items()}
         table = [b""] * (1 << 16)
         for piece, i in tok.get_vocab(with_added_tokens=False).items():

@@ -42,12 +42,18 @@ def _score_fn(placed: PlacedModel) -> Callable:
         """tokens int32 [B, L]; positions/targets int32 [B, C] (the C scored positions of each row
         and the tokens expected there); mask bool [B, C] -> (loglik f32 [B], greedy bool [B]).
 
-        Only the C scored positions go through the softmax reductions (C is usually much smaller
-        than L). A token is greedy when its logit equals the row maximum.
+        Only the C scored positions go through the output layer and the softmax reductions (C is
+        usually much smaller than L; the output layer is the largest matmul of the small models):
+        the final hidden states of those positions are gathered first, then projected to float32
+        logits [B, C, V] exactly as the model's ``embed_out`` does. A token is greedy when its
+        logit equals the row maximum.
         """
         model = placed.build(params)
-        logits = model(tokens).astype(jnp.float32)
-        logits = jnp.take_along_axis(logits, positions[..., None], axis=1)  # [B, C, V]
+        B, L = tokens.shape
+        hidden = model.hidden_states(tokens).reshape(B, L, -1)
+        hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)  # [B, C, H]
+        logits = model.embed_out(hidden.reshape(-1, hidden.shape[-1]), out_dtype=jnp.float32)
+        logits = logits.reshape(B, positions.shape[1], -1)  # [B, C, V]
         target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
         top = jnp.max(logits, axis=-1)
         lse = top + jnp.log(jnp.sum(jnp.exp(logits - top[..., None]), axis=-1))
@@ -118,6 +124,7 @@ class Scorer:
         if progress:
             from tqdm import tqdm
             batches = tqdm(batches, desc="scoring", unit="batch")
+        pending = []
         for idx, L, B in batches:
             C = next_bucket(max(rows[i][1] for i in idx), min(8, L), L)
             tokens = np.zeros((B, L), np.int32)
@@ -133,7 +140,10 @@ class Scorer:
                 mask[r, :n_cont] = True
             self.compiled_shapes.add((B, L, C))
             put = self.placed.put_batch
-            ll, gr = self._score(self.placed.params, put(tokens), put(positions), put(targets), put(mask))
+            # dispatched without waiting: the host builds the next batch while this one runs
+            pending.append((idx, self._score(self.placed.params, put(tokens), put(positions),
+                                             put(targets), put(mask))))
+        for idx, (ll, gr) in pending:  # one device-to-host read per batch, after all are queued
             ll, gr = np.asarray(ll), np.asarray(gr)
             for r, i in enumerate(idx):
                 loglik[i] = ll[..., r]

@@ -73,7 +73,20 @@ def _model_apply(config: ModelConfig) -> Callable[[Any, jax.Array], jax.Array]:
 
 
 def token_losses(config: ModelConfig, params: Any, inputs: jax.Array, labels: jax.Array) -> jax.Array:
-    """Per-token cross-entropy, float32 [B, T], of int inputs/labels [B, T]."""
+    """Per-token cross-entropy, float32 [B, T], of int inputs/labels [B, T].
+
+    With ``config.loss_chunk > 0`` the float32 logits are built ``loss_chunk`` positions at a time
+    and recomputed in the backward pass (``layers.chunked_cross_entropy``); otherwise all
+    [B, T, V] at once. Both give the same losses and gradients up to float32 rounding.
+    """
+    if config.loss_chunk:
+        from pythia_jax.layers import chunked_cross_entropy
+        from pythia_jax.model import model_from_params
+
+        model = model_from_params(config, params)
+        hidden = model.hidden_states(inputs.astype(jnp.int32))
+        return chunked_cross_entropy(hidden, model.embed_out.kernel[...], labels, config.loss_chunk,
+                                     dtype=config.dtype)
     logits = _model_apply(config)(params, inputs.astype(jnp.int32)).astype(jnp.float32)
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels.astype(jnp.int32))
 
@@ -137,16 +150,27 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
         if loss_scale is not None:  # fp16 mimic: the scaled gradients must fit float16
             fits = jnp.all(jnp.stack([jnp.max(jnp.abs(g)) <= FLOAT16_MAX for g in jax.tree.leaves(grads)]))
             finite = finite & fits
-        grads = jax.tree.map(lambda g: g / scale, grads)
+            grads = jax.tree.map(lambda g: g / scale, grads)  # (without loss scaling scale is 1: no pass)
         grad_norm = optax.tree.norm(grads)
 
-        updates, new_opt = optimizer.update(grads, state.opt_state, params)
-        new_params = optax.apply_updates(params, updates)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        # The update runs under ``lax.cond`` rather than being computed and then discarded with
+        # ``where(finite, new, old)``: a select keeps the old params/moments alive next to the new
+        # ones, so XLA copies every donated moment buffer before updating it in place (on CPU
+        # this was 0.45 s of a 7 s pythia-160m step). The taken branch is the same arithmetic.
+        def apply(operands):
+            grads, opt_state, params = operands
+            updates, new_opt = optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), new_opt
+
+        def skip(operands):
+            _, opt_state, params = operands
+            return params, opt_state
+
+        new_params, new_opt = jax.lax.cond(finite, apply, skip, (grads, state.opt_state, params))
         new_state = TrainState(
             step=state.step + 1,
-            params=keep(new_params, params),
-            opt_state=keep(new_opt, state.opt_state),
+            params=new_params,
+            opt_state=new_opt,
             loss_scale=loss_scale.update(state.loss_scale, finite) if loss_scale is not None else state.loss_scale,
             skipped=state.skipped + (~finite).astype(jnp.int32),
             nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1).astype(jnp.int32),
