@@ -15,16 +15,25 @@ import logging
 import os
 import threading
 import time
-import warnings
 from typing import Any, Mapping
 
 from pythia_jax.checkpoint.failures import _failure_reason, _quiet_orbax_tracebacks, _step_list
 from pythia_jax.checkpoint.hostio import _bounded_io_registry
 from pythia_jax.checkpoint.integrity import step_problem
 from pythia_jax.checkpoint.items import _save_args
-from pythia_jax.checkpoint.layout import (_TMP_SUFFIX, OPT_STATE, PARAMS, CheckpointIntegrityError,
-                                          CheckpointSaveFailed, _epath, _is_primary, _sync,
-                                          config_differences, read_model_config, write_model_config)
+from pythia_jax.checkpoint.layout import (
+    _TMP_SUFFIX,
+    OPT_STATE,
+    PARAMS,
+    CheckpointIntegrityError,
+    CheckpointSaveFailed,
+    _epath,
+    _is_primary,
+    _sync,
+    config_differences,
+    read_model_config,
+    write_model_config,
+)
 from pythia_jax.checkpoint.restore import RestoredState, _restore_items
 from pythia_jax.checkpoint.schedule import SaveSteps, _as_predicate
 from pythia_jax.config import ModelConfig
@@ -103,8 +112,8 @@ class TrainCheckpointer:
             if problem is None:
                 return step
             self._bad_steps.add(step)
-            warnings.warn(f"checkpoint step {step} in {self.directory} is unusable ({problem}); "
-                          "falling back to an earlier step", stacklevel=2)
+            logger.warning(f"checkpoint step {step} in {self.directory} is unusable ({problem}); "
+                           "falling back to an earlier step")
         return None
 
     # -------------------------------------------------------------- save
@@ -283,8 +292,8 @@ class TrainCheckpointer:
                 except CheckpointIntegrityError as e:
                     problem = str(e)
             self._bad_steps.add(candidate)
-            warnings.warn(f"checkpoint step {candidate} in {self.directory} is unusable ({problem}); "
-                          "falling back to an earlier step", stacklevel=2)
+            logger.warning(f"checkpoint step {candidate} in {self.directory} is unusable ({problem}); "
+                           "falling back to an earlier step")
         return None
 
     def _restore_step(self, step: int, abstract_state: Mapping[str, Any] | None,
@@ -308,7 +317,7 @@ class TrainCheckpointer:
         if _is_primary():
             (self.directory / str(step)).rename(target)
         _sync(f"pythia_jax_quarantine_{step}")
-        warnings.warn(f"re-saving step {step}: the unusable copy was moved to {target}", stacklevel=3)
+        logger.warning(f"re-saving step {step}: the unusable copy was moved to {target}")
         self._bad_steps.discard(step)
         self._manager.reload()
 
@@ -317,6 +326,6 @@ class TrainCheckpointer:
             return
         leftovers = sorted(p.name for p in self.directory.iterdir() if _TMP_SUFFIX in p.name)
         if leftovers:
-            warnings.warn(f"{self.directory}: removing incomplete checkpoint(s) from an interrupted "
-                          f"save: {', '.join(leftovers)}", stacklevel=3)
+            logger.warning(f"{self.directory}: removing incomplete checkpoint(s) from an interrupted "
+                           f"save: {', '.join(leftovers)}")
 
