@@ -21,13 +21,19 @@ Everything is re-exported here: ``from pythia_jax.layers import Dense, dot_produ
 
 from __future__ import annotations
 
+from pythia_jax.layers.attention import (
+                                         cached_attention,
+                                         causal_mask,
+                                         check_attention_supported,
+                                         dot_product_attention,
+                                         reference_attention,
+                                         resolve_attention_impl,
+                                         xla_attention,
+)
 from pythia_jax.layers.logical import LogicalNames, logical_to_mesh_spec, with_logical_constraint
+from pythia_jax.layers.loss import chunked_cross_entropy
 from pythia_jax.layers.modules import Dense, Embed, Initializer, LayerNorm, gelu, normal
 from pythia_jax.layers.rotary import apply_rotary, rotary_cos_sin
-from pythia_jax.layers.attention import (cached_attention, causal_mask, check_attention_supported,
-                                         dot_product_attention, reference_attention,
-                                         resolve_attention_impl, xla_attention)
-from pythia_jax.layers.loss import chunked_cross_entropy
 
 __all__ = [
     "LogicalNames", "logical_to_mesh_spec", "with_logical_constraint",

@@ -14,11 +14,11 @@ Everything is re-exported here: ``from pythia_jax.model import GPTNeoX, params_t
 
 from __future__ import annotations
 
+from pythia_jax.model.gptneox import _REMAT_POLICIES, MLP, Attention, Block, GPTNeoX  # noqa: F401
+
 # _REMAT_POLICIES is re-exported for the tests, which compare it with config.REMAT_POLICIES.
 from pythia_jax.model.kv_cache import KVCache, LayerCache, init_kv_cache
-from pythia_jax.model.gptneox import _REMAT_POLICIES, MLP, Attention, Block, GPTNeoX  # noqa: F401
-from pythia_jax.model.params import (abstract_params, check_params, logical_axes, model_from_params,
-                                     params_to_dict)
+from pythia_jax.model.params import abstract_params, check_params, logical_axes, model_from_params, params_to_dict
 
 __all__ = [
     "GPTNeoX", "Block", "Attention", "MLP", "KVCache", "LayerCache", "init_kv_cache",

@@ -39,9 +39,19 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pythia_jax.config import ModelConfig
-from pythia_jax.layers import (Dense, Embed, LayerNorm, apply_rotary, cached_attention, causal_mask,
-                               check_attention_supported, dot_product_attention, gelu, rotary_cos_sin,
-                               with_logical_constraint)
+from pythia_jax.layers import (
+    Dense,
+    Embed,
+    LayerNorm,
+    apply_rotary,
+    cached_attention,
+    causal_mask,
+    check_attention_supported,
+    dot_product_attention,
+    gelu,
+    rotary_cos_sin,
+    with_logical_constraint,
+)
 from pythia_jax.model.kv_cache import KVCache, LayerCache
 
 _BATCH_LENGTH = ("batch", "length")  # the flattened leading dim of 2-D activations
@@ -175,7 +185,7 @@ class GPTNeoX(nnx.Module):
             (x, kv), _ = jax.lax.scan(body, (x, kv), (state, layer_ids))
             return x, kv
         for i in range(self.config.num_layers):
-            (x, kv), _ = body((x, kv), (jax.tree.map(lambda a: a[i], state), layer_ids[i]))
+            (x, kv), _ = body((x, kv), (jax.tree.map(lambda a, i=i: a[i], state), layer_ids[i]))
         return x, kv
 
 
