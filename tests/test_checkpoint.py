@@ -219,7 +219,8 @@ def test_damaged_latest_step_falls_back_with_warning(tmp_path, damage, caplog):
     elif damage == "garble":
         assert "failed its checksum" in messages
     else:
-        assert "step 2" in messages and "falling back" in messages
+        assert "checkpoint step 2" in messages and "trying an earlier step" in messages
+        assert "using checkpoint step 1" in messages  # the decision, in one readable line
 
 
 def test_latest_valid_step_skips_incomplete(tmp_path, caplog):
