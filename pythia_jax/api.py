@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 from pythia_jax.config import ConfigError, ModelConfig
-from pythia_jax.convert.sources import detect_source, load_params  # re-exported: api.load_params
+from pythia_jax.convert.sources import load_params  # re-exported: api.load_params
 
 
 def resolve_config(config: ModelConfig | str, **overrides: Any) -> ModelConfig:
@@ -37,9 +37,8 @@ def load(path: str | os.PathLike, step: int | None = None, dtype: str | None = N
     ``dtype``: compute dtype (``"float32"``, ``"bfloat16"``); parameters stay float32.
     ``shardings`` (checkpoints of this project): restore each device's slice only.
     """
-    from pythia_jax.model import model_from_params
-
     from pythia_jax.host_memory import to_device_tree
+    from pythia_jax.model import model_from_params
 
     config, params = load_params(path, step=step, **kwargs)
     params = to_device_tree(params)  # numpy sources: shared with JAX on CPU, one leaf at a time elsewhere

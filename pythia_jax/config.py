@@ -22,7 +22,8 @@ from pythia_jax.errors import ConfigError, ParamShapeError
 
 logger = logging.getLogger(__name__)
 
-# Vocabulary of the GPT-NeoX-20B tokenizer (HF ``EleutherAI/gpt-neox-20b``): 50,277 ids, <|endoftext|> = 0, <|padding|> = 1.
+# Vocabulary of the GPT-NeoX-20B tokenizer (HF ``EleutherAI/gpt-neox-20b``): 50,277 ids,
+# <|endoftext|> = 0, <|padding|> = 1.
 TOKENIZER_VOCAB_SIZE = 50277
 EOD_TOKEN_ID = 0
 PAD_TOKEN_ID = 1
@@ -612,7 +613,8 @@ PRESET_MAX_LR: dict[str, float] = {
     "pythia-1.4b": 2.0e-4, "pythia-2.8b": 1.6e-4, "pythia-6.9b": 1.2e-4, "pythia-12b": 1.2e-4,
 }
 
-# GPT-NeoX tensor-parallel size of the original runs (model-parallel-size of the released ymls); the others ran with TP 1.
+# GPT-NeoX tensor-parallel size of the original runs (model-parallel-size of the released ymls);
+# the others ran with TP 1.
 PRESET_TENSOR_PARALLEL: dict[str, int] = {"pythia-6.9b": 2, "pythia-12b": 4}
 
 RELEASED_SIZES = ("70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b", "12b")

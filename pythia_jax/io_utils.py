@@ -10,7 +10,8 @@ Output rule (every command and Python API that writes a file or folder goes thro
   dataset by a dataset, a ``.npy`` / PNG / results table by the same) — never a training run
   directory, nor any other non-empty folder. Refusals are one line (``PythiaJaxError``) naming
   what the existing path looks like.
-* ``atomic_output_dir`` / ``atomic_files``: outputs are written under hidden temporary siblings
+* ``atomic_output_dir`` / ``atomic_files`` / ``write_text_atomic`` (also ``gs://``): outputs are
+  written under hidden temporary siblings
   (``.NAME.tmp-PID@HOST-XXXXXXXX``) and renamed into place when complete; outputs that belong
   together (``.bin`` + ``.idx``) are published together or, on an error, not at all (the
   previous ones are put back). The temporaries are removed on any exception; a later writer of
@@ -379,6 +380,37 @@ def atomic_files(*finals: str | os.PathLike) -> Iterator[list[Path]]:
     publish(list(zip(temps, finals)))
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary sibling and a rename.
+
+    The text is written with ``etils.epath`` (one writer for local files and ``gs://`` objects;
+    ``path`` may be an ``epath.Path``). A local path goes through :func:`atomic_files` (hidden
+    ``.NAME.tmp-…`` sibling, leftovers of killed writers cleaned, umask mode; on an error the
+    temporary is removed and the previous file stays). A URL (``gs://…``) is written to a sibling
+    object and renamed (an object store's rename is a copy and a delete, so readers see the old or
+    the whole new object, never a partial one).
+    """
+    from etils import epath
+
+    text_path = os.fspath(path)
+    if text_path.startswith("file://"):
+        text_path = text_path[len("file://"):]
+    if "://" not in text_path:
+        with atomic_files(text_path) as (tmp,):
+            epath.Path(tmp).write_text(text, encoding="utf-8")
+        return
+    final = epath.Path(text_path)
+    tmp = final.parent / f".{final.name}.tmp-{_tag()}"
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.rename(final)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            if tmp.exists():
+                tmp.unlink()
+        raise
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False, *, kind: str | None = None,
                       inputs: Sequence[str | os.PathLike] = ()) -> Iterator[Path]:
@@ -424,25 +456,6 @@ def parse_size(size: int | str) -> int:
     if value <= 0:
         raise PythiaJaxError(f"size must be positive, got {size!r}")
     return value
-
-
-def open_text(path: str | os.PathLike) -> io.TextIOBase:
-    """Open a UTF-8 text file, decompressing ``.gz`` / ``.zst`` by extension."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: input file not found")
-    try:
-        if path.endswith(".gz"):
-            return gzip.open(path, "rt", encoding="utf-8")
-        if path.endswith(".zst") or path.endswith(".zstd"):
-            import zstandard
-
-            raw = open(path, "rb")
-            return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True),
-                                    encoding="utf-8")
-        return open(path, encoding="utf-8")
-    except OSError as e:
-        raise DataError(f"cannot read {path}: {e.strerror}") from None
 
 
 def _open_bytes(path: str) -> io.BufferedIOBase:

@@ -22,7 +22,8 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from pythia_jax.config import ConfigError, ModelConfig
 from pythia_jax.mesh_config import MeshConfig  # re-exported: sharding.MeshConfig

@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from pythia_jax.data import demo_data_prefix
-    from pythia_jax.data.count import (CountSpec, RunData, build_counters, decode_rows, run_count)
+    from pythia_jax.data.count import CountSpec, RunData, build_counters, decode_rows, run_count
     from pythia_jax.data.orders import open_order
     from pythia_jax.data.preprocess import write_preshuffled
     from pythia_jax.data.tokenizer import load_tokenizer

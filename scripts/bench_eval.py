@@ -299,7 +299,8 @@ def bench_stack(args, cfg, model, reqs, n_tokens) -> None:
     total = n_tokens * args.stack
     print(f"stacked scoring: {args.stack} checkpoints x {len(reqs)} requests ({n_tokens} tokens each), "
           f"batch {stacked.batch_size}")
-    print(f"  stacked (one pass)  {total / t_stack:10.0f} tok/s ({t_stack:.2f} s; first call incl. compile {t_first:.1f} s)")
+    print(f"  stacked (one pass)  {total / t_stack:10.0f} tok/s ({t_stack:.2f} s; "
+          f"first call incl. compile {t_first:.1f} s)")
     print(f"  {args.stack} separate passes  {total / t_sep:10.0f} tok/s ({t_sep:.2f} s)")
     print(f"  ratio stacked/separate {t_sep / t_stack:.2f}x   max |Δ loglik| {np.max(np.abs(got - ref)):.2e}")
 

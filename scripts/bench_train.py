@@ -145,7 +145,8 @@ def run_cpu(args) -> None:
     j, t = statistics.median(jt), statistics.median(tt)
     print(f"{'implementation':28s} {'median s':>9s} {'min s':>8s} {'tokens/s':>10s}")
     print(f"{'pythia-jax (jax ' + jax.__version__ + ')':28s} {j:9.3f} {min(jt):8.3f} {tokens / j:10.0f}")
-    print(f"{'HF PyTorch (torch ' + torch.__version__.split('+')[0] + ')':28s} {t:9.3f} {min(tt):8.3f} {tokens / t:10.0f}")
+    label = f"HF PyTorch (torch {torch.__version__.split('+')[0]})"
+    print(f"{label:28s} {t:9.3f} {min(tt):8.3f} {tokens / t:10.0f}")
     print(f"\nratio PyTorch / pythia-jax step time: median {t / j:.2f}, min {min(tt) / min(jt):.2f}  "
           f"(> 1 means pythia-jax is faster); pythia-jax compile {compile_s:.1f} s (once)")
 
@@ -258,7 +259,7 @@ def run_gpu(args) -> None:
         except subprocess.TimeoutExpired as e:
             stdout, stderr = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), \
                 f"timed out after {args.case_timeout}s"
-        lines = [l for l in stdout.splitlines() if l.startswith("CASE ")]
+        lines = [line for line in stdout.splitlines() if line.startswith("CASE ")]
         if not lines:
             tail = (stderr.strip().splitlines() or ["no output"])[-1]
             res = {"impl": impl, "model": name, "batch": batch, "remat": remat, "micro": micro,

@@ -150,20 +150,27 @@ def setup_commands(args: argparse.Namespace) -> list[list[str]]:
     return commands
 
 
+def background_command(argv: Sequence[str], env: Sequence[str], pid_file: str, log_file: str) -> str:
+    """The shell line every worker runs: start ``argv`` in the project's venv in the background,
+    unless it is already running there (pid file), with its output in ``log_file``."""
+    what = " ".join(argv[:2])
+    env_prefix = "".join(f"{shlex.quote(e)} " for e in env)
+    pid, log = f'"{pid_file}"', f'"{log_file}"'
+    return (f'cd "{REMOTE_DIR}" && . .venv/bin/activate && '
+            f"if [ -f {pid} ] && kill -0 $(cat {pid}) 2>/dev/null; then "
+            f"echo '{what} is already running on this worker' >&2; exit 1; fi; "
+            f"{env_prefix}nohup {shlex.join(argv)} > {log} 2>&1 < /dev/null & "
+            f"echo $! > {pid}; echo started pid $(cat {pid}) on $(hostname)")
+
+
 def train_remote_command(args: argparse.Namespace) -> str:
-    """The shell line every worker runs: start ``pythia-jax train`` in the background, log + pid files."""
+    """Every worker starts ``pythia-jax train`` in the background (log + pid files)."""
     train = ["pythia-jax", "train"] + [f"--gin_file={f}" for f in args.gin_file]
     if args.distributed:
         # Every worker joins one JAX job; JAX finds the coordinator from the TPU metadata.
         train.append("--gin.DistributedConfig.initialize='yes'")
     train += list(args.train_args)
-    env = "".join(f"{shlex.quote(e)} " for e in args.env)
-    pid, log = f'"{PID_FILE}"', f'"{args.log_file}"'
-    return (f'cd "{REMOTE_DIR}" && . .venv/bin/activate && '
-            f"if [ -f {pid} ] && kill -0 $(cat {pid}) 2>/dev/null; then "
-            f"echo 'pythia-jax train is already running on this worker' >&2; exit 1; fi; "
-            f"{env}nohup {shlex.join(train)} > {log} 2>&1 < /dev/null & "
-            f"echo $! > {pid}; echo started pid $(cat {pid}) on $(hostname)")
+    return background_command(train, args.env, PID_FILE, args.log_file)
 
 
 def count_remote_command(args: argparse.Namespace) -> str:
@@ -171,13 +178,7 @@ def count_remote_command(args: argparse.Namespace) -> str:
     --host-index auto``: JAX's process count and index), in the background, logged; then
     ``pythia-jax count-merge`` on one machine combines the per-host files."""
     count = ["pythia-jax", "count", *args.count_args, "--num-hosts", "auto", "--host-index", "auto"]
-    env = "".join(f"{shlex.quote(e)} " for e in args.env)
-    pid, log = f'"{COUNT_PID_FILE}"', f'"{args.log_file}"'
-    return (f'cd "{REMOTE_DIR}" && . .venv/bin/activate && '
-            f"if [ -f {pid} ] && kill -0 $(cat {pid}) 2>/dev/null; then "
-            f"echo 'pythia-jax count is already running on this worker' >&2; exit 1; fi; "
-            f"{env}nohup {shlex.join(count)} > {log} 2>&1 < /dev/null & "
-            f"echo $! > {pid}; echo started pid $(cat {pid}) on $(hostname)")
+    return background_command(count, args.env, COUNT_PID_FILE, args.log_file)
 
 
 def count_commands(args: argparse.Namespace) -> list[list[str]]:

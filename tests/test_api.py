@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import jax
 import numpy as np
 import pytest
@@ -43,7 +42,6 @@ def test_init_by_config_and_name():
 def test_load_every_source_and_save_hf(tmp_path):
     from pythia_jax.checkpoint import save_params_checkpoint
     from pythia_jax.convert.neox import write_neox_checkpoint
-
     from pythia_jax.model import model_from_params
 
     model = pythia_jax.init(TINY, seed=0)

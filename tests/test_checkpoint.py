@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -172,7 +173,7 @@ def test_remote_paths_are_not_made_local():
 def _write_steps(directory, steps, params):
     with C.TrainCheckpointer(directory, save_steps=steps, model_config=TINY) as ckpt:
         for s in steps:
-            ckpt.save(s, jax.tree.map(lambda x: x + s, params), None, None, {"step": s})
+            ckpt.save(s, jax.tree.map(lambda x, s=s: x + s, params), None, None, {"step": s})
 
 
 def _restore_latest(directory, params):
@@ -188,7 +189,7 @@ def _data_files(step_dir: Path) -> list[Path]:
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("damage", ["truncate", "garble", "metadata", "commit_marker", "tmp_dir"])
-def test_damaged_latest_step_falls_back_with_warning(tmp_path, damage):
+def test_damaged_latest_step_falls_back_with_warning(tmp_path, damage, caplog):
     params = _params(5)
     _write_steps(tmp_path, [1, 2], params)
     step2 = tmp_path / "2"
@@ -207,30 +208,29 @@ def test_damaged_latest_step_falls_back_with_warning(tmp_path, damage):
         (step2 / "commit_success.txt").unlink()
     elif damage == "tmp_dir":  # an interrupted save: Orbax never renamed the temporary directory
         step2.rename(tmp_path / "2.orbax-checkpoint-tmp-1234567")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with caplog.at_level(logging.WARNING, logger="pythia_jax.checkpoint"):
         restored = _restore_latest(tmp_path, params)
     assert restored is not None and restored.step == 1
     _assert_trees_equal(restored.params, jax.tree.map(lambda x: x + 1, params))
     assert restored.metadata == {"step": 1}
-    messages = " | ".join(str(w.message) for w in caught)
+    messages = " | ".join(r.getMessage() for r in caplog.records)
     if damage == "tmp_dir":
         assert "interrupted save" in messages
     elif damage == "garble":
         assert "failed its checksum" in messages
     else:
-        assert "step 2" in messages and "falling back" in messages
+        assert "checkpoint step 2" in messages and "trying an earlier step" in messages
+        assert "using checkpoint step 1" in messages  # the decision, in one readable line
 
 
-def test_latest_valid_step_skips_incomplete(tmp_path):
+def test_latest_valid_step_skips_incomplete(tmp_path, caplog):
     params = _params(6)
     _write_steps(tmp_path, [1, 2, 3], params)
     (tmp_path / "3" / "commit_success.txt").unlink()
     (tmp_path / "2" / "metadata" / "metadata").unlink()
-    with C.TrainCheckpointer(tmp_path, save_steps=()) as ckpt, warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with C.TrainCheckpointer(tmp_path, save_steps=()) as ckpt, caplog.at_level(logging.WARNING):
         assert ckpt.latest_valid_step() == 1
-    messages = [str(w.message) for w in caught]
+    messages = [r.getMessage() for r in caplog.records]
     assert any("step 3" in m and "commit_success" in m for m in messages), messages
     assert any("step 2" in m and "metadata" in m for m in messages), messages
 
@@ -275,12 +275,14 @@ def test_host_io_saves_write_chunked_arrays_that_restore_everywhere(tmp_path, mo
         C.load_params(tmp_path, step=7, host=True)
 
 
-def test_no_valid_step_returns_none(tmp_path):
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_no_valid_step_returns_none(tmp_path, caplog):
     params = _params(7)
     _write_steps(tmp_path, [4], params)
     (tmp_path / "4" / "commit_success.txt").unlink()
-    with pytest.warns(UserWarning, match="step 4"):
+    with caplog.at_level(logging.WARNING):
         assert _restore_latest(tmp_path, params) is None
+    assert "step 4" in caplog.text
     with pytest.raises(CheckpointError, match="no valid checkpoint step"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         C.load_params(tmp_path)
@@ -338,7 +340,8 @@ _RESHARD_SCRIPT = textwrap.dedent("""
     mesh = Mesh(np.array(jax.devices()).reshape(mesh_shape), ("fsdp", "tensor"))
     specs = {{  # FSDP on one axis, Megatron-style tensor split on the other
         "embed_in": {{"embedding": P("tensor", "fsdp")}},
-        "layers": {{"attention": {{"query_key_value": {{"kernel": P(None, "fsdp", "tensor"), "bias": P(None, "tensor")}}}},
+        "layers": {{"attention": {{"query_key_value": {{"kernel": P(None, "fsdp", "tensor"),
+                                                       "bias": P(None, "tensor")}}}},
                    "mlp": {{"dense_h_to_4h": {{"kernel": P(None, "fsdp", "tensor"), "bias": P(None, "tensor")}}}}}},
         "final_layer_norm": {{"scale": P("fsdp"), "bias": P()}},
         "embed_out": {{"kernel": P("fsdp", "tensor")}},
@@ -397,15 +400,18 @@ def test_restore_8_device_checkpoint_on_1_device_and_other_meshes(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_unusable_step_is_moved_aside_when_the_resumed_run_saves_it_again(tmp_path):
+def test_unusable_step_is_moved_aside_when_the_resumed_run_saves_it_again(tmp_path, caplog):
     params = _params(12)
     _write_steps(tmp_path, [1, 2], params)
     (tmp_path / "2" / "metadata" / "metadata").write_text("garbage")
     with C.TrainCheckpointer(tmp_path, save_steps=[2], model_config=TINY) as ckpt:
-        with pytest.warns(UserWarning, match="step 2"):
+        with caplog.at_level(logging.WARNING):
             assert ckpt.restore(None, {"params": _abstract(params)}).step == 1
-        with pytest.warns(UserWarning, match="re-saving step 2"):
+        assert "step 2" in caplog.text
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
             assert ckpt.save(2, params, None, None, {"again": True})
+        assert "re-saving step 2" in caplog.text
         assert not ckpt.save(2, params)  # a good step is never overwritten
     moved = [p.name for p in tmp_path.iterdir() if p.name.startswith("2.unusable-")]
     assert len(moved) == 1
@@ -414,7 +420,7 @@ def test_unusable_step_is_moved_aside_when_the_resumed_run_saves_it_again(tmp_pa
     _assert_trees_equal(restored.params, params)
 
 
-def test_grain_state_of_another_process_count_is_skipped_with_warning(tmp_path):
+def test_grain_state_of_another_process_count_is_skipped_with_warning(tmp_path, caplog):
     grain = pytest.importorskip("grain")
     ds = grain.MapDataset.range(20).to_iter_dataset()
     it = iter(ds)
@@ -425,6 +431,7 @@ def test_grain_state_of_another_process_count_is_skipped_with_warning(tmp_path):
     state_dir = tmp_path / "1" / "data_iter"
     (state_dir / "process_0-of-1.json").rename(state_dir / "process_0-of-2.json")  # as if 2 hosts wrote it
     with C.TrainCheckpointer(tmp_path, save_steps=()) as ckpt:
-        with pytest.warns(UserWarning, match="different number of processes"):
+        with caplog.at_level(logging.WARNING):
             restored = ckpt.restore(None, {"params": _abstract(params)}, data_iterator=iter(ds))
+        assert "different number of processes" in caplog.text
     assert restored.step == 1 and restored.data_state is None

@@ -258,7 +258,8 @@ def test_train_reports_unfinished_runs_lost_steps_and_full_disks(tmp_path, monke
     # --max_steps: an unfinished run is not "done"
     assert cli.main(argv + ["--max_steps", "3"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == (
-        f"stopped at step 3 of 6 (--max_steps; checkpoint saved in {out}/checkpoints); run the same command to continue")
+        f"stopped at step 3 of 6 (--max_steps; checkpoint saved in {out}/checkpoints); "
+        "run the same command to continue")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["tokens_per_s"] > 0 and "mfu" not in r for r in rows if "tokens_per_s" in r)  # CPU: no peak
 

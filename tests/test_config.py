@@ -11,10 +11,17 @@ import gin
 import jax
 import pytest
 
-from pythia_jax import gin_setup
 from pythia_jax import config as config_module
-from pythia_jax.config import (HF_FIELDS, ConfigError, ModelConfig, check_param_shapes, param_shapes,
-                               parse_preset_name, preset_names)
+from pythia_jax import gin_setup
+from pythia_jax.config import (
+    HF_FIELDS,
+    ConfigError,
+    ModelConfig,
+    check_param_shapes,
+    param_shapes,
+    parse_preset_name,
+    preset_names,
+)
 from pythia_jax.errors import CheckpointError, ParamShapeError, PythiaJaxError
 from pythia_jax.model import abstract_params
 
@@ -237,7 +244,8 @@ def test_param_shapes_is_what_the_model_builds(config):
              for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params(config))}
     assert built == param_shapes(config)
     assert config.num_params() == sum(math.prod(s) for s in built.values())
-    assert config.num_params(include_embeddings=False) == config.num_params() - 2 * config.vocab_size * config.hidden_size
+    embeddings = 2 * config.vocab_size * config.hidden_size
+    assert config.num_params(include_embeddings=False) == config.num_params() - embeddings
 
 
 def test_one_param_check_everywhere():

@@ -380,7 +380,8 @@ def save_zero(step_dir, master_ranks, dp, form, layout, step, gen, replicated_mo
                 paddings = [p if last else 0 for p in pads]
                 fp32 = [f[d][: f[d].numel() - p] for f, p in zip(flat, paddings)]
                 if form == "elastic":
-                    base = [{"exp_avg": a[d][: a[d].numel() - p].clone(), "exp_avg_sq": b[d][: b[d].numel() - p].clone()}
+                    base = [{"exp_avg": a[d][: a[d].numel() - p].clone(),
+                             "exp_avg_sq": b[d][: b[d].numel() - p].clone()}
                             for a, b, p in zip(avg, avg_sq, paddings)]
                     extra = {"base_optimizer_state_step": step}
                 else:
@@ -431,7 +432,8 @@ def _merged(per_rank, L, rule_bias):
                 out[p + k] = (sum(ts) if rule_bias == "sum" else ts[0]) if tp > 1 else ts[0]
             else:
                 out[p + k] = torch.cat(ts, 0)
-    out["gpt_neox.final_layer_norm.weight"] = sum(get(L + 3, "norm.weight")) / tp if tp > 1 else get(L + 3, "norm.weight")[0]
+    norm_weight = get(L + 3, "norm.weight")
+    out["gpt_neox.final_layer_norm.weight"] = sum(norm_weight) / tp if tp > 1 else norm_weight[0]
     out["gpt_neox.final_layer_norm.bias"] = sum(get(L + 3, "norm.bias")) / tp if tp > 1 else get(L + 3, "norm.bias")[0]
     out["embed_out.weight"] = torch.cat(get(L + 4, "final_linear.weight"))
     return {k: v.float().numpy() for k, v in out.items()}
@@ -567,7 +569,7 @@ def test_zero_tp2_continuation_is_exact_with_row_parallel_bias_copies(tmp_path):
     per_rank = {}
     for r in range(tp):  # ... then every rank steps its own tensors with the same AdamW
         tparams, decay, no_decay = {}, [], []
-        for idx, key, hf_key in _neox_keys(L):
+        for idx, key, _hf_key in _neox_keys(L):
             p = torch.nn.Parameter(master[r][idx][key].clone().float())
             tparams[(idx, key)] = p
             (decay if _is_decayed(key) else no_decay).append(p)
@@ -704,6 +706,7 @@ def test_cli_hf_to_jax_with_fresh_optimizer(tmp_path):
     transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**config.to_hf_dict())).save_pretrained(tmp_path / "hf")
     assert cli("hf-to-jax", tmp_path / "hf", tmp_path / "ck", "--with-optimizer", "--step", 3000) == 0
     import jax
+
     from pythia_jax.model import abstract_params
     abstract = abstract_params(config)
     opt_abstract = jax.eval_shape(build_optimizer().init, abstract)
@@ -805,6 +808,7 @@ print("OK", len(flat_got))
 def test_converted_checkpoint_restores_onto_a_mesh(tmp_path):
     """hf-to-jax output restored with per-device shardings (4 simulated CPU devices)."""
     import subprocess
+
     import transformers
 
     config = ModelConfig(vocab_size=104, hidden_size=32, num_layers=2, num_heads=4)

@@ -9,8 +9,18 @@ import pytest
 
 from pythia_jax.cli import main
 from pythia_jax.data import count as count_lib
-from pythia_jax.data.count import (CountError, CountSpec, NgramCounter, NumeralCounter, RunData,
-                                   make_windows, merge_shards, read_table, run_count, shard_path)
+from pythia_jax.data.count import (
+    CountError,
+    CountSpec,
+    NgramCounter,
+    NumeralCounter,
+    RunData,
+    make_windows,
+    merge_shards,
+    read_table,
+    run_count,
+    shard_path,
+)
 from pythia_jax.data.indexed import write_indexed_dataset
 from pythia_jax.data.tokenizer import decode, encode
 
@@ -323,7 +333,7 @@ def test_regex_and_numeral_locations_name_the_token_too():
     counters = cnt.build_counters(cnt.CountSpec(regexes=("Paris",), numerals=True, locate=True))
     _, locs = cnt.count_rows(counters, row, locate=True)
     assert locs, "no locations"
-    for term, variant, r, off, unit, tok in locs:
+    for _term, _variant, _r, off, unit, tok in locs:
         assert unit == "char"
         pieces = [decode(row[0][: i + 1]) for i in range(len(row[0]))]
         # the token holding character `off` is the first whose prefix decode reaches past it

@@ -145,11 +145,14 @@ def _zst_rows(n=2000):
 
 
 @pytest.mark.parametrize("name, content, expected", [
-    ("latin1.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', "latin1.jsonl:2: not UTF-8 text (byte 0xe9 at column 14)"),
-    ("number.jsonl", b'{"text": "ok"}\n{"text": 5}\n', "number.jsonl:2: the 'text' field is a number (5), expected a string"),
+    ("latin1.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n',
+     "latin1.jsonl:2: not UTF-8 text (byte 0xe9 at column 14)"),
+    ("number.jsonl", b'{"text": "ok"}\n{"text": 5}\n',
+     "number.jsonl:2: the 'text' field is a number (5), expected a string"),
     ("null.jsonl", b'{"text": null}\n', "null.jsonl:1: the 'text' field is null"),
     ("dict.jsonl", b'{"text": {"a": 1}}\n', "dict.jsonl:1: the 'text' field is an object"),
-    ("nokey.jsonl", b'{"body": "x"}\n', "nokey.jsonl:1: no 'text' field (fields: 'body'); choose the field with --jsonl-key"),
+    ("nokey.jsonl", b'{"body": "x"}\n',
+     "nokey.jsonl:1: no 'text' field (fields: 'body'); choose the field with --jsonl-key"),
     ("empty.jsonl", b'{"text": ""}\n\n', "empty.jsonl: no non-empty 'text' field in any line"),
     ("notgz.jsonl.gz", b"plain text\n", "notgz.jsonl.gz:1: damaged or truncated compressed data (Not a gzipped file"),
     ("truncated.jsonl.gz", _gz_rows()[:3000], "truncated.jsonl.gz:"),
@@ -220,7 +223,8 @@ def test_full_disk_is_one_line_for_batches_and_preprocess(raw, tmp_path, capsys,
     _write_jsonl(src, TEXTS)
     monkeypatch.setattr(IndexedDatasetWriter, "add_item", _no_space)
     assert main(["preprocess", "--input", str(src), "--output-prefix", str(tmp_path / "p" / "o")]) == 2
-    assert _one_error_line(capsys).endswith("No space left on device; free some space or choose another --output-prefix")
+    assert _one_error_line(capsys).endswith(
+        "No space left on device; free some space or choose another --output-prefix")
     assert os.listdir(tmp_path / "p") == []
 
 

@@ -6,8 +6,7 @@ import struct
 import numpy as np
 import pytest
 
-from pythia_jax.data.indexed import (DTYPES, IndexedDataset, IndexedDatasetWriter,
-                                     write_indexed_dataset)
+from pythia_jax.data.indexed import DTYPES, IndexedDataset, IndexedDatasetWriter, write_indexed_dataset
 from pythia_jax.errors import DataError
 
 # The dtype codes of GPT-NeoX v1.0 megatron/data/indexed_dataset.py (``dtypes``), restated here

@@ -6,11 +6,15 @@ import numpy as np
 import pytest
 
 from pythia_jax.data.indexed import IndexedDataset, write_indexed_dataset
-from pythia_jax.data.neox_order import (build_index_maps, index_map_paths, load_or_build_index_maps,
-                                        neox_num_epochs, neox_num_samples)
+from pythia_jax.data.neox_order import (
+    build_index_maps,
+    index_map_paths,
+    load_or_build_index_maps,
+    neox_num_epochs,
+    neox_num_samples,
+)
 from pythia_jax.data.orders import NeoxOrder, open_order
 from pythia_jax.errors import DataError
-
 
 # ------------------------------------------------------------------ references (plain loops)
 
@@ -326,6 +330,7 @@ def test_huge_build_refused_before_it_starts(tmp_path, monkeypatch):
 def test_limit_override_lets_a_build_run(tmp_path, monkeypatch, caplog):
     """A small limit refuses a small build; the variable raises it; building logs the cache path."""
     import logging
+
     from pythia_jax.data import neox_order
     docs = random_corpus(np.random.default_rng(2), 30, 50)
     prefix = write_indexed_dataset(str(tmp_path / "lim"), docs)

@@ -122,7 +122,8 @@ def test_runner_rows_and_details(tiny_checkpoints, tmp_path):
     assert sorted((r["step"], r["task"]) for r in rows) == [
         (s, f"arithmetic_plus_k{k}") for s in (0, 10) for k in (0, 2)]
     assert all(r["metric"] == "acc" and r["num_examples"] == 200 for r in rows)
-    det = [json.loads(x) for x in (tmp_path / "res_details" / "step10_arithmetic_plus_k2.jsonl").read_text().splitlines()]
+    details = tmp_path / "res_details" / "step10_arithmetic_plus_k2.jsonl"
+    det = [json.loads(x) for x in details.read_text().splitlines()]
     assert len(det) == 200 and {d["x2"] for d in det} == {1, 2}
     by_task = {r["task"]: r for r in rows if r["step"] == 10}
     assert by_task["arithmetic_plus_k2"]["value"] == pytest.approx(sum(d["correct"] for d in det) / 200)

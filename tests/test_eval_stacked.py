@@ -30,8 +30,8 @@ def _requests(rng, n):
 
 
 def test_stacked_loglikelihoods_equal_one_by_one(checkpoints):
-    from pythia_jax.eval.scoring import Scorer
     from pythia_jax.eval.runtime import place_model
+    from pythia_jax.eval.scoring import Scorer
     from pythia_jax.eval.stacked import StackedScorer
 
     reqs = _requests(np.random.default_rng(0), 20)  # several length buckets, contexts cut at 64

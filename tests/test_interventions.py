@@ -72,8 +72,8 @@ def test_intervention_branch_differs_only_by_the_transform(baseline, tmp_path):
     changed = {s: (r["transform_rows"], r["transform_tokens"]) for s, r in log.items() if "transform_rows" in r}
     # step n's row in metrics.jsonl is the update made with the batch of step n-1
     assert sorted(changed) == [5, 6, 7, 8]
-    from pythia_jax.data.orders import open_order
     from pythia_jax.data import demo_data_prefix
+    from pythia_jax.data.orders import open_order
     from pythia_jax.data.transforms import apply_to_rows, build_transform
 
     order = open_order(demo_data_prefix(), "neox", seq_len=128, seed=1234, train_iters=NUM_STEPS,

@@ -88,3 +88,22 @@ def test_publish_puts_the_old_pair_back_when_the_second_rename_fails(tmp_path, m
         i.write_text("new idx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.bin", "d.idx"]
     assert (tmp_path / "d.bin").read_text() == "old bin" and (tmp_path / "d.idx").read_text() == "old idx"
+
+
+def test_write_text_atomic_replaces_whole_files_and_leaves_no_temporaries(tmp_path, monkeypatch):
+    from pythia_jax import io_utils
+
+    target = tmp_path / "sub" / "manifest.json"
+    io_utils.write_text_atomic(target, "one\ntwo é\n")  # the folder is made
+    assert target.read_bytes() == "one\ntwo é\n".encode("utf-8")
+    io_utils.write_text_atomic(f"file://{target}", "new")
+    assert target.read_text() == "new"
+
+    def broken_rename(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(io_utils.os, "rename", broken_rename)
+    with pytest.raises(OSError, match="No space"):
+        io_utils.write_text_atomic(target, "never")
+    assert target.read_text() == "new"  # the previous file stays
+    assert sorted(p.name for p in target.parent.iterdir()) == ["manifest.json"]

@@ -20,8 +20,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("errors",),                                  # the exception hierarchy, imports nothing
     ("config",),                                  # ModelConfig, presets: plain settings
     ("io_utils", "host_memory", "mesh_config"),   # file/host helpers, MeshConfig: no model code
-    ("layers",),                                  # Flax building blocks of the architecture
-    ("model",),                                   # GPTNeoX and its parameter tree
+    ("layers",),                                  # building blocks: modules, rotary, attention, loss
+    ("model",),                                   # GPTNeoX, its parameter tree, the KV cache
     ("sharding",),                                # mesh and NamedShardings of params / batches
     ("data",),                                    # indexed datasets, Pythia's data order, grain
     ("checkpoint",),                              # Orbax checkpoints of this project

@@ -9,11 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from pythia_jax.config import ConfigError, ModelConfig
 from pythia_jax.model import GPTNeoX, params_to_dict
 from pythia_jax.train.step import token_losses
-from flax import nnx
 
 B, T = 3, 16
 

@@ -18,9 +18,9 @@ import jax
 import numpy as np
 import pytest
 
+from pythia_jax.checkpoint import read_run_data, resolve_run_data
 from pythia_jax.cli import main as cli_main
 from pythia_jax.config import ModelConfig
-from pythia_jax.checkpoint import read_run_data, resolve_run_data
 from pythia_jax.data.run_data import RunDataError, RunDataMismatch
 
 SEQ, BATCH, STEPS, SEED = 64, 4, 150, 7

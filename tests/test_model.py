@@ -18,8 +18,15 @@ from flax import nnx
 from pythia_jax import layers
 from pythia_jax.config import ConfigError, ModelConfig
 from pythia_jax.convert.hf import hf_state_dict_to_params
-from pythia_jax.model import (GPTNeoX, KVCache, abstract_params, init_kv_cache, logical_axes,
-                              model_from_params, params_to_dict)
+from pythia_jax.model import (
+    GPTNeoX,
+    KVCache,
+    abstract_params,
+    init_kv_cache,
+    logical_axes,
+    model_from_params,
+    params_to_dict,
+)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -44,7 +51,7 @@ def hf_model(config: ModelConfig, seed: int = 0, perturb: float = 0.1, everythin
     model = transformers.GPTNeoXForCausalLM(hf_config).to(torch.float32).eval()
     assert model.config._attn_implementation == "eager"
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             if everything or p.ndim == 1:
                 p.add_(torch.randn_like(p) * perturb)
     return model

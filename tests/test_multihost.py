@@ -141,12 +141,12 @@ def test_preemption_guard_agrees_across_processes(tmp_path, mode):
     script = tmp_path / "guard_mp.py"
     script.write_text(_CKPT_SCRIPT)
     outs = run_group(script, 2, 2, mode, str(tmp_path))
-    lines = [next(l for l in o.splitlines() if l.startswith("STOPPED")) for o in outs]
-    steps = [l.split()[2] for l in lines]
+    lines = [next(line for line in o.splitlines() if line.startswith("STOPPED")) for o in outs]
+    steps = [line.split()[2] for line in lines]
     assert steps[0] == steps[1] != "None", lines
     if mode == "guard":
         assert steps == ["5", "5"], lines
-    assert all("received SIGTERM" in l for l in lines), lines
+    assert all("received SIGTERM" in line for line in lines), lines
 
 
 # --------------------------------------------------------------------------- training
@@ -167,7 +167,7 @@ def train_argv(output_dir: Path, *extra: str) -> list[str]:
 
 
 def _losses(output_dir: Path) -> dict[int, float]:
-    records = [json.loads(l) for l in (output_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 

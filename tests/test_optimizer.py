@@ -248,7 +248,7 @@ def test_adamw_chain_matches_reference():
     warm, total = 3, 20
     tx = opt.build_optimizer(max_lr=1e-2, warmup_steps=warm, total_steps=total)
     sched = opt.neox_lr_schedule(1e-2, 1e-3, warm, total)
-    grads_seq = [jax.tree.map(lambda x: (rng.normal(size=x.shape) * s).astype(np.float32), params)
+    grads_seq = [jax.tree.map(lambda x, s=s: (rng.normal(size=x.shape) * s).astype(np.float32), params)
                  for s in (0.1, 5.0, 0.3, 2.0, 0.01, 1.0)]  # some steps clip, some don't
     state = tx.init(params)
     p = jax.tree.map(jnp.asarray, params)

@@ -79,8 +79,9 @@ def test_optimizer_state_shardings_follow_params():
 
     psh = shd.param_shardings(cfg, mesh)
     osh = shd.opt_state_shardings(build_optimizer(), abstract_params(cfg), psh, mesh)
-    from pythia_jax.train.optimizer import _find
     import optax
+
+    from pythia_jax.train.optimizer import _find
 
     adam = _find(osh, optax.ScaleByAdamState)[0][1]
     assert adam.mu["embed_out"]["kernel"].spec == P("fsdp", "tensor")

@@ -158,7 +158,7 @@ def multi_device_runs():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                           cwd=REPO, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1]
+    line = [out for out in proc.stdout.splitlines() if out.startswith("RESULT")][-1]
     return json.loads(line[len("RESULT"):])
 
 

@@ -6,9 +6,16 @@ import pytest
 
 from pythia_jax.config import ConfigError
 from pythia_jax.data.tokenizer import decode, encode, load_tokenizer
-from pythia_jax.data.transforms import (TOKENMAP_2022, TEXT_REPLACEMENTS_2023, TransformError,
-                                        TransformSpec, apply_to_rows, available_transforms,
-                                        build_transform, winobias_pairs)
+from pythia_jax.data.transforms import (
+    TEXT_REPLACEMENTS_2023,
+    TOKENMAP_2022,
+    TransformError,
+    TransformSpec,
+    apply_to_rows,
+    available_transforms,
+    build_transform,
+    winobias_pairs,
+)
 
 
 def row_of(text: str, dtype=np.uint16) -> np.ndarray:

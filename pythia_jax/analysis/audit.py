@@ -353,7 +353,8 @@ def _safetensors_entries(file: Path, size: int) -> tuple[int, list[tuple[str, st
     return start, entries
 
 
-def _stream_safetensors(file: Path, record: StepRecord, name: str, on_tensor: Callable[[str, str, tuple, str, Any], None]
+def _stream_safetensors(file: Path, record: StepRecord, name: str,
+                        on_tensor: Callable[[str, str, tuple, str, Any], None]
                         ) -> None:
     size = file.stat().st_size
     start, entries = _safetensors_entries(file, size)
@@ -411,7 +412,8 @@ def _stream_torch_bin(file: Path, record: StepRecord, on_tensor: Callable) -> No
                 raise
             state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a corrupt or truncated file raises many types
-        raise CheckpointError(f"cannot read it ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        raise CheckpointError(f"cannot read it ({type(e).__name__}: {first_line})") from None
     if not isinstance(state, Mapping):
         raise CheckpointError("does not hold a state dict")
     for key in list(state):
@@ -486,10 +488,11 @@ def _audit_hf_step(path: Path, label: str, step: int | None) -> StepRecord:
         file = path / name
         file_keys: list[tuple[str, str]] = []
 
+        # called only while this file is read (this iteration), so the loop variables are current
         def on_tensor(key: str, code: str, shape: tuple, digest: str, stats: Stats | None) -> None:
             canonical = hf.KEY_ALIASES.get(key, key)
-            record.tensors[canonical] = TensorPrint(canonical, code, tuple(shape), digest, name, stats)
-            file_keys.append((canonical, f"{code}|{list(shape)}|{digest}"))
+            record.tensors[canonical] = TensorPrint(canonical, code, tuple(shape), digest, name, stats)  # noqa: B023
+            file_keys.append((canonical, f"{code}|{list(shape)}|{digest}"))  # noqa: B023
 
         try:
             if fmt == "safetensors":
@@ -657,7 +660,7 @@ def audit_series(directory: str | os.PathLike, *, steps: Iterable[int] | None = 
         if leftovers:
             notes.append(Finding("leftover", "-", f"interrupted or quarantined saves: {_some(leftovers)}", "note"))
         config = ckpt.read_model_config(root)
-        for label, step, _ in entries:
+        for _label, step, _ in entries:
             records.append(_audit_checkpoint_step(root, step, config))
             if progress:
                 progress(records[-1])
@@ -678,14 +681,33 @@ def analyze(records: Sequence[StepRecord], *, norm_window: int = 4, norm_z: floa
     norm jumps."""
     findings: list[Finding] = [f for r in records for f in r.problems]
     usable = [r for r in records if r.tensors]
+    order = {r.label: i for i, r in enumerate(records)}
+    same_as = _identical_steps(usable, order, findings)
 
-    # identical steps: equal fingerprints over all tensors
+    def related(a: StepRecord, b: StepRecord) -> bool:
+        return same_as.get(a.label, a.label) == same_as.get(b.label, b.label)
+
+    covered = _duplicate_shards(usable, related, findings)
+    _duplicate_tensors(usable, related, covered, order, findings)
+    _config_mismatches(records, findings)
+    for r in usable:  # non-finite values
+        bad = [f"{k} ({t.stats.nonfinite} of {t.stats.numel})" for k, t in r.tensors.items()
+               if t.stats is not None and t.stats.nonfinite]
+        if bad:
+            findings.append(Finding("nonfinite", r.label, f"NaN/inf values in {_some(bad)}"))
+    _norm_jumps(records, usable, same_as, findings, window=norm_window, z=norm_z, min_jump=norm_min_jump)
+    findings.sort(key=lambda f: (order.get(f.step, -1), f.kind))
+    return findings
+
+
+def _identical_steps(usable: list[StepRecord], order: dict[str, int], findings: list[Finding]) -> dict[str, str]:
+    """Steps whose every tensor equals an earlier step's (equal fingerprints): one finding each;
+    returns ``{label: label of the first step of its group}``."""
     same_as: dict[str, str] = {}
     by_print: dict[str, list[StepRecord]] = defaultdict(list)
     for r in usable:
         if r.readable:
             by_print[r.fingerprint()].append(r)
-    order = {r.label: i for i, r in enumerate(records)}
     for group in by_print.values():
         for prev, r in zip(group, group[1:]):
             adjacent = order[r.label] == order[prev.label] + 1
@@ -699,15 +721,17 @@ def analyze(records: Sequence[StepRecord], *, norm_window: int = 4, norm_z: floa
                                         + ("" if adjacent else " (not adjacent in the series)"),
                                         other=prev.label))
             same_as[r.label] = group[0].label
-    def related(a: StepRecord, b: StepRecord) -> bool:
-        return same_as.get(a.label, a.label) == same_as.get(b.label, b.label)
+    return same_as
 
-    # duplicate weight files (shards) across steps
+
+def _duplicate_shards(usable: list[StepRecord], related, findings: list[Finding]) -> set[tuple[str, str, str]]:
+    """Weight files (shards) byte-identical across unrelated steps; returns the (step, other,
+    file) triples reported, which the tensor check skips."""
     by_file: dict[tuple[str, str], list[StepRecord]] = defaultdict(list)
     for r in usable:
         for name, digest in r.files.items():
             by_file[(name, digest)].append(r)
-    covered: set[tuple[str, str, str]] = set()  # (step, other, file) pairs already reported
+    covered: set[tuple[str, str, str]] = set()
     for (name, _), group in by_file.items():
         for r in group:
             others = [o for o in group if o is not r and not related(o, r)]
@@ -716,8 +740,13 @@ def analyze(records: Sequence[StepRecord], *, norm_window: int = 4, norm_z: floa
                                         f"{name} is byte-identical to {_some([o.label for o in others])}'s "
                                         "(a shard from another step?)", other=others[0].label))
                 covered.update((r.label, o.label, name) for o in others)
+    return covered
 
-    # duplicate tensors (same key) across steps, outside the cases above; constant tensors skipped
+
+def _duplicate_tensors(usable: list[StepRecord], related, covered: set[tuple[str, str, str]],
+                       order: dict[str, int], findings: list[Finding]) -> None:
+    """Tensors (same key) byte-identical across unrelated steps, outside the shards already
+    reported; constant tensors are skipped."""
     from pythia_jax.convert.hf import is_ignored_key
 
     dup: dict[tuple[str, str], list[str]] = defaultdict(list)
@@ -738,25 +767,25 @@ def analyze(records: Sequence[StepRecord], *, norm_window: int = 4, norm_z: floa
                                 f"{len(keys)} tensor(s) byte-identical to {other}'s: {_some(sorted(keys))}",
                                 other=other))
 
-    # configs: compared with the most common architecture
+
+def _config_mismatches(records: Sequence[StepRecord], findings: list[Finding]) -> None:
+    """Each step's config compared with the most common architecture of the series."""
     configs = [r for r in records if r.config is not None]
-    if configs:
-        common_json, _ = Counter(json.dumps(r.config, sort_keys=True) for r in configs).most_common(1)[0]
-        common = json.loads(common_json)
-        for r in configs:
-            diff = [f"{k} {r.config.get(k)!r} (others: {common.get(k)!r})"
-                    for k in sorted(set(common) | set(r.config)) if r.config.get(k) != common.get(k)]
-            if diff:
-                findings.append(Finding("config_mismatch", r.label, "; ".join(diff)))
+    if not configs:
+        return
+    common_json, _ = Counter(json.dumps(r.config, sort_keys=True) for r in configs).most_common(1)[0]
+    common = json.loads(common_json)
+    for r in configs:
+        diff = [f"{k} {r.config.get(k)!r} (others: {common.get(k)!r})"
+                for k in sorted(set(common) | set(r.config)) if r.config.get(k) != common.get(k)]
+        if diff:
+            findings.append(Finding("config_mismatch", r.label, "; ".join(diff)))
 
-    # non-finite values
-    for r in usable:
-        bad = [f"{k} ({t.stats.nonfinite} of {t.stats.numel})" for k, t in r.tensors.items()
-               if t.stats is not None and t.stats.nonfinite]
-        if bad:
-            findings.append(Finding("nonfinite", r.label, f"NaN/inf values in {_some(bad)}"))
 
-    # norm jumps: whole model and each group, among readable steps with finite values
+def _norm_jumps(records: Sequence[StepRecord], usable: list[StepRecord], same_as: dict[str, str],
+                findings: list[Finding], *, window: int, z: float, min_jump: float) -> None:
+    """Norm jumps of the whole model and of each group, among readable steps with finite values
+    (``norm_outliers``); a note when fewer than 4 such steps exist."""
     trend = [r for r in usable if r.readable and r.step is not None
              and not any(t.stats is not None and t.stats.nonfinite for t in r.tensors.values())
              and same_as.get(r.label, r.label) == r.label]
@@ -766,7 +795,7 @@ def analyze(records: Sequence[StepRecord], *, norm_window: int = 4, norm_z: floa
         for g in sorted(set.intersection(*(set(r.groups) for r in trend))):
             series[g] = [r.groups[g].norm for r in trend]
         for name, values in series.items():
-            for i, score in norm_outliers(values, window=norm_window, z=norm_z, min_jump=norm_min_jump):
+            for i, score in norm_outliers(values, window=window, z=z, min_jump=min_jump):
                 jumps[trend[i].label].append(f"{name} {values[i]:.4g} ({score:+.2f} log vs trend)")
         for r in trend:
             if jumps.get(r.label):
@@ -775,8 +804,6 @@ def analyze(records: Sequence[StepRecord], *, norm_window: int = 4, norm_z: floa
     elif len(records) > 1:
         findings.append(Finding("norm_trend", "-", f"only {len(trend)} usable step(s): norm trend not "
                                 "checked (needs 4)", "note"))
-    findings.sort(key=lambda f: (order.get(f.step, -1), f.kind))
-    return findings
 
 
 def norm_outliers(values: Sequence[float], *, window: int = 4, z: float = 6.0,

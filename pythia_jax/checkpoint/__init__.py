@@ -42,19 +42,34 @@ Modules, one job each (lowest first):
 
 from __future__ import annotations
 
-# The underscored names below are re-exported for the tests, which inspect them.
-from pythia_jax.checkpoint.schedule import CheckpointSchedule, SaveSteps, pythia_steps
-from pythia_jax.checkpoint.layout import (DATA_ITER, EXECUTION_FIELDS, FORMAT_VERSION, METADATA,
-                                          MODEL_CONFIG_FILE, OPT_STATE, PARAMS, CheckpointIntegrityError,
-                                          CheckpointSaveFailed, RunConfigMismatch, _epath, _is_primary,
-                                          _sync, config_differences, is_checkpoint_dir, read_model_config,
-                                          resolve_checkpoint_dir, write_model_config)
-from pythia_jax.checkpoint.integrity import (_checksum_fn, _host_checksum, _leaf_paths, step_problem,
-                                             tree_checksums)
-from pythia_jax.checkpoint.run_config import RUN_CONFIG_KEY, read_run_config, read_run_data, resolve_run_data
-from pythia_jax.checkpoint.restore import RestoredState, _item_tree_metadata
+from pythia_jax.checkpoint.integrity import _checksum_fn, _host_checksum, _leaf_paths, step_problem, tree_checksums
+from pythia_jax.checkpoint.layout import (
+                                          DATA_ITER,
+                                          EXECUTION_FIELDS,
+                                          FORMAT_VERSION,
+                                          METADATA,
+                                          MODEL_CONFIG_FILE,
+                                          OPT_STATE,
+                                          PARAMS,
+                                          CheckpointIntegrityError,
+                                          CheckpointSaveFailed,
+                                          RunConfigMismatch,
+                                          _epath,
+                                          _is_primary,
+                                          _sync,
+                                          config_differences,
+                                          is_checkpoint_dir,
+                                          read_model_config,
+                                          resolve_checkpoint_dir,
+                                          write_model_config,
+)
 from pythia_jax.checkpoint.manager import TrainCheckpointer
 from pythia_jax.checkpoint.params import load_params, save_params_checkpoint
+from pythia_jax.checkpoint.restore import RestoredState, _item_tree_metadata
+from pythia_jax.checkpoint.run_config import RUN_CONFIG_KEY, read_run_config, read_run_data, resolve_run_data
+
+# The underscored names below are re-exported for the tests, which inspect them.
+from pythia_jax.checkpoint.schedule import CheckpointSchedule, SaveSteps, pythia_steps
 
 __all__ = [
     "CheckpointIntegrityError", "CheckpointSaveFailed", "RunConfigMismatch", "read_run_config",

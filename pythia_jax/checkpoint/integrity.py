@@ -12,9 +12,16 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from pythia_jax.checkpoint.layout import (_ARRAY_ITEMS, _COMMIT_MARKER, _INTERNAL_KEY,
-                                          _ORBAX_STEP_METADATA, METADATA, CheckpointIntegrityError,
-                                          _epath, _read_json)
+from pythia_jax.checkpoint.layout import (
+    _ARRAY_ITEMS,
+    _COMMIT_MARKER,
+    _INTERNAL_KEY,
+    _ORBAX_STEP_METADATA,
+    METADATA,
+    CheckpointIntegrityError,
+    _epath,
+    _read_json,
+)
 from pythia_jax.errors import CheckpointError
 
 

@@ -15,8 +15,7 @@ import numpy as np
 
 from pythia_jax.checkpoint.hostio import _host_leaf
 from pythia_jax.checkpoint.integrity import _items_checksums
-from pythia_jax.checkpoint.layout import (_INTERNAL_KEY, DATA_ITER, FORMAT_VERSION, METADATA, OPT_STATE,
-                                          PARAMS)
+from pythia_jax.checkpoint.layout import _INTERNAL_KEY, DATA_ITER, FORMAT_VERSION, METADATA, OPT_STATE, PARAMS
 
 
 def _is_grain_iterator(obj: Any) -> bool:

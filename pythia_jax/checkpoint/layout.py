@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from typing import Any
 
 from pythia_jax.config import ConfigError, ModelConfig
 from pythia_jax.errors import CheckpointError
+from pythia_jax.io_utils import write_text_atomic
 
 MODEL_CONFIG_FILE = "model_config.json"
 PARAMS = "params"
@@ -80,17 +80,6 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def _write_text_atomic(path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary sibling and a rename (epath: local or gs://)."""
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{time.time_ns()}"
-    try:
-        tmp.write_text(text)
-        tmp.rename(path)
-    except BaseException:
-        if tmp.exists():
-            tmp.unlink()
-        raise
-
 def _read_json(path) -> Any:
     return json.loads(path.read_text())
 
@@ -141,7 +130,7 @@ def write_model_config(directory: str | os.PathLike, config: ModelConfig) -> Non
     path = _epath(directory)
     if _is_primary() and not (path / MODEL_CONFIG_FILE).exists():
         path.mkdir(parents=True, exist_ok=True)
-        _write_text_atomic(path / MODEL_CONFIG_FILE, json.dumps(config.to_dict(), indent=2) + "\n")
+        write_text_atomic(path / MODEL_CONFIG_FILE, json.dumps(config.to_dict(), indent=2) + "\n")
     _sync("pythia_jax_write_model_config")  # every process passes here exactly once
     stored = read_model_config(path)
     diff = config_differences(stored, config) if stored is not None else ["model_config.json missing"]

@@ -15,16 +15,25 @@ import logging
 import os
 import threading
 import time
-import warnings
 from typing import Any, Mapping
 
 from pythia_jax.checkpoint.failures import _failure_reason, _quiet_orbax_tracebacks, _step_list
 from pythia_jax.checkpoint.hostio import _bounded_io_registry
 from pythia_jax.checkpoint.integrity import step_problem
 from pythia_jax.checkpoint.items import _save_args
-from pythia_jax.checkpoint.layout import (_TMP_SUFFIX, OPT_STATE, PARAMS, CheckpointIntegrityError,
-                                          CheckpointSaveFailed, _epath, _is_primary, _sync,
-                                          config_differences, read_model_config, write_model_config)
+from pythia_jax.checkpoint.layout import (
+    _TMP_SUFFIX,
+    OPT_STATE,
+    PARAMS,
+    CheckpointIntegrityError,
+    CheckpointSaveFailed,
+    _epath,
+    _is_primary,
+    _sync,
+    config_differences,
+    read_model_config,
+    write_model_config,
+)
 from pythia_jax.checkpoint.restore import RestoredState, _restore_items
 from pythia_jax.checkpoint.schedule import SaveSteps, _as_predicate
 from pythia_jax.config import ModelConfig
@@ -98,14 +107,35 @@ class TrainCheckpointer:
         Incomplete or unreadable steps are skipped with a warning. Array bytes are verified on
         restore (checksums), not here.
         """
+        skipped: list[int] = []
         for step in reversed(self.all_steps()):
             problem = step_problem(self.directory, step)
             if problem is None:
+                self._report_fallback(step, skipped)
                 return step
             self._bad_steps.add(step)
-            warnings.warn(f"checkpoint step {step} in {self.directory} is unusable ({problem}); "
-                          "falling back to an earlier step", stacklevel=2)
+            skipped.append(step)
+            self._report_unusable(step, problem)
+        self._report_fallback(None, skipped)
         return None
+
+    def _report_unusable(self, step: int, problem: str) -> None:
+        """One readable line: the decision first, then the reason cut to its first line."""
+        reason = str(problem).strip().splitlines()[0] if str(problem).strip() else "unknown"
+        if len(reason) > 160:
+            reason = reason[:157] + "..."
+        logger.warning("checkpoint step %d in %s is unusable, trying an earlier step (%s)",
+                       step, self.directory, reason)
+
+    def _report_fallback(self, step: int | None, skipped: list[int]) -> None:
+        if not skipped:
+            return
+        newer = ", ".join(map(str, skipped))
+        if step is None:
+            logger.warning("no usable checkpoint step in %s (unusable: %s)", self.directory, newer)
+        else:
+            logger.warning("using checkpoint step %d of %s (newer step(s) %s unusable)", step,
+                           self.directory, newer)
 
     # -------------------------------------------------------------- save
     def save(self, step: int, params: Any, opt_state: Any = None, data_state: Any = None,
@@ -275,16 +305,20 @@ class TrainCheckpointer:
         """
         if step is not None:
             return self._restore_step(int(step), abstract_state, data_iterator, host_params)
+        skipped: list[int] = []
         for candidate in reversed(self.all_steps()):
             problem = step_problem(self.directory, candidate)
             if problem is None:
                 try:
-                    return self._restore_step(candidate, abstract_state, data_iterator, host_params)
+                    restored = self._restore_step(candidate, abstract_state, data_iterator, host_params)
+                    self._report_fallback(candidate, skipped)
+                    return restored
                 except CheckpointIntegrityError as e:
                     problem = str(e)
             self._bad_steps.add(candidate)
-            warnings.warn(f"checkpoint step {candidate} in {self.directory} is unusable ({problem}); "
-                          "falling back to an earlier step", stacklevel=2)
+            skipped.append(candidate)
+            self._report_unusable(candidate, problem)
+        self._report_fallback(None, skipped)
         return None
 
     def _restore_step(self, step: int, abstract_state: Mapping[str, Any] | None,
@@ -308,7 +342,7 @@ class TrainCheckpointer:
         if _is_primary():
             (self.directory / str(step)).rename(target)
         _sync(f"pythia_jax_quarantine_{step}")
-        warnings.warn(f"re-saving step {step}: the unusable copy was moved to {target}", stacklevel=3)
+        logger.warning(f"re-saving step {step}: the unusable copy was moved to {target}")
         self._bad_steps.discard(step)
         self._manager.reload()
 
@@ -317,6 +351,6 @@ class TrainCheckpointer:
             return
         leftovers = sorted(p.name for p in self.directory.iterdir() if _TMP_SUFFIX in p.name)
         if leftovers:
-            warnings.warn(f"{self.directory}: removing incomplete checkpoint(s) from an interrupted "
-                          f"save: {', '.join(leftovers)}", stacklevel=3)
+            logger.warning(f"{self.directory}: removing incomplete checkpoint(s) from an interrupted "
+                           f"save: {', '.join(leftovers)}")
 

@@ -10,17 +10,28 @@ array items (:func:`_array_targets`), the Orbax arguments of every item (:func:`
 from __future__ import annotations
 
 import dataclasses
-import warnings
+import logging
 from typing import Any, Callable
 
 import numpy as np
 
 from pythia_jax.checkpoint.integrity import _check_shapes, _verify_checksums, step_problem
 from pythia_jax.checkpoint.items import grain_restore_args
-from pythia_jax.checkpoint.layout import (_ARRAY_ITEMS, _INTERNAL_KEY, DATA_ITER, METADATA, OPT_STATE,
-                                          PARAMS, CheckpointIntegrityError, RunConfigMismatch,
-                                          _agree_on_success, _epath)
+from pythia_jax.checkpoint.layout import (
+    _ARRAY_ITEMS,
+    _INTERNAL_KEY,
+    DATA_ITER,
+    METADATA,
+    OPT_STATE,
+    PARAMS,
+    CheckpointIntegrityError,
+    RunConfigMismatch,
+    _agree_on_success,
+    _epath,
+)
 from pythia_jax.errors import CheckpointError, DataError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -145,9 +156,9 @@ def _data_iter_args(data_format: str | None, data_iterator: Any, directory, step
     import orbax.checkpoint as ocp
 
     if data_format == "grain" and data_iterator is not None and not _grain_state_exists(directory, step):
-        warnings.warn(f"{where}: the data iterator state was saved by a different number of processes "
-                      f"than {jax.process_count()}; not restoring it (position the iterator from the "
-                      "step instead)", stacklevel=4)
+        logger.warning(f"{where}: the data iterator state was saved by a different number of processes "
+                       f"than {jax.process_count()}; not restoring it (position the iterator from the "
+                       "step instead)")
     elif data_format == "grain" and data_iterator is not None:
         return {DATA_ITER: grain_restore_args(data_iterator)}
     elif data_format == "json":

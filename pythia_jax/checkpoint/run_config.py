@@ -11,8 +11,14 @@ import json
 import os
 
 from pythia_jax.checkpoint.integrity import step_problem
-from pythia_jax.checkpoint.layout import (DATA_ITER, METADATA, MODEL_CONFIG_FILE, _epath, _read_json,
-                                          resolve_checkpoint_dir)
+from pythia_jax.checkpoint.layout import (
+    DATA_ITER,
+    METADATA,
+    MODEL_CONFIG_FILE,
+    _epath,
+    _read_json,
+    resolve_checkpoint_dir,
+)
 from pythia_jax.data.run_data import RunData, RunDataError
 from pythia_jax.errors import CheckpointError
 

@@ -74,8 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from pythia_jax.data.indexed import save_npy_atomic
     from pythia_jax.checkpoint import resolve_run_data
+    from pythia_jax.data.indexed import save_npy_atomic
     from pythia_jax.data.run_data import PYTHIA_DEFAULTS
     from pythia_jax.errors import DataError
 

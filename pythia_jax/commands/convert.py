@@ -210,9 +210,16 @@ def _load_step(root, step: int | None):
         problem = step_problem(root, candidate)
         if problem is None:
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    config, params = load_params(root, step=candidate, host=True)
+                # the checkpoint layer's own fallback notes are replaced by the one line below
+                checkpoint_log = logging.getLogger("pythia_jax.checkpoint")
+                level = checkpoint_log.level
+                checkpoint_log.setLevel(logging.ERROR)
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        config, params = load_params(root, step=candidate, host=True)
+                finally:
+                    checkpoint_log.setLevel(level)
             except CheckpointIntegrityError as e:
                 problem = str(e)
             else:

@@ -132,8 +132,8 @@ def run(args: argparse.Namespace) -> int:
                      regexes=tuple(args.regex), per_match=args.per_match,
                      numerals=args.preset == "numerals", numeral_max=args.numeral_max,
                      locate=args.locate, max_locations=args.max_locations)
-    from pythia_jax.commands.batches import FLAG_NAMES
     from pythia_jax.checkpoint import resolve_run_data
+    from pythia_jax.commands.batches import FLAG_NAMES
     from pythia_jax.data.run_data import PYTHIA_DEFAULTS
 
     run_data = resolve_run_data(args.checkpoints, args.step, what=FLAG_NAMES, data=args.data, order=args.order,

@@ -39,8 +39,9 @@ def run(args: argparse.Namespace) -> int:
     from pythia_jax.errors import PythiaJaxError
 
     try:
-        import pythia_jax.eval.lm_eval_adapter  # noqa: F401  (registers --model pythia_jax)
         from lm_eval.__main__ import cli_evaluate
+
+        import pythia_jax.eval.lm_eval_adapter  # noqa: F401  (registers --model pythia_jax)
     except ModuleNotFoundError as e:
         raise PythiaJaxError(f"lm-eval is not installed ({e.name}): pip install 'pythia-jax[lm_eval]'") from None
     if any(a in ("-h", "--help") for a in args.passthrough_args):

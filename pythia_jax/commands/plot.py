@@ -34,10 +34,8 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     from pythia_jax.errors import DataError
-    from pythia_jax.eval.plot import plot_metric
+    from pythia_jax.eval.plot import plot_compare, plot_metric
     from pythia_jax.eval.runner import read_table
-
-    from pythia_jax.eval.plot import plot_compare
 
     for path in args.results:
         if not os.path.exists(path):

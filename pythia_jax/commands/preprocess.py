@@ -29,11 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pythia_jax.data.indexed import IndexedDataset
-    from pythia_jax.data.preprocess import preprocess_jsonl
-
-    from pythia_jax.data.indexed import check_dataset_output
-    from pythia_jax.data.preprocess import dataset_prefix
+    from pythia_jax.data.indexed import IndexedDataset, check_dataset_output
+    from pythia_jax.data.preprocess import dataset_prefix, preprocess_jsonl
     check_dataset_output(dataset_prefix(args.output_prefix, args.jsonl_key))  # a dataset, or nothing
     prefix = preprocess_jsonl(args.input, args.output_prefix, jsonl_key=args.jsonl_key,
                               workers=args.workers, tokenizer_path=args.tokenizer)

@@ -35,10 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pythia_jax.data.indexed import check_dataset_output
     from pythia_jax.data.orders import open_order
     from pythia_jax.data.preprocess import write_preshuffled
-
-    from pythia_jax.data.indexed import check_dataset_output
     check_dataset_output(args.out, [args.data])  # before the (long) index-map build
     order = open_order(args.data, "neox", seq_len=args.seq_len, seed=args.seed,
                        train_iters=args.train_iters, global_batch=args.batch_size, verbose=True)

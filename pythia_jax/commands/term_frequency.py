@@ -24,7 +24,8 @@ Example (the Pythia paper's figure: bins 1e5..2e8, k=16):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--counts", required=True, help="count table (.csv/.jsonl) of 'pythia-jax count --preset numerals'")
+    parser.add_argument("--counts", required=True,
+                        help="count table (.csv/.jsonl) of 'pythia-jax count --preset numerals'")
     parser.add_argument("--details-dir", required=True, help="--details-dir of 'pythia-jax eval --tasks arithmetic'")
     parser.add_argument("--out", required=True, help="output PNG")
     parser.add_argument("--table", default=None, help="frequency-gap table (.csv)")

@@ -29,17 +29,34 @@ import numpy as np
 
 from pythia_jax import io_utils
 from pythia_jax.config import HFWeightLayout, ModelConfig, hf_weight_layout, read_hf_config_json
-from pythia_jax.convert.hf_keys import (GLOBAL_KEY, KEY_ALIASES, LAYER_KEY, LAYER_SUFFIX, Path,
-                                        check_params, get_path, hf_shapes, is_ignored_key,
-                                        param_shapes, set_path)
+
+# Defined here before the split; still importable from this module.
+from pythia_jax.convert.hf_keys import (  # noqa: F401
+    GLOBAL_KEY,
+    GLOBAL_TABLE,
+    IGNORED_SUFFIXES,
+    KEY_ALIASES,
+    LAYER_KEY,
+    LAYER_SUFFIX,
+    LAYER_TABLE,
+    Path,
+    check_params,
+    get_path,
+    hf_shapes,
+    is_ignored_key,
+    param_shapes,
+    set_path,
+)
 from pythia_jax.convert.progress import TensorProgress
 from pythia_jax.data.tokenizer import TOKENIZER_FILE
 from pythia_jax.errors import CheckpointError
-from pythia_jax.host_memory import aligned_empty, copy_cast, plain_pages, to_numpy
-
-# Defined here before the split; still importable from this module.
-from pythia_jax.convert.hf_keys import GLOBAL_TABLE, IGNORED_SUFFIXES, LAYER_TABLE  # noqa: F401
-from pythia_jax.host_memory import to_device_tree  # noqa: F401
+from pythia_jax.host_memory import (
+    aligned_empty,
+    copy_cast,
+    plain_pages,
+    to_device_tree,  # noqa: F401
+    to_numpy,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -50,7 +50,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from pythia_jax.data.run_data import RunData  # noqa: F401  (re-exported: the counting API takes one)
+from pythia_jax.data.tokenizer import bytes_to_unicode
 from pythia_jax.errors import PythiaJaxError
+from pythia_jax.io_utils import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -465,21 +467,6 @@ def fixed_keys(counters) -> list[Key]:
 # --------------------------------------------------------------------------- counting rows
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte-level BPE alphabet (openai/gpt-2 ``encoder.py``, ``bytes_to_unicode``), which
-    the GPT-NeoX-20B tokenizer's ``ByteLevel`` pre-tokenizer/decoder uses: byte -> one character."""
-    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1))
-          + list(range(ord("\xae"), ord("\xff") + 1)))
-    cs = bs[:]
-    extra = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + extra)
-            extra += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
-
-
 class ByteDecoder:
     """Rows of token ids -> text, vectorised: each id's bytes from a table, one UTF-8 decode per row.
 
@@ -493,7 +480,7 @@ class ByteDecoder:
         from pythia_jax.data.tokenizer import load_tokenizer
 
         tok = tokenizer or load_tokenizer()
-        byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+        byte_of = {c: b for b, c in bytes_to_unicode().items()}
         added = {i: t.content for i, t in tok.get_added_tokens_decoder().items()}
         table = [b""] * (1 << 16)
         for piece, i in tok.get_vocab(with_added_tokens=False).items():
@@ -620,21 +607,6 @@ def shard_path(out: str, num_hosts: int, host_index: int) -> str:
     return f"{out}.host-{host_index:05d}-of-{num_hosts:05d}.json"
 
 
-def _write_atomic(path: str, text: str) -> None:
-    from pythia_jax.data.indexed import _atomic_path, publish
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    tmp = _atomic_path(path)
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        publish(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _part_name(window: tuple[int, int]) -> str:
     return f"window-{window[0]:09d}-{window[1]:09d}.json"
 
@@ -709,9 +681,9 @@ def assemble(manifest: dict, results: dict, out: str) -> dict[str, str]:
     written = {"table": out}
     if manifest["count"]["locate"]:
         loc = locations_path(out)
-        _write_atomic(loc, _render(_location_rows(manifest, results), LOCATION_COLUMNS, fmt))
+        write_text_atomic(loc, _render(_location_rows(manifest, results), LOCATION_COLUMNS, fmt))
         written["locations"] = loc
-    _write_atomic(out, _render(_table_rows(manifest, results), TABLE_COLUMNS, fmt))
+    write_text_atomic(out, _render(_table_rows(manifest, results), TABLE_COLUMNS, fmt))
     return written
 
 
@@ -796,7 +768,7 @@ def run_count(run: RunData, spec: CountSpec, out: str, *, start: int = 0, stop: 
     pending = [w for w in mine if windows[w] not in done]
     if not os.path.isdir(wdir):
         os.makedirs(wdir)
-    _write_atomic(os.path.join(wdir, "manifest.json"), json.dumps(manifest, indent=1))
+    write_text_atomic(os.path.join(wdir, "manifest.json"), json.dumps(manifest, indent=1))
 
     tokens_per_step = run.global_batch * (run.seq_len + 1)
     if chunk_steps is None:
@@ -816,7 +788,7 @@ def run_count(run: RunData, spec: CountSpec, out: str, *, start: int = 0, stop: 
             if len(got[w]) == n_chunks[w]:
                 result = _merge_chunks([got[w][k] for k in range(n_chunks[w])], spec.max_locations)
                 result["window"] = list(windows[w])
-                _write_atomic(os.path.join(wdir, _part_name(windows[w])), json.dumps(result))
+                write_text_atomic(os.path.join(wdir, _part_name(windows[w])), json.dumps(result))
                 done[windows[w]] = result
                 del got[w]
     finally:
@@ -827,7 +799,7 @@ def run_count(run: RunData, spec: CountSpec, out: str, *, start: int = 0, stop: 
     else:
         shard = {"manifest": manifest, "num_hosts": num_hosts, "host_index": host_index,
                  "results": [done[windows[w]] | {"window": list(windows[w])} for w in mine]}
-        _write_atomic(final, json.dumps(shard))
+        write_text_atomic(final, json.dumps(shard))
         written = {"shard": final}
     shutil.rmtree(wdir, ignore_errors=True)
     return written

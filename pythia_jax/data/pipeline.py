@@ -29,8 +29,8 @@ Checkpointing: ``it`` is a ``grain.DatasetIterator``; save it as the ``data_iter
 Orbax checkpoint with ``grain.checkpoint.CheckpointSave(it)`` (handled by
 ``grain.checkpoint.CheckpointHandler``, one JSON file per process) and restore it in place with
 ``grain.checkpoint.CheckpointRestore(it)`` (``pythia_jax.checkpoint`` does both). A restored
-state whose global batch, seq_len, order or seed differ from the iterator's raises ``DataError``. Without a checkpoint, pass
-``start_step=k`` (or ``it.set_step(k)``): the stream depends only on the step.
+state whose global batch, seq_len, order or seed differ from the iterator's raises ``DataError``.
+Without a checkpoint, pass ``start_step=k`` (or ``it.set_step(k)``): the stream depends only on the step.
 
 Evaluation: ``make_eval_batches(data_prefix, order=..., seq_len=..., batch_size=...)`` yields
 ``{'inputs', 'labels'}`` batches of held-out rows: for ``neox``/``preshuffled`` the rows after
@@ -48,7 +48,6 @@ import numpy as np
 from pythia_jax.data.orders import Order, open_order
 from pythia_jax.data.transforms import RowTransform, TransformSpec, apply_to_rows
 from pythia_jax.errors import DataError
-
 
 
 def host_slice(global_batch: int, process_index: int, process_count: int) -> tuple[int, int]:
@@ -116,11 +115,6 @@ class StepRowsSource:
     def __repr__(self) -> str:
         return (f"StepRowsSource({self.order.name}, B={self.global_batch}, "
                 f"rows=[{self.row_start}, {self.row_stop}), steps={self.num_steps})")
-
-
-def apply_transform(rows: np.ndarray, transform: RowTransform) -> np.ndarray:
-    """Apply a per-row hook to rows [b, L+1]; each output must keep the row's shape."""
-    return apply_to_rows(rows, transform)[0]
 
 
 def _grain():

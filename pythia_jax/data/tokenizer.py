@@ -36,3 +36,18 @@ def encode(text: str) -> list[int]:
 def decode(ids: Sequence[int]) -> str:
     """Text of token ids (special tokens such as EOD kept, so document boundaries show)."""
     return load_tokenizer().decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level BPE alphabet (openai/gpt-2 ``encoder.py``, ``bytes_to_unicode``), which
+    the GPT-NeoX-20B tokenizer's ``ByteLevel`` pre-tokenizer/decoder uses: byte -> one character."""
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1))
+          + list(range(ord("\xae"), ord("\xff") + 1)))
+    cs = bs[:]
+    extra = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}

@@ -294,20 +294,6 @@ def winobias_pairs() -> dict[str, str]:
     return out
 
 
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet inverted: the printable character of each byte -> the byte."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
-
-
 @functools.lru_cache(maxsize=2)
 def _vocab_tables(tokenizer_path: str | None = None):
     """Per id: its bytes (special tokens -> b'\\x00', a non-word boundary); bytes -> id; and each
@@ -315,7 +301,9 @@ def _vocab_tables(tokenizer_path: str | None = None):
     from pythia_jax.data.tokenizer import TOKENIZER_FILE
     with open(tokenizer_path or TOKENIZER_FILE, encoding="utf-8") as f:
         spec = json.load(f)
-    dec = _byte_decoder()
+    from pythia_jax.data.tokenizer import bytes_to_unicode
+
+    dec = {c: b for b, c in bytes_to_unicode().items()}
     vocab = spec["model"]["vocab"]
     size = max(vocab.values()) + 1
     for t in spec.get("added_tokens", []):

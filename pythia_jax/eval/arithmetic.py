@@ -154,7 +154,8 @@ def expand_task_name(name: str, shots: Sequence[int] | None, limit: int | None =
 
 @dataclasses.dataclass
 class ArithmeticResult:
-    """``per_item``: one dict per test item (op, x1, x2, k, output, prediction, answer, correct); ``per_operand``: (op, x1, k, correct, total, acc) per first operand."""
+    """``per_item``: one dict per test item (op, x1, x2, k, output, prediction, answer, correct);
+    ``per_operand``: (op, x1, k, correct, total, acc) per first operand."""
 
     task: ArithmeticTask
     per_item: list[dict[str, Any]]

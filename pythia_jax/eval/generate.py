@@ -138,7 +138,7 @@ class Generator:
 
         self._stop_masks: dict[tuple[int, tuple[str, ...]], np.ndarray] = {}
 
-    @functools.lru_cache(maxsize=32)
+    @functools.lru_cache(maxsize=32)  # noqa: B019 - keeps <= 32 generators alive; a run makes few
     def _fn(self, max_new: int, sampling: SamplingConfig, stop_token: int | None, has_stop_after: bool):
         return _generate_fn(self.placed, max_new, sampling, stop_token, has_stop_after)
 

@@ -288,7 +288,3 @@ def default_file(name: str, data_dir: str | os.PathLike | None) -> Path:
         raise DataError(f"task {name}: no data directory given (--data-dir with {spec.file})")
     return Path(data_dir) / spec.file
 
-
-def task_names(names: Sequence[str]) -> list[str]:
-    """Canonical names, aliases resolved, order kept, duplicates dropped."""
-    return list(dict.fromkeys(canonical_name(n) or n for n in names))

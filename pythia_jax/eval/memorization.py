@@ -92,13 +92,6 @@ def _save_npy(path: str, array: np.ndarray) -> str:
     return path
 
 
-def seen_rows(step: int, batch_size: int) -> range:
-    """Training rows a checkpoint saved after ``step`` updates has seen: [0, batch_size·step)."""
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
-    return range(0, batch_size * step)
-
-
 def select_rows(step: int, *, batch_size: int, sample: int | None = None, seed: int = 0,
                 num_rows: int | None = None) -> np.ndarray:
     """Rows to score for ``step``: all seen rows ``[0, batch_size·step)`` (int64, ascending), or

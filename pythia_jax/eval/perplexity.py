@@ -16,8 +16,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from pythia_jax.errors import DataError
-from pythia_jax.io_utils import iter_jsonl_objects
 from pythia_jax.eval.zero_shot import mean_stderr
+from pythia_jax.io_utils import iter_jsonl_objects
 
 
 def documents_from_indexed(prefix: str, limit: int | None = None) -> list[np.ndarray]:

@@ -301,7 +301,8 @@ def evaluate_checkpoints(checkpoints: str | os.PathLike, steps: Sequence[int], s
 def _evaluate_stacked(checkpoints, steps, tasks, settings, env, table, log) -> None:
     """``--stack K``: the scoring tasks (zero-shot, perplexity) of K steps at a time in one compiled
     pass (``pythia_jax.eval.stacked``); K is capped to fit the device memory / ``max_stack_bytes``.
-    Memorization, generation, harness and WinoBias tasks stay per step. Groups whose configs differ fall back to per step."""
+    Memorization, generation, harness and WinoBias tasks stay per step. Groups whose configs
+    differ fall back to per step."""
     from pythia_jax.eval.loading import load_model_params
     from pythia_jax.eval.stacked import StackedScorer, choose_stack
 

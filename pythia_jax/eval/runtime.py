@@ -11,12 +11,12 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from pythia_jax.errors import PythiaJaxError
-from pythia_jax.sharding import (DEFAULT_RULES, batch_sharding, data_shards, make_mesh, param_shardings,
-                                 replicated)
 from pythia_jax.mesh_config import MeshConfig
+from pythia_jax.sharding import DEFAULT_RULES, batch_sharding, data_shards, make_mesh, param_shardings, replicated
 
 
 @dataclasses.dataclass

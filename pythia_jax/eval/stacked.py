@@ -120,8 +120,8 @@ class StackedScorer(Scorer):
     """
 
     def __init__(self, params_list: Any, config: Any, *, stacked: bool = False, mesh=None, **kwargs):
-        from pythia_jax.sharding import make_mesh, replicated
         from pythia_jax.mesh_config import MeshConfig
+        from pythia_jax.sharding import make_mesh, replicated
 
         tree = params_list if stacked else stack_params(params_list)
         k = {int(x.shape[0]) for x in jax.tree.leaves(tree)}

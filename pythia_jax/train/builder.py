@@ -19,9 +19,15 @@ from jax.sharding import Mesh
 from pythia_jax import sharding as shd
 from pythia_jax.train.config import TrainConfig
 from pythia_jax.train.optimizer import DynamicLossScale, build_optimizer, schedule_for
-from pythia_jax.train.step import (TrainState, abstract_with_shardings, compile_eval_step, compile_train_step,
-                                   init_train_state, make_eval_step, make_train_step)
-
+from pythia_jax.train.step import (
+    TrainState,
+    abstract_with_shardings,
+    compile_eval_step,
+    compile_train_step,
+    init_train_state,
+    make_eval_step,
+    make_train_step,
+)
 
 BATCH_KEYS = ("inputs", "labels")  # int32 [global_batch, seq_length] each (the data pipeline's batch)
 
@@ -88,8 +94,9 @@ class TrainSetup:
 
 def build(cfg: TrainConfig, devices: Sequence[jax.Device] | None = None, *, compile_eval: bool = True) -> TrainSetup:
     """Mesh, shardings and compiled steps for ``cfg`` (all shape/mesh checks happen here)."""
-    from pythia_jax.model import GPTNeoX, abstract_params, params_to_dict
     from flax import nnx
+
+    from pythia_jax.model import GPTNeoX, abstract_params, params_to_dict
 
     mesh = shd.make_mesh(cfg.mesh, devices)
     rules = shd.make_rules(cfg.mesh.rules)

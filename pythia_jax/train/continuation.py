@@ -8,7 +8,7 @@ into a params tree and an optimizer state of this project's Pythia chain (``buil
 
 from __future__ import annotations
 
-import warnings
+import logging
 from typing import Any, Mapping
 
 import jax
@@ -20,6 +20,8 @@ from pythia_jax.convert.neox.yml import optimizer_settings
 from pythia_jax.convert.neox.zero import read_neox_optimizer_state
 from pythia_jax.errors import CheckpointError
 from pythia_jax.train.optimizer import build_optimizer, state_with_moments
+
+logger = logging.getLogger(__name__)
 
 
 def fresh_opt_state(params: Mapping[str, Any], optimizer_kwargs: Mapping[str, Any] | None = None,
@@ -54,8 +56,8 @@ def neox_train_state(ckpt: NeoxCheckpoint, config: ModelConfig,
     opt_state = state_with_moments(build_optimizer(**kwargs), state.exp_avg, state.exp_avg_sq, state.step)
     step = state.iteration if state.iteration is not None else (ckpt.step or state.step)
     if state.scheduler_steps is not None and state.scheduler_steps != state.step:
-        warnings.warn(f"{ckpt.directory}: LR scheduler steps ({state.scheduler_steps}) differ from Adam "
-                      f"steps ({state.step}); both continue from {state.step}", stacklevel=2)
+        logger.warning(f"{ckpt.directory}: LR scheduler steps ({state.scheduler_steps}) differ from Adam "
+                       f"steps ({state.step}); both continue from {state.step}")
     metadata = {"source": "gpt-neox", "neox_checkpoint": ckpt.directory, "adam_steps": state.step,
                 "iteration": step, "optimizer": {k: v for k, v in kwargs.items()},
                 "saved_param_groups": state.hyperparams}

@@ -64,27 +64,6 @@ def peak_flops_for_kind(device_kind: str) -> float | None:
     return None
 
 
-_measured_cpu: dict[str, float] = {}
-
-
-def measure_matmul_flops(n: int = 1024, repeats: int = 5, dtype: str = "float32") -> float:
-    """Best observed FLOP/s of a jitted n×n matmul on the default device (a practical CPU "peak")."""
-    if dtype in _measured_cpu:
-        return _measured_cpu[dtype]
-    import jax.numpy as jnp
-
-    a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(a).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    _measured_cpu[dtype] = 2 * n ** 3 / best
-    return _measured_cpu[dtype]
-
-
 def peak_flops_per_device(override: float | None = None, device: jax.Device | None = None) -> float | None:
     """``override`` if given, else the data-sheet value for the device (``PEAK_FLOPS``), else None.
 
@@ -167,12 +146,14 @@ class MetricWriter:
         self.message(line)
 
     def message(self, text: str) -> None:
+        """One line for the console: above the progress bar, or (without one) an INFO log record
+        of this module's logger (the CLI shows INFO; a library caller decides with ``logging``)."""
         if not self.enabled:
             return
         if self._bar is not None:
             self._bar.write(text)
         else:
-            print(text, flush=True)
+            logger.info("%s", text)
 
     def close(self) -> None:
         if self._bar is not None:

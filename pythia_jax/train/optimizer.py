@@ -144,7 +144,8 @@ def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
-# name paths (module, linear, "bias") of the row-parallel biases below ``layers``: one copy per tensor-parallel rank in GPT-NeoX
+# name paths (module, linear, "bias") of the row-parallel biases below ``layers``: one copy per
+# tensor-parallel rank in GPT-NeoX
 ROW_PARALLEL_BIASES = (("attention", "dense", "bias"), ("mlp", "dense_4h_to_h", "bias"))
 
 

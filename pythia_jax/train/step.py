@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 from flax.core import spmd as core_spmd
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from pythia_jax.config import ModelConfig
 from pythia_jax.train.optimizer import DynamicLossScale, LossScaleState, current_lr, no_loss_scale_state
@@ -139,8 +140,8 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
 
             def body(carry, part):
                 g_acc, l_acc = carry
-                g, l = grad_fn(params, part, total, scale)
-                return (jax.tree.map(jnp.add, g_acc, g), l_acc + l), None
+                g, loss_part = grad_fn(params, part, total, scale)
+                return (jax.tree.map(jnp.add, g_acc, g), l_acc + loss_part), None
 
             zeros = jax.tree.map(jnp.zeros_like, params)
             (grads, loss_sum), _ = jax.lax.scan(body, (zeros, jnp.float32(0.0)), parts)

@@ -34,18 +34,36 @@ imports ``pythia_jax.train``.
 
 from __future__ import annotations
 
-from pythia_jax.convert.neox.keys import (CAT0, CAT1, EMBED_KEYS, FINAL_NORM_KEYS, HEAD_KEYS,
-                                          IGNORED_LAYER_KEYS, KEY_CONVENTIONS, MP_FILE, NORM,
-                                          OPTIM_FILE, PIPE_FILE, REPLICATED, ROW_BIAS, SEQ_KEY,
-                                          STEP_DIR)
-from pythia_jax.convert.neox.torch_io import plain_value, require_torch, torch_load
-from pythia_jax.convert.neox.yml import (config_from_yml, neox_yml, optimizer_settings, read_neox_yml,
-                                         yml_get, yml_text)
+from pythia_jax.convert.neox.keys import (
+                                          CAT0,
+                                          CAT1,
+                                          EMBED_KEYS,
+                                          FINAL_NORM_KEYS,
+                                          HEAD_KEYS,
+                                          IGNORED_LAYER_KEYS,
+                                          KEY_CONVENTIONS,
+                                          MP_FILE,
+                                          NORM,
+                                          OPTIM_FILE,
+                                          PIPE_FILE,
+                                          REPLICATED,
+                                          ROW_BIAS,
+                                          SEQ_KEY,
+                                          STEP_DIR,
+)
 from pythia_jax.convert.neox.layout import NeoxCheckpoint, is_neox_checkpoint, locate_neox_checkpoint
-from pythia_jax.convert.neox.read import (LayerRoles, LayerSource, detect_roles, merge_layer, merge_tp,
-                                          read_neox_checkpoint)
-from pythia_jax.convert.neox.zero import NeoxOptimizerState, read_neox_optimizer_state
+from pythia_jax.convert.neox.read import (
+                                          LayerRoles,
+                                          LayerSource,
+                                          detect_roles,
+                                          merge_layer,
+                                          merge_tp,
+                                          read_neox_checkpoint,
+)
+from pythia_jax.convert.neox.torch_io import plain_value, require_torch, torch_load
 from pythia_jax.convert.neox.write import iter_neox_layers, write_neox_checkpoint
+from pythia_jax.convert.neox.yml import config_from_yml, neox_yml, optimizer_settings, read_neox_yml, yml_get, yml_text
+from pythia_jax.convert.neox.zero import NeoxOptimizerState, read_neox_optimizer_state
 
 __all__ = [
     "CAT0", "CAT1", "EMBED_KEYS", "FINAL_NORM_KEYS", "HEAD_KEYS", "IGNORED_LAYER_KEYS", "KEY_CONVENTIONS",

@@ -24,9 +24,19 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from pythia_jax.config import ModelConfig
 from pythia_jax.convert.hf import ParamAssembler
-from pythia_jax.convert.neox.keys import (CAT0, CAT1, EMBED_KEYS, FINAL_NORM_KEYS, HEAD_KEYS,
-                                          IGNORED_LAYER_KEYS, KEY_CONVENTIONS, NORM, REPLICATED,
-                                          ROW_BIAS, SEQ_KEY)
+from pythia_jax.convert.neox.keys import (
+    CAT0,
+    CAT1,
+    EMBED_KEYS,
+    FINAL_NORM_KEYS,
+    HEAD_KEYS,
+    IGNORED_LAYER_KEYS,
+    KEY_CONVENTIONS,
+    NORM,
+    REPLICATED,
+    ROW_BIAS,
+    SEQ_KEY,
+)
 from pythia_jax.convert.neox.layout import NeoxCheckpoint, locate_neox_checkpoint
 from pythia_jax.convert.neox.torch_io import require_torch, torch_load
 from pythia_jax.convert.neox.yml import config_from_yml, yml_get

@@ -12,8 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping, Sequence
 
-from pythia_jax.config import (EXACT_GELU_NAMES, INIT_METHODS, TOKENIZER_VOCAB_SIZE, ConfigError,
-                               ModelConfig)
+from pythia_jax.config import EXACT_GELU_NAMES, INIT_METHODS, TOKENIZER_VOCAB_SIZE, ConfigError, ModelConfig
 
 
 def read_neox_yml(files: Sequence[str]) -> dict[str, Any]:

@@ -12,8 +12,8 @@ rank are laid end to end and cut by the ``param_shapes`` recorded in
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
-import warnings
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -26,6 +26,8 @@ from pythia_jax.convert.neox.read import LayerRoles, LayerSource, detect_roles, 
 from pythia_jax.convert.neox.torch_io import plain_value, require_torch, torch_load
 from pythia_jax.errors import CheckpointError
 from pythia_jax.host_memory import to_numpy
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -216,7 +218,7 @@ def read_neox_optimizer_state(ckpt: NeoxCheckpoint, config: ModelConfig, *,
         step = sched if sched is not None else iteration
         if step is None:
             raise CheckpointError(f"{ckpt.directory}: the optimizer shards record no step count")
-        warnings.warn(f"{ckpt.directory}: Adam step count not stored; using {step}", stacklevel=2)
+        logger.warning(f"{ckpt.directory}: Adam step count not stored; using {step}")
     master, exp_avg, exp_avg_sq = (_merged_tree(per_rank, which, roles, ckpt, config) for which in range(3))
     return NeoxOptimizerState(master=master, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, step=int(step),
                               iteration=iteration, scheduler_steps=sched, hyperparams=hyper)

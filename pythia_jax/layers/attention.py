@@ -1,233 +1,24 @@
-"""Building blocks of GPT-NeoX: dense / embedding / LayerNorm modules, rotary embedding,
-attention kernels and the logical-axis sharding hook.
+"""Attention kernels: the causal mask, the reference / XLA / cuDNN / TPU splash paths, the choice
+between them (``ModelConfig.attention``), and attention over a KV cache.
 
-Conventions: ``B`` batch, ``T`` query length, ``S`` key length, ``N`` heads, ``D`` head dim,
-``H`` hidden size. Parameters carry their logical axis names as the NNX variable metadata
-``out_sharding`` (a tuple of names such as ``('embed', 'heads')``); eager sharding is off, so
-modules can be built without a mesh. The trainer maps the names to mesh axes with a rule table.
+Conventions: ``B`` batch, ``T`` query length, ``S`` key length, ``N`` heads, ``D`` head dim.
+q/k/v arrive in the compute dtype; logits and softmax are float32 on every path. The attention
+of GPT-NeoX ``megatron/model/transformer.py::ParallelSelfAttention`` and HF ``GPTNeoXAttention``:
+softmax(q·kᵀ / sqrt(D)) v under a causal mask.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
-from flax import nnx
 from flax.core import spmd as core_spmd
 
-Initializer = Callable[..., jax.Array]
-LogicalNames = Sequence[str | tuple[str, ...] | None]
+from pythia_jax.layers.logical import logical_to_mesh_spec
 
 
-# --------------------------------------------------------------------------- sharding hook
-def logical_to_mesh_spec(names: LogicalNames, rules: Sequence[tuple[str, object]]) -> jax.sharding.PartitionSpec:
-    """Translate logical axis names to a ``PartitionSpec`` with a rule table.
-
-    ``rules`` is a sequence of ``(logical_name, mesh_axes)`` pairs (``mesh_axes``: a mesh axis
-    name, a tuple of them, or None), as in ``flax.linen.logical_axis_rules``. The first rule for a
-    name whose mesh axes are still unused wins; a name without a usable rule is unsharded. An entry
-    of ``names`` may be a tuple of logical names (a flattened dimension such as batch·length): its
-    mesh axes are concatenated.
-    """
-    used: set[str] = set()
-
-    def lookup(name: str) -> tuple[str, ...]:
-        for logical, mesh_axes in rules:
-            if logical != name:
-                continue
-            axes = () if mesh_axes is None else (
-                (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes))
-            if used.intersection(axes):
-                continue
-            used.update(axes)
-            return axes
-        return ()
-
-    spec = []
-    for entry in names:
-        if entry is None:
-            spec.append(None)
-            continue
-        group = (entry,) if isinstance(entry, str) else tuple(entry)
-        axes: tuple[str, ...] = ()
-        for name in group:
-            axes += lookup(name)
-        spec.append(None if not axes else (axes[0] if len(axes) == 1 else axes))
-    return jax.sharding.PartitionSpec(*spec)
-
-
-def with_logical_constraint(x: jax.Array, names: LogicalNames) -> jax.Array:
-    """Constrain the sharding of activation ``x`` by logical axis names.
-
-    A no-op unless both a logical rule context (``flax.nnx.logical_axis_rules`` /
-    ``flax.linen.logical_axis_rules``) and a mesh (``jax.set_mesh`` / ``jax.sharding.use_mesh``)
-    are active, so the model runs unchanged on one device.
-    """
-    rules = core_spmd.get_logical_axis_rules()
-    if not rules:
-        return x
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return x
-    if len(names) != x.ndim:
-        raise ValueError(f"logical names {tuple(names)} do not match an array of rank {x.ndim}")
-    return jax.lax.with_sharding_constraint(x, logical_to_mesh_spec(names, rules))
-
-
-# --------------------------------------------------------------------------- parameters
-def _param(init: Initializer, rngs: nnx.Rngs, shape: tuple[int, ...], dtype, names: tuple[str, ...]) -> nnx.Param:
-    """A parameter initialised by ``init`` and tagged with its logical axis names."""
-    return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names, eager_sharding=False)
-
-
-def normal(std: float) -> Initializer:
-    """Plain (untruncated) normal initializer with standard deviation ``std``."""
-    return jax.nn.initializers.normal(stddev=std)
-
-
-class Dense(nnx.Module):
-    """``y = x @ kernel + bias`` on 2-D activations.
-
-    kernel [in, out] (the transpose of torch's weight), bias [out]; input [M, in] in any dtype,
-    computed in ``dtype``; output [M, out] in ``dtype`` (or ``out_dtype``).
-    """
-
-    def __init__(self, in_features: int, out_features: int, *, kernel_std: float,
-                 names: tuple[str, str], use_bias: bool = True, dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
-        self.kernel = _param(normal(kernel_std), rngs, (in_features, out_features), param_dtype, names)
-        self.bias = (_param(jax.nn.initializers.zeros, rngs, (out_features,), param_dtype, names[1:])
-                     if use_bias else None)
-        self.dtype = dtype
-
-    def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
-        out_dtype = out_dtype or self.dtype
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-                    preferred_element_type=out_dtype)
-        if self.bias is not None:
-            y = y + self.bias[...].astype(out_dtype)
-        return y.astype(out_dtype)
-
-
-class Embed(nnx.Module):
-    """Token embedding table ``embedding`` [V, H]; tokens [M] int -> [M, H] in ``dtype``."""
-
-    def __init__(self, num_embeddings: int, features: int, *, std: float, dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
-        self.embedding = _param(normal(std), rngs, (num_embeddings, features), param_dtype,
-                                ("vocab", "embed"))
-        self.dtype = dtype
-
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
-
-
-class LayerNorm(nnx.Module):
-    """torch-style LayerNorm: biased variance, ``eps`` inside the sqrt, statistics in float32.
-
-    scale [H] (init 1), bias [H] (init 0); x [..., H] -> same shape in ``dtype``.
-    """
-
-    def __init__(self, features: int, *, eps: float, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
-        self.scale = _param(jax.nn.initializers.ones, rngs, (features,), param_dtype, ("norm",))
-        self.bias = _param(jax.nn.initializers.zeros, rngs, (features,), param_dtype, ("norm",))
-        self.eps = eps
-        self.dtype = dtype
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x.astype(jnp.float32)
-        mean = jnp.mean(x, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
-        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-        return y.astype(self.dtype)
-
-
-def gelu(x: jax.Array, approximate: bool) -> jax.Array:
-    """GELU: exact erf form (HF "gelu") or the tanh approximation ("gelu_new", NeoX training)."""
-    return jax.nn.gelu(x, approximate=approximate)
-
-
-# --------------------------------------------------------------------------- loss
-def chunked_cross_entropy(x: jax.Array, kernel: jax.Array, labels: jax.Array, chunk: int,
-                          dtype=jnp.float32) -> jax.Array:
-    """Per-token softmax cross-entropy of the output layer without materialising [B, T, V] logits.
-
-    x: final hidden states [B·T, H] (any float dtype); kernel: the output layer [H, V];
-    labels: int [B, T]; chunk: tokens of each row per chunk (``ModelConfig.loss_chunk``);
-    dtype: the matmul compute dtype. Returns float32 [B, T].
-
-    The sequence is cut into chunks of ``chunk`` positions (the last one padded); a
-    ``lax.scan`` computes each chunk's float32 logits [B, chunk, V] exactly as ``Dense`` with
-    ``out_dtype=float32`` does (inputs in ``dtype``, float32 accumulation), then the cross-entropy
-    of ``optax.softmax_cross_entropy_with_integer_labels``. The scan body is rematerialised, so the
-    backward pass recomputes one chunk's logits at a time instead of keeping all of them: peak
-    logits memory is B·chunk·V floats instead of B·T·V. Same per-token arithmetic as the plain
-    loss (within float32 rounding of the matmul blocking).
-    """
-    B, T = labels.shape
-    H = x.shape[-1]
-    n = -(-T // chunk)
-    pad = n * chunk - T
-    h = x.reshape(B, T, H)
-    labels = labels.astype(jnp.int32)
-    if pad:
-        h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
-        labels = jnp.pad(labels, ((0, 0), (0, pad)))
-    # [n, B, chunk, ...]: the batch axis keeps its data-parallel sharding inside every chunk
-    h = jnp.swapaxes(h.reshape(B, n, chunk, H), 0, 1)
-    labels = jnp.swapaxes(labels.reshape(B, n, chunk), 0, 1)
-    w = kernel.astype(dtype)
-
-    @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable,
-                       prevent_cse=False)
-    def one_chunk(hc, lc):
-        logits = jnp.dot(hc.astype(dtype), w, preferred_element_type=jnp.float32).astype(jnp.float32)
-        logits = with_logical_constraint(logits, ("batch", "length", "vocab"))
-        return optax.softmax_cross_entropy_with_integer_labels(logits, lc)
-
-    _, losses = jax.lax.scan(lambda c, xs: (c, one_chunk(*xs)), None, (h, labels))
-    return jnp.swapaxes(losses, 0, 1).reshape(B, n * chunk)[:, :T]
-
-
-# --------------------------------------------------------------------------- rotary
-def rotary_cos_sin(positions: jax.Array, rotary_ndims: int, base: float) -> tuple[jax.Array, jax.Array]:
-    """cos and sin tables, float32 [B, T, rotary_ndims], from integer positions [B, T].
-
-    inv_freq = 1 / base^(arange(0, rd, 2)/rd); the angle table is repeated twice along the last
-    axis (rotate-half pairing: dim i pairs with dim i + rd/2), as in GPT-NeoX / HF.
-    """
-    # float32 exponents as torch computes them; the power evaluated accurately and rounded to
-    # float32, then a float32 reciprocal: bit-identical to torch's table for most sizes (≤ 1 ulp).
-    exponents = np.arange(0, rotary_ndims, 2, dtype=np.float32) / np.float32(rotary_ndims)
-    powers = (np.float64(base) ** exponents.astype(np.float64)).astype(np.float32)
-    inv_freq = jnp.asarray(np.float32(1.0) / powers, dtype=jnp.float32)
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, rd/2]
-    angles = jnp.concatenate([angles, angles], axis=-1)
-    return jnp.cos(angles), jnp.sin(angles)
-
-
-def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate the first ``cos.shape[-1]`` dims of x [B, T, N, D] (in float32); the rest pass through."""
-    rd = cos.shape[-1]
-    if rd == 0:
-        return x
-    x_rot = x[..., :rd].astype(jnp.float32)
-    x_pass = x[..., rd:]
-    half = rd // 2
-    rotated_half = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    out = (x_rot * cos + rotated_half * sin).astype(x.dtype)
-    return jnp.concatenate([out, x_pass], axis=-1)
-
-
-# --------------------------------------------------------------------------- attention
 def causal_mask(q_slots: jax.Array, num_keys: int, key_valid: jax.Array | None = None) -> jax.Array:
     """Boolean mask [B, 1, T, S]: key slot s is visible from query slot q iff s <= q (and valid).
 

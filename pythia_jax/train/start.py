@@ -1,0 +1,208 @@
+"""Where a run starts: the newest valid checkpoint of its own (resume), or a new state (a random
+init, or a branch from ``TrainConfig.init_from`` at ``start_step``), checked against the run record.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+
+import jax
+import numpy as np
+
+from pythia_jax.errors import CheckpointError
+from pythia_jax.train.config import TrainConfig
+from pythia_jax.train.hooks import RunState
+from pythia_jax.train.resume import check_resume
+
+logger = logging.getLogger(__name__)
+
+
+def restore_or_init(run: RunState, ckpt, devices=None, max_steps: int | None = None) -> None:
+    """Fill in ``run`` (setup, data iterator, state, step, end, run record) for ``run.cfg``.
+
+    Cheap checks first: a checkpoint directory of a run with another data order, model or
+    schedule is refused (``check_resume``) before anything is compiled. Then the newest valid
+    checkpoint of ``ckpt`` is restored (data iterator included); with none the run starts from
+    :func:`initial_state`. ``run.step`` is set as soon as it is known (the Ctrl-C report uses it).
+    """
+    from pythia_jax.checkpoint import RUN_CONFIG_KEY
+    from pythia_jax.train import builder
+    from pythia_jax.train.batches import make_data_iterator
+    from pythia_jax.train.resume import run_config
+
+    cfg = run.cfg
+    current = run_config(cfg)
+    stored = _newest_run_config(ckpt)
+    run.record = current
+    if stored is not None:
+        run.record = check_resume(stored, current, cfg, stored["step"], f"{ckpt.directory}/{stored['step']}")
+    run.setup = setup = builder.build(cfg, devices, compile_eval=cfg.eval_every > 0)
+    run.data_it = data_it = make_data_iterator(cfg, setup)
+
+    abstract = {"params": setup.abstract_state.params, "opt_state": setup.abstract_state.opt_state}
+    restored = ckpt.restore(abstract_state=abstract, data_iterator=data_it)
+    if restored is not None:
+        if stored is None or restored.step != stored["step"]:  # fell back to an older step
+            older = (restored.metadata or {}).get(RUN_CONFIG_KEY)
+            run.record = check_resume(older, current, cfg, restored.step, f"{ckpt.directory}/{restored.step}")
+        run.state = _state_from_restored(setup, restored)
+        if data_it.step != restored.step:
+            data_it.set_step(restored.step)
+        run.restored_step = restored.step  # on disk already
+    else:
+        run.state, branch = initial_state(cfg, setup, current)
+        run.record = {**current, "init": {**current["init"], **branch}}
+    run.step = int(jax.device_get(run.state.step))
+    if data_it.step != run.step:
+        data_it.set_step(run.step)
+    run.end = cfg.num_steps if max_steps is None else min(cfg.num_steps, run.step + max_steps)
+
+
+def _state_from_restored(setup, restored):
+    """A TrainState from a ``checkpoint.RestoredState`` (scalars from its metadata)."""
+    import jax.numpy as jnp
+
+    from pythia_jax.train.optimizer import LossScaleState, no_loss_scale_state
+    from pythia_jax.train.step import TrainState
+
+    meta = restored.metadata or {}
+    saved = meta.get("loss_scale")
+    if setup.loss_scale is None:
+        loss_scale = no_loss_scale_state()
+    elif saved is not None:
+        loss_scale = LossScaleState(jnp.float32(saved["scale"]), jnp.int32(saved["good_steps"]),
+                                    jnp.int32(saved["hysteresis"]))
+    else:
+        loss_scale = setup.loss_scale.init()
+    sh = setup.state_shardings
+    return TrainState(step=jax.device_put(jnp.int32(restored.step), sh.step), params=restored.params,
+                      opt_state=restored.opt_state,
+                      loss_scale=jax.tree.map(jax.device_put, loss_scale, sh.loss_scale),
+                      skipped=jax.device_put(jnp.int32(meta.get("skipped", 0)), sh.skipped),
+                      nonfinite_run=jax.device_put(jnp.int32(meta.get("nonfinite_run", 0)), sh.nonfinite_run))
+
+
+def initial_state(cfg: TrainConfig, setup, current: dict):
+    """The state a run without checkpoints starts from, and what to record of it.
+
+    A random init, or ``cfg.init_from`` at ``cfg.start_step`` (see ``TrainConfig.init_from``):
+    a checkpoint of this project gives its params, optimizer state and loss-scale state at that
+    step (its data order and model must be this run's; ``check_resume``'s rules); a GPT-NeoX
+    checkpoint its fp32 master weights and ZeRO Adam moments (its iteration must be the step);
+    an HF directory the params only, with zero Adam moments and the LR schedule at the step.
+    """
+    from pythia_jax import checkpoint as ckpt_lib
+
+    S = int(cfg.start_step)
+    if not cfg.init_from:
+        return setup.init_state(cfg.seed), {}
+    source = cfg.init_from
+    root = _checkpoint_root(source)
+    if root is not None:
+        return _branch_from_checkpoint(cfg, setup, current, root, S)
+    if _is_neox_checkpoint(source):
+        return _branch_from_neox(cfg, setup, source, S)
+    from pythia_jax.convert.sources import load_params
+
+    config, params = load_params(source, host=True)  # numpy: placed slice by slice
+    diff = ckpt_lib.config_differences(config, cfg.model)
+    if diff:
+        raise CheckpointError(f"{source} holds a different model: {'; '.join(diff)}")
+    state = setup.state_from_params(params, step=S)
+    if S:
+        from pythia_jax.train.optimizer import with_schedule_count
+
+        state = state.replace(opt_state=with_schedule_count(state.opt_state, S))
+        logger.warning("branching from %s at step %d with zero Adam moments: the source holds no "
+                       "optimizer state (recorded in the checkpoints as init.adam_moments = 'zero')",
+                       source, S)
+    return state, {"start_step": S, "adam_moments": "zero"}
+
+
+def _checkpoint_root(path: str):
+    """The checkpoint root of this project at ``path`` (a run's output_dir, a checkpoint root or
+    a step folder), else None."""
+    from pythia_jax import checkpoint as ckpt_lib
+
+    for candidate in (path, os.path.join(path, "checkpoints")):
+        if ckpt_lib.is_checkpoint_dir(candidate):
+            return ckpt_lib.resolve_checkpoint_dir(candidate)[0]
+    return None
+
+
+def _is_neox_checkpoint(path: str) -> bool:
+    p = os.path.abspath(path)
+    return bool(glob.glob(os.path.join(p, "*model_states.pt")) or glob.glob(os.path.join(p, "global_step*"))
+                or glob.glob(os.path.join(p, "mp_rank_*")))
+
+
+def _branch_from_checkpoint(cfg: TrainConfig, setup, current: dict, root, S: int):
+    """Params, optimizer and loss-scale state of step ``S`` of another run's checkpoints."""
+    from pythia_jax.checkpoint import TrainCheckpointer, read_run_config
+
+    reader = TrainCheckpointer(root, async_save=False)  # a reader: never cleans up the source
+    try:
+        steps = reader.all_steps()
+        if S not in steps:
+            raise CheckpointError(f"cannot branch from {root} at step {S}: it has no step {S}; "
+                                  f"its steps are {_step_list(steps)} (TrainConfig.start_step)")
+        stored = read_run_config(root, S)
+        if stored and not stored.get("partial"):
+            # the branch may change the transform, nothing else that decides the rows or the model
+            stored = {**stored, "data": {**stored.get("data", {}), "transform": current["data"]["transform"]}}
+            check_resume(stored, current, cfg, S, f"a branch of {root}/{S}")
+        abstract = {"params": setup.abstract_state.params, "opt_state": setup.abstract_state.opt_state}
+        restored = reader.restore(step=S, abstract_state=abstract)
+    finally:
+        reader.close()
+    logger.info("branching from %s at step %d (params, Adam moments and loss scale of the source)", root, S)
+    return _state_from_restored(setup, restored), {"start_step": S, "adam_moments": "source"}
+
+
+def _branch_from_neox(cfg: TrainConfig, setup, source: str, S: int):
+    """fp32 master weights and ZeRO Adam moments of a GPT-NeoX checkpoint at iteration ``S``."""
+    from pythia_jax.checkpoint import config_differences
+    from pythia_jax.convert.neox import read_neox_checkpoint
+    from pythia_jax.train.continuation import neox_train_state
+
+    # a global_stepN/ folder is read as it is (its iteration is checked below); a parent folder
+    # of several is asked for global_step<S>
+    is_step_dir = bool(glob.glob(os.path.join(source, "*model_states.pt")) or
+                       glob.glob(os.path.join(source, "mp_rank_*")))
+    config, _, neox_ckpt = read_neox_checkpoint(source, step=None if is_step_dir else (S or None))
+    diff = config_differences(config, cfg.model)
+    if diff:
+        raise CheckpointError(f"{source} holds a different model: {'; '.join(diff)}")
+    o = cfg.optimizer
+    params, opt_state, step, _ = neox_train_state(neox_ckpt, config, dict(
+        max_lr=o.max_lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.decay_steps,
+        b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, clip_norm=o.clip_norm,
+        row_parallel_bias_copies=o.row_parallel_bias_copies, decay_style=o.decay_style))
+    if S and step != S:
+        raise CheckpointError(f"cannot branch from {source} at step {S}: it is iteration {step}")
+    state = setup.state_from_params(params, step=step)
+    state = state.replace(opt_state=jax.tree.map(
+        lambda a, sh: jax.device_put(np.asarray(a), sh), opt_state, setup.state_shardings.opt_state))
+    return state, {"start_step": int(step), "adam_moments": "source"}
+
+
+def _step_list(steps) -> str:
+    steps = list(steps)
+    if not steps:
+        return "none"
+    return ", ".join(map(str, steps)) if len(steps) <= 12 else \
+        f"{', '.join(map(str, steps[:6]))}, …, {', '.join(map(str, steps[-3:]))} ({len(steps)} in all)"
+
+
+def _newest_run_config(ckpt) -> dict | None:
+    """The run record of the newest step that looks complete, or None (no such step)."""
+    from pythia_jax.checkpoint import read_run_config
+
+    if not ckpt.all_steps():
+        return None
+    try:
+        return read_run_config(ckpt.directory)
+    except CheckpointError:  # no usable step: restore() reports each and the run starts over
+        return None
