@@ -513,7 +513,7 @@ class IndexedDataset:
 
 def _atomic_path(final: str) -> str:
     """A new temporary sibling of ``final`` (same directory, so a rename is atomic)."""
-    from pythia_jax.io_utils import temp_sibling
+    from pythia_jax.io_utils.outputs import temp_sibling
 
     return os.fspath(temp_sibling(final))
 
@@ -587,7 +587,7 @@ def write_index(path: str, dtype, sizes: np.ndarray, doc_idx: np.ndarray, *, wit
 
     ``with_files``: ``(tmp, final)`` pairs (the ``.bin`` data) published together with it.
     """
-    from pythia_jax.io_utils import _remove
+    from pythia_jax.io_utils.outputs import _remove
 
     try:
         tmp = _atomic_path(path)
