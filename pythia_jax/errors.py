@@ -33,5 +33,10 @@ class DataFileNotFound(DataError):
     """A dataset file that does not exist (callers may fall back to another layout)."""
 
 
+class TransformError(DataError):
+    """A row transform that is unknown, misconfigured, or broke the row's shape or dtype
+    (``pythia_jax.data.transforms``)."""
+
+
 __all__ = ["ConfigError", "PythiaJaxError", "CheckpointError", "ParamShapeError", "DataError",
-           "DataFileNotFound"]
+           "DataFileNotFound", "TransformError"]

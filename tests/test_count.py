@@ -246,7 +246,7 @@ def test_interrupted_count_resumes_to_the_same_table(corpus, tmp_path, monkeypat
     run_count(run, _spec(), clean, **kw)
 
     calls = []
-    real = count_lib._count_chunk
+    real = count_lib.runner._count_chunk
 
     def flaky(task):
         calls.append(task)
@@ -254,7 +254,7 @@ def test_interrupted_count_resumes_to_the_same_table(corpus, tmp_path, monkeypat
             raise RuntimeError("injected failure")
         return real(task)
 
-    monkeypatch.setattr(count_lib, "_count_chunk", flaky)
+    monkeypatch.setattr(count_lib.runner, "_count_chunk", flaky)  # where run_count looks it up
     out = str(tmp_path / "c.jsonl")
     with pytest.raises(RuntimeError, match="injected"):
         run_count(run, _spec(), out, **kw)

@@ -304,7 +304,7 @@ def test_remote_size_by_bisection(monkeypatch):
     import re
 
     from pythia_jax.data import indexed
-    monkeypatch.setattr(indexed, "_SIZE_RE", re.compile(r"(?!x)x"))
+    monkeypatch.setattr(indexed.sources, "_SIZE_RE", re.compile(r"(?!x)x"))  # where KvStoreFile reads it
     for n in (0, 1, 2, 3, 1000, 4097):
         _memory_put("memory://bisect/", {f"f{n}.bin": bytes(range(256)) * (n // 256) + bytes(n % 256)})
         assert indexed.KvStoreFile(f"memory://bisect/f{n}.bin").size == n

@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "pythia_jax"
 # Lowest first. A module may import from its own layer and the layers below it.
 LAYERS: list[tuple[str, ...]] = [
     ("errors",),                                  # the exception hierarchy, imports nothing
-    ("config",),                                  # ModelConfig, presets: plain settings
+    ("config", "hf_config"),                      # ModelConfig, presets, the HF config.json fields
     ("io_utils", "host_memory", "mesh_config"),   # file/host helpers, MeshConfig: no model code
     ("layers",),                                  # building blocks: modules, rotary, attention, loss
     ("model",),                                   # GPTNeoX, its parameter tree, the KV cache

@@ -355,7 +355,7 @@ def test_a_failing_writer_keeps_the_previous_output_and_no_temporaries(tmp_path,
     elif point in ("write", "interrupt"):
         monkeypatch.setattr(builtins, "open", opener)
     else:
-        monkeypatch.setattr(io_utils, "temp_sibling", temp)
+        monkeypatch.setattr(io_utils.outputs, "temp_sibling", temp)  # where the writers look it up
     from pythia_jax.checkpoint import CheckpointSaveFailed
 
     try:

@@ -22,7 +22,7 @@ from typing import Any
 
 from pythia_jax.config import ConfigError, ModelConfig
 from pythia_jax.errors import CheckpointError
-from pythia_jax.io_utils import write_text_atomic
+from pythia_jax.io_utils import is_url, write_text_atomic
 
 MODEL_CONFIG_FILE = "model_config.json"
 PARAMS = "params"
@@ -60,7 +60,7 @@ def _epath(directory: str | os.PathLike):
     text = os.fspath(directory)
     if text.startswith("file://"):
         text = text[len("file://"):]
-    if "://" not in text:
+    if not is_url(text):
         text = os.path.abspath(text)
     return epath.Path(text)
 

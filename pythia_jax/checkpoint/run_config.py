@@ -21,6 +21,7 @@ from pythia_jax.checkpoint.layout import (
 )
 from pythia_jax.data.run_data import RunData, RunDataError
 from pythia_jax.errors import CheckpointError
+from pythia_jax.io_utils import is_url
 
 RUN_CONFIG_KEY = "run_config"  # the trainer's record of the run in each step's metadata
 
@@ -145,7 +146,7 @@ def _run_cache_prefix(root, record: dict) -> str | None:
     them) when the checkpoints sit in ``<output_dir>/checkpoints`` and that folder exists."""
     prefix = (record.get("data") or {}).get("prefix")
     root = os.fspath(root)
-    if not prefix or "://" in root:
+    if not prefix or is_url(root):
         return None
     maps = os.path.join(os.path.dirname(os.path.abspath(root).rstrip("/")), "index_maps")
     if not os.path.isdir(maps):

@@ -15,6 +15,7 @@ from typing import Any
 
 from pythia_jax.config import ConfigError, ModelConfig
 from pythia_jax.errors import CheckpointError
+from pythia_jax.io_utils import is_url
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ def detect_source(path: str | os.PathLike) -> str:
     from pythia_jax.convert.neox import is_neox_checkpoint
 
     path = os.fspath(path)
-    local = "://" not in path  # remote (gs://…) paths can only be checkpoints of this project
+    local = not is_url(path)  # remote (gs://…) paths can only be checkpoints of this project
     if local and not os.path.exists(path):
         raise CheckpointError(f"{path} does not exist")
     if local and os.path.isfile(path):
@@ -53,7 +54,7 @@ def load_params(path: str | os.PathLike, step: int | None = None, **kwargs: Any
     first local device, on ``shardings=`` when given, or numpy with ``host=True``. A folder of HF
     revision folders ``step<N>/`` (as the Pythia suite publishes them) needs ``step``.
     """
-    if "://" not in os.fspath(path) and os.path.isdir(path):
+    if not is_url(os.fspath(path)) and os.path.isdir(path):
         found = read_hf_revision(path, step)
         if found is not None:
             return found

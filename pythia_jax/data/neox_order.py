@@ -54,6 +54,7 @@ import numpy as np
 
 from pythia_jax.data.indexed import save_npys_together
 from pythia_jax.errors import DataError
+from pythia_jax.io_utils import is_url
 
 logger = logging.getLogger(__name__)
 
@@ -407,7 +408,7 @@ def fallback_cache_prefix(data_prefix: str) -> str:
 
 def _beside_data_ok(data_prefix: str) -> bool:
     """Cache beside the data only for local, writable directories outside the package."""
-    if "://" in data_prefix:
+    if is_url(data_prefix):
         return False
     directory = os.path.dirname(os.path.abspath(data_prefix))
     package_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -433,7 +434,7 @@ def load_or_build_index_maps(data_prefix: str, sizes: np.ndarray, num_samples: i
     ``train_iters``/``global_batch`` (where ``num_samples`` came from) only word that message.
     """
     candidates = [cache_prefix] if cache_prefix else []
-    if "://" not in data_prefix:
+    if not is_url(data_prefix):
         candidates.append(data_prefix)
     candidates.append(fallback_cache_prefix(data_prefix))
     for stem_prefix in candidates:

@@ -25,7 +25,7 @@ import numpy as np
 from pythia_jax.config import EOD_TOKEN_ID
 from pythia_jax.data.indexed import IndexedDatasetWriter, _atomic_path, check_dataset_output, write_index
 from pythia_jax.errors import DataError
-from pythia_jax.io_utils import iter_jsonl_objects
+from pythia_jax.io_utils import is_url, iter_jsonl_objects
 
 
 def iter_jsonl_texts(paths: Sequence[str], key: str = "text") -> Iterator[str]:
@@ -219,7 +219,7 @@ def write_preshuffled(order, output_prefix: str, num_rows: int, *, shards: int |
     if num_rows > len(order):
         raise DataError(f"{order.name}: {num_rows} rows requested, the order has {len(order)}")
     source = getattr(getattr(order, "dataset", None), "prefix", None)
-    check_dataset_output(output_prefix, [source] if isinstance(source, str) and "://" not in source else [])
+    check_dataset_output(output_prefix, [source] if isinstance(source, str) and not is_url(source) else [])
     width = order.seq_len + 1
     dtype = order.dataset.dtype
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)) or ".", exist_ok=True)

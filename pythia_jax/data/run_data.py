@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from pythia_jax.errors import DataError
+from pythia_jax.io_utils import is_url
 
 logger = logging.getLogger(__name__)
 
@@ -284,11 +285,11 @@ def _resolve_prefix(data: str) -> str:
 
 
 def _abs(prefix: str) -> str:
-    return prefix if "://" in prefix else os.path.realpath(os.path.abspath(prefix))
+    return prefix if is_url(prefix) else os.path.realpath(os.path.abspath(prefix))
 
 
 def _source_exists(prefix: str) -> bool:
-    return "://" in prefix or os.path.exists(prefix + ".idx")
+    return is_url(prefix) or os.path.exists(prefix + ".idx")
 
 
 def _source_size(prefix: str) -> tuple[int, int]:

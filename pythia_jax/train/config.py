@@ -14,6 +14,7 @@ import posixpath
 from typing import Any, Mapping
 
 from pythia_jax.config import ConfigError, ModelConfig
+from pythia_jax.io_utils import is_url
 from pythia_jax.mesh_config import MeshConfig  # re-exported: train.config.MeshConfig
 
 
@@ -180,9 +181,9 @@ class TrainConfig:
         if not self.export_hf:
             return None
         path = os.path.expanduser(str(self.export_hf))
-        if "://" in path or os.path.isabs(path):
+        if is_url(path) or os.path.isabs(path):
             return path
-        if "://" in self.output_dir:  # logs and exports of a gs:// run go to its local mirror
+        if is_url(self.output_dir):  # logs and exports of a gs:// run go to its local mirror
             from pythia_jax.train.paths import local_output_dir
 
             return os.path.join(local_output_dir(self.output_dir), path)
@@ -274,7 +275,7 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig.export_hf must be a path string or None, got {self.export_hf!r}")
 
         def norm(path: str) -> str:
-            if "://" in path:
+            if is_url(path):
                 scheme, rest = path.split("://", 1)
                 return scheme + "://" + posixpath.normpath("/" + rest).lstrip("/")
             return os.path.realpath(os.path.expanduser(path))
@@ -291,7 +292,7 @@ class TrainConfig:
                               f"run's output_dir {self.output_dir!r}: the export would replace the run "
                               f"(checkpoints, metrics); {fix}")
         for entry in ("checkpoints", "tensorboard", "index_maps", "metrics.jsonl"):
-            own = norm(posixpath.join(self.output_dir, entry) if "://" in self.output_dir
+            own = norm(posixpath.join(self.output_dir, entry) if is_url(self.output_dir)
                        else os.path.join(self.output_dir, entry))
             if inside(exp, own):
                 raise ConfigError(f"TrainConfig.export_hf {export!r} is inside the run's {entry} "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from pythia_jax.io_utils import is_url
+
 
 def local_output_dir(output_dir: str) -> str:
     """Where logs (metrics.jsonl, TensorBoard) and index-map caches go.
@@ -12,6 +14,6 @@ def local_output_dir(output_dir: str) -> str:
     ``runs/bucket_run``, since appending JSON lines and building memory-mapped caches need a local
     file system (checkpoints still go to the URL).
     """
-    if "://" not in output_dir:
+    if not is_url(output_dir):
         return output_dir
     return os.path.join("runs", output_dir.split("://", 1)[1].strip("/").replace("/", "_"))

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from pythia_jax.checkpoint import RunConfigMismatch
+from pythia_jax.io_utils import is_url
 from pythia_jax.train.batches import cache_prefix
 from pythia_jax.train.config import TrainConfig
 
@@ -62,7 +63,7 @@ def run_config(cfg: TrainConfig) -> dict:
     transform = spec.to_dict() if spec is not None else None
     return {
         "version": RUN_CONFIG_VERSION,
-        "data": {"prefix": prefix if "://" in prefix else os.path.abspath(prefix),
+        "data": {"prefix": prefix if is_url(prefix) else os.path.abspath(prefix),
                  "documents": int(len(sizes)), "tokens": int(np.asarray(sizes).sum(dtype=np.int64)),
                  "order": cfg.data.order, "seed": int(cfg.data.seed), "global_batch": int(cfg.global_batch),
                  "seq_len": int(cfg.seq_length), "train_iters": int(cfg.num_steps), "transform": transform},

@@ -35,6 +35,7 @@ import sys
 from typing import Any
 
 from pythia_jax.errors import PythiaJaxError
+from pythia_jax.io_utils import is_url
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +188,7 @@ def acquire(output_dir: str, local_dir: str) -> RunLock | None:
         info = _holder_info()
         try:
             lock = _lock_local(local_dir, info)
-            if "://" in output_dir:
+            if is_url(output_dir):
                 try:
                     lock.remote = _lock_remote(output_dir, info)
                 except BaseException:

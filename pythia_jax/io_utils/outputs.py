@@ -1,4 +1,4 @@
-"""Small file-system helpers: safe, atomic outputs; size strings; JSONL rows with line numbers.
+"""Output safety: what a path is, which outputs may be written, and atomic publication.
 
 Output rule (every command and Python API that writes a file or folder goes through here):
 
@@ -22,9 +22,6 @@ Output rule (every command and Python API that writes a file or folder goes thro
 from __future__ import annotations
 
 import contextlib
-import functools
-import gzip
-import io
 import json
 import logging
 import os
@@ -34,9 +31,10 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
-from pythia_jax.errors import DataError, PythiaJaxError
+from pythia_jax.errors import PythiaJaxError
+from pythia_jax.io_utils.files import is_url
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +183,7 @@ def check_inputs(out: str | os.PathLike, inputs: Sequence[str | os.PathLike] = (
         if inp is None:
             continue
         o, i = os.fspath(out), os.fspath(inp)
-        if "://" in o or "://" in i:
+        if is_url(o) or is_url(i):
             a, b = o.rstrip("/") + "/", i.rstrip("/") + "/"
             rel = "is" if a == b else "is inside" if a.startswith(b) else "contains" if b.startswith(a) else None
         else:
@@ -395,7 +393,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     text_path = os.fspath(path)
     if text_path.startswith("file://"):
         text_path = text_path[len("file://"):]
-    if "://" not in text_path:
+    if not is_url(text_path):
         with atomic_files(text_path) as (tmp,):
             epath.Path(tmp).write_text(text, encoding="utf-8")
         return
@@ -431,201 +429,3 @@ def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False, *, ki
         _remove(tmp)
         raise
     publish([(tmp, out)])
-
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_size(size: int | str) -> int:
-    """Bytes from ``"2GB"`` (10^9, as transformers counts), ``"500MiB"``, ``"5e9"`` or an int."""
-    if isinstance(size, int) and not isinstance(size, bool):
-        value = size
-    else:
-        text = str(size)
-        m = _SIZE.match(text)
-        if m and m.group(2).lower() in _UNITS:
-            value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-        else:
-            try:
-                value = int(float(text))
-            except ValueError:
-                raise PythiaJaxError(f"cannot parse size {size!r} (use e.g. 2GB, 500MB, 1GiB)") from None
-    if value <= 0:
-        raise PythiaJaxError(f"size must be positive, got {size!r}")
-    return value
-
-
-def _open_bytes(path: str) -> io.BufferedIOBase:
-    """A binary reader of ``path``, decompressing ``.gz`` / ``.zst`` by extension."""
-    try:
-        if path.endswith(".gz"):
-            return gzip.open(path, "rb")
-        if path.endswith(".zst") or path.endswith(".zstd"):
-            return io.BufferedReader(_ZstdReader(open(path, "rb")))
-        return open(path, "rb")
-    except OSError as e:
-        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
-
-
-class _ZstdReader(io.RawIOBase):
-    """Decompresses a (multi-frame) zstd file; unlike ``stream_reader`` a stream that ends inside a
-    frame raises ``zstandard.ZstdError`` instead of ending quietly."""
-
-    def __init__(self, raw: io.BufferedIOBase):
-        import zstandard
-
-        self._zstd, self._raw = zstandard, raw
-        self._obj = zstandard.ZstdDecompressor().decompressobj()
-        self._buf, self._in_frame, self._done = b"", False, False
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        while not self._buf and not self._done:
-            chunk = self._raw.read(1 << 20)
-            if not chunk:
-                if self._in_frame:
-                    raise self._zstd.ZstdError("the data ends inside a zstd frame (truncated file)")
-                self._done = True
-                break
-            while chunk:
-                self._in_frame = True
-                self._buf += self._obj.decompress(chunk)
-                chunk = b""
-                if self._obj.eof:  # frame complete; the next one may start in the same chunk
-                    self._in_frame = False
-                    chunk = self._obj.unused_data
-                    self._obj = self._zstd.ZstdDecompressor().decompressobj()
-        n = min(len(b), len(self._buf))
-        b[:n] = self._buf[:n]
-        self._buf = self._buf[n:]
-        return n
-
-    def close(self) -> None:
-        self._raw.close()
-        super().close()
-
-
-def _decompression_errors() -> tuple[type[BaseException], ...]:
-    """What a damaged or truncated compressed stream raises (gzip/zlib, zstandard) besides OSError."""
-    import zlib
-
-    errors: list[type[BaseException]] = [OSError, EOFError, zlib.error]
-    try:
-        import zstandard
-        errors.append(zstandard.ZstdError)
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
-def iter_jsonl_objects(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
-    """``(line number, object)`` for each non-blank line of a JSONL file (plain, ``.gz``, ``.zst``).
-
-    Raises DataError naming the file and the line for: a missing or unreadable file, a damaged or
-    truncated ``.gz`` / ``.zst`` stream, a line that is not UTF-8, not JSON or not a JSON object.
-    Each line is decoded on its own, so the line named is the one holding the bad bytes.
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: input file not found")
-    lineno = 0
-    try:
-        with _open_bytes(path) as f:
-            for lineno, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
-                                    f"{e.start + 1}); re-encode the file as UTF-8") from None
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}:{lineno}: expected a JSON object")
-                yield lineno, row
-    except _decompression_errors() as e:
-        what = "damaged or truncated compressed data" if path.endswith((".gz", ".zst", ".zstd")) else "read error"
-        reason = getattr(e, "strerror", None) or " ".join(str(e).split()) or type(e).__name__
-        raise DataError(f"{path}:{lineno + 1}: {what} ({reason}); check or re-download the file") from None
-
-
-def release_free_memory() -> None:
-    """Hand memory that glibc's allocator keeps after large frees back to the OS (``malloc_trim``).
-
-    Reading and converting a model frees many large temporary buffers; without this the process
-    keeps them (RSS) while the next step (e.g. the Orbax save) allocates more. No-op off glibc.
-    """
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-@functools.lru_cache(maxsize=1)
-def _libc():
-    """glibc with ``malloc_trim``, or None. Looked up once: ``find_library`` starts a subprocess
-    (``ldconfig -p``), which cost more than the trim itself when called once per restored array."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim  # noqa: B018 - AttributeError off glibc
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-def prefetch(items: Iterator[Any]) -> Iterator[Any]:
-    """Yield from ``items``, producing the next item on a background thread while the caller
-    works on the current one. Exceptions are re-raised in the caller; stopping early (or an error
-    in the caller) stops the producer after at most one more item."""
-    import queue
-    import threading
-
-    slot: queue.Queue = queue.Queue(maxsize=1)
-    stop = threading.Event()
-    done = object()
-
-    def produce() -> None:
-        try:
-            for item in items:
-                while not stop.is_set():
-                    try:
-                        slot.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                del item
-                if stop.is_set():
-                    return
-            slot.put((done, None))
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            slot.put((done, e))
-
-    thread = threading.Thread(target=produce, name="prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, error = slot.get()
-            if item is done:
-                if error is not None:
-                    raise error
-                return
-            yield item
-            del item
-    finally:
-        stop.set()
-        while thread.is_alive():  # drain so a blocked put can see the stop flag
-            try:
-                slot.get(timeout=0.1)
-            except queue.Empty:
-                pass
-        thread.join()

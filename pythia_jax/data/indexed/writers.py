@@ -1,0 +1,177 @@
+"""Writing indexed datasets and ``.npy`` files: atomic ``.idx`` / ``.bin`` publication,
+``IndexedDatasetWriter`` (GPT-NeoX ``MMapIndexedDatasetBuilder``), ``write_indexed_dataset``,
+``save_npy_atomic`` / ``save_npys_together`` and the output check of a dataset prefix.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from pythia_jax.data.indexed.index import _write_index_file, dtype_code
+from pythia_jax.errors import DataError
+
+# --------------------------------------------------------------------------- writing
+
+
+def _atomic_path(final: str) -> str:
+    """A new temporary sibling of ``final`` (same directory, so a rename is atomic)."""
+    from pythia_jax.io_utils.outputs import temp_sibling
+
+    return os.fspath(temp_sibling(final))
+
+
+def publish(tmp: str, final: str) -> None:
+    """Give ``tmp`` the usual file mode (mkstemp makes 0600) and rename it to ``final``."""
+    publish_together([(tmp, final)])
+
+
+def publish_together(pairs) -> None:
+    """Rename ``(tmp, final)`` pairs into place together or not at all (``io_utils.publish``)."""
+    from pythia_jax.io_utils import publish as publish_all
+
+    publish_all(pairs)
+
+
+def check_dataset_output(prefix: str, inputs=()) -> None:
+    """Refuse to write ``prefix.bin``/``prefix.idx`` over anything but an indexed dataset (or
+    over one of ``inputs``, dataset prefixes read by the same command)."""
+    from pythia_jax.io_utils import check_inputs, check_output_file, describe_path
+
+    for inp in inputs:
+        check_inputs(prefix + ".idx", [inp + ".idx"])
+    check_output_file(prefix + ".idx", "dataset")
+    bin_path = prefix + ".bin"
+    if os.path.isdir(bin_path) or (os.path.exists(bin_path) and not os.path.exists(prefix + ".idx")):
+        raise DataError(f"output {bin_path} exists and is {describe_path(bin_path)} without a "
+                        f"{prefix}.idx beside it; refusing to replace it: choose another output prefix")
+
+
+def save_npy_atomic(path: str, array: np.ndarray) -> None:
+    """``numpy.save`` to a temporary sibling of ``path``, then rename it into place."""
+    save_npys_together([(path, array)])
+
+
+def save_npys_together(items) -> None:
+    """``numpy.save`` each ``(path, array)`` to a temporary sibling; publish them all together
+    (none on an error: the previous files stay)."""
+    from pythia_jax.io_utils import atomic_files
+
+    items = list(items)
+    with atomic_files(*(p for p, _ in items)) as temps:
+        for tmp, (_, array) in zip(temps, items):
+            with open(tmp, "wb") as f:
+                np.save(f, array, allow_pickle=False)
+
+
+def write_index(path: str, dtype, sizes: np.ndarray, doc_idx: np.ndarray, *, with_files=()) -> None:
+    """Write an ``.idx`` file atomically. sizes: int [N] tokens per item; doc_idx: int [D].
+
+    ``with_files``: ``(tmp, final)`` pairs (the ``.bin`` data) published together with it.
+    """
+    from pythia_jax.io_utils.outputs import _remove
+
+    try:
+        tmp = _atomic_path(path)
+    except BaseException:
+        for t, _ in with_files:
+            _remove(Path(t))
+        raise
+    try:
+        _write_index_file(tmp, dtype, sizes, doc_idx)
+    except BaseException:
+        for t in [tmp, *(t for t, _ in with_files)]:
+            _remove(Path(t))
+        raise
+    publish_together([*with_files, (tmp, path)])
+
+
+class IndexedDatasetWriter:
+    """Write ``prefix.bin`` / ``prefix.idx`` like GPT-NeoX's ``MMapIndexedDatasetBuilder``.
+
+    ``add_item(tokens)`` appends one item; ``end_document()`` marks a document boundary (GPT-NeoX
+    calls it after every document, giving ``doc_idx = [0, 1, ..., N]``). Data go to temporary
+    siblings; ``finalize()`` renames them into place (``.bin`` first, then ``.idx``), so readers
+    never see a half-written dataset. Use as a context manager to clean up on errors.
+    """
+
+    def __init__(self, prefix: str, dtype=np.uint16, inputs=()):
+        self.prefix = str(prefix)
+        self.dtype = np.dtype(dtype)
+        dtype_code(self.dtype)
+        check_dataset_output(self.prefix, inputs)
+        os.makedirs(os.path.dirname(os.path.abspath(self.prefix)) or ".", exist_ok=True)
+        self._bin_tmp = _atomic_path(self.prefix + ".bin")
+        try:
+            self._bin = open(self._bin_tmp, "wb")
+        except BaseException:
+            os.remove(self._bin_tmp)
+            raise
+        self._sizes = array.array("q")
+        self._doc_idx = array.array("q", [0])
+        self._closed = False
+
+    def add_item(self, tokens: Iterable[int] | np.ndarray) -> None:
+        arr = np.asarray(tokens)
+        if arr.ndim != 1:
+            arr = arr.reshape(-1)
+        if arr.size > np.iinfo(np.int32).max:  # the .idx format stores item sizes as int32
+            raise DataError(f"{self.prefix}: an item of {arr.size:,} tokens does not fit the index's "
+                            f"int32 sizes (at most {np.iinfo(np.int32).max:,}); split it into items")
+        if arr.size and arr.dtype != self.dtype:
+            info = np.iinfo(self.dtype) if self.dtype.kind in "iu" else None
+            if info is not None and arr.dtype.kind in "iu" and (
+                    arr.min() < info.min or arr.max() > info.max):
+                raise DataError(f"{self.prefix}: token ids out of range for {self.dtype}")
+        self._bin.write(arr.astype(self.dtype, copy=False).astype(self.dtype.newbyteorder("<"),
+                                                                  copy=False).tobytes())
+        self._sizes.append(int(arr.size))
+
+    def end_document(self) -> None:
+        self._doc_idx.append(len(self._sizes))
+
+    def add_document(self, tokens) -> None:
+        self.add_item(tokens)
+        self.end_document()
+
+    def finalize(self) -> str:
+        """Close and move the files into place, ``.bin`` and ``.idx`` together. Returns the prefix."""
+        self._bin.close()
+        try:
+            write_index(self.prefix + ".idx", self.dtype, np.frombuffer(self._sizes, np.int64),
+                        np.frombuffer(self._doc_idx, np.int64),
+                        with_files=[(self._bin_tmp, self.prefix + ".bin")])
+        finally:
+            self._closed = True
+            if os.path.exists(self._bin_tmp):
+                os.remove(self._bin_tmp)
+        return self.prefix
+
+    def abort(self) -> None:
+        if not self._closed:
+            self._bin.close()
+            if os.path.exists(self._bin_tmp):
+                os.remove(self._bin_tmp)
+            self._closed = True
+
+    def __enter__(self) -> "IndexedDatasetWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif not self._closed:
+            self.finalize()
+
+
+def write_indexed_dataset(prefix: str, documents: Iterable[Sequence[int] | np.ndarray],
+                          dtype=np.uint16) -> str:
+    """Write one item per document (like GPT-NeoX preprocessing). Returns the prefix."""
+    with IndexedDatasetWriter(prefix, dtype) as w:
+        for doc in documents:
+            w.add_document(doc)
+    return prefix
