@@ -425,14 +425,9 @@ def plot_correlations(steps: Sequence[int], corrs: Sequence[Correlation], out: s
 
 
 def _save(fig: Any, out: str | os.PathLike) -> str:
-    import matplotlib.pyplot as plt
+    from pythia_jax.eval.plot import save_figure
 
-    out = os.fspath(out)
-    tmp = out + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    return save_figure(fig, out)
 
 
 __all__ = ["WINDOW", "window_counts", "dispersion_test", "poisson_bins", "poisson_gof", "poisson_ks",

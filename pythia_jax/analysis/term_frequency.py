@@ -173,10 +173,6 @@ def plot_frequency(counts: Mapping[int, Mapping[int, int]], accs: Mapping[Key, M
         ax.set_title(f"{op}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    out = os.fspath(out)
-    tmp = out + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    from pythia_jax.eval.plot import save_figure
+
+    return save_figure(fig, out)

@@ -96,6 +96,15 @@ def first_integer(text: str) -> int | None:
     return int(m.group(0)) if m else None
 
 
+def mean_and_stderr(values) -> tuple[float, float]:
+    """Mean of per-item scores and its standard error (sample std / sqrt(n), as the harness's
+    ``mean_stderr``); NaN where undefined (no items; fewer than two for the error)."""
+    v = np.asarray(list(values), float)
+    mean = float(v.mean()) if v.size else float("nan")
+    stderr = float(np.std(v, ddof=1) / math.sqrt(v.size)) if v.size >= 2 else float("nan")
+    return mean, stderr
+
+
 @dataclasses.dataclass(frozen=True)
 class Item:
     op: str
@@ -162,15 +171,11 @@ class ArithmeticResult:
 
     @property
     def accuracy(self) -> float:
-        return float(np.mean([r["correct"] for r in self.per_item])) if self.per_item else float("nan")
+        return mean_and_stderr([r["correct"] for r in self.per_item])[0]
 
     @property
     def stderr(self) -> float:
-        n = len(self.per_item)
-        if n < 2:
-            return float("nan")
-        c = np.array([r["correct"] for r in self.per_item], float)
-        return float(np.std(c, ddof=1) / math.sqrt(n))
+        return mean_and_stderr([r["correct"] for r in self.per_item])[1]
 
     @property
     def per_operand(self) -> list[dict[str, Any]]:

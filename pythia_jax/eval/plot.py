@@ -49,10 +49,12 @@ def plot_metric(rows: Sequence[dict[str, Any]], metric: str, out: str | os.PathL
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title or f"{metric} across training")
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
-def _save(fig, out: str | os.PathLike) -> str:
+def save_figure(fig, out: str | os.PathLike) -> str:
+    """Write a matplotlib figure as a PNG at ``out`` (written aside, then renamed; replaces only a
+    PNG) and close it."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
@@ -111,4 +113,4 @@ def plot_compare(runs: Mapping[str, Sequence[dict[str, Any]]], panels: Sequence[
         ax.set_visible(False)
     if title:
         fig.suptitle(title)
-    return _save(fig, out)
+    return save_figure(fig, out)

@@ -24,16 +24,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import random
 import re
 import string
 from typing import Any, Sequence
 
-import numpy as np
-
 from pythia_jax.errors import DataError, PythiaJaxError
+from pythia_jax.eval.arithmetic import mean_and_stderr
 
 logger = logging.getLogger(__name__)
 
@@ -137,15 +135,11 @@ class TriviaQAResult:
 
     @property
     def accuracy(self) -> float:
-        return float(np.mean([r["correct"] for r in self.per_item]))
+        return mean_and_stderr([r["correct"] for r in self.per_item])[0]
 
     @property
     def stderr(self) -> float:
-        n = len(self.per_item)
-        if n < 2:
-            return float("nan")
-        c = np.array([r["correct"] for r in self.per_item], float)
-        return float(np.std(c, ddof=1) / math.sqrt(n))
+        return mean_and_stderr([r["correct"] for r in self.per_item])[1]
 
 
 def evaluate_triviaqa(generator: Any, tokenizer: Any, task: TriviaQATask, rows: Sequence[dict] | None = None,
