@@ -31,7 +31,7 @@ setup(
     ],
     extras_require={
         "convert": ["torch==2.13.0", "transformers>=4.40"],
-        "test": ["torch==2.13.0", "transformers>=4.40", "pytest>=8", "pytest-xdist>=3", "ruff>=0.5",
+        "test": ["torch==2.13.0", "transformers>=4.40", "pytest>=8", "pytest-xdist>=3", "ruff==0.17.6",
                  "lm-eval>=0.4", "accelerate>=0.26"],
         "seqio": ["seqio>=0.0.19"],
         "lm_eval": ["lm-eval>=0.4", "accelerate>=0.26"],
