@@ -52,9 +52,14 @@ def _failure_reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
-def _step_list(steps: list[int]) -> str:
-    """``0, 1, 2`` or ``0, 1, …, 3000 (154 steps)`` for long lists."""
+def step_list(steps: list[int]) -> str:
+    """``0, 1, 2`` or ``0, 1, …, 3000 (154 steps)`` for long lists; ``none`` for none."""
+    steps = list(steps)
+    if not steps:
+        return "none"
     if len(steps) <= 6:
         return ", ".join(str(s) for s in steps)
     return f"{steps[0]}, {steps[1]}, …, {steps[-1]} ({len(steps)} steps)"
 
+
+_step_list = step_list

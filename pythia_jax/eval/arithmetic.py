@@ -161,12 +161,10 @@ def expand_task_name(name: str, shots: Sequence[int] | None, limit: int | None =
     return [ArithmeticTask(op, k, second=second) for op in ops for k in ks]
 
 
-@dataclasses.dataclass
-class ArithmeticResult:
-    """``per_item``: one dict per test item (op, x1, x2, k, output, prediction, answer, correct);
-    ``per_operand``: (op, x1, k, correct, total, acc) per first operand."""
+class ItemScores:
+    """Mixin of a generation task's result: ``per_item`` dicts with a ``correct`` field give
+    ``accuracy`` and its ``stderr`` (``mean_and_stderr``)."""
 
-    task: ArithmeticTask
     per_item: list[dict[str, Any]]
 
     @property
@@ -176,6 +174,15 @@ class ArithmeticResult:
     @property
     def stderr(self) -> float:
         return mean_and_stderr([r["correct"] for r in self.per_item])[1]
+
+
+@dataclasses.dataclass
+class ArithmeticResult(ItemScores):
+    """``per_item``: one dict per test item (op, x1, x2, k, output, prediction, answer, correct);
+    ``per_operand``: (op, x1, k, correct, total, acc) per first operand."""
+
+    task: ArithmeticTask
+    per_item: list[dict[str, Any]]
 
     @property
     def per_operand(self) -> list[dict[str, Any]]:

@@ -31,7 +31,7 @@ import string
 from typing import Any, Sequence
 
 from pythia_jax.errors import DataError, PythiaJaxError
-from pythia_jax.eval.arithmetic import mean_and_stderr
+from pythia_jax.eval.arithmetic import ItemScores
 
 logger = logging.getLogger(__name__)
 
@@ -129,17 +129,9 @@ def expand_task_name(name: str, data_dir: str | None, shots: Sequence[int] | Non
 
 
 @dataclasses.dataclass
-class TriviaQAResult:
+class TriviaQAResult(ItemScores):
     task: TriviaQATask
     per_item: list[dict[str, Any]]
-
-    @property
-    def accuracy(self) -> float:
-        return mean_and_stderr([r["correct"] for r in self.per_item])[0]
-
-    @property
-    def stderr(self) -> float:
-        return mean_and_stderr([r["correct"] for r in self.per_item])[1]
 
 
 def evaluate_triviaqa(generator: Any, tokenizer: Any, task: TriviaQATask, rows: Sequence[dict] | None = None,

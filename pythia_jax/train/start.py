@@ -4,7 +4,6 @@ init, or a branch from ``TrainConfig.init_from`` at ``start_step``), checked aga
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 
@@ -102,7 +101,9 @@ def initial_state(cfg: TrainConfig, setup, current: dict):
     root = _checkpoint_root(source)
     if root is not None:
         return _branch_from_checkpoint(cfg, setup, current, root, S)
-    if _is_neox_checkpoint(source):
+    from pythia_jax.convert.neox import is_neox_checkpoint
+
+    if is_neox_checkpoint(source):
         return _branch_from_neox(cfg, setup, source, S)
     from pythia_jax.convert.sources import load_params
 
@@ -132,22 +133,17 @@ def _checkpoint_root(path: str):
     return None
 
 
-def _is_neox_checkpoint(path: str) -> bool:
-    p = os.path.abspath(path)
-    return bool(glob.glob(os.path.join(p, "*model_states.pt")) or glob.glob(os.path.join(p, "global_step*"))
-                or glob.glob(os.path.join(p, "mp_rank_*")))
-
-
 def _branch_from_checkpoint(cfg: TrainConfig, setup, current: dict, root, S: int):
     """Params, optimizer and loss-scale state of step ``S`` of another run's checkpoints."""
     from pythia_jax.checkpoint import TrainCheckpointer, read_run_config
+    from pythia_jax.checkpoint.failures import step_list
 
     reader = TrainCheckpointer(root, async_save=False)  # a reader: never cleans up the source
     try:
         steps = reader.all_steps()
         if S not in steps:
             raise CheckpointError(f"cannot branch from {root} at step {S}: it has no step {S}; "
-                                  f"its steps are {_step_list(steps)} (TrainConfig.start_step)")
+                                  f"its steps are {step_list(steps)} (TrainConfig.start_step)")
         stored = read_run_config(root, S)
         if stored and not stored.get("partial"):
             # the branch may change the transform, nothing else that decides the rows or the model
@@ -165,13 +161,13 @@ def _branch_from_neox(cfg: TrainConfig, setup, source: str, S: int):
     """fp32 master weights and ZeRO Adam moments of a GPT-NeoX checkpoint at iteration ``S``."""
     from pythia_jax.checkpoint import config_differences
     from pythia_jax.convert.neox import read_neox_checkpoint
+    from pythia_jax.convert.neox.layout import holds_model_files
     from pythia_jax.train.continuation import neox_train_state
 
     # a global_stepN/ folder is read as it is (its iteration is checked below); a parent folder
     # of several is asked for global_step<S>
-    is_step_dir = bool(glob.glob(os.path.join(source, "*model_states.pt")) or
-                       glob.glob(os.path.join(source, "mp_rank_*")))
-    config, _, neox_ckpt = read_neox_checkpoint(source, step=None if is_step_dir else (S or None))
+    step_dir = holds_model_files(source)
+    config, _, neox_ckpt = read_neox_checkpoint(source, step=None if step_dir else (S or None))
     diff = config_differences(config, cfg.model)
     if diff:
         raise CheckpointError(f"{source} holds a different model: {'; '.join(diff)}")
@@ -186,14 +182,6 @@ def _branch_from_neox(cfg: TrainConfig, setup, source: str, S: int):
     state = state.replace(opt_state=jax.tree.map(
         lambda a, sh: jax.device_put(np.asarray(a), sh), opt_state, setup.state_shardings.opt_state))
     return state, {"start_step": int(step), "adam_moments": "source"}
-
-
-def _step_list(steps) -> str:
-    steps = list(steps)
-    if not steps:
-        return "none"
-    return ", ".join(map(str, steps)) if len(steps) <= 12 else \
-        f"{', '.join(map(str, steps[:6]))}, …, {', '.join(map(str, steps[-3:]))} ({len(steps)} in all)"
 
 
 def _newest_run_config(ckpt) -> dict | None:

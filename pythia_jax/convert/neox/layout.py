@@ -42,20 +42,24 @@ class NeoxCheckpoint:
         return "custom"
 
 
+def holds_model_files(path: str | os.PathLike) -> bool:
+    """True when ``path`` itself holds GPT-NeoX model-state files (a ``global_stepN/`` folder)."""
+    return any(PIPE_FILE.match(n) or MP_FILE.match(n) for n in os.listdir(path))
+
+
 def is_neox_checkpoint(path: str | os.PathLike) -> bool:
     """True when ``path`` is a global_stepN folder or a folder holding global_step* folders."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         return False
-    names = os.listdir(path)
-    if any(PIPE_FILE.match(n) or MP_FILE.match(n) for n in names):
+    if holds_model_files(path):
         return True
-    return any(STEP_DIR.match(n) and os.path.isdir(os.path.join(path, n)) for n in names)
+    return any(STEP_DIR.match(n) and os.path.isdir(os.path.join(path, n)) for n in os.listdir(path))
 
 
 def _resolve_step_dir(path: str, step: int | None) -> str:
     names = os.listdir(path)
-    if any(PIPE_FILE.match(n) or MP_FILE.match(n) for n in names):
+    if holds_model_files(path):
         if step is not None:
             m = STEP_DIR.match(os.path.basename(os.path.normpath(path)))
             if m and int(m.group(1)) != step:
