@@ -7,7 +7,7 @@ model shape, batch and sequence length, with the same number of CPU threads.
     python scripts/bench_train.py                       # CPU: pythia-70m shape, seq 128, fp32
     python scripts/bench_train.py --model pythia-160m --seq 256 --batch 4
     python scripts/bench_train.py --gpu                 # GPU: pythia-410m and pythia-1.4b, seq 2048, bf16
-    python scripts/bench_train.py --gpu --quick         # GPU: one setting per model (about 4 minutes)
+    python scripts/bench_train.py --gpu --quick         # GPU: one setting per model (estimated ~4 minutes)
 
 CPU prints step time, tokens/s and the ratio PyTorch time / pythia-jax time (> 1: pythia-jax is
 faster). GPU mode prints tokens/s, tokens/s/chip and MFU (model FLOPs as in
@@ -16,7 +16,7 @@ dense bf16 FLOP/s) for both implementations (PyTorch: bf16 autocast, fp32 master
 attention, fused AdamW) and the peak per-device memory. pythia-jax runs with cuDNN flash attention
 inside the step and sweeps the remat policy, micro-batches, the chunked loss (``loss_chunk``) and an
 XLA flag set (``GPU_CASES``). Each measurement runs in its own process; the full sweep takes about
-10 minutes on one H100, ``--quick`` about 4.
+10 minutes on one H100, ``--quick`` about 4 (estimates: the GPU mode has not been run yet).
 """
 
 from __future__ import annotations
