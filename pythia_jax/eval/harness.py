@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from pythia_jax.errors import DataError, PythiaJaxError
+from pythia_jax.io_utils import iter_jsonl_objects
 
 logger = logging.getLogger(__name__)
 
@@ -114,29 +114,21 @@ def check_fields(path: Path, fields: Sequence[str], renames: Mapping[str, str], 
         names = set(have) | {renames[k] for k in renames if k in have}
         return [f for f in fields if f not in names]
 
-    try:
-        with open(path, encoding="utf-8", newline="") as f:
-            if path.suffix == ".csv":
+    if path.suffix == ".csv":
+        try:
+            with open(path, encoding="utf-8", newline="") as f:
                 header = next(csv.reader(f), [])
-                if missing(header):
-                    raise DataError(f"{path}:1: {what} needs columns {missing(header)}; the header has {header}")
-                return
-            n = 0
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: not JSON ({e})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-                if missing(row):
-                    raise DataError(f"{path}:{lineno}: {what} needs fields {missing(row)}; "
-                                    f"the row has {sorted(row)}")
-                n += 1
-    except OSError as e:
-        raise DataError(f"cannot read {path}: {e}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"cannot read {path}: {e}") from None
+        if missing(header):
+            raise DataError(f"{path}:1: {what} needs columns {missing(header)}; the header has {header}")
+        return
+    n = 0
+    for lineno, row in iter_jsonl_objects(path):  # names path:line of bad JSON / non-objects
+        if missing(row):
+            raise DataError(f"{path}:{lineno}: {what} needs fields {missing(row)}; "
+                            f"the row has {sorted(row)}")
+        n += 1
     if not n:
         raise DataError(f"{path}: no documents")
 
