@@ -148,6 +148,14 @@ def _vocab_tables(tokenizer_path: str | None = None):
     return pieces, by_bytes, halves
 
 
+@functools.lru_cache(maxsize=1)
+def _piece_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The vocabulary's pieces as an object array (for gathering a row's bytes) and their lengths,
+    built once per process (every ``GenderSwap`` shares them)."""
+    pieces = _vocab_tables()[0]
+    return np.array(pieces, dtype=object), np.array([len(p) for p in pieces], dtype=np.int64)
+
+
 class GenderSwap:
     """The corrected swap: whole words, every form and case, exact row length.
 
@@ -195,9 +203,8 @@ class GenderSwap:
         self._re = re.compile(r"(?<!\w)(" + "|".join(re.escape(w) for w in words) + r")(?!\w)",
                               re.IGNORECASE)
         self.pieces, self.by_bytes, self.halves = _vocab_tables()
-        self._max_piece = max(len(p) for p in self.pieces)
-        self._piece_arr = np.array(self.pieces, dtype=object)
-        self._piece_len = np.array([len(p) for p in self.pieces], dtype=np.int64)
+        self._piece_arr, self._piece_len = _piece_arrays()
+        self._max_piece = int(self._piece_len.max())
         self.skipped = 0
 
     @staticmethod
