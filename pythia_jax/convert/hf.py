@@ -13,7 +13,7 @@ copy of ``embed_in``: the same outputs in the always-untied, biased layout of th
 (``config.HFWeightLayout``).
 
 Directory I/O (``read_hf_dir`` / ``write_hf_dir``) streams tensor by tensor: reading holds one
-float32 model plus one tensor of the file being read; writing holds the params plus one shard.
+model (float32, or each tensor as stored with ``dtype="auto"``) plus one tensor of the file being read; writing holds the params plus one shard.
 The key-table and host-memory names (``LAYER_TABLE``, ``param_shapes``, ``copy_cast``,
 ``to_device_tree`` …) are importable from here too.
 """
@@ -47,15 +47,16 @@ from pythia_jax.convert.hf_keys import (  # noqa: F401
     param_shapes,
     set_path,
 )
+from pythia_jax.convert.dtypes import SlotArrays, canonical_dtype, numpy_dtype, torch_to_numpy  # noqa: F401
 from pythia_jax.convert.progress import TensorProgress
 from pythia_jax.data.tokenizer import TOKENIZER_FILE
 from pythia_jax.errors import CheckpointError
 from pythia_jax.host_memory import (
-    aligned_empty,
+    aligned_empty,  # noqa: F401
     copy_cast,
     plain_pages,
     to_device_tree,  # noqa: F401
-    to_numpy,
+    to_numpy,  # noqa: F401
 )
 
 logger = logging.getLogger(__name__)
@@ -67,24 +68,27 @@ _HEAD_KEY = "embed_out.weight"
 
 
 class ParamAssembler:
-    """Fills a float32 params tree one HF tensor at a time (for streaming readers).
+    """Fills a params tree one HF tensor at a time (for streaming readers).
 
-    ``add(key, array)`` checks the shape, casts to float32 and writes the tensor into its slot
+    ``add(key, array)`` checks the shape, casts to ``dtype`` and writes the tensor into its slot
     (transposed for Linear weights, at index ``i`` of the layer stack); ``finish()`` checks that
-    every tensor arrived and returns the nested dict of ``np.ndarray`` (float32).
+    every tensor arrived and returns the nested dict of ``np.ndarray``.
+    ``dtype``: float32 (default), bfloat16 or float16 for every array, or ``"auto"``: each array
+    in the dtype its tensors are stored in (lossless; float64 is read as float32; a layer stack
+    whose layers differ takes the wider dtype), see ``convert.dtypes``.
     ``layout`` (from ``config.hf_weight_layout``): without attention biases those tensors are
     zeros; with tied embeddings ``embed_out`` is ``embed_in`` transposed. Tensors the layout
     says are absent are skipped when present, as transformers does (logged).
     """
 
     def __init__(self, config: ModelConfig, source: str = "checkpoint",
-                 layout: HFWeightLayout = HFWeightLayout()):
+                 layout: HFWeightLayout = HFWeightLayout(), dtype: Any = "float32"):
         self.config = config
         self.source = source
         self.layout = layout
         self._shapes = param_shapes(config)
-        with plain_pages():  # aligned: to_device_tree then adopts the arrays on CPU (no copy)
-            self._arrays = {p: aligned_empty(s, np.float32) for p, s in self._shapes.items()}
+        # aligned (to_device_tree then adopts the arrays on CPU, no copy); made at the first tensor
+        self._slots = SlotArrays(self._shapes, dtype)
         self._expected = {k: s for k, s in hf_shapes(config).items() if not self._absent(k)}
         self._seen: set[str] = set()
         self._skipped: list[str] = []
@@ -134,8 +138,9 @@ class ParamAssembler:
             return
         path, layer, transpose = slot
         self.check_shape(key, np.shape(array))
-        target = self._arrays[path] if layer is None else self._arrays[path][layer]
-        copy_cast(target, np.asarray(array), transpose)
+        array = np.asarray(array)
+        target = self._slots.get(path, array.dtype)
+        copy_cast(target if layer is None else target[layer], array, transpose)
         canonical = KEY_ALIASES.get(key, key)
         if canonical in self._seen:
             raise CheckpointError(f"{self.source}: tensor {key} appears twice")
@@ -152,32 +157,35 @@ class ParamAssembler:
         if self._skipped:
             logger.warning("%s: %d tensor(s) the config says are unused were skipped, as transformers "
                            "does (e.g. %s)", self.source, len(self._skipped), self._skipped[0])
+        slots = self._slots
         if not self.layout.attention_bias:
-            for name in ("query_key_value", "dense"):
-                self._arrays[("layers", "attention", name, "bias")][...] = 0.0
+            for name in ("query_key_value", "dense"):  # zeros in the dtype of the layer's weights
+                weights = slots.get(("layers", "attention", name, "kernel"), None)
+                slots.get(("layers", "attention", name, "bias"), weights.dtype)[...] = 0
         if self.layout.tie_word_embeddings:
-            copy_cast(self._arrays[("embed_out", "kernel")], self._arrays[("embed_in", "embedding")],
-                      transpose=True)
+            embed = slots.get(("embed_in", "embedding"), None)
+            copy_cast(slots.get(("embed_out", "kernel"), embed.dtype), embed, transpose=True)
         tree: dict[str, Any] = {}
-        for path, arr in self._arrays.items():
-            set_path(tree, path, arr)
-        self._arrays = {}
+        for path in self._shapes:
+            set_path(tree, path, slots.pop(path))
         return tree
 
 
 def hf_state_dict_to_params(config: ModelConfig, state_dict: Mapping[str, Any],
                             source: str = "state dict",
-                            layout: HFWeightLayout = HFWeightLayout()) -> dict[str, Any]:
-    """HF state dict (arrays or torch tensors, any float dtype) -> params tree of float32 ``np.ndarray``.
+                            layout: HFWeightLayout = HFWeightLayout(),
+                            dtype: Any = "float32") -> dict[str, Any]:
+    """HF state dict (arrays or torch tensors, any float dtype) -> params tree of ``np.ndarray``.
 
-    ``layout``: ``config.hf_weight_layout(config_json)`` for checkpoints without attention biases
-    or with tied embeddings. Raises ``CheckpointError`` for a missing tensor, a wrong shape or an
-    unknown key.
+    ``dtype``: float32 (default), bfloat16, float16, or ``"auto"`` (each tensor's own dtype; see
+    ``ParamAssembler``). ``layout``: ``config.hf_weight_layout(config_json)`` for checkpoints
+    without attention biases or with tied embeddings. Raises ``CheckpointError`` for a missing
+    tensor, a wrong shape or an unknown key.
     """
-    assembler = ParamAssembler(config, source, layout)
+    assembler = ParamAssembler(config, source, layout, dtype)
     for key, value in state_dict.items():
         if assembler.wants(key):
-            assembler.add(key, to_numpy(value))
+            assembler.add(key, torch_to_numpy(value))
     return assembler.finish()
 
 
@@ -237,24 +245,6 @@ SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_WEIGHTS = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
-_DTYPE_NAMES = {"float16": "float16", "fp16": "float16", "half": "float16",
-                "bfloat16": "bfloat16", "bf16": "bfloat16",
-                "float32": "float32", "fp32": "float32", "float": "float32"}
-
-
-def canonical_dtype(dtype: Any) -> str:
-    """``"float16"``, ``"bfloat16"`` or ``"float32"`` from a name (fp16, bf16 …) or numpy dtype."""
-    name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
-    try:
-        return _DTYPE_NAMES[name.lower()]
-    except KeyError:
-        raise CheckpointError(f"unsupported dtype {dtype!r}; use float16, bfloat16 or float32") from None
-
-
-def numpy_dtype(dtype: Any) -> np.dtype:
-    import ml_dtypes
-    name = canonical_dtype(dtype)
-    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
 def find_weight_files(path: str | os.PathLike) -> tuple[str, list[str]]:
@@ -361,16 +351,19 @@ def _read_torch_bin(file: str, assembler: ParamAssembler, step: Callable[[], Non
         assembler.check_shape(key, tuple(value.shape))
         if not value.is_floating_point():
             raise CheckpointError(f"{file}: tensor {key} has dtype {value.dtype}, expected a float type")
-        assembler.add(key, to_numpy(value))
+        assembler.add(key, torch_to_numpy(value))
         step()
 
 
-def read_hf_dir(path: str | os.PathLike, *, progress: bool = False) -> tuple[ModelConfig, dict[str, Any]]:
-    """Read an HF GPT-NeoX directory -> (ModelConfig, params of float32 ``np.ndarray``).
+def read_hf_dir(path: str | os.PathLike, *, progress: bool = False,
+                dtype: Any = "float32") -> tuple[ModelConfig, dict[str, Any]]:
+    """Read an HF GPT-NeoX directory -> (ModelConfig, params of ``np.ndarray``).
 
     Accepts model.safetensors, sharded safetensors with model.safetensors.index.json,
-    pytorch_model.bin (+ index); fp16 / bf16 / fp32 tensors. Streams tensor by tensor: peak
-    memory is one float32 model plus one tensor (safetensors) or one shard (.bin).
+    pytorch_model.bin (+ index); fp16 / bf16 / fp32 tensors. ``dtype``: the params' dtype,
+    float32 (default), bfloat16, float16, or ``"auto"``: each tensor as stored, no cast (what
+    ``pythia-jax convert hf-to-jax`` writes by default). Streams tensor by tensor: peak
+    memory is one model in ``dtype`` plus one tensor (safetensors) or one shard (.bin).
     Every ``config.json`` key is checked first (``ConfigError`` naming an unsupported setting,
     before any tensor is read; see ``config.HF_FIELDS``).
     """
@@ -381,7 +374,7 @@ def read_hf_dir(path: str | os.PathLike, *, progress: bool = False) -> tuple[Mod
     layout = hf_weight_layout(hf_config)
     config = ModelConfig.from_hf_dict(hf_config)
     fmt, files = find_weight_files(path)
-    assembler = ParamAssembler(config, source=path, layout=layout)
+    assembler = ParamAssembler(config, source=path, layout=layout, dtype=dtype)
     total = len(assembler.missing())
     with TensorProgress(progress, total, f"reading {os.path.basename(path.rstrip('/')) or path}") as bar:
         for file in files:

@@ -1,0 +1,100 @@
+"""Weight dtypes of the converters: names, the ``"auto"`` rule, and the params slots filled by readers.
+
+``"auto"`` keeps each tensor in the dtype it is stored in (float16, bfloat16 or float32), so a
+conversion is lossless and writes no float32 copy of a half-precision release. transformers'
+``from_pretrained(dtype="auto")`` instead loads the whole model in ``config.json``'s ``dtype``
+(or the first weight's dtype), casting the others; the two agree on the Pythia releases, whose
+tensors are all float16. float64 tensors are read as float32 (JAX's default precision).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from pythia_jax.errors import CheckpointError
+from pythia_jax.host_memory import aligned_empty, copy_cast, plain_pages, to_numpy
+
+AUTO = "auto"
+_DTYPE_NAMES = {"float16": "float16", "fp16": "float16", "half": "float16",
+                "bfloat16": "bfloat16", "bf16": "bfloat16",
+                "float32": "float32", "fp32": "float32", "float": "float32"}
+
+
+def canonical_dtype(dtype: Any) -> str:
+    """``"float16"``, ``"bfloat16"`` or ``"float32"`` from a name (fp16, bf16 …) or numpy dtype."""
+    name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    try:
+        return _DTYPE_NAMES[name.lower()]
+    except KeyError:
+        raise CheckpointError(f"unsupported dtype {dtype!r}; use float16, bfloat16 or float32") from None
+
+
+def numpy_dtype(dtype: Any) -> np.dtype:
+    """The numpy dtype of a name accepted by :func:`canonical_dtype` (bfloat16: ``ml_dtypes``)."""
+    import ml_dtypes
+    name = canonical_dtype(dtype)
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+def is_auto(dtype: Any) -> bool:
+    """True for ``None`` or ``"auto"``: keep each tensor's stored dtype."""
+    return dtype is None or (isinstance(dtype, str) and dtype.lower() == AUTO)
+
+
+def kept_dtype(dtype: Any) -> np.dtype:
+    """The dtype ``"auto"`` keeps a stored tensor of ``dtype`` in (float64 -> float32)."""
+    dtype = np.dtype(dtype)
+    if dtype == np.float64:
+        return np.dtype(np.float32)
+    return numpy_dtype(dtype)
+
+
+def torch_to_numpy(value: Any) -> np.ndarray:
+    """``host_memory.to_numpy``, but a torch bfloat16 tensor becomes a numpy bfloat16 view
+    (lossless, no float32 copy)."""
+    if type(value).__module__.startswith("torch"):
+        import torch
+        if value.dtype == torch.bfloat16:
+            import ml_dtypes
+            return value.detach().cpu().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return to_numpy(value)
+
+
+class SlotArrays:
+    """The params arrays a reader fills, made at first use (aligned, so ``to_device_tree`` then
+    adopts them on CPU without a copy).
+
+    With a fixed ``dtype`` every array has it. With ``"auto"`` an array takes the dtype of the
+    first tensor written into it; a layer stack whose layers are stored in different dtypes is
+    widened to float32 (the one dtype all of float16, bfloat16 and float32 fit in exactly).
+    """
+
+    def __init__(self, shapes: Mapping[Any, tuple[int, ...]], dtype: Any = "float32"):
+        self._shapes = shapes
+        self.fixed = None if is_auto(dtype) else numpy_dtype(dtype)
+        self._arrays: dict[Any, np.ndarray] = {}
+
+    def get(self, path: Any, dtype: Any) -> np.ndarray:
+        """The array of slot ``path`` for a tensor stored in ``dtype`` (None: the slot as made)."""
+        array = self._arrays.get(path)
+        if dtype is None:
+            if array is None:
+                raise KeyError(f"params slot {path} was never written")
+            return array
+        want = self.fixed if self.fixed is not None else kept_dtype(dtype)
+        if array is None:
+            array = self._arrays[path] = self._empty(path, want)
+        elif self.fixed is None and array.dtype != want and array.dtype != np.float32:
+            wider = self._empty(path, np.dtype(np.float32))
+            copy_cast(wider, array)
+            array = self._arrays[path] = wider
+        return array
+
+    def pop(self, path: Any) -> np.ndarray:
+        return self._arrays.pop(path)
+
+    def _empty(self, path: Any, dtype: np.dtype) -> np.ndarray:
+        with plain_pages():
+            return aligned_empty(self._shapes[path], dtype)
