@@ -3,7 +3,9 @@
 Layout of a checkpoint directory (an ``orbax.checkpoint.CheckpointManager`` root)::
 
     <dir>/model_config.json          ModelConfig.to_dict(), written once, atomically
-    <dir>/<step>/params/             the canonical params tree (float32), Orbax PyTree (OCDBT)
+    <dir>/<step>/params/             the canonical params tree, Orbax PyTree (OCDBT): float32 from
+                                     training; a converter may store float16 / bfloat16
+                                     (``stored_dtypes``), which restores cast to the target dtype
     <dir>/<step>/opt_state/          optax state (optional)
     <dir>/<step>/data_iter/          data-iterator state: grain's per-process JSON files
                                      (``process_<i>-of-<n>.json``) or one JSON document
@@ -64,7 +66,7 @@ from pythia_jax.checkpoint.layout import (
                                           write_model_config,
 )
 from pythia_jax.checkpoint.manager import TrainCheckpointer
-from pythia_jax.checkpoint.params import load_params, save_params_checkpoint
+from pythia_jax.checkpoint.params import STORED, load_params, save_params_checkpoint, stored_dtypes
 from pythia_jax.checkpoint.restore import RestoredState, _item_tree_metadata
 from pythia_jax.checkpoint.run_config import RUN_CONFIG_KEY, read_run_config, read_run_data, resolve_run_data
 
@@ -75,7 +77,7 @@ __all__ = [
     "CheckpointIntegrityError", "CheckpointSaveFailed", "RunConfigMismatch", "read_run_config",
     "read_run_data", "resolve_run_data",
     "CheckpointSchedule", "RestoredState", "TrainCheckpointer",
-    "pythia_steps", "save_params_checkpoint", "load_params", "read_model_config",
+    "pythia_steps", "save_params_checkpoint", "load_params", "stored_dtypes", "STORED", "read_model_config",
     "write_model_config", "config_differences", "tree_checksums", "step_problem",
     "is_checkpoint_dir", "resolve_checkpoint_dir",
     "RUN_CONFIG_KEY", "EXECUTION_FIELDS", "MODEL_CONFIG_FILE", "PARAMS", "OPT_STATE", "DATA_ITER",

@@ -9,10 +9,12 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
+import numpy as np
+
 from pythia_jax.checkpoint.hostio import _io_limit
 from pythia_jax.checkpoint.layout import PARAMS, read_model_config, resolve_checkpoint_dir
 from pythia_jax.checkpoint.manager import TrainCheckpointer
-from pythia_jax.checkpoint.restore import _abstract_like, _item_tree_metadata
+from pythia_jax.checkpoint.restore import _abstract_like, _item_tree_metadata, cast_tree
 from pythia_jax.config import ModelConfig
 from pythia_jax.errors import CheckpointError
 
@@ -32,13 +34,19 @@ def save_params_checkpoint(directory: str | os.PathLike, step: int, config: Mode
 
 
 def load_params(directory: str | os.PathLike, step: int | None = None,
-                shardings: Any = None, host: bool = False) -> tuple[ModelConfig, Any]:
+                shardings: Any = None, host: bool = False, dtype: Any = None) -> tuple[ModelConfig, Any]:
     """Read ``(ModelConfig, params)`` from a checkpoint directory (newest valid step by default).
 
     ``shardings``: None (first local device), one ``jax.sharding.Sharding`` for every array, or a
     tree of shardings matching params. ``host=True`` (without shardings): numpy arrays, never
     copied to a device (the exporters' path). ``directory`` may also be a step directory
     ``<dir>/<step>``.
+    ``dtype``: the params' dtype. None (default): the model's ``param_dtype`` (float32 unless the
+    stored ``model_config.json`` says otherwise), so a checkpoint stored in float16 (``convert
+    hf-to-jax`` keeps a release's dtype) loads as the float32 upcast of its weights;
+    ``"stored"``: each array in the dtype it is stored in (no cast; the exporters and ``audit``);
+    or a dtype name. The arrays are read and verified in their stored dtype, then cast one at a
+    time (see :func:`stored_dtypes`).
     """
     if host and shardings is not None:
         raise ValueError("load_params: host=True reads numpy arrays; do not pass shardings")
@@ -68,13 +76,37 @@ def load_params(directory: str | os.PathLike, step: int | None = None,
         ckpt.close()
     if restored is None:
         raise CheckpointError(f"{root}: no valid checkpoint step")
+    params = restored.params
+    del restored
+    if not (isinstance(dtype, str) and dtype == STORED):
+        wanted = np.dtype(dtype if dtype is not None else
+                          (config.param_dtype if config is not None else np.float32))
+        params = cast_tree(params, lambda _, x: wanted)
     if host:
-        return config, restored.params
+        return config, params
     if abstract is None:  # numpy -> the first local device, leaf by leaf (adopted, not copied, on CPU)
         from pythia_jax.host_memory import to_device_tree
 
-        return config, to_device_tree(restored.params)
-    return config, restored.params
+        return config, to_device_tree(params)
+    return config, params
+
+
+STORED = "stored"
+
+
+def stored_dtypes(directory: str | os.PathLike, step: int | None = None) -> dict[str, str]:
+    """``{"embed_in/embedding": "float16", …}``: the dtype each params array is stored in at
+    ``step`` (newest valid step by default), from Orbax's metadata (no array is read)."""
+    from pythia_jax.checkpoint.integrity import _leaf_paths
+
+    root, dir_step = resolve_checkpoint_dir(directory)
+    step = dir_step if step is None else step
+    ckpt = TrainCheckpointer(root, save_steps=(), async_save=False)
+    try:
+        meta = _stored_params_metadata(ckpt, step)
+    finally:
+        ckpt.close()
+    return {k: np.dtype(v.dtype).name for k, v in _leaf_paths(meta)}
 
 
 def _stored_params_metadata(ckpt: TrainCheckpointer, step: int | None) -> Any:

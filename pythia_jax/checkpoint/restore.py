@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pythia_jax.checkpoint.integrity import _check_shapes, _verify_checksums, step_problem
+from pythia_jax.checkpoint.integrity import _check_shapes, _key_name, _leaf_paths, _verify_checksums, step_problem
 from pythia_jax.checkpoint.items import grain_restore_args
 from pythia_jax.checkpoint.layout import (
     _ARRAY_ITEMS,
@@ -71,7 +71,12 @@ def _item_tree_metadata(directory, step: int, item: str) -> Any:
 
 def _restore_items(manager, directory, step: int, abstract_state: dict,
                    data_iterator: Any, host_params: bool = False) -> RestoredState:
-    """Restore one step with verification; raises CheckpointIntegrityError for corrupt data."""
+    """Restore one step with verification; raises CheckpointIntegrityError for corrupt data.
+
+    Arrays are read in the dtype they are stored in (their checksums are of the stored bits) and
+    then cast to the dtype of their target in ``abstract_state`` (e.g. a float16 checkpoint made
+    by ``convert hf-to-jax`` restored into a float32 train state); without a target they keep the
+    stored dtype."""
     where = f"{directory}/{step}"
     problem = step_problem(directory, step)
     if problem is not None:
@@ -81,12 +86,68 @@ def _restore_items(manager, directory, step: int, abstract_state: dict,
     args = _restore_args(targets, abstract_state, host_params)
     args.update(_data_iter_args(internal.get("data_iter_format"), data_iterator, directory, step, where))
     restored = _read_items(manager, step, args, where)
-    # A collective computation: every process reaches the same verdict.
-    _verify_checksums({item: restored[item] for item in targets}, internal.get("checksums", {}), where)
-    return RestoredState(step=step, params=restored[PARAMS],
-                         opt_state=restored[OPT_STATE] if OPT_STATE in targets else None,
-                         data_state=restored[DATA_ITER] if DATA_ITER in args else None,
-                         metadata=doc)
+    arrays = {item: restored[item] for item in targets}
+    data_state = restored[DATA_ITER] if DATA_ITER in args else None
+    del restored
+    # A collective computation: every process reaches the same verdict. The checksums are of the
+    # stored bits, so the arrays are read in their stored dtypes and cast to the targets' after.
+    _verify_checksums(arrays, internal.get("checksums", {}), where)
+    for item, wanted in abstract_state.items():
+        if item in arrays and wanted is not None:
+            dtypes = {k: v.dtype for k, v in _leaf_paths(wanted) if hasattr(v, "dtype")}
+            arrays[item] = cast_tree(arrays.pop(item), lambda k, _, d=dtypes: d.get(k))
+    return RestoredState(step=step, params=arrays[PARAMS], opt_state=arrays.get(OPT_STATE),
+                         data_state=data_state, metadata=doc)
+
+
+def cast_tree(tree: Any, dtype_for: Callable[[str, Any], Any]) -> Any:
+    """``tree`` with each array leaf ``x`` at path ``k`` ("a/b/0") cast to ``dtype_for(k, x)``
+    (None or the same dtype: unchanged), one leaf at a time: each source leaf is released as
+    soon as its cast exists, so the peak is the larger tree plus one leaf when the caller holds
+    no other reference. numpy leaves stay numpy (``astype``); a ``jax.Array`` is cast where it
+    lies and keeps its sharding.
+    """
+    import jax
+
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    del tree
+    paths = ["/".join(_key_name(e) for e in path) for path, _ in flat]
+    leaves = [leaf for _, leaf in flat]
+    del flat
+    for i, key in enumerate(paths):
+        leaf = leaves[i]
+        if not hasattr(leaf, "dtype"):
+            continue
+        dtype = dtype_for(key, leaf)
+        if dtype is None or np.dtype(dtype) == np.dtype(leaf.dtype):
+            continue
+        if isinstance(leaf, jax.Array):
+            leaves[i] = _astype_fn(np.dtype(dtype), leaf.sharding)(leaf)
+        else:
+            leaves[i] = np.asarray(leaf).astype(dtype)
+        del leaf
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _astype_fn(dtype: np.dtype, sharding: Any) -> Callable:
+    import jax
+
+    return jax.jit(lambda x: x.astype(dtype), out_shardings=sharding)
+
+
+def _read_target(stored_meta: Any, target: Any) -> Any:
+    """``target`` with each leaf's dtype replaced by its stored dtype (same shapes, shardings)."""
+    import jax
+
+    stored = {k: getattr(v, "dtype", None) for k, v in _leaf_paths(stored_meta)}
+
+    def one(path, leaf):
+        dtype = stored.get("/".join(_key_name(e) for e in path))
+        if not isinstance(leaf, jax.ShapeDtypeStruct) or dtype is None or np.dtype(dtype) == leaf.dtype:
+            return leaf
+        return jax.ShapeDtypeStruct(leaf.shape, dtype, sharding=leaf.sharding)
+
+    return jax.tree_util.tree_map_with_path(one, target)
 
 
 def _read_step_record(manager, directory, step: int, where: str) -> tuple[dict, dict, dict]:
@@ -131,7 +192,7 @@ def _array_targets(items: list[str], stored: dict, abstract_state: dict, where: 
             target = _abstract_like(stored_meta, lambda _: jax.sharding.SingleDeviceSharding(default_device))
         else:
             _check_shapes(item, stored_meta, target, where)
-            target = jax.tree.map(_to_abstract, target)
+            target = _read_target(stored_meta, jax.tree.map(_to_abstract, target))
         targets[item] = target
     return targets
 

@@ -57,8 +57,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--all-steps", action="store_true",
                         help="jax-to-hf: export every saved step to OUTPUT/step<N>/ (Hub revision names)")
     parser.add_argument("--dtype", default=None,
-                        help="weights dtype written: float16 (default for jax-to-hf, like the releases), "
-                             "bfloat16 or float32 (default for jax-to-neox)")
+                        help="weights dtype written. hf-to-jax: auto (default: each tensor as stored, "
+                             "lossless, e.g. float16 for the Pythia releases), float32, bfloat16 or "
+                             "float16; every reader casts a checkpoint to the model's param_dtype "
+                             "(float32) on load. jax-to-hf: float16 (default, like the releases), "
+                             "bfloat16 or float32. jax-to-neox: float32 (default), bfloat16 or float16")
     parser.add_argument("--shard-size", default="2GB", help="jax-to-hf: max safetensors shard size")
     parser.add_argument("--with-optimizer", action="store_true",
                         help="hf-to-jax / neox-to-jax without ZeRO shards: also store a fresh optimizer "
@@ -81,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--all-steps only applies to jax-to-hf")
     if args.all_steps and args.step is not None:
         raise ConfigError("use either --step or --all-steps")
+    _check_dtype(args)
     from pythia_jax.io_utils import check_inputs
     check_inputs(args.output, [args.source])
     progress = not args.no_progress
@@ -88,6 +92,42 @@ def run(args: argparse.Namespace) -> int:
                "neox-to-jax": _neox_to_jax, "jax-to-neox": _jax_to_neox}[args.direction]
     handler(args, progress)
     return 0
+
+
+def _check_dtype(args: argparse.Namespace) -> None:
+    """``--dtype``: a known name, ``auto`` only for hf-to-jax, nothing for neox-to-jax."""
+    from pythia_jax.convert.dtypes import canonical_dtype, is_auto
+    from pythia_jax.errors import ConfigError
+
+    if args.dtype is None:
+        return
+    if args.direction == "neox-to-jax":
+        raise ConfigError("--dtype does not apply to neox-to-jax: it stores the module weights (or the "
+                          "ZeRO master weights) in float32; drop --dtype")
+    if is_auto(args.dtype):
+        if args.direction != "hf-to-jax":
+            raise ConfigError(f"--dtype auto only applies to hf-to-jax; {args.direction} writes one dtype: "
+                              "pass float16, bfloat16 or float32")
+        return
+    try:
+        canonical_dtype(args.dtype)
+    except Exception:  # noqa: BLE001 - one message for the CLI
+        raise ConfigError(f"--dtype {args.dtype!r} is not a dtype this converter writes; use "
+                          + ("auto, " if args.direction == "hf-to-jax" else "")
+                          + "float16, bfloat16 or float32") from None
+
+
+def dtype_summary(params) -> str:
+    """``"float16"``, or ``"float16 (30 arrays), float32 (2 arrays)"`` for a mixed tree."""
+    import collections
+
+    import jax
+    import numpy as np
+
+    counts = collections.Counter(np.dtype(x.dtype).name for x in jax.tree.leaves(params) if hasattr(x, "dtype"))
+    if len(counts) == 1:
+        return next(iter(counts))
+    return ", ".join(f"{name} ({n} arrays)" for name, n in counts.most_common())
 
 
 def _hf_to_jax(args: argparse.Namespace, progress: bool) -> None:
@@ -98,14 +138,16 @@ def _hf_to_jax(args: argparse.Namespace, progress: bool) -> None:
         m = re.fullmatch(r"step(\d+)", os.path.basename(os.path.normpath(args.source)))
         step = int(m.group(1)) if m else 0
     _check_output(args, "checkpoint")
-    config, params = read_hf_dir(args.source, progress=progress)
+    config, params = read_hf_dir(args.source, progress=progress, dtype=args.dtype or "auto")
+    stored = dtype_summary(params)
     opt_state = None
     if args.with_optimizer:
         from pythia_jax.train.continuation import fresh_opt_state
         opt_state = fresh_opt_state(params, schedule_count=step)
     write_checkpoint(args.output, step, config, params, opt_state,
                      {"source": "hf", "hf_dir": os.path.abspath(args.source)}, args.overwrite, progress)
-    print(f"wrote {args.output} (step {step}{', with fresh optimizer state' if opt_state else ''})")
+    print(f"wrote {args.output} (step {step}, params in {stored}"
+          f"{', with fresh float32 optimizer state' if opt_state else ''})")
 
 
 def _neox_to_jax(args: argparse.Namespace, progress: bool) -> None:
@@ -136,7 +178,7 @@ def _neox_to_jax(args: argparse.Namespace, progress: bool) -> None:
 
 
 def _jax_to_hf(args: argparse.Namespace, progress: bool) -> None:
-    from pythia_jax.checkpoint import TrainCheckpointer, load_params, resolve_checkpoint_dir
+    from pythia_jax.checkpoint import STORED, TrainCheckpointer, load_params, resolve_checkpoint_dir
     from pythia_jax.convert.hf import write_hf_dir
     from pythia_jax.errors import CheckpointError
     from pythia_jax.io_utils import check_output_dir
@@ -149,6 +191,7 @@ def _jax_to_hf(args: argparse.Namespace, progress: bool) -> None:
         step = args.step if args.step is not None else dir_step
         _status(progress, f"reading checkpoint {args.source}")
         config, params, step, why = _load_step(root, step)
+        logger.info("%s step %d is stored in %s; writing %s", root, step, dtype_summary(params), dtype)
         write_hf_dir(config, params, args.output, dtype=dtype, shard_size=args.shard_size,
                      overwrite=args.overwrite, progress=progress)
         print(f"wrote {args.output} (step {step}, {dtype}{why})")
@@ -164,7 +207,7 @@ def _jax_to_hf(args: argparse.Namespace, progress: bool) -> None:
         check_output_dir(target, args.overwrite, kind="hf")
     from tqdm.auto import tqdm
     for s in tqdm(steps, desc="steps", unit="step", disable=not progress):
-        config, params = load_params(root, step=s, host=True)
+        config, params = load_params(root, step=s, host=True, dtype=STORED)
         write_hf_dir(config, params, targets[s], dtype=dtype, shard_size=args.shard_size,
                      overwrite=args.overwrite, progress=False)
         del params
@@ -189,17 +232,18 @@ def _jax_to_neox(args: argparse.Namespace, progress: bool) -> None:
 
 def _load_step(root, step: int | None):
     """``(config, host params, step, note)``: ``step``, or the newest step that reads and verifies.
+    The params keep their stored dtype: the writers cast tensor by tensor to the output dtype.
 
     Without a step each newer unusable step (incomplete, or failing its checksums) is skipped
     with a logged warning, and ``note`` says which and why (for the closing line).
     """
     import warnings
 
-    from pythia_jax.checkpoint import CheckpointIntegrityError, TrainCheckpointer, load_params, step_problem
+    from pythia_jax.checkpoint import STORED, CheckpointIntegrityError, TrainCheckpointer, load_params, step_problem
     from pythia_jax.errors import CheckpointError
 
     if step is not None:
-        config, params = load_params(root, step=step, host=True)
+        config, params = load_params(root, step=step, host=True, dtype=STORED)
         return config, params, step, ""
     with TrainCheckpointer(root, save_steps=(), async_save=False) as ckpt:
         steps = ckpt.all_steps()
@@ -217,7 +261,7 @@ def _load_step(root, step: int | None):
                 try:
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
-                        config, params = load_params(root, step=candidate, host=True)
+                        config, params = load_params(root, step=candidate, host=True, dtype=STORED)
                 finally:
                     checkpoint_log.setLevel(level)
             except CheckpointIntegrityError as e:

@@ -50,8 +50,9 @@ def load_params(path: str | os.PathLike, step: int | None = None, **kwargs: Any
                 ) -> tuple[ModelConfig, dict[str, Any]]:
     """(ModelConfig, params) from any supported source (see ``pythia_jax.api.load``).
 
-    HF and GPT-NeoX sources give numpy arrays; a checkpoint of this project gives arrays on the
-    first local device, on ``shardings=`` when given, or numpy with ``host=True``. A folder of HF
+    HF and GPT-NeoX sources give numpy float32 arrays; a checkpoint of this project gives arrays on
+    the first local device, on ``shardings=`` when given, or numpy with ``host=True``, cast to the
+    model's ``param_dtype`` (or ``dtype=``; ``checkpoint.load_params``) whatever dtype they are stored in. A folder of HF
     revision folders ``step<N>/`` (as the Pythia suite publishes them) needs ``step``.
     """
     if not is_url(os.fspath(path)) and os.path.isdir(path):
@@ -66,7 +67,8 @@ def load_params(path: str | os.PathLike, step: int | None = None, **kwargs: Any
         return read_hf_dir(path)
     if source == "checkpoint":
         from pythia_jax.checkpoint import load_params as load_checkpoint
-        return load_checkpoint(path, step=step, shardings=kwargs.get("shardings"), host=kwargs.get("host", False))
+        return load_checkpoint(path, step=step, shardings=kwargs.get("shardings"), host=kwargs.get("host", False),
+                               dtype=kwargs.get("dtype"))
     from pythia_jax.convert.neox import read_neox_checkpoint, read_neox_optimizer_state
     config, params, ckpt = read_neox_checkpoint(path, step=step, config_files=kwargs.get("config_files"),
                                                 hidden_act=kwargs.get("hidden_act"))

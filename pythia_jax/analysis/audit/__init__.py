@@ -10,7 +10,8 @@ chunk is hashed (BLAKE2b, 128-bit digest of the stored bytes, so the fingerprint
 stored dtype) and its float values give the sum of squares, the number of non-finite values and
 the min / max. Peak memory is a few chunks for safetensors; a ``.bin`` file is memory-mapped
 (PyTorch's zip format) or loaded whole (legacy pickles); an Orbax step is restored to host memory
-one step at a time (one float32 model).
+one step at a time, in its stored dtype (one model; float16 for a ``convert hf-to-jax`` of a
+release).
 
 Findings (:class:`Finding`, ``kind``):
 

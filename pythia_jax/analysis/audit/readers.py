@@ -370,7 +370,7 @@ def _audit_checkpoint_step(root: Path, step: int, config: Any) -> StepRecord:
         record.problems.append(Finding("incomplete_step", label, problem))
         return record
     try:
-        _, params = ckpt.load_params(root, step=step, host=True)
+        _, params = ckpt.load_params(root, step=step, host=True, dtype=ckpt.STORED)  # the stored bytes
     except CheckpointError as e:
         record.problems.append(Finding("corrupt_file", label, str(e)))
         return record
