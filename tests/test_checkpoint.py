@@ -275,6 +275,47 @@ def test_host_io_saves_write_chunked_arrays_that_restore_everywhere(tmp_path, mo
         C.load_params(tmp_path, step=7, host=True)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_checkpoint_is_verified_then_cast_on_every_restore(tmp_path, dtype):
+    """A checkpoint stored in float16 / bfloat16 (as ``convert hf-to-jax`` keeps a release) keeps
+    its dtype on disk (``stored_dtypes``), is verified against the checksums of its stored bits,
+    and restores as the float32 upcast: load_params on host, on a device and onto shardings, and
+    the training checkpointer with float32 targets (the ``init_from`` branch); ``dtype=STORED``
+    reads it as stored. A corrupt chunk of a half-precision array is caught."""
+    from pythia_jax.convert.dtypes import numpy_dtype
+
+    half = jax.tree.map(lambda x: np.asarray(x).astype(numpy_dtype(dtype)), _params(5))
+    up = jax.tree.map(lambda x: x.astype(np.float32), half)
+    opt = optax.adam(1e-3).init(jax.tree.map(jnp.asarray, up))
+    C.save_params_checkpoint(tmp_path, 3, TINY, half, opt_state=opt)
+    assert set(C.stored_dtypes(tmp_path).values()) == {dtype}
+
+    _, stored = C.load_params(tmp_path, host=True, dtype=C.STORED)
+    assert all(x.dtype == numpy_dtype(dtype) for x in jax.tree.leaves(stored))
+    _assert_trees_equal(stored, half)
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    for kwargs in ({"host": True}, {}, {"shardings": one}):
+        _, loaded = C.load_params(tmp_path, **kwargs)
+        assert all(x.dtype == np.float32 for x in jax.tree.leaves(loaded)), kwargs
+        _assert_trees_equal(loaded, up)
+    _, as_bf16 = C.load_params(tmp_path, host=True, dtype="bfloat16")
+    assert all(x.dtype.name == "bfloat16" for x in jax.tree.leaves(as_bf16))
+    with C.TrainCheckpointer(tmp_path, save_steps=()) as ckpt:
+        restored = ckpt.restore(3, {"params": _abstract(up), "opt_state": _abstract(opt)})
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(restored.params))
+    _assert_trees_equal(restored.params, up)
+    _assert_trees_equal(restored.opt_state, opt)
+
+    for f in _data_files(tmp_path / "3"):
+        blob = bytearray(f.read_bytes())
+        for i in range(len(blob) // 4, len(blob), max(1, len(blob) // 4)):
+            blob[i] ^= 0x5A
+        f.write_bytes(bytes(blob))
+    with pytest.raises(CheckpointError), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        C.load_params(tmp_path, step=3, host=True)
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_no_valid_step_returns_none(tmp_path, caplog):
     params = _params(7)

@@ -150,21 +150,24 @@ def test_key_table_errors():
 
 
 # ------------------------------------------------------------------ reading HF directories
-@pytest.mark.parametrize("form", ["single", "sharded", "bin", "bin_sharded", "fp16", "bf16"])
-def test_read_hf_dir_forms_round_trip_bit_identical(tmp_path, form):
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(form, torch.float32)
+@pytest.mark.parametrize("read_dtype", ["float32", "auto"])
+@pytest.mark.parametrize("form", ["single", "sharded", "bin", "bin_sharded", "fp16", "bf16", "bf16_bin"])
+def test_read_hf_dir_forms_round_trip_bit_identical(tmp_path, form, read_dtype):
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "bf16_bin": torch.bfloat16}.get(form, torch.float32)
     model = hf_model(TINY, dtype=dtype)
     src = tmp_path / "src"
-    if form.startswith("bin"):  # transformers 5 no longer writes .bin: write it the way 4.x did
+    if "bin" in form:  # transformers 5 no longer writes .bin: write it the way 4.x did
         save_bin(model, src, shards=3 if "sharded" in form else 1)
     else:
         model.save_pretrained(src, **({"max_shard_size": "20KB"} if "sharded" in form else {}))
     if "sharded" in form:
         assert any(n.endswith(".index.json") for n in os.listdir(src))
-    config, params = hfc.read_hf_dir(src)
+    config, params = hfc.read_hf_dir(src, dtype=read_dtype)
     assert config == TINY.replace(name=config.name)
-    assert all(v.dtype == np.float32 for v in jax.tree.leaves(params))
-    out_dtype = {"fp16": "float16", "bf16": "bfloat16"}.get(form, "float32")
+    out_dtype = {"fp16": "float16", "bf16": "bfloat16", "bf16_bin": "bfloat16"}.get(form, "float32")
+    # auto keeps the stored dtype (bf16 .bin files too: no float32 detour), float32 casts
+    kept = hfc.numpy_dtype(out_dtype if read_dtype == "auto" else "float32")
+    assert all(v.dtype == kept for v in jax.tree.leaves(params))
     hfc.write_hf_dir(config, params, tmp_path / "out", dtype=out_dtype)
     written = read_weights(tmp_path / "out")
     original = {k: v for k, v in model.state_dict().items()}
@@ -174,6 +177,35 @@ def test_read_hf_dir_forms_round_trip_bit_identical(tmp_path, form):
         assert written[k].dtype == v.dtype, k
         assert torch.equal(written[k].view(torch.int16 if v.element_size() == 2 else torch.int32),
                            v.contiguous().view(torch.int16 if v.element_size() == 2 else torch.int32)), k
+
+
+def test_auto_dtype_keeps_each_tensor_and_widens_a_mixed_layer_stack():
+    """dtype="auto": every array in its tensors' stored dtype; a layer stack stored in two dtypes
+    becomes float32 holding both exactly; absent biases and a tied head follow their weights."""
+    sd = hf_state(hf_model(TINY))
+    mixed = {k: v.astype(np.float16) for k, v in sd.items()}
+    mixed["gpt_neox.final_layer_norm.weight"] = sd["gpt_neox.final_layer_norm.weight"]  # float32
+    mixed["gpt_neox.layers.1.mlp.dense_h_to_4h.weight"] = sd["gpt_neox.layers.1.mlp.dense_h_to_4h.weight"]
+    params = hfc.hf_state_dict_to_params(TINY, mixed, dtype="auto")
+    assert params["embed_in"]["embedding"].dtype == np.float16
+    assert params["final_layer_norm"]["scale"].dtype == np.float32
+    stack = params["layers"]["mlp"]["dense_h_to_4h"]["kernel"]
+    assert stack.dtype == np.float32
+    np.testing.assert_array_equal(stack[0], mixed["gpt_neox.layers.0.mlp.dense_h_to_4h.weight"].T.astype(np.float32))
+    np.testing.assert_array_equal(stack[1], sd["gpt_neox.layers.1.mlp.dense_h_to_4h.weight"].T)
+    assert params["layers"]["mlp"]["dense_4h_to_h"]["kernel"].dtype == np.float16
+
+    from pythia_jax.config import HFWeightLayout
+    no_bias = {k: v for k, v in mixed.items()
+               if not k.endswith(("attention.query_key_value.bias", "attention.dense.bias"))}
+    del no_bias["embed_out.weight"]
+    params = hfc.hf_state_dict_to_params(TINY, no_bias, dtype="auto",
+                                         layout=HFWeightLayout(attention_bias=False, tie_word_embeddings=True))
+    bias = params["layers"]["attention"]["query_key_value"]["bias"]
+    assert bias.dtype == np.float16 and not bias.any()
+    head = params["embed_out"]["kernel"]
+    assert head.dtype == np.float16
+    np.testing.assert_array_equal(head, mixed["gpt_neox.embed_in.weight"].T)
 
 
 def test_old_buffers_are_ignored(tmp_path):
@@ -502,3 +534,63 @@ def test_unsupported_gptneox_settings_refused_by_name_before_reading_tensors(tmp
     os.remove(src / "model.safetensors")  # no weights at all: still the config error, not a weights error
     with pytest.raises(ConfigError, match=pattern):
         hfc.read_hf_dir(src)
+
+
+def _raw_tensors(directory) -> dict[str, tuple[str, list[int], bytes]]:
+    """{key: (safetensors dtype code, shape, the tensor's bytes)} of an HF directory's safetensors."""
+    out = {}
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".safetensors"):
+            data = (directory / name).read_bytes()
+            n = int.from_bytes(data[:8], "little")
+            header = json.loads(data[8:8 + n])
+            header.pop("__metadata__", None)
+            for key, info in header.items():
+                lo, hi = info["data_offsets"]
+                out[key] = (info["dtype"], info["shape"], data[8 + n + lo:8 + n + hi])
+    return out
+
+
+def test_cli_hf_to_jax_keeps_the_release_dtype_and_every_reader_gets_float32(tmp_path):
+    """convert hf-to-jax (default --dtype auto) of an fp16 release stores fp16: jax-to-hf gives back
+    the identical bytes of every tensor; --dtype float32 stores the upcast; every reader of either
+    checkpoint gets the same float32 params, whose logits equal transformers' on the fp16 weights
+    loaded in float32."""
+    from pythia_jax import checkpoint as C
+    from pythia_jax.cli import main
+
+    def cli(*argv):
+        return main(["convert", *map(str, argv), "--no-progress"])
+
+    src = tmp_path / "release"
+    hf_model(TINY, seed=5, dtype=torch.float16).save_pretrained(src)
+    assert cli("hf-to-jax", src, tmp_path / "ck16") == 0
+    assert set(C.stored_dtypes(tmp_path / "ck16").values()) == {"float16"}
+    assert cli("jax-to-hf", tmp_path / "ck16", tmp_path / "back") == 0  # float16 by default
+    original, back = _raw_tensors(src), _raw_tensors(tmp_path / "back")
+    original["embed_out.weight"] = original.pop("lm_head.weight", original.get("embed_out.weight"))
+    assert set(back) == set(original)
+    assert all(back[k] == original[k] for k in original)  # dtype, shape and bytes
+
+    assert cli("hf-to-jax", src, tmp_path / "ck32", "--dtype", "float32") == 0
+    assert set(C.stored_dtypes(tmp_path / "ck32").values()) == {"float32"}
+    _, stored16 = C.load_params(tmp_path / "ck16", host=True, dtype=C.STORED)
+    _, host32 = C.load_params(tmp_path / "ck32", host=True)
+    for loaded in (C.load_params(tmp_path / "ck16", host=True)[1], C.load_params(tmp_path / "ck16")[1]):
+        for a, b, c in zip(jax.tree.leaves(loaded), jax.tree.leaves(host32), jax.tree.leaves(stored16)):
+            assert a.dtype == np.float32 and c.dtype == np.float16
+            np.testing.assert_array_equal(np.asarray(a), b)
+            np.testing.assert_array_equal(np.asarray(a), c.astype(np.float32))
+
+    config, params = C.load_params(tmp_path / "ck16")
+    model, info, messages = load_quietly(src)  # from_pretrained(dtype=float32) of the fp16 weights
+    tokens = np.random.default_rng(1).integers(0, TINY.vocab_size, (2, 9))
+    with torch.no_grad():
+        theirs = model(torch.from_numpy(tokens)).logits.numpy()
+    assert np.abs(jax_logits(config, params, tokens) - theirs).max() <= 1e-5
+
+    # --dtype auto is for hf-to-jax only; neox-to-jax takes no --dtype (one-line errors, no output)
+    assert cli("jax-to-hf", tmp_path / "ck16", tmp_path / "x", "--dtype", "auto") == 2
+    assert cli("hf-to-jax", src, tmp_path / "y", "--dtype", "int8") == 2
+    assert cli("neox-to-jax", tmp_path / "ck16", tmp_path / "z", "--dtype", "float16") == 2
+    assert not any((tmp_path / n).exists() for n in "xyz")

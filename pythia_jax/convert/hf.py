@@ -13,7 +13,8 @@ copy of ``embed_in``: the same outputs in the always-untied, biased layout of th
 (``config.HFWeightLayout``).
 
 Directory I/O (``read_hf_dir`` / ``write_hf_dir``) streams tensor by tensor: reading holds one
-model (float32, or each tensor as stored with ``dtype="auto"``) plus one tensor of the file being read; writing holds the params plus one shard.
+model (float32, or each tensor as stored with ``dtype="auto"``) plus one tensor of the file
+being read; writing holds the params plus one shard.
 The key-table and host-memory names (``LAYER_TABLE``, ``param_shapes``, ``copy_cast``,
 ``to_device_tree`` …) are importable from here too.
 """
@@ -29,6 +30,7 @@ import numpy as np
 
 from pythia_jax import io_utils
 from pythia_jax.config import HFWeightLayout, ModelConfig, hf_weight_layout, read_hf_config_json
+from pythia_jax.convert.dtypes import SlotArrays, canonical_dtype, numpy_dtype, torch_to_numpy  # noqa: F401
 
 # Defined here before the split; still importable from this module.
 from pythia_jax.convert.hf_keys import (  # noqa: F401
@@ -47,7 +49,6 @@ from pythia_jax.convert.hf_keys import (  # noqa: F401
     param_shapes,
     set_path,
 )
-from pythia_jax.convert.dtypes import SlotArrays, canonical_dtype, numpy_dtype, torch_to_numpy  # noqa: F401
 from pythia_jax.convert.progress import TensorProgress
 from pythia_jax.data.tokenizer import TOKENIZER_FILE
 from pythia_jax.errors import CheckpointError

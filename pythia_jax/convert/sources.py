@@ -51,8 +51,9 @@ def load_params(path: str | os.PathLike, step: int | None = None, **kwargs: Any
     """(ModelConfig, params) from any supported source (see ``pythia_jax.api.load``).
 
     HF and GPT-NeoX sources give numpy float32 arrays; a checkpoint of this project gives arrays on
-    the first local device, on ``shardings=`` when given, or numpy with ``host=True``, cast to the
-    model's ``param_dtype`` (or ``dtype=``; ``checkpoint.load_params``) whatever dtype they are stored in. A folder of HF
+    the first local device, on ``shardings=`` when given, or numpy with ``host=True``, cast to
+    the model's ``param_dtype`` (or ``dtype=``; ``checkpoint.load_params``) whatever dtype they
+    are stored in. A folder of HF
     revision folders ``step<N>/`` (as the Pythia suite publishes them) needs ``step``.
     """
     if not is_url(os.fspath(path)) and os.path.isdir(path):
