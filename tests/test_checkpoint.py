@@ -364,6 +364,8 @@ def test_host_checksums_equal_the_jitted_ones(dtype):
     x = np.asarray(jnp.asarray(rng.normal(size=(37, 1000)) * 50).astype(dtype))
     jitted = np.asarray(C._checksum_fn(None)([jnp.asarray(x)]))[0]
     assert list(C._host_checksum(x, chunk=4096)) == [int(v) for v in jitted]  # chunk edges crossed
+    assert list(C._host_checksum(x.reshape(-1)[:-1], chunk=4096)) == [  # an odd size (2-byte pairs)
+        int(v) for v in np.asarray(C._checksum_fn(None)([jnp.asarray(x.reshape(-1)[:-1])]))[0]]
     assert list(C._host_checksum(x)) == [int(v) for v in jitted]
 
 

