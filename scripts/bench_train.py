@@ -10,7 +10,7 @@ model shape, batch and sequence length, with the same number of CPU threads.
     python scripts/bench_train.py --gpu --quick         # GPU: one setting per model (estimated ~4 minutes)
 
 CPU prints step time, tokens/s and the ratio PyTorch time / pythia-jax time (> 1: pythia-jax is
-faster). GPU mode prints tokens/s, tokens/s/chip and MFU (model FLOPs as in
+faster), for pythia-jax with its default layer scan and with ``scan_layers=False`` (unrolled). GPU mode prints tokens/s, tokens/s/chip and MFU (model FLOPs as in
 ``pythia_jax.train.metrics``: 6·(params − V·H) + causal-halved attention, against the device's peak
 dense bf16 FLOP/s) for both implementations (PyTorch: bf16 autocast, fp32 master weights, SDPA
 attention, fused AdamW) and the peak per-device memory. pythia-jax runs with cuDNN flash attention
@@ -32,7 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # ----------------------------------------------------------------------------------------- JAX
 def jax_stepper(model_name: str, batch: int, seq: int, dtype: str, remat: str = "none",
-                loss_chunk: int = 0, micro_batches: int = 1, attention: str = "auto"):
+                loss_chunk: int = 0, micro_batches: int = 1, attention: str = "auto",
+                scan_layers: bool = True):
     """(one_step() -> seconds, compile seconds) for the project's compiled train step."""
     import jax
     import numpy as np
@@ -42,7 +43,7 @@ def jax_stepper(model_name: str, batch: int, seq: int, dtype: str, remat: str = 
     from pythia_jax.train.config import MeshConfig, OptimizerConfig, TrainConfig
 
     model = ModelConfig.preset(model_name, dtype=dtype, remat=remat, loss_chunk=loss_chunk,
-                               attention=attention)
+                               attention=attention, scan_layers=scan_layers)
     cfg = TrainConfig(model=model, mesh=MeshConfig(data=-1), num_steps=1000, global_batch=batch,
                       seq_length=seq, micro_batches=micro_batches,
                       optimizer=OptimizerConfig(max_lr=1e-4, warmup_steps=0))
@@ -123,8 +124,10 @@ def torch_step_times(model_name: str, batch: int, seq: int, steps: int, warmup: 
 
 # ------------------------------------------------------------------------------------------ modes
 def run_cpu(args) -> None:
-    """Both implementations built first, then their steps interleaved (jax, torch, jax, …) so that
-    load from other processes on a shared machine hits both alike; min and median reported."""
+    """Both implementations built first, then their steps interleaved (jax, jax unrolled, torch,
+    …) so that load from other processes on a shared machine hits all alike; min and median
+    reported. pythia-jax runs twice: with the default layer scan and with ``scan_layers=False``
+    (the layers unrolled; longer compile, no stacked activation buffers)."""
     import jax
     import torch
 
@@ -134,21 +137,29 @@ def run_cpu(args) -> None:
     print(f"CPU: {args.model} shape, batch {args.batch} x seq {args.seq} = {tokens} tokens/step, fp32, "
           f"{threads} threads (torch.set_num_threads; XLA uses all {os.cpu_count()} cores), "
           f"{args.steps} timed steps each after {args.warmup} warm-up, interleaved\n", flush=True)
-    jax_step, compile_s = jax_stepper(args.model, args.batch, args.seq, "float32")
-    torch_step = torch_stepper(args.model, args.batch, args.seq, "cpu", bf16=False)
+    steppers = {}
+    compile_s = {}
+    for label, scan in (("scan", True), ("unrolled", False)):
+        steppers[f"pythia-jax, {label}"], compile_s[label] = jax_stepper(
+            args.model, args.batch, args.seq, "float32", scan_layers=scan)
+    torch_label = f"HF PyTorch (torch {torch.__version__.split('+')[0]})"
+    steppers[torch_label] = torch_stepper(args.model, args.batch, args.seq, "cpu", bf16=False)
     for _ in range(args.warmup):
-        jax_step(), torch_step()
-    jt, tt = [], []
+        for step in steppers.values():
+            step()
+    times = {name: [] for name in steppers}
     for _ in range(args.steps):
-        jt.append(jax_step())
-        tt.append(torch_step())
-    j, t = statistics.median(jt), statistics.median(tt)
-    print(f"{'implementation':28s} {'median s':>9s} {'min s':>8s} {'tokens/s':>10s}")
-    print(f"{'pythia-jax (jax ' + jax.__version__ + ')':28s} {j:9.3f} {min(jt):8.3f} {tokens / j:10.0f}")
-    label = f"HF PyTorch (torch {torch.__version__.split('+')[0]})"
-    print(f"{label:28s} {t:9.3f} {min(tt):8.3f} {tokens / t:10.0f}")
-    print(f"\nratio PyTorch / pythia-jax step time: median {t / j:.2f}, min {min(tt) / min(jt):.2f}  "
-          f"(> 1 means pythia-jax is faster); pythia-jax compile {compile_s:.1f} s (once)")
+        for name, step in steppers.items():
+            times[name].append(step())
+    print(f"{'implementation (jax ' + jax.__version__ + ')':30s} {'median s':>9s} {'min s':>8s} {'tokens/s':>10s}")
+    for name, ts in times.items():
+        print(f"{name:30s} {statistics.median(ts):9.3f} {min(ts):8.3f} {tokens / statistics.median(ts):10.0f}")
+    t = times[torch_label]
+    print()
+    for label in ("scan", "unrolled"):
+        j = times[f"pythia-jax, {label}"]
+        print(f"ratio PyTorch / pythia-jax ({label}) step time: median {statistics.median(t) / statistics.median(j):.2f}, "
+              f"min {min(t) / min(j):.2f}  (> 1 means pythia-jax is faster); compile {compile_s[label]:.1f} s (once)")
 
 
 # Accelerator sweep (prepared for issue 14, item 4). Each row: model, global batch (seq 2048),
