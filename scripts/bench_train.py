@@ -10,7 +10,8 @@ model shape, batch and sequence length, with the same number of CPU threads.
     python scripts/bench_train.py --gpu --quick         # GPU: one setting per model (estimated ~4 minutes)
 
 CPU prints step time, tokens/s and the ratio PyTorch time / pythia-jax time (> 1: pythia-jax is
-faster), for pythia-jax with its default layer scan and with ``scan_layers=False`` (unrolled). GPU mode prints tokens/s, tokens/s/chip and MFU (model FLOPs as in
+faster), for pythia-jax with its default layer scan and with ``scan_layers=False``
+(unrolled). GPU mode prints tokens/s, tokens/s/chip and MFU (model FLOPs as in
 ``pythia_jax.train.metrics``: 6·(params − V·H) + causal-halved attention, against the device's peak
 dense bf16 FLOP/s) for both implementations (PyTorch: bf16 autocast, fp32 master weights, SDPA
 attention, fused AdamW) and the peak per-device memory. pythia-jax runs with cuDNN flash attention
@@ -158,7 +159,8 @@ def run_cpu(args) -> None:
     print()
     for label in ("scan", "unrolled"):
         j = times[f"pythia-jax, {label}"]
-        print(f"ratio PyTorch / pythia-jax ({label}) step time: median {statistics.median(t) / statistics.median(j):.2f}, "
+        ratio = statistics.median(t) / statistics.median(j)
+        print(f"ratio PyTorch / pythia-jax ({label}) step time: median {ratio:.2f}, "
               f"min {min(t) / min(j):.2f}  (> 1 means pythia-jax is faster); compile {compile_s[label]:.1f} s (once)")
 
 
