@@ -129,6 +129,9 @@ def _run_worker(name: str, workdir: str, checkpoint: bool, warmup_bytes: float =
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--workdir", workdir]
     if not checkpoint:
         cmd.append("--no-checkpoint")
+    # flush the previous run's written files first (untimed), so that no run pays for the
+    # write-back of another's dirty pages (each measurement came right after the other side's)
+    os.sync()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     if proc.returncode != 0:
         raise SystemExit(f"worker {name} failed:\n{proc.stderr[-4000:]}")

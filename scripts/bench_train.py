@@ -140,7 +140,10 @@ def run_cpu(args) -> None:
           f"{args.steps} timed steps each after {args.warmup} warm-up, interleaved\n", flush=True)
     steppers = {}
     compile_s = {}
-    for label, scan in (("scan", True), ("unrolled", False)):
+    layouts = {"scan": True, "unrolled": False}
+    labels = list(layouts) if args.layers == "both" else [args.layers]
+    for label in labels:
+        scan = layouts[label]
         steppers[f"pythia-jax, {label}"], compile_s[label] = jax_stepper(
             args.model, args.batch, args.seq, "float32", scan_layers=scan)
     torch_label = f"HF PyTorch (torch {torch.__version__.split('+')[0]})"
@@ -157,7 +160,7 @@ def run_cpu(args) -> None:
         print(f"{name:30s} {statistics.median(ts):9.3f} {min(ts):8.3f} {tokens / statistics.median(ts):10.0f}")
     t = times[torch_label]
     print()
-    for label in ("scan", "unrolled"):
+    for label in labels:
         j = times[f"pythia-jax, {label}"]
         ratio = statistics.median(t) / statistics.median(j)
         print(f"ratio PyTorch / pythia-jax ({label}) step time: median {ratio:.2f}, "
@@ -315,6 +318,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8, help="CPU mode: batch size (default 8)")
     p.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps (default 2)")
+    p.add_argument("--layers", choices=("scan", "unrolled", "both"), default="both",
+                   help="CPU mode: pythia-jax with the layer scan, unrolled (scan_layers=False), or both "
+                        "(default; in one process they may disturb each other: compare with single runs)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for PyTorch (default: all cores)")
     p.add_argument("--peak_flops", type=float, default=None, help="GPU mode: peak FLOP/s per chip override")
     p.add_argument("--no_torch", action="store_true", help="GPU mode: skip the PyTorch peer")

@@ -264,15 +264,20 @@ def test_host_io_saves_write_chunked_arrays_that_restore_everywhere(tmp_path, mo
     _assert_trees_equal(restored.params, params)
     _assert_trees_equal(restored.opt_state, opt)
 
-    # a corrupt chunk is still caught by the checksums
-    for f in _data_files(tmp_path / "7"):  # (which file holds chunk data varies from run to run)
+    _assert_corrupt_chunk_refused(tmp_path, 7)  # still caught by the checksums
+
+
+def _assert_corrupt_chunk_refused(root, step: int) -> None:
+    """Flip bytes spread over every data file of ``root/step`` (which file holds chunk data varies
+    from run to run); ``load_params`` must then refuse the step."""
+    for f in _data_files(root / str(step)):
         blob = bytearray(f.read_bytes())
         for i in range(len(blob) // 4, len(blob), max(1, len(blob) // 4)):
             blob[i] ^= 0x5A
         f.write_bytes(bytes(blob))
     with pytest.raises(CheckpointError), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        C.load_params(tmp_path, step=7, host=True)
+        C.load_params(root, step=step, host=True)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -306,14 +311,7 @@ def test_half_precision_checkpoint_is_verified_then_cast_on_every_restore(tmp_pa
     _assert_trees_equal(restored.params, up)
     _assert_trees_equal(restored.opt_state, opt)
 
-    for f in _data_files(tmp_path / "3"):
-        blob = bytearray(f.read_bytes())
-        for i in range(len(blob) // 4, len(blob), max(1, len(blob) // 4)):
-            blob[i] ^= 0x5A
-        f.write_bytes(bytes(blob))
-    with pytest.raises(CheckpointError), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        C.load_params(tmp_path, step=3, host=True)
+    _assert_corrupt_chunk_refused(tmp_path, 3)
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
