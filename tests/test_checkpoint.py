@@ -314,6 +314,19 @@ def test_half_precision_checkpoint_is_verified_then_cast_on_every_restore(tmp_pa
     _assert_corrupt_chunk_refused(tmp_path, 3)
 
 
+def test_load_params_refuses_a_cast_that_would_make_inf(tmp_path):
+    """load_params(dtype="float16") of a float32 checkpoint holding a value beyond float16's range
+    is refused with the array's name (on host and on a device), not returned with an inf."""
+    params = jax.tree.map(np.array, _params(2))
+    params["embed_in"]["embedding"][1, 2] = -7e4
+    C.save_params_checkpoint(tmp_path, 0, TINY, params)
+    for kwargs in ({"host": True}, {}):
+        with pytest.raises(CheckpointError, match="embed_in/embedding.*float16"):
+            C.load_params(tmp_path, dtype="float16", **kwargs)
+    _, ok = C.load_params(tmp_path, host=True, dtype="bfloat16")
+    assert np.isfinite(ok["embed_in"]["embedding"].astype(np.float32)).all()
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_no_valid_step_returns_none(tmp_path, caplog):
     params = _params(7)
