@@ -327,6 +327,20 @@ def test_load_params_refuses_a_cast_that_would_make_inf(tmp_path):
     assert np.isfinite(ok["embed_in"]["embedding"].astype(np.float32)).all()
 
 
+def test_load_params_dtype_must_be_a_weight_dtype(tmp_path):
+    """load_params(dtype=...) takes None, "stored" or a weight dtype (a name or a numpy/JAX dtype);
+    anything else (int8, float64, an alias like 'fp16', the converter's 'auto') is one clear
+    error, never an integer cast of the weights or a numpy TypeError."""
+    from pythia_jax.config import ConfigError
+
+    C.save_params_checkpoint(tmp_path, 0, TINY, jax.tree.map(np.asarray, _params(1)))
+    for bad in ("int8", "float64", "fp16", "auto", np.int32):
+        with pytest.raises(ConfigError, match=r"dtype.*'stored'.*float16"):
+            C.load_params(tmp_path, host=True, dtype=bad)
+    _, p = C.load_params(tmp_path, host=True, dtype=jnp.bfloat16)
+    assert {x.dtype.name for x in jax.tree.leaves(p)} == {"bfloat16"}
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_no_valid_step_returns_none(tmp_path, caplog):
     params = _params(7)
