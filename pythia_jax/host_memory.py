@@ -3,6 +3,7 @@
 - ``plain_pages``: allocate without numpy's transparent-huge-page ``madvise`` (faster first fill).
 - ``aligned_empty``: a 64-byte aligned ``np.empty`` that XLA's CPU client adopts without a copy.
 - ``copy_cast``: ``dst[...] = src`` (optionally transposed) with casting, blocked and threaded.
+- ``cast_overflow``: how many finite values a narrowing cast turned into inf.
 - ``to_numpy``: a numpy view/copy of any array-like (torch tensors included).
 - ``to_device_tree``: a numpy params tree -> JAX arrays, one leaf at a time.
 
@@ -67,6 +68,31 @@ def copy_cast(dst: np.ndarray, src: np.ndarray, transpose: bool = False) -> None
     step = -(-rows // pieces // _BLOCK) * _BLOCK if transpose else -(-rows // pieces)
     list(_copy_pool().map(lambda lo: _copy_rows(dst, src, transpose, lo, min(lo + step, rows)),
                           range(0, rows, step)))
+
+
+def narrows_range(dst_dtype: Any, src_dtype: Any) -> bool:
+    """True when a finite ``src_dtype`` value can exceed ``dst_dtype``'s largest finite value
+    (float32 or bfloat16 -> float16: 65504; float32 -> bfloat16 near 3.4e38)."""
+    import ml_dtypes
+
+    dst, src = np.dtype(dst_dtype), np.dtype(src_dtype)
+    if dst.kind not in "fV" or src.kind not in "fV" or dst == src:
+        return False
+    return float(ml_dtypes.finfo(dst).max) < float(ml_dtypes.finfo(src).max)
+
+
+def cast_overflow(dst: Any, src: Any) -> int:
+    """The number of finite values of ``src`` that became ±inf in ``dst``, its cast (any
+    layout, e.g. transposed). 0 without a look at the data when ``dst``'s dtype holds
+    ``src``'s range; inf/NaN already in ``src`` are not counted. numpy or ``jax.Array``."""
+    if not narrows_range(dst.dtype, src.dtype):
+        return 0
+    if isinstance(dst, np.ndarray) and isinstance(src, np.ndarray):
+        bad = dst.size - int(np.count_nonzero(np.isfinite(dst)))
+        return bad and bad - (src.size - int(np.count_nonzero(np.isfinite(src))))
+    import jax.numpy as jnp
+
+    return int(jnp.sum(~jnp.isfinite(dst))) - int(jnp.sum(~jnp.isfinite(src)))
 
 
 _PARALLEL_COPY_ELEMENTS = 1 << 22

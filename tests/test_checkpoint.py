@@ -314,6 +314,33 @@ def test_half_precision_checkpoint_is_verified_then_cast_on_every_restore(tmp_pa
     _assert_corrupt_chunk_refused(tmp_path, 3)
 
 
+def test_load_params_refuses_a_cast_that_would_make_inf(tmp_path):
+    """load_params(dtype="float16") of a float32 checkpoint holding a value beyond float16's range
+    is refused with the array's name (on host and on a device), not returned with an inf."""
+    params = jax.tree.map(np.array, _params(2))
+    params["embed_in"]["embedding"][1, 2] = -7e4
+    C.save_params_checkpoint(tmp_path, 0, TINY, params)
+    for kwargs in ({"host": True}, {}):
+        with pytest.raises(CheckpointError, match="embed_in/embedding.*float16"):
+            C.load_params(tmp_path, dtype="float16", **kwargs)
+    _, ok = C.load_params(tmp_path, host=True, dtype="bfloat16")
+    assert np.isfinite(ok["embed_in"]["embedding"].astype(np.float32)).all()
+
+
+def test_load_params_dtype_must_be_a_weight_dtype(tmp_path):
+    """load_params(dtype=...) takes None, "stored" or a weight dtype (a name or a numpy/JAX dtype);
+    anything else (int8, float64, an alias like 'fp16', the converter's 'auto') is one clear
+    error, never an integer cast of the weights or a numpy TypeError."""
+    from pythia_jax.config import ConfigError
+
+    C.save_params_checkpoint(tmp_path, 0, TINY, jax.tree.map(np.asarray, _params(1)))
+    for bad in ("int8", "float64", "fp16", "auto", np.int32):
+        with pytest.raises(ConfigError, match=r"dtype.*'stored'.*float16"):
+            C.load_params(tmp_path, host=True, dtype=bad)
+    _, p = C.load_params(tmp_path, host=True, dtype=jnp.bfloat16)
+    assert {x.dtype.name for x in jax.tree.leaves(p)} == {"bfloat16"}
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_no_valid_step_returns_none(tmp_path, caplog):
     params = _params(7)

@@ -208,6 +208,48 @@ def test_auto_dtype_keeps_each_tensor_and_widens_a_mixed_layer_stack():
     np.testing.assert_array_equal(head, mixed["gpt_neox.embed_in.weight"].T)
 
 
+def test_casts_beyond_float16_range_are_refused_not_made_inf(tmp_path):
+    """A value a narrower dtype cannot hold (|x| > 65504 in float16) is refused with the tensor's
+    name on every converter cast: hf-to-jax --dtype float16 of a bf16/fp32 source, jax-to-hf and
+    jax-to-neox float16 (one shared tensor stream), and nothing is written. Values the source
+    already holds as inf/NaN are not the cast's doing and pass; widening casts never check."""
+    from pythia_jax.cli import main
+
+    sd = hf_state(hf_model(TINY))
+    sd["gpt_neox.layers.1.mlp.dense_h_to_4h.weight"][3, 4] = 1e6
+    with pytest.raises(CheckpointError, match=r"layers\.1\.mlp\.dense_h_to_4h\.weight.*float16"):
+        hfc.hf_state_dict_to_params(TINY, sd, dtype="float16")
+    params = hfc.hf_state_dict_to_params(TINY, sd)  # float32: fine
+    assert hfc.hf_state_dict_to_params(TINY, sd, dtype="bfloat16")["layers"]["mlp"]["dense_h_to_4h"][
+        "kernel"].dtype.name == "bfloat16"
+    with pytest.raises(CheckpointError, match=r"layers\.1\.mlp\.dense_h_to_4h\.weight.*float16"):
+        hfc.write_hf_dir(TINY, params, tmp_path / "hf16", dtype="float16")
+    assert not (tmp_path / "hf16").exists()
+    with pytest.raises(CheckpointError, match="float16"):
+        list(hfc.iter_hf_tensors(TINY, params, np.float16))
+
+    nonfinite = dict(sd)
+    nonfinite["gpt_neox.layers.1.mlp.dense_h_to_4h.weight"] = sd["gpt_neox.layers.1.mlp.dense_h_to_4h.weight"].copy()
+    nonfinite["gpt_neox.layers.1.mlp.dense_h_to_4h.weight"][3, 4] = np.inf
+    nonfinite["gpt_neox.embed_in.weight"] = sd["gpt_neox.embed_in.weight"].copy()
+    nonfinite["gpt_neox.embed_in.weight"][0, 0] = np.nan
+    kept = hfc.hf_state_dict_to_params(TINY, nonfinite, dtype="float16")
+    assert np.isinf(kept["layers"]["mlp"]["dense_h_to_4h"]["kernel"][1, 4, 3])
+
+    src = tmp_path / "bf16"
+    model = hf_model(TINY, dtype=torch.bfloat16)
+    with torch.no_grad():
+        model.gpt_neox.embed_in.weight[0, 0] = 2e5
+    model.save_pretrained(src)
+    argv = ["convert", "hf-to-jax", str(src), str(tmp_path / "ck"), "--no-progress"]
+    assert main(argv + ["--dtype", "float16"]) == 2 and not (tmp_path / "ck").exists()
+    assert main(argv) == 0  # auto keeps bfloat16
+    assert main(["convert", "jax-to-hf", str(tmp_path / "ck"), str(tmp_path / "out"), "--no-progress"]) == 2
+    assert not (tmp_path / "out").exists()
+    assert main(["convert", "jax-to-hf", str(tmp_path / "ck"), str(tmp_path / "out"), "--no-progress",
+                 "--dtype", "bfloat16"]) == 0
+
+
 def test_old_buffers_are_ignored(tmp_path):
     from safetensors.torch import save_file
     model = hf_model(TINY)

@@ -107,6 +107,26 @@ def test_branch_from_an_hf_directory_starts_adam_from_zero(baseline, tmp_path, c
     assert C.read_run_config(tmp_path / "b")["init"]["adam_moments"] == "zero"
 
 
+def test_branch_from_a_params_only_checkpoint_starts_adam_from_zero(baseline, tmp_path, caplog):
+    """A checkpoint of this project without optimizer state (``convert hf-to-jax`` without
+    --with-optimizer, which keeps a release's float16) branches like an HF directory: the float32
+    upcast of its weights, zero Adam moments, warned and recorded."""
+    out, base = baseline
+    _, params = C.load_params(out / "checkpoints", step=4, host=True)
+    half = jax.tree.map(lambda x: x.astype(np.float16), params)
+    C.save_params_checkpoint(tmp_path / "ck", 4, TINY, half)
+    with caplog.at_level(logging.WARNING):
+        loop.train(run_cfg(tmp_path / "b", init_from=str(tmp_path / "ck"), start_step=4),
+                   devices=jax.devices()[:1], max_steps=1)
+    assert "zero Adam moments" in caplog.text
+    _, start = C.load_params(tmp_path / "b" / "checkpoints", step=4, host=True)
+    for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(half)):
+        assert a.dtype == np.float32
+        np.testing.assert_array_equal(a, b.astype(np.float32))
+    assert rows(tmp_path / "b")[5]["lr"] == pytest.approx(rows(out)[5]["lr"], rel=1e-6)
+    assert C.read_run_config(tmp_path / "b")["init"]["adam_moments"] == "zero"
+
+
 def test_bad_branches_and_transforms_are_one_line_errors(baseline, tmp_path):
     out, _ = baseline
     with pytest.raises(CheckpointError, match=r"it has no step 3; its steps are 0, 1, 2, 4, 8"):

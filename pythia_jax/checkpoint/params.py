@@ -15,7 +15,7 @@ from pythia_jax.checkpoint.hostio import _io_limit
 from pythia_jax.checkpoint.layout import PARAMS, read_model_config, resolve_checkpoint_dir
 from pythia_jax.checkpoint.manager import TrainCheckpointer
 from pythia_jax.checkpoint.restore import _abstract_like, _item_tree_metadata, cast_tree
-from pythia_jax.config import ModelConfig
+from pythia_jax.config import DTYPES, ConfigError, ModelConfig
 from pythia_jax.errors import CheckpointError
 
 
@@ -45,11 +45,13 @@ def load_params(directory: str | os.PathLike, step: int | None = None,
     stored ``model_config.json`` says otherwise), so a checkpoint stored in float16 (``convert
     hf-to-jax`` keeps a release's dtype) loads as the float32 upcast of its weights;
     ``"stored"``: each array in the dtype it is stored in (no cast; the exporters and ``audit``);
-    or a dtype name. The arrays are read and verified in their stored dtype, then cast one at a
-    time (see :func:`stored_dtypes`).
+    or float32 / bfloat16 / float16 (a name or a numpy / JAX dtype; anything else: ``ConfigError``).
+    The arrays are read and verified in their stored dtype, then cast one at a time (see
+    :func:`stored_dtypes`); a cast that would turn a finite value into inf is a ``CheckpointError``.
     """
     if host and shardings is not None:
         raise ValueError("load_params: host=True reads numpy arrays; do not pass shardings")
+    wanted = None if dtype is None or (isinstance(dtype, str) and dtype == STORED) else _weight_dtype(dtype)
     import jax
 
     root, dir_step = resolve_checkpoint_dir(directory)
@@ -79,8 +81,8 @@ def load_params(directory: str | os.PathLike, step: int | None = None,
     params = restored.params
     del restored
     if not (isinstance(dtype, str) and dtype == STORED):
-        wanted = np.dtype(dtype if dtype is not None else
-                          (config.param_dtype if config is not None else np.float32))
+        if wanted is None:
+            wanted = np.dtype(config.param_dtype if config is not None else np.float32)
         params = cast_tree(params, lambda _, x: wanted)
     if host:
         return config, params
@@ -92,6 +94,21 @@ def load_params(directory: str | os.PathLike, step: int | None = None,
 
 
 STORED = "stored"
+
+
+def _weight_dtype(dtype: Any) -> np.dtype:
+    """The numpy dtype of ``load_params``' ``dtype`` argument: one of ``config.DTYPES`` (a name
+    or a numpy / JAX dtype); anything else is a ``ConfigError``."""
+    import ml_dtypes  # noqa: F401 - registers the name "bfloat16" with numpy
+
+    try:
+        wanted = np.dtype(dtype)
+    except TypeError:
+        wanted = None
+    if wanted is None or wanted.name not in DTYPES:
+        raise ConfigError(f"load_params: dtype={dtype!r} is not a weight dtype; use None (the model's "
+                          f"param_dtype), {STORED!r} (as stored) or one of {', '.join(DTYPES)}")
+    return wanted
 
 
 def stored_dtypes(directory: str | os.PathLike, step: int | None = None) -> dict[str, str]:

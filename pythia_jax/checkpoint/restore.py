@@ -30,6 +30,7 @@ from pythia_jax.checkpoint.layout import (
     _epath,
 )
 from pythia_jax.errors import CheckpointError, DataError
+from pythia_jax.host_memory import cast_overflow
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +106,8 @@ def cast_tree(tree: Any, dtype_for: Callable[[str, Any], Any]) -> Any:
     (None or the same dtype: unchanged), one leaf at a time: each source leaf is released as
     soon as its cast exists, so the peak is the larger tree plus one leaf when the caller holds
     no other reference. numpy leaves stay numpy (``astype``); a ``jax.Array`` is cast where it
-    lies and keeps its sharding.
+    lies and keeps its sharding. A narrowing cast that would turn finite values into inf (e.g.
+    |x| > 65504 to float16) raises ``CheckpointError`` naming the leaf.
     """
     import jax
 
@@ -125,6 +127,12 @@ def cast_tree(tree: Any, dtype_for: Callable[[str, Any], Any]) -> Any:
             leaves[i] = _astype_fn(np.dtype(dtype), leaf.sharding)(leaf)
         else:
             leaves[i] = np.asarray(leaf).astype(dtype)
+        bad = cast_overflow(leaves[i], leaf)
+        if bad:
+            raise CheckpointError(
+                f"{key}: {bad} value(s) of this {np.dtype(leaf.dtype).name} array are beyond "
+                f"{np.dtype(dtype).name}'s range and would become inf; read it in a wider dtype "
+                f"(dtype=None for the model's param_dtype, 'stored', or 'float32')")
         del leaf
     return jax.tree_util.tree_unflatten(treedef, leaves)
 

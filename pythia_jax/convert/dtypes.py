@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from pythia_jax.errors import CheckpointError
-from pythia_jax.host_memory import aligned_empty, copy_cast, plain_pages, to_numpy
+from pythia_jax.host_memory import aligned_empty, cast_overflow, copy_cast, plain_pages, to_numpy
 
 AUTO = "auto"
 _DTYPE_NAMES = {"float16": "float16", "fp16": "float16", "half": "float16",
@@ -49,6 +49,19 @@ def kept_dtype(dtype: Any) -> np.dtype:
     if dtype == np.float64:
         return np.dtype(np.float32)
     return numpy_dtype(dtype)
+
+
+def check_cast(dst: np.ndarray, src: np.ndarray, what: str, fix: str) -> None:
+    """``CheckpointError`` when casting ``src`` into ``dst`` turned finite values into inf (a
+    value beyond the narrower dtype's range, e.g. |x| > 65504 in float16): such a tensor is
+    refused, never stored or written with an inf. ``what`` names the tensor, ``fix`` the remedy."""
+    bad = cast_overflow(dst, src)
+    if bad:
+        import ml_dtypes
+        big = float(np.max(np.abs(np.asarray(src, np.float32)[np.isfinite(np.asarray(src, np.float32))])))
+        raise CheckpointError(
+            f"{what}: {bad} value(s) beyond {np.dtype(dst.dtype).name}'s range (largest |x| {big:.6g} > "
+            f"{float(ml_dtypes.finfo(dst.dtype).max):.6g}) would become inf in {np.dtype(dst.dtype).name}; {fix}")
 
 
 def torch_to_numpy(value: Any) -> np.ndarray:

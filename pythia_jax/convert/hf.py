@@ -30,7 +30,7 @@ import numpy as np
 
 from pythia_jax import io_utils
 from pythia_jax.config import HFWeightLayout, ModelConfig, hf_weight_layout, read_hf_config_json
-from pythia_jax.convert.dtypes import SlotArrays, canonical_dtype, numpy_dtype, torch_to_numpy  # noqa: F401
+from pythia_jax.convert.dtypes import SlotArrays, canonical_dtype, check_cast, numpy_dtype, torch_to_numpy  # noqa: F401
 
 # Defined here before the split; still importable from this module.
 from pythia_jax.convert.hf_keys import (  # noqa: F401
@@ -141,7 +141,10 @@ class ParamAssembler:
         self.check_shape(key, np.shape(array))
         array = np.asarray(array)
         target = self._slots.get(path, array.dtype)
-        copy_cast(target if layer is None else target[layer], array, transpose)
+        target = target if layer is None else target[layer]
+        copy_cast(target, array, transpose)
+        check_cast(target, array, f"{self.source}: tensor {key} ({array.dtype.name})",
+                   "convert with dtype 'auto' (each tensor as stored) or 'float32' (--dtype)")
         canonical = KEY_ALIASES.get(key, key)
         if canonical in self._seen:
             raise CheckpointError(f"{self.source}: tensor {key} appears twice")
@@ -230,6 +233,8 @@ def _hf_tensors(config: ModelConfig, params: Mapping[str, Any], dtype: np.dtype
         with plain_pages():
             out = np.empty(expected[key], dtype)
         copy_cast(out, value, transpose)
+        check_cast(out, value, f"tensor {key} ({value.dtype.name} in the checkpoint)",
+                   "write a wider dtype (--dtype bfloat16 or float32)")
         del value
         yield key, out
 

@@ -88,7 +88,8 @@ def initial_state(cfg: TrainConfig, setup, current: dict):
 
     A random init, or ``cfg.init_from`` at ``cfg.start_step`` (see ``TrainConfig.init_from``):
     a checkpoint of this project gives its params, optimizer state and loss-scale state at that
-    step (its data order and model must be this run's; ``check_resume``'s rules); a GPT-NeoX
+    step (its data order and model must be this run's; ``check_resume``'s rules), or its params
+    only when the step holds no optimizer state (a ``convert hf-to-jax`` output); a GPT-NeoX
     checkpoint its fp32 master weights and ZeRO Adam moments (its iteration must be the step);
     an HF directory the params only, with zero Adam moments and the LR schedule at the step.
     """
@@ -111,6 +112,11 @@ def initial_state(cfg: TrainConfig, setup, current: dict):
     diff = ckpt_lib.config_differences(config, cfg.model)
     if diff:
         raise CheckpointError(f"{source} holds a different model: {'; '.join(diff)}")
+    return _branch_with_zero_moments(setup, params, S, source)
+
+
+def _branch_with_zero_moments(setup, params, S: int, source):
+    """A state around params that come without optimizer state, at step ``S`` of the schedule."""
     state = setup.state_from_params(params, step=S)
     if S:
         from pythia_jax.train.optimizer import with_schedule_count
@@ -134,8 +140,9 @@ def _checkpoint_root(path: str):
 
 
 def _branch_from_checkpoint(cfg: TrainConfig, setup, current: dict, root, S: int):
-    """Params, optimizer and loss-scale state of step ``S`` of another run's checkpoints."""
-    from pythia_jax.checkpoint import TrainCheckpointer, read_run_config
+    """Params, optimizer and loss-scale state of step ``S`` of another run's checkpoints (params
+    only, with zero Adam moments, when the step holds no optimizer state)."""
+    from pythia_jax.checkpoint import OPT_STATE, TrainCheckpointer, read_run_config
     from pythia_jax.checkpoint.failures import step_list
 
     reader = TrainCheckpointer(root, async_save=False)  # a reader: never cleans up the source
@@ -149,10 +156,17 @@ def _branch_from_checkpoint(cfg: TrainConfig, setup, current: dict, root, S: int
             # the branch may change the transform, nothing else that decides the rows or the model
             stored = {**stored, "data": {**stored.get("data", {}), "transform": current["data"]["transform"]}}
             check_resume(stored, current, cfg, S, f"a branch of {root}/{S}")
-        abstract = {"params": setup.abstract_state.params, "opt_state": setup.abstract_state.opt_state}
+        abstract = {"params": setup.abstract_state.params}
+        # a step saved without optimizer state (``convert hf-to-jax`` without --with-optimizer)
+        # branches as an HF directory does: its params, zero Adam moments
+        with_moments = (root / str(S) / OPT_STATE).exists()
+        if with_moments:
+            abstract["opt_state"] = setup.abstract_state.opt_state
         restored = reader.restore(step=S, abstract_state=abstract)
     finally:
         reader.close()
+    if not with_moments:
+        return _branch_with_zero_moments(setup, restored.params, S, f"{root}/{S}")
     logger.info("branching from %s at step %d (params, Adam moments and loss scale of the source)", root, S)
     return _state_from_restored(setup, restored), {"start_step": S, "adam_moments": "source"}
 
