@@ -3,7 +3,8 @@
 - ``plain_pages``: allocate without numpy's transparent-huge-page ``madvise`` (faster first fill).
 - ``aligned_empty``: a 64-byte aligned ``np.empty`` that XLA's CPU client adopts without a copy.
 - ``copy_cast``: ``dst[...] = src`` (optionally transposed) with casting, blocked and threaded.
-- ``cast_overflow``: how many finite values a narrowing cast turned into inf.
+- ``cast_overflow``: how many finite values a narrowing cast turned into inf (``may_hold_nonfinite``
+  first: one pass over the result's bits).
 - ``to_numpy``: a numpy view/copy of any array-like (torch tensors included).
 - ``to_device_tree``: a numpy params tree -> JAX arrays, one leaf at a time.
 
@@ -88,11 +89,32 @@ def cast_overflow(dst: Any, src: Any) -> int:
     if not narrows_range(dst.dtype, src.dtype):
         return 0
     if isinstance(dst, np.ndarray) and isinstance(src, np.ndarray):
+        if not may_hold_nonfinite(dst):  # the common case, one cheap pass over dst's bits
+            return 0
         bad = dst.size - int(np.count_nonzero(np.isfinite(dst)))
         return bad and bad - (src.size - int(np.count_nonzero(np.isfinite(src))))
     import jax.numpy as jnp
 
     return int(jnp.sum(~jnp.isfinite(dst))) - int(jnp.sum(~jnp.isfinite(src)))
+
+
+# (bits as unsigned int, all bits but the sign, the exponent bits): a value is inf or NaN when its
+# bits without the sign are >= the exponent mask (IEEE 754 binary16/32/64 and bfloat16)
+_FLOAT_BITS = {"float16": (np.uint16, 0x7FFF, 0x7C00), "bfloat16": (np.uint16, 0x7FFF, 0x7F80),
+               "float32": (np.uint32, 0x7FFFFFFF, 0x7F800000),
+               "float64": (np.uint64, 0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000)}
+
+
+def may_hold_nonfinite(a: np.ndarray) -> bool:
+    """True when the float array ``a`` holds an inf or NaN (exact for the dtypes above; other
+    dtypes go through ``np.isfinite``). Reads the bits as unsigned integers: one masked max,
+    about 4x faster than ``np.isfinite(a).all()`` on float16 (0.05 against 0.2 s per 134M
+    values), which made the overflow check of a 1.4b fp16 export cost 5 s."""
+    layout = _FLOAT_BITS.get(a.dtype.name)
+    if layout is None or a.size == 0:
+        return a.size > 0 and not bool(np.isfinite(a).all())
+    uint, magnitude, exponent = layout
+    return int(np.max(a.view(uint) & uint(magnitude))) >= exponent
 
 
 _PARALLEL_COPY_ELEMENTS = 1 << 22

@@ -208,6 +208,25 @@ def test_auto_dtype_keeps_each_tensor_and_widens_a_mixed_layer_stack():
     np.testing.assert_array_equal(head, mixed["gpt_neox.embed_in.weight"].T)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+def test_may_hold_nonfinite_reads_the_bits_exactly(dtype):
+    """The overflow check's fast test agrees with ``np.isfinite`` on the largest finite values,
+    subnormals, signed zeros, ±inf and NaN, in contiguous and transposed arrays."""
+    import ml_dtypes
+
+    from pythia_jax.host_memory import may_hold_nonfinite
+
+    dt = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    info = ml_dtypes.finfo(dt) if dtype == "bfloat16" else np.finfo(dt)
+    finite = np.array([[info.max, -info.max, info.smallest_subnormal, -0.0], [0.0, 1.0, -2.5, info.tiny]], dt)
+    assert not may_hold_nonfinite(finite) and not may_hold_nonfinite(finite.T)
+    assert not may_hold_nonfinite(np.empty((0, 3), dt))
+    for bad in (np.inf, -np.inf, np.nan, -np.nan):
+        a = finite.copy()
+        a[1, 2] = bad
+        assert may_hold_nonfinite(a) and may_hold_nonfinite(a.T), bad
+
+
 def test_casts_beyond_float16_range_are_refused_not_made_inf(tmp_path):
     """A value a narrower dtype cannot hold (|x| > 65504 in float16) is refused with the tensor's
     name on every converter cast: hf-to-jax --dtype float16 of a bf16/fp32 source, jax-to-hf and
