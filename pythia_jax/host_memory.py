@@ -107,14 +107,22 @@ _FLOAT_BITS = {"float16": (np.uint16, 0x7FFF, 0x7C00), "bfloat16": (np.uint16, 0
 
 def may_hold_nonfinite(a: np.ndarray) -> bool:
     """True when the float array ``a`` holds an inf or NaN (exact for the dtypes above; other
-    dtypes go through ``np.isfinite``). Reads the bits as unsigned integers: one masked max,
-    about 4x faster than ``np.isfinite(a).all()`` on float16 (0.05 against 0.2 s per 134M
-    values), which made the overflow check of a 1.4b fp16 export cost 5 s."""
+    dtypes go through ``np.isfinite``). Reads the bits as unsigned integers, a masked max per
+    block of rows: 0.02–0.08 s per 134M float16 values, against 0.5–0.7 s for the exact count
+    of ``cast_overflow`` (model-sized boolean temporaries), which cost about 5 s per 1.4b fp16
+    export when it ran on every tensor."""
     layout = _FLOAT_BITS.get(a.dtype.name)
     if layout is None or a.size == 0:
         return a.size > 0 and not bool(np.isfinite(a).all())
     uint, magnitude, exponent = layout
-    return int(np.max(a.view(uint) & uint(magnitude))) >= exponent
+    bits = a.view(uint)
+    if bits.ndim == 0:
+        return int(bits & uint(magnitude)) >= exponent
+    # in blocks of leading rows of about 1M values: the masked temporary stays small (reused
+    # heap memory, in cache) instead of a fresh model-sized buffer that would be paged in
+    rows = max(1, (1 << 20) // max(1, bits[0].size))
+    return any(int(np.max(bits[i:i + rows] & uint(magnitude))) >= exponent
+               for i in range(0, bits.shape[0], rows))
 
 
 _PARALLEL_COPY_ELEMENTS = 1 << 22
