@@ -225,6 +225,10 @@ def test_may_hold_nonfinite_reads_the_bits_exactly(dtype):
         a = finite.copy()
         a[1, 2] = bad
         assert may_hold_nonfinite(a) and may_hold_nonfinite(a.T), bad
+    big = np.zeros((4100, 1100), dt)  # above the threaded size: blocks checked on the copy pool
+    assert not may_hold_nonfinite(big)
+    big[-1, -1] = np.inf
+    assert may_hold_nonfinite(big) and may_hold_nonfinite(big.T)
 
 
 def test_casts_beyond_float16_range_are_refused_not_made_inf(tmp_path):
