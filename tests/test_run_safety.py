@@ -52,19 +52,6 @@ def step_dirs(out) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    old = {n: getattr(jax.config, n) for n in names}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    yield
-    for n, v in old.items():
-        jax.config.update(n, v)
-
-
-@pytest.fixture(scope="module")
 def stopped_run(tmp_path_factory, compile_cache):
     """A run of 6 steps stopped after 3 (checkpoints 0, 2, 3), copied by each test that resumes it."""
     out = tmp_path_factory.mktemp("stopped")

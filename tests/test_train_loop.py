@@ -33,20 +33,6 @@ def loop_config(output_dir, **kw) -> TrainConfig:
 
 
 @pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    """A persistent compilation cache so the several runs below compile the step once."""
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    old = {n: getattr(jax.config, n) for n in names}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    yield
-    for n, v in old.items():
-        jax.config.update(n, v)
-
-
-@pytest.fixture(scope="module")
 def straight_run(tmp_path_factory, compile_cache):
     out = tmp_path_factory.mktemp("straight")
     result = loop.train(loop_config(out), devices=jax.devices()[:1])

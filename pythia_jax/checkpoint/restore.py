@@ -10,6 +10,7 @@ array items (:func:`_array_targets`), the Orbax arguments of every item (:func:`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import Any, Callable
 
@@ -137,7 +138,10 @@ def cast_tree(tree: Any, dtype_for: Callable[[str, Any], Any]) -> Any:
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
+@functools.lru_cache(maxsize=64)
 def _astype_fn(dtype: np.dtype, sharding: Any) -> Callable:
+    """One jitted cast per (dtype, sharding): every leaf of that kind reuses it (a new function
+    per leaf would trace and compile once per leaf)."""
     import jax
 
     return jax.jit(lambda x: x.astype(dtype), out_shardings=sharding)

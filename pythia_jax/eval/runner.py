@@ -394,12 +394,7 @@ class _Env:
 
         spec, examples = resolved
         res = evaluate_task(self.scorer, self.tokenizer, spec, examples, progress=self.settings.progress)
-        path = self._details(step, task, ".jsonl")
-        if path is not None:
-            _write_jsonl(path, res.per_example)
-        rows = [_row(step, task, m, v, se, res.num_examples) for m, (v, se) in res.metrics.items()]
-        rows.append(_row(step, task, "truncated", float(res.truncated), float("nan"), res.num_examples))
-        return rows
+        return self._task_rows(step, task, res, res.truncated)
 
     def _harness(self, step: int, task: str, harness_task: Any) -> list[dict[str, Any]]:
         from pythia_jax.eval.harness import evaluate_task
@@ -408,11 +403,16 @@ class _Env:
         lm = PythiaJaxLM(scorer=self.scorer, generator=self.generator)
         res = evaluate_task(lm, harness_task, limit=self.settings.limit,
                             bootstrap_iters=self.settings.bootstrap_iters)
+        return self._task_rows(step, task, res, lm.truncated)
+
+    def _task_rows(self, step: int, task: str, res: Any, truncated: float) -> list[dict[str, Any]]:
+        """Result rows of a scored task (its metrics plus ``truncated``); per-example details
+        written when asked for."""
         path = self._details(step, task, ".jsonl")
         if path is not None:
             _write_jsonl(path, res.per_example)
         rows = [_row(step, task, m, v, se, res.num_examples) for m, (v, se) in res.metrics.items()]
-        rows.append(_row(step, task, "truncated", float(lm.truncated), float("nan"), res.num_examples))
+        rows.append(_row(step, task, "truncated", float(truncated), float("nan"), res.num_examples))
         return rows
 
     def _winobias(self, step: int, sets: Any) -> list[dict[str, Any]]:
