@@ -270,6 +270,51 @@ def test_attention_kernels_agree(dtype, tol):
         assert np.abs(np.asarray(out, np.float32) - ref).max() <= tol, name
 
 
+@pytest.mark.parametrize("length", [100, 520])
+def test_blocked_causal_attention_equals_full_square(length):
+    """The blocked causal path (XLA attention without a mask, T ≥ 64) gives the full square's
+    outputs and gradients: the same as the plain masked computation and as the float32 reference,
+    including a last block shorter than the others (100 = 3 × 32 + 4, 520 = 4 × 128 + 8; the
+    kernels test above covers even blocks)."""
+    block = layers.attention.causal_block_size(length)
+    assert block > 0
+    rng = np.random.RandomState(length)
+    q, k, v, g = (jnp.asarray(rng.randn(2, length, 3, 16), jnp.float32) for _ in range(4))
+    full_mask = layers.causal_mask(jnp.arange(length), length)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v) * g)
+
+    blocked = lambda q, k, v: layers.xla_attention(q, k, v, None, 0.25)  # noqa: E731
+    full = lambda q, k, v: layers.xla_attention(q, k, v, full_mask, 0.25)  # noqa: E731
+    ref = lambda q, k, v: layers.reference_attention(q, k, v, None, 0.25)  # noqa: E731
+    n_blocks = -(-length // block)  # two products per block, none above the diagonal
+    hlo = jax.jit(blocked).lower(q, k, v).as_text()
+    assert hlo.count("stablehlo.dot_general") == 2 * n_blocks
+    with jax.default_matmul_precision("highest"):
+        out, grads = jax.jit(jax.value_and_grad(loss(blocked), argnums=(0, 1, 2)))(q, k, v)
+        for other in (full, ref):
+            out2, grads2 = jax.jit(jax.value_and_grad(loss(other), argnums=(0, 1, 2)))(q, k, v)
+            assert abs(float(out) - float(out2)) <= 1e-3
+            for a, b in zip(grads, grads2):
+                assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-5
+        assert np.abs(np.asarray(jax.jit(blocked)(q, k, v)) - np.asarray(ref(q, k, v))).max() <= 1e-5
+
+
+def test_causal_block_size():
+    assert [layers.attention.causal_block_size(t) for t in (8, 63, 64, 128, 256, 1024, 2048)] == \
+        [0, 0, 32, 32, 64, 128, 128]
+
+
+def test_hf_parity_at_blocked_length():
+    """Sequences long enough for the blocked causal path (here 3 blocks of 32) match HF too."""
+    config = tiny()
+    hf = hf_model(config)
+    tokens = random_tokens(config, 2, 96, seed=3)
+    out = jax_logits(config, to_params(config, hf), tokens)
+    assert np.abs(out - hf_logits(hf, tokens)).max() <= PARITY_TOL
+
+
 def test_resolve_attention_impl_on_cpu():
     q = jnp.zeros((1, 128, 2, 16), jnp.bfloat16)
     if jax.default_backend() == "cpu":

@@ -22,6 +22,7 @@ Everything is re-exported here: ``from pythia_jax.layers import Dense, dot_produ
 from __future__ import annotations
 
 from pythia_jax.layers.attention import (
+                                         blocked_causal_attention,
                                          cached_attention,
                                          causal_mask,
                                          check_attention_supported,
@@ -39,7 +40,7 @@ __all__ = [
     "LogicalNames", "logical_to_mesh_spec", "with_logical_constraint",
     "Initializer", "normal", "Dense", "Embed", "LayerNorm", "gelu",
     "rotary_cos_sin", "apply_rotary",
-    "causal_mask", "reference_attention", "xla_attention", "cached_attention",
+    "causal_mask", "reference_attention", "xla_attention", "blocked_causal_attention", "cached_attention",
     "check_attention_supported", "resolve_attention_impl", "dot_product_attention",
     "chunked_cross_entropy",
 ]
