@@ -136,7 +136,8 @@ def run_cpu(args) -> None:
     torch.set_num_threads(threads)
     tokens = args.batch * args.seq
     print(f"CPU: {args.model} shape, batch {args.batch} x seq {args.seq} = {tokens} tokens/step, fp32, "
-          f"{threads} threads (torch.set_num_threads; XLA uses all {os.cpu_count()} cores), "
+          f"pythia-jax remat {args.remat!r}, {threads} threads (torch.set_num_threads; "
+          f"XLA uses all {os.cpu_count()} cores), "
           f"{args.steps} timed steps each after {args.warmup} warm-up, interleaved\n", flush=True)
     steppers = {}
     compile_s = {}
@@ -145,7 +146,7 @@ def run_cpu(args) -> None:
     for label in labels:
         scan = layouts[label]
         steppers[f"pythia-jax, {label}"], compile_s[label] = jax_stepper(
-            args.model, args.batch, args.seq, "float32", scan_layers=scan)
+            args.model, args.batch, args.seq, "float32", remat=args.remat, scan_layers=scan)
     torch_label = f"HF PyTorch (torch {torch.__version__.split('+')[0]})"
     steppers[torch_label] = torch_stepper(args.model, args.batch, args.seq, "cpu", bf16=False)
     for _ in range(args.warmup):
@@ -321,6 +322,10 @@ def main() -> None:
     p.add_argument("--layers", choices=("scan", "unrolled", "both"), default="both",
                    help="CPU mode: pythia-jax with the layer scan, unrolled (scan_layers=False), or both "
                         "(default; in one process they may disturb each other: compare with single runs)")
+    p.add_argument("--remat", default="none",
+                   help="CPU mode: pythia-jax's ModelConfig.remat (default 'none'; 'dots_saveable' keeps "
+                        "only matmul outputs for the backward pass, which with the layer scan is faster "
+                        "on CPU: fewer stacked activation buffers to fill)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for PyTorch (default: all cores)")
     p.add_argument("--peak_flops", type=float, default=None, help="GPU mode: peak FLOP/s per chip override")
     p.add_argument("--no_torch", action="store_true", help="GPU mode: skip the PyTorch peer")
