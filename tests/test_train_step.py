@@ -58,14 +58,14 @@ def assert_params_close(got, want, what="", key_bias_heads: int = 4):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=what)
 
 
-def structured_batches(n: int = STEPS, seed: int = 0) -> list[dict]:
-    """Learnable rows (arithmetic progressions mod V) so that the loss moves."""
+def structured_batches(n: int = STEPS, seed: int = 0, length: int = T) -> list[dict]:
+    """Learnable rows (arithmetic progressions mod V) of ``length`` tokens so that the loss moves."""
     rng = np.random.RandomState(seed)
     out = []
     for _ in range(n):
         start = rng.randint(0, 256, (B, 1))
         stride = rng.randint(1, 4, (B, 1))
-        rows = (start + stride * np.arange(T + 1)) % 256
+        rows = (start + stride * np.arange(length + 1)) % 256
         out.append({"inputs": rows[:, :-1].astype(np.int32), "labels": rows[:, 1:].astype(np.int32)})
     return out
 
@@ -75,7 +75,7 @@ def run_trajectory(cfg: TrainConfig, devices=None, return_setup: bool = False):
     setup = build(cfg, devices, compile_eval=False)
     state = setup.init_state()
     losses = []
-    for batch in structured_batches():
+    for batch in structured_batches(length=cfg.seq_length):
         state, metrics = setup.train_step(state, setup.put_batch(batch))
         losses.append(float(metrics["loss"]))
     out = losses, jax.tree.map(np.asarray, jax.device_get(state.params))
@@ -131,6 +131,15 @@ _WORKER = textwrap.dedent("""
             out[name] = {{"losses": losses,
                           "params": {{jax.tree_util.keystr(p): v.tolist() for p, v in
                                       jax.tree_util.tree_leaves_with_path(params)}}}}
+    # 80 positions: the blocked causal attention (blocks of 32, 32 and 16 query rows), heads sharded
+    long = dict(seq_length=80, model=tiny_model(max_position_embeddings=128))
+    with jax.default_matmul_precision("highest"):
+        for name, (mesh, devices) in {{"long_1dev": (MeshConfig(data=1), jax.devices()[:1]),
+                                       "long_tp2_dp4": (MeshConfig(data=-1, tensor=2), None)}}.items():
+            losses, params = run_trajectory(tiny_config(mesh, **long), devices)
+            out[name] = {{"losses": losses,
+                          "params": {{jax.tree_util.keystr(p): v.tolist() for p, v in
+                                      jax.tree_util.tree_leaves_with_path(params)}}}}
     errors = {{}}
     bad = {{
         "mesh_not_dividing": tiny_config(MeshConfig(data=3, fsdp=-1)),
@@ -170,6 +179,17 @@ def test_same_loss_trajectory_on_8_devices(single_device_run, multi_device_runs,
     flat_ref = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(ref_params)}
     for key, value in run["params"].items():
         assert_params_close(np.asarray(value, np.float32), flat_ref[key], f"{layout}: {key}")
+
+
+def test_blocked_attention_same_trajectory_sharded(multi_device_runs):
+    """At 80 positions (blocked causal attention), 4-way data × 2-way tensor parallel training
+    follows the one-device trajectory."""
+    ref, run = multi_device_runs["long_1dev"], multi_device_runs["long_tp2_dp4"]
+    np.testing.assert_allclose(run["losses"], ref["losses"], rtol=REL_TOL)
+    assert ref["losses"][-1] < ref["losses"][0]
+    for key, value in run["params"].items():
+        assert_params_close(np.asarray(value, np.float32), np.asarray(ref["params"][key], np.float32),
+                            f"long: {key}")
 
 
 @pytest.mark.parametrize("case, pattern", [
