@@ -37,5 +37,5 @@ setup(
         "lm_eval": ["lm-eval>=0.4", "accelerate>=0.26"],
         "gcs": ["gcsfs"],
     },
-    entry_points={"console_scripts": ["pythia-jax=pythia_jax.cli:main"]},
+    entry_points={"console_scripts": ["pythia-jax=pythia_jax.cli:entry"]},
 )

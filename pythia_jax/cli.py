@@ -298,5 +298,14 @@ def console_logging() -> Iterator[None]:
         warnings.showwarning = saved[2]
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The ``pythia-jax`` console script: process settings first (``process_env``: large host
+    allocations on transparent huge pages, which XLA:CPU's per-step buffers need), then ``main``."""
+    from pythia_jax.process_env import reexec_with_huge_pages
+
+    reexec_with_huge_pages()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -138,7 +138,8 @@ def run_cpu(args) -> None:
     print(f"CPU: {args.model} shape, batch {args.batch} x seq {args.seq} = {tokens} tokens/step, fp32, "
           f"pythia-jax remat {args.remat!r}, {threads} threads (torch.set_num_threads; "
           f"XLA uses all {os.cpu_count()} cores), "
-          f"{args.steps} timed steps each after {args.warmup} warm-up, interleaved\n", flush=True)
+          f"{args.steps} timed steps each after {args.warmup} warm-up, interleaved; "
+          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}\n", flush=True)
     steppers = {}
     compile_s = {}
     layouts = {"scan": True, "unrolled": False}
@@ -312,6 +313,10 @@ def run_gpu(args) -> None:
 
 
 def main() -> None:
+    # what the pythia-jax command does first (pythia_jax.process_env); both sides run under it
+    from pythia_jax.process_env import reexec_with_huge_pages
+
+    reexec_with_huge_pages()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpu", action="store_true", help="GPU mode: pythia-410m and pythia-1.4b at seq 2048, bf16")
     p.add_argument("--model", default="pythia-70m", help="CPU mode: preset shape (default pythia-70m)")

@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "pythia_jax"
 LAYERS: list[tuple[str, ...]] = [
     ("errors",),                                  # the exception hierarchy, imports nothing
     ("config", "hf_config"),                      # ModelConfig, presets, the HF config.json fields
-    ("io_utils", "host_memory", "mesh_config"),   # file/host helpers, MeshConfig: no model code
+    ("io_utils", "host_memory", "mesh_config", "process_env"),  # file/host/process helpers, MeshConfig
     ("layers",),                                  # building blocks: modules, rotary, attention, loss
     ("model",),                                   # GPTNeoX, its parameter tree, the KV cache
     ("sharding",),                                # mesh and NamedShardings of params / batches
