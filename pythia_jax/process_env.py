@@ -69,7 +69,7 @@ def reexec_with_huge_pages() -> None:
     Call it first thing in a program's entry point, before threads start or files are written;
     it does not return when it re-executes. Linux only; a no-op elsewhere.
     """
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or not sys.executable:
         return
     try:
         with open(_THP_SETTING) as f:

@@ -169,6 +169,93 @@ def run_cpu(args) -> None:
               f"min {min(t) / min(j):.2f}  (> 1 means pythia-jax is faster); compile {compile_s[label]:.1f} s (once)")
 
 
+def cpu_case(args) -> None:
+    """One CPU measurement in this (fresh) process: ``--case cpu:jax:scan|unrolled`` or
+    ``cpu:torch``; prints ``CASE {json}`` with the median and min step time, and the minor page
+    faults and system CPU seconds per timed step (``getrusage``)."""
+    import json
+    import resource
+
+    _, impl, *layout = args.case.split(":")
+    threads = args.threads or os.cpu_count()
+    if impl == "jax":
+        one_step, _ = jax_stepper(args.model, args.batch, args.seq, "float32", remat=args.remat,
+                                  scan_layers=layout[0] == "scan")
+    else:
+        import torch
+
+        torch.set_num_threads(threads)
+        one_step = torch_stepper(args.model, args.batch, args.seq, "cpu", bf16=False)
+    for _ in range(args.warmup):
+        one_step()
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    times = [one_step() for _ in range(args.steps)]
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    print("CASE " + json.dumps({
+        "median": statistics.median(times), "min": min(times),
+        "faults": (after.ru_minflt - before.ru_minflt) / args.steps,
+        "sys_s": (after.ru_stime - before.ru_stime) / args.steps}), flush=True)
+
+
+def _case_env(case: str) -> dict[str, str]:
+    """Each side's environment as its users run it: pythia-jax with what the ``pythia-jax`` command
+    sets at start-up (``pythia_jax.process_env``), PyTorch without it (the tunable slows PyTorch's
+    step down: 160m alone, 5.8 s against 5.4 s)."""
+    from pythia_jax.process_env import OPT_OUT, TUNABLE
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    if case == "cpu:torch":
+        env[OPT_OUT] = "0"
+        if os.environ.get("PYTHIA_JAX_REEXECUTED"):  # undo what our start-up added
+            kept = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and t != TUNABLE]
+            env["GLIBC_TUNABLES"] = ":".join(kept)
+    return env
+
+
+def run_cpu_separate(args) -> None:
+    """Each implementation in its own fresh process, alternating for ``--separate`` rounds: in one
+    process the two frameworks slow each other down (measured: both sides 10-25% slower at 160m
+    than alone, whether or not a pause separates their steps)."""
+    import json
+    import subprocess
+
+    layouts = ["scan", "unrolled"] if args.layers == "both" else [args.layers]
+    labels = [f"pythia-jax, {lay}" for lay in layouts] + ["HF PyTorch"]
+    cases = [f"cpu:jax:{lay}" for lay in layouts] + ["cpu:torch"]
+    print(f"CPU: {args.model} shape, batch {args.batch} x seq {args.seq}, fp32, pythia-jax remat "
+          f"{args.remat!r}; each side in its own process, {args.separate} alternating rounds of "
+          f"{args.steps} timed steps after {args.warmup} warm-up; GLIBC_TUNABLES pythia-jax "
+          f"{_case_env('cpu:jax').get('GLIBC_TUNABLES', '')!r}, PyTorch "
+          f"{_case_env('cpu:torch').get('GLIBC_TUNABLES', '')!r}\n", flush=True)
+    results: dict[str, list[dict]] = {label: [] for label in labels}
+    for _ in range(args.separate):
+        for label, case in zip(labels, cases):
+            cmd = [sys.executable, os.path.abspath(__file__), "--case", case, "--model", args.model,
+                   "--seq", str(args.seq), "--batch", str(args.batch), "--steps", str(args.steps),
+                   "--warmup", str(args.warmup), "--remat", args.remat, "--threads", str(args.threads)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=_case_env(case))
+            line = [x for x in proc.stdout.splitlines() if x.startswith("CASE ")]
+            if proc.returncode or not line:
+                raise SystemExit(f"{label} failed:\n{proc.stderr[-3000:]}")
+            results[label].append(json.loads(line[-1][5:]))
+    tokens = args.batch * args.seq
+    print(f"{'implementation':30s} {'median s':>9s} {'min s':>8s} {'tokens/s':>10s} "
+          f"{'faults/step':>12s} {'sys s/step':>11s}")
+    for label, rows in results.items():
+        med = statistics.median(r["median"] for r in rows)
+        faults, sys_s = (statistics.median(r[k] for r in rows) for k in ("faults", "sys_s"))
+        print(f"{label:30s} {med:9.3f} {min(r['min'] for r in rows):8.3f} {tokens / med:10.0f} "
+              f"{faults:12.0f} {sys_s:11.2f}")
+    theirs = [r["median"] for r in results["HF PyTorch"]]
+    print()
+    for lay in layouts:
+        ours = [r["median"] for r in results[f"pythia-jax, {lay}"]]
+        per_round = [t / o for t, o in zip(theirs, ours)]
+        print(f"ratio PyTorch / pythia-jax ({lay}) step time: median of process medians "
+              f"{statistics.median(theirs) / statistics.median(ours):.2f}, per round "
+              f"{', '.join(f'{r:.2f}' for r in per_round)}  (> 1 means pythia-jax is faster)")
+
+
 # Accelerator sweep (prepared for issue 14, item 4). Each row: model, global batch (seq 2048),
 # remat policy, micro-batches, loss_chunk (0 = whole [B, T, V] float32 logits), XLA flag set.
 # The chunked loss keeps at most B·chunk·V float32 logits alive (B·512·50k·4 B = 1.6 GiB at B=16
@@ -331,6 +418,9 @@ def main() -> None:
                    help="CPU mode: pythia-jax's ModelConfig.remat (default 'none'; 'dots_saveable' keeps "
                         "only matmul outputs for the backward pass, which with the layer scan is faster "
                         "on CPU: fewer stacked activation buffers to fill)")
+    p.add_argument("--separate", type=int, default=0, metavar="ROUNDS",
+                   help="CPU mode: run each side in its own process, alternating, for ROUNDS rounds "
+                        "(default 0: both in one process, steps interleaved)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for PyTorch (default: all cores)")
     p.add_argument("--peak_flops", type=float, default=None, help="GPU mode: peak FLOP/s per chip override")
     p.add_argument("--no_torch", action="store_true", help="GPU mode: skip the PyTorch peer")
@@ -338,13 +428,16 @@ def main() -> None:
     p.add_argument("--case_timeout", type=int, default=240, help="GPU mode: seconds per setting (default 240)")
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: one GPU measurement
     args = p.parse_args()
-    if args.case:
+    if args.case and args.case.startswith("cpu:"):
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        cpu_case(args)
+    elif args.case:
         gpu_case(args)
     elif args.gpu:
         run_gpu(args)
     else:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
-        run_cpu(args)
+        run_cpu_separate(args) if args.separate else run_cpu(args)
 
 
 if __name__ == "__main__":
