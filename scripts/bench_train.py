@@ -6,6 +6,7 @@ model shape, batch and sequence length, with the same number of CPU threads.
 
     python scripts/bench_train.py                       # CPU: pythia-70m shape, seq 128, fp32
     python scripts/bench_train.py --model pythia-160m --seq 256 --batch 4
+    python scripts/bench_train.py --model pythia-160m --seq 256 --batch 4 --separate 2   # each side in its own process
     python scripts/bench_train.py --gpu                 # GPU: pythia-410m and pythia-1.4b, seq 2048, bf16
     python scripts/bench_train.py --gpu --quick         # GPU: one setting per model (estimated ~4 minutes)
 
