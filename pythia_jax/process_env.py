@@ -62,6 +62,18 @@ def huge_page_environment(environ: Mapping[str, str], libc: tuple[str, str],
     return env
 
 
+def without_huge_pages(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` as it was before ``reexec_with_huge_pages`` added ``TUNABLE``, with the opt-out
+    set so that a child process started with it does not add it again (e.g. a peer that should run
+    under its own defaults). A tunable the user set is kept."""
+    env = dict(environ)
+    env[OPT_OUT] = "0"
+    if env.pop(_MARKER, None):
+        kept = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and t != TUNABLE]
+        env["GLIBC_TUNABLES"] = ":".join(kept)
+    return env
+
+
 def reexec_with_huge_pages() -> None:
     """Re-execute this process (``os.execve``: same PID, same command line) with ``TUNABLE`` in
     ``GLIBC_TUNABLES`` when ``huge_page_environment`` says so; otherwise return at once.

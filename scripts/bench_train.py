@@ -202,15 +202,10 @@ def _case_env(case: str) -> dict[str, str]:
     """Each side's environment as its users run it: pythia-jax with what the ``pythia-jax`` command
     sets at start-up (``pythia_jax.process_env``), PyTorch without it (the tunable slows PyTorch's
     step down: 160m alone, 5.8 s against 5.4 s)."""
-    from pythia_jax.process_env import OPT_OUT, TUNABLE
+    from pythia_jax.process_env import without_huge_pages
 
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    if case == "cpu:torch":
-        env[OPT_OUT] = "0"
-        if os.environ.get("PYTHIA_JAX_REEXECUTED"):  # undo what our start-up added
-            kept = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and t != TUNABLE]
-            env["GLIBC_TUNABLES"] = ":".join(kept)
-    return env
+    env = without_huge_pages(os.environ) if case == "cpu:torch" else dict(os.environ)
+    return dict(env, JAX_PLATFORMS="cpu")
 
 
 def run_cpu_separate(args) -> None:
@@ -401,7 +396,8 @@ def run_gpu(args) -> None:
 
 
 def main() -> None:
-    # what the pythia-jax command does first (pythia_jax.process_env); both sides run under it
+    # what the pythia-jax command does first (pythia_jax.process_env). In one process both sides run
+    # under it; with --separate, PyTorch's processes run without it (_case_env)
     from pythia_jax.process_env import reexec_with_huge_pages
 
     reexec_with_huge_pages()

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from pythia_jax.process_env import OPT_OUT, TUNABLE, huge_page_environment
+from pythia_jax.process_env import OPT_OUT, TUNABLE, huge_page_environment, without_huge_pages
 
 GLIBC = ("glibc", "2.36")
 THP = "always [madvise] never\n"
@@ -67,3 +67,13 @@ def test_reexec_keeps_pid_and_arguments(tmp_path):
     subprocess.run([sys.executable, "-c", script, str(log), "x"], check=True, env={**env, OPT_OUT: "0"},
                    timeout=60)
     assert len(log.read_text().splitlines()) == 1
+
+
+def test_without_huge_pages_restores_the_environment_before_start_up():
+    """What a peer process gets (bench_train's PyTorch side): the environment before our start-up
+    added the tunable, and no re-execution of its own; a tunable the user set stays."""
+    before = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "X": "1"}
+    after = huge_page_environment(before, GLIBC, THP)
+    assert without_huge_pages(after) == {**before, OPT_OUT: "0"}
+    own = {"GLIBC_TUNABLES": TUNABLE}
+    assert without_huge_pages(own) == {**own, OPT_OUT: "0"}

@@ -125,21 +125,19 @@ _WORKER = textwrap.dedent("""
         "dp_micro2": (MeshConfig(data=-1), 2),
         "slice2_fsdp2_tp2": (MeshConfig(slices=2, data=1, fsdp=2, tensor=2), 1),
     }}
+    def record(name, losses, params):
+        out[name] = {{"losses": losses,
+                      "params": {{jax.tree_util.keystr(p): v.tolist() for p, v in
+                                  jax.tree_util.tree_leaves_with_path(params)}}}}
     with jax.default_matmul_precision("highest"):
         for name, (mesh, micro) in layouts.items():
-            losses, params = run_trajectory(tiny_config(mesh, micro_batches=micro))
-            out[name] = {{"losses": losses,
-                          "params": {{jax.tree_util.keystr(p): v.tolist() for p, v in
-                                      jax.tree_util.tree_leaves_with_path(params)}}}}
+            record(name, *run_trajectory(tiny_config(mesh, micro_batches=micro)))
     # 80 positions: the blocked causal attention (blocks of 32, 32 and 16 query rows), heads sharded
     long = dict(seq_length=80, model=tiny_model(max_position_embeddings=128))
     with jax.default_matmul_precision("highest"):
         for name, (mesh, devices) in {{"long_1dev": (MeshConfig(data=1), jax.devices()[:1]),
                                        "long_tp2_dp4": (MeshConfig(data=-1, tensor=2), None)}}.items():
-            losses, params = run_trajectory(tiny_config(mesh, **long), devices)
-            out[name] = {{"losses": losses,
-                          "params": {{jax.tree_util.keystr(p): v.tolist() for p, v in
-                                      jax.tree_util.tree_leaves_with_path(params)}}}}
+            record(name, *run_trajectory(tiny_config(mesh, **long), devices))
     errors = {{}}
     bad = {{
         "mesh_not_dividing": tiny_config(MeshConfig(data=3, fsdp=-1)),

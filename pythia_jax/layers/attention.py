@@ -241,8 +241,7 @@ def blocked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: fl
         end = min(start + block, length)
         logits = jnp.einsum("bntd,bnsd->bnts", qh[:, :, start:end], kh[:, :, :end],
                             preferred_element_type=jnp.float32) * jnp.float32(scale)
-        visible = (jnp.arange(end, dtype=jnp.int32)[None, :]
-                   <= jnp.arange(start, end, dtype=jnp.int32)[:, None])
+        visible = causal_mask(jnp.arange(start, end, dtype=jnp.int32), end)  # [1, 1, rows, end]
         probs = jax.nn.softmax(jnp.where(visible, logits, floor), axis=-1).astype(v.dtype)
         outs.append(jnp.einsum("bnts,bnsd->bntd", probs, vh[:, :, :end]))
     return jnp.swapaxes(jnp.concatenate(outs, axis=2), 1, 2).astype(q.dtype)
