@@ -494,6 +494,32 @@ def test_copy_cast_equals_numpy_on_the_threaded_path(shape, transpose):
     np.testing.assert_array_equal(dst, want)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("shape", [(4099, 1031), (2053, 129), (530, 64), (8, 16), (7, 3), (100, 40000)])
+def test_same_dtype_transposes_move_rows_as_words(dtype, shape, monkeypatch):
+    """Same-dtype transposes of narrow rows go through host_memory._transpose_words (8 rows as one
+    word per column): numpy's answer on the threaded path, with a tail of rows that is not a multiple
+    of 8, into a layer slot of a stacked array and from a non-contiguous source; wide rows (the
+    embedding's 40000 columns here) keep the plain blocked copy."""
+    import ml_dtypes
+
+    from pythia_jax import host_memory
+
+    calls = []
+    real = host_memory._transpose_words
+    monkeypatch.setattr(host_memory, "_transpose_words", lambda *a: calls.append(a[2:]) or real(*a))
+    dt = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    src = np.random.default_rng(0).standard_normal(shape).astype(dt)
+    for source in (src, np.asfortranarray(src)):
+        stacked = np.zeros((3,) + shape[::-1], dt)
+        host_memory.copy_cast(stacked[1], source, transpose=True)
+        np.testing.assert_array_equal(stacked[1].view(np.uint8), np.ascontiguousarray(src.T).view(np.uint8))
+        assert not stacked[0].any() and not stacked[2].any()
+    narrow = 16 * shape[1] * dt.itemsize <= host_memory._WORD_BUDGET and shape[0] >= 8
+    assert bool(calls) == narrow, calls
+    assert all(lo % 8 == 0 and hi % 8 == 0 for lo, hi in calls)
+
+
 def test_read_params_are_adopted_by_jax_without_a_copy():
     """read_hf_dir's arrays are 64-byte aligned, so moving them to the CPU device shares the memory
     (pythia_jax.load of an HF folder holds one copy of the model, not two)."""
