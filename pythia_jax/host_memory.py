@@ -157,9 +157,11 @@ _WORD_BUDGET = 1 << 20   # bytes of source rows regrouped at a time (stays in ca
 
 
 def _word_rows(dst: np.ndarray, src: np.ndarray) -> bool:
-    """True when :func:`_transpose_words` applies: same dtype, a C-contiguous destination and rows
-    narrow enough that at least 16 of them fit in the regrouping budget."""
+    """True when :func:`_transpose_words` applies: same dtype, a C-contiguous destination of exactly
+    ``src.T``'s shape (anything else keeps numpy's broadcasting or its error) and rows narrow
+    enough that at least 16 of them fit in the regrouping budget."""
     return (dst.dtype == src.dtype and dst.flags.c_contiguous and src.ndim == 2
+            and dst.shape == src.shape[::-1]
             and _WORD_BUDGET // (_WORD_ROWS * src.shape[1] * src.dtype.itemsize) >= 2)
 
 

@@ -520,6 +520,24 @@ def test_same_dtype_transposes_move_rows_as_words(dtype, shape, monkeypatch):
     assert all(lo % 8 == 0 and hi % 8 == 0 for lo, hi in calls)
 
 
+@pytest.mark.parametrize("dst_shape,src_shape", [((3, 16), (16, 1)), ((5, 16), (16, 4)), ((1, 4, 16), (16, 4)),
+                                                 ((4, 8), (16, 4))])
+def test_transposes_into_another_shape_behave_as_numpy(dst_shape, src_shape):
+    """A destination that is not exactly src.T's shape broadcasts or fails as ``dst[...] = src.T``
+    does (the word path, which writes dst's buffer directly, must not leave rows unwritten)."""
+    src = np.arange(int(np.prod(src_shape)), dtype=np.float32).reshape(src_shape)
+    want = np.zeros(dst_shape, np.float32)
+    try:
+        want[...] = src.T
+    except ValueError:
+        with pytest.raises(ValueError):
+            hfc.copy_cast(np.zeros(dst_shape, np.float32), src, transpose=True)
+        return
+    dst = np.zeros(dst_shape, np.float32)
+    hfc.copy_cast(dst, src, transpose=True)
+    np.testing.assert_array_equal(dst, want)
+
+
 def test_read_params_are_adopted_by_jax_without_a_copy():
     """read_hf_dir's arrays are 64-byte aligned, so moving them to the CPU device shares the memory
     (pythia_jax.load of an HF folder holds one copy of the model, not two)."""
