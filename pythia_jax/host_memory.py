@@ -172,8 +172,9 @@ def _transpose_words(dst: np.ndarray, src: np.ndarray, lo: int, hi: int) -> None
     group of 8 source rows is first interleaved (a cache-resident copy) so that the 8 values of
     one column sit side by side; read as one 16-byte (float16) or 32-byte (float32) word per
     column, the group is then one transpose of words, which writes 8 destination values at a
-    time: 3x faster for float16 and 2x for float32 at the pythia-1.4b shapes (measured,
-    ``scripts/bench_convert.py`` converts them).
+    time: 3x faster for float16 and 2x for float32 per thread on the pythia-1.4b layer shapes
+    (measured tensor by tensor against the blocked copy below; ``scripts/bench_convert.py`` times
+    the conversions that use it).
     """
     rows, cols = src.shape
     k = _WORD_ROWS

@@ -129,9 +129,10 @@ def _run_worker(name: str, workdir: str, checkpoint: bool, warmup_bytes: float =
     from pythia_jax.process_env import without_huge_pages
 
     # ours re-execute with the huge-page start-up of the `pythia-jax` command (see main); the
-    # peers run without it, as a user runs transformers
-    env = dict(without_huge_pages(os.environ), JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false",
-               HF_HUB_OFFLINE="1", BENCH_WARMUP_BYTES=str(warmup_bytes))
+    # peers run without it (and are kept from adding it), as a user runs transformers
+    base = os.environ if name.startswith("ours") else without_huge_pages(os.environ)
+    env = dict(base, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               BENCH_WARMUP_BYTES=str(warmup_bytes))
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--workdir", workdir]
     if not checkpoint:
         cmd.append("--no-checkpoint")
@@ -197,7 +198,9 @@ def main() -> None:
         if args.worker.startswith("ours"):  # as the `pythia-jax convert` command starts
             from pythia_jax.process_env import reexec_with_huge_pages
             reexec_with_huge_pages()
-        print(json.dumps(_worker(args.worker, args.workdir, not args.no_checkpoint)))
+        result = _worker(args.worker, args.workdir, not args.no_checkpoint)
+        result["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES", "")
+        print(json.dumps(result))
         return
 
     from pythia_jax.config import ModelConfig
@@ -239,7 +242,8 @@ def main() -> None:
             results[name] = {"seconds": total, "peak_gb": peak}
             every = ", ".join(f"{sum(p['seconds'] for p in x['phases'].values()):.1f}" for x in runs[name])
             print(f"{name:22s} {total:7.1f}s (runs: {every})  peak RSS {peak:6.2f} GB = "
-                  f"{peak / fp32_gb:.2f}x fp32 (import baseline {base:.2f} GB)")
+                  f"{peak / fp32_gb:.2f}x fp32 (import baseline {base:.2f} GB; "
+                  f"GLIBC_TUNABLES {r.get('glibc_tunables', '')!r})")
             for phase, p in r["phases"].items():
                 print(f"    {phase:10s} {p['seconds']:7.1f}s  peak {p['peak_kb'] * 1024 / 1e9:6.2f} GB "
                       f"= {p['peak_kb'] * 1024 / 1e9 / fp32_gb:.2f}x fp32")
