@@ -8,6 +8,7 @@ import pytest
 from pythia_jax import checkpoint as C
 from pythia_jax.checkpoint import hostio
 from pythia_jax.config import ModelConfig
+from pythia_jax.errors import CheckpointError
 
 TINY = ModelConfig(vocab_size=64, hidden_size=16, num_layers=2, num_heads=2)
 
@@ -42,3 +43,34 @@ def test_host_mode_round_trip(tmp_path, monkeypatch, compressed):
     np.testing.assert_array_equal(loaded["embed_in"]["embedding"], params["embed_in"]["embedding"])
     np.testing.assert_array_equal(loaded["layers"]["mlp"]["dense_h_to_4h"]["kernel"],
                                   params["layers"]["mlp"]["dense_h_to_4h"]["kernel"])
+
+
+def _data_files(step_dir) -> list:
+    files = [p for p in (step_dir / "params").rglob("*") if p.is_file() and p.parent.name == "d"]
+    assert files, f"no array data files under {step_dir}"
+    return files
+
+
+def test_host_restore_maps_local_files(tmp_path):
+    """Host restores read local data files through memory maps (no read buffer per chunk)."""
+    assert hostio._host_read_context(True).spec.to_json()["file_io_mode"] == {"mode": "memmap"}
+    params = _params()
+    C.save_params_checkpoint(tmp_path, 3, TINY, params)
+    _, loaded = C.load_params(tmp_path, host=True)
+    np.testing.assert_array_equal(loaded["layers"]["mlp"]["dense_h_to_4h"]["kernel"],
+                                  params["layers"]["mlp"]["dense_h_to_4h"]["kernel"])
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("damage", ["half", "empty"])
+def test_host_restore_of_a_cut_data_file_is_a_clear_error(tmp_path, damage, caplog):
+    """A data file shorter than its index says (a copy cut short) must give the checkpoint error
+    with the reason, not a crash: a memory map read past the end of a file would raise SIGBUS."""
+    import logging
+
+    C.save_params_checkpoint(tmp_path, 3, TINY, _params())
+    for f in _data_files(tmp_path / "3"):
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2] if damage == "half" else b"")
+    with caplog.at_level(logging.WARNING), pytest.raises(CheckpointError, match="no valid checkpoint step"):
+        C.load_params(tmp_path, host=True)
+    assert "step 3" in caplog.text and "unreadable checkpoint" in caplog.text, caplog.text

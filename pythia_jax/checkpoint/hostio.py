@@ -41,6 +41,11 @@ def _host_leaf(x: Any) -> Any:
 _HOST_CHUNK_BYTES = 4 << 20        # largest chunk of an array written from host memory
 _HOST_DATA_FILE_BYTES = 16 << 20  # OCDBT data file size: tensorstore buffers about one per write
 _HOST_READ_FILES = 4               # concurrent file reads when restoring into host memory
+# Host restores map local data files (tensorstore's ``file_io_mode`` "memmap") instead of
+# ``pread``-ing every chunk into a freshly allocated buffer and copying it again into the result.
+# Measured at the pythia-1.4b shape (2.8 GB fp16 checkpoint, fresh processes, 3 alternating
+# pairs): page faults 233k-284k -> 73k-78k per restore. Other storage (gs://) ignores the mode.
+_HOST_FILE_IO_MODE = {"mode": "memmap"}
 # No zstd in the host I/O mode's saves (the converters' one-step checkpoints). Measured at the
 # pythia-410m shape (1.6 GB fp32 from fp16 weights, bare Orbax saves in fresh processes on 2
 # cores): zstd level 1 took 2.4 s of CPU per save (saves of 2.7-3.5 s against 1.7-2.1 s without)
@@ -82,13 +87,22 @@ def _host_array_handler() -> Any:
             args = args or [ocp.RestoreArgs()] * len(infos)
             out = []
             for info, arg in zip(infos, args):
-                context = ocp.type_handlers.get_ts_context(
-                    use_ocdbt=bool(info.is_ocdbt_checkpoint), file_io_concurrency_limit=_HOST_READ_FILES)
+                context = _host_read_context(bool(info.is_ocdbt_checkpoint))
                 out.extend(await super().deserialize([with_fields(info, ts_context=context)], [arg]))
                 release_free_memory()  # the read's freed chunk buffers, before the next array
             return out
 
     return HostArrayHandler()
+
+
+def _host_read_context(use_ocdbt: bool) -> Any:
+    """The tensorstore context of a host restore: Orbax's, with few concurrent file reads and
+    local files memory-mapped (``_HOST_FILE_IO_MODE``)."""
+    import orbax.checkpoint as ocp
+    import tensorstore as ts
+
+    context = ocp.type_handlers.get_ts_context(use_ocdbt=use_ocdbt, file_io_concurrency_limit=_HOST_READ_FILES)
+    return ts.Context(dict(context.spec.to_json(), file_io_mode=_HOST_FILE_IO_MODE))
 
 
 def _host_type_registry() -> Any:
