@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pythia_jax.config import ModelConfig
-from pythia_jax.errors import CheckpointError, PythiaJaxError
+from pythia_jax.errors import CheckpointError, DataError, PythiaJaxError
 from pythia_jax.eval import runner as R
 
 DATA = Path(__file__).parent / "data" / "eval"
@@ -203,3 +203,41 @@ def test_plot_compares_runs_with_labels(tmp_path):
     assert cli.main(["plot", base, swap, "--labels", "one", "--out", str(tmp_path / "x.png")]) == 2
     assert cli.main(["plot", base, swap, "--panels", "winobias:nope", "--out", str(tmp_path / "y.png")]) == 2
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "y.png").exists()
+
+
+def test_plot_default_labels_axis_and_suffix(tmp_path, capsys):
+    """Tables of the same file name in two run folders get the folders as labels (no --labels
+    needed); the step axis fits data that start after step 0 and keeps the last point inside;
+    an --out that is not a .png is refused before anything is written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pythia_jax import cli
+    from pythia_jax.commands.plot import default_labels
+    from pythia_jax.eval.plot import set_step_axis
+
+    assert default_labels(["runs/base/bias.jsonl", "runs/swap/bias.jsonl"]) == ["base/bias", "swap/bias"]
+    assert default_labels(["a.jsonl", "b.csv"]) == ["a", "b"]
+    with pytest.raises(DataError, match="more than once"):
+        default_labels(["x/t.jsonl", "x/t.jsonl"])
+    tables = []
+    for run in ("base", "swap"):
+        (tmp_path / run).mkdir()
+        rows = [{"step": s, "task": "piqa", "metric": "acc", "value": 0.5 + s / 1e4, "stderr": 0.01,
+                 "num_examples": 10} for s in (100, 150, 200)]
+        path = tmp_path / run / "bias.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tables.append(str(path))
+    assert cli.main(["plot", *tables, "--metric", "acc", "--out", str(tmp_path / "cmp.png")]) == 0
+    assert "2 runs" in capsys.readouterr().out
+    assert cli.main(["plot", *tables, "--metric", "acc", "--out", str(tmp_path / "cmp.txt")]) == 2
+    assert ".png" in capsys.readouterr().err and not (tmp_path / "cmp.txt").exists()
+    fig, ax = plt.subplots()
+    set_step_axis(ax, [100, 150, 200])
+    lo, hi = ax.get_xlim()
+    assert 0 < lo < 100 and hi > 200
+    set_step_axis(ax, [0, 1000])
+    assert ax.get_xlim()[0] == 0 and ax.get_xlim()[1] > 1000
+    plt.close(fig)

@@ -155,3 +155,49 @@ def test_report_command(tmp_path, capsys):
     assert main(["memorization-report", str(tmp_path / "none"), "--out-dir", str(tmp_path / "r2")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "r2").exists()
+
+
+def _write_result(path, rows, memorized):
+    r = np.zeros(len(rows), ms.RESULT_DTYPE)
+    r["row"], r["memorized"], r["score"] = rows, memorized, np.asarray(memorized, np.float64)
+    np.save(path, r)
+
+
+def test_report_overwrites_its_own_output_and_writes_strict_json(tmp_path, capsys):
+    """--overwrite replaces an earlier report (and nothing else); undefined statistics are JSON
+    null, not the NaN token (json.loads(..., parse_constant) of other readers rejects it)."""
+    details = tmp_path / "d"
+    details.mkdir()
+    rows = np.arange(2048)
+    _write_result(details / "step10_memorization.npy", rows, np.zeros(2048, bool))  # nothing memorized
+    _write_result(details / "step20_memorization.npy", rows, rows % 7 == 0)
+    out = tmp_path / "report"
+    assert main(["memorization-report", str(details), "--out-dir", str(out)]) == 0
+    assert main(["memorization-report", str(details), "--out-dir", str(out), "--overwrite", "--window", "256"]) == 0
+    text = (out / "report.json").read_text()
+    doc = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert doc["window"] == 256
+    pred = doc["prediction"][0]  # step 10 predicts nothing memorized: precision is undefined
+    assert pred["tp"] == pred["fp"] == 0 and pred["precision"] is None and pred["recall"] == 0.0
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert main(["memorization-report", str(details), "--out-dir", str(other), "--overwrite"]) == 2
+    assert "not a memorization-report folder" in capsys.readouterr().err
+    assert (other / "notes.txt").read_text() == "mine"
+
+
+def test_two_result_files_for_one_step_name_both(tmp_path):
+    """Two files of one step over the same rows (a copy, or two runs' results in one folder) are
+    named in the error; per-host parts over disjoint rows are joined."""
+    d = tmp_path / "d"
+    d.mkdir()
+    _write_result(d / "step5_memorization.npy", np.arange(10), np.arange(10) < 3)
+    _write_result(d / "step5_memorization_host1.npy", np.arange(10, 20), np.zeros(10, bool))
+    joined = ms.load_results([d])[5]
+    np.testing.assert_array_equal(joined["row"], np.arange(20))
+    assert joined["memorized"].sum() == 3
+    _write_result(d / "step5_memorization_copy.npy", np.arange(10), np.arange(10) < 3)
+    with pytest.raises(DataError, match=r"step 5: 3 files hold results for the same rows .*copy\.npy"):
+        ms.load_results([d])

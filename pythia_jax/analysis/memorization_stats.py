@@ -369,10 +369,14 @@ def load_results(paths: Iterable[str | os.PathLike], gen_len: int = 32) -> dict[
             raw = np.load(f, allow_pickle=False)
         except (OSError, ValueError) as e:
             raise DataError(f"cannot read {f}: {e}") from None
-        parts.setdefault(int(m.group(1)), []).append(normalize_result(raw, gen_len, str(f)))
+        parts.setdefault(int(m.group(1)), []).append((f, normalize_result(raw, gen_len, str(f))))
     out = {}
     for step, ps in sorted(parts.items()):
-        merged = np.concatenate(ps)
+        merged = np.concatenate([p for _, p in ps])
+        if len(np.unique(merged["row"])) != len(merged):  # each file is duplicate-free (above)
+            names = ", ".join(str(f) for f, _ in ps)
+            raise DataError(f"step {step}: {len(ps)} files hold results for the same rows ({names}); "
+                            "per-host parts of one step cover disjoint rows: pass one result per step")
         out[step] = normalize_result(merged, gen_len, f"step {step}")[np.argsort(merged["row"], kind="stable")]
     return out
 

@@ -20,11 +20,34 @@ Reads the per-row memorization results of 'pythia-jax eval --tasks memorization'
   qq_step<N>.png             Q-Q plot of the window counts against Poisson(mean)
   correlation.png            Spearman correlation heat map (two or more checkpoints)
 
-The Poisson analysis needs full sweeps (every row of [0, 1024*step)); sampled results
-(--mem-sample) get the other analyses only.
+The Poisson analysis needs full sweeps (every training row up to the checkpoint: rows
+[0, batch_size * step) in the run's order); sampled results (--mem-sample) get the other
+analyses only.
 
   pythia-jax memorization-report results_details --out-dir mem_report
 """
+
+
+REPORT_KIND = "memorization_report"  # what --overwrite may replace (io_utils.KIND_NAMES)
+
+
+def _json_safe(value):
+    """``value`` with numpy scalars as Python numbers and non-finite floats as None."""
+    import math
+
+    import numpy as np
+
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     if args.window < 1 or not 0 < args.alpha < 1 or args.gen_len < 1:
         raise PythiaJaxError(f"--window and --gen-len must be >= 1 and --alpha in (0, 1); got "
                              f"{args.window}, {args.gen_len}, {args.alpha}")
-    check_output_dir(args.out_dir, args.overwrite)
+    check_output_dir(args.out_dir, args.overwrite, kind=REPORT_KIND)
     results = ms.load_results(args.details, gen_len=args.gen_len)
     steps = sorted(results)
     target = steps[-1] if args.target is None else args.target
@@ -100,9 +123,11 @@ def run(args: argparse.Namespace) -> int:
             lines.append(f"{s:8d} {p.rows:9d} {p.tp:7d} {p.fp:7d} {p.fn:7d} {p.tn:9d} "
                          f"{p.precision:9.4f} {p.recall:7.4f}")
     text = "\n".join(lines)
-    with atomic_output_dir(args.out_dir, args.overwrite) as tmp:
+    with atomic_output_dir(args.out_dir, args.overwrite, kind=REPORT_KIND) as tmp:
         (tmp / "report.txt").write_text(text + "\n")
-        (tmp / "report.json").write_text(json.dumps(doc, indent=1, default=float) + "\n")
+        # strict JSON: an undefined statistic (precision with no predicted row, a test on
+        # constant counts) is null, not the NaN token most JSON readers reject
+        (tmp / "report.json").write_text(json.dumps(_json_safe(doc), indent=1, allow_nan=False) + "\n")
         for s, (counts, rep) in poisson.items():
             ms.plot_qq(counts, tmp / f"qq_step{s}.png",
                        title=f"step {s}: memorized per {args.window} rows vs Poisson "

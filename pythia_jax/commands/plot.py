@@ -21,13 +21,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("results", nargs="+",
                         help="results tables written by 'pythia-jax eval' (.jsonl or .csv)")
     parser.add_argument("--labels", default=None,
-                        help="comma-separated names of the tables' runs (default: the file names)")
+                        help="comma-separated names of the tables' runs (default: the file names, "
+                             "with as many parent folders as it takes to tell them apart)")
     parser.add_argument("--panels", default=None, metavar="TASK:METRIC,...",
                         help="one panel per task:metric, a line per table (with several tables)")
     parser.add_argument("--metric", default="acc", help="metric to plot")
     parser.add_argument("--tasks", default=None, help="comma-separated tasks (default: all with the metric)")
-    parser.add_argument("--out", required=True, help="output PNG path")
+    parser.add_argument("--out", required=True, help="output PNG path (.png)")
     parser.add_argument("--title", default=None, help="plot title (default: the metric)")
+
+
+def default_labels(paths: list[str]) -> list[str]:
+    """One name per table: its file name without the extension, with as many parent folders as
+    it takes to make the names distinct (``runs/base/bias.jsonl``, ``runs/swap/bias.jsonl`` ->
+    ``base/bias``, ``swap/bias``). ``DataError`` when one table is given twice."""
+    import os
+
+    from pythia_jax.errors import DataError
+
+    parts = [os.path.splitext(os.path.abspath(p))[0].split(os.sep) for p in paths]
+    for k in range(1, max(map(len, parts)) + 1):
+        labels = ["/".join(p[-k:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    raise DataError(f"the same table is given more than once: {', '.join(paths)}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
         if not os.path.exists(path):
             raise DataError(f"{path} does not exist")
     from pythia_jax.io_utils import check_output_file
+    if not args.out.lower().endswith(".png"):
+        raise DataError(f"--out {args.out}: the plot is a PNG image; give a path ending in .png")
     check_output_file(args.out, "png", inputs=list(args.results))
     tables = [read_table(p) for p in args.results]
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
@@ -48,10 +67,12 @@ def run(args: argparse.Namespace) -> int:
         out = plot_metric(tables[0], args.metric, args.out, tasks=tasks, title=args.title)
         print(f"wrote {out}")
         return 0
-    labels = ([x.strip() for x in args.labels.split(",")] if args.labels else
-              [os.path.splitext(os.path.basename(p))[0] for p in args.results])
-    if len(labels) != len(tables) or len(set(labels)) != len(labels):
-        raise DataError(f"--labels needs {len(tables)} distinct names, one per table; got {labels}")
+    if args.labels:
+        labels = [x.strip() for x in args.labels.split(",")]
+        if len(labels) != len(tables) or len(set(labels)) != len(labels):
+            raise DataError(f"--labels needs {len(tables)} distinct names, one per table; got {labels}")
+    else:
+        labels = default_labels(args.results)
     if args.panels:
         panels = []
         for item in args.panels.split(","):

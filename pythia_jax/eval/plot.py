@@ -42,14 +42,24 @@ def plot_metric(rows: Sequence[dict[str, Any]], metric: str, out: str | os.PathL
         errs = [0.0 if math.isnan(p[2]) else p[2] for p in pts]
         ax.errorbar(xs, ys, yerr=errs if any(errs) else None, marker="o", markersize=3,
                     capsize=2, linewidth=1.2, label=task)
-    ax.set_xscale("symlog", linthresh=1.0)
-    ax.set_xlim(left=0)
+    set_step_axis(ax, [p[0] for pts in series.values() for p in pts])
     ax.set_xlabel("training step (log scale; step 0 at the left)")
     ax.set_ylabel(metric)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title or f"{metric} across training")
     return save_figure(fig, out)
+
+
+def set_step_axis(ax, steps: Sequence[int]) -> None:
+    """A log-scaled training-step axis (``symlog``, linear below step 1) fitted to ``steps``:
+    from step 0 when the data start there, else from just below the first step (a series of
+    steps 100..200 spans the axis instead of sitting against its right edge), with a margin
+    after the last step so its marker is not cut."""
+    ax.set_xscale("symlog", linthresh=1.0)
+    lo, hi = min(steps), max(steps)
+    right = hi * 1.25 if hi > 0 else 1.0
+    ax.set_xlim(left=0 if lo <= 0 else lo / 1.25, right=right)
 
 
 def save_figure(fig, out: str | os.PathLike) -> str:
@@ -103,8 +113,7 @@ def plot_compare(runs: Mapping[str, Sequence[dict[str, Any]]], panels: Sequence[
             errs = [0.0 if math.isnan(p[2]) else p[2] for p in pts]
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=errs if any(errs) else None,
                         marker="o", markersize=3, capsize=2, linewidth=1.2, label=label)
-        ax.set_xscale("symlog", linthresh=1.0)
-        ax.set_xlim(left=0)
+        set_step_axis(ax, [p[0] for rows in runs.values() for p in _points(rows, task, metric)])
         ax.set_title(f"{task}: {metric}", fontsize=10)
         ax.set_xlabel("training step")
         ax.grid(True, which="both", alpha=0.3)

@@ -51,6 +51,7 @@ KIND_NAMES = {
     "npy": "a .npy array file",
     "png": "a PNG image",
     "table": "a results table (.jsonl/.csv)",
+    "memorization_report": "a memorization-report folder (report.txt, report.json, PNGs)",
 }
 _NPY_MAGIC = b"\x93NUMPY"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -83,7 +84,7 @@ def _head(path: Path, n: int) -> bytes:
 def path_kind(path: str | os.PathLike) -> str | None:
     """What an existing path looks like: None (absent), ``"empty"`` (an empty folder), one of
     ``KIND_NAMES`` (``"hf"``, ``"checkpoint"``, ``"neox"``, ``"steps"``, ``"npy"``, ``"png"``,
-    ``"table"``, ``"dataset"`` for an ``.idx`` file), ``"run"`` (a training run directory:
+    ``"table"``, ``"dataset"`` for an ``.idx`` file, ``"memorization_report"``), ``"run"`` (a training run directory:
     ``metrics.jsonl``, ``checkpoints/`` or ``tensorboard/``), ``"protected"`` (home, working
     folder, root or above them) or ``"other"``."""
     p = Path(os.path.expanduser(os.fspath(path)))
@@ -124,6 +125,10 @@ def path_kind(path: str | os.PathLike) -> str | None:
         return "hf"
     if all(e.is_dir() and re.fullmatch(r"step\d+", e.name) for e in visible):
         return "steps"
+    if "report.json" in names and all(
+            e.is_file() and re.fullmatch(r"report\.(txt|json)|qq_step\d+\.png|correlation\.png", e.name)
+            for e in visible):
+        return "memorization_report"
     return "other"
 
 
