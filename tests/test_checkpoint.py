@@ -503,3 +503,53 @@ def test_grain_state_of_another_process_count_is_skipped_with_warning(tmp_path, 
             restored = ckpt.restore(None, {"params": _abstract(params)}, data_iterator=iter(ds))
         assert "different number of processes" in caplog.text
     assert restored.step == 1 and restored.data_state is None
+
+
+
+def test_abandoned_orbax_reads_go_to_debug(monkeypatch, caplog):
+    """A step with a cut data file: Orbax abandons the step's other reads on a closed event loop,
+    which printed dozens of tracebacks ("Exception ignored in: <coroutine
+    _read_array_index_and_device_put>", bare "RuntimeError: Event loop is closed") around the
+    one-line fallback warning (seen resuming a demo run past a truncated step). Exactly those two
+    kinds go to DEBUG; any other unraisable exception still reaches the previous hook."""
+    import asyncio
+    import types
+
+    from pythia_jax.checkpoint import failures
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u))
+    failures._quiet_abandoned_reads()
+    failures._quiet_abandoned_reads()  # installed once
+    hook = sys.unraisablehook
+    assert getattr(hook, "_pythia_jax_quiet", False)
+
+    def event(value, obj=None):
+        return types.SimpleNamespace(exc_type=type(value), exc_value=value, exc_traceback=value.__traceback__,
+                                     err_msg=None, object=obj)
+
+    namespace: dict = {}
+    exec(compile("async def _read_array_index_and_device_put():\n    pass\n",
+                 "/site-packages/orbax/checkpoint/_src/serialization/serialization.py", "exec"), namespace)
+    orbax_read = namespace["_read_array_index_and_device_put"]()
+    loop = asyncio.new_event_loop()
+    loop.close()
+    try:
+        loop.call_soon_threadsafe(lambda: None)
+    except RuntimeError as e:
+        closed = e
+    other_coroutine = _other_coroutine()
+    with caplog.at_level(logging.DEBUG, logger="pythia_jax.checkpoint.failures"):
+        hook(event(Exception("Encountered error while reading array index"), orbax_read))
+        hook(event(closed))
+        hook(event(RuntimeError("Event loop is closed")))  # not from call_soon_threadsafe
+        hook(event(ValueError("mine"), other_coroutine))
+    orbax_read.close()
+    other_coroutine.close()
+    assert [str(u.exc_value) for u in seen] == ["Event loop is closed", "mine"]
+    assert "abandoned Orbax read _read_array_index_and_device_put" in caplog.text
+    assert "after Orbax closed its event loop" in caplog.text
+
+
+async def _other_coroutine():
+    pass

@@ -2,7 +2,9 @@
 
 Orbax logs a failed background save with full tracebacks from several threads; the training
 checkpointer reports the failure itself (``CheckpointSaveFailed``), so those records are moved
-to DEBUG level by :func:`_quiet_orbax_tracebacks`.
+to DEBUG level by :func:`_quiet_orbax_tracebacks`. A failed read of one array leaves Orbax's
+sibling reads running on a closed event loop; what they print is moved there too (see
+:func:`_quiet_abandoned_reads`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import sys
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +36,40 @@ def _quiet_orbax_tracebacks() -> None:
     absl_logger = logging.getLogger("absl")  # absl.logging, which Orbax logs through
     if _ORBAX_FILTER not in absl_logger.filters:
         absl_logger.addFilter(_ORBAX_FILTER)
+
+
+def _quiet_abandoned_reads() -> None:
+    """Route the noise of an abandoned Orbax restore to DEBUG (installed once per process).
+
+    When one array of a step cannot be read (a truncated or damaged file), Orbax's restore
+    raises from ``asyncio.gather`` and closes its event loop while the step's other reads are
+    still in flight. They then end in ``sys.unraisablehook`` as "Exception ignored in: <coroutine
+    _read_array_index_and_device_put>" and, from tensorstore's completion callbacks, as bare
+    "RuntimeError: Event loop is closed" tracebacks: dozens of them for the one failure the
+    checkpointer already reports in a line and falls back from. Only those two kinds are moved
+    to DEBUG; anything else goes to the previous hook.
+    """
+    if getattr(sys.unraisablehook, "_pythia_jax_quiet", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(u) -> None:
+        code = getattr(u.object, "cr_code", None)
+        if code is not None and "orbax" in code.co_filename and isinstance(u.exc_value, Exception):
+            logger.debug("abandoned Orbax read %s: %s", code.co_name, u.exc_value)
+            return
+        frames, t = [], u.exc_traceback
+        while t is not None:
+            frames.append(t.tb_frame.f_code.co_name)
+            t = t.tb_next
+        if isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed" \
+                and "call_soon_threadsafe" in frames:
+            logger.debug("a read completed after Orbax closed its event loop")
+            return
+        previous(u)
+
+    hook._pythia_jax_quiet = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 def _failure_reason(error: BaseException) -> str:

@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Any, Mapping
 
-from pythia_jax.checkpoint.failures import _failure_reason, _quiet_orbax_tracebacks, _step_list
+from pythia_jax.checkpoint.failures import _failure_reason, _quiet_abandoned_reads, _quiet_orbax_tracebacks, _step_list
 from pythia_jax.checkpoint.hostio import _bounded_io_registry
 from pythia_jax.checkpoint.integrity import step_problem
 from pythia_jax.checkpoint.items import _save_args
@@ -70,6 +70,7 @@ class TrainCheckpointer:
         self.directory = _epath(directory)
         self._should_save = _as_predicate(save_steps)
         _quiet_orbax_tracebacks()
+        _quiet_abandoned_reads()
         self.model_config = model_config
         if model_config is not None:
             write_model_config(self.directory, model_config)
