@@ -195,6 +195,34 @@ def test_numeral_rule_examples():
         ("3", "numeral"): 1, ("5", "numeral"): 1, ("3 5", "numeral_pair"): 1}
 
 
+def test_numeral_max_lists_every_number_up_to_it_and_term_frequency_reads_only_tables_from_step_0(
+        corpus, tmp_path):
+    """With --numeral-max M every number 0..M has a row in every window, zeros included, so the
+    table says what was counted; term-frequency refuses a table from --start > 0 and operands
+    above M instead of reading them as count 0."""
+    from pythia_jax.analysis.term_frequency import operand_counts
+    from pythia_jax.errors import DataError
+
+    run = RunData(corpus["neox"], "neox", SEQ, B, 1234, ITERS)
+    spec = CountSpec(numerals=True, numeral_max=30)
+    out = str(tmp_path / "n.csv")
+    run_count(run, spec, out, start=0, stop=8, at_steps=[4, 8], progress=False)
+    table = read_table(out)
+    for w in ((0, 4), (4, 8)):
+        listed = {r["term"] for r in table if (r["window_start"], r["window_end"]) == w
+                  and r["variant"] == "numeral"}
+        assert listed == {str(v) for v in range(31)}, w
+    counts = operand_counts(table, [4, 8], range(31))
+    never = [x for x in range(31) if counts[8][x] == 0]
+    assert never and counts[8][7] > 0  # some numbers never occur: listed with count 0
+    with pytest.raises(DataError, match=r"operand\(s\) 31, 32, .* have no 'numeral' row"):
+        operand_counts(table, [4, 8], range(40))
+    late = str(tmp_path / "late.csv")
+    run_count(run, spec, late, start=4, stop=8, progress=False)
+    with pytest.raises(DataError, match=r"first window starts at step 4, not 0"):
+        operand_counts(read_table(late), [8], range(31))
+
+
 def test_make_windows():
     assert make_windows(0, 10, window=4) == [(0, 4), (4, 8), (8, 10)]
     assert make_windows(0, 16, at_steps=[0, 1, 2, 4, 8]) == [(0, 1), (1, 2), (2, 4), (4, 8), (8, 16)]

@@ -75,7 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--preset", choices=("numerals",), default=None,
                    help="numerals: the Pythia paper's term-frequency rule (see above)")
     t.add_argument("--numeral-max", type=nonneg_int, default=None,
-                   help="report numbers (and pairs) up to this value only, e.g. 99")
+                   help="report numbers (and pairs) up to this value only, e.g. 99; every number "
+                        "up to it is listed in every window, zeros included")
     t.add_argument("--locate", action="store_true", help="also write where terms occur")
     t.add_argument("--max-locations", type=nonneg_int, default=1000,
                    help="locations kept per term and variant (first in training order)")

@@ -6,8 +6,10 @@ import argparse
 
 HELP = "plot arithmetic accuracy against operand counts seen by each checkpoint; frequency-gap table"
 DESCRIPTION = """\
-Joins a numeral count table ('pythia-jax count --preset numerals --at-steps <checkpoint steps>')
-with the per-item arithmetic results of 'pythia-jax eval --tasks arithmetic' (its --details-dir):
+Joins a numeral count table ('pythia-jax count --preset numerals --numeral-max 99 --at-steps
+<checkpoint steps>', counted from step 0) with the per-item arithmetic results of 'pythia-jax eval
+--tasks arithmetic' (its --details-dir). A table whose windows do not start at step 0, leave gaps,
+or do not list an operand (e.g. a smaller --numeral-max) is refused:
 
   --out PLOT.png   k-shot accuracy (--shots, default 16) against the count of the first operand
                    up to each checkpoint, in --bins log-spaced count bins (default 20, over
