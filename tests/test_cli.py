@@ -124,6 +124,44 @@ def test_numeric_flags_are_validated_before_any_work(argv, flag, value, capsys):
     assert e.value.code == 2 and f"argument {flag}: expected" in err and repr(value) in err, err
 
 
+def test_every_seed_flag_takes_the_seed_range(capsys):
+    """A seed >= 2**32 (numpy RandomState's limit, which the GPT-NeoX order uses) is one line naming
+    the flag and the range, for every subcommand that takes a seed, before any work."""
+    from pythia_jax.commands import argtypes
+
+    seeds = {(name, a.option_strings[0]) for name, p in _subparsers().items() for a in p._actions
+             if "seed" in a.dest}
+    assert {("batches", "--seed"), ("count", "--seed"), ("preshuffle", "--seed"), ("generate", "--seed"),
+            ("eval", "--mem-order-seed"), ("eval", "--mem-seed")} <= seeds
+    for name, p in _subparsers().items():
+        for a in p._actions:
+            if "seed" in a.dest:
+                assert a.type is argtypes.seed, (name, a.option_strings)
+    argv = {"batches": ["batches", "--data", "demo", "--order", "neox", "--start", "0", "--end", "0"],
+            "count": ["count", "--data", "demo", "--text", "a", "--out", "c.csv"],
+            "preshuffle": ["preshuffle", "--data", "demo", "--out", "o"],
+            "generate": ["generate", "m", "--prompt", "p"],
+            "eval": ["eval", "--checkpoints", "c", "--steps", "0", "--out", "o"]}
+    for name, flag in sorted(seeds):
+        for value in ("4294967296", "99999999999", "-1"):
+            with pytest.raises(SystemExit) as e:
+                cli.main(argv[name] + [flag, value])
+            err = capsys.readouterr().err.strip()
+            assert e.value.code == 2 and err.endswith(
+                f"argument {flag}: expected an integer in [0, 2**32 - 1] = [0, 4294967295], got {value!r}"), err
+    assert argtypes.seed("4294967295") == 2**32 - 1
+
+
+def test_the_data_order_refuses_a_seed_outside_the_range():
+    from pythia_jax.data import demo_data_prefix
+    from pythia_jax.data.orders import open_order
+    from pythia_jax.errors import DataError
+
+    with pytest.raises(DataError, match=r"^the GPT-NeoX order seed 4294967296: expected an integer in "
+                                        r"\[0, 2\*\*32 - 1\]"):
+        open_order(demo_data_prefix(), "neox", seq_len=128, seed=2**32, train_iters=200, global_batch=8)
+
+
 def test_an_unquoted_gin_string_says_how_to_quote_it(capsys):
     assert cli.main(["train", "--gin_file=configs/demo.gin", "--gin.TrainConfig.output_dir=runs/x",
                      "--print_config"]) == 2

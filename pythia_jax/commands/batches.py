@@ -37,7 +37,7 @@ with --decode each changed span is shown as [old→new], and a line per step cou
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from pythia_jax.commands.argtypes import dataset_prefix, nonneg_int, positive_int
+    from pythia_jax.commands.argtypes import dataset_prefix, nonneg_int, positive_int, seed
 
     parser.add_argument("--checkpoints", default=None,
                         help="a run's directory or its checkpoints/: use the data settings it recorded")
@@ -56,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="global batch, rows per step (default: 1024)")
     parser.add_argument("--seq-len", type=positive_int, default=None,
                         help="tokens per row, each row holds seq_len+1 (default: 2048)")
-    parser.add_argument("--seed", type=nonneg_int, default=None, help="GPT-NeoX order seed (default: 1234)")
+    parser.add_argument("--seed", type=seed, default=None, help="GPT-NeoX order seed (default: 1234)")
     parser.add_argument("--train-iters", type=positive_int, default=None,
                         help="training steps the GPT-NeoX maps were built for (default: 143000)")
     parser.add_argument("--out", default=None, help="save uint16 [rows, seq_len+1] to this .npy file")

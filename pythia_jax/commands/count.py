@@ -40,7 +40,7 @@ Examples:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from pythia_jax.commands.argtypes import nonneg_int, positive_int
+    from pythia_jax.commands.argtypes import nonneg_int, positive_int, seed
 
     g = parser.add_argument_group("data (as for 'pythia-jax batches')")
     g.add_argument("--checkpoints", default=None,
@@ -56,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=positive_int, default=None, help="global batch, rows per step (default: 1024)")
     g.add_argument("--seq-len", type=positive_int, default=None,
                    help="tokens per row, each row holds seq_len+1 (default: 2048)")
-    g.add_argument("--seed", type=nonneg_int, default=None, help="GPT-NeoX order seed (default: 1234)")
+    g.add_argument("--seed", type=seed, default=None, help="GPT-NeoX order seed (default: 1234)")
     g.add_argument("--train-iters", type=positive_int, default=None,
                    help="training steps the GPT-NeoX maps were built for (default: 143000)")
     s = parser.add_argument_group("steps")
