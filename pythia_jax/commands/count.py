@@ -133,14 +133,9 @@ def run(args: argparse.Namespace) -> int:
                      regexes=tuple(args.regex), per_match=args.per_match,
                      numerals=args.preset == "numerals", numeral_max=args.numeral_max,
                      locate=args.locate, max_locations=args.max_locations)
-    from pythia_jax.checkpoint import resolve_run_data
-    from pythia_jax.commands.batches import FLAG_NAMES
-    from pythia_jax.data.run_data import PYTHIA_DEFAULTS
+    from pythia_jax.commands.batches import run_data_from_args
 
-    run_data = resolve_run_data(args.checkpoints, args.step, what=FLAG_NAMES, data=args.data, order=args.order,
-                                seq_len=args.seq_len, global_batch=args.batch_size, seed=args.seed,
-                                train_iters=args.train_iters,
-                                defaults=None if args.checkpoints else PYTHIA_DEFAULTS)
+    run_data = run_data_from_args(args)
     at_steps = _int_list(args.at_steps, "--at-steps") if args.at_steps is not None else None
     num_hosts, host_index = _hosts(args)
     written = run_count(run_data, spec, args.out, start=args.start, stop=args.stop,
