@@ -329,8 +329,15 @@ def test_existing_output_needs_resume(corpus, tmp_path, capsys):
     assert main(args) == 2
     assert "c.csv already exists; pass --resume" in capsys.readouterr().err
     assert out.read_text() == "keep me\n" and sorted(os.listdir(tmp_path)) == ["c.csv"]
-    assert main(args + ["--resume"]) == 0
-    assert out.read_text().startswith("window_start,window_end,term,variant,count,cumulative\n")
+    # --resume redoes a count table, never another file
+    assert main(args + ["--resume"]) == 2
+    assert "c.csv exists and is an unrelated file, not a count table" in capsys.readouterr().err
+    assert out.read_text() == "keep me\n" and sorted(os.listdir(tmp_path)) == ["c.csv"]
+    out.unlink()
+    assert main(args) == 0
+    table = out.read_text()
+    assert table.startswith("window_start,window_end,term,variant,count,cumulative\n")
+    assert main(args + ["--resume"]) == 0 and out.read_text() == table
 
 
 def test_byte_decoder_equals_the_tokenizer():
@@ -368,3 +375,63 @@ def test_regex_and_numeral_locations_name_the_token_too():
         assert len(pieces[tok]) > off and (tok == 0 or len(pieces[tok - 1]) <= off)
     paris = [loc for loc in locs if loc[0] == "Paris"]
     assert [loc[3] for loc in paris] == [m.start() for m in __import__("re").finditer("Paris", text)]
+
+
+def test_interrupted_publication_leaves_neither_the_table_nor_the_locations(corpus, tmp_path, monkeypatch):
+    """The table and its locations are published together: an interruption (Ctrl-C) while they
+    are renamed into place leaves neither (the finished windows stay for --resume)."""
+    run = RunData(corpus["neox"], "neox", SEQ, B, 1234, ITERS)
+    out = str(tmp_path / "ci.csv")
+    real, calls = os.rename, []
+
+    def rename(a, b, *args, **kw):
+        if os.fspath(b) in (out, count_lib.locations_path(out)):
+            calls.append(b)
+            if len(calls) == 2:  # one of the two is in place, the other not yet
+                raise KeyboardInterrupt
+        return real(a, b, *args, **kw)
+
+    monkeypatch.setattr(os, "rename", rename)  # the publication renames with os.rename
+    with pytest.raises(KeyboardInterrupt):
+        run_count(run, _spec(), out, start=0, stop=6, window=2, progress=False)
+    monkeypatch.undo()
+    assert len(calls) == 2 and sorted(os.listdir(tmp_path)) == ["ci.csv.parts"]
+    run_count(run, _spec(), out, start=0, stop=6, window=2, progress=False, resume=True)
+    assert sorted(os.listdir(tmp_path)) == ["ci.csv", "ci.locations.csv"]
+    assert read_table(count_lib.locations_path(out)) and read_table(out)
+
+
+def test_outputs_that_are_folders_or_other_files_are_refused_before_counting(corpus, tmp_path, capsys):
+    out = tmp_path / "c.csv"
+    args = ["count", "--data", corpus["neox"], "--order", "neox", "--text", "cat", "--locate", "--out",
+            str(out), "--no-progress"] + COMMON
+    (tmp_path / "c.locations.csv").mkdir()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"output {tmp_path / 'c.locations.csv'} exists and is an empty folder, not a count "
+                        "table (.jsonl/.csv of 'pythia-jax count', its locations or a host shard); refusing "
+                        "to replace it: choose another output path"), err
+    (tmp_path / "c.locations.csv").rmdir()
+    out.mkdir()
+    assert main(args + ["--resume"]) == 2
+    assert f"output {out} exists and is an empty folder, not a count table" in capsys.readouterr().err
+    out.rmdir()
+    (tmp_path / "c.csv.parts").write_text("x")
+    assert main(args) == 2
+    assert "c.csv.parts (where a count keeps its finished windows) is an unrelated file, not a folder" in \
+        capsys.readouterr().err
+    (tmp_path / "c.csv.parts").unlink()
+    assert sorted(os.listdir(tmp_path)) == []
+    # count-merge --overwrite replaces a count table, not a folder
+    run = RunData(corpus["neox"], "neox", SEQ, B, 1234, ITERS)
+    shard = str(tmp_path / "h.csv")
+    shards = [run_count(run, _spec(), shard, start=0, stop=4, num_hosts=2, host_index=i, progress=False)["shard"]
+              for i in range(2)]
+    merged = tmp_path / "m.csv"
+    merged.mkdir()
+    (merged / "keep").write_text("keep")
+    assert main(["count-merge", "--overwrite", "--out", str(merged)] + shards) == 2
+    assert "exists and is a folder of 1 other entries (keep), not a count table" in capsys.readouterr().err
+    assert (merged / "keep").read_text() == "keep"
+    assert main(["count-merge", "--out", str(tmp_path / "m2.csv")] + shards) == 0
+    assert main(["count-merge", "--overwrite", "--out", str(tmp_path / "m2.csv")] + shards) == 0

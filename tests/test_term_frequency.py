@@ -122,3 +122,32 @@ def test_command_plot_and_table(tmp_path):
     assert not out2.exists()
     assert main(["term-frequency", "--counts", str(counts), "--details-dir", str(tmp_path / "nope"),
                  "--out", str(out2)]) == 2
+
+
+def test_outputs_are_checked_before_the_work_and_a_folder_is_never_replaced(tmp_path, capsys, monkeypatch):
+    from pythia_jax.cli import main
+
+    counts = tmp_path / "numerals.csv"
+    rows = _count_rows()
+    with open(counts, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    det = tmp_path / "details"
+    for k in (0, 4, 16):
+        _write_details(det, 20, "plus", k, lambda x: 1.0 if x >= 20 else 0.25)
+    monkeypatch.setattr(tf, "read_operand_accuracy", lambda *a: pytest.fail("read before the output check"))
+    (tmp_path / "gap").mkdir()
+    (tmp_path / "plot.png").mkdir()
+    base = ["term-frequency", "--counts", str(counts), "--details-dir", str(det)]
+    assert main(base + ["--out", str(tmp_path / "f.png"), "--table", str(tmp_path / "gap")]) == 2
+    assert (f"output {tmp_path / 'gap'} exists and is an empty folder, not a frequency-gap table"
+            in capsys.readouterr().err)
+    assert main(base + ["--out", str(tmp_path / "plot.png")]) == 2
+    assert f"output {tmp_path / 'plot.png'} exists and is an empty folder, not a PNG image" in capsys.readouterr().err
+    monkeypatch.undo()
+    table = tmp_path / "gap.csv"
+    for _ in range(2):  # a gap table is replaced
+        assert main(base + ["--out", str(tmp_path / "f.png"), "--table", str(table)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["details", "f.png", "gap", "gap.csv", "numerals.csv",
+                                                          "plot.png"]

@@ -52,6 +52,10 @@ def run(args: argparse.Namespace) -> int:
         raise PythiaJaxError("--norm-window must be >= 2, --norm-z > 0 and --norm-min-jump >= 0; got "
                              f"{args.norm_window}, {args.norm_z}, {args.norm_min_jump}")
 
+    if args.out:  # before the (long) audit: replaces an audit report, nothing else
+        from pythia_jax.io_utils import check_output_file
+        check_output_file(args.out, "report", inputs=[args.directory])
+
     def progress(record) -> None:
         if not args.quiet:
             print(f"audited {record.label}: {len(record.tensors)} tensors, {record.bytes_read / 1e6:.1f} MB",

@@ -17,6 +17,7 @@ from pythia_jax.data.count.files import (
     _manifest_difference,
     _part_name,
     assemble,
+    check_count_outputs,
     make_manifest,
     output_format,
     shard_path,
@@ -102,9 +103,7 @@ def run_count(run: RunData, spec: CountSpec, out: str, *, start: int = 0, stop: 
     if workers < 1:
         raise CountError(f"--workers {workers}: expected >= 1")
     final = out if num_hosts == 1 else shard_path(out, num_hosts, host_index)
-    if os.path.exists(final) and not resume:
-        raise CountError(f"output {final} already exists; pass --resume to finish or redo it, or "
-                         "choose another --out")
+    check_count_outputs(final, locate=spec.locate and num_hosts == 1, resume=resume, wdir=work_dir(out))
     counters = build_counters(spec)
     if stop is not None or at_steps:  # a recorded run: no steps beyond the ones it trained
         asked = stop if stop is not None else max(at_steps)
