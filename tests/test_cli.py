@@ -6,6 +6,7 @@ import argparse
 import errno
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -93,6 +94,29 @@ def test_every_option_of_every_subcommand_has_help_and_shows_its_default():
     batches = " ".join(subparsers["batches"].format_help().split())
     for default in ("(default: 1024)", "(default: 2048)", "(default: 1234)", "(default: 143000)"):
         assert default in batches
+
+
+def test_no_option_shows_its_default_twice_and_examples_continue_their_lines():
+    """An option's help names its default once; in the descriptions every example line that goes
+    on on the next line ends with a backslash (as the shell needs)."""
+    for name, p in _subparsers().items():
+        for action in p._actions:
+            if action.option_strings and action.help:
+                text = p._get_formatter()._expand_help(action)
+                assert text.count("(default") <= max(1, action.help.count("(default")), (name, text)
+        lines = (p.description or "").splitlines()
+        for line in lines:  # a backslash-newline in a non-raw string joins two example lines
+            if line.lstrip().startswith("pythia-jax"):
+                assert not re.search(r"\S {4,}--", line.split("#")[0]), (name, line)
+        for prev, line in zip(lines, lines[1:]):
+            if re.match(r"^\s{4,}--", line) and (prev.lstrip().startswith("pythia-jax") or prev.endswith("\\")):
+                assert prev.endswith(" \\"), (name, prev)
+
+
+def test_count_help_names_the_locations_file_it_writes(tmp_path):
+    from pythia_jax.commands import count
+
+    assert "FILE.locations.jsonl or FILE.locations.csv, in the table's format" in count.DESCRIPTION
 
 
 def test_version(capsys):

@@ -28,11 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="also write the full report (every tensor's "
                         "fingerprint) as JSON here")
     parser.add_argument("--norm-window", type=int, default=4,
-                        help="neighbours on each side for the norm trend (default 4)")
+                        help="neighbours on each side for the norm trend")
     parser.add_argument("--norm-z", type=float, default=6.0,
-                        help="robust z-score (MADs) a norm must leave the trend by (default 6)")
+                        help="robust z-score (MADs) a norm must leave the trend by")
     parser.add_argument("--norm-min-jump", type=float, default=0.1,
-                        help="smallest log-norm distance from the trend that is flagged (default 0.1, about 10%%)")
+                        help="smallest log-norm distance from the trend that is flagged (0.1: about 10%%)")
     parser.add_argument("--quiet", action="store_true", help="no per-step progress lines on stderr")
 
 

@@ -9,7 +9,7 @@ DESCRIPTION = """\
 The rows of steps START..END inclusive: rows [BATCH*START, BATCH*(END+1)) of the training order
 (the original Pythia viewer's off-by-one, which returned one stray row for the last batch, is not
 reproduced). --out FILE.npy saves them as uint16 [rows, SEQ_LEN+1]; without --out they are
-printed (token ids, or text with --decode).
+printed (token ids, or text with --decode; --decode and --rows are refused with --out).
 
 The defaults of --batch-size, --seq-len, --seed and --train-iters are Pythia's (1024 rows of
 2048+1 tokens, seed 1234, 143,000 steps): for any other run pass that run's values, since the
@@ -21,7 +21,7 @@ documents and tokens is accepted).
 
 Examples:
   pythia-jax batches --checkpoints runs/demo --start 0 --end 0 --rows 2 --decode   # a run's first step
-  pythia-jax batches --data demo --order neox --batch-size 8 --seq-len 128 --train-iters 200 \
+  pythia-jax batches --data demo --order neox --batch-size 8 --seq-len 128 --train-iters 200 \\
       --start 0 --end 0 --rows 2 --decode            # the first step of configs/demo.gin
   pythia-jax batches --data pile_text_document --order neox --start 0 --end 0 --out step0.npy
   pythia-jax batches --data preshuffled/document --order preshuffled --start 1000 --end 1000 \\

@@ -20,8 +20,9 @@ What to count (any mix):
 Windows: --window W (every W steps) or --at-steps 1,2,4,...,STOP (e.g. checkpoint steps).
 
 Output: --out FILE.jsonl or FILE.csv, columns window_start, window_end, term, variant, count,
-cumulative; with --locate also FILE.locations.jsonl (term, variant, step, row_in_step, offset,
-offset_unit). Finished windows are kept in FILE.parts/ until the table is written, so an
+cumulative; with --locate also FILE.locations.jsonl or FILE.locations.csv, in the table's format
+(term, variant, step, row_in_step, offset, offset_unit, token_offset), published together with
+the table. Finished windows are kept in FILE.parts/ until the tables are written, so an
 interrupted count continues with --resume. --workers N counts windows in N local processes;
 --num-hosts H --host-index i counts every H-th window and writes FILE.host-0000i-of-0000H.json,
 which 'pythia-jax count-merge' joins into the single-host table.
@@ -77,7 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--numeral-max", type=nonneg_int, default=None,
                    help="report numbers (and pairs) up to this value only, e.g. 99; every number "
                         "up to it is listed in every window, zeros included")
-    t.add_argument("--locate", action="store_true", help="also write where terms occur")
+    t.add_argument("--locate", action="store_true",
+                   help="also write where terms occur: OUT.locations.jsonl / .csv, as --out")
     t.add_argument("--max-locations", type=nonneg_int, default=1000,
                    help="locations kept per term and variant (first in training order)")
     o = parser.add_argument_group("output and parallelism")
