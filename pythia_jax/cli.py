@@ -93,12 +93,13 @@ def split_gin_flags(argv: Sequence[str]) -> tuple[list[str], list[str], list[str
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the descriptions' line breaks and appends ``(default: X)`` to every option whose
-    default is a value (not None, False or an empty list) and whose help does not already name it."""
+    default is a value (not None, False or an empty list) and whose help does not already name it
+    (``%(default)s``, ``default:`` or ``(default …``)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if ("%(default)" in text or "default:" in text or default is None or default is False
+        if ("%(default)" in text or "default:" in text or "(default " in text or default is None or default is False
                 or default == [] or default is argparse.SUPPRESS or not action.option_strings):
             return text
         return f"{text} (default: %(default)s)"

@@ -204,3 +204,46 @@ def test_cli_exit_status_and_json(clean, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["audit", str(tmp_path / "empty")]) == 2
     assert "holds no checkpoints" in capsys.readouterr().err
+
+
+def test_out_is_checked_before_the_audit_and_written_through_a_hidden_temporary(clean, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """--out naming a folder (or an unrelated file) is refused before any step is read, naming the
+    user's path; a failing write leaves no temporary; a previous report is replaced."""
+    import os
+
+    from pythia_jax.io_utils import write_text_atomic
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (scratch / "mine.txt").write_text("keep")
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": 1}')
+    real = audit.audit_series
+    monkeypatch.setattr(audit, "audit_series", lambda *a, **k: pytest.fail("audited before the check"))
+    for out, what in ((scratch, "a folder of 1 other entries (mine.txt)"), (notes, "an unrelated file")):
+        assert main(["audit", str(clean), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"pythia-jax audit: error: output {out} exists and is {what}, not an audit report "
+                       "(.json of 'pythia-jax audit'); refusing to replace it: choose another output path"), err
+    assert main(["audit", str(clean), "--out", str(clean / "step0" / "a.json")]) == 2
+    assert "is inside the input" in capsys.readouterr().err
+    monkeypatch.setattr(audit, "audit_series", real)
+    report = tmp_path / "a.json"
+    assert main(["audit", str(clean), "--out", str(report), "--quiet"]) == 0
+    first = report.read_text()
+    assert main(["audit", str(clean), "--out", str(report), "--quiet"]) == 0  # a report is replaced
+    assert json.loads(report.read_text())["ok"]
+
+    def failing(path, text):
+        def boom(*a, **k):
+            raise OSError(28, "No space left on device (simulated)")
+        monkeypatch.setattr("pythia_jax.io_utils.outputs.os.rename", boom)
+        write_text_atomic(path, text)
+
+    monkeypatch.setattr("pythia_jax.io_utils.write_text_atomic", failing)
+    assert main(["audit", str(clean), "--out", str(report), "--quiet"]) == 2
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["a.json", "notes.json", "scratch"]
+    assert json.loads(report.read_text())["directory"] == json.loads(first)["directory"]
+    assert sorted(os.listdir(scratch)) == ["mine.txt"]

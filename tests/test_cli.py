@@ -6,6 +6,7 @@ import argparse
 import errno
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -95,6 +96,29 @@ def test_every_option_of_every_subcommand_has_help_and_shows_its_default():
         assert default in batches
 
 
+def test_no_option_shows_its_default_twice_and_examples_continue_their_lines():
+    """An option's help names its default once; in the descriptions every example line that goes
+    on on the next line ends with a backslash (as the shell needs)."""
+    for name, p in _subparsers().items():
+        for action in p._actions:
+            if action.option_strings and action.help:
+                text = p._get_formatter()._expand_help(action)
+                assert text.count("(default") <= max(1, action.help.count("(default")), (name, text)
+        lines = (p.description or "").splitlines()
+        for line in lines:  # a backslash-newline in a non-raw string joins two example lines
+            if line.lstrip().startswith("pythia-jax"):
+                assert not re.search(r"\S {4,}--", line.split("#")[0]), (name, line)
+        for prev, line in zip(lines, lines[1:]):
+            if re.match(r"^\s{4,}--", line) and (prev.lstrip().startswith("pythia-jax") or prev.endswith("\\")):
+                assert prev.endswith(" \\"), (name, prev)
+
+
+def test_count_help_names_the_locations_file_it_writes(tmp_path):
+    from pythia_jax.commands import count
+
+    assert "FILE.locations.jsonl or FILE.locations.csv, in the table's format" in count.DESCRIPTION
+
+
 def test_version(capsys):
     import pythia_jax
     with pytest.raises(SystemExit) as e:
@@ -122,6 +146,44 @@ def test_numeric_flags_are_validated_before_any_work(argv, flag, value, capsys):
         cli.main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"argument {flag}: expected" in err and repr(value) in err, err
+
+
+def test_every_seed_flag_takes_the_seed_range(capsys):
+    """A seed >= 2**32 (numpy RandomState's limit, which the GPT-NeoX order uses) is one line naming
+    the flag and the range, for every subcommand that takes a seed, before any work."""
+    from pythia_jax.commands import argtypes
+
+    seeds = {(name, a.option_strings[0]) for name, p in _subparsers().items() for a in p._actions
+             if "seed" in a.dest}
+    assert {("batches", "--seed"), ("count", "--seed"), ("preshuffle", "--seed"), ("generate", "--seed"),
+            ("eval", "--mem-order-seed"), ("eval", "--mem-seed")} <= seeds
+    for name, p in _subparsers().items():
+        for a in p._actions:
+            if "seed" in a.dest:
+                assert a.type is argtypes.seed, (name, a.option_strings)
+    argv = {"batches": ["batches", "--data", "demo", "--order", "neox", "--start", "0", "--end", "0"],
+            "count": ["count", "--data", "demo", "--text", "a", "--out", "c.csv"],
+            "preshuffle": ["preshuffle", "--data", "demo", "--out", "o"],
+            "generate": ["generate", "m", "--prompt", "p"],
+            "eval": ["eval", "--checkpoints", "c", "--steps", "0", "--out", "o"]}
+    for name, flag in sorted(seeds):
+        for value in ("4294967296", "99999999999", "-1"):
+            with pytest.raises(SystemExit) as e:
+                cli.main(argv[name] + [flag, value])
+            err = capsys.readouterr().err.strip()
+            assert e.value.code == 2 and err.endswith(
+                f"argument {flag}: expected an integer in [0, 2**32 - 1] = [0, 4294967295], got {value!r}"), err
+    assert argtypes.seed("4294967295") == 2**32 - 1
+
+
+def test_the_data_order_refuses_a_seed_outside_the_range():
+    from pythia_jax.data import demo_data_prefix
+    from pythia_jax.data.orders import open_order
+    from pythia_jax.errors import DataError
+
+    with pytest.raises(DataError, match=r"^the GPT-NeoX order seed 4294967296: expected an integer in "
+                                        r"\[0, 2\*\*32 - 1\]"):
+        open_order(demo_data_prefix(), "neox", seq_len=128, seed=2**32, train_iters=200, global_batch=8)
 
 
 def test_an_unquoted_gin_string_says_how_to_quote_it(capsys):

@@ -195,6 +195,34 @@ def test_numeral_rule_examples():
         ("3", "numeral"): 1, ("5", "numeral"): 1, ("3 5", "numeral_pair"): 1}
 
 
+def test_numeral_max_lists_every_number_up_to_it_and_term_frequency_reads_only_tables_from_step_0(
+        corpus, tmp_path):
+    """With --numeral-max M every number 0..M has a row in every window, zeros included, so the
+    table says what was counted; term-frequency refuses a table from --start > 0 and operands
+    above M instead of reading them as count 0."""
+    from pythia_jax.analysis.term_frequency import operand_counts
+    from pythia_jax.errors import DataError
+
+    run = RunData(corpus["neox"], "neox", SEQ, B, 1234, ITERS)
+    spec = CountSpec(numerals=True, numeral_max=30)
+    out = str(tmp_path / "n.csv")
+    run_count(run, spec, out, start=0, stop=8, at_steps=[4, 8], progress=False)
+    table = read_table(out)
+    for w in ((0, 4), (4, 8)):
+        listed = {r["term"] for r in table if (r["window_start"], r["window_end"]) == w
+                  and r["variant"] == "numeral"}
+        assert listed == {str(v) for v in range(31)}, w
+    counts = operand_counts(table, [4, 8], range(31))
+    never = [x for x in range(31) if counts[8][x] == 0]
+    assert never and counts[8][7] > 0  # some numbers never occur: listed with count 0
+    with pytest.raises(DataError, match=r"operand\(s\) 31, 32, .* have no 'numeral' row"):
+        operand_counts(table, [4, 8], range(40))
+    late = str(tmp_path / "late.csv")
+    run_count(run, spec, late, start=4, stop=8, progress=False)
+    with pytest.raises(DataError, match=r"first window starts at step 4, not 0"):
+        operand_counts(read_table(late), [8], range(31))
+
+
 def test_make_windows():
     assert make_windows(0, 10, window=4) == [(0, 4), (4, 8), (8, 10)]
     assert make_windows(0, 16, at_steps=[0, 1, 2, 4, 8]) == [(0, 1), (1, 2), (2, 4), (4, 8), (8, 16)]
@@ -301,8 +329,15 @@ def test_existing_output_needs_resume(corpus, tmp_path, capsys):
     assert main(args) == 2
     assert "c.csv already exists; pass --resume" in capsys.readouterr().err
     assert out.read_text() == "keep me\n" and sorted(os.listdir(tmp_path)) == ["c.csv"]
-    assert main(args + ["--resume"]) == 0
-    assert out.read_text().startswith("window_start,window_end,term,variant,count,cumulative\n")
+    # --resume redoes a count table, never another file
+    assert main(args + ["--resume"]) == 2
+    assert "c.csv exists and is an unrelated file, not a count table" in capsys.readouterr().err
+    assert out.read_text() == "keep me\n" and sorted(os.listdir(tmp_path)) == ["c.csv"]
+    out.unlink()
+    assert main(args) == 0
+    table = out.read_text()
+    assert table.startswith("window_start,window_end,term,variant,count,cumulative\n")
+    assert main(args + ["--resume"]) == 0 and out.read_text() == table
 
 
 def test_byte_decoder_equals_the_tokenizer():
@@ -340,3 +375,63 @@ def test_regex_and_numeral_locations_name_the_token_too():
         assert len(pieces[tok]) > off and (tok == 0 or len(pieces[tok - 1]) <= off)
     paris = [loc for loc in locs if loc[0] == "Paris"]
     assert [loc[3] for loc in paris] == [m.start() for m in __import__("re").finditer("Paris", text)]
+
+
+def test_interrupted_publication_leaves_neither_the_table_nor_the_locations(corpus, tmp_path, monkeypatch):
+    """The table and its locations are published together: an interruption (Ctrl-C) while they
+    are renamed into place leaves neither (the finished windows stay for --resume)."""
+    run = RunData(corpus["neox"], "neox", SEQ, B, 1234, ITERS)
+    out = str(tmp_path / "ci.csv")
+    real, calls = os.rename, []
+
+    def rename(a, b, *args, **kw):
+        if os.fspath(b) in (out, count_lib.locations_path(out)):
+            calls.append(b)
+            if len(calls) == 2:  # one of the two is in place, the other not yet
+                raise KeyboardInterrupt
+        return real(a, b, *args, **kw)
+
+    monkeypatch.setattr(os, "rename", rename)  # the publication renames with os.rename
+    with pytest.raises(KeyboardInterrupt):
+        run_count(run, _spec(), out, start=0, stop=6, window=2, progress=False)
+    monkeypatch.undo()
+    assert len(calls) == 2 and sorted(os.listdir(tmp_path)) == ["ci.csv.parts"]
+    run_count(run, _spec(), out, start=0, stop=6, window=2, progress=False, resume=True)
+    assert sorted(os.listdir(tmp_path)) == ["ci.csv", "ci.locations.csv"]
+    assert read_table(count_lib.locations_path(out)) and read_table(out)
+
+
+def test_outputs_that_are_folders_or_other_files_are_refused_before_counting(corpus, tmp_path, capsys):
+    out = tmp_path / "c.csv"
+    args = ["count", "--data", corpus["neox"], "--order", "neox", "--text", "cat", "--locate", "--out",
+            str(out), "--no-progress"] + COMMON
+    (tmp_path / "c.locations.csv").mkdir()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"output {tmp_path / 'c.locations.csv'} exists and is an empty folder, not a count "
+                        "table (.jsonl/.csv of 'pythia-jax count', its locations or a host shard); refusing "
+                        "to replace it: choose another output path"), err
+    (tmp_path / "c.locations.csv").rmdir()
+    out.mkdir()
+    assert main(args + ["--resume"]) == 2
+    assert f"output {out} exists and is an empty folder, not a count table" in capsys.readouterr().err
+    out.rmdir()
+    (tmp_path / "c.csv.parts").write_text("x")
+    assert main(args) == 2
+    assert "c.csv.parts (where a count keeps its finished windows) is an unrelated file, not a folder" in \
+        capsys.readouterr().err
+    (tmp_path / "c.csv.parts").unlink()
+    assert sorted(os.listdir(tmp_path)) == []
+    # count-merge --overwrite replaces a count table, not a folder
+    run = RunData(corpus["neox"], "neox", SEQ, B, 1234, ITERS)
+    shard = str(tmp_path / "h.csv")
+    shards = [run_count(run, _spec(), shard, start=0, stop=4, num_hosts=2, host_index=i, progress=False)["shard"]
+              for i in range(2)]
+    merged = tmp_path / "m.csv"
+    merged.mkdir()
+    (merged / "keep").write_text("keep")
+    assert main(["count-merge", "--overwrite", "--out", str(merged)] + shards) == 2
+    assert "exists and is a folder of 1 other entries (keep), not a count table" in capsys.readouterr().err
+    assert (merged / "keep").read_text() == "keep"
+    assert main(["count-merge", "--out", str(tmp_path / "m2.csv")] + shards) == 0
+    assert main(["count-merge", "--overwrite", "--out", str(tmp_path / "m2.csv")] + shards) == 0

@@ -126,6 +126,25 @@ def test_batches_errors(raw, tmp_path, capsys):
     assert "missing.idx: file not found" in capsys.readouterr().err
 
 
+def test_batches_refuses_flags_it_would_ignore(raw, tmp_path, capsys):
+    """--decode and --rows only shape what is printed, --step only picks the record of
+    --checkpoints, --transform-steps/--transform-param belong to --transform: given where they
+    would do nothing, each is one line, before anything is written."""
+    out = tmp_path / "x.npy"
+    base = ["batches", "--data", raw, "--order", "neox", "--start", "0", "--end", "0"] + COMMON
+    for extra, message in (
+            (["--out", str(out), "--decode"], "--decode prints the rows as text, --out saves them as token ids; "
+                                              "give one of them"),
+            (["--out", str(out), "--rows", "2"], "--rows limits the rows printed; --out saves every row"),
+            (["--step", "3"], "--step 3 picks the checkpoint whose run record is read; it needs --checkpoints"),
+            (["--transform-steps", "0,1"], "--transform-steps need --transform"),
+            (["--transform-param", "direction=f2m"], "--transform-param need --transform")):
+        assert main(base + extra) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert err == f"pythia-jax batches: error: {message}" or (message in err and "\n" not in err), err
+    assert not out.exists()
+
+
 # ---------------------------------------------------------------- undecodable input, I/O failures
 def _gz_rows(n=2000):
     return gzip.compress("".join(json.dumps({"text": f"doc {i} " * 40}) + "\n" for i in range(n)).encode())

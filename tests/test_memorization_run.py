@@ -217,3 +217,76 @@ def test_count_from_checkpoints_counts_the_runs_rows(run, tmp_path, capsys):
     assert cli_main(["count", "--checkpoints", str(run["out"]), "--ids", "5", "--seq-len", "2048",
                      "--out", str(tmp_path / "d.jsonl")]) == 2
     assert "--seq-len 2048 disagrees" in capsys.readouterr().err
+
+
+def _with_transform(run, tmp_path, transform):
+    """A copy of the run whose record says it trained with ``transform`` (a TransformSpec dict)."""
+    import shutil
+
+    copy = tmp_path / "swap"
+    shutil.copytree(run["out"], copy)
+    for step in ("75", "150"):
+        meta = copy / "checkpoints" / step / "metadata" / "metadata"
+        doc = json.loads(meta.read_text())
+        doc["run_config"]["data"]["transform"] = transform
+        meta.write_text(json.dumps(doc))
+    return copy
+
+
+def _refused(capsys, args, *parts):
+    code = cli_main(args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err, err
+    for part in parts:
+        assert part in err, err
+    return err
+
+
+def test_transform_flags_beside_checkpoints_must_agree_with_the_record(run, tmp_path, capsys):
+    """--transform / --transform-param / --transform-steps beside --checkpoints are data flags: each
+    must equal the run's recorded transform (else one line naming both values), never applied to
+    rows the run did not train on that way, nor silently ignored."""
+    from pythia_jax.data.transforms import build_transform
+
+    out = tmp_path / "rows.npy"
+    base = ["batches", "--checkpoints", str(run["out"]), "--start", "0", "--end", "0", "--out", str(out)]
+    _refused(capsys, base + ["--transform", "gender_swap"],
+             "--transform gender_swap disagrees with the run recorded in", ": transform = none;")
+    _refused(capsys, base + ["--transform-steps", "0,50"],
+             "--transform-steps 0,50 disagrees", "transform_steps = none (no transform)")
+    swap = _with_transform(run, tmp_path, {"name": "gender_swap", "params": {}, "steps": [75, 150]})
+    base = ["batches", "--checkpoints", str(swap), "--start", "74", "--end", "75", "--out", str(out)]
+    _refused(capsys, base + ["--transform-steps", "0,50"],
+             "--transform-steps 0,50 disagrees with the run recorded in", "transform_steps = 75,150;")
+    _refused(capsys, base + ["--transform", "gender_swap_text_2023"],
+             "--transform gender_swap_text_2023 disagrees", "transform = gender_swap;")
+    _refused(capsys, base + ["--transform", "gender_swap", "--transform-param", "direction=f2m"],
+             "--transform-param direction=f2m disagrees", "transform_params = none;")
+    assert not out.exists()
+    # agreeing flags: the rows the run trained on, the transform in steps 75..149 only
+    assert cli_main(base + ["--transform", "gender_swap", "--transform-steps", "75,150"]) == 0
+    fn = build_transform("gender_swap")
+    rows = run["rows"][74 * BATCH:76 * BATCH].astype(np.uint16)
+    want = np.concatenate([rows[:BATCH], np.stack([fn(r) for r in rows[BATCH:]])])
+    np.testing.assert_array_equal(np.load(out), want)
+    assert "step 75: gender_swap changed" in capsys.readouterr().out
+    assert read_run_data(swap, transform="gender_swap", transform_steps=[75, 150]).transform["steps"] == [75, 150]
+
+
+def test_count_and_batches_refuse_steps_beyond_the_run_and_step_without_checkpoints(run, tmp_path, capsys):
+    out = tmp_path / "c.csv"
+    _refused(capsys, ["count", "--checkpoints", str(run["out"]), "--ids", "5", "--at-steps", "75,200",
+                      "--out", str(out), "--no-progress"], "steps [0, 200): the run has 150 steps (0..149)")
+    _refused(capsys, ["count", "--checkpoints", str(run["out"]), "--ids", "5", "--stop", "151",
+                      "--out", str(out), "--no-progress"], "steps [0, 151): the run has 150 steps (0..149)")
+    assert not out.exists() and not os.path.exists(str(out) + ".parts")
+    _refused(capsys, ["batches", "--data", run["prefix"], "--order", "neox", "--batch-size", str(BATCH),
+                      "--seq-len", str(SEQ), "--seed", str(SEED), "--train-iters", str(STEPS), "--step", "75",
+                      "--start", "0", "--end", "0"], "--step 75 picks the checkpoint", "it needs --checkpoints")
+    _refused(capsys, ["count", "--data", run["prefix"], "--ids", "5", "--step", "75", "--out", str(out)],
+             "--step 75 picks the checkpoint")
+    # without --stop, a recorded run's count stops at its last step
+    assert cli_main(["count", "--checkpoints", str(run["out"]), "--ids", "5", "--window", "100",
+                     "--out", str(out), "--no-progress"]) == 0
+    from pythia_jax.data.count import read_table
+    assert sorted({(r["window_start"], r["window_end"]) for r in read_table(str(out))}) == [(0, 100), (100, 150)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -469,3 +470,18 @@ def test_a_failed_model_config_sidecar_write_leaves_no_temporary(tmp_path, monke
     with pytest.raises(OSError):
         checkpoint.write_model_config(tmp_path, TINY)
     assert os.listdir(tmp_path) == []
+
+
+def test_publishing_never_replaces_a_folder_with_a_file(tmp_path):
+    """The last line of defence for every file writer: a final path that is a folder is refused
+    before anything is renamed, and the temporary is removed."""
+    from pythia_jax.errors import PythiaJaxError
+
+    out = tmp_path / "scratch"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    with pytest.raises(PythiaJaxError, match=rf"^output {re.escape(str(out))} is a folder; refusing to replace "
+                                             "it with a file: choose another output path$"):
+        io_utils.write_text_atomic(out, "text")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scratch"]
+    assert (out / "mine.txt").read_text() == "keep"

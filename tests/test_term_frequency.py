@@ -14,11 +14,12 @@ from pythia_jax.errors import DataError
 
 
 def _count_rows():
-    # windows [0,10), [10,20); operand x occurs x*10 times in each window except 0 (never) and 3
-    # (only in the first window: no row in the second, its cumulative stays 30)
+    # windows [0,10), [10,20); operand x occurs x*10 times in each window except 0 (never: listed
+    # with zeros, as a --numeral-max table lists it) and 3 (only in the first window: no row in the
+    # second, its cumulative stays 30)
     rows, cum = [], {}
     for a, b in ((0, 10), (10, 20)):
-        for x in range(1, 30):
+        for x in range(0, 30):
             if x == 3 and a == 10:
                 continue
             n = x * 10
@@ -36,6 +37,34 @@ def test_operand_counts():
     assert c[20][3] == 30 and c[10][0] == 0 and c[20][0] == 0
     with pytest.raises(DataError, match="no window ending at step"):
         tf.operand_counts(_count_rows(), [15], range(30))
+
+
+def _shifted(rows, by):
+    return [dict(r, window_start=r["window_start"] + by, window_end=r["window_end"] + by) for r in rows]
+
+
+def test_operand_counts_refuse_tables_that_do_not_count_from_step_0():
+    """A table whose windows start after step 0 (``count --start 150``) or leave a gap holds counts
+    over part of the training data only: refused, not read as the count up to each step."""
+    rows = _count_rows()
+    with pytest.raises(DataError, match=r"^the count table's first window starts at step 5, not 0, so its "
+                                        r"cumulative counts leave out steps \[0, 5\); count from --start 0$"):
+        tf.operand_counts(_shifted(rows, 5), [15, 25], range(30))
+    gap = [r for r in rows if r["window_start"] == 0] + _shifted([r for r in rows if r["window_start"] == 10], 5)
+    with pytest.raises(DataError, match=r"windows \[0, 10\) and \[15, 25\) leave a gap"):
+        tf.operand_counts(gap, [10, 25], range(30))
+    overlap = rows + [dict(r, window_start=0) for r in rows if r["window_start"] == 10]
+    with pytest.raises(DataError, match=r"windows \[0, 10\) and \[0, 20\) leave an overlap"):
+        tf.operand_counts(overlap, [10, 20], range(30))
+
+
+def test_operand_counts_refuse_operands_the_table_does_not_list():
+    """An operand with no row at all (a table counted with --numeral-max below it) is not count 0."""
+    rows = [r for r in _count_rows() if not 20 <= int(r["term"].split()[0]) < 30]
+    with pytest.raises(DataError, match=r"^operand\(s\) 20, 21, 22, 23, 24, 25, 26, 27, … \(10 in all\) "
+                                        r"have no 'numeral' row in the count table.*--numeral-max 29, "):
+        tf.operand_counts(rows, [10, 20], range(30))
+    assert tf.operand_counts(rows, [10, 20], range(20))[20][19] == 380
 
 
 def test_bins_and_gap():
@@ -93,3 +122,32 @@ def test_command_plot_and_table(tmp_path):
     assert not out2.exists()
     assert main(["term-frequency", "--counts", str(counts), "--details-dir", str(tmp_path / "nope"),
                  "--out", str(out2)]) == 2
+
+
+def test_outputs_are_checked_before_the_work_and_a_folder_is_never_replaced(tmp_path, capsys, monkeypatch):
+    from pythia_jax.cli import main
+
+    counts = tmp_path / "numerals.csv"
+    rows = _count_rows()
+    with open(counts, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    det = tmp_path / "details"
+    for k in (0, 4, 16):
+        _write_details(det, 20, "plus", k, lambda x: 1.0 if x >= 20 else 0.25)
+    monkeypatch.setattr(tf, "read_operand_accuracy", lambda *a: pytest.fail("read before the output check"))
+    (tmp_path / "gap").mkdir()
+    (tmp_path / "plot.png").mkdir()
+    base = ["term-frequency", "--counts", str(counts), "--details-dir", str(det)]
+    assert main(base + ["--out", str(tmp_path / "f.png"), "--table", str(tmp_path / "gap")]) == 2
+    assert (f"output {tmp_path / 'gap'} exists and is an empty folder, not a frequency-gap table"
+            in capsys.readouterr().err)
+    assert main(base + ["--out", str(tmp_path / "plot.png")]) == 2
+    assert f"output {tmp_path / 'plot.png'} exists and is an empty folder, not a PNG image" in capsys.readouterr().err
+    monkeypatch.undo()
+    table = tmp_path / "gap.csv"
+    for _ in range(2):  # a gap table is replaced
+        assert main(base + ["--out", str(tmp_path / "f.png"), "--table", str(table)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["details", "f.png", "gap", "gap.csv", "numerals.csv",
+                                                          "plot.png"]

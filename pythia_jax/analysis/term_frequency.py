@@ -7,7 +7,8 @@ Inputs:
 - a count table of ``pythia-jax count --preset numerals`` (``pythia_jax.data.count``; columns
   window_start, window_end, term, variant, count, cumulative) whose window ends include every
   evaluated checkpoint step: the count of operand x at step c is the ``cumulative`` count of
-  term ``str(x)``, variant ``numeral``, at the window ending at c (a term absent there counts 0);
+  term ``str(x)``, variant ``numeral``, at the window ending at c. The windows must start at step 0
+  and have no gaps, and every operand must be listed (``operand_counts``);
 - the per-item details of ``pythia-jax eval --tasks arithmetic`` (``<details-dir>/step<S>_
   arithmetic_<op>_k<k>.jsonl``, one JSON object per test item with x1 and correct).
 
@@ -40,24 +41,43 @@ Key = tuple[str, int, int]  # (operation, k, step)
 
 def operand_counts(count_rows: Iterable[Mapping[str, Any]], steps: Sequence[int], operands: Iterable[int],
                    variant: str = "numeral") -> dict[int, dict[int, int]]:
-    """{step: {operand: cumulative count up to that step}} from count-table rows.
+    """{step: {operand: count in the training rows of steps [0, step)}} from count-table rows.
 
-    Raises ``DataError`` when a step is not a window end of the table (its count is unknown).
+    The table must answer "how often was the operand seen up to step c": its windows must start
+    at step 0 and follow each other without gaps (``cumulative`` is over [first window start,
+    window end)), and every operand must have a ``variant`` row somewhere (a table counted with
+    ``--numeral-max`` lists every number up to it, zeros included; an operand with no row at all
+    was not counted, or the table cannot tell). A listed operand with no row at a window end has
+    its cumulative count of the latest earlier window end that lists it (0 before its first row).
+
+    Raises ``DataError`` when the windows do not start at 0 or have gaps, when a step is not a
+    window end (its count is unknown) and when an operand has no row in the table.
     """
     operands = list(operands)
     ends: set[int] = set()
+    windows: set[tuple[int, int]] = set()
+    listed: set[int] = set()
     got: dict[int, dict[int, int]] = defaultdict(dict)
     wanted = {str(x): x for x in operands}
     for r in count_rows:
-        end = int(r["window_end"])
+        start, end = int(r["window_start"]), int(r["window_end"])
+        windows.add((start, end))
         ends.add(end)
         if r["variant"] == variant and r["term"] in wanted:
+            listed.add(wanted[r["term"]])
             got[end][wanted[r["term"]]] = int(r["cumulative"])
+    _check_windows(sorted(windows))
     missing = sorted(set(steps) - ends)
     if missing:
         raise DataError(f"the count table has no window ending at step(s) {missing} (window ends: "
                         f"{sorted(ends)[:8]}{'…' if len(ends) > 8 else ''}); count with "
                         f"--at-steps listing the evaluated checkpoint steps")
+    absent = sorted(set(operands) - listed)
+    if absent:
+        shown = ", ".join(map(str, absent[:8])) + (f", … ({len(absent)} in all)" if len(absent) > 8 else "")
+        raise DataError(f"operand(s) {shown} have no {variant!r} row in the count table, so their counts are "
+                        f"unknown (not counted, e.g. above its --numeral-max); count with --preset numerals "
+                        f"--numeral-max {max(operands)}, which lists every number up to it, zeros included")
     # a term with no occurrence up to a window end has no row there unless it occurred earlier
     out = {}
     for s in steps:
@@ -69,6 +89,22 @@ def operand_counts(count_rows: Iterable[Mapping[str, Any]], steps: Sequence[int]
                 c = got.get(e, {}).get(x, c)
             out[s][x] = c
     return out
+
+
+def _check_windows(windows: Sequence[tuple[int, int]]) -> None:
+    """``DataError`` unless the windows (sorted) are [0, e1), [e1, e2), …: cumulative counts from
+    step 0 at every window end."""
+    if not windows:
+        raise DataError("the count table has no rows; count with 'pythia-jax count --preset numerals'")
+    if windows[0][0] != 0:
+        raise DataError(f"the count table's first window starts at step {windows[0][0]}, not 0, so its "
+                        f"cumulative counts leave out steps [0, {windows[0][0]}); count from --start 0")
+    for (a0, b0), (a1, b1) in zip(windows, windows[1:]):
+        if a1 != b0:
+            what = "a gap" if a1 > b0 else "an overlap"
+            raise DataError(f"the count table's windows [{a0}, {b0}) and [{a1}, {b1}) leave {what}, so its "
+                            "cumulative counts are not the counts up to each step; use one count's table "
+                            "from --start 0")
 
 
 def read_operand_accuracy(details_dir: str | os.PathLike) -> dict[Key, dict[int, float]]:

@@ -96,7 +96,8 @@ def read_run_data(checkpoints: str | os.PathLike, step: int | None = None, *, wh
     ``<output_dir>/index_maps/`` (where the trainer built them).
 
     ``explicit``: settings given by the user (``data``, ``order``, ``seq_len``, ``global_batch``,
-    ``seed``, ``train_iters``; None = not given). Each given one must equal the record (``data``
+    ``seed``, ``train_iters``, and the row transform's ``transform``, ``transform_params``,
+    ``transform_steps``; None = not given). Each given one must equal the record (``data``
     may name a moved copy with the same number of documents and tokens); otherwise
     ``RunDataMismatch`` (one line: the flag, the given and the recorded value). ``what`` names
     the flags in messages (a dict setting -> flag, or a prefix). Raises ``RunDataError`` when the
@@ -124,7 +125,7 @@ def resolve_run_data(checkpoints: str | os.PathLike | None, step: int | None = N
     unset flags only when no ``checkpoints`` are given at all (the standalone view of a dataset,
     e.g. ``pythia_jax.data.run_data.PYTHIA_DEFAULTS`` for ``batches``/``count``)."""
     from pythia_jax.checkpoint.layout import is_checkpoint_dir
-    from pythia_jax.data.run_data import SETTINGS, flag_name
+    from pythia_jax.data.run_data import SETTINGS, TRANSFORM_SETTINGS, flag_name
 
     if checkpoints is not None:
         path = os.fspath(checkpoints)
@@ -138,7 +139,7 @@ def resolve_run_data(checkpoints: str | os.PathLike | None, step: int | None = N
                                "directory, whose recorded data settings are then used)")
         flags = {k: defaults[k] if v is None and k in defaults else v for k, v in flags.items()}
     return RunData.from_flags(what=what, cache_prefix=flags.get("cache_prefix"),
-                              **{k: flags.get(k) for k in SETTINGS})
+                              **{k: flags.get(k) for k in SETTINGS + TRANSFORM_SETTINGS})
 
 
 def _run_cache_prefix(root, record: dict) -> str | None:

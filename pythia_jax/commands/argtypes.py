@@ -37,10 +37,21 @@ def positive_int(text: str) -> int:
 
 
 def nonneg_int(text: str) -> int:
-    """An integer >= 0 (step numbers, seeds, counts where 0 means "off")."""
+    """An integer >= 0 (step numbers, counts where 0 means "off"; seeds take ``seed``)."""
     value = _int(text, "an integer >= 0")
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def seed(text: str) -> int:
+    """A seed: an integer in [0, 2**32 - 1] (numpy's ``RandomState`` range, which the GPT-NeoX
+    order's shuffles use; every seed flag takes the same range)."""
+    from pythia_jax.data.neox_order import MAX_SEED
+
+    value = _int(text, "an integer in [0, 2**32 - 1]")
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32 - 1] = [0, {MAX_SEED}], got {text!r}")
     return value
 
 

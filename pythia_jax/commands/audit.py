@@ -28,11 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="also write the full report (every tensor's "
                         "fingerprint) as JSON here")
     parser.add_argument("--norm-window", type=int, default=4,
-                        help="neighbours on each side for the norm trend (default 4)")
+                        help="neighbours on each side for the norm trend")
     parser.add_argument("--norm-z", type=float, default=6.0,
-                        help="robust z-score (MADs) a norm must leave the trend by (default 6)")
+                        help="robust z-score (MADs) a norm must leave the trend by")
     parser.add_argument("--norm-min-jump", type=float, default=0.1,
-                        help="smallest log-norm distance from the trend that is flagged (default 0.1, about 10%%)")
+                        help="smallest log-norm distance from the trend that is flagged (0.1: about 10%%)")
     parser.add_argument("--quiet", action="store_true", help="no per-step progress lines on stderr")
 
 
@@ -51,6 +51,10 @@ def run(args: argparse.Namespace) -> int:
     if args.norm_window < 2 or args.norm_z <= 0 or args.norm_min_jump < 0:
         raise PythiaJaxError("--norm-window must be >= 2, --norm-z > 0 and --norm-min-jump >= 0; got "
                              f"{args.norm_window}, {args.norm_z}, {args.norm_min_jump}")
+
+    if args.out:  # before the (long) audit: replaces an audit report, nothing else
+        from pythia_jax.io_utils import check_output_file
+        check_output_file(args.out, "report", inputs=[args.directory])
 
     def progress(record) -> None:
         if not args.quiet:

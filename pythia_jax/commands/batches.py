@@ -9,7 +9,7 @@ DESCRIPTION = """\
 The rows of steps START..END inclusive: rows [BATCH*START, BATCH*(END+1)) of the training order
 (the original Pythia viewer's off-by-one, which returned one stray row for the last batch, is not
 reproduced). --out FILE.npy saves them as uint16 [rows, SEQ_LEN+1]; without --out they are
-printed (token ids, or text with --decode).
+printed (token ids, or text with --decode; --decode and --rows are refused with --out).
 
 The defaults of --batch-size, --seq-len, --seed and --train-iters are Pythia's (1024 rows of
 2048+1 tokens, seed 1234, 143,000 steps): for any other run pass that run's values, since the
@@ -21,7 +21,7 @@ documents and tokens is accepted).
 
 Examples:
   pythia-jax batches --checkpoints runs/demo --start 0 --end 0 --rows 2 --decode   # a run's first step
-  pythia-jax batches --data demo --order neox --batch-size 8 --seq-len 128 --train-iters 200 \
+  pythia-jax batches --data demo --order neox --batch-size 8 --seq-len 128 --train-iters 200 \\
       --start 0 --end 0 --rows 2 --decode            # the first step of configs/demo.gin
   pythia-jax batches --data pile_text_document --order neox --start 0 --end 0 --out step0.npy
   pythia-jax batches --data preshuffled/document --order preshuffled --start 1000 --end 1000 \\
@@ -33,11 +33,15 @@ Examples:
 gender_swap_tokenmap_2022, gender_swap_text_2023, or package.module:function) to the rows of the
 steps in --transform-steps (default: all shown), as training with DataConfig.transform would;
 with --decode each changed span is shown as [old→new], and a line per step counts the changes.
+With --checkpoints the rows already carry the run's recorded transform; --transform,
+--transform-param and --transform-steps are data flags like the others: each must equal the
+record (a run without a transform refuses them), and --transform then shows the changes.
+--step needs --checkpoints; --decode and --rows are for printing, not for --out.
 """
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from pythia_jax.commands.argtypes import dataset_prefix, nonneg_int, positive_int
+    from pythia_jax.commands.argtypes import dataset_prefix, nonneg_int, positive_int, seed
 
     parser.add_argument("--checkpoints", default=None,
                         help="a run's directory or its checkpoints/: use the data settings it recorded")
@@ -56,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="global batch, rows per step (default: 1024)")
     parser.add_argument("--seq-len", type=positive_int, default=None,
                         help="tokens per row, each row holds seq_len+1 (default: 2048)")
-    parser.add_argument("--seed", type=nonneg_int, default=None, help="GPT-NeoX order seed (default: 1234)")
+    parser.add_argument("--seed", type=seed, default=None, help="GPT-NeoX order seed (default: 1234)")
     parser.add_argument("--train-iters", type=positive_int, default=None,
                         help="training steps the GPT-NeoX maps were built for (default: 143000)")
     parser.add_argument("--out", default=None, help="save uint16 [rows, seq_len+1] to this .npy file")
@@ -74,21 +78,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from pythia_jax.checkpoint import resolve_run_data
     from pythia_jax.data.indexed import save_npy_atomic
-    from pythia_jax.data.run_data import PYTHIA_DEFAULTS
     from pythia_jax.errors import DataError
 
     if args.end < args.start:
         raise DataError(f"--end {args.end} is before --start {args.start}; --end is the last step, inclusive "
                         f"(use --end {args.start} for one step)")
-    run_data = resolve_run_data(args.checkpoints, args.step, what=FLAG_NAMES, data=args.data, order=args.order,
-                                seq_len=args.seq_len, global_batch=args.batch_size, seed=args.seed,
-                                train_iters=args.train_iters,
-                                defaults=None if args.checkpoints else PYTHIA_DEFAULTS)
-    if run_data.origin != "flags" and args.end >= run_data.train_iters:
-        raise DataError(f"steps {args.start}..{args.end}: the run has {run_data.train_iters} steps "
-                        f"(0..{run_data.train_iters - 1})")
+    if args.out and args.decode:
+        raise DataError("--decode prints the rows as text, --out saves them as token ids; give one of them")
+    if args.out and args.rows is not None:
+        raise DataError("--rows limits the rows printed; --out saves every row of the steps (drop --rows)")
+    run_data = run_data_from_args(args, transform=args.transform,
+                                  transform_params=_transform_params(args.transform_param) or None,
+                                  transform_steps=_transform_steps(args.transform_steps))
+    run_data.check_steps(args.start, args.end + 1, f"steps {args.start}..{args.end}")
     args.data, args.order, args.batch_size = run_data.prefix(), run_data.order, run_data.global_batch
     args.seq_len, args.train_iters = run_data.seq_len, run_data.train_iters
     if args.out:  # replaces an .npy file, never the dataset or anything else
@@ -100,10 +103,11 @@ def run(args: argparse.Namespace) -> int:
         raise DataError(f"{order.name}: steps {args.start}..{args.end} need rows [{first}, {stop}), "
                         f"the {args.order} order has {len(order)} rows "
                         f"(last full step {len(order) // args.batch_size - 1})")
-    rows = np.asarray(run_data.read_range(order, first, stop)).astype(np.uint16)
+    rows = np.asarray(run_data.read_range(order, first, stop)).astype(np.uint16)  # the transform applied
     original = rows
-    if args.transform:
-        rows = _transform_rows(args, rows, first)
+    if args.transform:  # show what the transform changed: the rows as stored, and a line per step
+        original = np.asarray(order.read_rows(first, stop)).astype(np.uint16)
+        _report_changes(run_data, original, rows, first, args.batch_size)
     if args.out:
         save_npy_atomic(args.out, rows)
         print(f"saved rows [{first}, {stop}) as {rows.dtype} {list(rows.shape)} to {args.out}")
@@ -122,41 +126,66 @@ def run(args: argparse.Namespace) -> int:
 
 
 FLAG_NAMES = {"data": "--data", "order": "--order", "seq_len": "--seq-len", "global_batch": "--batch-size",
-              "seed": "--seed", "train_iters": "--train-iters"}
+              "seed": "--seed", "train_iters": "--train-iters", "transform": "--transform",
+              "transform_params": "--transform-param", "transform_steps": "--transform-steps"}
 
 
-def _transform_rows(args: argparse.Namespace, rows, first: int):
-    """The rows with ``--transform`` applied to the steps of ``--transform-steps``; prints what
-    changed per step."""
+def run_data_from_args(args: argparse.Namespace, **transform):
+    """The ``RunData`` of the data flags of ``batches`` / ``count``: the run's record with
+    ``--checkpoints`` (every data flag given beside it, ``transform`` settings included, must
+    agree with the record), else the flags with Pythia's values for the unset ones."""
+    from pythia_jax.checkpoint import resolve_run_data
+    from pythia_jax.data.run_data import PYTHIA_DEFAULTS, RunDataError
+
+    if args.step is not None and args.checkpoints is None:
+        raise RunDataError(f"--step {args.step} picks the checkpoint whose run record is read; it needs "
+                           "--checkpoints (without it the data flags decide the rows)")
+    return resolve_run_data(args.checkpoints, args.step, what=FLAG_NAMES, data=args.data, order=args.order,
+                            seq_len=args.seq_len, global_batch=args.batch_size, seed=args.seed,
+                            train_iters=args.train_iters, **transform,
+                            defaults=None if args.checkpoints else PYTHIA_DEFAULTS)
+
+
+def _transform_params(items) -> dict:
+    """``--transform-param KEY=VALUE`` (repeatable) as a dict (values JSON when they parse)."""
     from pythia_jax.config import ConfigError
-    from pythia_jax.data.transforms import TransformSpec, apply_to_rows
 
     params = {}
-    for item in args.transform_param:
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--transform-param {item!r}: expected KEY=VALUE")
         params[key] = _param_value(value)
-    steps = None
-    if args.transform_steps:
-        try:
-            steps = [int(x) for x in args.transform_steps.split(",")]
-        except ValueError:
-            raise ConfigError(f"--transform-steps {args.transform_steps!r}: expected A,B "
-                              "(two step numbers)") from None
-    spec = TransformSpec.create(args.transform, params, steps)
-    spec.check_within(args.train_iters)
-    fn = spec.build()
-    out = rows.copy()
-    B = args.batch_size
-    for step in range(first // B, len(rows) // B + first // B):
+    return params
+
+
+def _transform_steps(text: str | None) -> list[int] | None:
+    """``--transform-steps A,B`` as [A, B] (None when not given)."""
+    from pythia_jax.config import ConfigError
+
+    if text is None:
+        return None
+    try:
+        steps = [int(x) for x in text.split(",")]
+    except ValueError:
+        steps = []
+    if len(steps) != 2:
+        raise ConfigError(f"--transform-steps {text!r}: expected A,B (two step numbers)")
+    return steps
+
+
+def _report_changes(run_data, original, rows, first: int, batch: int) -> None:
+    """A line per step the run's transform applies to: tokens and rows it changed."""
+    from pythia_jax.data.transforms import TransformSpec
+
+    spec = TransformSpec.from_dict(run_data.transform)
+    for step in range(first // batch, first // batch + len(rows) // batch):
         if not spec.applies_to(step):
             continue
-        a = step * B - first
-        out[a:a + B], stats = apply_to_rows(rows[a:a + B], fn)
-        print(f"step {step}: {args.transform} changed {stats.tokens_changed} tokens in "
-              f"{stats.rows_changed} of {B} rows")
-    return out
+        a = step * batch - first
+        diff = original[a:a + batch] != rows[a:a + batch]
+        print(f"step {step}: {spec.name} changed {int(diff.sum())} tokens in {int(diff.any(axis=1).sum())} "
+              f"of {batch} rows")
 
 
 def _param_value(text: str):

@@ -20,8 +20,9 @@ What to count (any mix):
 Windows: --window W (every W steps) or --at-steps 1,2,4,...,STOP (e.g. checkpoint steps).
 
 Output: --out FILE.jsonl or FILE.csv, columns window_start, window_end, term, variant, count,
-cumulative; with --locate also FILE.locations.jsonl (term, variant, step, row_in_step, offset,
-offset_unit). Finished windows are kept in FILE.parts/ until the table is written, so an
+cumulative; with --locate also FILE.locations.jsonl or FILE.locations.csv, in the table's format
+(term, variant, step, row_in_step, offset, offset_unit, token_offset), published together with
+the table. Finished windows are kept in FILE.parts/ until the tables are written, so an
 interrupted count continues with --resume. --workers N counts windows in N local processes;
 --num-hosts H --host-index i counts every H-th window and writes FILE.host-0000i-of-0000H.json,
 which 'pythia-jax count-merge' joins into the single-host table.
@@ -40,7 +41,7 @@ Examples:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from pythia_jax.commands.argtypes import nonneg_int, positive_int
+    from pythia_jax.commands.argtypes import nonneg_int, positive_int, seed
 
     g = parser.add_argument_group("data (as for 'pythia-jax batches')")
     g.add_argument("--checkpoints", default=None,
@@ -56,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=positive_int, default=None, help="global batch, rows per step (default: 1024)")
     g.add_argument("--seq-len", type=positive_int, default=None,
                    help="tokens per row, each row holds seq_len+1 (default: 2048)")
-    g.add_argument("--seed", type=nonneg_int, default=None, help="GPT-NeoX order seed (default: 1234)")
+    g.add_argument("--seed", type=seed, default=None, help="GPT-NeoX order seed (default: 1234)")
     g.add_argument("--train-iters", type=positive_int, default=None,
                    help="training steps the GPT-NeoX maps were built for (default: 143000)")
     s = parser.add_argument_group("steps")
@@ -75,8 +76,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--preset", choices=("numerals",), default=None,
                    help="numerals: the Pythia paper's term-frequency rule (see above)")
     t.add_argument("--numeral-max", type=nonneg_int, default=None,
-                   help="report numbers (and pairs) up to this value only, e.g. 99")
-    t.add_argument("--locate", action="store_true", help="also write where terms occur")
+                   help="report numbers (and pairs) up to this value only, e.g. 99; every number "
+                        "up to it is listed in every window, zeros included")
+    t.add_argument("--locate", action="store_true",
+                   help="also write where terms occur: OUT.locations.jsonl / .csv, as --out")
     t.add_argument("--max-locations", type=nonneg_int, default=1000,
                    help="locations kept per term and variant (first in training order)")
     o = parser.add_argument_group("output and parallelism")
@@ -132,14 +135,9 @@ def run(args: argparse.Namespace) -> int:
                      regexes=tuple(args.regex), per_match=args.per_match,
                      numerals=args.preset == "numerals", numeral_max=args.numeral_max,
                      locate=args.locate, max_locations=args.max_locations)
-    from pythia_jax.checkpoint import resolve_run_data
-    from pythia_jax.commands.batches import FLAG_NAMES
-    from pythia_jax.data.run_data import PYTHIA_DEFAULTS
+    from pythia_jax.commands.batches import run_data_from_args
 
-    run_data = resolve_run_data(args.checkpoints, args.step, what=FLAG_NAMES, data=args.data, order=args.order,
-                                seq_len=args.seq_len, global_batch=args.batch_size, seed=args.seed,
-                                train_iters=args.train_iters,
-                                defaults=None if args.checkpoints else PYTHIA_DEFAULTS)
+    run_data = run_data_from_args(args)
     at_steps = _int_list(args.at_steps, "--at-steps") if args.at_steps is not None else None
     num_hosts, host_index = _hosts(args)
     written = run_count(run_data, spec, args.out, start=args.start, stop=args.stop,

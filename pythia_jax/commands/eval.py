@@ -35,7 +35,7 @@ the same --out skips results already there. Per-example outputs go to --details-
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from pythia_jax.commands.argtypes import dataset_prefix, nonneg_int, positive_int
+    from pythia_jax.commands.argtypes import dataset_prefix, nonneg_int, positive_int, seed
 
     parser.add_argument("--checkpoints", required=True,
                         help="checkpoint directory, folder of step<N>/ HF dirs, or one HF directory")
@@ -78,12 +78,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--mem-seq-len", type=positive_int, default=None, help="training sequence length")
     g.add_argument("--mem-rows-per-step", type=positive_int, default=None,
                    help="training rows per step (global batch)")
-    g.add_argument("--mem-order-seed", type=nonneg_int, default=None, help="GPT-NeoX order seed")
+    g.add_argument("--mem-order-seed", type=seed, default=None, help="GPT-NeoX order seed")
     g.add_argument("--mem-train-iters", type=positive_int, default=None,
                    help="training steps the GPT-NeoX index maps were built for")
     g.add_argument("--mem-sample", type=positive_int, default=None,
                    help="score a random sample of this many seen rows (default: every seen row)")
-    g.add_argument("--mem-seed", type=nonneg_int, default=0, help="seed of the --mem-sample draw")
+    g.add_argument("--mem-seed", type=seed, default=0, help="seed of the --mem-sample draw")
     g.add_argument("--mem-chunk-rows", type=positive_int, default=65536, help="rows per resumable part file")
     g.add_argument("--num-hosts", type=positive_int, default=1, help="hosts splitting the memorization chunks")
     g.add_argument("--host-index", type=nonneg_int, default=0, help="this host's index in [0, --num-hosts)")

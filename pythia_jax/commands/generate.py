@@ -8,7 +8,7 @@ HELP = "generate text from a model (HF directory or pythia-jax checkpoint) with 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from pythia_jax.commands.argtypes import nonneg_float, nonneg_int, positive_int, probability
+    from pythia_jax.commands.argtypes import nonneg_float, nonneg_int, positive_int, probability, seed
 
     parser.add_argument("model", help="HF model directory, folder of step<N>/ HF revisions, or checkpoint dir")
     parser.add_argument("--step", type=nonneg_int, default=None,
@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=nonneg_float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-k", type=nonneg_int, default=0, help="keep the k most likely tokens (0 = off)")
     parser.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling mass (1 = off)")
-    parser.add_argument("--seed", type=nonneg_int, default=0, help="sampling seed")
+    parser.add_argument("--seed", type=seed, default=0, help="sampling seed")
     parser.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-document token")
 
 

@@ -18,14 +18,14 @@ Example:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from pythia_jax.commands.argtypes import dataset_prefix, nonneg_int, positive_int
+    from pythia_jax.commands.argtypes import dataset_prefix, positive_int, seed
 
     parser.add_argument("--data", required=True, type=dataset_prefix,
                         help="raw dataset prefix (without .bin/.idx); 'demo' = the bundled demo data")
     parser.add_argument("--out", required=True, help="output prefix (writes OUT.idx and OUT.bin or its shards)")
     parser.add_argument("--seq-len", type=positive_int, default=2048, help="tokens per row (each row holds seq_len+1)")
     parser.add_argument("--batch-size", type=positive_int, default=1024, help="global batch (rows per step)")
-    parser.add_argument("--seed", type=nonneg_int, default=1234, help="GPT-NeoX order seed")
+    parser.add_argument("--seed", type=seed, default=1234, help="GPT-NeoX order seed")
     parser.add_argument("--train-iters", type=positive_int, default=143000,
                         help="training steps the GPT-NeoX maps are built for")
     parser.add_argument("--rows", type=positive_int, default=None,

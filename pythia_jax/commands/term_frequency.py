@@ -6,8 +6,10 @@ import argparse
 
 HELP = "plot arithmetic accuracy against operand counts seen by each checkpoint; frequency-gap table"
 DESCRIPTION = """\
-Joins a numeral count table ('pythia-jax count --preset numerals --at-steps <checkpoint steps>')
-with the per-item arithmetic results of 'pythia-jax eval --tasks arithmetic' (its --details-dir):
+Joins a numeral count table ('pythia-jax count --preset numerals --numeral-max 99 --at-steps
+<checkpoint steps>', counted from step 0) with the per-item arithmetic results of 'pythia-jax eval
+--tasks arithmetic' (its --details-dir). A table whose windows do not start at step 0, leave gaps,
+or do not list an operand (e.g. a smaller --numeral-max) is refused:
 
   --out PLOT.png   k-shot accuracy (--shots, default 16) against the count of the first operand
                    up to each checkpoint, in --bins log-spaced count bins (default 20, over
@@ -51,6 +53,11 @@ def run(args: argparse.Namespace) -> int:
     for path in (args.out, args.table):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise PythiaJaxError(f"{path}: its folder does not exist")
+    from pythia_jax.io_utils import atomic_files, check_output_file
+
+    check_output_file(args.out, "png", inputs=[args.counts, args.details_dir])
+    if args.table:
+        check_output_file(args.table, "gap_table", inputs=[args.counts, args.details_dir, args.out])
     try:
         table_shots = [int(k) for k in args.table_shots.split(",") if k.strip()]
         count_range = tuple(float(x) for x in args.count_range.split(",")) if args.count_range else None
@@ -71,11 +78,9 @@ def run(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r['operation']:<10}{r['step']:>10}{r['k']:>4}{r['gap']:>9.2f}")
     if args.table:
-        tmp = args.table + ".tmp"
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
+        with atomic_files(args.table) as (tmp,), open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.DictWriter(f, fieldnames=("operation", "step", "k", "gap"))
             w.writeheader()
             w.writerows(rows)
-        os.replace(tmp, args.table)
         print(f"wrote {args.table}")
     return 0

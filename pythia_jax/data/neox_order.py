@@ -325,6 +325,17 @@ def check_index_map_plan(plan: IndexMapPlan, *, data_prefix: str, cache_path: st
         f"(GB, e.g. {max(1, math.ceil(total / 1e9) + 1)})" + (" and free disk space" if no_room else ""))
 
 
+MAX_SEED = 2**32 - 1  # numpy.random.RandomState's seed range (the shuffles of build_index_maps)
+
+
+def check_seed(seed, what: str = "seed") -> int:
+    """``seed`` as an int, or ``DataError`` (one line naming ``what`` and the range) unless it is
+    an integer in [0, 2**32 - 1], the seeds ``numpy.random.RandomState`` (GPT-NeoX's shuffles) takes."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) <= MAX_SEED:
+        raise DataError(f"{what} {seed!r}: expected an integer in [0, 2**32 - 1] = [0, {MAX_SEED}]")
+    return int(seed)
+
+
 def build_index_maps(sizes: np.ndarray, num_samples: int, seq_len: int, seed: int,
                      *, verbose: bool = False) -> IndexMaps:
     """Build the three maps for items ``0..N-1`` of ``sizes`` (int32/int64 [N]).
@@ -337,7 +348,7 @@ def build_index_maps(sizes: np.ndarray, num_samples: int, seq_len: int, seed: in
     logger.log(level, "building GPT-NeoX index maps: %s items, %s tokens/epoch, %s epoch(s), %s "
                "samples, %s", f"{plan.num_items:,}", f"{plan.tokens_per_epoch:,}",
                f"{plan.num_epochs:,}", f"{plan.num_samples:,}", _gb(plan.total_bytes))
-    rng = np.random.RandomState(seed=seed)
+    rng = np.random.RandomState(seed=check_seed(seed))
     t0 = time.time()
     doc_idx = build_doc_idx(len(sizes), plan.num_epochs, rng)
     t1 = time.time()

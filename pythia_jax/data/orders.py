@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from pythia_jax.data.indexed import IndexedDataset
-from pythia_jax.data.neox_order import IndexMaps, load_or_build_index_maps, neox_num_samples
+from pythia_jax.data.neox_order import IndexMaps, check_seed, load_or_build_index_maps, neox_num_samples
 from pythia_jax.errors import DataError
 
 ORDERS = ("preshuffled", "neox", "sequential")
@@ -188,7 +188,10 @@ class SequentialOrder(Order):
 def open_order(data_prefix: str | IndexedDataset, order: str, *, seq_len: int, seed: int = 1234,
                train_iters: int = 143000, global_batch: int = 1024, num_samples: int | None = None,
                cache: bool = True, cache_prefix: str | None = None, verbose: bool = False) -> Order:
-    """Open ``data_prefix`` with the order named ``order`` (``preshuffled``, ``neox``, ``sequential``)."""
+    """Open ``data_prefix`` with the order named ``order`` (``preshuffled``, ``neox``, ``sequential``).
+    A ``neox`` seed outside [0, 2**32 - 1] is refused (``neox_order.check_seed``, ``DataError``)."""
+    if order == "neox":
+        seed = check_seed(seed, "the GPT-NeoX order seed")
     dataset = data_prefix if isinstance(data_prefix, IndexedDataset) else IndexedDataset(data_prefix)
     if order == "preshuffled":
         return PreshuffledOrder(dataset, seq_len)

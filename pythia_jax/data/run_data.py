@@ -12,10 +12,11 @@ rows the run never saw.
 ``pythia_jax.checkpoint.read_run_data(dir, step)`` takes them from the record every checkpoint
 of this project holds (``RunData.from_record``); explicit values that disagree are refused
 (``checked_against``: ``RunDataMismatch``, one line naming the setting, the recorded and the
-given value). ``RunData.from_flags(...)`` is for weights without a record (HF revisions,
-converted checkpoints): then every setting that decides the rows must be given, none is
-defaulted. ``pythia_jax.checkpoint.resolve_run_data(checkpoints, step, **flags)`` picks between
-the two.
+given value), the row transform's name, parameters and step window (``TRANSFORM_SETTINGS``)
+included. A recorded run also bounds the steps that may be read (``check_steps``).
+``RunData.from_flags(...)`` is for weights without a record (HF revisions, converted
+checkpoints): then every setting that decides the rows must be given, none is defaulted.
+``pythia_jax.checkpoint.resolve_run_data(checkpoints, step, **flags)`` picks between the two.
 
 Step ``n`` of a run trained on rows ``[n·global_batch, (n+1)·global_batch)`` of the order, so a
 checkpoint saved after ``s`` steps has seen rows ``[0, s·global_batch)`` (``rows_seen``).
@@ -24,6 +25,7 @@ checkpoint saved after ``s`` steps has seen rows ``[0, s·global_batch)`` (``row
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from typing import Any
@@ -39,6 +41,9 @@ ROW_ORDERS = ("preshuffled", "neox")
 # The settings that decide a run's rows, by the name ``from_flags`` / ``from_checkpoints`` take.
 SETTINGS = ("data", "order", "seq_len", "global_batch", "seed", "train_iters")
 NEOX_ONLY = ("seed", "train_iters")  # the pre-shuffled rows do not depend on these
+# The row transform, by the name ``from_flags`` / ``checked_against`` take: its name, its parameters
+# (a dict) and the steps [start, stop) it applies to (None: every step).
+TRANSFORM_SETTINGS = ("transform", "transform_params", "transform_steps")
 
 
 class RunDataError(DataError):
@@ -80,11 +85,15 @@ class RunData:
     def from_flags(cls, *, data: str | None = None, order: str | None = None,
                    seq_len: int | None = None, global_batch: int | None = None,
                    seed: int | None = None, train_iters: int | None = None,
+                   transform: str | None = None, transform_params: dict | None = None,
+                   transform_steps: Any = None,
                    cache_prefix: str | None = None, what: str | dict = "") -> "RunData":
         """Settings given explicitly (weights without a run record). Every setting that decides
         the rows is required: data, order, seq_len, global_batch, and for ``neox`` also seed and
-        train_iters. ``what`` names the flags in messages: a dict setting -> flag name, or a
-        prefix (``"--mem-"`` gives ``--mem-seq-len``; default ``--seq-len``).
+        train_iters. ``transform`` (with ``transform_params`` and ``transform_steps``, which
+        need it) is the row transform the rows were trained with (None: rows as stored).
+        ``what`` names the flags in messages: a dict setting -> flag name, or a prefix
+        (``"--mem-"`` gives ``--mem-seq-len``; default ``--seq-len``).
         Raises ``RunDataError`` naming every missing setting."""
         given = dict(data=data, order=order, seq_len=seq_len, global_batch=global_batch, seed=seed,
                      train_iters=train_iters)
@@ -97,10 +106,11 @@ class RunData:
                 f"{', '.join(flag_name(k, what) for k in missing)}")
         if order not in ROW_ORDERS:
             raise RunDataError(f"data order {order!r}: expected one of {', '.join(ROW_ORDERS)}")
+        record = _transform_record(transform, transform_params, transform_steps, train_iters, what)
         run = cls(data=str(data), order=order, seq_len=int(seq_len), global_batch=int(global_batch),
                   seed=None if seed is None else int(seed),
                   train_iters=None if train_iters is None else int(train_iters),
-                  cache_prefix=cache_prefix, origin="flags")
+                  transform=record, cache_prefix=cache_prefix, origin="flags")
         run.check()
         return run
 
@@ -129,6 +139,12 @@ class RunData:
         return run
 
     # ------------------------------------------------------------------------------ checks
+    @property
+    def recorded(self) -> bool:
+        """Whether the settings come from a run's record (not from flags): then the run's
+        ``train_iters`` is the number of steps it trained."""
+        return self.origin != "flags"
+
     def check(self) -> None:
         if self.order not in ROW_ORDERS:
             raise RunDataError(f"data order {self.order!r}: expected one of {', '.join(ROW_ORDERS)}")
@@ -138,9 +154,19 @@ class RunData:
             raise RunDataError("the GPT-NeoX order needs its seed and train_iters (the steps its index "
                                "maps were built for)")
 
+    def check_steps(self, start: int, stop: int, what: str | None = None) -> None:
+        """``RunDataError`` when steps ``[start, stop)`` reach beyond a recorded run's
+        ``train_iters`` steps (rows it never trained on). ``what`` describes the steps in the
+        message (default ``steps [start, stop)``). Settings from flags are not bounded here."""
+        if self.recorded and self.train_iters is not None and stop > self.train_iters:
+            raise RunDataError(f"{what or f'steps [{start}, {stop})'}: the run has {self.train_iters} steps "
+                               f"(0..{self.train_iters - 1})")
+
     def checked_against(self, explicit: dict, *, what: str | dict = "") -> "RunData":
-        """``self`` after checking each explicitly given setting (None = not given) against it;
-        a moved copy of the source (same documents and tokens) replaces the recorded prefix."""
+        """``self`` after checking each explicitly given setting (None = not given) against it,
+        the transform's (``TRANSFORM_SETTINGS``) included; a moved copy of the source (same
+        documents and tokens) replaces the recorded prefix."""
+        self._check_transform(explicit, what)
         run = self
         for key in SETTINGS:
             given = explicit.get(key)
@@ -157,6 +183,36 @@ class RunData:
                     f"{flag_name(key, what)} {given} disagrees with {self.origin}: {key} = {recorded}; "
                     f"drop the flag (the run's value is used) or evaluate the run it belongs to")
         return run
+
+    def _check_transform(self, explicit: dict, what: str | dict) -> None:
+        """``RunDataMismatch`` unless each given transform setting equals the recorded one."""
+        name, params, steps = (explicit.get(k) for k in TRANSFORM_SETTINGS)
+        if name is None and not params and steps is None:
+            return
+        from pythia_jax.data.transforms import TransformSpec
+
+        rec = TransformSpec.from_dict(self.transform)
+
+        def refuse(key: str, given: str, recorded: str) -> None:
+            raise RunDataMismatch(f"{flag_name(key, what)} {given} disagrees with {self.origin}: {key} = "
+                                  f"{recorded}; drop the flag (the run's value is used) or read the run "
+                                  "it belongs to")
+
+        if name is not None and (rec is None or str(name) != rec.name):
+            refuse("transform", str(name), "none" if rec is None else rec.name)
+        if params:
+            recorded = dict(rec.params) if rec is not None else {}
+            given = dict(TransformSpec.create(rec.name if rec else str(name), params).params)
+            for key, value in sorted(given.items()):
+                if rec is None or key not in recorded or recorded[key] != value:
+                    refuse("transform_params", f"{key}={_text(value)}",
+                           "none (no transform)" if rec is None else _params_text(recorded))
+        if steps is not None:
+            given_steps = tuple(int(x) for x in steps)
+            if rec is None or rec.steps != given_steps:
+                refuse("transform_steps", ",".join(map(str, given_steps)),
+                       "none (no transform)" if rec is None else
+                       "every step" if rec.steps is None else ",".join(map(str, rec.steps)))
 
     def _with_source(self, given: str, what: str) -> "RunData":
         mine, theirs = _abs(self.prefix()), _abs(_resolve_prefix(given))
@@ -276,6 +332,32 @@ def flag_name(key: str, what: str | dict = "") -> str:
     if isinstance(what, dict):
         return what.get(key, key)
     return (what or "--") + key.replace("_", "-")
+
+
+def _transform_record(name: str | None, params: dict | None, steps: Any, train_iters: int | None,
+                      what: str | dict) -> dict | None:
+    """The transform record (``TransformSpec.to_dict``) of explicit settings, or None."""
+    if name is None:
+        given = [k for k, v in (("transform_params", params), ("transform_steps", steps)) if v]
+        if given:
+            raise RunDataError(f"{', '.join(flag_name(k, what) for k in given)} need "
+                               f"{flag_name('transform', what)} (the transform they belong to)")
+        return None
+    from pythia_jax.data.transforms import TransformSpec
+
+    spec = TransformSpec.create(str(name), params, steps)
+    if train_iters is not None:
+        spec.check_within(int(train_iters))
+    spec.build()  # an unknown name or bad parameters fail here, before any rows are read
+    return spec.to_dict()
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _params_text(params: dict) -> str:
+    return ",".join(f"{k}={_text(v)}" for k, v in sorted(params.items())) or "none"
 
 
 def _resolve_prefix(data: str) -> str:

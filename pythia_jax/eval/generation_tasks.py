@@ -10,7 +10,6 @@ writing each item's output to ``details`` (JSON lines) when given.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -44,11 +43,11 @@ def run(generator: Any, tokenizer: Any, step: int, task: Any, details: Path | No
     else:
         res = triviaqa.evaluate_triviaqa(generator, tokenizer, task)
         metric = "exact_match"
-    if details is not None:
-        tmp = details.with_name(details.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
+    if details is not None:  # a hidden temporary sibling, renamed into place (removed on failure)
+        from pythia_jax.io_utils import atomic_files
+
+        with atomic_files(details) as (tmp,), open(tmp, "w", encoding="utf-8") as f:
             for r in res.per_item:
                 f.write(json.dumps({"step": int(step), **r}) + "\n")
-        os.replace(tmp, details)
     return [{"step": int(step), "task": task.name, "metric": metric, "value": res.accuracy,
              "stderr": res.stderr, "num_examples": len(res.per_item)}]

@@ -238,10 +238,9 @@ def _claim_manifest(folder: str, manifest: dict) -> None:
                 f"{manifest.get(k)} now); use another --details-dir or remove that folder")
         return
     os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(tmp, path)
+    from pythia_jax.io_utils import write_text_atomic
+
+    write_text_atomic(path, json.dumps(manifest, indent=1))
 
 
 def _chunk_ok(folder: str, chunk: int, rows: np.ndarray) -> bool:

@@ -52,7 +52,13 @@ KIND_NAMES = {
     "png": "a PNG image",
     "table": "a results table (.jsonl/.csv)",
     "memorization_report": "a memorization-report folder (report.txt, report.json, PNGs)",
+    "count": "a count table (.jsonl/.csv of 'pythia-jax count', its locations or a host shard)",
+    "gap_table": "a frequency-gap table (.csv of 'pythia-jax term-frequency')",
+    "report": "an audit report (.json of 'pythia-jax audit')",
 }
+# The first line of the tables of 'pythia-jax count' (and their locations) and 'term-frequency'.
+_COUNT_COLUMNS = ({"window_start", "window_end", "term", "variant"}, {"term", "variant", "step", "row_in_step"})
+_GAP_HEADER = "operation,step,k,gap"
 _NPY_MAGIC = b"\x93NUMPY"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _IDX_MAGIC = b"MMIDIDX\x00\x00"
@@ -84,7 +90,8 @@ def _head(path: Path, n: int) -> bytes:
 def path_kind(path: str | os.PathLike) -> str | None:
     """What an existing path looks like: None (absent), ``"empty"`` (an empty folder), one of
     ``KIND_NAMES`` (``"hf"``, ``"checkpoint"``, ``"neox"``, ``"steps"``, ``"npy"``, ``"png"``,
-    ``"table"``, ``"dataset"`` for an ``.idx`` file, ``"memorization_report"``), ``"run"`` (a training run directory:
+    ``"table"``, ``"dataset"`` for an ``.idx`` file, ``"count"``, ``"gap_table"``, ``"report"``,
+    ``"memorization_report"``), ``"run"`` (a training run directory:
     ``metrics.jsonl``, ``checkpoints/`` or ``tensorboard/``), ``"protected"`` (home, working
     folder, root or above them) or ``"other"``."""
     p = Path(os.path.expanduser(os.fspath(path)))
@@ -103,7 +110,7 @@ def path_kind(path: str | os.PathLike) -> str | None:
             return "dataset"
         if r.suffix in (".jsonl", ".csv") and (r.stat().st_size == 0 or _is_table(r)):
             return "table"
-        return "other"
+        return _own_file_kind(r, head)
     if not r.is_dir():
         return "other"
     entries = _list_dir(r)
@@ -142,6 +149,31 @@ def _is_table(path: Path) -> bool:
     except ValueError:
         return False
     return isinstance(row, dict) and {"step", "task", "metric", "value"} <= set(row)
+
+
+def _own_file_kind(path: Path, head: bytes) -> str:
+    """``"count"``, ``"gap_table"``, ``"report"`` for the files of those commands, else ``"other"``."""
+    if path.suffix == ".json":
+        if re.match(rb'\{\s*"manifest":', head):  # a count host shard (json.dumps, manifest first)
+            return "count"
+        if re.match(rb'\{\s*"directory":', head):  # an audit report (write_report_json)
+            return "report"
+        return "other"
+    if path.suffix not in (".jsonl", ".csv"):
+        return "other"
+    text = _head(path, 4096).decode("utf-8", "replace")
+    first = text.splitlines()[0] if text else ""
+    if path.suffix == ".csv":
+        if first == _GAP_HEADER:
+            return "gap_table"
+        columns = set(first.split(","))
+    else:
+        try:
+            row = json.loads(first)
+        except ValueError:
+            return "other"
+        columns = set(row) if isinstance(row, dict) else set()
+    return "count" if any(c <= columns for c in _COUNT_COLUMNS) else "other"
 
 
 def _protected() -> list[Path]:
@@ -337,12 +369,19 @@ def publish(pairs: Sequence[tuple[str | os.PathLike, str | os.PathLike]]) -> Non
 
     Existing finals are first set aside (``.NAME.old-…``), then every temporary is renamed in,
     then the old copies are removed. An exception at any point puts the old copies back and
-    removes the temporaries, so the previous outputs stay intact. Modes get the user's umask.
+    removes the temporaries, so the previous outputs stay intact. A final that is a folder
+    where the temporary is a file (or the other way round) is refused (``PythiaJaxError``)
+    before anything is renamed. Modes get the user's umask.
     """
     pairs = [(Path(t), Path(f).expanduser().absolute()) for t, f in pairs]
     moved: list[tuple[Path, Path]] = []  # (final, old copy)
     done: list[Path] = []
     try:
+        for tmp, final in pairs:  # a file never replaces a folder (nor a folder a file)
+            if (final.is_dir() and not final.is_symlink()) != tmp.is_dir() and final.exists():
+                what = "a folder" if final.is_dir() else "a file"
+                raise PythiaJaxError(f"output {final} is {what}; refusing to replace it with "
+                                     f"{'a folder' if tmp.is_dir() else 'a file'}: choose another output path")
         for tmp, _ in pairs:
             _chmod_published(tmp)
         for _, final in pairs:

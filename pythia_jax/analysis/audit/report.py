@@ -184,11 +184,12 @@ def _some(items: Sequence[str], n: int = 4) -> str:
 
 
 def write_report_json(report: AuditReport, out: str | os.PathLike, tensors: bool = True) -> str:
-    """Write ``report.to_json()`` to ``out`` (written aside, then renamed)."""
+    """Write ``report.to_json()`` to ``out`` through a hidden temporary sibling and a rename
+    (``io_utils.write_text_atomic``; the temporary is removed on any failure). An existing ``out``
+    that is not an audit report (a folder, any other file) is refused (``PythiaJaxError``)."""
+    from pythia_jax.io_utils import check_output_file, write_text_atomic
+
     out = os.fspath(out)
-    tmp = out + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(report.to_json(tensors=tensors), f, indent=1)
-        f.write("\n")
-    os.replace(tmp, out)
+    check_output_file(out, "report")
+    write_text_atomic(out, json.dumps(report.to_json(tensors=tensors), indent=1) + "\n")
     return out

@@ -59,6 +59,7 @@ from pythia_jax.data.count.files import (
     _render,
     _table_rows,
     assemble,
+    check_count_outputs,
     locations_path,
     make_manifest,
     merge_shards,

@@ -175,6 +175,7 @@ def compile_regex(pattern: str) -> re.Pattern:
 # An integer: 1-5 digits, not part of a longer number, a word ("5th"), a decimal ("3.14") or a
 # digit group ("1,000").
 INTEGER_RE = re.compile(r"(?<![\w.,])\d{1,5}(?!\w|[.,]\d)")
+MAX_NUMERAL = 99_999  # the largest integer INTEGER_RE matches
 WORD_START_RE = re.compile(r"(?<=\s)\S")  # where a word (a run of \S) begins
 
 
@@ -190,7 +191,9 @@ class NumeralCounter:
     when another integer occurrence is ``min_gap``..``max_gap`` (default 1..3) words away; each
     unordered pair of integer occurrences that far apart counts once for the pair (variant
     ``numeral_pair``, term ``"a b"`` with a <= b). ``numeral_max`` limits which values are
-    reported (pairs: both values); neighbours are any integers.
+    reported (pairs: both values); neighbours are any integers. With ``numeral_max`` every
+    number 0..numeral_max is listed in every window, zeros included (``keys``), so a table says
+    which numbers were counted (``pythia_jax.analysis.term_frequency`` refuses unlisted ones).
     """
 
     offset_unit = "char"
@@ -199,7 +202,8 @@ class NumeralCounter:
     def __init__(self, numeral_max: int | None = None, min_gap: int = 1, max_gap: int = 3):
         self.numeral_max = numeral_max
         self.min_gap, self.max_gap = min_gap, max_gap
-        self.keys: list[Key] = []
+        top = None if numeral_max is None else min(numeral_max, MAX_NUMERAL)
+        self.keys: list[Key] = [] if top is None else [(str(v), "numeral") for v in range(top + 1)]
 
     def _occurrences(self, text: str):
         """(value [k], char offset [k], word index [k] relative to the first) of the integers in

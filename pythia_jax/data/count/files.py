@@ -21,7 +21,7 @@ from pythia_jax.data.count.spec import (
     CountSpec,
 )
 from pythia_jax.data.run_data import RunData
-from pythia_jax.io_utils import write_text_atomic
+from pythia_jax.io_utils import atomic_files
 
 # --------------------------------------------------------------------------- files
 
@@ -31,6 +31,28 @@ def output_format(path: str) -> str:
         if path.endswith(ext):
             return ext[1:]
     raise CountError(f"--out {path}: expected a .jsonl or .csv file name")
+
+
+def check_count_outputs(out: str, *, locate: bool, resume: bool, wdir: str | None = None,
+                        inputs=()) -> None:
+    """Before any counting: ``out`` (and ``locations_path(out)`` when ``locate``) may be written.
+
+    An existing ``out`` needs ``resume`` (then it is redone); an existing output that is not a
+    count table (a folder, any other file) is refused, and so is a ``wdir`` (default
+    ``work_dir(out)``, where finished windows are kept) that is not a folder. ``CountError`` /
+    ``PythiaJaxError``, one line naming the path."""
+    from pythia_jax.io_utils import check_output_file, describe_path
+
+    if os.path.exists(out) and not resume:
+        raise CountError(f"output {out} already exists; pass --resume to finish or redo it, or "
+                         "choose another --out")
+    check_output_file(out, "count", inputs=inputs)
+    if locate:
+        check_output_file(locations_path(out), "count", inputs=inputs)
+    wdir = work_dir(out) if wdir is None else wdir
+    if os.path.lexists(wdir) and not os.path.isdir(wdir):
+        raise CountError(f"{wdir} (where a count keeps its finished windows) is {describe_path(wdir)}, "
+                         "not a folder; remove it or choose another --out")
 
 
 def locations_path(out: str) -> str:
@@ -116,14 +138,19 @@ def _render(rows: Iterable[tuple], columns: Sequence[str], fmt: str) -> str:
 
 
 def assemble(manifest: dict, results: dict, out: str) -> dict[str, str]:
-    """Write the table (and the locations table when locating) atomically; return their paths."""
+    """Write the table (and the locations table when locating) and publish them together
+    (``io_utils.atomic_files``: both or, on any failure or interruption, neither); return their
+    paths."""
     fmt = output_format(out)
     written = {"table": out}
+    texts = [_render(_table_rows(manifest, results), TABLE_COLUMNS, fmt)]
     if manifest["count"]["locate"]:
-        loc = locations_path(out)
-        write_text_atomic(loc, _render(_location_rows(manifest, results), LOCATION_COLUMNS, fmt))
-        written["locations"] = loc
-    write_text_atomic(out, _render(_table_rows(manifest, results), TABLE_COLUMNS, fmt))
+        written["locations"] = locations_path(out)
+        texts.append(_render(_location_rows(manifest, results), LOCATION_COLUMNS, fmt))
+    with atomic_files(*written.values()) as temps:
+        for tmp, text in zip(temps, texts):
+            with open(tmp, "w", encoding="utf-8", newline="") as f:
+                f.write(text)
     return written
 
 
@@ -148,11 +175,14 @@ def merge_shards(paths: Sequence[str], out: str, *, overwrite: bool = False) -> 
     Raises ``CountError`` when the shards describe different counts, a window is missing (naming
     the host that should have it) or present twice, or ``out`` exists (unless ``overwrite``).
     """
+    from pythia_jax.io_utils import check_output_file
+
     output_format(out)
     if not paths:
         raise CountError("no shard files given; expected the OUT.host-*-of-*.json files of every host")
     if os.path.exists(out) and not overwrite:
         raise CountError(f"output {out} already exists; pass --overwrite or choose another --out")
+    check_output_file(out, "count", inputs=paths)
     manifest, results, hosts = None, {}, {}
     for path in paths:
         try:
@@ -175,6 +205,8 @@ def merge_shards(paths: Sequence[str], out: str, *, overwrite: bool = False) -> 
                 raise CountError(f"{path}: window [{w[0]}, {w[1]}) is also in another shard; give "
                                  "each host's shard once")
             results[w] = r
+    if manifest["count"]["locate"]:
+        check_output_file(locations_path(out), "count", inputs=paths)
     windows = [tuple(w) for w in manifest["windows"]]
     missing = [k for k, w in enumerate(windows) if w not in results]
     if missing:

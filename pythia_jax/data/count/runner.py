@@ -17,6 +17,7 @@ from pythia_jax.data.count.files import (
     _manifest_difference,
     _part_name,
     assemble,
+    check_count_outputs,
     make_manifest,
     output_format,
     shard_path,
@@ -88,7 +89,9 @@ def run_count(run: RunData, spec: CountSpec, out: str, *, start: int = 0, stop: 
     """Count ``spec`` over the training rows of steps [start, stop) of ``run``, by window.
 
     stop: None = every full step the order has for training (``min(train_iters, rows // B)`` for
-    ``neox``; ``rows // B`` for ``preshuffled``). Writes the table to ``out`` (``.jsonl``/``.csv``)
+    ``neox`` and for a run's recorded settings; ``rows // B`` for ``preshuffled`` from flags).
+    Steps beyond a recorded run's ``train_iters`` are refused (``RunData.check_steps``).
+    Writes the table to ``out`` (``.jsonl``/``.csv``)
     with one host, or this host's shard (``shard_path``) with ``num_hosts > 1``; returns the
     paths written. All input is checked before anything is written; ``CountError`` (or
     ``DataError`` from the data) otherwise. Finished windows are kept in ``work_dir(out)`` until
@@ -100,15 +103,16 @@ def run_count(run: RunData, spec: CountSpec, out: str, *, start: int = 0, stop: 
     if workers < 1:
         raise CountError(f"--workers {workers}: expected >= 1")
     final = out if num_hosts == 1 else shard_path(out, num_hosts, host_index)
-    if os.path.exists(final) and not resume:
-        raise CountError(f"output {final} already exists; pass --resume to finish or redo it, or "
-                         "choose another --out")
+    check_count_outputs(final, locate=spec.locate and num_hosts == 1, resume=resume, wdir=work_dir(out))
     counters = build_counters(spec)
+    if stop is not None or at_steps:  # a recorded run: no steps beyond the ones it trained
+        asked = stop if stop is not None else max(at_steps)
+        run.check_steps(start, asked, f"steps [{start}, {asked})")
     order = run.open()
     have = steps_available(order, run.global_batch)
     if stop is None:
-        stop = max(at_steps) if at_steps else (
-            min(run.train_iters, have) if run.order == "neox" else have)
+        trained = run.train_iters is not None and (run.order == "neox" or run.recorded)
+        stop = max(at_steps) if at_steps else min(run.train_iters, have) if trained else have
     if stop > have:
         raise CountError(f"{order.name}: steps [{start}, {stop}) need rows up to "
                          f"{stop * run.global_batch:,}, the {run.order} order has {len(order):,} "
