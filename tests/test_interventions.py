@@ -147,6 +147,7 @@ def test_bad_branches_and_transforms_are_one_line_errors(baseline, tmp_path):
         f"cannot branch from {out / 'checkpoints'}/4: TrainConfig.global_batch is 4 in the checkpoint but 8 now "
         "(it changes which rows every step reads). A branch continues the source's rows and model (only the "
         "row transform may change): use TrainConfig.global_batch = 4")
+    assert not (tmp_path / "d").exists()  # the failed start left nothing behind
 
 
 def test_resuming_a_branch_keeps_its_start_record(baseline, tmp_path, compile_cache):

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 from pythia_jax import checkpoint as C
-from pythia_jax.config import ModelConfig
+from pythia_jax.config import ConfigError, ModelConfig
+from pythia_jax.errors import PythiaJaxError
 from pythia_jax.train import builder, loop, run_lock
 from pythia_jax.train.config import DataConfig, MeshConfig, OptimizerConfig, TrainConfig
 from pythia_jax.train.metrics import MetricsLog
@@ -242,6 +243,63 @@ def test_a_branch_refusal_says_how_to_branch_not_to_use_another_output_dir(tmp_p
         assert message.startswith(start) and "output_dir" not in message and "resume" not in message, message
     assert message.endswith("Set TrainConfig.allow_schedule_change = True to branch with the new schedule, "
                             "or use the source's values")
+
+
+# ------------------------------------------------------------------ what a start may write into
+def _hf_dir(path):
+    path.mkdir(parents=True)
+    (path / "config.json").write_text("{}")
+    (path / "model.safetensors").write_bytes(b"")
+    return path
+
+
+def _file(path, text="x"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("make, what", [
+    (lambda p: _hf_dir(p / "run" / "hf"), "an HF model directory (config.json + weights)"),
+    (lambda p: _file(p / "notes" / "a.txt").parent, "a folder of 1 other entries (a.txt)"),
+    (lambda p: _file(p / "f.txt"), "an unrelated file"),
+])
+def test_an_output_dir_that_is_not_a_run_is_refused(tmp_path, monkeypatch, make, what):
+    out = make(tmp_path)
+    before = sorted(os.listdir(out)) if out.is_dir() else out.read_text()
+    _no_build(monkeypatch)
+    with pytest.raises(ConfigError) as info:
+        loop.train(run_cfg(out), devices=jax.devices()[:1])
+    assert str(info.value) == (
+        f"TrainConfig.output_dir {out} is {what}, not a training run's folder: a run writes its checkpoints/, "
+        "metrics.jsonl and tensorboard/ there; choose a new folder (or an existing run's output_dir to resume it)")
+    assert (sorted(os.listdir(out)) if out.is_dir() else out.read_text()) == before
+    # what an earlier start leaves (its index maps, a stale lock) is a run's: accepted
+    leftovers = tmp_path / "left"
+    (leftovers / "index_maps").mkdir(parents=True)
+    (leftovers / "train.lock").write_text("")
+    with pytest.raises(AssertionError, match="compiled"):  # got past the check, up to the build
+        loop.train(run_cfg(leftovers), devices=jax.devices()[:1])
+
+
+@pytest.mark.parametrize("change", ["no init_from", "no such step", "no dataset", "mesh"])
+def test_a_failed_start_leaves_its_output_dir_as_it_was(stopped_run, tmp_path, compile_cache, change):
+    """A new output_dir (and its new parents) is removed, an existing one loses only what the
+    failed start created; an existing run is never touched (test_resume_with_a_changed_setting…)."""
+    kw = {"no init_from": dict(init_from=str(tmp_path / "missing"), start_step=2),
+          "no such step": dict(init_from=str(stopped_run), start_step=1),
+          "no dataset": dict(data=DataConfig(prefix=str(tmp_path / "missing"))),
+          "mesh": dict(mesh=MeshConfig(data=2))}[change]
+    new = tmp_path / "new" / "run"
+    with pytest.raises(PythiaJaxError):
+        loop.train(run_cfg(new, **kw), devices=jax.devices()[:1])
+    assert not (tmp_path / "new").exists()
+    existing = tmp_path / "empty"
+    existing.mkdir()
+    (existing / ".keep").write_text("")
+    with pytest.raises(PythiaJaxError):
+        loop.train(run_cfg(existing, **kw), devices=jax.devices()[:1])
+    assert os.listdir(existing) == [".keep"]
 
 
 # ------------------------------------------------------------------ item 5: the lock
