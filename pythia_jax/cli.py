@@ -162,7 +162,8 @@ def _run(module, args: argparse.Namespace) -> int:
             print(f"pythia-jax {args.command}: interrupted", file=sys.stderr)
             return 130
         except (PythiaJaxError, ConfigError) as e:
-            print(f"pythia-jax {args.command}: error: {one_line(str(e), limit=2000)}", file=sys.stderr)
+            print(f"pythia-jax {args.command}: error: {one_line(without_gin_context(str(e)), limit=2000)}",
+                  file=sys.stderr)
             return 2
         except Exception as e:  # noqa: BLE001 - only OS-level failures are reported here
             message = describe_os_failure(e, args)
@@ -238,6 +239,17 @@ def _published_name(path) -> str:
         if m:
             return os.path.join(head, m.group("name"))
     return path
+
+
+# What gin appends to an exception raised inside a configurable (gin/config.py, once per
+# enclosing call): "\n  In call to configurable 'TrainConfig' (<class '...'>)[ in scope 'x']".
+_GIN_CONTEXT = re.compile(r"\s*In call to configurable '[^']*' \(<[^>]*>\)(?: in scope '[^']*')?")
+
+
+def without_gin_context(text: str) -> str:
+    """``text`` without the lines gin appends to an error raised inside a configurable: the
+    one-line message names the setting already."""
+    return _GIN_CONTEXT.sub("", text)
 
 
 def one_line(text: str, limit: int = 400) -> str:

@@ -13,9 +13,13 @@ re-exported here).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
+import numbers
 import os
+import types
+import typing
 from typing import Any, Mapping, NamedTuple
 
 from pythia_jax.errors import ConfigError, ParamShapeError
@@ -44,6 +48,75 @@ INIT_METHODS = ("small_init", "wang_init", "normal", "scaled_normal")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash", "reference")
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+SEED_RANGE = (0, 2**32 - 1)  # numpy's RandomState (the data order) and the uint32 init key
+
+
+# ----------------------------------------------------------------- field types of the config classes
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "True or False", str: "a string",
+               tuple: "a tuple or list"}
+
+
+@functools.lru_cache(maxsize=None)
+def _field_types(cls: type) -> dict[str, tuple[tuple[type, ...], bool]]:
+    """``{field: (allowed types, None allowed)}`` of a dataclass, from its annotations; fields
+    annotated with anything else (``Any``, a callable …) are left out (not checked)."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        want = hints.get(f.name)
+        args = typing.get_args(want) if typing.get_origin(want) in (typing.Union, types.UnionType) else (want,)
+        optional = type(None) in args
+        kinds = tuple(typing.get_origin(a) or a for a in args if a is not type(None))
+        if kinds and all(isinstance(k, type) and (k in _TYPE_WORDS or dataclasses.is_dataclass(k))
+                         for k in kinds):
+            out[f.name] = (kinds, optional)
+    return out
+
+
+def _is_a(value: Any, kind: type) -> bool:
+    if kind is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if kind is tuple:
+        return isinstance(value, (tuple, list))
+    return isinstance(value, kind)
+
+
+def check_field_types(obj: Any) -> None:
+    """Raise ``ConfigError`` (one line: ``Class.field``, the type it takes, the value) for the first
+    field of the dataclass ``obj`` whose value is not of its annotated type, e.g. the gin binding
+    ``TrainConfig.num_steps = 'abc'``, before any check compares or computes with it.
+
+    ``int`` takes no bool or float; ``float`` takes an int; ``tuple`` takes a list; ``X | None``
+    takes None; a ``str`` field given an ``os.PathLike`` is stored as its string, an ``int`` field
+    given a numpy integer as an ``int`` (frozen dataclasses are updated in place). Fields
+    annotated otherwise (``Any``) are not checked.
+    """
+    cls = type(obj)
+    for name, (kinds, optional) in _field_types(cls).items():
+        value = getattr(obj, name)
+        if value is None and optional:
+            continue
+        if str in kinds and isinstance(value, os.PathLike):
+            object.__setattr__(obj, name, os.fspath(value))
+            continue
+        if int in kinds and _is_a(value, int) and type(value) is not int:  # numpy's: a JSON-able int
+            object.__setattr__(obj, name, int(value))
+            continue
+        if not any(_is_a(value, k) for k in kinds):
+            words = " or ".join([_TYPE_WORDS.get(k) or f"a {k.__name__}" for k in kinds]
+                                + (["None"] if optional else []))
+            raise ConfigError(f"{cls.__name__}.{name} must be {words}, got {value!r}")
+
+
+def check_seed(owner: str, value: int) -> None:
+    """Raise ``ConfigError`` unless ``value`` is an integer in ``SEED_RANGE``."""
+    lo, hi = SEED_RANGE
+    if not _is_a(value, int) or not lo <= value <= hi:
+        raise ConfigError(f"{owner} must be an integer in [{lo}, 2**32 - 1 = {hi}], got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +153,7 @@ class ModelConfig:
     loss_chunk: int = 0
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.intermediate_size == 0:
             object.__setattr__(self, "intermediate_size", 4 * self.hidden_size)
         self.validate()

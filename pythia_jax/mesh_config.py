@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from pythia_jax.config import check_field_types
+
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
@@ -25,3 +27,6 @@ class MeshConfig:
     fsdp: int = 1
     tensor: int = 1
     rules: tuple = ()
+
+    def __post_init__(self) -> None:
+        check_field_types(self)  # the sizes' ranges are checked by TrainConfig and sharding

@@ -196,6 +196,23 @@ def test_an_unquoted_gin_string_says_how_to_quote_it(capsys):
                      "--print_config"]) == 0
 
 
+@pytest.mark.parametrize("binding, message", [
+    ("--gin.TrainConfig.num_steps='abc'", "TrainConfig.num_steps must be an integer, got 'abc'"),
+    ("--gin.TrainConfig.num_steps=0", "TrainConfig.num_steps must be a positive integer, got 0"),
+    ("--gin.DataConfig.seed=4294967296",
+     "DataConfig.seed must be an integer in [0, 2**32 - 1 = 4294967295], got 4294967296"),
+])
+def test_a_bad_gin_value_is_one_line_without_gins_call_context(binding, message, capsys):
+    """Validated by the config class (no TypeError traceback), and printed without the
+    "In call to configurable 'TrainConfig' (<class …>)" that gin appends to the message."""
+    assert cli.main(["train", "--gin_file=configs/demo.gin", binding, "--print_config"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"pythia-jax train: error: {message}"]
+    assert cli.without_gin_context(
+        "x must be 1\n  In call to configurable 'DataConfig' (<class 'a.DataConfig'>) in scope 'eval'"
+        "\n  In call to configurable 'model_preset' (<function preset at 0x7f>)") == "x must be 1"
+
+
 # ------------------------------------------------------------------------- one-line failures
 def test_os_failures_name_the_path_reason_and_fix():
     args = argparse.Namespace(command="convert", output="/x/out")

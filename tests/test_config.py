@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from decimal import Decimal
+from pathlib import Path
 
 import gin
 import jax
@@ -320,3 +321,76 @@ def test_hf_keys_unknown_or_unused_are_logged(caplog):
         assert ModelConfig.from_hf_dict(hf) == CUSTOM
     text = caplog.text
     assert "my_new_field" in text and "hidden_dropout=0.1" in text
+
+
+# ------------------------------------------------------------------ field types and ranges
+@pytest.mark.parametrize("make, message", [
+    (lambda: _train(num_steps="abc"), "TrainConfig.num_steps must be an integer, got 'abc'"),
+    (lambda: _train(num_steps=1e5), "TrainConfig.num_steps must be an integer, got 100000.0"),
+    (lambda: _train(start_step="3"), "TrainConfig.start_step must be an integer, got '3'"),
+    (lambda: _train(tensorboard="no"), "TrainConfig.tensorboard must be True or False, got 'no'"),
+    (lambda: _train(keep_checkpoints="all"), "TrainConfig.keep_checkpoints must be an integer or None, got 'all'"),
+    (lambda: _train(init_from=3), "TrainConfig.init_from must be a string or None, got 3"),
+    (lambda: _train(seed=2**32), "TrainConfig.seed must be an integer in [0, 2**32 - 1 = 4294967295], got 4294967296"),
+    (lambda: _train(seed=-1), "TrainConfig.seed must be an integer in [0, 2**32 - 1 = 4294967295], got -1"),
+    (lambda: _train(num_steps=0), "TrainConfig.num_steps must be a positive integer, got 0"),
+    (lambda: _train(eval_batches=0), "TrainConfig.eval_batches must be a positive integer, got 0"),
+    (lambda: _train(keep_checkpoints=0), "TrainConfig.keep_checkpoints must be >= 1 or None (keep all), got 0"),
+    (lambda: _data(seed=4294967296),
+     "DataConfig.seed must be an integer in [0, 2**32 - 1 = 4294967295], got 4294967296"),
+    (lambda: _data(seed="1234"), "DataConfig.seed must be an integer, got '1234'"),
+    (lambda: _data(prefix=None), "DataConfig.prefix must be a string, got None"),
+    (lambda: _data(order="random"), "DataConfig.order must be 'neox' or 'preshuffled', got 'random'"),
+    (lambda: _data(num_threads=-1), "DataConfig.num_threads must be >= 0, got -1"),
+    (lambda: _optimizer(max_lr="1e-3"), "OptimizerConfig.max_lr must be a number, got '1e-3'"),
+    (lambda: _optimizer(b2=1.5), "OptimizerConfig.b2 must be in [0, 1), got 1.5"),
+    (lambda: _optimizer(warmup=2), "OptimizerConfig.warmup must be in [0, 1] (a fraction of decay_steps), got 2"),
+    (lambda: ModelConfig(hidden_size="128"), "ModelConfig.hidden_size must be an integer, got '128'"),
+    (lambda: ModelConfig(rotary_pct="0.25"), "ModelConfig.rotary_pct must be a number, got '0.25'"),
+    (lambda: ModelConfig(scan_layers=1), "ModelConfig.scan_layers must be True or False, got 1"),
+    (lambda: _mesh(data="2"), "MeshConfig.data must be an integer, got '2'"),
+])
+def test_config_values_of_the_wrong_type_or_range_are_one_line_errors(make, message):
+    """A gin value the run cannot use (a string for an integer, a seed numpy's RandomState or the
+    uint32 init key refuses) is a ConfigError naming the setting and what it takes, raised by the
+    config class itself (every entry point), before any comparison with it can raise TypeError."""
+    with pytest.raises(ConfigError) as info:
+        make()
+    assert str(info.value) == message
+
+
+def test_config_field_types_accept_what_gin_and_python_give():
+    import numpy as np
+
+    from pythia_jax.train.config import DataConfig, OptimizerConfig, TrainConfig
+
+    assert OptimizerConfig(max_lr=1, min_lr=0).max_lr == 1  # an int where a float is asked
+    assert DataConfig(seed=2**32 - 1, transform_steps=[1, 2]).transform_steps == (1, 2)
+    assert type(ModelConfig(vocab_size=np.int64(96), hidden_size=32, num_heads=2).vocab_size) is int
+    cfg = TrainConfig(model=ModelConfig(hidden_size=32, num_heads=2), output_dir=Path("runs/x"),
+                      checkpoint_extra_steps=[5, 7], num_steps=10)
+    assert cfg.output_dir == "runs/x" and isinstance(cfg.output_dir, str)  # a Path is kept as its string
+
+
+def _train(**kw):
+    from pythia_jax.train.config import TrainConfig
+
+    return TrainConfig(**{"model": ModelConfig(hidden_size=32, num_heads=2), "num_steps": 10, **kw})
+
+
+def _data(**kw):
+    from pythia_jax.train.config import DataConfig
+
+    return DataConfig(**kw)
+
+
+def _optimizer(**kw):
+    from pythia_jax.train.config import OptimizerConfig
+
+    return OptimizerConfig(**kw)
+
+
+def _mesh(**kw):
+    from pythia_jax.mesh_config import MeshConfig
+
+    return MeshConfig(**kw)

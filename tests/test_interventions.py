@@ -139,9 +139,39 @@ def test_bad_branches_and_transforms_are_one_line_errors(baseline, tmp_path):
         run_cfg(tmp_path / "c", data=DataConfig(prefix="demo", transform="gender_swap", transform_steps=(4, 9)))
     with pytest.raises(ConfigError, match="needs TrainConfig.init_from"):
         run_cfg(tmp_path / "c", start_step=4)
-    with pytest.raises(C.RunConfigMismatch, match="global_batch"):
+    with pytest.raises(C.RunConfigMismatch) as info:
         loop.train(run_cfg(tmp_path / "d", init_from=str(out), start_step=4, global_batch=8),
                    devices=jax.devices()[:1])
+    # the output_dir is new: the advice is how to branch, not "use another output_dir"
+    assert str(info.value) == (
+        f"cannot branch from {out / 'checkpoints'}/4: TrainConfig.global_batch is 4 in the checkpoint but 8 now "
+        "(it changes which rows every step reads). A branch continues the source's rows and model (only the "
+        "row transform may change): use TrainConfig.global_batch = 4")
+    assert not (tmp_path / "d").exists()  # the failed start left nothing behind
+
+
+def test_resuming_a_branch_keeps_its_start_record(baseline, tmp_path, compile_cache):
+    """Every checkpoint of a branch records where its weights came from, resumed or not: the
+    same command, or one without init_from / start_step; a resume naming another source or step
+    is refused with both values (it would continue from the branch's own step)."""
+    out, _ = baseline
+    from pythia_jax.convert.hf import write_hf_dir
+
+    _, params = C.load_params(out / "checkpoints", step=4)
+    hf = str(write_hf_dir(TINY, params, tmp_path / "hf", dtype="float32"))
+    branch = run_cfg(tmp_path / "b", init_from=hf, start_step=4)
+    for cfg in (branch, branch, run_cfg(tmp_path / "b")):
+        loop.train(cfg, devices=jax.devices()[:1], max_steps=1)
+    assert C.TrainCheckpointer(tmp_path / "b" / "checkpoints").all_steps() == [4, 5, 6, 7]
+    for step in (4, 5, 6, 7):
+        assert C.read_run_config(tmp_path / "b", step=step)["init"] == {
+            "seed": 1234, "init_from": hf, "start_step": 4, "adam_moments": "zero"}, step
+    with pytest.raises(C.RunConfigMismatch) as info:
+        loop.train(run_cfg(tmp_path / "b", init_from=str(out), start_step=2), devices=jax.devices()[:1])
+    assert str(info.value).startswith(
+        f"cannot resume {tmp_path / 'b' / 'checkpoints'}/7: this run started from TrainConfig.init_from {hf!r} "
+        f"at start_step 4, but the command asks for TrainConfig.init_from {str(out)!r} at start_step 2")
+    assert C.TrainCheckpointer(tmp_path / "b" / "checkpoints").all_steps() == [4, 5, 6, 7]
 
 
 @pytest.mark.slow  # end to end: two short trainings, two evaluations and a plot

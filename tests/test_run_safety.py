@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 from pythia_jax import checkpoint as C
-from pythia_jax.config import ModelConfig
+from pythia_jax.config import ConfigError, ModelConfig
+from pythia_jax.errors import PythiaJaxError
 from pythia_jax.train import builder, loop, run_lock
 from pythia_jax.train.config import DataConfig, MeshConfig, OptimizerConfig, TrainConfig
 from pythia_jax.train.metrics import MetricsLog
@@ -181,6 +182,124 @@ def test_data_iterator_state_of_another_batch_is_a_mismatch_not_corruption(tmp_p
             ckpt.restore(None, {"params": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)},
                          data_iterator=make_train_iterator(prefix, global_batch=8, **kw))
     assert sorted(p.name for p in (tmp_path / "ck").iterdir() if p.name[0].isdigit()) == ["2"]
+
+
+# ------------------------------------------------------------------ a run's start is its own
+@pytest.mark.parametrize("change, asked", [
+    (dict(seed=7), "a random init (TrainConfig.seed 7, no init_from)"),
+    (dict(init_from="runs/int", start_step=2), "TrainConfig.init_from 'runs/int' at start_step 2"),
+])
+def test_resume_naming_another_start_is_refused(stopped_run, tmp_path, monkeypatch, change, asked):
+    """A resume continues from the run's own checkpoint and never uses init_from / start_step /
+    the init seed: a command naming another start is refused (before compiling), not recorded."""
+    out = tmp_path / "run"
+    shutil.copytree(stopped_run, out)
+    before = step_dirs(out)
+    _no_build(monkeypatch)
+    with pytest.raises(C.RunConfigMismatch) as info:
+        loop.train(run_cfg(out, **change), devices=jax.devices()[:1])
+    keep = "TrainConfig.seed = 1234" + ("" if "seed" in change else " and leave init_from / start_step unset")
+    assert str(info.value) == (
+        f"cannot resume {out / 'checkpoints'}/3: this run started from a random init (TrainConfig.seed 1234, "
+        f"no init_from), but the command asks for {asked}, which a resume would not use (it continues from "
+        f"the run's own step 3). To continue this run use {keep}; to start from {asked} use a new output_dir")
+    assert step_dirs(out) == before
+
+
+def test_a_resume_keeps_the_recorded_start(tmp_path):
+    """The record a resume stores carries the run's own ``init`` forward (the ``adam_moments``
+    marker included), whether the command repeats init_from / start_step or leaves them unset;
+    other values are refused naming both; a branch's check of its source compares no start."""
+    branch = run_cfg(tmp_path / "b", init_from="runs/src", start_step=2)
+    init = {"seed": 1234, "init_from": "runs/src", "start_step": 2, "adam_moments": "zero"}
+    stored = {**loop.run_config(branch), "init": init, "step": 3}
+    same_folder = run_cfg(tmp_path / "b", init_from=os.path.abspath("runs/src") + "/", start_step=2)
+    for cfg in (branch, run_cfg(tmp_path / "b"), run_cfg(tmp_path / "b", seed=9), same_folder):
+        assert loop.check_resume(stored, loop.run_config(cfg), cfg, 3, "x")["init"] == init
+    for source in ("runs/int", "runs/src"):
+        asked = f"TrainConfig.init_from {source!r} at start_step 1"
+        cfg = run_cfg(tmp_path / "b", init_from=source, start_step=1)
+        with pytest.raises(C.RunConfigMismatch) as info:
+            loop.check_resume(stored, loop.run_config(cfg), cfg, 3, "x")
+        assert str(info.value).startswith(
+            f"cannot resume x: this run started from TrainConfig.init_from 'runs/src' at start_step 2, but the "
+            f"command asks for {asked}")
+        assert "use TrainConfig.init_from = 'runs/src' and start_step = 2 (or leave both unset)" in str(info.value)
+        assert loop.check_resume(stored, loop.run_config(cfg), cfg, 1, "src/1", branch=True)["init"] == \
+            loop.run_config(cfg)["init"]
+
+
+def test_a_branch_refusal_says_how_to_branch_not_to_use_another_output_dir(tmp_path):
+    source = loop.run_config(run_cfg(tmp_path / "src"))
+    for change, start in ((dict(seq_length=16), "cannot branch from src/2: TrainConfig.seq_length is 32 in the "
+                                                "checkpoint but 16 now (it changes which rows every step reads)"),
+                          (dict(optimizer=OptimizerConfig(max_lr=1e-3, warmup_steps=1)),
+                           "cannot branch from src/2: the schedule differs from the source's "
+                           "(OptimizerConfig.max_lr 0.003 -> 0.001;")):
+        cfg = run_cfg(tmp_path / "new", init_from="src", start_step=2, **change)
+        with pytest.raises(C.RunConfigMismatch) as info:
+            loop.check_resume(source, loop.run_config(cfg), cfg, 2, "src/2", branch=True)
+        message = str(info.value)
+        assert message.startswith(start) and "output_dir" not in message and "resume" not in message, message
+    assert message.endswith("Set TrainConfig.allow_schedule_change = True to branch with the new schedule, "
+                            "or use the source's values")
+
+
+# ------------------------------------------------------------------ what a start may write into
+def _hf_dir(path):
+    path.mkdir(parents=True)
+    (path / "config.json").write_text("{}")
+    (path / "model.safetensors").write_bytes(b"")
+    return path
+
+
+def _file(path, text="x"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("make, what", [
+    (lambda p: _hf_dir(p / "run" / "hf"), "an HF model directory (config.json + weights)"),
+    (lambda p: _file(p / "notes" / "a.txt").parent, "a folder of 1 other entries (a.txt)"),
+    (lambda p: _file(p / "f.txt"), "an unrelated file"),
+])
+def test_an_output_dir_that_is_not_a_run_is_refused(tmp_path, monkeypatch, make, what):
+    out = make(tmp_path)
+    before = sorted(os.listdir(out)) if out.is_dir() else out.read_text()
+    _no_build(monkeypatch)
+    with pytest.raises(ConfigError) as info:
+        loop.train(run_cfg(out), devices=jax.devices()[:1])
+    assert str(info.value) == (
+        f"TrainConfig.output_dir {out} is {what}, not a training run's folder: a run writes its checkpoints/, "
+        "metrics.jsonl and tensorboard/ there; choose a new folder (or an existing run's output_dir to resume it)")
+    assert (sorted(os.listdir(out)) if out.is_dir() else out.read_text()) == before
+    # what an earlier start leaves (its index maps, a stale lock) is a run's: accepted
+    leftovers = tmp_path / "left"
+    (leftovers / "index_maps").mkdir(parents=True)
+    (leftovers / "train.lock").write_text("")
+    with pytest.raises(AssertionError, match="compiled"):  # got past the check, up to the build
+        loop.train(run_cfg(leftovers), devices=jax.devices()[:1])
+
+
+@pytest.mark.parametrize("change", ["no init_from", "no such step", "no dataset", "mesh"])
+def test_a_failed_start_leaves_its_output_dir_as_it_was(stopped_run, tmp_path, compile_cache, change):
+    """A new output_dir (and its new parents) is removed, an existing one loses only what the
+    failed start created; an existing run is never touched (test_resume_with_a_changed_setting…)."""
+    kw = {"no init_from": dict(init_from=str(tmp_path / "missing"), start_step=2),
+          "no such step": dict(init_from=str(stopped_run), start_step=1),
+          "no dataset": dict(data=DataConfig(prefix=str(tmp_path / "missing"))),
+          "mesh": dict(mesh=MeshConfig(data=2))}[change]
+    new = tmp_path / "new" / "run"
+    with pytest.raises(PythiaJaxError):
+        loop.train(run_cfg(new, **kw), devices=jax.devices()[:1])
+    assert not (tmp_path / "new").exists()
+    existing = tmp_path / "empty"
+    existing.mkdir()
+    (existing / ".keep").write_text("")
+    with pytest.raises(PythiaJaxError):
+        loop.train(run_cfg(existing, **kw), devices=jax.devices()[:1])
+    assert os.listdir(existing) == [".keep"]
 
 
 # ------------------------------------------------------------------ item 5: the lock

@@ -37,7 +37,8 @@ def read_run_config(directory: str | os.PathLike, step: int | None = None) -> di
          "data": {"prefix", "documents", "tokens", "order", "seed", "global_batch", "seq_len",
                   "train_iters", "transform"},
          "schedule": {"num_steps", "max_lr", "min_lr", "warmup_steps", "decay_steps", …},
-         "model": ModelConfig.to_dict(), "init": {"seed", "init_from"},
+         "model": ModelConfig.to_dict(),
+         "init": {"seed", "init_from", "start_step", "adam_moments" (a branch: "source"/"zero")},
          "changes": [{"step", "changed": {"section.key": [old, new]}}, …],
          "step": <the step read>}
 

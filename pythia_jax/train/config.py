@@ -13,7 +13,7 @@ import os
 import posixpath
 from typing import Any, Mapping
 
-from pythia_jax.config import ConfigError, ModelConfig
+from pythia_jax.config import ConfigError, ModelConfig, check_field_types, check_seed
 from pythia_jax.io_utils import is_url
 from pythia_jax.mesh_config import MeshConfig  # re-exported: train.config.MeshConfig
 
@@ -45,6 +45,20 @@ class OptimizerConfig:
     # residual each rank adds its own copy of the row-parallel biases, so their sum moves this many
     # Adam steps per step (train/optimizer.py). Pythia-6.9b: 2, Pythia-12b: 4, the others: 1.
     row_parallel_bias_copies: int = 1
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        for name, ok, allowed in (
+                ("b1", 0 <= self.b1 < 1, "in [0, 1)"), ("b2", 0 <= self.b2 < 1, "in [0, 1)"),
+                ("eps", self.eps >= 0, ">= 0"), ("weight_decay", self.weight_decay >= 0, ">= 0"),
+                ("clip_norm", self.clip_norm >= 0, ">= 0 (0: no clipping)"),
+                ("warmup", 0 <= self.warmup <= 1, "in [0, 1] (a fraction of decay_steps)"),
+                ("decay_steps", self.decay_steps is None or self.decay_steps > 0, "> 0 or None"),
+                ("loss_scale_window", self.loss_scale_window >= 1, ">= 1"),
+                ("hysteresis", self.hysteresis >= 1, ">= 1"),
+                ("min_loss_scale", self.min_loss_scale > 0, "> 0")):
+            if not ok:
+                raise ConfigError(f"OptimizerConfig.{name} must be {allowed}, got {getattr(self, name)!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +96,13 @@ class DataConfig:
             object.__setattr__(self, "transform_params", tuple(sorted(self.transform_params.items())))
         if isinstance(self.transform_steps, list):
             object.__setattr__(self, "transform_steps", tuple(self.transform_steps))
+        check_field_types(self)
+        check_seed("DataConfig.seed", self.seed)
+        if self.order not in ("neox", "preshuffled"):
+            raise ConfigError(f"DataConfig.order must be 'neox' or 'preshuffled', got {self.order!r}")
+        for name in ("num_threads", "prefetch"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"DataConfig.{name} must be >= 0, got {getattr(self, name)}")
 
     def transform_spec(self):
         """The ``TransformSpec`` of ``transform`` (None without one); ConfigError if malformed."""
@@ -118,6 +139,9 @@ class DistributedConfig:
     process_id: int | None = None
     local_device_ids: tuple | None = None
     initialize: str = "auto"  # "auto": when multi-process settings are given or on a TPU VM; "yes"; "no"
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,8 +235,18 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Checks that need no devices (mesh/batch divisibility is checked in ``sharding``)."""
-        if not isinstance(self.start_step, int) or isinstance(self.start_step, bool) or self.start_step < 0:
-            raise ConfigError(f"TrainConfig.start_step must be a non-negative integer, got {self.start_step!r}")
+        check_field_types(self)  # types first: the checks below compare and compute with the values
+        check_seed("TrainConfig.seed", self.seed)
+        for name in ("num_steps", "global_batch", "seq_length", "micro_batches", "log_every", "eval_batches"):
+            v = getattr(self, name)
+            if v <= 0:
+                raise ConfigError(f"TrainConfig.{name} must be a positive integer, got {v!r}")
+        for name, low in (("start_step", 0), ("eval_every", 0), ("checkpoint_log_until", -1)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"TrainConfig.{name} must be an integer >= {low}, got {getattr(self, name)!r}")
+        if self.keep_checkpoints is not None and self.keep_checkpoints < 1:
+            raise ConfigError(f"TrainConfig.keep_checkpoints must be >= 1 or None (keep all), got "
+                              f"{self.keep_checkpoints!r}")
         if self.start_step and not self.init_from:
             raise ConfigError(f"TrainConfig.start_step = {self.start_step} needs TrainConfig.init_from "
                               "(the run to branch from)")
@@ -223,10 +257,6 @@ class TrainConfig:
         if spec is not None:
             spec.check_within(self.num_steps)
             spec.build()  # an unknown name or bad parameters fail here, before any work
-        for name in ("num_steps", "global_batch", "seq_length", "micro_batches", "log_every"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ConfigError(f"TrainConfig.{name} must be a positive integer, got {v!r}")
         if self.global_batch % self.micro_batches:
             raise ConfigError(f"TrainConfig.global_batch {self.global_batch} is not divisible by "
                               f"micro_batches {self.micro_batches}")
@@ -235,8 +265,6 @@ class TrainConfig:
                               f"{self.model.max_position_embeddings}")
         if self.checkpoint_every < 0:
             raise ConfigError(f"TrainConfig.checkpoint_every must be >= 0, got {self.checkpoint_every}")
-        if self.data.order not in ("neox", "preshuffled"):
-            raise ConfigError(f"DataConfig.order must be 'neox' or 'preshuffled', got {self.data.order!r}")
         if self.optimizer.max_lr < 0 or self.min_lr > self.optimizer.max_lr:
             raise ConfigError(f"need 0 <= min_lr <= max_lr, got min_lr {self.min_lr}, "
                               f"max_lr {self.optimizer.max_lr}")

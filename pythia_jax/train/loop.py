@@ -21,8 +21,11 @@ checkpoint left off. Every checkpoint records the run's configuration (:func:`ru
 source, order, seed, batch, sequence length, steps; schedule; model); a resume whose settings
 differ is refused with one line (:func:`check_resume`) instead of starting over: a changed data
 order or model always, a changed schedule (``num_steps``, optimizer settings) unless
-``TrainConfig.allow_schedule_change``. A failed checkpoint save (e.g. a full disk) stops the run
-within a step with ``CheckpointSaveFailed``.
+``TrainConfig.allow_schedule_change``; the run's recorded start (``init``) is kept, and a command
+naming another start is refused. A failed checkpoint save (e.g. a full disk) stops the run within a
+step with ``CheckpointSaveFailed``. ``output_dir`` must be new, empty or a run's folder
+(``paths.check_run_dir``), and a start that fails before its first step removes what it created
+(``paths.StartFootprint``).
 """
 
 from __future__ import annotations
@@ -81,18 +84,29 @@ def train(cfg: TrainConfig, *, devices=None, max_steps: int | None = None) -> Tr
     """Run (or resume) training as configured. ``max_steps``: stop after this many steps of this
     invocation (tests, benchmarks); the schedule and data order still follow ``cfg.num_steps``."""
     from pythia_jax.train import run_lock
+    from pythia_jax.train.paths import StartFootprint, check_run_dir
 
     maybe_initialize_distributed(cfg.distributed)
+    check_run_dir(cfg.output_dir)  # not into an HF export or any other folder that is not a run
+    local = local_output_dir(cfg.output_dir)
+    # what a failed start (a missing init_from, dataset …) created is removed again (process 0,
+    # which holds the lock; local files only: a URL output_dir keeps its checkpoints/ folder)
+    footprint = StartFootprint(local) if jax.process_index() == 0 else None
     # One train per run directory: a second one is refused before it touches anything.
-    lock = run_lock.acquire(cfg.output_dir, local_output_dir(cfg.output_dir))
+    lock = run_lock.acquire(cfg.output_dir, local)
+    failed = True
     try:
-        return _train(cfg, devices, max_steps)
+        result = _train(cfg, devices, max_steps, footprint)
+        failed = False
+        return result
     finally:
         if lock is not None:
             lock.release()
+        if failed and footprint is not None:
+            footprint.undo()
 
 
-def _train(cfg: TrainConfig, devices, max_steps: int | None) -> TrainResult:
+def _train(cfg: TrainConfig, devices, max_steps: int | None, footprint=None) -> TrainResult:
     """restore or initialise → the step loop with its hooks → the final save and export."""
     from pythia_jax.checkpoint import TrainCheckpointer
     from pythia_jax.train.metrics import MetricsLog, MetricWriter, Throughput, peak_flops_per_device
@@ -120,6 +134,8 @@ def _train(cfg: TrainConfig, devices, max_steps: int | None) -> TrainResult:
                        f"{cfg.global_batch} x {cfg.seq_length} tokens per step, steps {run.step} -> {cfg.num_steps}")
         checkpoints = CheckpointHook(ckpt, cfg, last_saved=run.restored_step)
         checkpoints.save(run)  # the starting step, when the schedule has it (step 0 of a new run)
+        if footprint is not None:
+            footprint.keep()  # started: a later failure leaves the run's files (a resume continues)
 
         # ---- the step loop
         throughput = Throughput(cfg.model, cfg.seq_length, cfg.tokens_per_step, run.setup.num_devices,

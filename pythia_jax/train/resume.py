@@ -51,8 +51,9 @@ def run_config(cfg: TrainConfig) -> dict:
     trained on rows ``[n·global_batch, (n+1)·global_batch)`` of that order.
     ``schedule``: ``num_steps`` and the optimizer settings, the LR schedule's fields resolved.
     ``model``: ``ModelConfig.to_dict()``. ``init``: parameter seed, ``init_from`` and
-    ``start_step`` (used when the run starts; recorded, not checked), and for a branch
-    ``adam_moments`` ("source" or "zero").
+    ``start_step`` (used when the run starts; a resume keeps the record of the run's start and
+    refuses other values, ``check_resume``), and for a branch ``adam_moments`` ("source" or
+    "zero").
     """
     from pythia_jax.data.indexed import Index
 
@@ -81,13 +82,18 @@ def run_config(cfg: TrainConfig) -> dict:
     }
 
 
-def check_resume(stored: dict | None, current: dict, cfg: TrainConfig, step: int, where: str) -> dict:
+def check_resume(stored: dict | None, current: dict, cfg: TrainConfig, step: int, where: str, *,
+                 branch: bool = False) -> dict:
     """Refuse to continue a run from checkpoint ``step`` under a different configuration.
 
     ``stored``: the checkpoint's record (``checkpoint.read_run_config``; a partial one for
     checkpoints that predate it, None for none); ``current``: ``run_config(cfg)``. Refused
     (``RunConfigMismatch``, one line naming the setting, both values and the way out):
 
+    * another start (``_resumed_init``): an ``init_from`` / ``start_step`` other than the
+      recorded ones (leaving both unset is accepted), or, for a run that started from a random
+      init, another ``TrainConfig.seed``: a resume continues from its own checkpoint and never
+      reads them, so a record claiming them would be false;
     * a different data order: source (its documents/tokens), order, seed, global batch,
       sequence length, transform: the rows already trained on would not be this order's rows;
     * a different model (architecture fields of ``ModelConfig``);
@@ -96,27 +102,76 @@ def check_resume(stored: dict | None, current: dict, cfg: TrainConfig, step: int
       Even then, with the GPT-NeoX order a new ``num_steps`` must leave the rows of steps
       ``[0, step)`` unchanged (checked on the two index maps), and must be ``>= step``.
 
+    ``branch``: ``stored`` is the record of another run's step that a new run branches from
+    (``where`` names it): the start is not compared, and the messages say how to branch.
+
     Returns the record to store from now on: ``current`` with the accepted changes appended to
-    ``changes`` (``{"step", "changed": {setting: [old, new]}}``). A moved copy of the same data
-    (same documents and tokens) is accepted with a warning.
+    ``changes`` (``{"step", "changed": {setting: [old, new]}}``) and, on a resume, the run's
+    recorded ``init`` carried forward (its ``adam_moments`` marker included). A moved copy of
+    the same data (same documents and tokens) is accepted with a warning.
     """
     record = dict(current)
     if not stored:
         return record
+    if not branch:
+        record["init"] = _resumed_init(stored, current, step, where)
     refused, schedule = _differences(stored, current)
     if refused:
-        raise _refusal(stored, current, refused, schedule, where)
+        raise _refusal(stored, current, refused, schedule, where, branch)
     old_prefix = (stored.get("data") or {}).get("prefix")
     if old_prefix and old_prefix != current["data"]["prefix"]:
-        logger.warning("resuming with the dataset at %s instead of %s (the same %s documents, %s tokens)",
-                       current["data"]["prefix"], old_prefix, current["data"]["documents"],
-                       current["data"]["tokens"])
+        logger.warning("%s with the dataset at %s instead of %s (the same %s documents, %s tokens)",
+                       "branching" if branch else "resuming", current["data"]["prefix"], old_prefix,
+                       current["data"]["documents"], current["data"]["tokens"])
     record["changes"] = list(stored.get("changes") or [])
     if schedule:
-        _check_schedule_change(schedule, cfg, step, where)
+        _check_schedule_change(schedule, cfg, step, where, branch)
         record["changes"].append(
             {"step": int(step), "changed": {_setting_name(n): [o, v] for n, o, v in schedule}})
     return record
+
+
+def _same_source(a: str | None, b: str | None) -> bool:
+    """Whether two ``init_from`` values name the same source (equal, or the same local folder)."""
+    if a == b:
+        return True
+    if a is None or b is None or is_url(a) or is_url(b):
+        return False
+    return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
+
+
+def _describe_start(init: dict) -> str:
+    if init.get("init_from") is None:
+        return f"a random init (TrainConfig.seed {init.get('seed')!r}, no init_from)"
+    return f"TrainConfig.init_from {init['init_from']!r} at start_step {init.get('start_step')!r}"
+
+
+def _resumed_init(stored: dict, current: dict, step: int, where: str) -> dict:
+    """The ``init`` record a resume keeps: the run's own (carried forward from the checkpoint
+    being resumed), after refusing a command that names another start (see ``check_resume``)."""
+    old = stored.get("init")
+    if not isinstance(old, dict):  # a partial (older) record: its start is unknown
+        return current["init"]
+    new = current["init"]
+    names_a_start = new.get("init_from") is not None or new.get("start_step", 0) != 0
+    if old.get("init_from") is None:  # a random init: the seed decided the weights
+        differs = names_a_start or new.get("seed") != old.get("seed")
+    else:  # a branch: a command without init_from / start_step resumes it as well
+        differs = names_a_start and (not _same_source(old["init_from"], new.get("init_from"))
+                                     or new.get("start_step") != old.get("start_step"))
+    if differs:
+        if old.get("init_from") is None:
+            keep = (f"TrainConfig.seed = {old.get('seed')!r} and leave init_from / start_step unset"
+                    if names_a_start else f"TrainConfig.seed = {old.get('seed')!r}")
+        else:
+            keep = (f"TrainConfig.init_from = {old['init_from']!r} and start_step = {old.get('start_step')!r} "
+                    "(or leave both unset)")
+        raise RunConfigMismatch(
+            f"cannot resume {where}: this run started from {_describe_start(old)}, but the command "
+            f"asks for {_describe_start(new)}, which a resume would not use (it continues from the run's "
+            f"own step {step}). To continue this run use {keep}; to start from {_describe_start(new)} "
+            "use a new output_dir")
+    return dict(old)
 
 
 def _differences(stored: dict, current: dict) -> tuple[list[tuple[str, Any, Any, str]], list[tuple[str, Any, Any]]]:
@@ -151,9 +206,10 @@ def _differences(stored: dict, current: dict) -> tuple[list[tuple[str, Any, Any,
     return refused, schedule
 
 
-def _refusal(stored: dict, current: dict, refused: list, schedule: list, where: str) -> RunConfigMismatch:
+def _refusal(stored: dict, current: dict, refused: list, schedule: list, where: str,
+             branch: bool = False) -> RunConfigMismatch:
     """The one-line error for a changed data order or model: the first setting, both values, the
-    other changed settings and the way out."""
+    other changed settings and the way out (for a ``branch``: the source's values)."""
     old_data = stored.get("data") or {}
     name, old, new, why = refused[0]
     if name in ("data.documents", "data.tokens"):
@@ -166,36 +222,48 @@ def _refusal(stored: dict, current: dict, refused: list, schedule: list, where: 
         fix = f"{_setting_name(name)} = {old!r}"
     others = sorted({_setting_name(n) for n, *_ in refused[1:] + [(n, 0, 0) for n, *_ in schedule]}
                     - {_setting_name(name)})
+    also = f"; also changed: {', '.join(others)}" if others else ""
+    if branch:
+        return RunConfigMismatch(
+            f"cannot branch from {where}: {_setting_name(name)} {what} (it changes {why}){also}. A branch "
+            f"continues the source's rows and model (only the row transform may change): use {fix}")
     return RunConfigMismatch(
-        f"cannot resume {where}: {_setting_name(name)} {what} (it changes {why})"
-        + (f"; also changed: {', '.join(others)}" if others else "")
-        + f". To continue this run use {fix}; to start a new run use another output_dir")
+        f"cannot resume {where}: {_setting_name(name)} {what} (it changes {why}){also}"
+        f". To continue this run use {fix}; to start a new run use another output_dir")
 
 
-def _check_schedule_change(schedule: list[tuple[str, Any, Any]], cfg: TrainConfig, step: int, where: str) -> None:
+def _check_schedule_change(schedule: list[tuple[str, Any, Any]], cfg: TrainConfig, step: int, where: str,
+                           branch: bool = False) -> None:
     """Accept a changed schedule (with a warning) only with ``cfg.allow_schedule_change``, a
     ``num_steps`` not below ``step`` and, with the GPT-NeoX order, the rows of steps before
-    ``step`` unchanged; else raise ``RunConfigMismatch``."""
+    ``step`` unchanged; else raise ``RunConfigMismatch`` (for a ``branch``, saying how to branch)."""
     changes = "; ".join(f"{_setting_name(n)} {o!r} -> {v!r}" for n, o, v in schedule)
     num_steps = next(((o, v) for n, o, v in schedule if n == "schedule.num_steps"), None)
     effect = "the learning-rate schedule"
     if num_steps and cfg.data.order == "neox":
         effect += " and the GPT-NeoX index maps (built for num_steps x global_batch samples)"
+    cannot = f"cannot branch from {where}" if branch else f"cannot resume {where}"
     if not cfg.allow_schedule_change:
+        if branch:
+            raise RunConfigMismatch(
+                f"{cannot}: the schedule differs from the source's ({changes}), which changes {effect}. "
+                "Set TrainConfig.allow_schedule_change = True to branch with the new schedule, or use "
+                "the source's values")
         raise RunConfigMismatch(
-            f"cannot resume {where}: the schedule differs from the checkpoint's ({changes}), which "
+            f"{cannot}: the schedule differs from the checkpoint's ({changes}), which "
             f"changes {effect}. Set TrainConfig.allow_schedule_change = True to continue with the "
             "new schedule, restore the checkpoint's values, or use another output_dir")
     if num_steps and num_steps[1] < step:
-        raise RunConfigMismatch(f"cannot resume {where}: TrainConfig.num_steps {num_steps[1]} is below "
+        raise RunConfigMismatch(f"{cannot}: TrainConfig.num_steps {num_steps[1]} is below "
                                 f"the checkpoint's step {step}")
     if num_steps and cfg.data.order == "neox" and not _same_neox_rows(cfg, num_steps[0], step):
         raise RunConfigMismatch(
-            f"cannot resume {where}: with the GPT-NeoX order, TrainConfig.num_steps {num_steps[0]} -> "
+            f"{cannot}: with the GPT-NeoX order, TrainConfig.num_steps {num_steps[0]} -> "
             f"{num_steps[1]} rebuilds the index maps and changes rows of steps before {step}, which "
-            f"this run has trained on; keep num_steps = {num_steps[0]} or use another output_dir")
-    logger.warning("continuing %s with a changed schedule from step %d (allow_schedule_change): %s",
-                   where, step, changes)
+            f"{'the source' if branch else 'this run'} has trained on; keep num_steps = {num_steps[0]}"
+            + ("" if branch else " or use another output_dir"))
+    logger.warning("%s %s with a changed schedule from step %d (allow_schedule_change): %s",
+                   "branching from" if branch else "continuing", where, step, changes)
 
 
 def _same_neox_rows(cfg: TrainConfig, old_steps: int, step: int, chunk: int = 1 << 20) -> bool:

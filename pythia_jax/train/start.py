@@ -155,7 +155,7 @@ def _branch_from_checkpoint(cfg: TrainConfig, setup, current: dict, root, S: int
         if stored and not stored.get("partial"):
             # the branch may change the transform, nothing else that decides the rows or the model
             stored = {**stored, "data": {**stored.get("data", {}), "transform": current["data"]["transform"]}}
-            check_resume(stored, current, cfg, S, f"a branch of {root}/{S}")
+            check_resume(stored, current, cfg, S, f"{root}/{S}", branch=True)
         abstract = {"params": setup.abstract_state.params}
         # a step saved without optimizer state (``convert hf-to-jax`` without --with-optimizer)
         # branches as an HF directory does: its params, zero Adam moments
