@@ -127,6 +127,23 @@ def test_branch_from_a_params_only_checkpoint_starts_adam_from_zero(baseline, tm
     assert C.read_run_config(tmp_path / "b")["init"]["adam_moments"] == "zero"
 
 
+def test_branch_from_a_fresh_optimizer_state_is_recorded_as_zero_moments(baseline, tmp_path, caplog):
+    """``convert hf-to-jax --with-optimizer`` stores a fresh optimizer state: its Adam moments are
+    zero, so a branch from it is the same restart as one from an HF directory, and is warned and
+    recorded as such (it was recorded as the source's moments)."""
+    from pythia_jax.train.continuation import fresh_opt_state
+
+    out, _ = baseline
+    _, params = C.load_params(out / "checkpoints", step=4, host=True)
+    C.save_params_checkpoint(tmp_path / "ck", 4, TINY, params, opt_state=fresh_opt_state(params, schedule_count=4))
+    with caplog.at_level(logging.WARNING):
+        loop.train(run_cfg(tmp_path / "b", init_from=str(tmp_path / "ck"), start_step=4),
+                   devices=jax.devices()[:1], max_steps=1)
+    assert "zero Adam moments" in caplog.text and "fresh one" in caplog.text
+    assert C.read_run_config(tmp_path / "b")["init"]["adam_moments"] == "zero"
+    assert rows(tmp_path / "b")[5]["lr"] == pytest.approx(rows(out)[5]["lr"], rel=1e-6)
+
+
 def test_bad_branches_and_transforms_are_one_line_errors(baseline, tmp_path):
     out, _ = baseline
     with pytest.raises(CheckpointError, match=r"it has no step 3; its steps are 0, 1, 2, 4, 8"):

@@ -167,8 +167,25 @@ def _branch_from_checkpoint(cfg: TrainConfig, setup, current: dict, root, S: int
         reader.close()
     if not with_moments:
         return _branch_with_zero_moments(setup, restored.params, S, f"{root}/{S}")
+    state = _state_from_restored(setup, restored)
+    if _moments_are_zero(state.opt_state):
+        # a fresh optimizer state (``convert hf-to-jax --with-optimizer``): the same restart as a
+        # source without one, so recorded as such (the record must say what the weights saw)
+        logger.warning("branching from %s at step %d with zero Adam moments: the source's optimizer "
+                       "state is a fresh one (e.g. from 'convert --with-optimizer'; recorded in the "
+                       "checkpoints as init.adam_moments = 'zero')", f"{root}/{S}", S)
+        return state, {"start_step": S, "adam_moments": "zero"}
     logger.info("branching from %s at step %d (params, Adam moments and loss scale of the source)", root, S)
-    return _state_from_restored(setup, restored), {"start_step": S, "adam_moments": "source"}
+    return state, {"start_step": S, "adam_moments": "source"}
+
+
+def _moments_are_zero(opt_state) -> bool:
+    """Whether every Adam first and second moment in ``opt_state`` is exactly 0 (a fresh state)."""
+    from pythia_jax.train.optimizer import adam_moments
+
+    mu, nu, _ = adam_moments(opt_state)
+    leaves = jax.tree.leaves((mu, nu))
+    return all(not bool(jax.numpy.any(x != 0)) for x in leaves)
 
 
 def _branch_from_neox(cfg: TrainConfig, setup, source: str, S: int):
