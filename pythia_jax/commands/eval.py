@@ -28,8 +28,10 @@ fall back to bundled specs of the same prompts. The few-shot generation tasks ar
 triviaqa give one task per k of --shots, e.g. arithmetic_plus_k4. 'perplexity' needs
 --ppl-data. 'memorization' reads the rows each checkpoint has seen as the run read them, from the
 run record in its checkpoints (no flags needed; --mem-* flags that disagree are refused); for
-weights without a record (HF revisions) every --mem-* data flag is required. Rerunning with
-the same --out skips results already there. Per-example outputs go to --details-dir
+weights without a record (HF revisions) every --mem-* data flag is required. Every row records
+the checkpoints, the weights and the settings it was computed from; rerunning with the same
+--out skips the results already there, and an --out (or --details-dir) holding results of other
+checkpoints, weights or settings is refused. Per-example outputs go to --details-dir
 (default: <out>_details/).
 """
 
