@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import jax
@@ -305,3 +306,46 @@ def test_weights_fingerprint_names_the_weights(runs, tmp_path):
     hf = {s: weights_fingerprint(runs / "hf", s) for s in STEPS}
     assert hf[0] != hf[1000] and hf[0].startswith("hf:")
     assert weights_fingerprint(runs / "hf" / "step0", 0) == hf[0]
+
+
+def test_run_directory_unknown_task_and_progress_messages(runs, tmp_path, capsys, monkeypatch):
+    """A run's output directory stands for its checkpoints/ (as for batches and count); a folder
+    without checkpoints says so; an unknown task lists every task eval accepts; --no-progress
+    silences the harness's bars too (tqdm's and datasets' switches, read when they are imported)."""
+    from pythia_jax.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoints").symlink_to(runs / "ckpt")
+    out = tmp_path / "r.jsonl"
+    R.evaluate_checkpoints(runs / "ckpt", [0], settings(tasks=["arc_easy"], limit=2), out, log=lambda _: None)
+    log = []
+    R.evaluate_checkpoints(run, [0], settings(tasks=["arc_easy"], limit=2), out, log=log.append)
+    assert log == [f"resuming: 1 (step, task) results of these checkpoints and settings already in {out}"]
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_DISABLE_PROGRESS_BARS", raising=False)
+    assert main(["eval", "--checkpoints", str(tmp_path), "--steps", "0", "--out", str(tmp_path / "x.jsonl"),
+                 "--no-progress"]) == 2
+    assert os.environ["TQDM_DISABLE"] == "1" and os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] == "1"
+    err = capsys.readouterr().err
+    assert f"--checkpoints {tmp_path} holds no checkpoints: it is not a pythia-jax checkpoint directory" in err
+    assert main(["eval", "--checkpoints", str(run), "--steps", "0", "--tasks", "piqq", "--out",
+                 str(tmp_path / "x.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown task 'piqq'; eval accepts: " in err
+    for name in ("piqa", "lambada_openai", "logiqa", "wsc", "crows_pairs", "winobias", "arithmetic",
+                 "arithmetic_plus_k<N>", "triviaqa", "perplexity", "memorization", "paper", "bias"):
+        assert f" {name}" in err, name
+
+
+def test_harness_lm_progress_follows_the_setting(runs, capfd):
+    """``progress=False`` turns off the adapter's scoring bar and the harness's tokenizing bar."""
+    pytest.importorskip("lm_eval")
+    from pythia_jax.eval.harness import build_task, evaluate_task
+    from pythia_jax.eval.lm_eval_adapter import PythiaJaxLM
+
+    task = build_task("piqa", DATA / "piqa.jsonl")
+    capfd.readouterr()
+    evaluate_task(PythiaJaxLM(path=str(runs / "hf"), step=0, progress=False), task, limit=2)
+    err = capfd.readouterr().err
+    assert "scoring" not in err and "Tokenizing inputs" not in err

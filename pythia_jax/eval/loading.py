@@ -25,6 +25,11 @@ from pythia_jax.io_utils import is_url
 
 logger = logging.getLogger(__name__)
 
+NO_CHECKPOINTS = ("is not a pythia-jax checkpoint directory (model_config.json and <step>/ folders), "
+                  "a run's output directory (with checkpoints/), an HF model directory or a folder of "
+                  "step<N>/ HF revisions")
+
+
 def resolve_checkpoints(path: str | os.PathLike) -> str:
     """``path`` itself when it holds checkpoints (one HF directory, HF revisions, a checkpoint
     directory of this project or a step in one); a run's output directory gives its

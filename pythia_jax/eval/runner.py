@@ -293,27 +293,54 @@ def check_tasks(tasks: Sequence[str], settings: EvalSettings) -> dict[str, Any]:
                                               limit=settings.limit)) is not None:
             resolved.update(gen)
         else:
+            if not Path(name).suffix:  # a name, not a spec file: none of the tasks eval knows
+                raise PythiaJaxError(f"unknown task {name!r}; eval accepts: {', '.join(accepted_task_names())}; "
+                                     f"or a zero-shot task spec .yaml path")
             spec = T.load_spec(name)
             resolved[spec.name] = (spec, T.load_examples(spec, settings.data_dir, limit=settings.limit))
     return resolved
+
+
+def accepted_task_names() -> list[str]:
+    """Every task name ``--tasks`` accepts (patterns written with <N>), the groups last."""
+    from pythia_jax.eval import arithmetic
+    from pythia_jax.eval import harness as H
+    from pythia_jax.eval import tasks as T
+
+    names = dict.fromkeys([*H.HARNESS_TASKS, *sorted(H.ALIASES), *T.available_tasks(), "winobias",
+                           "arithmetic", "arithmetic_k<N>", *(f"arithmetic_{op}" for op in arithmetic.OPERATIONS),
+                           *(f"arithmetic_{op}_k<N>" for op in arithmetic.OPERATIONS),
+                           "triviaqa", "triviaqa_k<N>", *SPECIAL_TASKS])
+    return [*names, *(f"{g} (= {','.join(TASK_GROUPS[g])})" for g in TASK_GROUPS)]
 
 
 def evaluate_checkpoints(checkpoints: str | os.PathLike, steps: Sequence[int], settings: EvalSettings,
                          out: str | os.PathLike, log: Callable[[str], None] = print) -> ResultsTable:
     """Evaluate ``settings.tasks`` at every step and append the rows to the table ``out``.
 
-    Every requested step is checked to exist, and the table and details folder to hold nothing of
-    another origin, before any evaluation starts.
+    ``checkpoints``: a checkpoint directory (or a run directory: its ``checkpoints/``), HF
+    revisions or one HF directory. Every requested step is checked to exist, and the table and
+    details folder to hold nothing of another origin, before any evaluation starts.
     """
-    from pythia_jax.eval.loading import available_steps, checkpoint_source, load_model_params, weights_fingerprint
+    from pythia_jax.eval.loading import (
+        NO_CHECKPOINTS,
+        available_steps,
+        checkpoint_source,
+        load_model_params,
+        resolve_checkpoints,
+        weights_fingerprint,
+    )
     from pythia_jax.eval.provenance import task_settings
 
+    checkpoints = resolve_checkpoints(checkpoints)
     table = ResultsTable(out)
     have = available_steps(checkpoints)
+    if not have:
+        raise CheckpointError(f"{checkpoints} holds no checkpoints: it {NO_CHECKPOINTS}")
     missing = [s for s in steps if s not in have]
     if missing:
         raise CheckpointError(f"{checkpoints}: no step {', '.join(map(str, missing))}; available: "
-                              f"{', '.join(map(str, have)) or 'none'}")
+                              f"{', '.join(map(str, have))}")
     tasks = check_tasks(settings.tasks, settings)
     env = _Env(settings, checkpoints)
     if "memorization" in tasks:  # the run's rows for every step, checked before any model loads
@@ -465,7 +492,7 @@ class _Env:
         from pythia_jax.eval.harness import evaluate_task
         from pythia_jax.eval.lm_eval_adapter import PythiaJaxLM
 
-        lm = PythiaJaxLM(scorer=self.scorer, generator=self.generator)
+        lm = PythiaJaxLM(scorer=self.scorer, generator=self.generator, progress=self.settings.progress)
         res = evaluate_task(lm, harness_task, limit=self.settings.limit,
                             bootstrap_iters=self.settings.bootstrap_iters)
         return self._task_rows(step, task, res, lm.truncated)
