@@ -155,3 +155,67 @@ def test_scores_equal_hf_greedy_generation_per_token_accuracy(tmp_path):
     np.testing.assert_array_equal(res.per_row["score"], hf_accuracy.astype(np.float32))
     assert res.per_row["memorized"].tolist() == (hf_accuracy == 1).tolist()
     assert len(set(hf_accuracy.tolist())) > 5  # scores spread over many values k/32
+
+
+def test_memorization_parts_of_other_weights_are_refused(setup, tmp_path):
+    """Chunks scored from one checkpoint are never reused for another: the parts manifest names
+    the weights (a copy of run A's parts beside run B's step is refused, not read back as B's
+    scores), and parts of a version that did not name them are refused too."""
+    import shutil
+
+    from flax import nnx
+
+    from pythia_jax.checkpoint import save_params_checkpoint
+    from pythia_jax.eval import memorization as M
+    from pythia_jax.eval.provenance import ProvenanceError
+    from pythia_jax.eval.runner import EvalSettings, evaluate_checkpoints
+    from pythia_jax.model import GPTNeoX, params_to_dict
+
+    model, _, prefix = setup
+    save_params_checkpoint(tmp_path / "a", 4, CFG, params_to_dict(model))  # memorized TRAINED
+    save_params_checkpoint(tmp_path / "b", 4, CFG, params_to_dict(GPTNeoX(CFG, rngs=nnx.Rngs(1))))
+
+    def settings(details):
+        return EvalSettings(tasks=["memorization"], mem_data=prefix, mem_order="preshuffled",
+                            mem_seq_len=SEQ_LEN, mem_rows_per_step=2, details_dir=str(details), progress=False)
+
+    evaluate_checkpoints(tmp_path / "a", [4], settings(tmp_path / "da"), tmp_path / "a.jsonl", log=lambda _: None)
+    manifest = json.loads((tmp_path / "da" / "step4_memorization.parts" / "manifest.json").read_text())
+    assert manifest["version"] == 2 and manifest["weights"].startswith("ckpt:")
+    # only A's parts (as a details folder left after the merged file and the record were removed)
+    shutil.copytree(tmp_path / "da" / "step4_memorization.parts", tmp_path / "db" / "step4_memorization.parts")
+    with pytest.raises(M.MemorizationError, match=r"holds memorization chunks of other weights \(weights: ckpt:"):
+        evaluate_checkpoints(tmp_path / "b", [4], settings(tmp_path / "db"), tmp_path / "b.jsonl", log=lambda _: None)
+    assert not (tmp_path / "db" / "step4_memorization.npy").exists()
+    # the whole details folder of A: its record names A's checkpoints
+    shutil.copytree(tmp_path / "da", tmp_path / "dc")
+    with pytest.raises(ProvenanceError, match=r"dc holds results of other checkpoints \(.*/a; these are .*/b\)"):
+        evaluate_checkpoints(tmp_path / "b", [4], settings(tmp_path / "dc"), tmp_path / "c.jsonl", log=lambda _: None)
+    # parts written before the manifest named the weights
+    del manifest["weights"]
+    manifest["version"] = 1
+    (tmp_path / "db" / "step4_memorization.parts" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(M.MemorizationError, match="older pythia-jax, whose manifest does not say which weights"):
+        evaluate_checkpoints(tmp_path / "b", [4], settings(tmp_path / "db"), tmp_path / "b.jsonl", log=lambda _: None)
+    # B on its own details: its own scores (a random model memorizes nothing)
+    evaluate_checkpoints(tmp_path / "b", [4], settings(tmp_path / "dd"), tmp_path / "d.jsonl", log=lambda _: None)
+    got = {r["metric"]: r["value"] for r in map(json.loads, (tmp_path / "d.jsonl").read_text().splitlines())}
+    assert got["num_memorized"] == 0
+
+
+def test_sweep_names_the_generators_weights(setup, tmp_path):
+    """Called directly without ``weights``, the sweep names the generator's own parameters, so a
+    generator of other parameters does not reuse the chunks."""
+    from flax import nnx
+
+    from pythia_jax.data.run_data import RunData
+    from pythia_jax.eval import memorization as M
+    from pythia_jax.eval.generate import Generator
+    from pythia_jax.model import GPTNeoX
+
+    model, _, prefix = setup
+    run = RunData.from_flags(data=prefix, order="preshuffled", seq_len=SEQ_LEN, global_batch=2)
+    res = M.sweep_memorization(Generator(model, batch_size=8), run, 4, tmp_path, chunk_rows=4)
+    assert res.per_row["memorized"].sum() == 4
+    with pytest.raises(M.MemorizationError, match=r"chunks of other weights \(weights: params:"):
+        M.sweep_memorization(Generator(GPTNeoX(CFG, rngs=nnx.Rngs(1)), batch_size=8), run, 4, tmp_path, chunk_rows=4)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import jax
@@ -241,3 +242,148 @@ def test_plot_default_labels_axis_and_suffix(tmp_path, capsys):
     set_step_axis(ax, [0, 1000])
     assert ax.get_xlim()[0] == 0 and ax.get_xlim()[1] > 1000
     plt.close(fig)
+
+
+def test_resume_only_into_results_of_the_same_checkpoints_and_settings(runs, tmp_path, monkeypatch):
+    """Each row records what it was computed from; a table holding results of other checkpoints,
+    of other settings for a requested task (at any step), or without that record is refused
+    before any model loads, never resumed into."""
+    import pythia_jax.eval.loading as loading
+    from pythia_jax.eval.provenance import ProvenanceError
+
+    out = tmp_path / "r.jsonl"
+    R.evaluate_checkpoints(runs / "ckpt", [0], settings(tasks=["piqa"], limit=2), out, log=lambda _: None)
+    rows = R.read_table(out)
+    assert {r["checkpoint"] for r in rows} == {str((runs / "ckpt").resolve())}
+    assert rows[0]["weights"].startswith("ckpt:") and rows[0]["settings"]["limit"] == 2
+    before = out.read_text()
+    monkeypatch.setattr(loading, "load_model_params", lambda *a, **k: pytest.fail("computed a result"))
+    with pytest.raises(ProvenanceError, match=rf"r.jsonl holds results of other checkpoints \({runs / 'ckpt'}; "
+                                              rf"these are {runs / 'hf'}\); write these results to another --out"):
+        R.evaluate_checkpoints(runs / "hf", [0], settings(tasks=["piqa"], limit=2), out, log=lambda _: None)
+    with pytest.raises(ProvenanceError, match=r"piqa results computed with other settings \(step 0: limit: 2 there, "
+                                              r"3 now\)"):
+        R.evaluate_checkpoints(runs / "ckpt", [0], settings(tasks=["piqa"], limit=3), out, log=lambda _: None)
+    with pytest.raises(ProvenanceError, match=r"piqa results computed with other settings \(step 0: limit: 2 there"):
+        R.evaluate_checkpoints(runs / "ckpt", [1000], settings(tasks=["piqa"], limit=3), out, log=lambda _: None)
+    with pytest.raises(ProvenanceError, match=r"piqa results computed with other settings \(step 0: data: sha256:"):
+        other = tmp_path / "data"
+        other.mkdir()
+        (other / "piqa.jsonl").write_text("".join((DATA / "piqa.jsonl").read_text().splitlines(True)[1:]))
+        R.evaluate_checkpoints(runs / "ckpt", [0], settings(tasks=["piqa"], limit=2, data_dir=str(other)), out,
+                               log=lambda _: None)
+    assert out.read_text() == before
+    # the same checkpoints and settings resume: nothing computed
+    log = []
+    R.evaluate_checkpoints(runs / "ckpt", [0], settings(tasks=["piqa"], limit=2), out, log=log.append)
+    assert log == [f"resuming: 1 (step, task) results of these checkpoints and settings already in {out}"]
+    # a table of an older version records none of it
+    old = tmp_path / "old.csv"
+    R.write_csv([{k: r[k] for k in R.COLUMNS[:6]} for r in rows], old)
+    assert {r["checkpoint"] for r in R.read_table(old)} == {None}
+    with pytest.raises(ProvenanceError, match="old.csv holds results written by an older pythia-jax, which do not "
+                                              "record the checkpoints, weights and settings"):
+        R.evaluate_checkpoints(runs / "ckpt", [0], settings(tasks=["piqa"], limit=2), old, log=lambda _: None)
+    # the record survives a CSV round trip
+    R.write_csv(rows, tmp_path / "copy.csv")
+    ident = lambda t: [(r["metric"], r["checkpoint"], r["weights"], r["settings"]) for r in t]  # noqa: E731
+    assert ident(R.read_table(tmp_path / "copy.csv")) == ident(rows)
+
+
+def test_replaced_checkpoint_and_shared_details_are_refused(runs, tmp_path):
+    """Other weights under the same path (a run trained again) are not resumed; a details folder
+    holds the outputs of one set of checkpoints and settings, like the table."""
+    import shutil
+
+    from flax import nnx
+
+    from pythia_jax.checkpoint import save_params_checkpoint
+    from pythia_jax.eval.provenance import ProvenanceError
+    from pythia_jax.model import GPTNeoX, params_to_dict
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(runs / "ckpt", ckpt)
+    out, details = tmp_path / "r.jsonl", tmp_path / "d"
+    s = settings(tasks=["piqa"], limit=2, details_dir=str(details))
+    R.evaluate_checkpoints(ckpt, [0], s, out, log=lambda _: None)
+    assert [json.loads(x)["file"] for x in (details / "provenance.jsonl").read_text().splitlines()] == \
+        ["step0_piqa.jsonl"]
+    shutil.rmtree(ckpt / "0")
+    save_params_checkpoint(ckpt, 0, CFG, params_to_dict(GPTNeoX(CFG, rngs=nnx.Rngs(5))))
+    with pytest.raises(ProvenanceError, match=r"holds step 0 piqa results of other weights than .* holds for step 0 "
+                                              r"now \(ckpt:\w+ there, ckpt:\w+ now: the checkpoint was replaced\)"):
+        R.evaluate_checkpoints(ckpt, [0], s, out, log=lambda _: None)
+    # a new table, but the details folder of the earlier one
+    with pytest.raises(ProvenanceError, match=r"d holds step 0 piqa results of other weights .*; use another "
+                                              r"--details-dir"):
+        R.evaluate_checkpoints(ckpt, [0], s, tmp_path / "new.jsonl", log=lambda _: None)
+    with pytest.raises(ProvenanceError, match=r"d holds piqa results computed with other settings \(step 0: limit: "
+                                              r"2 there, 3 now\); use another --details-dir"):
+        R.evaluate_checkpoints(ckpt, [1000], settings(tasks=["piqa"], limit=3, details_dir=str(details)),
+                               tmp_path / "new.jsonl", log=lambda _: None)
+    # per-example files of a version that did not record their origin
+    (details / "provenance.jsonl").unlink()
+    with pytest.raises(ProvenanceError, match=r"d holds per-example outputs \(step0_piqa.jsonl, …\) without a record"):
+        R.evaluate_checkpoints(ckpt, [0], s, tmp_path / "new.jsonl", log=lambda _: None)
+    assert not (tmp_path / "new.jsonl").exists()
+
+
+def test_weights_fingerprint_names_the_weights(runs, tmp_path):
+    """A copy of a run has the same weights; other steps have others; HF folders are named by
+    their files."""
+    import shutil
+
+    from pythia_jax.eval.loading import checkpoint_source, weights_fingerprint
+
+    shutil.copytree(runs / "ckpt", tmp_path / "moved")
+    fp = {s: weights_fingerprint(runs / "ckpt", s) for s in STEPS}
+    assert fp[0] != fp[1000] and all(v.startswith("ckpt:") for v in fp.values())
+    assert weights_fingerprint(tmp_path / "moved", 0) == fp[0]
+    assert weights_fingerprint(runs / "ckpt" / "1000", 1000) == fp[1000]
+    assert checkpoint_source(runs / "ckpt" / "1000") == str((runs / "ckpt").resolve())
+    hf = {s: weights_fingerprint(runs / "hf", s) for s in STEPS}
+    assert hf[0] != hf[1000] and hf[0].startswith("hf:")
+    assert weights_fingerprint(runs / "hf" / "step0", 0) == hf[0]
+
+
+def test_run_directory_unknown_task_and_progress_messages(runs, tmp_path, capsys, monkeypatch):
+    """A run's output directory stands for its checkpoints/ (as for batches and count); a folder
+    without checkpoints says so; an unknown task lists every task eval accepts; --no-progress
+    silences the harness's bars too (tqdm's and datasets' switches, read when they are imported)."""
+    from pythia_jax.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoints").symlink_to(runs / "ckpt")
+    out = tmp_path / "r.jsonl"
+    R.evaluate_checkpoints(runs / "ckpt", [0], settings(tasks=["arc_easy"], limit=2), out, log=lambda _: None)
+    log = []
+    R.evaluate_checkpoints(run, [0], settings(tasks=["arc_easy"], limit=2), out, log=log.append)
+    assert log == [f"resuming: 1 (step, task) results of these checkpoints and settings already in {out}"]
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_DISABLE_PROGRESS_BARS", raising=False)
+    assert main(["eval", "--checkpoints", str(tmp_path), "--steps", "0", "--out", str(tmp_path / "x.jsonl"),
+                 "--no-progress"]) == 2
+    assert os.environ["TQDM_DISABLE"] == "1" and os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] == "1"
+    err = capsys.readouterr().err
+    assert f"--checkpoints {tmp_path} holds no checkpoints: it is not a pythia-jax checkpoint directory" in err
+    assert main(["eval", "--checkpoints", str(run), "--steps", "0", "--tasks", "piqq", "--out",
+                 str(tmp_path / "x.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown task 'piqq'; eval accepts: " in err
+    for name in ("piqa", "lambada_openai", "logiqa", "wsc", "crows_pairs", "winobias", "arithmetic",
+                 "arithmetic_plus_k<N>", "triviaqa", "perplexity", "memorization", "paper", "bias"):
+        assert f" {name}" in err, name
+
+
+def test_harness_lm_progress_follows_the_setting(runs, capfd):
+    """``progress=False`` turns off the adapter's scoring bar and the harness's tokenizing bar."""
+    pytest.importorskip("lm_eval")
+    from pythia_jax.eval.harness import build_task, evaluate_task
+    from pythia_jax.eval.lm_eval_adapter import PythiaJaxLM
+
+    task = build_task("piqa", DATA / "piqa.jsonl")
+    capfd.readouterr()
+    evaluate_task(PythiaJaxLM(path=str(runs / "hf"), step=0, progress=False), task, limit=2)
+    err = capfd.readouterr().err
+    assert "scoring" not in err and "Tokenizing inputs" not in err

@@ -44,7 +44,14 @@ Modules, one job each (lowest first):
 
 from __future__ import annotations
 
-from pythia_jax.checkpoint.integrity import _checksum_fn, _host_checksum, _leaf_paths, step_problem, tree_checksums
+from pythia_jax.checkpoint.integrity import (
+    _checksum_fn,
+    _host_checksum,
+    _leaf_paths,
+    step_problem,
+    stored_checksums,
+    tree_checksums,
+)
 from pythia_jax.checkpoint.layout import (
                                           DATA_ITER,
                                           EXECUTION_FIELDS,
@@ -78,7 +85,7 @@ __all__ = [
     "read_run_data", "resolve_run_data",
     "CheckpointSchedule", "RestoredState", "TrainCheckpointer",
     "pythia_steps", "save_params_checkpoint", "load_params", "stored_dtypes", "STORED", "read_model_config",
-    "write_model_config", "config_differences", "tree_checksums", "step_problem",
+    "write_model_config", "config_differences", "tree_checksums", "stored_checksums", "step_problem",
     "is_checkpoint_dir", "resolve_checkpoint_dir",
     "RUN_CONFIG_KEY", "EXECUTION_FIELDS", "MODEL_CONFIG_FILE", "PARAMS", "OPT_STATE", "DATA_ITER",
     "METADATA", "FORMAT_VERSION", "SaveSteps",

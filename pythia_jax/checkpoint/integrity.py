@@ -222,6 +222,19 @@ def _check_shapes(item: str, stored: Any, target: Any, where: str) -> None:
         raise CheckpointError(f"{where}: {item} does not match the model: " + "; ".join(problems[:4]))
 
 
+def stored_checksums(directory: str | os.PathLike, step: int, item: str = "params") -> dict | None:
+    """The per-leaf checksums ``item`` of step ``step`` was saved with (``{path: [sum, weighted]}``,
+    read from the step's metadata; nothing else is read), or None when the step records none
+    (saved before checksums were stored) or its metadata is unreadable."""
+    try:
+        doc = _read_json(_epath(directory) / str(step) / METADATA / METADATA)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    internal = doc.get(_INTERNAL_KEY) if isinstance(doc, dict) else None
+    sums = (internal.get("checksums") or {}).get(item) if isinstance(internal, dict) else None
+    return sums if isinstance(sums, dict) and sums else None
+
+
 def step_problem(directory: str | os.PathLike, step: int) -> str | None:
     """Why ``<dir>/<step>`` cannot be restored (incomplete, unreadable metadata…), or None if it looks fine."""
     step_dir = _epath(directory) / str(step)

@@ -13,7 +13,8 @@ Evaluate many checkpoints of a run and write one tidy table (step, task, metric,
   pythia-jax eval --checkpoints runs/pythia-70m --steps 0,1000,143000 \\
       --tasks piqa,arc_easy,arc_challenge,sciq,winogrande --data-dir data/eval --out results.jsonl
 
---checkpoints is a pythia-jax checkpoint directory or a folder of HF revisions (step1000/ ...).
+--checkpoints is a pythia-jax checkpoint directory (a run's output directory stands for its
+checkpoints/ folder), a folder of HF revisions (step1000/ ...) or one HF directory.
 Tasks (files under --data-dir):
   piqa arc_easy arc_challenge sciq winogrande lambada_openai logiqa wsc   <task>.jsonl
   crows_pairs (all bias types), crows_pairs_gender     crows_pairs_anonymized.csv
@@ -28,8 +29,10 @@ fall back to bundled specs of the same prompts. The few-shot generation tasks ar
 triviaqa give one task per k of --shots, e.g. arithmetic_plus_k4. 'perplexity' needs
 --ppl-data. 'memorization' reads the rows each checkpoint has seen as the run read them, from the
 run record in its checkpoints (no flags needed; --mem-* flags that disagree are refused); for
-weights without a record (HF revisions) every --mem-* data flag is required. Rerunning with
-the same --out skips results already there. Per-example outputs go to --details-dir
+weights without a record (HF revisions) every --mem-* data flag is required. Every row records
+the checkpoints, the weights and the settings it was computed from; rerunning with the same
+--out skips the results already there, and an --out (or --details-dir) holding results of other
+checkpoints, weights or settings is refused. Per-example outputs go to --details-dir
 (default: <out>_details/).
 """
 
@@ -38,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from pythia_jax.commands.argtypes import dataset_prefix, nonneg_int, positive_int, seed
 
     parser.add_argument("--checkpoints", required=True,
-                        help="checkpoint directory, folder of step<N>/ HF dirs, or one HF directory")
+                        help="checkpoint directory (or a run directory holding checkpoints/), folder of "
+                             "step<N>/ HF dirs, or one HF directory")
     parser.add_argument("--steps", required=True,
                         help="e.g. 0,1000,2000 | all | 1000-10000 (one HF directory: all, or its step)")
     parser.add_argument("--tasks", default="piqa,arc_easy,arc_challenge,sciq,winogrande",
@@ -87,19 +91,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--mem-chunk-rows", type=positive_int, default=65536, help="rows per resumable part file")
     g.add_argument("--num-hosts", type=positive_int, default=1, help="hosts splitting the memorization chunks")
     g.add_argument("--host-index", type=nonneg_int, default=0, help="this host's index in [0, --num-hosts)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (ours, lm-evaluation-harness's and the datasets library's)")
 
 
 def run(args: argparse.Namespace) -> int:
     import os
 
+    if args.no_progress:  # the harness's and datasets' bars: tqdm and datasets read these at import
+        os.environ["TQDM_DISABLE"] = "1"
+        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+
     from pythia_jax.errors import PythiaJaxError
-    from pythia_jax.eval.loading import available_steps
+    from pythia_jax.eval.loading import NO_CHECKPOINTS, available_steps, resolve_checkpoints
     from pythia_jax.eval.runner import EvalSettings, evaluate_checkpoints, parse_steps, write_csv
 
     if not os.path.exists(args.checkpoints):
         raise PythiaJaxError(f"--checkpoints {args.checkpoints} does not exist")
-    steps = parse_steps(args.steps, lambda: available_steps(args.checkpoints))
+    checkpoints = resolve_checkpoints(args.checkpoints)  # a run directory: its checkpoints/
+    have = available_steps(checkpoints)
+    if not have:
+        raise PythiaJaxError(f"--checkpoints {args.checkpoints} holds no checkpoints: it {NO_CHECKPOINTS}")
+    steps = parse_steps(args.steps, lambda: have)
     if not steps:
         raise PythiaJaxError(f"no steps selected by --steps {args.steps!r}")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -115,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
         except ValueError:
             raise PythiaJaxError(f"--shots {args.shots!r}: expected comma-separated integers, e.g. 0,4,16") from None
     details = args.details_dir or os.path.splitext(args.out)[0] + "_details"
-    _check_outputs(args.checkpoints, args.out, args.csv, details)
+    _check_outputs(checkpoints, args.out, args.csv, details)
     settings = EvalSettings(
         tasks=tasks, data_dir=args.data_dir, limit=args.limit, batch_size=args.batch_size,
         max_len=args.max_len, ppl_data=args.ppl_data, ppl_text_key=args.ppl_text_key,
@@ -126,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
         details_dir=details, progress=not args.no_progress, shots=shots, stack=args.stack,
         max_stack_bytes=None if args.max_stack_bytes is None else int(args.max_stack_bytes),
         task_system=args.task_system, bootstrap_iters=args.bootstrap_iters)
-    table = evaluate_checkpoints(args.checkpoints, steps, settings, args.out)
+    table = evaluate_checkpoints(checkpoints, steps, settings, args.out)
     if args.csv:
         write_csv(table.rows, args.csv)
     print(f"{len(table.rows)} rows in {args.out}")

@@ -33,12 +33,14 @@ class PythiaJaxLM(TemplateLM):
     def __init__(self, path: str | None = None, step: int | str | None = None, *, model: Any = None,
                  batch_size: int | str = 16, max_length: int | str | None = None,
                  max_gen_toks: int | str = 256, scorer: Any = None, generator: Any = None,
-                 **unused: Any):
+                 progress: bool = True, **unused: Any):
         """``path``/``step`` (a model directory), ``model`` (a ``GPTNeoX`` or ``PlacedModel``) or
         ``scorer`` + ``generator`` (a ``Scorer`` and ``Generator`` to reuse, with their compiled
-        functions: how ``pythia-jax eval`` runs harness tasks at every checkpoint)."""
+        functions: how ``pythia-jax eval`` runs harness tasks at every checkpoint). ``progress``
+        False: no progress bars for requests (the scoring and the harness's tokenizing)."""
         super().__init__()
         self.truncated = 0  # loglikelihood requests cut from the left to fit the window
+        self.progress = progress
         if scorer is not None and generator is not None:
             from pythia_jax.eval.tokens import get_tokenizer
             self.tokenizer = get_tokenizer()
@@ -82,9 +84,12 @@ class PythiaJaxLM(TemplateLM):
     def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(tokens), skip_special_tokens=skip_special_tokens)
 
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.progress)
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         pairs = [(ctx, cont) for _, ctx, cont in requests]
-        res = self.scorer.loglikelihood(pairs, progress=not disable_tqdm)
+        res = self.scorer.loglikelihood(pairs, progress=self.progress and not disable_tqdm)
         self.truncated += int(res.truncated)
         out = [(float(ll), bool(g)) for ll, g in zip(res.loglik, res.is_greedy)]
         for (key, _, _), r in zip(requests, out):
@@ -94,7 +99,7 @@ class PythiaJaxLM(TemplateLM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         docs = [self.tok_encode(req.args[0]) for req in requests]
-        res = self.scorer.loglikelihood_rolling(docs, progress=not disable_tqdm)
+        res = self.scorer.loglikelihood_rolling(docs, progress=self.progress and not disable_tqdm)
         out = [float(x) for x in res.loglik]
         for req, r in zip(requests, out):
             self.cache_hook.add_partial("loglikelihood_rolling", (req.args[0],), r)

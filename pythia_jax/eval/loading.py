@@ -2,11 +2,17 @@
 directory (a single model or ``DIR/step<N>/`` revision folders as the Pythia suite publishes them).
 
 A single HF directory is one checkpoint: its step is N when the folder is named ``step<N>``
-(a Hub revision), else 0.
+(a Hub revision), else 0. A run's output directory stands for its ``checkpoints/`` folder
+(``resolve_checkpoints``).
+
+What a result was computed from (``pythia_jax.eval.provenance``): ``checkpoint_source`` (the
+resolved folder) and ``weights_fingerprint`` (the weights of one step).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import re
@@ -15,8 +21,82 @@ from typing import Any
 
 from pythia_jax.convert.sources import _fmt, hf_revision_steps, load_params, read_hf_revision
 from pythia_jax.errors import CheckpointError
+from pythia_jax.io_utils import is_url
 
 logger = logging.getLogger(__name__)
+
+NO_CHECKPOINTS = ("is not a pythia-jax checkpoint directory (model_config.json and <step>/ folders), "
+                  "a run's output directory (with checkpoints/), an HF model directory or a folder of "
+                  "step<N>/ HF revisions")
+
+
+def resolve_checkpoints(path: str | os.PathLike) -> str:
+    """``path`` itself when it holds checkpoints (one HF directory, HF revisions, a checkpoint
+    directory of this project or a step in one); a run's output directory gives its
+    ``checkpoints/`` folder (as ``batches`` / ``count --checkpoints`` read it)."""
+    from pythia_jax import checkpoint as ckpt
+    from pythia_jax.convert.hf import is_hf_dir
+
+    p = os.fspath(path)
+    if is_url(p) or is_hf_dir(p) or hf_revision_steps(p) or ckpt.is_checkpoint_dir(p):
+        return p
+    sub = os.path.join(p, "checkpoints")
+    if ckpt.is_checkpoint_dir(sub):
+        logger.info("%s is a run directory: evaluating its checkpoints in %s", p, sub)
+        return sub
+    return p
+
+
+def checkpoint_source(path: str | os.PathLike) -> str:
+    """The folder the checkpoints of ``path`` are read from, as one name: the checkpoint root of
+    a pythia-jax directory (a step directory or a run directory gives its root), else the HF
+    (revisions) folder; absolute, symbolic links resolved (URLs as given)."""
+    from pythia_jax import checkpoint as ckpt
+    from pythia_jax.convert.hf import is_hf_dir
+
+    p = resolve_checkpoints(path)
+    if not is_hf_dir(p) and not hf_revision_steps(p) and ckpt.is_checkpoint_dir(p):
+        p = os.fspath(ckpt.resolve_checkpoint_dir(p)[0])
+    return p.rstrip("/") if is_url(p) else os.path.realpath(p)
+
+
+def weights_fingerprint(path: str | os.PathLike, step: int) -> str:
+    """A short name for the weights of step ``step`` of ``path`` (and the model configuration
+    they run with: architecture and dtypes), read without reading the weights.
+
+    A pythia-jax checkpoint: ``ckpt:`` + a digest of ``model_config.json`` and the per-array
+    checksums the step was saved with (a copy or a moved run gives the same name, other weights
+    another; a step saved without checksums: its save times instead). An HF directory: ``hf:`` +
+    a digest of ``config.json`` and the weight files' names, sizes and modification times (the
+    files are not read: re-exported weights get a new name, and so does a copy that does not
+    keep the times)."""
+    from pythia_jax import checkpoint as ckpt
+    from pythia_jax.convert.hf import find_weight_files, is_hf_dir
+
+    p = resolve_checkpoints(path)
+    if not is_hf_dir(p) and hf_revision_steps(p):
+        p = os.path.join(p, f"step{step}")
+    if is_hf_dir(p):
+        _, files = find_weight_files(p)
+        with open(os.path.join(p, "config.json"), "rb") as f:
+            config = hashlib.sha256(f.read()).hexdigest()
+        stats = [(os.path.basename(x), os.stat(x).st_size, os.stat(x).st_mtime_ns) for x in files]
+        return "hf:" + _digest({"config": config, "files": stats})
+    root, _ = ckpt.resolve_checkpoint_dir(p)
+    config = ckpt.read_model_config(root)
+    sums = ckpt.stored_checksums(root, step)
+    if sums is None:  # saved before checksums were recorded: the save's own timestamps name it
+        try:
+            saved = json.loads((root / str(step) / "_CHECKPOINT_METADATA").read_text())
+            sums = {k: saved[k] for k in ("init_timestamp_nsecs", "commit_timestamp_nsecs")}
+        except (OSError, ValueError, KeyError, TypeError):
+            raise CheckpointError(f"{root}/{step}: its metadata records neither checksums nor save times "
+                                  "of the params, so results cannot name the weights they come from") from None
+    return "ckpt:" + _digest({"config": None if config is None else config.to_dict(), "params": sums})
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def load_model_params(path: str | os.PathLike, step: int | None = None) -> tuple[Any, dict]:

@@ -15,7 +15,8 @@ seed, batch, sequence length, ``train_iters``, transform, from the checkpoints' 
 A sweep (``sweep_memorization``) is chunked and resumable: the selected rows are cut into chunks
 of ``chunk_rows``; each chunk's per-row results go to its own ``chunk-NNNNNN.npy`` (written aside,
 then renamed) in ``<details>/step<N>_memorization.parts/`` beside a ``manifest.json`` naming the
-run's rows and the selection; a rerun skips finished chunks. ``num_hosts``/``host_index`` split
+weights scored (``weights``), the run's rows and the selection; a rerun skips finished chunks, and
+a folder of other weights, rows or settings is refused. ``num_hosts``/``host_index`` split
 the chunks (chunk c belongs to host ``c % num_hosts``); the merge is a run with the part files of
 every host in one folder (a shared file system, or copied together: names never collide): it
 finds every chunk done and writes the merged ``step<N>_memorization.npy`` (ROW_DTYPE, sorted by
@@ -43,7 +44,7 @@ PROMPT_LEN = 32
 GEN_LEN = 32
 ROW_DTYPE = np.dtype([("row", np.int64), ("score", np.float32), ("memorized", np.bool_),
                       ("matched", np.int16)])
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: the manifest names the weights scored (1 did not: its chunks are refused)
 DEFAULT_CHUNK_ROWS = 65536
 
 
@@ -171,7 +172,7 @@ def sweep_memorization(generator: Any, run: Any, step: int, details_dir: str | o
                        order: Any = None, sample: int | None = None, sample_seed: int = 0,
                        chunk_rows: int = DEFAULT_CHUNK_ROWS, num_hosts: int = 1, host_index: int = 0,
                        prompt_len: int = PROMPT_LEN, gen_len: int = GEN_LEN,
-                       progress: bool = False) -> MemorizationResult | None:
+                       progress: bool = False, weights: str | None = None) -> MemorizationResult | None:
     """Score checkpoint ``step`` on the rows it has seen (all of ``[0, run.rows_seen(step))``, or
     ``sample`` of them), chunk by chunk into ``parts_dir(details_dir, step)``.
 
@@ -180,7 +181,10 @@ def sweep_memorization(generator: Any, run: Any, step: int, details_dir: str | o
     ``c % num_hosts == host_index`` that are not done yet. Returns the merged result (also saved
     as ``merged_path``) once every chunk of the step is there, else None (other hosts' chunks
     missing; rerun with ``num_hosts=1`` to merge, which scores anything still missing).
-    Raises ``MemorizationError`` when the folder holds chunks of other rows / settings.
+    ``weights``: names the weights scored (``pythia_jax.eval.loading.weights_fingerprint``, as the
+    runner passes it); None: a digest of the generator's own parameters (their checksums) and
+    configuration. Raises ``MemorizationError`` when the folder holds chunks of other weights,
+    rows or settings, or chunks of an older version that did not record the weights.
     """
     if chunk_rows < 1:
         raise MemorizationError(f"chunk rows must be >= 1, got {chunk_rows}")
@@ -191,7 +195,9 @@ def sweep_memorization(generator: Any, run: Any, step: int, details_dir: str | o
                        num_rows=len(order))
     folder = parts_dir(details_dir, step)
     num_chunks = -(-len(rows) // chunk_rows)
-    manifest = {"version": MANIFEST_VERSION, "step": int(step), "run": run.fingerprint(),
+    if weights is None:
+        weights = generator_weights(generator)
+    manifest = {"version": MANIFEST_VERSION, "step": int(step), "weights": weights, "run": run.fingerprint(),
                 "rows_seen": run.rows_seen(step), "sample": sample,
                 "sample_seed": int(sample_seed) if sample is not None else None,
                 "num_rows": int(len(rows)), "chunk_rows": int(chunk_rows), "num_chunks": int(num_chunks),
@@ -222,6 +228,18 @@ def sweep_memorization(generator: Any, run: Any, step: int, details_dir: str | o
     return result
 
 
+def generator_weights(generator: Any) -> str:
+    """``params:`` + a digest of the generator's configuration and the checksums of its
+    parameters as placed (one pass over them)."""
+    import hashlib
+
+    from pythia_jax.checkpoint import tree_checksums
+
+    placed = generator.placed
+    doc = {"config": placed.config.to_dict(), "params": tree_checksums(placed.params)}
+    return "params:" + hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _claim_manifest(folder: str, manifest: dict) -> None:
     path = os.path.join(folder, "manifest.json")
     if os.path.exists(path):
@@ -230,11 +248,17 @@ def _claim_manifest(folder: str, manifest: dict) -> None:
                 old = json.load(f)
         except (OSError, ValueError) as e:
             raise MemorizationError(f"{path}: unreadable ({e}); remove the folder to start over") from None
+        if not isinstance(old, dict) or "weights" not in old:
+            raise MemorizationError(
+                f"{folder} holds memorization chunks of an older pythia-jax, whose manifest does not say "
+                "which weights they scored, so they cannot be reused; use another --details-dir or remove "
+                "that folder")
         if old != json.loads(json.dumps(manifest)):
             diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != json.loads(json.dumps(manifest)).get(k))
-            k = diff[0]
+            k = "weights" if "weights" in diff else diff[0]
+            what = "other weights" if k == "weights" else "other settings"
             raise MemorizationError(
-                f"{folder} holds memorization chunks of other settings ({k}: {old.get(k)} there, "
+                f"{folder} holds memorization chunks of {what} ({k}: {old.get(k)} there, "
                 f"{manifest.get(k)} now); use another --details-dir or remove that folder")
         return
     os.makedirs(folder, exist_ok=True)

@@ -18,7 +18,10 @@ Tasks:
 
 The table is JSON lines
 (``.jsonl``) or CSV (``.csv``), written after every (step, task) so an interrupted run loses at
-most one task; rerunning skips the (step, task) pairs already in the file.
+most one task. Each row records what it was computed from (``checkpoint``, ``weights``,
+``settings``: ``pythia_jax.eval.provenance``); rerunning skips the (step, task) pairs already in
+the file, and a file (or details folder) holding results of other checkpoints, weights or
+settings is refused.
 """
 
 from __future__ import annotations
@@ -33,11 +36,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from pythia_jax.errors import CheckpointError, DataError, PythiaJaxError
+from pythia_jax.eval.provenance import ID_COLUMNS, DetailsLedger, check_records
 from pythia_jax.io_utils import atomic_files, check_output_file
 
 logger = logging.getLogger(__name__)
 
-COLUMNS = ("step", "task", "metric", "value", "stderr", "num_examples")
+COLUMNS = ("step", "task", "metric", "value", "stderr", "num_examples") + ID_COLUMNS
 DEFAULT_TASKS = ("piqa", "arc_easy", "arc_challenge", "sciq", "winogrande")
 SPECIAL_TASKS = ("perplexity", "memorization")
 PAPER_TASKS = ("lambada_openai", "piqa", "winogrande", "arc_easy", "arc_challenge", "sciq", "logiqa")
@@ -111,21 +115,37 @@ def read_table(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def _typed_row(r: dict) -> dict[str, Any]:
+    """A row with its types; the identity columns are None in rows written before they existed."""
     def num(x):
         if x is None or x == "":
             return float("nan")
         return float(x)
+
+    settings = r.get("settings") or None
+    if isinstance(settings, str):  # CSV: JSON text
+        settings = json.loads(settings)
+    if settings is not None and not isinstance(settings, dict):
+        raise ValueError(f"settings {settings!r} is not a mapping")
     return {"step": int(r["step"]), "task": str(r["task"]), "metric": str(r["metric"]),
             "value": num(r["value"]), "stderr": num(r.get("stderr")),
-            "num_examples": int(r["num_examples"]) if r.get("num_examples") not in (None, "") else 0}
+            "num_examples": int(r["num_examples"]) if r.get("num_examples") not in (None, "") else 0,
+            "checkpoint": r.get("checkpoint") or None, "weights": r.get("weights") or None,
+            "settings": settings}
 
 
-def _json_value(x: float) -> float | None:
+def _json_value(x: Any) -> Any:
     return None if isinstance(x, float) and math.isnan(x) else x
 
 
+def _csv_value(x: Any) -> Any:
+    if isinstance(x, dict):
+        return json.dumps(x, sort_keys=True)
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else x
+
+
 class ResultsTable:
-    """The output table; ``done`` holds the (step, task) pairs it already has."""
+    """The output table; ``done`` holds the (step, task) pairs it already has. ``check`` refuses
+    a table holding results of other checkpoints, weights or settings (before any work)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -134,11 +154,21 @@ class ResultsTable:
         check_output_file(self.path, "table")  # extends a results table, never another file
         self.rows = read_table(self.path)
         self.done = {(r["step"], r["task"]) for r in self.rows}
-        if self.path.suffix == ".jsonl" and self.path.exists():
-            self._rewrite()  # drop a partial last line left by an interruption
+        # a partial last line left by an interruption is dropped before the first row is added
+        # (not before: a table that is then refused stays as it is)
+        self._partial = self.path.suffix == ".jsonl" and _ends_unfinished(self.path)
 
-    def add(self, rows: Iterable[dict[str, Any]]) -> None:
-        rows = [_typed_row(r) for r in rows]
+    def check(self, source: str, expected: dict[tuple[int, str], tuple[str, dict]]) -> None:
+        """``provenance.check_records`` on the rows already here (``ProvenanceError``)."""
+        check_records(self.rows, where=str(self.path), source=source, expected=expected,
+                      fix="write these results to another --out")
+
+    def add(self, rows: Iterable[dict[str, Any]], identity: dict[str, Any] | None = None) -> None:
+        """Append ``rows``, each with ``identity`` (``checkpoint``, ``weights``, ``settings``)."""
+        rows = [_typed_row({**r, **(identity or {})}) for r in rows]
+        if self._partial:
+            self._rewrite()
+            self._partial = False
         self.rows.extend(rows)
         self.done.update((r["step"], r["task"]) for r in rows)
         if self.path.suffix == ".jsonl":
@@ -159,6 +189,15 @@ class ResultsTable:
                 f.write(json.dumps({k: _json_value(r[k]) for k in COLUMNS}) + "\n")
 
 
+def _ends_unfinished(path: Path) -> bool:
+    """True when a non-empty file does not end with a newline."""
+    if not path.exists() or path.stat().st_size == 0:
+        return False
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
+
+
 def write_csv(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
     """Write ``rows`` as a CSV table (atomically; replaces only a results table)."""
     check_output_file(path, "table")
@@ -166,7 +205,7 @@ def write_csv(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
         for r in rows:
-            w.writerow({k: ("" if isinstance(r[k], float) and math.isnan(r[k]) else r[k]) for k in COLUMNS})
+            w.writerow({k: _csv_value(r.get(k)) for k in COLUMNS})
 
 
 # --------------------------------------------------------------------------------- evaluation
@@ -254,51 +293,98 @@ def check_tasks(tasks: Sequence[str], settings: EvalSettings) -> dict[str, Any]:
                                               limit=settings.limit)) is not None:
             resolved.update(gen)
         else:
+            if not Path(name).suffix:  # a name, not a spec file: none of the tasks eval knows
+                raise PythiaJaxError(f"unknown task {name!r}; eval accepts: {', '.join(accepted_task_names())}; "
+                                     f"or a zero-shot task spec .yaml path")
             spec = T.load_spec(name)
             resolved[spec.name] = (spec, T.load_examples(spec, settings.data_dir, limit=settings.limit))
     return resolved
+
+
+def accepted_task_names() -> list[str]:
+    """Every task name ``--tasks`` accepts (patterns written with <N>), the groups last."""
+    from pythia_jax.eval import arithmetic
+    from pythia_jax.eval import harness as H
+    from pythia_jax.eval import tasks as T
+
+    names = dict.fromkeys([*H.HARNESS_TASKS, *sorted(H.ALIASES), *T.available_tasks(), "winobias",
+                           "arithmetic", "arithmetic_k<N>", *(f"arithmetic_{op}" for op in arithmetic.OPERATIONS),
+                           *(f"arithmetic_{op}_k<N>" for op in arithmetic.OPERATIONS),
+                           "triviaqa", "triviaqa_k<N>", *SPECIAL_TASKS])
+    return [*names, *(f"{g} (= {','.join(TASK_GROUPS[g])})" for g in TASK_GROUPS)]
 
 
 def evaluate_checkpoints(checkpoints: str | os.PathLike, steps: Sequence[int], settings: EvalSettings,
                          out: str | os.PathLike, log: Callable[[str], None] = print) -> ResultsTable:
     """Evaluate ``settings.tasks`` at every step and append the rows to the table ``out``.
 
-    Every requested step is checked to exist before any evaluation starts.
+    ``checkpoints``: a checkpoint directory (or a run directory: its ``checkpoints/``), HF
+    revisions or one HF directory. Every requested step is checked to exist, and the table and
+    details folder to hold nothing of another origin, before any evaluation starts.
     """
-    from pythia_jax.eval.loading import available_steps, load_model_params
+    from pythia_jax.eval.loading import (
+        NO_CHECKPOINTS,
+        available_steps,
+        checkpoint_source,
+        load_model_params,
+        resolve_checkpoints,
+        weights_fingerprint,
+    )
+    from pythia_jax.eval.provenance import task_settings
 
+    checkpoints = resolve_checkpoints(checkpoints)
     table = ResultsTable(out)
     have = available_steps(checkpoints)
+    if not have:
+        raise CheckpointError(f"{checkpoints} holds no checkpoints: it {NO_CHECKPOINTS}")
     missing = [s for s in steps if s not in have]
     if missing:
         raise CheckpointError(f"{checkpoints}: no step {', '.join(map(str, missing))}; available: "
-                              f"{', '.join(map(str, have)) or 'none'}")
+                              f"{', '.join(map(str, have))}")
     tasks = check_tasks(settings.tasks, settings)
     env = _Env(settings, checkpoints)
     if "memorization" in tasks:  # the run's rows for every step, checked before any model loads
         for s in steps:
             env.run_data(s)
+    # what each result is computed from; results of anything else in the table are refused
+    source = checkpoint_source(checkpoints)
+    env.weights = {s: weights_fingerprint(checkpoints, s) for s in steps}
+    shared = {t: task_settings(t, r, settings) for t, r in tasks.items()}
+    identity = {(s, t): {"checkpoint": source, "weights": env.weights[s],
+                         "settings": {**shared[t], "rows": env.run_data(s).fingerprint()}
+                         if t == "memorization" else shared[t]}
+                for s in steps for t in tasks}
+    expected = {k: (v["weights"], v["settings"]) for k, v in identity.items()}
+    table.check(source, expected)
+    ledger = DetailsLedger(settings.details_dir) if settings.details_dir else None
+    if ledger is not None:
+        ledger.check(source=source, expected=expected)
+
+    def record(step: int, task: str, rows: list[dict[str, Any]], how: str = "") -> None:
+        if ledger is not None:
+            ledger.add(env.take_written(), step, task, identity[(step, task)])
+        table.add(rows, identity[(step, task)])
+        summary = ", ".join(f"{r['metric']}={r['value']:.4g}" for r in rows)
+        log(f"step {step} {task}{how}: {summary or 'this host is done; the result comes with the merge'}")
+
     todo = [(s, t) for s in steps for t in tasks if (s, t) not in table.done]
     skipped = len(steps) * len(tasks) - len(todo)
     if skipped:
-        log(f"resuming: {skipped} (step, task) results already in {out}")
+        log(f"resuming: {skipped} (step, task) results of these checkpoints and settings already in {out}")
     pending = [s for s in steps if any((s, t) not in table.done for t in tasks)]
     if settings.stack > 1 and pending:
-        _evaluate_stacked(checkpoints, pending, tasks, settings, env, table, log)
+        _evaluate_stacked(checkpoints, pending, tasks, settings, env, table, log, record)
         pending = [s for s in steps if any((s, t) not in table.done for t in tasks)]
     for step in pending:
         step_tasks = [t for t in tasks if (step, t) not in table.done]
         config, params = load_model_params(checkpoints, step)
         env.set_model(config, params)
         for task in step_tasks:
-            rows = env.run(step, task, tasks[task])
-            table.add(rows)
-            summary = ", ".join(f"{r['metric']}={r['value']:.4g}" for r in rows)
-            log(f"step {step} {task}: {summary or 'this host is done; the result comes with the merge'}")
+            record(step, task, env.run(step, task, tasks[task]))
     return table
 
 
-def _evaluate_stacked(checkpoints, steps, tasks, settings, env, table, log) -> None:
+def _evaluate_stacked(checkpoints, steps, tasks, settings, env, table, log, record) -> None:
     """``--stack K``: the scoring tasks (zero-shot, perplexity) of K steps at a time in one compiled
     pass (``pythia_jax.eval.stacked``); K is capped to fit the device memory / ``max_stack_bytes``.
     Memorization, generation, harness and WinoBias tasks stay per step. Groups whose configs
@@ -331,9 +417,7 @@ def _evaluate_stacked(checkpoints, steps, tasks, settings, env, table, log) -> N
                 if (step, task) in table.done:
                     continue
                 env.scorer = stacked.view(i)
-                rows = env.run(step, task, tasks[task])
-                table.add(rows)
-                log(f"step {step} {task} (stacked): " + ", ".join(f"{r['metric']}={r['value']:.4g}" for r in rows))
+                record(step, task, env.run(step, task, tasks[task]), " (stacked)")
     env.placed = env.scorer = None  # the per-step loop places its own model
 
 
@@ -350,6 +434,8 @@ class _Env:
         self._tokenizer = None
         self._ppl = None
         self._order = None
+        self.weights: dict[int, str] = {}  # step -> weights_fingerprint (the memorization parts name it)
+        self._written: list[Path] = []  # details files written since take_written
 
     def set_model(self, config, params) -> None:
         from pythia_jax.eval.generate import Generator
@@ -375,7 +461,13 @@ class _Env:
             return None
         d = Path(self.settings.details_dir)
         d.mkdir(parents=True, exist_ok=True)
-        return d / f"step{step}_{task}{suffix}"
+        self._written.append(d / f"step{step}_{task}{suffix}")
+        return self._written[-1]
+
+    def take_written(self) -> list[Path]:
+        """The details files written since the last call (for the details folder's ledger)."""
+        written, self._written = [p for p in self._written if p.exists()], []
+        return written
 
     def run(self, step: int, task: str, resolved: Any) -> list[dict[str, Any]]:
         if task == "perplexity":
@@ -400,7 +492,7 @@ class _Env:
         from pythia_jax.eval.harness import evaluate_task
         from pythia_jax.eval.lm_eval_adapter import PythiaJaxLM
 
-        lm = PythiaJaxLM(scorer=self.scorer, generator=self.generator)
+        lm = PythiaJaxLM(scorer=self.scorer, generator=self.generator, progress=self.settings.progress)
         res = evaluate_task(lm, harness_task, limit=self.settings.limit,
                             bootstrap_iters=self.settings.bootstrap_iters)
         return self._task_rows(step, task, res, lm.truncated)
@@ -473,7 +565,11 @@ class _Env:
             res = sweep_memorization(self.generator, run, step, s.details_dir, order=self._order[1],
                                      sample=s.mem_sample, sample_seed=s.mem_seed,
                                      chunk_rows=s.mem_chunk_rows, num_hosts=s.num_hosts,
-                                     host_index=s.host_index, progress=s.progress)
+                                     host_index=s.host_index, progress=s.progress,
+                                     weights=self.weights.get(step))
+            if res is not None:
+                from pythia_jax.eval.memorization import merged_path
+                self._written.append(Path(merged_path(s.details_dir, step)))
         if res is None:  # other hosts' chunks are missing: no summary row yet
             return []
         n = len(res.per_row)
