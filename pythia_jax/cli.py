@@ -153,10 +153,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(module, args: argparse.Namespace) -> int:
     """Run one subcommand. Input errors and I/O failures (a full disk, a read-only or missing
-    folder, an unreadable file) become one line on stderr and exit status 2; Ctrl-C exits 130."""
+    folder, an unreadable file) become one line on stderr and exit status 2; Ctrl-C exits 130; a
+    closed stdout (``pythia-jax info | head -1``) ends quietly with 141, as a tool killed by
+    SIGPIPE."""
     with console_logging():
         try:
-            return int(module.run(args) or 0)
+            rc = int(module.run(args) or 0)
+            sys.stdout.flush()  # a reader that went away shows here, not at interpreter exit
+            return rc
         except KeyboardInterrupt:
             print(f"pythia-jax {args.command}: interrupted", file=sys.stderr)
             return 130
@@ -164,11 +168,25 @@ def _run(module, args: argparse.Namespace) -> int:
             print(f"pythia-jax {args.command}: error: {one_line(str(e), limit=2000)}", file=sys.stderr)
             return 2
         except Exception as e:  # noqa: BLE001 - only OS-level failures are reported here
+            if isinstance(_find_os_error(e), BrokenPipeError):
+                return _stdout_closed()
             message = describe_os_failure(e, args)
             if message is None:
                 raise
             print(f"pythia-jax {args.command}: error: {message}", file=sys.stderr)
             return 2
+
+
+def _stdout_closed() -> int:
+    """Exit status 141 (128 + SIGPIPE) after the reader of stdout went away; stdout then points
+    at /dev/null, so the interpreter's final flush cannot raise again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no real file descriptor (a replaced sys.stdout)
+        pass
+    return 141
 
 
 # ----------------------------------------------------------------------------- I/O failures

@@ -60,6 +60,18 @@ def test_info_lists_presets_and_prints_one_config(capsys):
     assert '"hidden_size": 768' in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("argv", [["info", "pythia-70m"], ["info"]])
+def test_closed_stdout_ends_quietly(argv):
+    """``pythia-jax info pythia-70m | head -1`` printed "error: Broken pipe" and exited 2: a reader
+    that goes away ends the command quietly with 141 (128 + SIGPIPE), like other Unix tools."""
+    proc = subprocess.Popen([sys.executable, "-m", "pythia_jax.cli", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    proc.stdout.close()  # before the command writes anything: its first write finds no reader
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert err == ""
+
+
 def test_input_errors_are_one_line_with_status_2(capsys):
     assert cli.main(["info", "pythia-13b"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
