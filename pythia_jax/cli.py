@@ -162,7 +162,8 @@ def _run(module, args: argparse.Namespace) -> int:
             sys.stdout.flush()  # a reader that went away shows here, not at interpreter exit
             return rc
         except KeyboardInterrupt:
-            print(f"pythia-jax {args.command}: interrupted", file=sys.stderr)
+            with _progress_bars_cleared(sys.stderr):
+                print(f"pythia-jax {args.command}: interrupted", file=sys.stderr)
             return 130
         except (PythiaJaxError, ConfigError) as e:
             print(f"pythia-jax {args.command}: error: {one_line(str(e), limit=2000)}", file=sys.stderr)
@@ -277,6 +278,27 @@ class _ConsoleFormatter(logging.Formatter):
         return f"pythia-jax: {message}"
 
 
+@contextlib.contextmanager
+def _progress_bars_cleared(stream) -> Iterator[None]:
+    """Write to ``stream`` on a line of its own: tqdm bars on the console (e.g. ``train``'s) are
+    cleared first and redrawn after (``tqdm.external_write_mode``, what ``tqdm.write`` uses);
+    without it a log line or the Ctrl-C message was appended to the bar's line."""
+    tqdm = sys.modules.get("tqdm")  # no bar can be active when tqdm was never imported
+    if tqdm is None or not hasattr(tqdm, "tqdm"):
+        yield
+        return
+    with tqdm.tqdm.external_write_mode(file=stream):
+        yield
+
+
+class _ConsoleHandler(logging.StreamHandler):
+    """A StreamHandler whose records start on a fresh line while a progress bar is shown."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with _progress_bars_cleared(self.stream):
+            super().emit(record)
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """``warnings.showwarning`` replacement: the warning as one log line (no file, no source line)."""
     text = str(message)
@@ -289,7 +311,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def console_logging() -> Iterator[None]:
     """While a command runs: log records (the package's INFO and up, others' WARNING and up) and
     Python warnings go to stderr, one readable line each. Restores the previous setup after."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _ConsoleHandler(sys.stderr)
     handler.setFormatter(_ConsoleFormatter())
     root, package = logging.getLogger(), logging.getLogger("pythia_jax")
     saved = root.level, package.level, warnings.showwarning
