@@ -55,6 +55,8 @@ def test_forward_refuses_token_ids_outside_vocab():
     ok = model(np.array([[0, 100]], np.int32))
     assert np.isfinite(np.asarray(ok)).all()
     assert np.allclose(jax.jit(lambda t: model(t))(np.array([[0, 100]], np.int32)), ok, atol=1e-5)
+    closed = jax.numpy.array([[0, 100]], jax.numpy.int32)  # a concrete array captured by a trace
+    assert np.allclose(jax.jit(lambda: model(closed))(), ok, atol=1e-5)
 
 
 def test_load_every_source_and_save_hf(tmp_path):

@@ -21,11 +21,10 @@ def token_id_range(tokens: Any) -> tuple[int, int] | None:
     spread over other hosts."""
     if isinstance(tokens, jax.core.Tracer):
         return None
-    if isinstance(tokens, jax.Array):
-        if tokens.size == 0 or not tokens.is_fully_addressable:
-            return None
-        lo, hi = jax.device_get((tokens.min(), tokens.max()))
-        return int(lo), int(hi)
+    if isinstance(tokens, jax.Array) and not tokens.is_fully_addressable:
+        return None
+    # on the host, also for a device array: a concrete array closed over inside a jit trace would
+    # turn ``tokens.min()`` into a tracer (token arrays are small; this copy is cheap)
     arr = np.asarray(tokens)
     if arr.size == 0:
         return None
