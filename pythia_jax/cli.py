@@ -154,23 +154,42 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(module, args: argparse.Namespace) -> int:
     """Run one subcommand. Input errors and I/O failures (a full disk, a read-only or missing
-    folder, an unreadable file) become one line on stderr and exit status 2; Ctrl-C exits 130."""
+    folder, an unreadable file) become one line on stderr and exit status 2; Ctrl-C exits 130; a
+    closed stdout (``pythia-jax info | head -1``) ends quietly with 141, as a tool killed by
+    SIGPIPE."""
     with console_logging():
         try:
-            return int(module.run(args) or 0)
+            rc = int(module.run(args) or 0)
+            sys.stdout.flush()  # a reader that went away shows here, not at interpreter exit
+            return rc
         except KeyboardInterrupt:
-            print(f"pythia-jax {args.command}: interrupted", file=sys.stderr)
+            with _progress_bars_cleared(sys.stderr):
+                print(f"pythia-jax {args.command}: interrupted", file=sys.stderr)
             return 130
         except (PythiaJaxError, ConfigError) as e:
             print(f"pythia-jax {args.command}: error: {one_line(without_gin_context(str(e)), limit=2000)}",
                   file=sys.stderr)
             return 2
         except Exception as e:  # noqa: BLE001 - only OS-level failures are reported here
+            if isinstance(_find_os_error(e), BrokenPipeError):
+                return _stdout_closed()
             message = describe_os_failure(e, args)
             if message is None:
                 raise
             print(f"pythia-jax {args.command}: error: {message}", file=sys.stderr)
             return 2
+
+
+def _stdout_closed() -> int:
+    """Exit status 141 (128 + SIGPIPE) after the reader of stdout went away; stdout then points
+    at /dev/null, so the interpreter's final flush cannot raise again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no real file descriptor (a replaced sys.stdout)
+        pass
+    return 141
 
 
 # ----------------------------------------------------------------------------- I/O failures
@@ -272,6 +291,27 @@ class _ConsoleFormatter(logging.Formatter):
         return f"pythia-jax: {message}"
 
 
+@contextlib.contextmanager
+def _progress_bars_cleared(stream) -> Iterator[None]:
+    """Write to ``stream`` on a line of its own: tqdm bars on the console (e.g. ``train``'s) are
+    cleared first and redrawn after (``tqdm.external_write_mode``, what ``tqdm.write`` uses);
+    without it a log line or the Ctrl-C message was appended to the bar's line."""
+    tqdm = sys.modules.get("tqdm")  # no bar can be active when tqdm was never imported
+    if tqdm is None or not hasattr(tqdm, "tqdm"):
+        yield
+        return
+    with tqdm.tqdm.external_write_mode(file=stream):
+        yield
+
+
+class _ConsoleHandler(logging.StreamHandler):
+    """A StreamHandler whose records start on a fresh line while a progress bar is shown."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with _progress_bars_cleared(self.stream):
+            super().emit(record)
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """``warnings.showwarning`` replacement: the warning as one log line (no file, no source line)."""
     text = str(message)
@@ -284,7 +324,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def console_logging() -> Iterator[None]:
     """While a command runs: log records (the package's INFO and up, others' WARNING and up) and
     Python warnings go to stderr, one readable line each. Restores the previous setup after."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _ConsoleHandler(sys.stderr)
     handler.setFormatter(_ConsoleFormatter())
     root, package = logging.getLogger(), logging.getLogger("pythia_jax")
     saved = root.level, package.level, warnings.showwarning

@@ -29,6 +29,11 @@ class DataError(PythiaJaxError):
     """A dataset file that is missing, truncated or inconsistent."""
 
 
+class TokenIdError(DataError, IndexError):
+    """Token ids outside ``[0, vocab_size)`` of the model they are fed to (also an ``IndexError``,
+    what Hugging Face's embedding lookup raises for them); see ``pythia_jax.model.check_token_ids``."""
+
+
 class DataFileNotFound(DataError):
     """A dataset file that does not exist (callers may fall back to another layout)."""
 
@@ -39,4 +44,4 @@ class TransformError(DataError):
 
 
 __all__ = ["ConfigError", "PythiaJaxError", "CheckpointError", "ParamShapeError", "DataError",
-           "DataFileNotFound", "TransformError"]
+           "DataFileNotFound", "TransformError", "TokenIdError"]

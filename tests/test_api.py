@@ -39,6 +39,26 @@ def test_init_by_config_and_name():
         pythia_jax.init("pythia-3b")
 
 
+def test_forward_refuses_token_ids_outside_vocab():
+    """A concrete array with ids >= vocab_size gave NaN logits, negative ids wrapped around; both
+    raise TokenIdError (also an IndexError, as HF's embedding raises). Traced arrays run as before."""
+    from pythia_jax.errors import TokenIdError
+
+    model = pythia_jax.init(TINY, seed=0)
+    msg = r"token ids lie outside the model's vocabulary: ids from 5 to 101, but vocab_size is 101 \(valid ids 0..100\)"
+    with pytest.raises(TokenIdError, match=msg):
+        model(jax.numpy.array([[5, 100, 101]], jax.numpy.int32))
+    with pytest.raises(IndexError, match="ids from -1 to -1"):
+        model(np.full((1, 4), -1, np.int32))
+    with pytest.raises(TokenIdError, match="ids from 0 to 101"):
+        model.hidden_states(np.array([[0, 101]], np.int32))
+    ok = model(np.array([[0, 100]], np.int32))
+    assert np.isfinite(np.asarray(ok)).all()
+    assert np.allclose(jax.jit(lambda t: model(t))(np.array([[0, 100]], np.int32)), ok, atol=1e-5)
+    closed = jax.numpy.array([[0, 100]], jax.numpy.int32)  # a concrete array captured by a trace
+    assert np.allclose(jax.jit(lambda: model(closed))(), ok, atol=1e-5)
+
+
 def test_load_every_source_and_save_hf(tmp_path):
     from pythia_jax.checkpoint import save_params_checkpoint
     from pythia_jax.convert.neox import write_neox_checkpoint

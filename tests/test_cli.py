@@ -61,6 +61,38 @@ def test_info_lists_presets_and_prints_one_config(capsys):
     assert '"hidden_size": 768' in capsys.readouterr().out
 
 
+def test_log_lines_start_on_a_fresh_line_under_a_progress_bar(monkeypatch):
+    """A log record (or the Ctrl-C line) written while a tqdm bar is shown clears the bar's line
+    first and redraws the bar after, instead of being appended to the bar's text."""
+    import io
+    import logging
+
+    from tqdm import tqdm
+
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    bar = tqdm(total=10, file=stream, unit="step", mininterval=0, miniters=1)
+    bar.update(3)
+    with cli.console_logging():
+        logging.getLogger("pythia_jax.train.loop").warning("interrupted at step 3")
+    bar.close()
+    text = stream.getvalue()
+    head, sep, _ = text.partition("pythia-jax: warning: interrupted at step 3\n")
+    assert sep and head.endswith("\r") and "3/10" in head, repr(text)
+
+
+@pytest.mark.parametrize("argv", [["info", "pythia-70m"], ["info"]])
+def test_closed_stdout_ends_quietly(argv):
+    """``pythia-jax info pythia-70m | head -1`` printed "error: Broken pipe" and exited 2: a reader
+    that goes away ends the command quietly with 141 (128 + SIGPIPE), like other Unix tools."""
+    proc = subprocess.Popen([sys.executable, "-m", "pythia_jax.cli", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    proc.stdout.close()  # before the command writes anything: its first write finds no reader
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert err == ""
+
+
 def test_input_errors_are_one_line_with_status_2(capsys):
     assert cli.main(["info", "pythia-13b"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -350,8 +382,10 @@ def test_train_reports_unfinished_runs_lost_steps_and_full_disks(tmp_path, monke
         real_append(self, row)
 
     monkeypatch.setattr(metrics.MetricsLog, "append", interrupt_at_5)
-    assert cli.main(argv) == 130
+    assert cli.main(argv + ["--gin.TrainConfig.progress_bar=True"]) == 130
     err = capsys.readouterr().err
+    # the progress bar ends its line first: the report was appended to the bar's line
+    assert re.search(r"(?m)^pythia-jax: warning: interrupted at step", err), err
     m = re.search(r"pythia-jax: warning: interrupted at step (\d+): the newest checkpoint is step 3, so (\d+) "
                   r"step\(s\) since it are lost; the same command resumes from step 3", err)
     assert m and int(m.group(1)) - 3 == int(m.group(2)) > 0, err

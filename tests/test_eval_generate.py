@@ -57,12 +57,62 @@ def test_stop_token(model, generator):
     assert len(outs[0]) <= 5
 
 
-def test_long_prompt_truncated_from_left(model, generator):
+def test_long_prompt_cut_only_when_asked(model, generator, caplog):
+    """``max_prompt_len`` (lm-eval's left truncation) keeps the last tokens, counts and logs the cut;
+    without it the whole prompt is used (the cache grows past max_position_embeddings)."""
     before = generator.truncated
-    long = list(np.random.default_rng(0).integers(2, 256, 120))
-    out = generator.generate([long], 8, stop_token=None)[0]
+    long = [int(t) for t in np.random.default_rng(0).integers(2, 256, 120)]
+    room = CFG.max_position_embeddings - 8
+    with caplog.at_level("WARNING", logger="pythia_jax.eval.generate"):
+        out = generator.generate([long, [3, 4]], 8, stop_token=None, max_prompt_len=room)[0]
     assert generator.truncated == before + 1
-    assert out == generate_no_cache(model, long[-(CFG.max_position_embeddings - 8):], 8, stop_token=None)
+    assert "1 of 2 prompts were cut from the left to their last 88 tokens" in caplog.text
+    assert out == generate_no_cache(model, long[-room:], 8, stop_token=None)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pythia_jax.eval.generate"):
+        whole = generator.generate([long], 8, stop_token=None)[0]
+    assert generator.truncated == before + 1  # nothing cut
+    assert "1 of 1 prompts + 8 new tokens run past the model's 96 trained positions" in caplog.text
+    fwd = jax.jit(lambda t: jnp.argmax(model(t)[0, -1]))
+    ref = list(long)
+    for _ in range(8):  # greedy without a cache over the whole prompt
+        ref.append(int(fwd(np.asarray([ref], np.int32))))
+    assert whole == ref[len(long):]
+
+
+def test_long_prompt_equals_hf_generate(tmp_path):
+    """A 20-token prompt for a model of max_position_embeddings=16 (HF keeps the whole prompt;
+    pythia-jax used to cut it to its last 16 - 6 tokens)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from flax import nnx
+
+    from pythia_jax.convert.hf import write_hf_dir
+    from pythia_jax.model import GPTNeoX, params_to_dict
+
+    cfg = ModelConfig(name="tiny16", vocab_size=1000, hidden_size=64, num_layers=2, num_heads=4,
+                      max_position_embeddings=16)
+    model = GPTNeoX(cfg, rngs=nnx.Rngs(7))
+    hf_dir = write_hf_dir(cfg, params_to_dict(model), tmp_path / "hf", dtype="float32")
+    hf = transformers.GPTNeoXForCausalLM.from_pretrained(str(hf_dir), torch_dtype=torch.float32).eval()
+    prompts = [[int(t) for t in np.random.default_rng(s).integers(1, 1000, n)] for s, n in ((1, 20), (2, 5))]
+    ours = Generator(model, batch_size=2).generate(prompts, 6, stop_token=None)
+    for prompt, new in zip(prompts, ours):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)
+        assert new == ref[0, len(prompt):].tolist()
+
+
+def test_token_ids_outside_vocab_refused(generator):
+    from pythia_jax.errors import TokenIdError
+
+    msg = (r"token ids of the 2 prompt\(s\) lie outside the model's vocabulary: ids from 3 to 256, "
+           r"but vocab_size is 256 \(valid ids 0..255\)")
+    with pytest.raises(TokenIdError, match=msg):
+        generator.generate([[3, 4], [5, 256]], 4)
+    with pytest.raises(TokenIdError, match="ids from -1 to 7"):
+        generator.generate([[-1, 7]], 4)
 
 
 def test_sampling(generator):
@@ -91,8 +141,8 @@ def test_bad_settings(generator):
         SamplingConfig(top_p=0.0)
     with pytest.raises(PythiaJaxError, match="temperature"):
         SamplingConfig(temperature=-1.0)
-    with pytest.raises(PythiaJaxError, match="no room"):
-        generator.generate([[1, 2]], CFG.max_position_embeddings)
+    with pytest.raises(PythiaJaxError, match="max_prompt_len must be >= 1"):
+        generator.generate([[1, 2]], 4, max_prompt_len=0)
     with pytest.raises(PythiaJaxError, match="empty"):
         generator.generate([[]], 4)
 

@@ -127,3 +127,19 @@ def test_pythia_jax_lm_eval_command_runs_the_harness_cli(models, tmp_path, monke
     expected = evaluator.evaluate(lm=ours, task_dict={"local_piqa": task})["results"]["local_piqa"]
     for key in ("acc,none", "acc_norm,none"):
         assert cli_results[key] == expected[key]
+
+
+def test_harness_models_still_resolve_after_registering_pythia_jax():
+    """lm-eval imports its own model list only while the registry is empty; registering
+    ``pythia_jax`` first hid ``hf`` & co ("no model for this name found! Supported model names:
+    pythia_jax"). A fresh interpreter, as ``pythia-jax lm-eval`` starts, resolves both."""
+    import subprocess
+    import sys
+
+    code = ("import pythia_jax.eval.lm_eval_adapter as a\n"
+            "from lm_eval.api.registry import get_model\n"
+            "assert get_model('pythia_jax') is a.PythiaJaxLM\n"
+            "print(get_model('hf').__name__, get_model('hf-auto').__name__)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["HFLM", "HFLM"]

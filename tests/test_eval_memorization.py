@@ -116,6 +116,18 @@ def test_rows_too_short(setup):
         memorization_scores(Generator(setup[0]), np.zeros((2, 40), np.int64))
 
 
+def test_rows_with_ids_outside_vocab_refused(setup):
+    """Rows of a dataset made for a larger vocabulary (prompt or true continuation) are refused."""
+    from pythia_jax.errors import TokenIdError
+    from pythia_jax.eval.generate import Generator
+
+    rows = np.ones((2, 64), np.int64)
+    rows[1, 40] = CFG.vocab_size  # in the continuation only
+    with pytest.raises(TokenIdError, match=r"token ids of the memorization rows lie outside the model's "
+                                           r"vocabulary: ids from 1 to 128, but vocab_size is 128"):
+        memorization_scores(Generator(setup[0]), rows)
+
+
 def test_scores_equal_hf_greedy_generation_per_token_accuracy(tmp_path):
     """Per-row scores = HF PyTorch greedy generation's per-token accuracy on the same rows and
     weights (transformers GPTNeoXForCausalLM.generate, do_sample=False, never stopping at EOS)."""

@@ -103,3 +103,17 @@ def test_bad_requests(scorer):
         scorer.loglikelihood([([1, 2], [])])
     with pytest.raises(PythiaJaxError, match="longer than the window"):
         scorer.loglikelihood([([1], list(range(2, 2 + WINDOW + 1)))])
+
+
+def test_token_ids_outside_vocab_refused(scorer):
+    """Ids past the vocabulary read NaN embeddings inside jit (every loglik NaN, no error), negative
+    ids wrap around: both are refused on the host before any batch runs, for plain and rolling."""
+    from pythia_jax.errors import TokenIdError
+
+    with pytest.raises(TokenIdError, match=r"token ids of the 2 scoring requests lie outside the model's "
+                                           r"vocabulary: ids from 1 to 50304, but vocab_size is 50304"):
+        scorer.loglikelihood([([1, 2], [3]), ([4], [50304])])
+    with pytest.raises(TokenIdError, match="ids from -1 to"):
+        scorer.loglikelihood([([-1], [3])])
+    with pytest.raises(TokenIdError, match="ids from 0 to 60000"):
+        scorer.loglikelihood_rolling([[5, 60000, 7]])

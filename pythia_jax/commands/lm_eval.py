@@ -13,7 +13,8 @@ import sys
 HELP = "run the LM evaluation harness (lm_eval) with the pythia_jax model registered"
 DESCRIPTION = """\
 pythia-jax lm-eval: the LM evaluation harness's command line (lm_eval) with this project's model
-registered as --model pythia_jax. Every argument goes to lm_eval unchanged.
+registered as --model pythia_jax (the harness's own models, e.g. --model hf, work as with
+lm_eval). Every argument goes to lm_eval unchanged.
 
 --model_args of pythia_jax (comma-separated key=value):
   path=DIR          an HF directory, a folder of HF step<N>/ revisions, or a pythia-jax checkpoint

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from typing import Any, Sequence
 
 import jax
@@ -25,7 +26,10 @@ import numpy as np
 from pythia_jax.config import EOD_TOKEN_ID
 from pythia_jax.errors import PythiaJaxError
 from pythia_jax.eval.runtime import PlacedModel, next_bucket, place_model
+from pythia_jax.model import check_id_range
 from pythia_jax.sharding import replicated
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,7 +172,8 @@ class Generator:
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                  sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
                  stop_token: int | None = EOD_TOKEN_ID,
-                 stop_after: np.ndarray | None = None) -> list[list[int]]:
+                 stop_after: np.ndarray | None = None,
+                 max_prompt_len: int | None = None) -> list[list[int]]:
         """New tokens for each prompt: up to ``max_new_tokens``, cut before the first
         ``stop_token`` (None: no stop token) and after the first token ``t`` with
         ``stop_after[t]`` (bool [vocab_size], e.g. ``stop_string_tokens``; None: none). Each row
@@ -177,15 +182,34 @@ class Generator:
         Prompts are sorted by length and run ``batch_size`` at a time, left-padded to a common
         bucket length; greedy results equal those of each prompt alone.
 
-        Prompts longer than ``max_position_embeddings - max_new_tokens`` keep their last tokens
-        (``self.truncated`` counts them).
+        The whole prompt is used, as Hugging Face ``generate`` uses it: the KV cache holds prompt
+        + new tokens, also past ``max_position_embeddings`` (rotary positions have no hard limit;
+        a warning says how many rows run past the trained context). ``max_prompt_len``: keep only
+        the last that many tokens of each prompt (lm-evaluation-harness's left truncation for
+        ``generate_until``); the cut prompts are counted in ``self.truncated`` and logged.
+        Token ids outside ``[0, vocab_size)`` raise ``TokenIdError`` before anything runs.
         """
         if max_new_tokens < 1:
             raise PythiaJaxError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if max_new_tokens >= self.max_len:
-            raise PythiaJaxError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the "
-                                 f"{self.max_len}-token window")
-        room = self.max_len - max_new_tokens
+        if max_prompt_len is not None and max_prompt_len < 1:
+            raise PythiaJaxError(f"max_prompt_len must be >= 1, got {max_prompt_len}")
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise PythiaJaxError(f"prompt {i} is empty")
+        if prompts:  # checked once for all prompts, before anything runs
+            lo, hi = min(int(min(p)) for p in prompts), max(int(max(p)) for p in prompts)
+            check_id_range(lo, hi, int(self.config.vocab_size), f"token ids of the {len(prompts)} prompt(s)")
+        kept = [len(p) if max_prompt_len is None else min(len(p), max_prompt_len) for p in prompts]
+        cut = sum(k < len(p) for k, p in zip(kept, prompts))
+        if cut:
+            self.truncated += cut
+            logger.warning("%d of %d prompts were cut from the left to their last %d tokens",
+                           cut, len(prompts), max_prompt_len)
+        beyond = sum(k + max_new_tokens > self.max_len for k in kept)
+        if beyond:
+            logger.warning("%d of %d prompts + %d new tokens run past the model's %d trained positions "
+                           "(max_position_embeddings)", beyond, len(prompts), max_new_tokens, self.max_len)
+        room = max(self.max_len - max_new_tokens, 1) if max_prompt_len is None else max_prompt_len
         has_stop_after = stop_after is not None and bool(np.any(stop_after))
         if has_stop_after:
             stop_after = np.asarray(stop_after, bool)
@@ -205,13 +229,11 @@ class Generator:
             rows = []
             for i in idx:
                 p = [int(t) for t in prompts[i]]
-                if not p:
-                    raise PythiaJaxError(f"prompt {i} is empty")
-                if len(p) > room:
-                    self.truncated += 1
-                    p = p[-room:]
+                if max_prompt_len is not None:
+                    p = p[-max_prompt_len:]
                 rows.append(p)
-            P = next_bucket(max(len(p) for p in rows), self.min_bucket, room)
+            longest = max(len(p) for p in rows)
+            P = next_bucket(longest, self.min_bucket, max(room, longest))
             tokens = np.zeros((B, P), np.int32)
             mask = np.zeros((B, P), bool)
             for r, p in enumerate(rows):
@@ -254,11 +276,17 @@ def generate_until(generator: Generator, tokenizer: Any, prompts: Sequence[Seque
     stop string (``Generator.stop_string_tokens``); the decoded text (special tokens skipped) is
     then cut with ``cut_at_stops``. A stop string split over two tokens is cut the same way after
     generation, so the text equals that of generating ``max_new_tokens`` tokens and cutting.
+    As lm-evaluation-harness does, a prompt keeps only its last ``max_position_embeddings -
+    max_new_tokens`` tokens (counted in ``generator.truncated`` and logged).
     """
+    if max_new_tokens >= generator.max_len:
+        raise PythiaJaxError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the "
+                             f"{generator.max_len}-token window")
     until = [u for u in until if u]
     stop_after = generator.stop_string_tokens(tokenizer, until) if until else None
     outs = generator.generate(prompts, max_new_tokens, sampling=sampling, seed=seed,
-                              stop_token=stop_token, stop_after=stop_after)
+                              stop_token=stop_token, stop_after=stop_after,
+                              max_prompt_len=generator.max_len - max_new_tokens)
     return [cut_at_stops(tokenizer.decode(o, skip_special_tokens=True), until) for o in outs]
 
 

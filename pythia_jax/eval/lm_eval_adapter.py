@@ -20,12 +20,17 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import lm_eval.models  # noqa: F401  (first: lists the harness's own models, see below)
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from pythia_jax.config import EOD_TOKEN_ID
 
 
+# lm-eval fills its model registry lazily: ``get_model`` imports ``lm_eval.models`` (which lists
+# ``hf``, ``vllm``, ...) only while the registry is empty, so registering ``pythia_jax`` first hid
+# every built-in model ("no model for this name found! Supported model names: pythia_jax").
+# Importing ``lm_eval.models`` above registers them (as lazy placeholders, nothing heavy) first.
 @register_model("pythia_jax")
 class PythiaJaxLM(TemplateLM):
     """``loglikelihood`` / ``loglikelihood_rolling`` / ``generate_until`` on a pythia-jax model."""

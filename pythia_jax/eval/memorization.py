@@ -113,12 +113,16 @@ def memorization_scores(generator: Any, sequences: np.ndarray, rows: Sequence[in
     (int [n, >= prompt_len + gen_len]) and score them against the true next tokens.
 
     ``generator``: a ``pythia_jax.eval.generate.Generator``; decoding never stops early.
-    Raises ``DataError`` for rows shorter than ``prompt_len + gen_len``.
+    Raises ``DataError`` for rows shorter than ``prompt_len + gen_len``, ``TokenIdError`` for ids
+    outside the model's vocabulary.
     """
     sequences = np.asarray(sequences)
     if sequences.ndim != 2 or sequences.shape[1] < prompt_len + gen_len:
         raise DataError(f"memorization needs rows of at least {prompt_len + gen_len} tokens, "
                         f"got shape {sequences.shape}")
+    from pythia_jax.model import check_token_ids  # ids past the vocabulary would never match
+    check_token_ids(sequences[:, :prompt_len + gen_len], generator.config.vocab_size,
+                    "token ids of the memorization rows")
     prompts = sequences[:, :prompt_len].astype(np.int64)
     truth = sequences[:, prompt_len:prompt_len + gen_len].astype(np.int64)
     out = generator.generate([p.tolist() for p in prompts], gen_len, stop_token=None)

@@ -13,6 +13,7 @@ sharded over the mesh.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Callable, Sequence
 
 import jax
@@ -21,6 +22,9 @@ import numpy as np
 
 from pythia_jax.errors import PythiaJaxError
 from pythia_jax.eval.runtime import PlacedModel, next_bucket, place_model
+from pythia_jax.model import check_id_range
+
+logger = logging.getLogger(__name__)
 
 Request = tuple[Sequence[int], Sequence[int]]  # (context tokens, continuation tokens)
 
@@ -97,6 +101,7 @@ class Scorer:
         n = len(requests)
         rows: list[tuple[list[int], int]] = []  # (window tokens incl. the last target, continuation length)
         truncated = 0
+        lows, highs = [], []  # the id range of all requests, checked once before any scoring
         for i, (ctx, cont) in enumerate(requests):
             ctx, cont = list(ctx), list(cont)
             if not cont:
@@ -107,10 +112,18 @@ class Scorer:
             if not ctx:
                 raise PythiaJaxError(f"request {i}: empty context (use [EOD] as the harness does)")
             whole = ctx + cont
+            lows.append(min(whole))
+            highs.append(max(whole))
             if len(whole) > self.max_len + 1:
                 truncated += 1
                 whole = whole[-(self.max_len + 1):]
             rows.append((whole, len(cont)))
+        if rows:
+            check_id_range(int(min(lows)), int(max(highs)), int(self.config.vocab_size),
+                           f"token ids of the {n} scoring requests")
+        if truncated:
+            logger.info("%d of %d requests were cut from the left to fit the %d-token window",
+                        truncated, n, self.max_len)
         order = sorted(range(n), key=lambda i: -len(rows[i][0]))
         loglik = np.zeros((n,) + self.result_shape, np.float64)  # [N], or [N, K] for K stacked models
         greedy = np.zeros((n,) + self.result_shape, bool)

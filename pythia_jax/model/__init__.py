@@ -8,6 +8,8 @@ Modules, one job each (lowest first):
   sequential residual), ``Attention``, ``MLP``.
 - ``params``: the parameter tree as plain data: ``params_to_dict``, ``model_from_params``,
   ``abstract_params``, ``logical_axes``, ``check_params``.
+- ``token_ids``: ``check_token_ids`` (ids outside ``[0, vocab_size)`` raise ``TokenIdError`` on
+  the host; nothing can raise inside jit).
 
 Everything is re-exported here: ``from pythia_jax.model import GPTNeoX, params_to_dict, …``.
 """
@@ -19,8 +21,10 @@ from pythia_jax.model.gptneox import _REMAT_POLICIES, MLP, Attention, Block, GPT
 # _REMAT_POLICIES is re-exported for the tests, which compare it with config.REMAT_POLICIES.
 from pythia_jax.model.kv_cache import KVCache, LayerCache, init_kv_cache
 from pythia_jax.model.params import abstract_params, check_params, logical_axes, model_from_params, params_to_dict
+from pythia_jax.model.token_ids import check_id_range, check_token_ids
 
 __all__ = [
     "GPTNeoX", "Block", "Attention", "MLP", "KVCache", "LayerCache", "init_kv_cache",
     "params_to_dict", "model_from_params", "abstract_params", "logical_axes", "check_params",
+    "check_token_ids", "check_id_range",
 ]

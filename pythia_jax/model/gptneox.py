@@ -53,6 +53,7 @@ from pythia_jax.layers import (
     with_logical_constraint,
 )
 from pythia_jax.model.kv_cache import KVCache, LayerCache
+from pythia_jax.model.token_ids import check_token_ids
 
 _BATCH_LENGTH = ("batch", "length")  # the flattened leading dim of 2-D activations
 
@@ -127,6 +128,9 @@ class GPTNeoX(nnx.Module):
         # an attention kernel named in the config that cannot run on this backend / dtype is
         # refused here, at trace time, before any compute (ConfigError)
         check_attention_supported(cfg.attention, cfg.dtype, cfg.head_dim)
+        # ids outside the vocabulary would read NaN (or wrap around) silently: refused on the
+        # host for a concrete array; a traced one (inside jit) passes unchecked
+        check_token_ids(tokens, cfg.vocab_size)
         B, T = tokens.shape
         index = cache.index if cache is not None else jnp.zeros((), jnp.int32)
         if positions is None:

@@ -121,6 +121,7 @@ def _train(cfg: TrainConfig, devices, max_steps: int | None, footprint=None) -> 
                              model_config=cfg.model)
     run = RunState(cfg)
     ok = False
+    writer = None
     try:
         # ---- restore or initialise
         restore_or_init(run, ckpt, devices, max_steps)
@@ -159,6 +160,8 @@ def _train(cfg: TrainConfig, devices, max_steps: int | None, footprint=None) -> 
         return TrainResult(final_step=run.step, params=run.state.params, losses=metrics.losses,
                            eval_losses=evals.eval_losses, stopped=run.stopped, hf_dir=hf_dir)
     except KeyboardInterrupt:
+        if writer is not None:
+            writer.close()  # the progress bar ends its line: the report below starts its own
         _log_interrupt(ckpt, run.step)
         raise
     finally:
