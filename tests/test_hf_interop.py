@@ -273,6 +273,44 @@ def test_casts_beyond_float16_range_are_refused_not_made_inf(tmp_path):
                  "--dtype", "bfloat16"]) == 0
 
 
+def test_refused_overflowing_cast_gives_no_numpy_warning(tmp_path, capsys):
+    """A bf16 weight of 1e5 cast to float16 is refused in one line, without numpy's "overflow
+    encountered in cast" RuntimeWarning first: on the blocked and threaded copies, transposed
+    or not, in load_params' cast, and on the command line."""
+    import ml_dtypes
+
+    from pythia_jax.checkpoint.restore import cast_tree
+    from pythia_jax.cli import main
+    from pythia_jax.host_memory import cast_overflow, copy_cast
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a RuntimeWarning would fail the test
+        for shape in ((4, 8), (1024, 768)):  # one block; the threaded path
+            src = np.zeros(shape, ml_dtypes.bfloat16)
+            src[1, 2] = 1e5
+            for transpose in (False, True):
+                dst = np.empty(shape[::-1] if transpose else shape, np.float16)
+                copy_cast(dst, src, transpose)
+                assert cast_overflow(dst, src) == 1
+        sd = {k: v.astype(ml_dtypes.bfloat16) for k, v in hf_state(hf_model(TINY)).items()}
+        sd["gpt_neox.embed_in.weight"][0, 0] = 1e5
+        with pytest.raises(CheckpointError, match=r"embed_in\.weight.*float16"):
+            hfc.hf_state_dict_to_params(TINY, sd, dtype="float16")
+        with pytest.raises(CheckpointError, match="would become inf"):
+            cast_tree({"w": sd["gpt_neox.embed_in.weight"]}, lambda k, x: np.float16)
+
+    src = tmp_path / "bf16"
+    model = hf_model(TINY, dtype=torch.bfloat16)
+    with torch.no_grad():
+        model.gpt_neox.embed_in.weight[0, 0] = 1e5
+    model.save_pretrained(src)
+    capsys.readouterr()
+    assert main(["convert", "hf-to-jax", str(src), str(tmp_path / "ck"), "--no-progress", "--dtype", "float16"]) == 2
+    err = capsys.readouterr().err
+    assert "RuntimeWarning" not in err and "overflow encountered" not in err
+    assert "beyond float16's range" in err
+
+
 def test_old_buffers_are_ignored(tmp_path):
     from safetensors.torch import save_file
     model = hf_model(TINY)
