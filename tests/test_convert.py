@@ -662,6 +662,34 @@ def cli(*argv):
     return main(["convert", *map(str, argv), "--no-progress"])
 
 
+@pytest.mark.parametrize("direction, flags, message", [
+    ("hf-to-jax", ["--hidden-act", "gelu_new"], "--hidden-act does not apply to hf-to-jax (the activation is "
+                                               "config.json's hidden_act); it applies to neox-to-jax"),
+    ("jax-to-hf", ["--hidden-act", "gelu_new"], "--hidden-act does not apply to jax-to-hf; it applies to neox-to-jax"),
+    ("hf-to-jax", ["--shard-size", "1GB"], "--shard-size does not apply to hf-to-jax; it applies to jax-to-hf"),
+    ("jax-to-neox", ["--shard-size", "1GB"], "--shard-size does not apply to jax-to-neox; it applies to jax-to-hf"),
+    ("hf-to-jax", ["--neox-config", "x.yml"], "--neox-config does not apply to hf-to-jax; it applies to neox-to-jax"),
+    ("hf-to-jax", ["--no-optimizer"], "--no-optimizer does not apply to hf-to-jax; it applies to neox-to-jax"),
+    ("jax-to-hf", ["--with-optimizer"], "--with-optimizer does not apply to jax-to-hf; it applies to hf-to-jax, "
+                                        "neox-to-jax"),
+    ("neox-to-jax", ["--all-steps"], "--all-steps does not apply to neox-to-jax; it applies to jax-to-hf"),
+    ("neox-to-jax", ["--dtype", "float16"], "--dtype does not apply to neox-to-jax (it stores the module weights"),
+    ("jax-to-hf", ["--shard-size", "10XB"], "--shard-size: cannot parse size '10XB'"),
+    ("jax-to-hf", ["--shard-size", "0"], "--shard-size: size must be positive"),
+    ("neox-to-jax", ["--hidden-act", "relu"], "--hidden-act 'relu' is not a GELU flavour this model runs"),
+])
+def test_flags_that_do_not_apply_or_bad_values_are_refused_before_any_work(tmp_path, capsys, direction, flags,
+                                                                            message):
+    """Each direction-specific flag is refused for the other directions (one line naming the flag and
+    the directions it applies to) and every value is parsed before the source is looked at: the
+    source here does not exist, so any later check would give another error."""
+    capsys.readouterr()
+    assert cli(direction, tmp_path / "missing", tmp_path / "out", *flags) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_round_trips(tmp_path):
     import transformers
     from safetensors.numpy import load_file
