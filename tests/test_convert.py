@@ -724,6 +724,49 @@ def test_cli_round_trips(tmp_path):
     assert load_file(tmp_path / "hf" / "model.safetensors")["embed_out.weight"].dtype == np.float16
 
 
+def test_a_training_run_folder_is_a_checkpoint_source(tmp_path, capsys):
+    """convert jax-to-hf / jax-to-neox, generate, pythia_jax.load and checkpoint.load_params take a
+    training run's folder and read its checkpoints/ (one resolver, checkpoint.resolve_checkpoint_dir,
+    as TrainConfig.init_from and eval do); a run folder without checkpoints says so in one line."""
+    import transformers
+    from safetensors.numpy import load_file
+
+    import pythia_jax
+    from pythia_jax.checkpoint import load_params, resolve_checkpoint_dir
+    from pythia_jax.cli import main
+
+    config = ModelConfig(vocab_size=50304, hidden_size=32, num_layers=2, num_heads=4)
+    torch.manual_seed(0)
+    transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**config.to_hf_dict())).save_pretrained(
+        tmp_path / "hf")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("")
+    assert cli("hf-to-jax", tmp_path / "hf", run / "checkpoints", "--step", 7) == 0
+    root, step = resolve_checkpoint_dir(run)
+    assert os.fspath(root) == os.fspath(run / "checkpoints") and step is None
+
+    assert cli("jax-to-hf", run, tmp_path / "out", "--dtype", "float32") == 0
+    original = load_file(tmp_path / "hf" / "model.safetensors")
+    exported = load_file(tmp_path / "out" / "model.safetensors")
+    assert all(np.array_equal(exported[k], original[k]) for k in original)
+    assert cli("jax-to-neox", run, tmp_path / "nx") == 0
+    assert cli("jax-to-hf", run, tmp_path / "all", "--all-steps") == 0
+    assert os.listdir(tmp_path / "all") == ["step7"]
+    _, a = load_params(run)
+    logits = np.asarray(pythia_jax.load(run)(np.zeros((1, 3), np.int32)))
+    assert logits.shape == (1, 3, 50304)
+    np.testing.assert_array_equal(np.asarray(a["embed_in"]["embedding"]), original["gpt_neox.embed_in.weight"])
+    capsys.readouterr()
+    assert main(["generate", str(run), "--prompt", "Hello", "--max-new-tokens", "2"]) == 0
+    assert capsys.readouterr().out.startswith("Hello")
+
+    (tmp_path / "fresh" / "checkpoints").mkdir(parents=True)
+    assert cli("jax-to-hf", tmp_path / "fresh", tmp_path / "x") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a training run folder whose checkpoints/ holds no checkpoint yet" in err[0]
+
+
 def test_cli_hf_to_jax_with_fresh_optimizer(tmp_path):
     import transformers
 

@@ -31,6 +31,9 @@ Move weights between Hugging Face directories, pythia-jax checkpoints and GPT-Ne
   neox-to-jax  NeoX global_stepN/  -> pythia-jax checkpoint (+ ZeRO fp32 master weights, Adam moments, step)
   jax-to-neox  pythia-jax ckpt     -> GPT-NeoX pipeline checkpoint (TP 1) + yml
 
+A pythia-jax checkpoint source may be the checkpoint root, one step folder in it, or a training
+run's folder (its checkpoints/ are read).
+
 Outputs are written to a temporary sibling folder and renamed when complete; an existing
 output is refused unless --overwrite, and --overwrite replaces only a folder of the same kind
 (an HF directory, a pythia-jax checkpoint, a GPT-NeoX checkpoint), never a run directory or
@@ -38,7 +41,7 @@ any other folder. The output may not be, contain or lie inside the source.
 
 examples:
   pythia-jax convert hf-to-jax ./pythia-160m/step143000 ckpt/160m
-  pythia-jax convert jax-to-hf ckpt/run --all-steps exported/ --dtype float16
+  pythia-jax convert jax-to-hf runs/demo --all-steps exported/ --dtype float16
   pythia-jax convert neox-to-jax /neox/checkpoints/global_step10000 ckpt/resumed
 """
 DIRECTIONS = ("hf-to-jax", "jax-to-hf", "neox-to-jax", "jax-to-neox")
