@@ -156,7 +156,9 @@ def _run(module, args: argparse.Namespace) -> int:
     folder, an unreadable file) become one line on stderr and exit status 2; Ctrl-C exits 130."""
     with console_logging():
         try:
-            return int(module.run(args) or 0)
+            from pythia_jax.io_utils.interrupts import watch_interrupts
+            with watch_interrupts():  # a Ctrl-C that Python drops still stops every publication
+                return int(module.run(args) or 0)
         except KeyboardInterrupt:
             print(f"pythia-jax {args.command}: interrupted", file=sys.stderr)
             return 130

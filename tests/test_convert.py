@@ -841,6 +841,92 @@ def test_interrupted_neox_conversion_leaves_nothing(tmp_path, monkeypatch):
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".nx")]
 
 
+def _tiny_hf(tmp_path):
+    import transformers
+
+    config = ModelConfig(vocab_size=101, hidden_size=32, num_layers=2, num_heads=4)
+    torch.manual_seed(0)
+    transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**config.to_hf_dict())).save_pretrained(
+        tmp_path / "hf")
+    return tmp_path / "hf"
+
+
+def test_ctrl_c_during_the_checkpoint_write_leaves_no_temporary(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the checkpoint is being written, with a writer thread still creating files after
+    the main thread was interrupted (as Orbax's / tensorstore's threads do): the write is let
+    finish, then the command stops (exit 130) and removes its temporary folder, so nothing is
+    left. Before, the removal ran while the thread wrote and the temporary survived."""
+    import signal
+    import threading
+
+    from pythia_jax.checkpoint.manager import TrainCheckpointer
+    from pythia_jax.io_utils import outputs
+
+    src = _tiny_hf(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    real_save, real_remove = TrainCheckpointer.save, outputs._remove
+    removed = threading.Event()
+    straggler: list[threading.Thread] = []
+
+    def save(self, *args, **kwargs):
+        result = real_save(self, *args, **kwargs)
+        target = os.path.join(os.fspath(self.directory), "late", "params")
+
+        def write_late():  # a write still in flight: it lands after the removal when that comes first
+            removed.wait(timeout=1.0)
+            os.makedirs(target, exist_ok=True)
+            with open(os.path.join(target, "chunk"), "wb") as f:
+                f.write(b"x")
+
+        thread = threading.Thread(target=write_late)
+        thread.start()
+        straggler.append(thread)
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the main thread waits for the writer
+        thread.join()
+        return result
+
+    def remove(path):
+        real_remove(path)
+        removed.set()
+
+    monkeypatch.setattr(TrainCheckpointer, "save", save)
+    monkeypatch.setattr(outputs, "_remove", remove)
+    assert cli("hf-to-jax", src, out / "ck") == 130
+    straggler[0].join()
+    assert os.listdir(out) == []
+    assert "interrupted: finishing the checkpoint write" in capsys.readouterr().err
+
+
+def test_a_ctrl_c_that_python_drops_still_stops_the_conversion(tmp_path, monkeypatch, capsys):
+    """A KeyboardInterrupt raised inside a garbage-collector callback or __del__ (JAX's
+    _xla_gc_callback) is printed as 'Exception ignored' and dropped by Python; the conversion
+    then went on and published its output. The CLI records the Ctrl-C: nothing is written, 130."""
+    import signal
+
+    from pythia_jax.convert import hf as hf_module
+
+    src = _tiny_hf(tmp_path)
+    real_read = hf_module.read_hf_dir
+
+    class Finalised:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)  # the handler runs here, inside __del__
+
+    def read(*args, **kwargs):
+        result = real_read(*args, **kwargs)
+        Finalised()  # collected at once: its KeyboardInterrupt is swallowed
+        return result
+
+    dropped = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: dropped.append(u.exc_type))  # "Exception ignored"
+    monkeypatch.setattr(hf_module, "read_hf_dir", read)
+    assert cli("hf-to-jax", src, tmp_path / "ck") == 130
+    assert dropped == [KeyboardInterrupt]
+    assert sorted(os.listdir(tmp_path)) == ["hf"]
+    assert "pythia-jax convert: interrupted" in capsys.readouterr().err
+
+
 _SHARDED_RESTORE = r"""
 import os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
