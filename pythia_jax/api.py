@@ -30,7 +30,7 @@ def init(config: ModelConfig | str, seed: int = 0, **overrides: Any):
 
 def load(path: str | os.PathLike, step: int | None = None, dtype: str | None = None, **kwargs: Any):
     """A ``GPTNeoX`` from an HF directory, a folder of HF revisions ``step<N>/`` (the newest
-    unless ``step``), a pythia-jax checkpoint directory (newest valid step unless ``step``) or a
+    unless ``step``), a pythia-jax checkpoint directory or training run folder (newest valid step unless ``step``) or a
     GPT-NeoX DeepSpeed checkpoint (``global_stepN/`` or its parent; fp32 ZeRO master weights
     when the optimizer shards are there).
 

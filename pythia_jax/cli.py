@@ -159,7 +159,9 @@ def _run(module, args: argparse.Namespace) -> int:
     SIGPIPE."""
     with console_logging():
         try:
-            rc = int(module.run(args) or 0)
+            from pythia_jax.io_utils.interrupts import watch_interrupts
+            with watch_interrupts():  # a Ctrl-C that Python drops still stops every publication
+                rc = int(module.run(args) or 0)
             sys.stdout.flush()  # a reader that went away shows here, not at interpreter exit
             return rc
         except KeyboardInterrupt:

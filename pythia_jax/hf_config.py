@@ -53,8 +53,9 @@ HF_FIELDS: dict[str, tuple[str, str]] = {
     "rope_theta": ("read", "rotary_emb_base (top-level spelling; must agree with rope_parameters)"),
     "attention_bias": ("weights", "false: the QKV and attention-output biases are zero (same outputs; "
                                   "training may then learn them)"),
-    "tie_word_embeddings": ("weights", "true: embed_out is a copy of embed_in (same outputs; training "
-                                       "then updates the two separately)"),
+    "tie_word_embeddings": ("weights", "true: a missing embed_out is a copy of embed_in (or the reverse); "
+                                       "both stored with different values are both kept, as transformers "
+                                       "does (same outputs; training then updates the two separately)"),
     "is_encoder_decoder": ("checked", "must be false"),
     "add_cross_attention": ("checked", "must be false (GPT-NeoX has no cross-attention)"),
     "pruned_heads": ("checked", "must be empty (pruned heads change the QKV shapes)"),
@@ -97,7 +98,7 @@ class HFWeightLayout(NamedTuple):
     """How an HF checkpoint's tensors map onto the (always untied, biased) params tree."""
 
     attention_bias: bool = True  # False: QKV / attention-dense biases absent, read as zeros
-    tie_word_embeddings: bool = False  # True: no embed_out tensor, embed_out = embed_in.T
+    tie_word_embeddings: bool = False  # True: a missing embed_out (embed_in) is embed_in.T (embed_out.T)
 
 
 def hf_weight_layout(hf: Mapping[str, Any]) -> HFWeightLayout:

@@ -137,7 +137,15 @@ _PARALLEL_COPY_ELEMENTS = 1 << 22
 
 
 def _copy_rows(dst: np.ndarray, src: np.ndarray, transpose: bool, lo: int, hi: int) -> None:
-    """Source rows ``lo:hi`` of :func:`copy_cast` (all of a 0-d array)."""
+    """Source rows ``lo:hi`` of :func:`copy_cast` (all of a 0-d array). A value beyond ``dst``'s
+    range becomes inf without numpy's RuntimeWarning (per thread: ``np.errstate`` is not
+    inherited by the copy threads): the callers count such values (:func:`cast_overflow`) and
+    refuse the tensor in one line of their own."""
+    with np.errstate(over="ignore"):
+        _copy_rows_unchecked(dst, src, transpose, lo, hi)
+
+
+def _copy_rows_unchecked(dst: np.ndarray, src: np.ndarray, transpose: bool, lo: int, hi: int) -> None:
     if src.ndim == 0:
         dst[...] = src
     elif not transpose:

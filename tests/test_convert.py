@@ -662,6 +662,34 @@ def cli(*argv):
     return main(["convert", *map(str, argv), "--no-progress"])
 
 
+@pytest.mark.parametrize("direction, flags, message", [
+    ("hf-to-jax", ["--hidden-act", "gelu_new"], "--hidden-act does not apply to hf-to-jax (the activation is "
+                                               "config.json's hidden_act); it applies to neox-to-jax"),
+    ("jax-to-hf", ["--hidden-act", "gelu_new"], "--hidden-act does not apply to jax-to-hf; it applies to neox-to-jax"),
+    ("hf-to-jax", ["--shard-size", "1GB"], "--shard-size does not apply to hf-to-jax; it applies to jax-to-hf"),
+    ("jax-to-neox", ["--shard-size", "1GB"], "--shard-size does not apply to jax-to-neox; it applies to jax-to-hf"),
+    ("hf-to-jax", ["--neox-config", "x.yml"], "--neox-config does not apply to hf-to-jax; it applies to neox-to-jax"),
+    ("hf-to-jax", ["--no-optimizer"], "--no-optimizer does not apply to hf-to-jax; it applies to neox-to-jax"),
+    ("jax-to-hf", ["--with-optimizer"], "--with-optimizer does not apply to jax-to-hf; it applies to hf-to-jax, "
+                                        "neox-to-jax"),
+    ("neox-to-jax", ["--all-steps"], "--all-steps does not apply to neox-to-jax; it applies to jax-to-hf"),
+    ("neox-to-jax", ["--dtype", "float16"], "--dtype does not apply to neox-to-jax (it stores the module weights"),
+    ("jax-to-hf", ["--shard-size", "10XB"], "--shard-size: cannot parse size '10XB'"),
+    ("jax-to-hf", ["--shard-size", "0"], "--shard-size: size must be positive"),
+    ("neox-to-jax", ["--hidden-act", "relu"], "--hidden-act 'relu' is not a GELU flavour this model runs"),
+])
+def test_flags_that_do_not_apply_or_bad_values_are_refused_before_any_work(tmp_path, capsys, direction, flags,
+                                                                            message):
+    """Each direction-specific flag is refused for the other directions (one line naming the flag and
+    the directions it applies to) and every value is parsed before the source is looked at: the
+    source here does not exist, so any later check would give another error."""
+    capsys.readouterr()
+    assert cli(direction, tmp_path / "missing", tmp_path / "out", *flags) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_round_trips(tmp_path):
     import transformers
     from safetensors.numpy import load_file
@@ -694,6 +722,49 @@ def test_cli_round_trips(tmp_path):
     assert cli("jax-to-hf", tmp_path / "ck", tmp_path / "hf") != 0
     assert cli("jax-to-hf", tmp_path / "ck", tmp_path / "hf", "--overwrite") == 0
     assert load_file(tmp_path / "hf" / "model.safetensors")["embed_out.weight"].dtype == np.float16
+
+
+def test_a_training_run_folder_is_a_checkpoint_source(tmp_path, capsys):
+    """convert jax-to-hf / jax-to-neox, generate, pythia_jax.load and checkpoint.load_params take a
+    training run's folder and read its checkpoints/ (one resolver, checkpoint.resolve_checkpoint_dir,
+    as TrainConfig.init_from and eval do); a run folder without checkpoints says so in one line."""
+    import transformers
+    from safetensors.numpy import load_file
+
+    import pythia_jax
+    from pythia_jax.checkpoint import load_params, resolve_checkpoint_dir
+    from pythia_jax.cli import main
+
+    config = ModelConfig(vocab_size=50304, hidden_size=32, num_layers=2, num_heads=4)
+    torch.manual_seed(0)
+    transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**config.to_hf_dict())).save_pretrained(
+        tmp_path / "hf")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("")
+    assert cli("hf-to-jax", tmp_path / "hf", run / "checkpoints", "--step", 7) == 0
+    root, step = resolve_checkpoint_dir(run)
+    assert os.fspath(root) == os.fspath(run / "checkpoints") and step is None
+
+    assert cli("jax-to-hf", run, tmp_path / "out", "--dtype", "float32") == 0
+    original = load_file(tmp_path / "hf" / "model.safetensors")
+    exported = load_file(tmp_path / "out" / "model.safetensors")
+    assert all(np.array_equal(exported[k], original[k]) for k in original)
+    assert cli("jax-to-neox", run, tmp_path / "nx") == 0
+    assert cli("jax-to-hf", run, tmp_path / "all", "--all-steps") == 0
+    assert os.listdir(tmp_path / "all") == ["step7"]
+    _, a = load_params(run)
+    logits = np.asarray(pythia_jax.load(run)(np.zeros((1, 3), np.int32)))
+    assert logits.shape == (1, 3, 50304)
+    np.testing.assert_array_equal(np.asarray(a["embed_in"]["embedding"]), original["gpt_neox.embed_in.weight"])
+    capsys.readouterr()
+    assert main(["generate", str(run), "--prompt", "Hello", "--max-new-tokens", "2"]) == 0
+    assert capsys.readouterr().out.startswith("Hello")
+
+    (tmp_path / "fresh" / "checkpoints").mkdir(parents=True)
+    assert cli("jax-to-hf", tmp_path / "fresh", tmp_path / "x") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a training run folder whose checkpoints/ holds no checkpoint yet" in err[0]
 
 
 def test_cli_hf_to_jax_with_fresh_optimizer(tmp_path):
@@ -768,6 +839,92 @@ def test_interrupted_neox_conversion_leaves_nothing(tmp_path, monkeypatch):
         neox.write_neox_checkpoint(config, params, tmp_path / "nx")
     assert not os.path.exists(tmp_path / "nx")
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".nx")]
+
+
+def _tiny_hf(tmp_path):
+    import transformers
+
+    config = ModelConfig(vocab_size=101, hidden_size=32, num_layers=2, num_heads=4)
+    torch.manual_seed(0)
+    transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**config.to_hf_dict())).save_pretrained(
+        tmp_path / "hf")
+    return tmp_path / "hf"
+
+
+def test_ctrl_c_during_the_checkpoint_write_leaves_no_temporary(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the checkpoint is being written, with a writer thread still creating files after
+    the main thread was interrupted (as Orbax's / tensorstore's threads do): the write is let
+    finish, then the command stops (exit 130) and removes its temporary folder, so nothing is
+    left. Before, the removal ran while the thread wrote and the temporary survived."""
+    import signal
+    import threading
+
+    from pythia_jax.checkpoint.manager import TrainCheckpointer
+    from pythia_jax.io_utils import outputs
+
+    src = _tiny_hf(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    real_save, real_remove = TrainCheckpointer.save, outputs._remove
+    removed = threading.Event()
+    straggler: list[threading.Thread] = []
+
+    def save(self, *args, **kwargs):
+        result = real_save(self, *args, **kwargs)
+        target = os.path.join(os.fspath(self.directory), "late", "params")
+
+        def write_late():  # a write still in flight: it lands after the removal when that comes first
+            removed.wait(timeout=1.0)
+            os.makedirs(target, exist_ok=True)
+            with open(os.path.join(target, "chunk"), "wb") as f:
+                f.write(b"x")
+
+        thread = threading.Thread(target=write_late)
+        thread.start()
+        straggler.append(thread)
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the main thread waits for the writer
+        thread.join()
+        return result
+
+    def remove(path):
+        real_remove(path)
+        removed.set()
+
+    monkeypatch.setattr(TrainCheckpointer, "save", save)
+    monkeypatch.setattr(outputs, "_remove", remove)
+    assert cli("hf-to-jax", src, out / "ck") == 130
+    straggler[0].join()
+    assert os.listdir(out) == []
+    assert "interrupted: finishing the checkpoint write" in capsys.readouterr().err
+
+
+def test_a_ctrl_c_that_python_drops_still_stops_the_conversion(tmp_path, monkeypatch, capsys):
+    """A KeyboardInterrupt raised inside a garbage-collector callback or __del__ (JAX's
+    _xla_gc_callback) is printed as 'Exception ignored' and dropped by Python; the conversion
+    then went on and published its output. The CLI records the Ctrl-C: nothing is written, 130."""
+    import signal
+
+    from pythia_jax.convert import hf as hf_module
+
+    src = _tiny_hf(tmp_path)
+    real_read = hf_module.read_hf_dir
+
+    class Finalised:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)  # the handler runs here, inside __del__
+
+    def read(*args, **kwargs):
+        result = real_read(*args, **kwargs)
+        Finalised()  # collected at once: its KeyboardInterrupt is swallowed
+        return result
+
+    dropped = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: dropped.append(u.exc_type))  # "Exception ignored"
+    monkeypatch.setattr(hf_module, "read_hf_dir", read)
+    assert cli("hf-to-jax", src, tmp_path / "ck") == 130
+    assert dropped == [KeyboardInterrupt]
+    assert sorted(os.listdir(tmp_path)) == ["hf"]
+    assert "pythia-jax convert: interrupted" in capsys.readouterr().err
 
 
 _SHARDED_RESTORE = r"""

@@ -273,6 +273,44 @@ def test_casts_beyond_float16_range_are_refused_not_made_inf(tmp_path):
                  "--dtype", "bfloat16"]) == 0
 
 
+def test_refused_overflowing_cast_gives_no_numpy_warning(tmp_path, capsys):
+    """A bf16 weight of 1e5 cast to float16 is refused in one line, without numpy's "overflow
+    encountered in cast" RuntimeWarning first: on the blocked and threaded copies, transposed
+    or not, in load_params' cast, and on the command line."""
+    import ml_dtypes
+
+    from pythia_jax.checkpoint.restore import cast_tree
+    from pythia_jax.cli import main
+    from pythia_jax.host_memory import cast_overflow, copy_cast
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a RuntimeWarning would fail the test
+        for shape in ((4, 8), (1024, 768)):  # one block; the threaded path
+            src = np.zeros(shape, ml_dtypes.bfloat16)
+            src[1, 2] = 1e5
+            for transpose in (False, True):
+                dst = np.empty(shape[::-1] if transpose else shape, np.float16)
+                copy_cast(dst, src, transpose)
+                assert cast_overflow(dst, src) == 1
+        sd = {k: v.astype(ml_dtypes.bfloat16) for k, v in hf_state(hf_model(TINY)).items()}
+        sd["gpt_neox.embed_in.weight"][0, 0] = 1e5
+        with pytest.raises(CheckpointError, match=r"embed_in\.weight.*float16"):
+            hfc.hf_state_dict_to_params(TINY, sd, dtype="float16")
+        with pytest.raises(CheckpointError, match="would become inf"):
+            cast_tree({"w": sd["gpt_neox.embed_in.weight"]}, lambda k, x: np.float16)
+
+    src = tmp_path / "bf16"
+    model = hf_model(TINY, dtype=torch.bfloat16)
+    with torch.no_grad():
+        model.gpt_neox.embed_in.weight[0, 0] = 1e5
+    model.save_pretrained(src)
+    capsys.readouterr()
+    assert main(["convert", "hf-to-jax", str(src), str(tmp_path / "ck"), "--no-progress", "--dtype", "float16"]) == 2
+    err = capsys.readouterr().err
+    assert "RuntimeWarning" not in err and "overflow encountered" not in err
+    assert "beyond float16's range" in err
+
+
 def test_old_buffers_are_ignored(tmp_path):
     from safetensors.torch import save_file
     model = hf_model(TINY)
@@ -703,3 +741,52 @@ def test_cli_hf_to_jax_keeps_the_release_dtype_and_every_reader_gets_float32(tmp
     assert cli("hf-to-jax", src, tmp_path / "y", "--dtype", "int8") == 2
     assert cli("neox-to-jax", tmp_path / "ck16", tmp_path / "z", "--dtype", "float16") == 2
     assert not any((tmp_path / n).exists() for n in "xyz")
+
+
+@pytest.mark.parametrize("stored", ["both_different", "both_equal", "head_only"])
+def test_tied_config_with_stored_embeddings_reads_as_transformers_loads_it(tmp_path, stored, caplog):
+    """tie_word_embeddings: true in config.json, but the weights hold embed_out beside embed_in (or
+    only embed_out): the params give transformers' own logits for that directory. Different
+    stored values are both kept (transformers does not tie them; one warning), equal ones are
+    tied, a lone head fills embed_in. Written back (untied), the logits are the source's."""
+    from safetensors.torch import save_file
+
+    untied = hf_model(TINY, seed=7)
+    sd = {k: v.clone().contiguous() for k, v in untied.state_dict().items()}
+    sd["embed_out.weight"] = sd.pop("lm_head.weight")
+    if stored == "both_equal":
+        sd["embed_out.weight"] = sd["gpt_neox.embed_in.weight"].clone()
+    elif stored == "head_only":
+        del sd["gpt_neox.embed_in.weight"]
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file(sd, src / "model.safetensors", metadata={"format": "pt"})
+    hf = {**TINY.to_hf_dict(), "tie_word_embeddings": True}
+    (src / "config.json").write_text(json.dumps(hf))
+
+    tokens = np.random.default_rng(3).integers(0, TINY.vocab_size, (2, 11))
+    reference, _, _ = load_quietly(src)
+    with torch.no_grad():
+        theirs = reference(torch.from_numpy(tokens)).logits.numpy()
+    with caplog.at_level(logging.WARNING, logger="pythia_jax"):
+        config, params = hfc.read_hf_dir(src)
+    ours = jax_logits(config, params, tokens)
+    assert np.abs(ours - theirs).max() <= 1e-5
+    head, embed = params["embed_out"]["kernel"], params["embed_in"]["embedding"]
+    ours_said = [r.getMessage() for r in caplog.records if r.name.startswith("pythia_jax")]
+    warned = [m for m in ours_said if "tie_word_embeddings" in m]
+    skipped = [m for m in ours_said if "were skipped" in m]
+    assert not skipped
+    if stored == "both_different":
+        np.testing.assert_array_equal(head, sd["embed_out.weight"].numpy().T)
+        assert not np.array_equal(head, embed.T)
+        assert len(warned) == 1 and "both are kept" in warned[0]
+    else:
+        np.testing.assert_array_equal(head, embed.T)
+        assert not warned
+    hfc.write_hf_dir(config, params, tmp_path / "out", dtype="float32")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+    back, info, messages = load_quietly(tmp_path / "out")
+    assert_clean_load(info, messages)
+    with torch.no_grad():
+        assert np.abs(back(torch.from_numpy(tokens)).logits.numpy() - theirs).max() <= 1e-5

@@ -84,14 +84,25 @@ def _read_json(path) -> Any:
     return json.loads(path.read_text())
 
 
+RUN_CHECKPOINTS = "checkpoints"  # a training run's checkpoint root: <output_dir>/checkpoints
+
+
 def resolve_checkpoint_dir(path: str | os.PathLike) -> tuple[Any, int | None]:
-    """Accept a checkpoint root or a step directory inside one: -> (root, step or None)."""
+    """Accept a checkpoint root, a step directory inside one, or a training run's folder (its
+    ``checkpoints/`` root): -> (root, step or None). The one place every reader of a checkpoint
+    source (convert, generate, ``load``, ``init_from``, eval, audit) resolves a path."""
     p = _epath(path)
     if (p / MODEL_CONFIG_FILE).exists():
         return p, None
     if p.name.isdigit() and (p.parent / MODEL_CONFIG_FILE).exists():
         return p.parent, int(p.name)
-    raise CheckpointError(f"{p} is not a pythia-jax checkpoint directory (no {MODEL_CONFIG_FILE})")
+    if (p / RUN_CHECKPOINTS / MODEL_CONFIG_FILE).exists():
+        return p / RUN_CHECKPOINTS, None
+    if (p / RUN_CHECKPOINTS).is_dir():
+        raise CheckpointError(f"{p} is a training run folder whose {RUN_CHECKPOINTS}/ holds no checkpoint yet "
+                              f"(no {MODEL_CONFIG_FILE})")
+    raise CheckpointError(f"{p} is not a pythia-jax checkpoint directory or training run folder "
+                          f"(no {MODEL_CONFIG_FILE})")
 
 
 def is_checkpoint_dir(path: str | os.PathLike) -> bool:

@@ -23,11 +23,18 @@ def save_params_checkpoint(directory: str | os.PathLike, step: int, config: Mode
                            opt_state: Any = None, metadata: Mapping[str, Any] | None = None) -> None:
     """Write one step of params (and optionally optimizer state) as a checkpoint of this project.
 
-    Synchronous. Used by the converters (HF / GPT-NeoX → this format).
+    Synchronous. Used by the converters (HF / GPT-NeoX → this format). A Ctrl-C during the
+    write is honoured once the write has returned (``io_utils.deferred_interrupts``), so the
+    caller's temporary folder can then be removed with nothing still writing into it.
     """
+    from pythia_jax.io_utils import deferred_interrupts
+
     limit = _io_limit([params, opt_state])
-    with TrainCheckpointer(directory, save_steps=(), async_save=False,
-                           model_config=config, io_limit_bytes=limit) as ckpt:
+    # Orbax's writer threads go on after a KeyboardInterrupt unwinds the main thread, and would
+    # put files back into a folder being removed: a Ctrl-C lets the save finish, then raises
+    with deferred_interrupts("the checkpoint write in progress"), \
+            TrainCheckpointer(directory, save_steps=(), async_save=False,
+                              model_config=config, io_limit_bytes=limit) as ckpt:
         if int(step) in ckpt.all_steps():
             raise CheckpointError(f"{ckpt.directory}/{step} already exists")
         ckpt.save(step, params, opt_state, None, metadata, force=True)

@@ -127,7 +127,8 @@ def cast_tree(tree: Any, dtype_for: Callable[[str, Any], Any]) -> Any:
         if isinstance(leaf, jax.Array):
             leaves[i] = _astype_fn(np.dtype(dtype), leaf.sharding)(leaf)
         else:
-            leaves[i] = np.asarray(leaf).astype(dtype)
+            with np.errstate(over="ignore"):  # counted and refused just below, in one line
+                leaves[i] = np.asarray(leaf).astype(dtype)
         bad = cast_overflow(leaves[i], leaf)
         if bad:
             raise CheckpointError(

@@ -31,6 +31,9 @@ Move weights between Hugging Face directories, pythia-jax checkpoints and GPT-Ne
   neox-to-jax  NeoX global_stepN/  -> pythia-jax checkpoint (+ ZeRO fp32 master weights, Adam moments, step)
   jax-to-neox  pythia-jax ckpt     -> GPT-NeoX pipeline checkpoint (TP 1) + yml
 
+A pythia-jax checkpoint source may be the checkpoint root, one step folder in it, or a training
+run's folder (its checkpoints/ are read).
+
 Outputs are written to a temporary sibling folder and renamed when complete; an existing
 output is refused unless --overwrite, and --overwrite replaces only a folder of the same kind
 (an HF directory, a pythia-jax checkpoint, a GPT-NeoX checkpoint), never a run directory or
@@ -38,7 +41,7 @@ any other folder. The output may not be, contain or lie inside the source.
 
 examples:
   pythia-jax convert hf-to-jax ./pythia-160m/step143000 ckpt/160m
-  pythia-jax convert jax-to-hf ckpt/run --all-steps exported/ --dtype float16
+  pythia-jax convert jax-to-hf runs/demo --all-steps exported/ --dtype float16
   pythia-jax convert neox-to-jax /neox/checkpoints/global_step10000 ckpt/resumed
 """
 DIRECTIONS = ("hf-to-jax", "jax-to-hf", "neox-to-jax", "jax-to-neox")
@@ -62,7 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "float16; every reader casts a checkpoint to the model's param_dtype "
                              "(float32) on load. jax-to-hf: float16 (default, like the releases), "
                              "bfloat16 or float32. jax-to-neox: float32 (default), bfloat16 or float16")
-    parser.add_argument("--shard-size", default="2GB", help="jax-to-hf: max safetensors shard size")
+    parser.add_argument("--shard-size", default=None,
+                        help="jax-to-hf: max safetensors shard size (default 2GB)")
     parser.add_argument("--with-optimizer", action="store_true",
                         help="hf-to-jax / neox-to-jax without ZeRO shards: also store a fresh optimizer "
                              "state (LR schedule at --step) so `pythia-jax train` can continue")
@@ -77,14 +81,59 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def run(args: argparse.Namespace) -> int:
+# Which direction each direction-specific flag applies to (the others apply to all four). A flag
+# given for another direction is refused before any work, naming it and its directions.
+FLAG_DIRECTIONS: dict[str, tuple[str, ...]] = {
+    "--all-steps": ("jax-to-hf",),
+    "--dtype": ("hf-to-jax", "jax-to-hf", "jax-to-neox"),
+    "--shard-size": ("jax-to-hf",),
+    "--with-optimizer": ("hf-to-jax", "neox-to-jax"),
+    "--no-optimizer": ("neox-to-jax",),
+    "--neox-config": ("neox-to-jax",),
+    "--hidden-act": ("neox-to-jax",),
+}
+# why a flag does not apply, where that helps more than the list of directions
+_NOT_APPLYING = {
+    ("--dtype", "neox-to-jax"): "it stores the module weights (or the ZeRO master weights) in float32",
+    ("--hidden-act", "hf-to-jax"): "the activation is config.json's hidden_act",
+}
+DEFAULT_SHARD_SIZE = "2GB"
+
+
+def _given(args: argparse.Namespace, flag: str) -> bool:
+    value = getattr(args, flag[2:].replace("-", "_"))
+    return value is not None and value is not False
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Refuse a flag that does not apply to ``args.direction`` and parse every value, before any
+    input is read (``ConfigError``, one line)."""
     from pythia_jax.errors import ConfigError
 
-    if args.all_steps and args.direction != "jax-to-hf":
-        raise ConfigError("--all-steps only applies to jax-to-hf")
+    for flag, directions in FLAG_DIRECTIONS.items():
+        if _given(args, flag) and args.direction not in directions:
+            why = _NOT_APPLYING.get((flag, args.direction))
+            raise ConfigError(f"{flag} does not apply to {args.direction}"
+                              + (f" ({why})" if why else "")
+                              + f"; it applies to {', '.join(directions)}")
     if args.all_steps and args.step is not None:
         raise ConfigError("use either --step or --all-steps")
     _check_dtype(args)
+    if args.shard_size is not None:
+        from pythia_jax.io_utils import parse_size
+        try:
+            parse_size(args.shard_size)
+        except Exception as e:  # noqa: BLE001 - one message for the CLI
+            raise ConfigError(f"--shard-size: {e}") from None
+    if args.hidden_act is not None:
+        from pythia_jax.hf_config import EXACT_GELU_NAMES, TANH_GELU_NAMES
+        if args.hidden_act not in EXACT_GELU_NAMES + TANH_GELU_NAMES:
+            raise ConfigError(f"--hidden-act {args.hidden_act!r} is not a GELU flavour this model runs; "
+                              f"use one of {', '.join(EXACT_GELU_NAMES + TANH_GELU_NAMES)}")
+
+
+def run(args: argparse.Namespace) -> int:
+    check_flags(args)
     from pythia_jax.io_utils import check_inputs
     check_inputs(args.output, [args.source])
     progress = not args.no_progress
@@ -95,15 +144,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check_dtype(args: argparse.Namespace) -> None:
-    """``--dtype``: a known name, ``auto`` only for hf-to-jax, nothing for neox-to-jax."""
+    """``--dtype``: a known name, ``auto`` only for hf-to-jax (neox-to-jax: ``check_flags``)."""
     from pythia_jax.convert.dtypes import canonical_dtype, is_auto
     from pythia_jax.errors import ConfigError
 
     if args.dtype is None:
         return
-    if args.direction == "neox-to-jax":
-        raise ConfigError("--dtype does not apply to neox-to-jax: it stores the module weights (or the "
-                          "ZeRO master weights) in float32; drop --dtype")
     if is_auto(args.dtype):
         if args.direction != "hf-to-jax":
             raise ConfigError(f"--dtype auto only applies to hf-to-jax; {args.direction} writes one dtype: "
@@ -184,6 +230,7 @@ def _jax_to_hf(args: argparse.Namespace, progress: bool) -> None:
     from pythia_jax.io_utils import check_output_dir
 
     dtype = args.dtype or "float16"
+    shard_size = args.shard_size or DEFAULT_SHARD_SIZE
     root, dir_step = resolve_checkpoint_dir(args.source)
     inputs = [args.source, os.fspath(root)]
     if not args.all_steps:
@@ -192,7 +239,7 @@ def _jax_to_hf(args: argparse.Namespace, progress: bool) -> None:
         _status(progress, f"reading checkpoint {args.source}")
         config, params, step, why = _load_step(root, step)
         logger.info("%s step %d is stored in %s; writing %s", root, step, dtype_summary(params), dtype)
-        write_hf_dir(config, params, args.output, dtype=dtype, shard_size=args.shard_size,
+        write_hf_dir(config, params, args.output, dtype=dtype, shard_size=shard_size,
                      overwrite=args.overwrite, progress=progress)
         print(f"wrote {args.output} (step {step}, {dtype}{why})")
         return
@@ -208,7 +255,7 @@ def _jax_to_hf(args: argparse.Namespace, progress: bool) -> None:
     from tqdm.auto import tqdm
     for s in tqdm(steps, desc="steps", unit="step", disable=not progress):
         config, params = load_params(root, step=s, host=True, dtype=STORED)
-        write_hf_dir(config, params, targets[s], dtype=dtype, shard_size=args.shard_size,
+        write_hf_dir(config, params, targets[s], dtype=dtype, shard_size=shard_size,
                      overwrite=args.overwrite, progress=False)
         del params
     print(f"wrote {len(steps)} step folders under {args.output} (steps {steps[0]}..{steps[-1]}, {dtype})")

@@ -10,7 +10,8 @@ HELP = "generate text from a model (HF directory or pythia-jax checkpoint) with 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from pythia_jax.commands.argtypes import nonneg_float, nonneg_int, positive_int, probability, seed
 
-    parser.add_argument("model", help="HF model directory, folder of step<N>/ HF revisions, or checkpoint dir")
+    parser.add_argument("model", help="HF model directory, folder of step<N>/ HF revisions, checkpoint dir "
+                                        "or training run folder (its checkpoints/)")
     parser.add_argument("--step", type=nonneg_int, default=None,
                         help="checkpoint step or HF revision (default: newest)")
     parser.add_argument("--prompt", action="append", required=True,

@@ -8,9 +8,11 @@ safetensors with ``model.safetensors.index.json``, ``pytorch_model.bin`` (+ inde
 tokenizer).
 
 Checkpoints saved with ``attention_bias=false`` (no QKV / attention-output biases) read those
-biases as zeros, and with ``tie_word_embeddings=true`` (no head tensor) read ``embed_out`` as a
-copy of ``embed_in``: the same outputs in the always-untied, biased layout of this project
-(``config.HFWeightLayout``).
+biases as zeros, and with ``tie_word_embeddings=true`` read the embeddings as transformers'
+``tie_weights`` does: a missing head is a copy of ``embed_in`` (a missing ``embed_in`` a copy of
+the head), and a head stored beside ``embed_in`` with different values is kept (transformers
+then does not tie them either): the same outputs in the always-untied, biased layout of this
+project (``config.HFWeightLayout``).
 
 Directory I/O (``read_hf_dir`` / ``write_hf_dir``) streams tensor by tensor: reading holds one
 model (float32, or each tensor as stored with ``dtype="auto"``) plus one tensor of the file
@@ -66,6 +68,7 @@ logger = logging.getLogger(__name__)
 # HF keys that a checkpoint without attention biases lacks (read as zeros)
 _ATTENTION_BIAS_SUFFIXES = ("attention.query_key_value.bias", "attention.dense.bias")
 _HEAD_KEY = "embed_out.weight"
+_EMBED_KEY = "gpt_neox.embed_in.weight"
 
 
 class ParamAssembler:
@@ -78,8 +81,11 @@ class ParamAssembler:
     in the dtype its tensors are stored in (lossless; float64 is read as float32; a layer stack
     whose layers differ takes the wider dtype), see ``convert.dtypes``.
     ``layout`` (from ``config.hf_weight_layout``): without attention biases those tensors are
-    zeros; with tied embeddings ``embed_out`` is ``embed_in`` transposed. Tensors the layout
-    says are absent are skipped when present, as transformers does (logged).
+    zeros (stored ones are skipped, as transformers does, logged). With tied embeddings either
+    of ``embed_in`` / ``embed_out`` may be stored: a missing one is a copy of the other; when
+    both are stored they are kept as they are, which ties them when they are equal and, when
+    they differ, keeps the untied model transformers loads too (with a warning), see
+    ``transformers.PreTrainedModel.tie_weights``.
     """
 
     def __init__(self, config: ModelConfig, source: str = "checkpoint",
@@ -96,9 +102,17 @@ class ParamAssembler:
 
     def _absent(self, key: str) -> bool:
         """True for a tensor the checkpoint's layout does not have (filled in by ``finish``)."""
-        if not self.layout.attention_bias and key.endswith(_ATTENTION_BIAS_SUFFIXES):
+        return not self.layout.attention_bias and key.endswith(_ATTENTION_BIAS_SUFFIXES)
+
+    def _optional(self, key: str) -> bool:
+        """True for a tensor that ``finish`` may make from another: with tied embeddings the head
+        when ``embed_in`` may still come, ``embed_in`` when the head came (transformers ties
+        whichever one is stored to the other)."""
+        if not self.layout.tie_word_embeddings:
+            return False
+        if key == _HEAD_KEY:
             return True
-        return self.layout.tie_word_embeddings and key == _HEAD_KEY
+        return key == _EMBED_KEY and _HEAD_KEY in self._seen
 
     def slot(self, key: str) -> tuple[Path, int | None, bool] | None:
         """(params path, layer index or None, transpose) of an HF key; None for ignored buffers."""
@@ -151,7 +165,8 @@ class ParamAssembler:
         self._seen.add(canonical)
 
     def missing(self) -> list[str]:
-        return [k for k in self._expected if k not in self._seen]
+        """The tensors still to come (not counting one that tied embeddings can make)."""
+        return [k for k in self._expected if k not in self._seen and not self._optional(k)]
 
     def finish(self) -> dict[str, Any]:
         missing = self.missing()
@@ -167,12 +182,31 @@ class ParamAssembler:
                 weights = slots.get(("layers", "attention", name, "kernel"), None)
                 slots.get(("layers", "attention", name, "bias"), weights.dtype)[...] = 0
         if self.layout.tie_word_embeddings:
-            embed = slots.get(("embed_in", "embedding"), None)
-            copy_cast(slots.get(("embed_out", "kernel"), embed.dtype), embed, transpose=True)
+            self._tie_embeddings()
         tree: dict[str, Any] = {}
         for path in self._shapes:
             set_path(tree, path, slots.pop(path))
         return tree
+
+    def _tie_embeddings(self) -> None:
+        """``tie_word_embeddings: true``: fill the embedding that is not stored from the one that is.
+
+        Both stored: each keeps its own values, as transformers' ``tie_weights`` does when it
+        loads such a directory (equal tensors are tied, i.e. the same values; different ones
+        are left untied, with a warning); this project's params are always untied.
+        """
+        embed_path, head_path = ("embed_in", "embedding"), ("embed_out", "kernel")
+        if _HEAD_KEY not in self._seen:
+            embed = self._slots.get(embed_path, None)
+            copy_cast(self._slots.get(head_path, embed.dtype), embed, transpose=True)
+        elif _EMBED_KEY not in self._seen:
+            head = self._slots.get(head_path, None)
+            copy_cast(self._slots.get(embed_path, head.dtype), head, transpose=True)
+        elif not np.array_equal(self._slots.get(embed_path, None), self._slots.get(head_path, None).T):
+            logger.warning("%s: config.json says tie_word_embeddings=true, but %s and %s are both stored "
+                           "with different values: both are kept (an untied model, as transformers loads "
+                           "it; its config is written with tie_word_embeddings=false)",
+                           self.source, _EMBED_KEY, _HEAD_KEY)
 
 
 def hf_state_dict_to_params(config: ModelConfig, state_dict: Mapping[str, Any],
@@ -382,6 +416,8 @@ def read_hf_dir(path: str | os.PathLike, *, progress: bool = False,
     fmt, files = find_weight_files(path)
     assembler = ParamAssembler(config, source=path, layout=layout, dtype=dtype)
     total = len(assembler.missing())
+    if layout.tie_word_embeddings and _HEAD_KEY in _listed_keys(fmt, files):
+        total += 1  # a head stored beside embed_in is read too
     with TensorProgress(progress, total, f"reading {os.path.basename(path.rstrip('/')) or path}") as bar:
         for file in files:
             assembler.source = file
@@ -389,6 +425,20 @@ def read_hf_dir(path: str | os.PathLike, *, progress: bool = False,
             reader(file, assembler, bar)
     assembler.source = path
     return config, assembler.finish()
+
+
+def _listed_keys(fmt: str, files: list[str]) -> set[str]:
+    """The canonical keys the weight files list without reading tensors (empty for a single
+    ``pytorch_model.bin``, whose keys are known only once it is loaded; for progress totals)."""
+    keys: set[str] = set()
+    for file in files:
+        if fmt != "safetensors":
+            return keys
+        try:
+            keys.update(k for k in _safetensors_header(file)[1] if k != "__metadata__")
+        except (OSError, ValueError):
+            return keys  # the reader reports it
+    return {KEY_ALIASES.get(k, k) for k in keys}
 
 
 def plan_shards(config: ModelConfig, dtype: Any, shard_size: int | str) -> list[list[str]]:

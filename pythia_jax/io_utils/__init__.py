@@ -23,6 +23,7 @@ from pythia_jax.io_utils.files import (
     prefetch,
     release_free_memory,
 )
+from pythia_jax.io_utils.interrupts import deferred_interrupts, raise_if_interrupted, watch_interrupts  # noqa: F401
 from pythia_jax.io_utils.outputs import (
     _IDX_MAGIC,
     _NPY_MAGIC,

@@ -35,6 +35,7 @@ from typing import Iterator, Sequence
 
 from pythia_jax.errors import PythiaJaxError
 from pythia_jax.io_utils.files import is_url
+from pythia_jax.io_utils.interrupts import raise_if_interrupted
 
 logger = logging.getLogger(__name__)
 
@@ -352,7 +353,14 @@ def clean_stale_temps(final: str | os.PathLike) -> list[str]:
 
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
+        # a file created meanwhile (a writer thread still finishing) makes one pass fail with
+        # ENOTEMPTY; retry until the folder is gone
+        for attempt in range(50):
+            shutil.rmtree(path, ignore_errors=True)
+            if not os.path.lexists(path):
+                return
+            time.sleep(0.01 * attempt)
+        logger.warning("could not remove the temporary folder %s; remove it by hand", path)
     else:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
@@ -377,6 +385,7 @@ def publish(pairs: Sequence[tuple[str | os.PathLike, str | os.PathLike]]) -> Non
     moved: list[tuple[Path, Path]] = []  # (final, old copy)
     done: list[Path] = []
     try:
+        raise_if_interrupted()  # a Ctrl-C that Python dropped ("Exception ignored in …") still counts
         for tmp, final in pairs:  # a file never replaces a folder (nor a folder a file)
             if (final.is_dir() and not final.is_symlink()) != tmp.is_dir() and final.exists():
                 what = "a folder" if final.is_dir() else "a file"
@@ -468,6 +477,7 @@ def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False, *, ki
     tmp = temp_sibling(out, directory=True)
     try:
         yield tmp
+        raise_if_interrupted()
         check_output_dir(out, overwrite, kind=kind)  # it may have appeared while we were writing
     except BaseException:
         _remove(tmp)
