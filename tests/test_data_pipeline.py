@@ -253,3 +253,24 @@ def test_demo_order_cache_goes_outside_the_package(monkeypatch, tmp_path):
     assert next(it)["inputs"].shape == (4, 128)
     assert set(os.listdir(os.path.dirname(demo_data_prefix()))) == before
     assert any(p.endswith("_doc_idx.npy") for _, _, files in os.walk(tmp_path / "cache") for p in files)
+
+
+def test_token_ids_beyond_the_models_vocabulary_are_refused(corpus, tmp_path):
+    """A dataset tokenized for a larger vocabulary than the model's: inside the jitted step the
+    ids would read NaN embedding rows (every loss non-finite, the run stopped for an unclear
+    reason); the batch is refused when it is read, naming the step, the ids and vocab_size."""
+    from pythia_jax.errors import TokenIdError
+
+    raw, _, rows = corpus
+    hi = int(np.asarray(rows[:B]).max())
+    kw = dict(order="neox", seq_len=SEQ, global_batch=B, seed=SEED, train_iters=ITERS,
+              process_index=0, process_count=1, cache_prefix=str(tmp_path / "maps"))
+    it = make_train_iterator(raw, vocab_size=hi, **kw)
+    with pytest.raises(TokenIdError, match=rf"step 0's training rows .*ids from \d+ to {hi}, but vocab_size is {hi}"):
+        next(it)
+    ok = make_train_iterator(raw, vocab_size=hi + 1, **kw)
+    np.testing.assert_array_equal(next(ok)["inputs"], np.asarray(rows[:B])[:, :-1])
+    held = make_eval_batches(raw, order="neox", seq_len=SEQ, batch_size=B, seed=SEED, train_iters=ITERS // 2,
+                             global_batch=B, cache_prefix=str(tmp_path / "maps2"), vocab_size=10)
+    with pytest.raises(TokenIdError, match="held-out batch 0"):
+        next(held)

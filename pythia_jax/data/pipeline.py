@@ -60,9 +60,18 @@ def host_slice(global_batch: int, process_index: int, process_count: int) -> tup
     return process_index * per_host, (process_index + 1) * per_host
 
 
-def to_inputs_labels(rows: np.ndarray) -> dict[str, np.ndarray]:
-    """rows [b, L+1] -> {'inputs': int32 [b, L] = row[:-1], 'labels': int32 [b, L] = row[1:]}."""
+def to_inputs_labels(rows: np.ndarray, vocab_size: int | None = None, what: str = "rows"
+                     ) -> dict[str, np.ndarray]:
+    """rows [b, L+1] -> {'inputs': int32 [b, L] = row[:-1], 'labels': int32 [b, L] = row[1:]}.
+
+    With ``vocab_size``, a token id outside ``[0, vocab_size)`` is a ``TokenIdError`` naming
+    ``what``: inside the jitted step such an id would silently read a NaN embedding row.
+    """
     rows = np.asarray(rows, dtype=np.int32)
+    if vocab_size is not None and rows.size:
+        from pythia_jax.model.token_ids import check_id_range
+
+        check_id_range(int(rows.min()), int(rows.max()), int(vocab_size), f"token ids of {what}")
     return {"inputs": rows[:, :-1], "labels": rows[:, 1:]}
 
 
@@ -85,6 +94,7 @@ class StepRowsSource:
     transform: RowTransform | None = None
     transform_steps: tuple[int, int] | None = None
     transform_stats: dict = dataclasses.field(default_factory=dict, repr=False)
+    vocab_size: int | None = None  # token ids checked against it (``to_inputs_labels``)
 
     def __len__(self) -> int:
         return self.num_steps
@@ -101,12 +111,15 @@ class StepRowsSource:
         base = self.global_batch * step
         if not self.transforms_step(step):
             # Gathered straight into int32 (one pass; inputs/labels are views of those rows).
-            return to_inputs_labels(self.order.read_rows(base + self.row_start,
-                                                         base + self.row_stop, np.int32))
+            return to_inputs_labels(self.order.read_rows(base + self.row_start, base + self.row_stop, np.int32),
+                                    self.vocab_size, self._what(step))
         rows = self.order.read_rows(base + self.row_start, base + self.row_stop)
         rows, stats = apply_to_rows(rows, self.transform)  # in the dataset's dtype
         self.transform_stats[step] = stats
-        return to_inputs_labels(rows)
+        return to_inputs_labels(rows, self.vocab_size, self._what(step))
+
+    def _what(self, step: int) -> str:
+        return f"step {step}'s training rows ({self.order.name})"
 
     def pop_stats(self, step: int):
         """The TransformStats of ``step`` (None when the step was not transformed or not read)."""
@@ -197,7 +210,7 @@ def make_train_iterator(data_prefix: str, *, order: str | Order = "neox", seq_le
                         transform_steps: tuple[int, int] | None = None,
                         host_rows: tuple[int, int] | None = None, num_threads: int = 2,
                         prefetch: int = 2, cache_prefix: str | None = None,
-                        verbose: bool = False):
+                        verbose: bool = False, vocab_size: int | None = None):
     """Iterator of this host's batches for global steps ``start_step .. train_iters-1``.
 
     data_prefix: dataset path without ``.bin``/``.idx`` (local or URL); order: ``"neox"`` (raw
@@ -208,6 +221,8 @@ def make_train_iterator(data_prefix: str, *, order: str | Order = "neox", seq_le
     transform: a ``TransformSpec`` (name, parameters, step window; recorded in the iterator state,
     so a checkpoint made with another transform is refused) or a plain callable applied in the
     steps ``transform_steps = (start, stop)`` (every step if None).
+    vocab_size: the model's; a batch holding a token id outside ``[0, vocab_size)`` raises
+    ``TokenIdError`` when it is read (None: not checked).
     """
     grain = _grain()
     spec = transform if isinstance(transform, TransformSpec) else None
@@ -239,7 +254,8 @@ def make_train_iterator(data_prefix: str, *, order: str | Order = "neox", seq_le
     if not 0 <= a < b <= global_batch:
         raise DataError(f"host rows [{a}, {b}) are not inside a batch of {global_batch}")
     source = StepRowsSource(order_obj, global_batch, train_iters, a, b, transform,
-                            tuple(transform_steps) if transform_steps is not None else None)
+                            tuple(transform_steps) if transform_steps is not None else None,
+                            vocab_size=vocab_size)
     ds = grain.MapDataset.source(source)
     parent = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                                        prefetch_buffer_size=prefetch)))
@@ -289,8 +305,10 @@ def make_eval_batches(data_prefix: str, *, order: str = "sequential", seq_len: i
                       batch_size: int = 8, max_batches: int | None = None, seed: int = 1234,
                       train_iters: int = 143000, global_batch: int = 1024,
                       process_index: int = 0, process_count: int = 1,
-                      cache_prefix: str | None = None) -> Iterator[dict[str, np.ndarray]]:
+                      cache_prefix: str | None = None, vocab_size: int | None = None
+                      ) -> Iterator[dict[str, np.ndarray]]:
     """Held-out batches {'inputs','labels'} int32 [batch_size/process_count, seq_len] in a fixed order.
+    ``vocab_size``: token ids are checked against it (``to_inputs_labels``).
 
     ``sequential``: every row of a separate held-out dataset (e.g. ``demo_eval_prefix()``);
     ``neox``/``preshuffled``: rows after the training range of the training data.
@@ -309,4 +327,5 @@ def make_eval_batches(data_prefix: str, *, order: str = "sequential", seq_len: i
     a, b = host_slice(batch_size, process_index, process_count)
     for k in range(n_batches):
         base = start + k * batch_size
-        yield to_inputs_labels(order_obj.read_rows(base + a, base + b, np.int32))
+        yield to_inputs_labels(order_obj.read_rows(base + a, base + b, np.int32), vocab_size,
+                               f"held-out batch {k} ({order_obj.name})")

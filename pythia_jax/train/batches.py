@@ -31,7 +31,8 @@ def make_data_iterator(cfg: TrainConfig, setup, start_step: int = 0):
         seed=cfg.data.seed, train_iters=cfg.num_steps, start_step=start_step,
         host_rows=host_row_range(setup.batch_shardings["inputs"], cfg.global_batch),
         num_threads=cfg.data.num_threads, prefetch=cfg.data.prefetch,
-        cache_prefix=cache_prefix(cfg, prefix), transform=cfg.data.transform_spec())
+        cache_prefix=cache_prefix(cfg, prefix), transform=cfg.data.transform_spec(),
+        vocab_size=cfg.model.vocab_size)
 
 
 def make_eval_batches(cfg: TrainConfig, setup) -> Iterator[dict]:
@@ -42,7 +43,8 @@ def make_eval_batches(cfg: TrainConfig, setup) -> Iterator[dict]:
     eval_prefix = cfg.data.resolved_eval_prefix()
     a, b = pipeline.host_row_range(setup.batch_shardings["inputs"], cfg.global_batch)
     common = dict(seq_len=cfg.seq_length, batch_size=cfg.global_batch, max_batches=cfg.eval_batches,
-                  seed=cfg.data.seed, train_iters=cfg.num_steps, global_batch=cfg.global_batch)
+                  seed=cfg.data.seed, train_iters=cfg.num_steps, global_batch=cfg.global_batch,
+                  vocab_size=cfg.model.vocab_size)
     if eval_prefix is not None:
         batches = pipeline.make_eval_batches(eval_prefix, order="sequential", **common)
     else:
