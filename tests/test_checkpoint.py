@@ -549,6 +549,16 @@ def test_abandoned_orbax_reads_go_to_debug(monkeypatch, caplog):
     assert [str(u.exc_value) for u in seen] == ["Event loop is closed", "mine"]
     assert "abandoned Orbax read _read_array_index_and_device_put" in caplog.text
     assert "after Orbax closed its event loop" in caplog.text
+    # asyncio's "Task exception was never retrieved" for an Orbax read task: DEBUG, not ERROR
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG):
+        logging.getLogger("asyncio").error(
+            "Task exception was never retrieved\nfuture: <Task finished coro=<async_deserialize() done, "
+            "defined at /x/orbax/checkpoint/_src/serialization/serialization.py:394> exception=Exception()>")
+        logging.getLogger("asyncio").error("Task exception was never retrieved\nfuture: <Task mine>")
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == ["Task exception was never retrieved\nfuture: <Task mine>"], errors
+    assert "abandoned Orbax task" in caplog.text
 
 
 async def _other_coroutine():

@@ -74,3 +74,18 @@ def test_host_restore_of_a_cut_data_file_is_a_clear_error(tmp_path, damage, capl
     with caplog.at_level(logging.WARNING), pytest.raises(CheckpointError, match="no valid checkpoint step"):
         C.load_params(tmp_path, host=True)
     assert "step 3" in caplog.text and "unreadable checkpoint" in caplog.text, caplog.text
+
+
+def test_a_step_folder_and_another_step_are_refused(tmp_path, capsys):
+    """``<root>/3`` with step 5 asked for: which was meant cannot be told (convert jax-to-hf
+    wrote step 5's weights for ``.../3 --step 5``); the same step, or either alone, is fine."""
+    from pythia_jax.cli import main
+
+    C.save_params_checkpoint(tmp_path, 3, TINY, _params())
+    C.save_params_checkpoint(tmp_path, 5, TINY, _params())
+    with pytest.raises(CheckpointError, match="is the folder of step 3, but step 5 was asked for"):
+        C.load_params(tmp_path / "3", step=5, host=True)
+    assert C.resolve_checkpoint_step(tmp_path / "3", 3) == (C.resolve_checkpoint_dir(tmp_path)[0], 3)
+    assert C.resolve_checkpoint_step(tmp_path, 5)[1] == 5 and C.resolve_checkpoint_step(tmp_path / "3", None)[1] == 3
+    assert main(["convert", "jax-to-hf", str(tmp_path / "3"), str(tmp_path / "hf"), "--step", "5"]) == 2
+    assert "is the folder of step 3" in capsys.readouterr().err and not (tmp_path / "hf").exists()

@@ -70,6 +70,7 @@ from pythia_jax.checkpoint.layout import (
                                           is_checkpoint_dir,
                                           read_model_config,
                                           resolve_checkpoint_dir,
+                                          resolve_checkpoint_step,
                                           write_model_config,
 )
 from pythia_jax.checkpoint.manager import TrainCheckpointer
@@ -86,7 +87,7 @@ __all__ = [
     "CheckpointSchedule", "RestoredState", "TrainCheckpointer",
     "pythia_steps", "save_params_checkpoint", "load_params", "stored_dtypes", "STORED", "read_model_config",
     "write_model_config", "config_differences", "tree_checksums", "stored_checksums", "step_problem",
-    "is_checkpoint_dir", "resolve_checkpoint_dir",
+    "is_checkpoint_dir", "resolve_checkpoint_dir", "resolve_checkpoint_step",
     "RUN_CONFIG_KEY", "EXECUTION_FIELDS", "MODEL_CONFIG_FILE", "PARAMS", "OPT_STATE", "DATA_ITER",
     "METADATA", "FORMAT_VERSION", "SaveSteps",
 ]

@@ -70,6 +70,25 @@ def _quiet_abandoned_reads() -> None:
 
     hook._pythia_jax_quiet = True  # type: ignore[attr-defined]
     sys.unraisablehook = hook
+    asyncio_logger = logging.getLogger("asyncio")  # its "Task exception was never retrieved"
+    if _ABANDONED_TASK_FILTER not in asyncio_logger.filters:
+        asyncio_logger.addFilter(_ABANDONED_TASK_FILTER)
+
+
+class _AbandonedTaskFilter(logging.Filter):
+    """asyncio logs an abandoned Orbax read task at ERROR ("Task exception was never retrieved
+    … coro=<async_deserialize() … orbax/…>"), which the CLI showed as "error:" on a run that
+    had fallen back and went on; such records go to this module's logger at DEBUG instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith("Task exception was never retrieved") and "orbax" in message:
+            logger.debug("abandoned Orbax task: %s", message.splitlines()[-1][:300])
+            return False
+        return True
+
+
+_ABANDONED_TASK_FILTER = _AbandonedTaskFilter()
 
 
 def _failure_reason(error: BaseException) -> str:

@@ -105,6 +105,17 @@ def resolve_checkpoint_dir(path: str | os.PathLike) -> tuple[Any, int | None]:
                           f"(no {MODEL_CONFIG_FILE})")
 
 
+def resolve_checkpoint_step(path: str | os.PathLike, step: int | None) -> tuple[Any, int | None]:
+    """:func:`resolve_checkpoint_dir` with an explicit ``step`` (None: the path's own step, if it
+    names one): -> (root, step). A step folder with a different explicit step is a
+    ``CheckpointError`` (which of the two was meant cannot be told)."""
+    root, dir_step = resolve_checkpoint_dir(path)
+    if step is not None and dir_step is not None and int(step) != dir_step:
+        raise CheckpointError(f"{path} is the folder of step {dir_step}, but step {step} was asked for: "
+                              f"give the step folder or the step, or both the same")
+    return root, dir_step if step is None else int(step)
+
+
 def is_checkpoint_dir(path: str | os.PathLike) -> bool:
     """True when ``path`` is a checkpoint root of this project or a step directory in one."""
     try:

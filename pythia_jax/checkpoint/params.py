@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from pythia_jax.checkpoint.hostio import _io_limit
-from pythia_jax.checkpoint.layout import PARAMS, read_model_config, resolve_checkpoint_dir
+from pythia_jax.checkpoint.layout import PARAMS, read_model_config, resolve_checkpoint_step
 from pythia_jax.checkpoint.manager import TrainCheckpointer
 from pythia_jax.checkpoint.restore import _abstract_like, _item_tree_metadata, cast_tree
 from pythia_jax.config import DTYPES, ConfigError, ModelConfig
@@ -61,8 +61,7 @@ def load_params(directory: str | os.PathLike, step: int | None = None,
     wanted = None if dtype is None or (isinstance(dtype, str) and dtype == STORED) else _weight_dtype(dtype)
     import jax
 
-    root, dir_step = resolve_checkpoint_dir(directory)
-    step = dir_step if step is None else step
+    root, step = resolve_checkpoint_step(directory, step)
     config = read_model_config(root)
     from pythia_jax.model import abstract_params
 
@@ -123,8 +122,7 @@ def stored_dtypes(directory: str | os.PathLike, step: int | None = None) -> dict
     ``step`` (newest valid step by default), from Orbax's metadata (no array is read)."""
     from pythia_jax.checkpoint.integrity import _leaf_paths
 
-    root, dir_step = resolve_checkpoint_dir(directory)
-    step = dir_step if step is None else step
+    root, step = resolve_checkpoint_step(directory, step)
     ckpt = TrainCheckpointer(root, save_steps=(), async_save=False)
     try:
         meta = _stored_params_metadata(ckpt, step)

@@ -18,6 +18,7 @@ from pythia_jax.checkpoint.layout import (
     _epath,
     _read_json,
     resolve_checkpoint_dir,
+    resolve_checkpoint_step,
 )
 from pythia_jax.data.run_data import RunData, RunDataError
 from pythia_jax.errors import CheckpointError
@@ -51,8 +52,7 @@ def read_run_config(directory: str | os.PathLike, step: int | None = None) -> di
     path = _epath(directory)
     if not (path / MODEL_CONFIG_FILE).exists() and (path / "checkpoints" / MODEL_CONFIG_FILE).exists():
         path = path / "checkpoints"
-    root, dir_step = resolve_checkpoint_dir(path)
-    step = dir_step if step is None else int(step)
+    root, step = resolve_checkpoint_step(path, step)
     if step is None:  # listed here: a checkpoint manager would clean up a running save's files
         steps = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit()), reverse=True)
         step = next((s for s in steps if step_problem(root, s) is None), None)

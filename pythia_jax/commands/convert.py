@@ -224,18 +224,17 @@ def _neox_to_jax(args: argparse.Namespace, progress: bool) -> None:
 
 
 def _jax_to_hf(args: argparse.Namespace, progress: bool) -> None:
-    from pythia_jax.checkpoint import STORED, TrainCheckpointer, load_params, resolve_checkpoint_dir
+    from pythia_jax.checkpoint import STORED, TrainCheckpointer, load_params, resolve_checkpoint_step
     from pythia_jax.convert.hf import write_hf_dir
     from pythia_jax.errors import CheckpointError
     from pythia_jax.io_utils import check_output_dir
 
     dtype = args.dtype or "float16"
     shard_size = args.shard_size or DEFAULT_SHARD_SIZE
-    root, dir_step = resolve_checkpoint_dir(args.source)
+    root, step = resolve_checkpoint_step(args.source, args.step)
     inputs = [args.source, os.fspath(root)]
     if not args.all_steps:
         check_output_dir(args.output, args.overwrite, kind="hf", inputs=inputs)
-        step = args.step if args.step is not None else dir_step
         _status(progress, f"reading checkpoint {args.source}")
         config, params, step, why = _load_step(root, step)
         logger.info("%s step %d is stored in %s; writing %s", root, step, dtype_summary(params), dtype)
@@ -262,13 +261,12 @@ def _jax_to_hf(args: argparse.Namespace, progress: bool) -> None:
 
 
 def _jax_to_neox(args: argparse.Namespace, progress: bool) -> None:
-    from pythia_jax.checkpoint import resolve_checkpoint_dir
+    from pythia_jax.checkpoint import resolve_checkpoint_step
     from pythia_jax.convert.neox import write_neox_checkpoint
     from pythia_jax.io_utils import check_output_dir
 
-    root, dir_step = resolve_checkpoint_dir(args.source)
+    root, step = resolve_checkpoint_step(args.source, args.step)
     check_output_dir(args.output, args.overwrite, kind="neox", inputs=[args.source, os.fspath(root)])
-    step = args.step if args.step is not None else dir_step
     _status(progress, f"reading checkpoint {root}")
     config, params, step, why = _load_step(root, step)
     dtype = args.dtype or "float32"
