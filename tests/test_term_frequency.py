@@ -90,15 +90,20 @@ def _write_details(d, step, op, k, acc_of):
                                     "correct": x2 <= acc_of(x1) * 4}) + "\n")
 
 
-def test_command_plot_and_table(tmp_path):
-    from pythia_jax.cli import main
-
-    counts = tmp_path / "numerals.csv"
-    rows = _count_rows()
+def _write_count_table(tmp_path):
+    """``_count_rows()`` as the CSV table ``count`` writes: (path, rows)."""
+    counts, rows = tmp_path / "numerals.csv", _count_rows()
     with open(counts, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
+    return counts, rows
+
+
+def test_command_plot_and_table(tmp_path):
+    from pythia_jax.cli import main
+
+    counts, rows = _write_count_table(tmp_path)
     det = tmp_path / "details"
     for step in (10, 20):
         for k in (0, 4, 16):
@@ -127,12 +132,7 @@ def test_command_plot_and_table(tmp_path):
 def test_outputs_are_checked_before_the_work_and_a_folder_is_never_replaced(tmp_path, capsys, monkeypatch):
     from pythia_jax.cli import main
 
-    counts = tmp_path / "numerals.csv"
-    rows = _count_rows()
-    with open(counts, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    counts, _ = _write_count_table(tmp_path)
     det = tmp_path / "details"
     for k in (0, 4, 16):
         _write_details(det, 20, "plus", k, lambda x: 1.0 if x >= 20 else 0.25)

@@ -14,8 +14,6 @@ from pythia_jax.checkpoint.integrity import step_problem
 from pythia_jax.checkpoint.layout import (
     DATA_ITER,
     METADATA,
-    MODEL_CONFIG_FILE,
-    _epath,
     _read_json,
     resolve_checkpoint_dir,
     resolve_checkpoint_step,
@@ -49,10 +47,7 @@ def read_run_config(directory: str | os.PathLike, step: int | None = None) -> di
     state (no prefix). None: the step holds neither (e.g. a converted checkpoint). Raises
     ``CheckpointError`` when there is no usable step.
     """
-    path = _epath(directory)
-    if not (path / MODEL_CONFIG_FILE).exists() and (path / "checkpoints" / MODEL_CONFIG_FILE).exists():
-        path = path / "checkpoints"
-    root, step = resolve_checkpoint_step(path, step)
+    root, step = resolve_checkpoint_step(directory, step)  # a run folder: its checkpoints/
     if step is None:  # listed here: a checkpoint manager would clean up a running save's files
         steps = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit()), reverse=True)
         step = next((s for s in steps if step_problem(root, s) is None), None)
@@ -105,13 +100,10 @@ def read_run_data(checkpoints: str | os.PathLike, step: int | None = None, *, wh
     step holds no record (use ``RunData.from_flags``) and ``CheckpointError`` for an unusable
     directory.
     """
-    path = os.fspath(checkpoints)
-    if os.path.isdir(os.path.join(path, "checkpoints")) and not os.path.exists(os.path.join(path, MODEL_CONFIG_FILE)):
-        path = os.path.join(path, "checkpoints")
-    record = read_run_config(path, step)
+    root, _ = resolve_checkpoint_dir(checkpoints)  # a run folder: its checkpoints/
+    record = read_run_config(root, step)
     if record is None:
-        raise RunDataError(f"{path} step {step}: no record of the run's data configuration")
-    root, _ = resolve_checkpoint_dir(path)
+        raise RunDataError(f"{os.fspath(root)} step {step}: no record of the run's data configuration")
     origin = f"the run recorded in {os.fspath(root)} (step {record['step']})"
     run = RunData.from_record(record, origin=origin, cache_prefix=_run_cache_prefix(root, record),
                               data=explicit.get("data"))
@@ -129,11 +121,8 @@ def resolve_run_data(checkpoints: str | os.PathLike | None, step: int | None = N
     from pythia_jax.data.run_data import SETTINGS, TRANSFORM_SETTINGS, flag_name
 
     if checkpoints is not None:
-        path = os.fspath(checkpoints)
-        if os.path.isdir(os.path.join(path, "checkpoints")) and not is_checkpoint_dir(path):
-            path = os.path.join(path, "checkpoints")
-        if is_checkpoint_dir(path) and read_run_config(path, step) is not None:
-            return read_run_data(path, step, what=what, **flags)
+        if is_checkpoint_dir(checkpoints) and read_run_config(checkpoints, step) is not None:
+            return read_run_data(checkpoints, step, what=what, **flags)
     elif defaults:
         if flags.get("data") is None:
             raise RunDataError(f"give {flag_name('data', what)} (a dataset prefix) or --checkpoints (a run's "

@@ -103,12 +103,12 @@ def run(args: argparse.Namespace) -> int:
         os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
 
     from pythia_jax.errors import PythiaJaxError
-    from pythia_jax.eval.loading import NO_CHECKPOINTS, available_steps, resolve_checkpoints
+    from pythia_jax.eval.loading import NO_CHECKPOINTS, available_steps
     from pythia_jax.eval.runner import EvalSettings, evaluate_checkpoints, parse_steps, write_csv
 
     if not os.path.exists(args.checkpoints):
         raise PythiaJaxError(f"--checkpoints {args.checkpoints} does not exist")
-    checkpoints = resolve_checkpoints(args.checkpoints)  # a run directory: its checkpoints/
+    checkpoints = args.checkpoints  # a run directory stands for its checkpoints/ (resolve_checkpoint_dir)
     have = available_steps(checkpoints)
     if not have:
         raise PythiaJaxError(f"--checkpoints {args.checkpoints} holds no checkpoints: it {NO_CHECKPOINTS}")

@@ -27,27 +27,7 @@ analyses only.
   pythia-jax memorization-report results_details --out-dir mem_report
 """
 
-
 REPORT_KIND = "memorization_report"  # what --overwrite may replace (io_utils.KIND_NAMES)
-
-
-def _json_safe(value):
-    """``value`` with numpy scalars as Python numbers and non-finite floats as None."""
-    import math
-
-    import numpy as np
-
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
     from pythia_jax.analysis import memorization_stats as ms
     from pythia_jax.errors import DataError, PythiaJaxError
-    from pythia_jax.io_utils import atomic_output_dir, check_output_dir
+    from pythia_jax.io_utils import atomic_output_dir, check_output_dir, json_safe
 
     if args.window < 1 or not 0 < args.alpha < 1 or args.gen_len < 1:
         raise PythiaJaxError(f"--window and --gen-len must be >= 1 and --alpha in (0, 1); got "
@@ -127,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         (tmp / "report.txt").write_text(text + "\n")
         # strict JSON: an undefined statistic (precision with no predicted row, a test on
         # constant counts) is null, not the NaN token most JSON readers reject
-        (tmp / "report.json").write_text(json.dumps(_json_safe(doc), indent=1, allow_nan=False) + "\n")
+        (tmp / "report.json").write_text(json.dumps(json_safe(doc), indent=1, allow_nan=False) + "\n")
         for s, (counts, rep) in poisson.items():
             ms.plot_qq(counts, tmp / f"qq_step{s}.png",
                        title=f"step {s}: memorized per {args.window} rows vs Poisson "

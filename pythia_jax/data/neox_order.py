@@ -52,6 +52,7 @@ import time
 
 import numpy as np
 
+from pythia_jax.config import SEED_RANGE
 from pythia_jax.data.indexed import save_npys_together
 from pythia_jax.errors import DataError
 from pythia_jax.io_utils import is_url
@@ -325,7 +326,7 @@ def check_index_map_plan(plan: IndexMapPlan, *, data_prefix: str, cache_path: st
         f"(GB, e.g. {max(1, math.ceil(total / 1e9) + 1)})" + (" and free disk space" if no_room else ""))
 
 
-MAX_SEED = 2**32 - 1  # numpy.random.RandomState's seed range (the shuffles of build_index_maps)
+MAX_SEED = SEED_RANGE[1]  # numpy.random.RandomState's seed range (the shuffles of build_index_maps)
 
 
 def check_seed(seed, what: str = "seed") -> int:

@@ -68,10 +68,10 @@ def to_inputs_labels(rows: np.ndarray, vocab_size: int | None = None, what: str 
     ``what``: inside the jitted step such an id would silently read a NaN embedding row.
     """
     rows = np.asarray(rows, dtype=np.int32)
-    if vocab_size is not None and rows.size:
-        from pythia_jax.model.token_ids import check_id_range
+    if vocab_size is not None:
+        from pythia_jax.model.token_ids import check_token_ids
 
-        check_id_range(int(rows.min()), int(rows.max()), int(vocab_size), f"token ids of {what}")
+        check_token_ids(rows, vocab_size, f"token ids of {what}")
     return {"inputs": rows[:, :-1], "labels": rows[:, 1:]}
 
 

@@ -3,7 +3,7 @@ directory (a single model or ``DIR/step<N>/`` revision folders as the Pythia sui
 
 A single HF directory is one checkpoint: its step is N when the folder is named ``step<N>``
 (a Hub revision), else 0. A run's output directory stands for its ``checkpoints/`` folder
-(``resolve_checkpoints``).
+(``checkpoint.resolve_checkpoint_dir``).
 
 What a result was computed from (``pythia_jax.eval.provenance``): ``checkpoint_source`` (the
 resolved folder) and ``weights_fingerprint`` (the weights of one step).
@@ -30,23 +30,6 @@ NO_CHECKPOINTS = ("is not a pythia-jax checkpoint directory (model_config.json a
                   "step<N>/ HF revisions")
 
 
-def resolve_checkpoints(path: str | os.PathLike) -> str:
-    """``path`` itself when it holds checkpoints (one HF directory, HF revisions, a checkpoint
-    directory of this project or a step in one); a run's output directory gives its
-    ``checkpoints/`` folder (as ``batches`` / ``count --checkpoints`` read it)."""
-    from pythia_jax import checkpoint as ckpt
-    from pythia_jax.convert.hf import is_hf_dir
-
-    p = os.fspath(path)
-    if is_url(p) or is_hf_dir(p) or hf_revision_steps(p) or ckpt.is_checkpoint_dir(p):
-        return p
-    sub = os.path.join(p, "checkpoints")
-    if ckpt.is_checkpoint_dir(sub):
-        logger.info("%s is a run directory: evaluating its checkpoints in %s", p, sub)
-        return sub
-    return p
-
-
 def checkpoint_source(path: str | os.PathLike) -> str:
     """The folder the checkpoints of ``path`` are read from, as one name: the checkpoint root of
     a pythia-jax directory (a step directory or a run directory gives its root), else the HF
@@ -54,7 +37,7 @@ def checkpoint_source(path: str | os.PathLike) -> str:
     from pythia_jax import checkpoint as ckpt
     from pythia_jax.convert.hf import is_hf_dir
 
-    p = resolve_checkpoints(path)
+    p = os.fspath(path)
     if not is_hf_dir(p) and not hf_revision_steps(p) and ckpt.is_checkpoint_dir(p):
         p = os.fspath(ckpt.resolve_checkpoint_dir(p)[0])
     return p.rstrip("/") if is_url(p) else os.path.realpath(p)
@@ -71,9 +54,11 @@ def weights_fingerprint(path: str | os.PathLike, step: int) -> str:
     files are not read: re-exported weights get a new name, and so does a copy that does not
     keep the times)."""
     from pythia_jax import checkpoint as ckpt
+    from pythia_jax.checkpoint.layout import _ORBAX_STEP_METADATA
     from pythia_jax.convert.hf import find_weight_files, is_hf_dir
+    from pythia_jax.eval.provenance import digest_hex
 
-    p = resolve_checkpoints(path)
+    p = os.fspath(path)
     if not is_hf_dir(p) and hf_revision_steps(p):
         p = os.path.join(p, f"step{step}")
     if is_hf_dir(p):
@@ -81,22 +66,18 @@ def weights_fingerprint(path: str | os.PathLike, step: int) -> str:
         with open(os.path.join(p, "config.json"), "rb") as f:
             config = hashlib.sha256(f.read()).hexdigest()
         stats = [(os.path.basename(x), os.stat(x).st_size, os.stat(x).st_mtime_ns) for x in files]
-        return "hf:" + _digest({"config": config, "files": stats})
+        return "hf:" + digest_hex({"config": config, "files": stats})
     root, _ = ckpt.resolve_checkpoint_dir(p)
     config = ckpt.read_model_config(root)
     sums = ckpt.stored_checksums(root, step)
     if sums is None:  # saved before checksums were recorded: the save's own timestamps name it
         try:
-            saved = json.loads((root / str(step) / "_CHECKPOINT_METADATA").read_text())
+            saved = json.loads((root / str(step) / _ORBAX_STEP_METADATA).read_text())
             sums = {k: saved[k] for k in ("init_timestamp_nsecs", "commit_timestamp_nsecs")}
         except (OSError, ValueError, KeyError, TypeError):
             raise CheckpointError(f"{root}/{step}: its metadata records neither checksums nor save times "
                                   "of the params, so results cannot name the weights they come from") from None
-    return "ckpt:" + _digest({"config": None if config is None else config.to_dict(), "params": sums})
-
-
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+    return "ckpt:" + digest_hex({"config": None if config is None else config.to_dict(), "params": sums})
 
 
 def load_model_params(path: str | os.PathLike, step: int | None = None) -> tuple[Any, dict]:

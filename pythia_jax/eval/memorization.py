@@ -235,13 +235,11 @@ def sweep_memorization(generator: Any, run: Any, step: int, details_dir: str | o
 def generator_weights(generator: Any) -> str:
     """``params:`` + a digest of the generator's configuration and the checksums of its
     parameters as placed (one pass over them)."""
-    import hashlib
-
     from pythia_jax.checkpoint import tree_checksums
+    from pythia_jax.eval.provenance import digest_hex
 
     placed = generator.placed
-    doc = {"config": placed.config.to_dict(), "params": tree_checksums(placed.params)}
-    return "params:" + hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+    return "params:" + digest_hex({"config": placed.config.to_dict(), "params": tree_checksums(placed.params)})
 
 
 def _claim_manifest(folder: str, manifest: dict) -> None:

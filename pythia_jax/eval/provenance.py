@@ -46,8 +46,12 @@ class ProvenanceError(PythiaJaxError):
 # ------------------------------------------------------------------------------------- digests
 def digest(obj: Any) -> str:
     """``sha256:`` + 16 hex digits of ``obj`` as canonical JSON (dataclasses as dicts)."""
-    text = json.dumps(obj, sort_keys=True, default=_plain)
-    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16]
+    return "sha256:" + digest_hex(obj)
+
+
+def digest_hex(obj: Any) -> str:
+    """The 16 hex digits of :func:`digest` (for names with their own prefix, e.g. ``ckpt:``)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_plain).encode()).hexdigest()[:16]
 
 
 def _plain(x: Any) -> Any:

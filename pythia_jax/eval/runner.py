@@ -327,12 +327,10 @@ def evaluate_checkpoints(checkpoints: str | os.PathLike, steps: Sequence[int], s
         available_steps,
         checkpoint_source,
         load_model_params,
-        resolve_checkpoints,
         weights_fingerprint,
     )
     from pythia_jax.eval.provenance import task_settings
 
-    checkpoints = resolve_checkpoints(checkpoints)
     table = ResultsTable(out)
     have = available_steps(checkpoints)
     if not have:

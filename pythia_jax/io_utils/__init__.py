@@ -1,7 +1,7 @@
 """Small file-system helpers: safe, atomic outputs; the URL test; size strings; JSONL rows with line numbers.
 
 The facade of two modules: ``pythia_jax.io_utils.outputs`` (the output rule below) and
-``pythia_jax.io_utils.files`` (``is_url``, ``parse_size``, ``iter_jsonl_objects``, ``prefetch``,
+``pythia_jax.io_utils.files`` (``is_url``, ``parse_size``, ``iter_jsonl_objects``, ``json_safe``, ``prefetch``,
 ``release_free_memory``).
 
 The output rule every writer follows (no output around or inside its inputs; ``overwrite``
@@ -19,6 +19,7 @@ from pythia_jax.io_utils.files import (
     _ZstdReader,
     is_url,
     iter_jsonl_objects,
+    json_safe,
     parse_size,
     prefetch,
     release_free_memory,

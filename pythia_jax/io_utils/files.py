@@ -144,6 +144,24 @@ def iter_jsonl_objects(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
         raise DataError(f"{path}:{lineno + 1}: {what} ({reason}); check or re-download the file") from None
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` for strict JSON (``json.dumps(..., allow_nan=False)``), recursively: numpy scalars
+    as Python numbers, non-finite floats (NaN, ±inf) as None (JSON ``null``)."""
+    import math
+
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def release_free_memory() -> None:
     """Hand memory that glibc's allocator keeps after large frees back to the OS (``malloc_trim``).
 

@@ -319,7 +319,9 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig.export_hf {export!r} is {'' if out == exp else 'above '}the "
                               f"run's output_dir {self.output_dir!r}: the export would replace the run "
                               f"(checkpoints, metrics); {fix}")
-        for entry in ("checkpoints", "tensorboard", "index_maps", "metrics.jsonl"):
+        from pythia_jax.train.paths import RUN_ENTRIES
+
+        for entry in RUN_ENTRIES:
             own = norm(posixpath.join(self.output_dir, entry) if is_url(self.output_dir)
                        else os.path.join(self.output_dir, entry))
             if inside(exp, own):

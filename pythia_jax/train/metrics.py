@@ -29,6 +29,7 @@ from typing import Any, Mapping
 import jax
 
 from pythia_jax.config import ModelConfig
+from pythia_jax.io_utils import json_safe
 
 logger = logging.getLogger(__name__)
 
@@ -173,17 +174,6 @@ def _fmt(v: float) -> str:
     if abs(v) >= 1e4 or abs(v) < 1e-3:
         return f"{v:.3e}"
     return f"{v:.4f}"
-
-
-def json_safe(value: Any) -> Any:
-    """``value`` with non-finite floats (NaN, ±inf) replaced by None (JSON ``null``), recursively."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
 
 
 class MetricsLog:

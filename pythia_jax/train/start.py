@@ -5,7 +5,6 @@ init, or a branch from ``TrainConfig.init_from`` at ``start_step``), checked aga
 from __future__ import annotations
 
 import logging
-import os
 
 import jax
 import numpy as np
@@ -133,10 +132,7 @@ def _checkpoint_root(path: str):
     a step folder), else None."""
     from pythia_jax import checkpoint as ckpt_lib
 
-    for candidate in (path, os.path.join(path, "checkpoints")):
-        if ckpt_lib.is_checkpoint_dir(candidate):
-            return ckpt_lib.resolve_checkpoint_dir(candidate)[0]
-    return None
+    return ckpt_lib.resolve_checkpoint_dir(path)[0] if ckpt_lib.is_checkpoint_dir(path) else None
 
 
 def _branch_from_checkpoint(cfg: TrainConfig, setup, current: dict, root, S: int):
@@ -184,8 +180,8 @@ def _moments_are_zero(opt_state) -> bool:
     from pythia_jax.train.optimizer import adam_moments
 
     mu, nu, _ = adam_moments(opt_state)
-    leaves = jax.tree.leaves((mu, nu))
-    return all(not bool(jax.numpy.any(x != 0)) for x in leaves)
+    nonzero = jax.device_get([jax.numpy.any(x != 0) for x in jax.tree.leaves((mu, nu))])  # one transfer
+    return not any(bool(x) for x in nonzero)
 
 
 def _branch_from_neox(cfg: TrainConfig, setup, source: str, S: int):
