@@ -84,6 +84,21 @@ def narrows_range(dst_dtype: Any, src_dtype: Any) -> bool:
     return float(ml_dtypes.finfo(dst).max) < float(ml_dtypes.finfo(src).max)
 
 
+def widens(src_dtype: Any, dst_dtype: Any) -> bool:
+    """True when ``dst_dtype`` is another float type that holds every ``src_dtype`` value
+    exactly, inf and NaN included (float16 / bfloat16 -> float32; not float16 <-> bfloat16)."""
+    import ml_dtypes
+
+    src, dst = np.dtype(src_dtype), np.dtype(dst_dtype)
+    if dst.kind not in "fV" or src.kind not in "fV" or dst == src:
+        return False
+    try:
+        a, b = ml_dtypes.finfo(src), ml_dtypes.finfo(dst)
+    except (TypeError, ValueError):  # not a float type
+        return False
+    return b.nmant >= a.nmant and b.maxexp >= a.maxexp and b.minexp <= a.minexp
+
+
 def cast_overflow(dst: Any, src: Any) -> int:
     """The number of finite values of ``src`` that became ±inf in ``dst``, its cast (any
     layout, e.g. transposed). 0 without a look at the data when ``dst``'s dtype holds

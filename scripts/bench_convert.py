@@ -84,6 +84,7 @@ def _worker(name: str, workdir: str, checkpoint: bool) -> dict:
 
         from pythia_jax.checkpoint import STORED, load_params
         from pythia_jax.commands.convert import write_checkpoint
+        from pythia_jax.convert.dtypes import defer_widening
         from pythia_jax.convert.hf import read_hf_dir, to_device_tree, write_hf_dir
         jax.numpy.zeros(8).block_until_ready()  # start the runtime: part of the baseline
     elif name.startswith("peer"):
@@ -94,12 +95,15 @@ def _worker(name: str, workdir: str, checkpoint: bool) -> dict:
     baseline = _status_kb("VmRSS")
     ph = _Phases()
     if name == "ours_hf_to_jax":
-        config, params = ph.run("read", lambda: read_hf_dir(src, dtype=dtype))
         if not checkpoint:
+            config, params = ph.run("read", lambda: read_hf_dir(src, dtype=dtype))
             params = ph.run("to_jax", lambda: to_device_tree(params))
-        else:  # what `pythia-jax convert hf-to-jax` does: numpy params straight into the checkpoint
+        else:  # what `pythia-jax convert hf-to-jax` does: read as stored, numpy params straight
+            # into the checkpoint, widened to float32 (if asked) as the save writes them
+            config, params = ph.run("read", lambda: read_hf_dir(src, dtype="auto"))
+            params, save_dtype = defer_widening(params, dtype)
             ph.run("save", lambda: write_checkpoint(ckpt, 0, config, params, None, {"source": "bench"},
-                                                    overwrite=True))
+                                                    overwrite=True, dtype=save_dtype))
     elif name == "ours_jax_to_hf":
         if checkpoint:  # as jax-to-hf does: the stored dtype, cast tensor by tensor while writing
             config, params = ph.run("load", lambda: load_params(ckpt, host=True, dtype=STORED))

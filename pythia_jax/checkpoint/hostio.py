@@ -13,6 +13,7 @@ Orbax offers no public switch for these bounds, so this module subclasses its pu
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import functools
@@ -40,6 +41,7 @@ def _host_leaf(x: Any) -> Any:
 
 _HOST_CHUNK_BYTES = 4 << 20        # largest chunk of an array written from host memory
 _HOST_DATA_FILE_BYTES = 16 << 20  # OCDBT data file size: tensorstore buffers about one per write
+_WIDENING_WRITES = 8               # chunk writes in flight per array of a widening save
 _HOST_READ_FILES = 4               # concurrent file reads when restoring into host memory
 # Host restores map local data files (tensorstore's ``file_io_mode`` "memmap") instead of
 # ``pread``-ing every chunk into a freshly allocated buffer and copying it again into the result.
@@ -83,6 +85,26 @@ def _host_array_handler() -> Any:
             infos = [with_fields(i, ocdbt_target_data_file_size=i.ocdbt_target_data_file_size
                                  or _HOST_DATA_FILE_BYTES) for i in infos]
             return await super().serialize(values, infos, args)
+
+        async def _open_and_write(self, value, tspec, ts_context):
+            """A widening save (Orbax ``SaveArgs.dtype``: tensorstore's "cast" driver) of a large
+            array, written one storage chunk at a time: tensorstore would otherwise make the
+            whole array's cast copy at once, for every array in flight (measured at the
+            pythia-410m shape: a peak of +1.6 GB, the whole float32 tree)."""
+            if tspec.get("driver") != "cast" or value.nbytes <= _HOST_CHUNK_BYTES:
+                return await super()._open_and_write(value, tspec, ts_context)
+            import tensorstore as ts
+
+            store = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
+            chunk = store.chunk_layout.write_chunk.shape
+            pending: collections.deque = collections.deque()
+            for index in np.ndindex(*(-(-n // c) for n, c in zip(value.shape, chunk))):
+                box = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(index, chunk, value.shape))
+                if len(pending) >= _WIDENING_WRITES:
+                    await pending.popleft()
+                pending.append(store[box].write(value[box]))
+            for write in pending:
+                await write
 
         async def deserialize(self, infos, args=None):
             args = args or [ocp.RestoreArgs()] * len(infos)

@@ -23,6 +23,7 @@ from pythia_jax.checkpoint.layout import (
     _read_json,
 )
 from pythia_jax.errors import CheckpointError
+from pythia_jax.host_memory import widens
 
 
 # ---------------------------------------------------------------------------------- checksums
@@ -42,12 +43,15 @@ def _leaf_paths(tree: Any) -> list[tuple[str, Any]]:
             if hasattr(leaf, "shape")]
 
 
-def tree_checksums(tree: Any) -> dict[str, list[int]]:
+def tree_checksums(tree: Any, widen_to: Any = None) -> dict[str, list[int]]:
     """Per-leaf ``[sum, weighted sum]`` of the raw bit patterns, modulo 2**32.
 
     Integer wrap-around sums are associative, so the value does not depend on how the array is
     sharded or on reduction order. Works on numpy arrays, single-device and (multi-host)
     sharded ``jax.Array``s alike. Keys are ``"a/b/0"`` paths.
+    ``widen_to`` (a float dtype, e.g. float32): the checksums of the floating leaves narrower
+    than it as they will be stored after an exact widening cast (``host_memory.widens``), computed
+    chunk by chunk, without a widened copy of host arrays.
     """
     import jax
     import jax.numpy as jnp
@@ -58,10 +62,15 @@ def tree_checksums(tree: Any) -> dict[str, list[int]]:
     on_device = []
     for k, v in leaves:
         host = _host_view(v)
+        widen = widen_to if widen_to is not None and widens(v.dtype, widen_to) else None
         if host is not None:  # numpy, or a one-device CPU array: summed in chunks, no copies
-            out[k] = list(_host_checksum(host))
+            out[k] = list(_host_checksum(host, widen_to=widen))
         else:
-            on_device.append((k, v if isinstance(v, jax.Array) else jnp.asarray(v)))
+            v = v if isinstance(v, jax.Array) else jnp.asarray(v)
+            if widen is not None:  # the stored bits (uint32), as the host path computes them
+                v = (_float32_bits(jax.lax.bitcast_convert_type(v, jnp.uint16).astype(jnp.uint32), v.dtype)
+                     if np.dtype(widen) == np.float32 and v.dtype.itemsize == 2 else v.astype(widen))
+            on_device.append((k, v))
     if on_device:
         values = [v for _, v in on_device]
         mesh = next((v.sharding.mesh for v in values if isinstance(v.sharding, NamedSharding)), None)
@@ -86,14 +95,21 @@ def _host_view(value: Any) -> np.ndarray | None:
 _CHECKSUM_CHUNK = 1 << 22  # elements per jitted host-checksum call (16 MiB of uint32)
 
 
-def _host_checksum(x: np.ndarray, chunk: int = _CHECKSUM_CHUNK) -> tuple[int, int]:
+def _host_checksum(x: np.ndarray, chunk: int = _CHECKSUM_CHUNK, widen_to: Any = None) -> tuple[int, int]:
     """``tree_checksums``' two sums for one host array, in fixed-size chunks (bounded memory).
 
     Same values as the jitted path: bit patterns widened to uint32 (8-byte types folded), flat
     row-major index i weighted by 2·i + 1, both sums modulo 2**32. Large arrays go through one
     compiled chunk kernel (a single fused pass, ~7x numpy's speed); the last chunk is padded
-    with zeros, which add nothing to either sum.
+    with zeros, which add nothing to either sum. ``widen_to`` (float32): the sums of
+    ``x.astype(widen_to)`` as numpy (and tensorstore's cast) make it, NaN payloads included;
+    float16 / bfloat16 are widened inside the chunk kernel (``_float32_bits``; zeros stay 0).
     """
+    if widen_to is not None and np.dtype(widen_to) != x.dtype:
+        if np.dtype(widen_to) != np.float32 or x.dtype.itemsize != 2 or x.size <= chunk or chunk % 2:
+            return _host_checksum(np.asarray(x).astype(widen_to), chunk)
+        bits = np.ascontiguousarray(x).reshape(-1).view(np.uint16)
+        return _chunked_sums(bits, chunk, _widening_checksum_kernel(x.dtype))
     flat = np.ascontiguousarray(x).reshape(-1)
     if flat.dtype == np.bool_:
         bits = flat.view(np.uint8)
@@ -106,7 +122,11 @@ def _host_checksum(x: np.ndarray, chunk: int = _CHECKSUM_CHUNK) -> tuple[int, in
         b = bits.astype(np.uint64)
         weights = np.arange(b.size, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
         return int(b.sum()) % (1 << 32), int((b * weights).sum(dtype=np.uint64)) % (1 << 32)
-    kernel = _chunk_checksum_kernel(pairs=bits.dtype == np.uint16 and chunk % 2 == 0)
+    return _chunked_sums(bits, chunk, _chunk_checksum_kernel(pairs=bits.dtype == np.uint16 and chunk % 2 == 0))
+
+
+def _chunked_sums(bits: np.ndarray, chunk: int, kernel: Callable) -> tuple[int, int]:
+    """The two sums of a flat array, ``kernel`` applied to each zero-padded ``chunk``."""
     total = weighted = 0
     for start in range(0, bits.size, chunk):
         piece = bits[start:start + chunk]
@@ -148,6 +168,44 @@ def _chunk_checksum_kernel(pairs: bool = False) -> Callable:
     return pair_kernel if pairs else kernel
 
 
+def _float32_bits(h: Any, dtype: Any) -> Any:
+    """The float32 bit patterns of float16 / bfloat16 values, from their 16-bit patterns ``h``
+    held in a uint32 jax array: exact, and NaN payloads kept as numpy and tensorstore keep them
+    (XLA's float conversion sets the quiet bit of a signalling NaN, so it is not used)."""
+    import jax
+    import jax.numpy as jnp
+
+    u = jnp.uint32
+    if np.dtype(dtype).name == "bfloat16":
+        return h << u(16)
+    sign = (h & u(0x8000)) << u(16)
+    exponent, mantissa = (h >> u(10)) & u(0x1F), h & u(0x3FF)
+    normal = ((exponent + u(112)) << u(23)) | (mantissa << u(13))
+    special = u(0x7F800000) | (mantissa << u(13))  # inf and NaN
+    subnormal = jax.lax.bitcast_convert_type(mantissa.astype(jnp.float32) * jnp.float32(2.0 ** -24), u)
+    return sign | jnp.where(exponent == u(31), special, jnp.where(exponent == u(0), subnormal, normal))
+
+
+@functools.lru_cache(maxsize=4)
+def _widening_checksum_kernel(dtype: np.dtype) -> Callable:
+    """``(bits uint16[n], start uint32) -> uint32[2]``, ``n`` even: the chunk kernel's sums of
+    float16 / bfloat16 values (their bit patterns) as float32, the values a widening save
+    stores; read as uint32 word pairs like the ``pairs`` kernel, widened with integer arithmetic."""
+    import jax
+    import jax.numpy as jnp
+
+    @jax.jit
+    def kernel(bits, start):
+        words = jax.lax.bitcast_convert_type(bits.reshape(-1, 2), jnp.uint32)
+        lo = _float32_bits(words & jnp.uint32(0xFFFF), dtype)
+        hi = _float32_bits(words >> jnp.uint32(16), dtype)
+        w_lo = (start + jax.lax.iota(jnp.uint32, words.shape[0]) * jnp.uint32(2)) * jnp.uint32(2) + jnp.uint32(1)
+        return jnp.stack([jnp.sum(lo + hi, dtype=jnp.uint32),
+                          jnp.sum(lo * w_lo + hi * (w_lo + jnp.uint32(2)), dtype=jnp.uint32)])
+
+    return kernel
+
+
 @functools.lru_cache(maxsize=8)
 def _checksum_fn(mesh: Any) -> Callable:
     """One jitted checksum function per mesh (jit then caches one executable per tree layout)."""
@@ -177,9 +235,14 @@ def _checksum_fn(mesh: Any) -> Callable:
     return jax.jit(lambda xs: jnp.stack([one(x) for x in xs]), out_shardings=out_sharding)
 
 
-def _items_checksums(trees: Mapping[str, Any]) -> dict[str, dict[str, list[int]]]:
-    """``{item: tree_checksums(tree)}`` computed in one call (one compilation for all items)."""
-    flat = tree_checksums(dict(trees))
+def _items_checksums(trees: Mapping[str, Any], widen: Mapping[str, Any] | None = None
+                     ) -> dict[str, dict[str, list[int]]]:
+    """``{item: tree_checksums(tree, widen_to=widen.get(item))}``, the items without a widening
+    in one call (one compilation for all items)."""
+    widen = {item: dtype for item, dtype in (widen or {}).items() if dtype is not None and item in trees}
+    flat = tree_checksums({item: t for item, t in trees.items() if item not in widen})
+    for item, dtype in widen.items():
+        flat.update({f"{item}/{k}": v for k, v in tree_checksums(trees[item], widen_to=dtype).items()})
     out: dict[str, dict[str, list[int]]] = {item: {} for item in trees}
     for key, value in flat.items():
         item, _, rest = key.partition("/")

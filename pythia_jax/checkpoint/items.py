@@ -16,6 +16,7 @@ import numpy as np
 from pythia_jax.checkpoint.hostio import _host_leaf
 from pythia_jax.checkpoint.integrity import _items_checksums
 from pythia_jax.checkpoint.layout import _INTERNAL_KEY, DATA_ITER, FORMAT_VERSION, METADATA, OPT_STATE, PARAMS
+from pythia_jax.host_memory import widens
 
 
 def _is_grain_iterator(obj: Any) -> bool:
@@ -39,18 +40,30 @@ def grain_restore_args(iterator: Any) -> Any:
 
 
 def _save_args(params, opt_state, data_state, metadata, step,
-               host_io: bool = False) -> tuple[dict, dict]:
-    """``(Orbax args per item, checksums per item)`` of one step's save."""
+               host_io: bool = False, params_dtype: Any = None) -> tuple[dict, dict]:
+    """``(Orbax args per item, checksums per item)`` of one step's save.
+
+    ``params_dtype`` (host I/O mode only, e.g. float32): params leaves that it holds exactly
+    (``integrity.widens``) are stored in it, cast by tensorstore chunk by chunk as they are
+    written (Orbax ``SaveArgs.dtype``); their checksums are those of the stored values.
+    """
     import jax
     import orbax.checkpoint as ocp
 
     trees = {item: tree for item, tree in ((PARAMS, params), (OPT_STATE, opt_state)) if tree is not None}
+    if params_dtype is not None and not host_io:
+        raise ValueError("params_dtype needs the host I/O mode (io_limit_bytes)")
     if host_io:  # host-resident leaves as numpy views: written by the bounded host handler, no copies
         trees = {item: jax.tree.map(_host_leaf, tree) for item, tree in trees.items()}
         args: dict[str, Any] = {item: ocp.args.PyTreeSave(tree) for item, tree in trees.items()}
+        if params_dtype is not None and PARAMS in trees:
+            target = np.dtype(params_dtype)
+            save_args = jax.tree.map(
+                lambda x: ocp.SaveArgs(dtype=target if widens(x.dtype, target) else None), trees[PARAMS])
+            args[PARAMS] = ocp.args.PyTreeSave(trees[PARAMS], save_args=save_args)
     else:
         args = {item: ocp.args.StandardSave(tree) for item, tree in trees.items()}
-    checksums = _items_checksums(trees)
+    checksums = _items_checksums(trees, {PARAMS: params_dtype})
     data_format = None
     if data_state is not None:
         if _is_grain_iterator(data_state):

@@ -140,12 +140,16 @@ class TrainCheckpointer:
 
     # -------------------------------------------------------------- save
     def save(self, step: int, params: Any, opt_state: Any = None, data_state: Any = None,
-             metadata: Mapping[str, Any] | None = None, *, force: bool = False) -> bool:
+             metadata: Mapping[str, Any] | None = None, *, force: bool = False,
+             params_dtype: Any = None) -> bool:
         """Save the state of ``step`` when the schedule says so (or ``force``). Returns True if saved.
 
         ``params``/``opt_state``: pytrees of (sharded) arrays. ``data_state`` is a grain
         iterator (``get_state``/``set_state``; saved per process) or a JSON-serialisable document
         (saved once, by process 0: use it for global positions). ``metadata``: a JSON document.
+        ``params_dtype`` (host I/O mode, i.e. ``io_limit_bytes``, only): store the params leaves
+        it holds exactly (float16 / bfloat16 -> float32) in it, cast as they are written, so no
+        widened copy of the tree is made; other leaves are stored as they are.
         Asynchronous unless ``async_save=False``; a step already on disk is not overwritten.
         """
         import orbax.checkpoint as ocp
@@ -163,7 +167,7 @@ class TrainCheckpointer:
                 return False
             self._quarantine(step)
         args, _ = _save_args(params, opt_state, data_state, metadata, step,
-                             host_io=self._host_io)
+                             host_io=self._host_io, params_dtype=params_dtype)
         try:
             saved = self._manager.save(step, args=ocp.args.Composite(**args), force=True)
         except Exception as e:  # noqa: BLE001 - e.g. a full disk during a synchronous save

@@ -17,19 +17,29 @@ from pythia_jax.checkpoint.manager import TrainCheckpointer
 from pythia_jax.checkpoint.restore import _abstract_like, _item_tree_metadata, cast_tree
 from pythia_jax.config import DTYPES, ConfigError, ModelConfig
 from pythia_jax.errors import CheckpointError
+from pythia_jax.host_memory import widens
 
 
 def save_params_checkpoint(directory: str | os.PathLike, step: int, config: ModelConfig, params: Any,
-                           opt_state: Any = None, metadata: Mapping[str, Any] | None = None) -> None:
+                           opt_state: Any = None, metadata: Mapping[str, Any] | None = None,
+                           dtype: Any = None) -> None:
     """Write one step of params (and optionally optimizer state) as a checkpoint of this project.
 
-    Synchronous. Used by the converters (HF / GPT-NeoX → this format). A Ctrl-C during the
+    Synchronous. Used by the converters (HF / GPT-NeoX → this format). ``dtype`` (e.g.
+    float32): params arrays stored in a narrower float type that it holds exactly (float16,
+    bfloat16) are written in it, widened by tensorstore chunk by chunk (Orbax
+    ``SaveArgs.dtype``), so a float32 checkpoint of a float16 release never needs a float32 copy
+    in memory; None: every array as it is. A Ctrl-C during the
     write is honoured once the write has returned (``io_utils.deferred_interrupts``), so the
     caller's temporary folder can then be removed with nothing still writing into it.
     """
+    import jax
+
     from pythia_jax.io_utils import deferred_interrupts
 
-    limit = _io_limit([params, opt_state])
+    stored = params if dtype is None else jax.tree.map(  # sizes as written
+        lambda x: jax.ShapeDtypeStruct(x.shape, dtype if widens(x.dtype, dtype) else x.dtype), params)
+    limit = _io_limit([stored, opt_state])
     # Orbax's writer threads go on after a KeyboardInterrupt unwinds the main thread, and would
     # put files back into a folder being removed: a Ctrl-C lets the save finish, then raises
     with deferred_interrupts("the checkpoint write in progress"), \
@@ -37,7 +47,7 @@ def save_params_checkpoint(directory: str | os.PathLike, step: int, config: Mode
                               model_config=config, io_limit_bytes=limit) as ckpt:
         if int(step) in ckpt.all_steps():
             raise CheckpointError(f"{ckpt.directory}/{step} already exists")
-        ckpt.save(step, params, opt_state, None, metadata, force=True)
+        ckpt.save(step, params, opt_state, None, metadata, force=True, params_dtype=dtype)
 
 
 def load_params(directory: str | os.PathLike, step: int | None = None,

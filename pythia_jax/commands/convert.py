@@ -163,20 +163,24 @@ def _check_dtype(args: argparse.Namespace) -> None:
                           + "float16, bfloat16 or float32") from None
 
 
-def dtype_summary(params) -> str:
-    """``"float16"``, or ``"float16 (30 arrays), float32 (2 arrays)"`` for a mixed tree."""
+def dtype_summary(params, save_dtype=None) -> str:
+    """``"float16"``, or ``"float16 (30 arrays), float32 (2 arrays)"`` for a mixed tree; as
+    stored by a save with ``save_dtype`` (``convert.dtypes.defer_widening``)."""
     import collections
 
     import jax
-    import numpy as np
 
-    counts = collections.Counter(np.dtype(x.dtype).name for x in jax.tree.leaves(params) if hasattr(x, "dtype"))
+    from pythia_jax.convert.dtypes import saved_dtype
+
+    counts = collections.Counter(saved_dtype(x.dtype, save_dtype).name for x in jax.tree.leaves(params)
+                                 if hasattr(x, "dtype"))
     if len(counts) == 1:
         return next(iter(counts))
     return ", ".join(f"{name} ({n} arrays)" for name, n in counts.most_common())
 
 
 def _hf_to_jax(args: argparse.Namespace, progress: bool) -> None:
+    from pythia_jax.convert.dtypes import defer_widening
     from pythia_jax.convert.hf import read_hf_dir
 
     step = args.step
@@ -184,14 +188,17 @@ def _hf_to_jax(args: argparse.Namespace, progress: bool) -> None:
         m = re.fullmatch(r"step(\d+)", os.path.basename(os.path.normpath(args.source)))
         step = int(m.group(1)) if m else 0
     _check_output(args, "checkpoint")
-    config, params = read_hf_dir(args.source, progress=progress, dtype=args.dtype or "auto")
-    stored = dtype_summary(params)
+    # read as stored; a float32 checkpoint of a half-precision release is widened by the save
+    config, params = read_hf_dir(args.source, progress=progress, dtype="auto")
+    params, save_dtype = defer_widening(params, args.dtype, args.source)
+    stored = dtype_summary(params, save_dtype)
     opt_state = None
     if args.with_optimizer:
         from pythia_jax.train.continuation import fresh_opt_state
         opt_state = fresh_opt_state(params, schedule_count=step)
     write_checkpoint(args.output, step, config, params, opt_state,
-                     {"source": "hf", "hf_dir": os.path.abspath(args.source)}, args.overwrite, progress)
+                     {"source": "hf", "hf_dir": os.path.abspath(args.source)}, args.overwrite, progress,
+                     dtype=save_dtype)
     print(f"wrote {args.output} (step {step}, params in {stored}"
           f"{', with fresh float32 optimizer state' if opt_state else ''})")
 
@@ -335,18 +342,25 @@ def _status(enabled: bool, message: str) -> None:
         print(message + " ...", file=sys.stderr, flush=True)
 
 
-def _gigabytes(*trees) -> float:
+def _gigabytes(*trees, save_dtype=None) -> float:
     import jax
-    return sum(x.nbytes for t in trees if t is not None for x in jax.tree.leaves(t) if hasattr(x, "nbytes")) / 1e9
+
+    from pythia_jax.convert.dtypes import saved_dtype
+    return sum(x.size * saved_dtype(x.dtype, save_dtype).itemsize for t in trees if t is not None
+               for x in jax.tree.leaves(t) if hasattr(x, "dtype")) / 1e9
 
 
 def write_checkpoint(out_dir: str, step: int, config, params, opt_state, metadata, overwrite: bool,
-                     progress: bool = False) -> None:
-    """A new checkpoint directory of this project holding one step, written atomically."""
+                     progress: bool = False, dtype=None) -> None:
+    """A new checkpoint directory of this project holding one step, written atomically.
+
+    ``dtype``: the params' stored dtype where it widens theirs exactly (see
+    ``convert.dtypes.defer_widening``); None: as they are."""
     from pythia_jax.checkpoint import save_params_checkpoint
     from pythia_jax.io_utils import atomic_output_dir, release_free_memory
 
     release_free_memory()  # the reader's freed buffers: don't hold them through the save
-    _status(progress, f"writing checkpoint {out_dir} ({_gigabytes(params, opt_state):.2f} GB)")
+    _status(progress, f"writing checkpoint {out_dir} ({_gigabytes(params, opt_state, save_dtype=dtype):.2f} GB)")
     with atomic_output_dir(out_dir, overwrite, kind="checkpoint") as tmp:
-        save_params_checkpoint(str(tmp), int(step), config, params, opt_state=opt_state, metadata=metadata)
+        save_params_checkpoint(str(tmp), int(step), config, params, opt_state=opt_state, metadata=metadata,
+                               dtype=dtype)

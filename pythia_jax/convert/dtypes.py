@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from pythia_jax.errors import CheckpointError
-from pythia_jax.host_memory import aligned_empty, cast_overflow, copy_cast, plain_pages, to_numpy
+from pythia_jax.host_memory import aligned_empty, cast_overflow, copy_cast, plain_pages, to_numpy, widens
 
 AUTO = "auto"
 _DTYPE_NAMES = {"float16": "float16", "fp16": "float16", "half": "float16",
@@ -111,3 +111,40 @@ class SlotArrays:
     def _empty(self, path: Any, dtype: np.dtype) -> np.ndarray:
         with plain_pages():
             return aligned_empty(self._shapes[path], dtype)
+
+
+def defer_widening(params: Any, dtype: Any, source: str = "checkpoint") -> tuple[Any, np.dtype | None]:
+    """A params tree read with ``"auto"`` -> ``(params, save_dtype)`` for a checkpoint in ``dtype``.
+
+    Arrays that ``dtype`` holds exactly (``host_memory.widens``: float16 / bfloat16 when float32
+    is asked) are left as read, for the save to widen chunk by chunk as it writes them
+    (``checkpoint.save_params_checkpoint(dtype=save_dtype)``): a float32 checkpoint of a float16
+    release then never has a float32 copy of the model in memory. Any other array of another
+    dtype (a float32 release asked as float16, float16 asked as bfloat16) is cast here, one
+    array at a time, and refused (``CheckpointError``) when a finite value would become inf.
+    ``dtype`` None or ``"auto"``: ``(params, None)``, every array as stored.
+    """
+    if is_auto(dtype):
+        return params, None
+    import jax
+
+    target = numpy_dtype(dtype)
+
+    def cast(path: Any, x: np.ndarray) -> np.ndarray:
+        if x.dtype == target or widens(x.dtype, target):
+            return x
+        with plain_pages():
+            out = aligned_empty(x.shape, target)
+        copy_cast(out, x)
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        check_cast(out, x, f"{source}: params {name} ({x.dtype.name})",
+                   "convert with dtype 'auto' (each tensor as stored) or 'float32' (--dtype)")
+        return out
+
+    return jax.tree_util.tree_map_with_path(cast, params), target
+
+
+def saved_dtype(dtype: Any, save_dtype: Any) -> np.dtype:
+    """The dtype an array of ``dtype`` is stored in by a save with ``save_dtype`` (see
+    :func:`defer_widening`)."""
+    return np.dtype(save_dtype) if save_dtype is not None and widens(dtype, save_dtype) else np.dtype(dtype)
