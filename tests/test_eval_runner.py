@@ -387,3 +387,58 @@ def test_harness_lm_progress_follows_the_setting(runs, capfd):
     evaluate_task(PythiaJaxLM(path=str(runs / "hf"), step=0, progress=False), task, limit=2)
     err = capfd.readouterr().err
     assert "scoring" not in err and "Tokenizing inputs" not in err
+
+
+def test_large_data_files_are_named_without_reading_them_whole(tmp_path, monkeypatch):
+    """A --ppl-data file over the whole-file limit (a tokenized corpus can be hundreds of GB,
+    named at every start) is named by its size, modification time and first and last MiB:
+    only those bytes are read; a change to either edge or to the time gives another name.
+    Smaller files keep the hash of all their bytes."""
+    from pythia_jax.eval import provenance as P
+
+    monkeypatch.setattr(P, "_WHOLE_FILE_DIGEST_BYTES", 4096)
+    monkeypatch.setattr(P, "_EDGE_BYTES", 1024)
+    big = tmp_path / "corpus.bin"
+    big.write_bytes(bytes(range(256)) * 64)  # 16 KiB
+    os.utime(big, ns=(1_000_000_000, 1_000_000_000))
+    read = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda *a, **k: _CountingFile(real_open(*a, **k), read))
+    name = P.file_digest(big)
+    monkeypatch.setattr("builtins.open", real_open)
+    assert name.startswith("stat:") and sum(read) == 2048  # the two edges only
+
+    def renamed(offset: int, value: int) -> str:
+        data = bytearray(big.read_bytes())
+        data[offset] = value
+        big.write_bytes(bytes(data))
+        os.utime(big, ns=(1_000_000_000, 1_000_000_000))
+        return P.file_digest(big)
+
+    assert renamed(5000, 7) == name  # the middle is not read (the time is the guard)
+    assert renamed(10, 7) != name and renamed(10, 10) == name
+    assert renamed(16000, 1) != name
+    os.utime(big, ns=(2_000_000_000, 2_000_000_000))
+    assert P.file_digest(big) != name
+    small = tmp_path / "small.jsonl"
+    small.write_bytes(b"x" * 100)
+    assert P.file_digest(small).startswith("sha256:")
+
+
+class _CountingFile:
+    def __init__(self, f, read):
+        self._f, self._read = f, read
+
+    def read(self, *a):
+        data = self._f.read(*a)
+        self._read.append(len(data))
+        return data
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()

@@ -62,13 +62,30 @@ def _plain(x: Any) -> Any:
     return str(x)
 
 
+# Files up to this size are named by a hash of all their bytes; larger ones (a tokenized corpus
+# given to --ppl-data can be hundreds of GB, read at every start) by their size, modification
+# time and the bytes of their first and last MiB.
+_WHOLE_FILE_DIGEST_BYTES = 256 << 20
+_EDGE_BYTES = 1 << 20
+
+
 def file_digest(path: str | os.PathLike) -> str:
-    """``sha256:`` + 16 hex digits of a local file's bytes; a URL is named by itself."""
+    """``sha256:`` + 16 hex digits of a local file's bytes; a URL is named by itself; a file over
+    ``_WHOLE_FILE_DIGEST_BYTES`` is named ``stat:`` + a digest of its size, modification time
+    (ns) and first and last MiB, without reading the rest (a copy that does not keep the
+    modification time is then another file: the safe direction)."""
     text = os.fspath(path)
     if is_url(text):
         return "url:" + text
     h = hashlib.sha256()
     with open(text, "rb") as f:
+        info = os.fstat(f.fileno())
+        if info.st_size > _WHOLE_FILE_DIGEST_BYTES:
+            h.update(f.read(_EDGE_BYTES))
+            f.seek(info.st_size - _EDGE_BYTES)
+            h.update(f.read(_EDGE_BYTES))
+            return "stat:" + digest_hex({"size": info.st_size, "mtime_ns": info.st_mtime_ns,
+                                         "edges": h.hexdigest()})
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return "sha256:" + h.hexdigest()[:16]
@@ -166,7 +183,7 @@ def _shared(settings: Mapping[str, Any]) -> dict:
 
 def _differences(there: Mapping[str, Any], now: Mapping[str, Any]) -> str:
     """``"limit: 10 there, 2 now; …"`` for the keys whose values differ ("" when none)."""
-    keys = sorted(set(there) | set(now), key=lambda k: (str(there.get(k, "")).startswith(("sha256:", "{")), k))
+    keys = sorted(set(there) | set(now), key=lambda k: (str(there.get(k, "")).startswith(("sha256:", "stat:", "{")), k))
     return "; ".join(f"{k}: {_show(there.get(k))} there, {_show(now.get(k))} now"
                      for k in keys if _canonical(there.get(k)) != _canonical(now.get(k)))
 
