@@ -103,10 +103,11 @@ def run(args: argparse.Namespace) -> int:
         raise DataError(f"{order.name}: steps {args.start}..{args.end} need rows [{first}, {stop}), "
                         f"the {args.order} order has {len(order)} rows "
                         f"(last full step {len(order) // args.batch_size - 1})")
-    rows = np.asarray(run_data.read_range(order, first, stop)).astype(np.uint16)  # the transform applied
+    stored = np.asarray(order.read_rows(first, stop))
+    rows = np.asarray(run_data.as_trained(stored, first)).astype(np.uint16)  # the transform applied
     original = rows
     if args.transform:  # show what the transform changed: the rows as stored, and a line per step
-        original = np.asarray(order.read_rows(first, stop)).astype(np.uint16)
+        original = stored.astype(np.uint16)
         _report_changes(run_data, original, rows, first, args.batch_size)
     if args.out:
         save_npy_atomic(args.out, rows)

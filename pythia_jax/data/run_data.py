@@ -268,8 +268,13 @@ class RunData:
 
     def read_range(self, order, start: int, stop: int) -> np.ndarray:
         """Rows ``[start, stop)`` of ``order`` as the run trained on them (see ``read_rows``)."""
-        tokens = np.asarray(order.read_rows(start, stop))
-        return self._transformed(tokens, np.arange(start, stop, dtype=np.int64))
+        return self.as_trained(np.asarray(order.read_rows(start, stop)), start)
+
+    def as_trained(self, tokens: np.ndarray, start: int) -> np.ndarray:
+        """Stored rows ``tokens`` [n, seq_len + 1], whose first is global row ``start``, as the run
+        trained on them: the run's transform applied to the rows of the steps it covers (a new
+        array then; ``tokens`` is not modified)."""
+        return self._transformed(tokens, np.arange(start, start + len(tokens), dtype=np.int64))
 
     def _transformed(self, tokens: np.ndarray, rows: np.ndarray) -> np.ndarray:
         if self.transform is None or len(rows) == 0:

@@ -140,16 +140,25 @@ def path_kind(path: str | os.PathLike) -> str | None:
     return "other"
 
 
-def _is_table(path: Path) -> bool:
+def _first_row(path: Path) -> tuple[str, set[str]]:
+    """(first line, its column names) of a .csv or .jsonl file (no columns when it is not a
+    JSON object or not valid JSON)."""
     head = _head(path, 4096).decode("utf-8", "replace")
     first = head.splitlines()[0] if head else ""
     if path.suffix == ".csv":
-        return first.startswith("step,task,metric")
+        return first, set(first.split(","))
     try:
         row = json.loads(first)
     except ValueError:
-        return False
-    return isinstance(row, dict) and {"step", "task", "metric", "value"} <= set(row)
+        return first, set()
+    return first, set(row) if isinstance(row, dict) else set()
+
+
+def _is_table(path: Path) -> bool:
+    first, columns = _first_row(path)
+    if path.suffix == ".csv":
+        return first.startswith("step,task,metric")
+    return {"step", "task", "metric", "value"} <= columns
 
 
 def _own_file_kind(path: Path, head: bytes) -> str:
@@ -162,18 +171,9 @@ def _own_file_kind(path: Path, head: bytes) -> str:
         return "other"
     if path.suffix not in (".jsonl", ".csv"):
         return "other"
-    text = _head(path, 4096).decode("utf-8", "replace")
-    first = text.splitlines()[0] if text else ""
-    if path.suffix == ".csv":
-        if first == _GAP_HEADER:
-            return "gap_table"
-        columns = set(first.split(","))
-    else:
-        try:
-            row = json.loads(first)
-        except ValueError:
-            return "other"
-        columns = set(row) if isinstance(row, dict) else set()
+    first, columns = _first_row(path)
+    if path.suffix == ".csv" and first == _GAP_HEADER:
+        return "gap_table"
     return "count" if any(c <= columns for c in _COUNT_COLUMNS) else "other"
 
 
