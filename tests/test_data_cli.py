@@ -178,6 +178,8 @@ def _zst_rows(n=2000):
     ("corrupt.jsonl.gz", _corrupt(_gz_rows()), "corrupt.jsonl.gz:"),
     ("truncated.jsonl.zst", _zst_rows()[:2000], "truncated.jsonl.zst:"),
     ("garbage.jsonl.zst", b"not zstd at all\n", "garbage.jsonl.zst:1: damaged or truncated compressed data"),
+    ("surrogate.jsonl", b'{"text": "ok \\ud83d\\ude00"}\n{"text": "bad \\ud800 x"}\n',
+     "surrogate.jsonl:2: a \\uD800-\\uDFFF escape without its pair"),
 ])
 def test_preprocess_undecodable_input_is_one_line(tmp_path, capsys, name, content, expected):
     """Undecodable input: one line naming the file and the line, exit 2, nothing written."""
@@ -375,3 +377,54 @@ def test_token_dtype_fits_the_vocabulary_as_gpt_neox_chooses():
     finally:
         pp._init_worker(None)
         pp._WORKER_TOKENIZER = old
+
+
+def _big_jsonl(path, docs: int, bad_line: int | None = None) -> None:
+    import random
+
+    rng = random.Random(0)
+    words = "the of and he she his her a to Paris 1 2 ünï 😀".split()
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(docs):
+            text = " ".join(rng.choice(words) for _ in range(200))
+            f.write(json.dumps({"text": text if i + 1 != bad_line else 5}) + "\n")
+
+
+def _preprocess_process(tmp_path, src, workers: int = 2):
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-m", "pythia_jax.cli", "preprocess", "--input", str(src),
+                             "--output-prefix", str(tmp_path / "out" / "o"), "--workers", str(workers)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def test_preprocess_with_workers_stops_on_ctrl_c_and_on_a_bad_line(tmp_path):
+    """--workers 2: a Ctrl-C (SIGINT to the whole process group, as a terminal sends it) exits
+    130 with one line and no worker tracebacks, even while the workers are still starting, and
+    leaves nothing (it used to hang in the pool's join); a bad line met by the pool's feeder
+    is the usual one-line error, exit 2, also without a hang."""
+    import signal
+    import subprocess
+    import time
+
+    src = tmp_path / "big.jsonl"
+    _big_jsonl(src, 60_000)
+    for delay in (0.3, 3.0):  # the workers importing; tokenizing
+        proc = _preprocess_process(tmp_path, src)
+        time.sleep(delay)
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError(f"preprocess --workers 2 did not exit after Ctrl-C at {delay} s") from None
+        assert proc.returncode == 130, (delay, err)
+        assert "Traceback" not in err and "interrupted" in err, err
+        assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
+    bad = tmp_path / "bad.jsonl"
+    _big_jsonl(bad, 3000, bad_line=2500)
+    proc = _preprocess_process(tmp_path, bad)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "bad.jsonl:2500: the 'text' field is a number (5)" in err, err
+    assert "Traceback" not in err

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import threading
 from typing import Iterable, Iterator, Sequence
 
@@ -83,6 +84,24 @@ def _init_worker(tokenizer_path: str | None) -> None:
     _WORKER_DTYPE = best_fitting_dtype(_WORKER_TOKENIZER.get_vocab_size(with_added_tokens=True))
 
 
+def _worker_pool(workers: int, tokenizer_path: str | None):
+    """A spawn pool of tokenizer workers that leave Ctrl-C to the parent (which terminates the
+    pool). The workers start with SIGINT ignored (an ignored signal stays ignored across exec,
+    and Python then installs no KeyboardInterrupt handler), so a Ctrl-C while they import does
+    not print a traceback per worker; the parent ignores it only while it starts them."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return multiprocessing.get_context("spawn").Pool(
+            workers, initializer=_init_pool_worker, initargs=(tokenizer_path,))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _init_pool_worker(tokenizer_path: str | None) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a worker restarted by the pool starts without it
+    _init_worker(tokenizer_path)
+
+
 def encode_document(text: str) -> np.ndarray:
     """Token ids of one document followed by EOD (0), [n+1] in the vocabulary's dtype (uint16
     for the Pythia tokenizer, as GPT-NeoX's ``preprocess_data.py`` writes it)."""
@@ -116,14 +135,20 @@ def preprocess_jsonl(inputs: Sequence[str] | str, output_prefix: str, *, jsonl_k
     prefix = dataset_prefix(output_prefix, jsonl_key)
     texts = iter_jsonl_texts(inputs, jsonl_key)
     pool = None
+    stop = threading.Event()
     if workers > 1:
         # Pool.imap's feeder thread would read the whole input ahead; a semaphore bounds the
-        # documents in flight (GPT-NeoX did the same).
+        # documents in flight (GPT-NeoX did the same). The feeder gives up once ``stop`` is set,
+        # so that terminating the pool after an error or a Ctrl-C never waits for it.
         in_flight = threading.BoundedSemaphore(max(1024, 64 * chunksize * workers))
 
         def gated(items):
             for item in items:
-                in_flight.acquire()
+                while not in_flight.acquire(timeout=0.1):
+                    if stop.is_set():
+                        return
+                if stop.is_set():
+                    return
                 yield item
 
         def released(results):
@@ -131,14 +156,14 @@ def preprocess_jsonl(inputs: Sequence[str] | str, output_prefix: str, *, jsonl_k
                 in_flight.release()
                 yield result
 
-        pool = multiprocessing.get_context("spawn").Pool(
-            workers, initializer=_init_worker, initargs=(tokenizer_path,))
-        encoded: Iterable[np.ndarray] = released(
-            pool.imap(encode_document, gated(texts), chunksize=chunksize))
-    else:
-        _init_worker(tokenizer_path)
-        encoded = (encode_document(t) for t in texts)
     try:
+        if workers > 1:
+            pool = _worker_pool(workers, tokenizer_path)
+            encoded: Iterable[np.ndarray] = released(
+                pool.imap(encode_document, gated(texts), chunksize=chunksize))
+        else:
+            _init_worker(tokenizer_path)
+            encoded = (encode_document(t) for t in texts)
         from pythia_jax.data.tokenizer import load_tokenizer
         vocab = load_tokenizer(tokenizer_path).get_vocab_size(with_added_tokens=True)
         with IndexedDatasetWriter(prefix, best_fitting_dtype(vocab)) as writer, \
@@ -151,10 +176,15 @@ def preprocess_jsonl(inputs: Sequence[str] | str, output_prefix: str, *, jsonl_k
             if documents == 0:  # nothing is written: a 0-document dataset would only fail later
                 raise DataError(f"{', '.join(inputs)}: no non-empty {jsonl_key!r} field in any line, so there is "
                                 f"no document to write (nothing written); check the input or --jsonl-key")
-    finally:
+    except BaseException:  # an error or a Ctrl-C: stop the workers now, nothing is written
+        stop.set()
         if pool is not None:
-            pool.close()
+            pool.terminate()
             pool.join()
+        raise
+    if pool is not None:
+        pool.close()
+        pool.join()
     return prefix
 
 

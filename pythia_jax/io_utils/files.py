@@ -137,11 +137,24 @@ def iter_jsonl_objects(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
                     raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
                 if not isinstance(row, dict):
                     raise DataError(f"{path}:{lineno}: expected a JSON object")
+                if "\\u" in line and _has_lone_surrogate(row):  # only a \uD800-\uDFFF escape makes one
+                    raise DataError(f"{path}:{lineno}: a \\uD800-\\uDFFF escape without its pair (an unpaired "
+                                    "UTF-16 surrogate, not a character: no tokenizer can encode it); fix the line")
                 yield lineno, row
     except _decompression_errors() as e:
         what = "damaged or truncated compressed data" if path.endswith((".gz", ".zst", ".zstd")) else "read error"
         reason = getattr(e, "strerror", None) or " ".join(str(e).split()) or type(e).__name__
         raise DataError(f"{path}:{lineno + 1}: {what} ({reason}); check or re-download the file") from None
+
+
+def _has_lone_surrogate(row: Any) -> bool:
+    """True when a string in a parsed JSON value holds an unpaired surrogate (json.loads keeps
+    a lone ``\\ud800`` escape as such; UTF-8 cannot encode it)."""
+    try:
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def json_safe(value: Any) -> Any:
