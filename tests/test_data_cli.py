@@ -14,6 +14,7 @@ from pythia_jax.cli import main
 from pythia_jax.data.indexed import IndexedDataset, write_indexed_dataset
 from pythia_jax.data.orders import open_order
 from pythia_jax.data.tokenizer import encode
+from pythia_jax.errors import DataError
 
 TEXTS = ["Hello, I am a document.", "", "Second doc\nwith a newline and ünïcödé.",
          "He said she would come.", "x" * 3000, "Last one."]
@@ -95,6 +96,41 @@ def test_batches_neox_and_preshuffled_and_off_by_one(raw, tmp_path):
     assert main(["batches", "--data", pre, "--order", "preshuffled", "--start", str(ITERS - 1),
                  "--end", str(ITERS - 1), "--out", out3] + COMMON) == 0
     np.testing.assert_array_equal(np.load(out3), order.read_rows((ITERS - 1) * B, ITERS * B))
+
+
+def test_preshuffle_over_the_other_layout_leaves_only_its_own_data(raw, tmp_path, capsys):
+    """Writing a dataset over one of the other layout (one .bin <-> shards, or another shard
+    count) removes the replaced dataset's data files: before, the stale seed-7 .bin stayed
+    beside the new shards and readers silently used it. A prefix holding both layouts (left
+    by hand or an older writer) is refused by readers; shards without an .idx are not replaced."""
+    from pythia_jax.data.indexed import IndexedDataset
+
+    def rows(seed):
+        order = open_order(raw, "neox", seq_len=SEQ, seed=seed, train_iters=ITERS, global_batch=B)
+        return order.read_rows(0, ITERS * B)
+
+    pre = str(tmp_path / "pre" / "document")
+    common = [c if c != "1234" else "7" for c in COMMON]
+    for layout, seed, args in [("one", 7, common), ("sharded", 1234, COMMON + ["--shards", "3"]),
+                               ("sharded", 7, common + ["--shards", "2"]), ("one", 1234, COMMON)]:
+        assert main(["preshuffle", "--data", raw, "--out", pre] + args) == 0
+        names = sorted(os.listdir(tmp_path / "pre"))
+        expected = (["document.bin", "document.idx"] if layout == "one" else
+                    [f"document-0000{k}-of-0000{int(args[-1]) - 1}.bin" for k in range(int(args[-1]))]
+                    + ["document.idx"])
+        assert names == expected, (layout, seed, names)
+        got = IndexedDataset(pre)
+        np.testing.assert_array_equal(np.stack([got[i] for i in range(len(got))]), rows(seed))
+    assert "removing" in capsys.readouterr().err
+
+    (tmp_path / "pre" / "document-00000-of-00000.bin").write_bytes(b"\0" * 8)  # both layouts now
+    with pytest.raises(DataError, match="both document.bin and 1 shard file"):
+        IndexedDataset(pre)
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "d-00000-of-00000.bin").write_bytes(b"\0" * 8)
+    assert main(["preshuffle", "--data", raw, "--out", str(stray / "d")] + COMMON) == 2
+    assert "without a" in capsys.readouterr().err and sorted(os.listdir(stray)) == ["d-00000-of-00000.bin"]
 
 
 def test_batches_printing_and_decoding(raw, tmp_path, capsys):

@@ -256,14 +256,20 @@ def write_preshuffled(order, output_prefix: str, num_rows: int, *, shards: int |
     bar = tqdm(total=num_rows, desc=f"pre-shuffling -> {os.path.basename(output_prefix)}",
                unit=" rows", disable=not progress)
     if shards is None:
-        with bar, IndexedDatasetWriter(output_prefix, dtype) as writer:
-            for a in range(0, num_rows, chunk_rows):
-                rows = order.read_rows(a, min(num_rows, a + chunk_rows))
-                for row in rows:
-                    writer.add_document(row)
-                bar.update(len(rows))
+        with bar:  # ended before the dataset is published (and on errors)
+            with IndexedDatasetWriter(output_prefix, dtype) as writer:
+                for a in range(0, num_rows, chunk_rows):
+                    rows = order.read_rows(a, min(num_rows, a + chunk_rows))
+                    for row in rows:
+                        writer.add_document(row)
+                    bar.update(len(rows))
+                bar.close()
         return output_prefix
-    out = _ShardedBinWriter(output_prefix, num_rows * width * dtype.itemsize, shards)
+    try:
+        out = _ShardedBinWriter(output_prefix, num_rows * width * dtype.itemsize, shards)
+    except BaseException:
+        bar.close()
+        raise
     try:
         for a in range(0, num_rows, chunk_rows):
             rows = order.read_rows(a, min(num_rows, a + chunk_rows))

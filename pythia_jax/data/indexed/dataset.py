@@ -67,6 +67,11 @@ class IndexedDataset:
             except DataFileNotFound:
                 pass  # look for shards
         elif os.path.isfile(bin_path):
+            shards = _find_shards(self.prefix)
+            if shards:  # which one is this .idx's data? (left by another writer or by hand)
+                raise DataError(f"{self.prefix}: both {os.path.basename(bin_path)} and {len(shards)} shard file(s) "
+                                f"{os.path.basename(shards[0])} … hold data for this .idx; remove the ones "
+                                "that are not its data (or write the dataset again)")
             return LocalFile(bin_path)
         shards = _find_shards(self.prefix)
         if not shards:

@@ -14,6 +14,7 @@ import numpy as np
 
 from pythia_jax.data.indexed.index import _write_index_file, dtype_code
 from pythia_jax.errors import DataError
+from pythia_jax.io_utils import is_url
 
 # --------------------------------------------------------------------------- writing
 
@@ -49,6 +50,10 @@ def check_dataset_output(prefix: str, inputs=()) -> None:
     if os.path.isdir(bin_path) or (os.path.exists(bin_path) and not os.path.exists(prefix + ".idx")):
         raise DataError(f"output {bin_path} exists and is {describe_path(bin_path)} without a "
                         f"{prefix}.idx beside it; refusing to replace it: choose another output prefix")
+    shards = [f for f in _data_files(prefix) if f != bin_path] if not is_url(prefix) else []
+    if shards and not os.path.exists(prefix + ".idx"):
+        raise DataError(f"output {prefix}: shard file(s) {os.path.basename(shards[0])} … exist without a "
+                        f"{prefix}.idx beside them; refusing to replace them: choose another output prefix")
 
 
 def save_npy_atomic(path: str, array: np.ndarray) -> None:
@@ -88,6 +93,32 @@ def write_index(path: str, dtype, sizes: np.ndarray, doc_idx: np.ndarray, *, wit
             _remove(Path(t))
         raise
     publish_together([*with_files, (tmp, path)])
+    if with_files and path.endswith(".idx"):
+        _remove_other_layout(path[:-4], {os.path.abspath(final) for _, final in with_files})
+
+
+def _data_files(prefix: str) -> list[str]:
+    """The local data files of a dataset prefix, either layout: ``prefix.bin`` and the shards
+    ``prefix-NNNNN-of-NNNNN.bin``."""
+    import glob
+
+    found = glob.glob(glob.escape(prefix) + "-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9].bin")
+    return sorted(found) + ([prefix + ".bin"] if os.path.isfile(prefix + ".bin") else [])
+
+
+def _remove_other_layout(prefix: str, written: set[str]) -> None:
+    """After a dataset was published at ``prefix``: remove the data files of the dataset its
+    ``.idx`` replaced that it did not overwrite (a ``prefix.bin`` replaced by shards, shards
+    replaced by ``prefix.bin`` or by another shard count), which readers would otherwise take
+    for the new data (``check_dataset_output`` refused such files without an ``.idx``)."""
+    import logging
+
+    if is_url(prefix):
+        return
+    stale = [f for f in _data_files(prefix) if os.path.abspath(f) not in written]
+    for f in stale:
+        logging.getLogger(__name__).warning("removing %s: data of the dataset %s.idx replaced", f, prefix)
+        os.remove(f)
 
 
 class IndexedDatasetWriter:
