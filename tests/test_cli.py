@@ -71,7 +71,9 @@ def test_log_lines_start_on_a_fresh_line_under_a_progress_bar(monkeypatch):
 
     stream = io.StringIO()
     monkeypatch.setattr(sys, "stderr", stream)
-    bar = tqdm(total=10, file=stream, unit="step", mininterval=0, miniters=1)
+    # disable=False: an earlier `eval --no-progress` in this process set TQDM_DISABLE, which tqdm
+    # reads once, as its default
+    bar = tqdm(total=10, file=stream, unit="step", mininterval=0, miniters=1, disable=False)
     bar.update(3)
     with cli.console_logging():
         logging.getLogger("pythia_jax.train.loop").warning("interrupted at step 3")
@@ -124,7 +126,8 @@ def test_every_option_of_every_subcommand_has_help_and_shows_its_default():
             if shown:
                 assert f"default: {action.default}" in " ".join(text.split()), f"{name} {action.option_strings}"
     batches = " ".join(subparsers["batches"].format_help().split())
-    for default in ("(default: 1024)", "(default: 2048)", "(default: 1234)", "(default: 143000)"):
+    for default in ("(default without --checkpoints: 1024)", "(default without --checkpoints: 2048)",
+                    "(default without --checkpoints: 1234)", "(default without --checkpoints: 143000)"):
         assert default in batches
 
 

@@ -230,6 +230,11 @@ def test_preprocess_undecodable_input_is_one_line(tmp_path, capsys, name, conten
     assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
 
 
+def test_preprocess_of_a_folder_says_it_is_one(tmp_path, capsys):
+    assert main(["preprocess", "--input", str(tmp_path), "--output-prefix", str(tmp_path / "o")]) == 2
+    assert f"{tmp_path} is a folder; give the input file(s) inside it" in _one_error_line(capsys)
+
+
 def test_preprocess_names_the_line_of_a_truncated_gzip(tmp_path):
     """The line named is the first one that could not be read: every line before it decoded."""
     from pythia_jax.errors import DataError
@@ -426,6 +431,24 @@ def _big_jsonl(path, docs: int, bad_line: int | None = None) -> None:
             f.write(json.dumps({"text": text if i + 1 != bad_line else 5}) + "\n")
 
 
+def _spawned_workers(pid: int) -> list[int]:
+    """The multiprocessing spawn workers (children running ``spawn_main``) of process ``pid``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                spawned = b"spawn_main" in f.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid and spawned:
+            found.append(int(entry))
+    return found
+
+
 def _preprocess_process(tmp_path, src, workers: int = 2):
     import subprocess
     import sys
@@ -446,8 +469,11 @@ def test_preprocess_with_workers_stops_on_ctrl_c_and_on_a_bad_line(tmp_path):
 
     src = tmp_path / "big.jsonl"
     _big_jsonl(src, 60_000)
-    for delay in (0.3, 3.0):  # the workers importing; tokenizing
+    for delay in (0.05, 3.0):  # after the workers started: while they import; while they tokenize
         proc = _preprocess_process(tmp_path, src)
+        deadline = time.monotonic() + 60
+        while len(_spawned_workers(proc.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
         time.sleep(delay)
         os.killpg(proc.pid, signal.SIGINT)
         try:

@@ -174,6 +174,14 @@ def test_batches_from_checkpoints(run, tmp_path, capsys):
     assert cli_main(["batches", "--checkpoints", str(run["out"]), "--start", "149", "--end", "150",
                      "--out", str(tmp_path / "d.npy")]) == 2  # beyond the run's 150 steps
     assert "150 steps" in capsys.readouterr().err
+    # a folder that does not exist, or a step that does not: said so (not "missing: --data ..."),
+    # the steps there are listed
+    for command in (["batches", "--start", "0", "--end", "0"], ["count", "--text", "x", "--at-steps", "1,2",
+                                                                "--out", str(tmp_path / "c.csv")]):
+        assert cli_main(command + ["--checkpoints", str(tmp_path / "nope")]) == 2
+        assert f"the checkpoint folder {tmp_path / 'nope'} does not exist" in capsys.readouterr().err
+    assert cli_main(["batches", "--checkpoints", str(run["out"]), "--step", "7", "--start", "0", "--end", "0"]) == 2
+    assert "no checkpoint step 7; available: " in capsys.readouterr().err
 
 
 def test_sweep_split_over_hosts_resumes_and_merges(run, tmp_path, monkeypatch):

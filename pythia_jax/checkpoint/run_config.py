@@ -53,6 +53,11 @@ def read_run_config(directory: str | os.PathLike, step: int | None = None) -> di
         step = next((s for s in steps if step_problem(root, s) is None), None)
         if step is None:
             raise CheckpointError(f"{root} holds no usable checkpoint step")
+    if not (root / str(step)).exists():
+        from pythia_jax.checkpoint.failures import step_list
+
+        steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit())
+        raise CheckpointError(f"{root}: no checkpoint step {step}; available: {step_list(steps)}")
     problem = step_problem(root, step)
     if problem is not None:
         raise CheckpointError(f"{root}/{step}: cannot read its run configuration ({problem})")
@@ -121,6 +126,8 @@ def resolve_run_data(checkpoints: str | os.PathLike | None, step: int | None = N
     from pythia_jax.data.run_data import SETTINGS, TRANSFORM_SETTINGS, flag_name
 
     if checkpoints is not None:
+        if not is_url(os.fspath(checkpoints)) and not os.path.exists(checkpoints):
+            raise RunDataError(f"the checkpoint folder {os.fspath(checkpoints)} does not exist")
         if is_checkpoint_dir(checkpoints) and read_run_config(checkpoints, step) is not None:
             return read_run_data(checkpoints, step, what=what, **flags)
     elif defaults:

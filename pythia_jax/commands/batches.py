@@ -17,7 +17,8 @@ GPT-NeoX order depends on all four. --data demo is the bundled demo data (as in 
 With --checkpoints DIR (a run's directory or its checkpoints/) no data flag is needed: the settings
 are the ones the run recorded in its checkpoints (its transform included), so the rows are the ones
 it trained on; data flags given beside it must agree with the record (a --data copy with the same
-documents and tokens is accepted).
+documents and tokens is accepted). Checkpoints that hold no run record (HF revisions, converted
+weights) need every data flag: the defaults above apply only without --checkpoints.
 
 Examples:
   pythia-jax batches --checkpoints runs/demo --start 0 --end 0 --rows 2 --decode   # a run's first step
@@ -41,28 +42,11 @@ record (a run without a transform refuses them), and --transform then shows the 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from pythia_jax.commands.argtypes import dataset_prefix, nonneg_int, positive_int, seed
+    from pythia_jax.commands.argtypes import nonneg_int, positive_int
 
-    parser.add_argument("--checkpoints", default=None,
-                        help="a run's directory or its checkpoints/: use the data settings it recorded")
-    parser.add_argument("--step", type=nonneg_int, default=None,
-                        help="with --checkpoints: the checkpoint whose record is read (default: newest)")
-    parser.add_argument("--data", default=None, type=dataset_prefix,
-                        help="dataset prefix without .bin/.idx (for sharded pre-shuffled data, "
-                             "the .idx prefix; the shards are found beside it); 'demo' = the bundled "
-                             "demo training data")
-    parser.add_argument("--order", choices=("preshuffled", "neox"), default=None,
-                        help="preshuffled (default): row j is item j of a pre-shuffled dataset; neox: "
-                             "GPT-NeoX's index maps over a raw document dataset")
     parser.add_argument("--start", type=nonneg_int, required=True, help="first step (0-based)")
     parser.add_argument("--end", type=nonneg_int, required=True, help="last step, inclusive")
-    parser.add_argument("--batch-size", type=positive_int, default=None,
-                        help="global batch, rows per step (default: 1024)")
-    parser.add_argument("--seq-len", type=positive_int, default=None,
-                        help="tokens per row, each row holds seq_len+1 (default: 2048)")
-    parser.add_argument("--seed", type=seed, default=None, help="GPT-NeoX order seed (default: 1234)")
-    parser.add_argument("--train-iters", type=positive_int, default=None,
-                        help="training steps the GPT-NeoX maps were built for (default: 143000)")
+    add_row_flags(parser, "a run's directory or its checkpoints/: use the data settings it recorded")
     parser.add_argument("--out", default=None, help="save uint16 [rows, seq_len+1] to this .npy file")
     parser.add_argument("--decode", action="store_true", help="print the rows as text")
     parser.add_argument("--rows", type=positive_int, default=None,
@@ -124,6 +108,33 @@ def run(args: argparse.Namespace) -> int:
         for k, row in enumerate(shown):
             print(f"step {(first + k) // args.batch_size} row {first + k}: {row}")
     return 0
+
+
+def add_row_flags(parser, checkpoints_help: str) -> None:
+    """The flags that decide which rows a step holds (``batches``, ``count``): ``--checkpoints``
+    (and ``--step``), or ``--data``/``--order`` and the four GPT-NeoX order settings, whose
+    defaults are Pythia's only without ``--checkpoints``."""
+    from pythia_jax.commands.argtypes import dataset_prefix, nonneg_int, positive_int, seed
+
+    parser.add_argument("--checkpoints", default=None, help=checkpoints_help)
+    parser.add_argument("--step", type=nonneg_int, default=None,
+                        help="with --checkpoints: the checkpoint whose record is read (default: newest)")
+    parser.add_argument("--data", default=None, type=dataset_prefix,
+                        help="dataset prefix without .bin/.idx (for sharded pre-shuffled data, "
+                             "the .idx prefix; the shards are found beside it); 'demo' = the bundled "
+                             "demo training data")
+    parser.add_argument("--order", choices=("preshuffled", "neox"), default=None,
+                        help="preshuffled (default): row j is item j of a pre-shuffled dataset; neox: "
+                             "GPT-NeoX's index maps over a raw document dataset")
+    parser.add_argument("--batch-size", type=positive_int, default=None,
+                        help="global batch, rows per step (default without --checkpoints: 1024)")
+    parser.add_argument("--seq-len", type=positive_int, default=None,
+                        help="tokens per row, each row holds seq_len+1 (default without --checkpoints: 2048)")
+    parser.add_argument("--seed", type=seed, default=None,
+                        help="GPT-NeoX order seed (default without --checkpoints: 1234)")
+    parser.add_argument("--train-iters", type=positive_int, default=None,
+                        help="training steps the GPT-NeoX maps were built for (default without "
+                             "--checkpoints: 143000)")
 
 
 FLAG_NAMES = {"data": "--data", "order": "--order", "seq_len": "--seq-len", "global_batch": "--batch-size",

@@ -41,25 +41,12 @@ Examples:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from pythia_jax.commands.argtypes import nonneg_int, positive_int, seed
+    from pythia_jax.commands.argtypes import nonneg_int, positive_int
+    from pythia_jax.commands.batches import add_row_flags
 
     g = parser.add_argument_group("data (as for 'pythia-jax batches')")
-    g.add_argument("--checkpoints", default=None,
-                   help="a run's directory or its checkpoints/: count the rows it trained on, with the "
-                        "data settings it recorded (data flags given beside it must agree)")
-    g.add_argument("--step", type=nonneg_int, default=None,
-                   help="with --checkpoints: the checkpoint whose record is read (default: newest)")
-    g.add_argument("--data", default=None,
-                   help="dataset prefix without .bin/.idx ('demo' = the bundled Wikipedia set)")
-    g.add_argument("--order", choices=("preshuffled", "neox"), default=None,
-                   help="preshuffled (default): row j is item j of a pre-shuffled dataset; neox: "
-                        "GPT-NeoX's index maps over a raw document dataset")
-    g.add_argument("--batch-size", type=positive_int, default=None, help="global batch, rows per step (default: 1024)")
-    g.add_argument("--seq-len", type=positive_int, default=None,
-                   help="tokens per row, each row holds seq_len+1 (default: 2048)")
-    g.add_argument("--seed", type=seed, default=None, help="GPT-NeoX order seed (default: 1234)")
-    g.add_argument("--train-iters", type=positive_int, default=None,
-                   help="training steps the GPT-NeoX maps were built for (default: 143000)")
+    add_row_flags(g, "a run's directory or its checkpoints/: count the rows it trained on, with the "
+                     "data settings it recorded (data flags given beside it must agree)")
     s = parser.add_argument_group("steps")
     s.add_argument("--start", type=nonneg_int, default=0, help="first step counted")
     s.add_argument("--stop", type=positive_int, default=None,

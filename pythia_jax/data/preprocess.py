@@ -27,6 +27,7 @@ from pythia_jax.config import EOD_TOKEN_ID
 from pythia_jax.data.indexed import IndexedDatasetWriter, _atomic_path, check_dataset_output, write_index
 from pythia_jax.errors import DataError
 from pythia_jax.io_utils import is_url, iter_jsonl_objects
+from pythia_jax.io_utils.files import check_input_file
 
 
 def iter_jsonl_texts(paths: Sequence[str], key: str = "text") -> Iterator[str]:
@@ -130,8 +131,7 @@ def preprocess_jsonl(inputs: Sequence[str] | str, output_prefix: str, *, jsonl_k
     if isinstance(inputs, str):
         inputs = [p for p in inputs.split(",") if p]
     for path in inputs:
-        if not os.path.isfile(path):
-            raise DataError(f"{path}: input file not found")
+        check_input_file(path)
     prefix = dataset_prefix(output_prefix, jsonl_key)
     texts = iter_jsonl_texts(inputs, jsonl_key)
     pool = None

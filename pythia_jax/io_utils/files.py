@@ -118,8 +118,7 @@ def iter_jsonl_objects(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     Each line is decoded on its own, so the line named is the one holding the bad bytes.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: input file not found")
+    check_input_file(path)
     lineno = 0
     try:
         with _open_bytes(path) as f:
@@ -145,6 +144,15 @@ def iter_jsonl_objects(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
         what = "damaged or truncated compressed data" if path.endswith((".gz", ".zst", ".zstd")) else "read error"
         reason = getattr(e, "strerror", None) or " ".join(str(e).split()) or type(e).__name__
         raise DataError(f"{path}:{lineno + 1}: {what} ({reason}); check or re-download the file") from None
+
+
+def check_input_file(path: str | os.PathLike) -> None:
+    """``DataError`` unless ``path`` is an existing file (a folder is named as one)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise DataError(f"{path} is a folder; give the input file(s) inside it")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: input file not found")
 
 
 def _has_lone_surrogate(row: Any) -> bool:
