@@ -206,6 +206,22 @@ def test_plot_compares_runs_with_labels(tmp_path):
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "y.png").exists()
 
 
+def test_plot_runs_with_equal_values_stay_visible(tmp_path, monkeypatch):
+    """Two runs with the same values (e.g. both 0.0 net bias): each line has its own style and
+    marker, so the one drawn last does not hide the other."""
+    from pythia_jax.eval import plot as P
+
+    figures = []
+    monkeypatch.setattr(P, "save_figure", lambda fig, out: figures.append(fig) or str(out))
+    rows = [{"step": s, "task": "winobias", "metric": "net_bias", "value": 0.0, "stderr": 0.0,
+             "num_examples": 4} for s in (0, 100, 200)]
+    P.plot_compare({"baseline": rows, "gender_swap": rows}, [("winobias", "net_bias")], tmp_path / "b.png")
+    runs = {c.get_label(): c.lines[0] for c in figures[0].axes[0].containers}  # errorbar: (data line, ...)
+    assert set(runs) == {"baseline", "gender_swap"}
+    lines = list(runs.values())
+    assert lines[0].get_linestyle() != lines[1].get_linestyle() and lines[0].get_marker() != lines[1].get_marker()
+
+
 def test_plot_default_labels_axis_and_suffix(tmp_path, capsys):
     """Tables of the same file name in two run folders get the folders as labels (no --labels
     needed); the step axis fits data that start after step 0 and keeps the last point inside;

@@ -83,6 +83,10 @@ def _points(rows: Sequence[dict[str, Any]], task: str, metric: str) -> list[tupl
                   for r in rows if r["task"] == task and r["metric"] == metric)
 
 
+_LINESTYLES = ("-", "--", ":", "-.")
+_MARKERS = ("o", "s", "^", "D", "v")
+
+
 def plot_compare(runs: Mapping[str, Sequence[dict[str, Any]]], panels: Sequence[tuple[str, str]],
                  out: str | os.PathLike, *, title: str | None = None) -> str:
     """Several runs' results tables on one figure: a panel per ``(task, metric)`` in ``panels``,
@@ -106,13 +110,15 @@ def plot_compare(runs: Mapping[str, Sequence[dict[str, Any]]], panels: Sequence[
     nrows = -(-n // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.6 * nrows), dpi=120, squeeze=False)
     for ax, (task, metric) in zip(axes.flat, panels):
-        for label, rows in runs.items():
+        for k, (label, rows) in enumerate(runs.items()):
             pts = _points(rows, task, metric)
             if not pts:
                 continue
             errs = [0.0 if math.isnan(p[2]) else p[2] for p in pts]
+            # each run its own line style and marker: runs with equal values stay visible
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=errs if any(errs) else None,
-                        marker="o", markersize=3, capsize=2, linewidth=1.2, label=label)
+                        marker=_MARKERS[k % len(_MARKERS)], linestyle=_LINESTYLES[k % len(_LINESTYLES)],
+                        markersize=3.5, capsize=2, linewidth=1.2, label=label)
         set_step_axis(ax, [p[0] for rows in runs.values() for p in _points(rows, task, metric)])
         ax.set_title(f"{task}: {metric}", fontsize=10)
         ax.set_xlabel("training step")
