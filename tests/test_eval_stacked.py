@@ -105,7 +105,25 @@ def test_eval_stack_gives_the_per_step_table(checkpoints, tmp_path, capsys):
                      "--ppl-data", data, "--out", str(out), "--stack", str(stack), "--no-progress",
                      "--batch-size", "4"]) == 0
         tables[stack] = {(r["step"], r["metric"]): r["value"] for r in map(json.loads, out.read_text().splitlines())}
-    assert "stacking 3 checkpoints per pass" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "stacking 3 checkpoint(s) per pass (asked 3" in captured.err
+    assert "stacking" not in captured.out  # said once, with its estimate
+    # the memory estimate's batch: the scorer's token cap, not batch_size x max_position_embeddings
+    from pythia_jax.eval import stacked as S
+    from pythia_jax.eval.scoring import MAX_BATCH_TOKENS
+
+    seen = []
+    real = S.choose_stack
+    S.choose_stack = lambda *a, **k: seen.append(k["batch_tokens"]) or real(*a, **k)
+    try:
+        for batch, max_len in ((4, None), (10_000, None), (10_000, str(MAX_BATCH_TOKENS * 2))):
+            main(["eval", "--checkpoints", str(ckpt), "--steps", "all", "--tasks", "perplexity", "--ppl-data", data,
+                  "--out", str(tmp_path / f"cap{batch}{max_len}.jsonl"), "--stack", "3", "--no-progress",
+                  "--batch-size", str(batch)] + (["--max-len", max_len] if max_len else []))
+    finally:
+        S.choose_stack = real
+    longest = CFG.max_position_embeddings
+    assert seen == [4 * longest, max(MAX_BATCH_TOKENS, longest), MAX_BATCH_TOKENS * 2]
     assert tables[1].keys() == tables[3].keys() and len(tables[1]) >= 6
     for key, value in tables[1].items():
         assert tables[3][key] == pytest.approx(value, rel=1e-5), key

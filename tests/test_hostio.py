@@ -210,3 +210,14 @@ def jax_leaves(tree):
     import jax
 
     return jax.tree.leaves(tree)
+
+
+def test_a_step_the_checkpoints_lack_is_named_with_the_steps_there(tmp_path):
+    """load_params / stored_dtypes / run records of a step that was never saved: one line naming
+    the steps there (it was a CheckpointIntegrityError '<root>/51: missing')."""
+    for step in (0, 2, 4):
+        C.save_params_checkpoint(tmp_path, step, TINY, _params())
+    for read in (lambda: C.load_params(tmp_path, step=3, host=True), lambda: C.stored_dtypes(tmp_path, step=3)):
+        with pytest.raises(CheckpointError, match=r"has no checkpoint step 3; available: 0, 2, 4$") as e:
+            read()
+        assert not isinstance(e.value, C.CheckpointIntegrityError)

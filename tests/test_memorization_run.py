@@ -181,7 +181,7 @@ def test_batches_from_checkpoints(run, tmp_path, capsys):
         assert cli_main(command + ["--checkpoints", str(tmp_path / "nope")]) == 2
         assert f"the checkpoint folder {tmp_path / 'nope'} does not exist" in capsys.readouterr().err
     assert cli_main(["batches", "--checkpoints", str(run["out"]), "--step", "7", "--start", "0", "--end", "0"]) == 2
-    assert "no checkpoint step 7; available: " in capsys.readouterr().err
+    assert "has no checkpoint step 7; available: " in capsys.readouterr().err
 
 
 def test_sweep_split_over_hosts_resumes_and_merges(run, tmp_path, monkeypatch):

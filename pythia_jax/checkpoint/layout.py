@@ -113,7 +113,13 @@ def resolve_checkpoint_step(path: str | os.PathLike, step: int | None) -> tuple[
     if step is not None and dir_step is not None and int(step) != dir_step:
         raise CheckpointError(f"{path} is the folder of step {dir_step}, but step {step} was asked for: "
                               f"give the step folder or the step, or both the same")
-    return root, dir_step if step is None else int(step)
+    step = dir_step if step is None else int(step)
+    if step is not None and not (root / str(step)).exists():
+        from pythia_jax.checkpoint.failures import step_list
+
+        steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit())
+        raise CheckpointError(f"{root} has no checkpoint step {step}; available: {step_list(steps)}")
+    return root, step
 
 
 def is_checkpoint_dir(path: str | os.PathLike) -> bool:

@@ -53,11 +53,6 @@ def read_run_config(directory: str | os.PathLike, step: int | None = None) -> di
         step = next((s for s in steps if step_problem(root, s) is None), None)
         if step is None:
             raise CheckpointError(f"{root} holds no usable checkpoint step")
-    if not (root / str(step)).exists():
-        from pythia_jax.checkpoint.failures import step_list
-
-        steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit())
-        raise CheckpointError(f"{root}: no checkpoint step {step}; available: {step_list(steps)}")
     problem = step_problem(root, step)
     if problem is not None:
         raise CheckpointError(f"{root}/{step}: cannot read its run configuration ({problem})")

@@ -388,6 +388,7 @@ def _evaluate_stacked(checkpoints, steps, tasks, settings, env, table, log, reco
     Memorization, generation, harness and WinoBias tasks stay per step. Groups whose configs
     differ fall back to per step."""
     from pythia_jax.eval.loading import load_model_params
+    from pythia_jax.eval.scoring import MAX_BATCH_TOKENS
     from pythia_jax.eval.stacked import StackedScorer, choose_stack
 
     scoring = [t for t, r in tasks.items()  # perplexity and native zero-shot (spec, examples) tasks
@@ -396,9 +397,12 @@ def _evaluate_stacked(checkpoints, steps, tasks, settings, env, table, log, reco
     if not todo:
         return
     first_config, _ = load_model_params(checkpoints, todo[0])
+    # the padded tokens of the largest batch the scorer sends: batch_size rows of the longest
+    # length, but never more than its token cap (long buckets use fewer rows) or one row
+    longest = settings.max_len or first_config.max_position_embeddings
+    batch_tokens = min(settings.batch_size * longest, max(MAX_BATCH_TOKENS, longest))
     k = choose_stack(first_config, settings.stack, max_bytes=settings.max_stack_bytes,
-                     batch_tokens=settings.batch_size * (settings.max_len or first_config.max_position_embeddings))
-    log(f"stacking {k} checkpoints per pass (asked {settings.stack})")
+                     batch_tokens=batch_tokens)  # logs K and the estimate
     stacked = None
     for g in range(0, len(todo), k):
         group = todo[g:g + k]

@@ -68,6 +68,9 @@ def _score_fn(placed: PlacedModel) -> Callable:
     return jax.jit(score)
 
 
+MAX_BATCH_TOKENS = 16384  # default cap on the padded tokens of one scoring batch (long buckets use fewer rows)
+
+
 class Scorer:
     """Scores token requests with one model; reuse it across tasks to reuse compilations.
 
@@ -81,7 +84,7 @@ class Scorer:
     """
 
     def __init__(self, model: Any, *, batch_size: int = 16, max_len: int | None = None,
-                 min_bucket: int = 32, max_batch_tokens: int = 16384, mesh=None):
+                 min_bucket: int = 32, max_batch_tokens: int = MAX_BATCH_TOKENS, mesh=None):
         self.placed = model if isinstance(model, PlacedModel) else place_model(model, mesh)
         self.config = self.placed.config
         self.max_len = int(max_len or self.config.max_position_embeddings)
