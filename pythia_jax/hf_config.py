@@ -87,6 +87,7 @@ HF_FIELDS: dict[str, tuple[str, str]] = {
     "transformers_version": ("ignored", "metadata"),
     "_name_or_path": ("read", "name (its last path component)"),
     "pythia_jax_name": ("read", "name (written by to_hf_dict)"),
+    "pythia_jax_export": ("ignored", "what `convert jax-to-hf --all-steps` wrote the folder from (its resume check)"),
     "tokenizer_class": ("ignored", "tokenizer setting"),
     "torchscript": ("ignored", "HF export switch"),
 }

@@ -988,3 +988,49 @@ def test_optimizer_settings_keep_annealing_lr_semantics():
     assert s["warmup_steps"] == pytest.approx(1.5) and s["decay_style"] == "linear"
     s = neox.optimizer_settings({**yml, "lr-decay-style": "cosine"})
     assert s["decay_style"] == "cosine"
+
+
+def test_all_steps_export_resumes_after_an_interruption(tmp_path, capsys, monkeypatch):
+    """jax-to-hf --all-steps records in each step folder's config.json what it was written from;
+    a rerun after an interruption writes only the missing steps (it refused: 'step0 already
+    exists'), but a folder written from other weights or with other settings is still refused."""
+    import json
+
+    from pythia_jax.checkpoint import save_params_checkpoint
+    from pythia_jax.cli import main
+    from pythia_jax.convert import hf as hfc
+    from pythia_jax.convert.hf import read_hf_dir
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=16, num_layers=2, num_heads=2)
+    rng = np.random.default_rng(0)
+    shapes = {k: v for k, v in hfc.param_shapes(cfg).items()}
+    for step in (0, 5, 9):
+        params = {}
+        for path, shape in shapes.items():
+            hfc.set_path(params, path, rng.standard_normal(shape).astype(np.float32))
+        save_params_checkpoint(tmp_path / "ck", step, cfg, params)
+    argv = ["convert", "jax-to-hf", str(tmp_path / "ck"), str(tmp_path / "out"), "--all-steps", "--no-progress"]
+
+    real = hfc.write_hf_dir
+    written = []
+
+    def interrupted_after_one(*a, **k):
+        if written:
+            raise KeyboardInterrupt
+        written.append(real(*a, **k))
+        return written[-1]
+
+    monkeypatch.setattr(hfc, "write_hf_dir", interrupted_after_one)
+    assert main(argv) == 130
+    monkeypatch.setattr(hfc, "write_hf_dir", real)
+    assert sorted(os.listdir(tmp_path / "out")) == ["step0"]
+    first = (tmp_path / "out" / "step0" / "model.safetensors").stat().st_mtime_ns
+    assert main(argv) == 0
+    assert "1 of 3 step folders were already written" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / "out")) == ["step0", "step5", "step9"]
+    assert (tmp_path / "out" / "step0" / "model.safetensors").stat().st_mtime_ns == first  # not rewritten
+    record = json.loads((tmp_path / "out" / "step9" / "config.json").read_text())["pythia_jax_export"]
+    assert record["step"] == 9 and record["dtype"] == "float16" and record["weights"].startswith("ckpt:")
+    read_hf_dir(tmp_path / "out" / "step9")  # our reader accepts the record
+    assert main(argv + ["--dtype", "float32"]) == 2  # other settings: refused, nothing replaced
+    assert "step0 already exists" in capsys.readouterr().err

@@ -255,16 +255,32 @@ def _jax_to_hf(args: argparse.Namespace, progress: bool) -> None:
         steps = ckpt.all_steps()
     if not steps:
         raise CheckpointError(f"{root} holds no checkpoint steps")
+    from pythia_jax.convert.dtypes import canonical_dtype
+    from pythia_jax.convert.hf import export_source
+    from pythia_jax.eval.loading import weights_fingerprint
+
     targets = {s: os.path.join(args.output, f"step{s}") for s in steps}
-    for target in targets.values():  # refuse before writing anything
-        check_output_dir(target, args.overwrite, kind="hf")
+    # each step folder records what it was written from: a rerun after an interruption skips the
+    # folders already written from the same weights with the same settings
+    sources = {s: {"checkpoint": os.path.abspath(os.fspath(root)), "step": s,
+                   "weights": weights_fingerprint(root, s), "dtype": canonical_dtype(dtype),
+                   "shard_size": str(shard_size)} for s in steps}
+    done = [s for s in steps if not args.overwrite and export_source(targets[s]) == sources[s]]
+    for s in steps:  # refuse before writing anything
+        if s not in done:
+            check_output_dir(targets[s], args.overwrite, kind="hf")
+    if done:
+        logger.warning("%s: %d of %d step folders were already written from these weights with these "
+                       "settings (an interrupted run); writing the other %d", args.output, len(done),
+                       len(steps), len(steps) - len(done))
     from tqdm.auto import tqdm
-    for s in tqdm(steps, desc="steps", unit="step", disable=not progress):
+    for s in tqdm([s for s in steps if s not in done], desc="steps", unit="step", disable=not progress):
         config, params = load_params(root, step=s, host=True, dtype=STORED)
         write_hf_dir(config, params, targets[s], dtype=dtype, shard_size=shard_size,
-                     overwrite=args.overwrite, progress=False)
+                     overwrite=args.overwrite, progress=False, source=sources[s])
         del params
-    print(f"wrote {len(steps)} step folders under {args.output} (steps {steps[0]}..{steps[-1]}, {dtype})")
+    print(f"wrote {len(steps) - len(done)} step folders under {args.output} (steps {steps[0]}..{steps[-1]}, "
+          f"{dtype}{f'; {len(done)} already there' if done else ''})")
 
 
 def _jax_to_neox(args: argparse.Namespace, progress: bool) -> None:

@@ -464,7 +464,7 @@ _check_params = check_params
 
 def write_hf_dir(config: ModelConfig, params: Mapping[str, Any], out_dir: str | os.PathLike, *,
                  dtype: Any = "float16", shard_size: int | str = "2GB", overwrite: bool = False,
-                 progress: bool = False) -> str:
+                 progress: bool = False, source: Mapping[str, Any] | None = None) -> str:
     """Write ``params`` as an HF ``GPTNeoXForCausalLM`` directory, atomically; return its path.
 
     Files: config.json, model.safetensors (or model-0000k-of-0000N.safetensors +
@@ -472,6 +472,8 @@ def write_hf_dir(config: ModelConfig, params: Mapping[str, Any], out_dir: str | 
     GPT-NeoX-20B tokenizer files. Streams: besides ``params`` it holds one converted tensor.
     An existing ``out_dir`` is refused unless ``overwrite``, which replaces only an HF directory
     (``io_utils.check_output_dir``; a run folder or any other folder raises ``PythiaJaxError``).
+    ``source``: a JSON record of what the weights were exported from, kept in ``config.json`` as
+    ``pythia_jax_export`` (transformers keeps unknown keys; readers ignore it).
     """
     from pythia_jax.io_utils import atomic_output_dir, check_output_dir
 
@@ -499,11 +501,26 @@ def write_hf_dir(config: ModelConfig, params: Mapping[str, Any], out_dir: str | 
         hf_config = config.to_hf_dict()
         hf_config["torch_dtype"] = name
         hf_config["dtype"] = name
+        if source is not None:
+            hf_config[EXPORT_KEY] = dict(source)
         _write_json(tmp / "config.json", hf_config)
         _write_json(tmp / "generation_config.json",
                     {"_from_model_config": True, "bos_token_id": 0, "eos_token_id": 0})
         write_tokenizer_files(tmp, config.max_position_embeddings)
     return os.fspath(os.path.abspath(out_dir))
+
+
+EXPORT_KEY = "pythia_jax_export"  # config.json: what an exported folder was written from
+
+
+def export_source(path: str | os.PathLike) -> dict | None:
+    """The ``pythia_jax_export`` record of an HF folder's ``config.json`` (None without one)."""
+    try:
+        with open(os.path.join(os.fspath(path), "config.json"), encoding="utf-8") as f:
+            record = json.load(f).get(EXPORT_KEY)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 _ST_CODES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
