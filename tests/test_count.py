@@ -338,6 +338,11 @@ def test_existing_output_needs_resume(corpus, tmp_path, capsys):
     table = out.read_text()
     assert table.startswith("window_start,window_end,term,variant,count,cumulative\n")
     assert main(args + ["--resume"]) == 0 and out.read_text() == table
+    # ... but only the same count: a table of other terms is not replaced by --resume
+    other = [a if a != "cat" else "dog" for a in args]
+    assert main(other + ["--resume"]) == 2
+    assert "is a finished count of other terms ('cat' bare is in it, not in this count)" in capsys.readouterr().err
+    assert out.read_text() == table
 
 
 def test_byte_decoder_equals_the_tokenizer():

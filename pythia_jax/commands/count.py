@@ -72,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o = parser.add_argument_group("output and parallelism")
     o.add_argument("--out", required=True, help="table: .jsonl or .csv")
     o.add_argument("--resume", action="store_true",
-                   help="continue an interrupted count (or redo one whose output exists)")
+                   help="continue an interrupted count (or redo a finished one of the same terms)")
     o.add_argument("--workers", type=positive_int, default=1, help="local processes")
     o.add_argument("--num-hosts", default="1", help="hosts sharing the windows, or 'auto' (JAX)")
     o.add_argument("--host-index", default="0", help="this host's index, or 'auto' (JAX)")

@@ -20,6 +20,7 @@ from pythia_jax.data.count.files import (
     check_count_outputs,
     make_manifest,
     output_format,
+    read_table,
     shard_path,
     work_dir,
 )
@@ -121,6 +122,8 @@ def run_count(run: RunData, spec: CountSpec, out: str, *, start: int = 0, stop: 
     manifest = make_manifest(run, spec, windows, counters)
 
     wdir = work_dir(out)
+    if num_hosts == 1 and os.path.exists(final) and not os.path.isdir(wdir):
+        _check_redo(final, manifest, spec)  # --resume of a finished table: the same count only
     mine = list(range(host_index, len(windows), num_hosts))
     done = _load_parts(wdir, manifest, windows, mine, resume)
     pending = [w for w in mine if windows[w] not in done]
@@ -161,6 +164,25 @@ def run_count(run: RunData, spec: CountSpec, out: str, *, start: int = 0, stop: 
         written = {"shard": final}
     shutil.rmtree(wdir, ignore_errors=True)
     return written
+
+
+def _check_redo(out: str, manifest: dict, spec) -> None:
+    """``resume`` on a finished table redoes it; refuse (``CountError``) when the table holds
+    terms this count would not list, or lacks ones it always lists: it is another count."""
+    fixed = {tuple(k) for k in manifest["fixed_keys"]}
+    regexes = {f"regex:{r}" for r in spec.regexes} if spec.per_match else set()
+
+    def ours(key: tuple[str, str]) -> bool:
+        return key in fixed or (spec.numerals and key[1] in ("numeral", "numeral_pair")) or key[1] in regexes
+
+    have = {(str(r["term"]), str(r["variant"])) for r in read_table(out)}
+    other = sorted(k for k in have if not ours(k))
+    missing = sorted(fixed - have)
+    if other or missing:
+        example = other[0] if other else missing[0]
+        raise CountError(f"{out} is a finished count of other terms ({example[0]!r} {example[1]} "
+                         f"{'is in it, not in this count' if other else 'is missing'}); --resume "
+                         "redoes only the same count: choose another --out or remove it")
 
 
 def _load_parts(wdir: str, manifest: dict, windows, mine: Sequence[int], resume: bool) -> dict:
