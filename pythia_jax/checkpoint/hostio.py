@@ -8,7 +8,9 @@ Saves in this mode are not zstd-compressed (``_HOST_COMPRESSION``).
 
 Orbax offers no public switch for these bounds, so this module subclasses its public
 ``type_handlers.NumpyHandler`` and sets one private attribute of ``PyTreeCheckpointHandler``
-(``_bounded_io_registry``), each in one place.
+(``_bounded_io_registry``), each in one place; a widening save (``SaveArgs.dtype``) of a large
+array is written chunk by chunk through the handler's private ``_open_and_write`` (Orbax would
+cast the whole array at once).
 """
 
 from __future__ import annotations
