@@ -99,6 +99,12 @@ def widens(src_dtype: Any, dst_dtype: Any) -> bool:
     return b.nmant >= a.nmant and b.maxexp >= a.maxexp and b.minexp <= a.minexp
 
 
+def widened(dtype: Any, target: Any) -> np.dtype:
+    """The dtype an array of ``dtype`` has after a widening to ``target`` (None: no widening):
+    ``target`` where it :func:`widens` ``dtype``, else ``dtype`` itself."""
+    return np.dtype(target) if target is not None and widens(dtype, target) else np.dtype(dtype)
+
+
 def cast_overflow(dst: Any, src: Any) -> int:
     """The number of finite values of ``src`` that became ±inf in ``dst``, its cast (any
     layout, e.g. transposed). 0 without a look at the data when ``dst``'s dtype holds

@@ -17,7 +17,7 @@ from pythia_jax.checkpoint.manager import TrainCheckpointer
 from pythia_jax.checkpoint.restore import _abstract_like, _item_tree_metadata, cast_tree
 from pythia_jax.config import DTYPES, ConfigError, ModelConfig
 from pythia_jax.errors import CheckpointError
-from pythia_jax.host_memory import widens
+from pythia_jax.host_memory import widened
 
 
 def save_params_checkpoint(directory: str | os.PathLike, step: int, config: ModelConfig, params: Any,
@@ -38,7 +38,7 @@ def save_params_checkpoint(directory: str | os.PathLike, step: int, config: Mode
     from pythia_jax.io_utils import deferred_interrupts
 
     stored = params if dtype is None else jax.tree.map(  # sizes as written
-        lambda x: jax.ShapeDtypeStruct(x.shape, dtype if widens(x.dtype, dtype) else x.dtype), params)
+        lambda x: jax.ShapeDtypeStruct(x.shape, widened(x.dtype, dtype)), params)
     limit = _io_limit([stored, opt_state])
     # Orbax's writer threads go on after a KeyboardInterrupt unwinds the main thread, and would
     # put files back into a folder being removed: a Ctrl-C lets the save finish, then raises

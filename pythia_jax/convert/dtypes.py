@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from pythia_jax.errors import CheckpointError
-from pythia_jax.host_memory import aligned_empty, cast_overflow, copy_cast, plain_pages, to_numpy, widens
+from pythia_jax.host_memory import aligned_empty, cast_overflow, copy_cast, plain_pages, to_numpy, widened, widens
 
 AUTO = "auto"
 _DTYPE_NAMES = {"float16": "float16", "fp16": "float16", "half": "float16",
@@ -144,7 +144,5 @@ def defer_widening(params: Any, dtype: Any, source: str = "checkpoint") -> tuple
     return jax.tree_util.tree_map_with_path(cast, params), target
 
 
-def saved_dtype(dtype: Any, save_dtype: Any) -> np.dtype:
-    """The dtype an array of ``dtype`` is stored in by a save with ``save_dtype`` (see
-    :func:`defer_widening`)."""
-    return np.dtype(save_dtype) if save_dtype is not None and widens(dtype, save_dtype) else np.dtype(dtype)
+# the dtype an array is stored in by a save with ``save_dtype`` (see :func:`defer_widening`)
+saved_dtype = widened

@@ -216,6 +216,12 @@ def open_byte_source(path: str) -> ByteSource:
     return LocalFile(path)
 
 
+def local_shard_files(prefix: str) -> list[str]:
+    """The local files named like shards of ``prefix`` (``prefix-NNNNN-of-NNNNN.bin``), sorted,
+    unchecked (:func:`_find_shards` checks the set)."""
+    return sorted(n for n in glob.glob(glob.escape(prefix) + "-?????-of-?????.bin") if _SHARD_RE.search(n))
+
+
 def _find_shards(prefix: str) -> list[str]:
     """Shard files ``prefix-000NN-of-000KK.bin`` of a prefix, checked for completeness."""
     if is_url(prefix):
@@ -228,7 +234,7 @@ def _find_shards(prefix: str) -> list[str]:
         pattern = re.compile(re.escape(base) + r"-\d{5}-of-\d{5}\.bin")
         names = [directory + k for k in keys if pattern.fullmatch(k)]
     else:
-        names = glob.glob(glob.escape(prefix) + "-?????-of-?????.bin")
+        names = local_shard_files(prefix)
     parsed = sorted((int(m.group(1)), int(m.group(2)), n)
                     for n, m in ((n, _SHARD_RE.search(n)) for n in names) if m)
     if not parsed:

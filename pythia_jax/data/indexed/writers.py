@@ -13,6 +13,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from pythia_jax.data.indexed.index import _write_index_file, dtype_code
+from pythia_jax.data.indexed.sources import local_shard_files
 from pythia_jax.errors import DataError
 from pythia_jax.io_utils import is_url
 
@@ -50,7 +51,7 @@ def check_dataset_output(prefix: str, inputs=()) -> None:
     if os.path.isdir(bin_path) or (os.path.exists(bin_path) and not os.path.exists(prefix + ".idx")):
         raise DataError(f"output {bin_path} exists and is {describe_path(bin_path)} without a "
                         f"{prefix}.idx beside it; refusing to replace it: choose another output prefix")
-    shards = [f for f in _data_files(prefix) if f != bin_path] if not is_url(prefix) else []
+    shards = [] if is_url(prefix) else local_shard_files(prefix)
     if shards and not os.path.exists(prefix + ".idx"):
         raise DataError(f"output {prefix}: shard file(s) {os.path.basename(shards[0])} … exist without a "
                         f"{prefix}.idx beside them; refusing to replace them: choose another output prefix")
@@ -100,10 +101,7 @@ def write_index(path: str, dtype, sizes: np.ndarray, doc_idx: np.ndarray, *, wit
 def _data_files(prefix: str) -> list[str]:
     """The local data files of a dataset prefix, either layout: ``prefix.bin`` and the shards
     ``prefix-NNNNN-of-NNNNN.bin``."""
-    import glob
-
-    found = glob.glob(glob.escape(prefix) + "-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9].bin")
-    return sorted(found) + ([prefix + ".bin"] if os.path.isfile(prefix + ".bin") else [])
+    return local_shard_files(prefix) + ([prefix + ".bin"] if os.path.isfile(prefix + ".bin") else [])
 
 
 def _remove_other_layout(prefix: str, written: set[str]) -> None:
