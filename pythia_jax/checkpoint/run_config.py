@@ -104,6 +104,11 @@ def read_run_data(checkpoints: str | os.PathLike, step: int | None = None, *, wh
     record = read_run_config(root, step)
     if record is None:
         raise RunDataError(f"{os.fspath(root)} step {step}: no record of the run's data configuration")
+    return _run_data_of(root, record, what, explicit)
+
+
+def _run_data_of(root, record: dict, what: str | dict, explicit: dict) -> RunData:
+    """``read_run_data``'s ``RunData`` of a run record read from checkpoint root ``root``."""
     origin = f"the run recorded in {os.fspath(root)} (step {record['step']})"
     run = RunData.from_record(record, origin=origin, cache_prefix=_run_cache_prefix(root, record),
                               data=explicit.get("data"))
@@ -123,8 +128,11 @@ def resolve_run_data(checkpoints: str | os.PathLike | None, step: int | None = N
     if checkpoints is not None:
         if not is_url(os.fspath(checkpoints)) and not os.path.exists(checkpoints):
             raise RunDataError(f"the checkpoint folder {os.fspath(checkpoints)} does not exist")
-        if is_checkpoint_dir(checkpoints) and read_run_config(checkpoints, step) is not None:
-            return read_run_data(checkpoints, step, what=what, **flags)
+        if is_checkpoint_dir(checkpoints):
+            root, _ = resolve_checkpoint_dir(checkpoints)
+            record = read_run_config(root, step)  # read once (read_run_data would read it again)
+            if record is not None:
+                return _run_data_of(root, record, what, flags)
     elif defaults:
         if flags.get("data") is None:
             raise RunDataError(f"give {flag_name('data', what)} (a dataset prefix) or --checkpoints (a run's "

@@ -59,13 +59,14 @@ def weights_fingerprint(path: str | os.PathLike, step: int) -> str:
     from pythia_jax.eval.provenance import digest_hex
 
     p = os.fspath(path)
-    if not is_hf_dir(p) and hf_revision_steps(p):
-        p = os.path.join(p, f"step{step}")
+    revision = os.path.join(p, f"step{step}")
+    if not is_hf_dir(p) and is_hf_dir(revision):  # a folder of HF revisions: this step's (not a
+        p = revision                               # listing of every revision, once per step)
     if is_hf_dir(p):
         _, files = find_weight_files(p)
         with open(os.path.join(p, "config.json"), "rb") as f:
             config = hashlib.sha256(f.read()).hexdigest()
-        stats = [(os.path.basename(x), os.stat(x).st_size, os.stat(x).st_mtime_ns) for x in files]
+        stats = [(os.path.basename(x), s.st_size, s.st_mtime_ns) for x, s in ((x, os.stat(x)) for x in files)]
         return "hf:" + digest_hex({"config": config, "files": stats})
     root, _ = ckpt.resolve_checkpoint_dir(p)
     config = ckpt.read_model_config(root)
