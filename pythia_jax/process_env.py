@@ -1,5 +1,5 @@
-"""Process-level settings applied before anything heavy is imported: large host allocations on
-transparent huge pages.
+"""Process-level settings: large host allocations on transparent huge pages (applied before anything
+heavy is imported), and environment variables set for the length of one block (``environment_set``).
 
 Why: XLA:CPU allocates a step's temporary buffer (2.0 GB for a pythia-160m train step at batch
 4 × 256, about 3.3 GB at pythia-410m 2 × 256) afresh for every execution, from an XLA worker
@@ -19,11 +19,12 @@ References: glibc manual, "Memory Allocation Tunables" (``glibc.malloc.hugetlb``
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
 import sys
-from typing import Mapping
+from typing import Iterator, Mapping
 
 logger = logging.getLogger(__name__)
 
@@ -98,3 +99,21 @@ def reexec_with_huge_pages() -> None:
         os.execve(sys.executable, argv, env)
     except OSError as e:  # e.g. a sandbox without exec: run on as we are
         logger.debug("re-executing with %s failed (%s); continuing without it", TUNABLE, e)
+
+
+@contextlib.contextmanager
+def environment_set(values: Mapping[str, str]) -> Iterator[None]:
+    """Set the environment variables ``values`` while the block runs, then restore each one's
+    previous value (or its absence), also when the block raises. Used where a library reads a
+    variable (``TQDM_DISABLE``, lm-evaluation-harness's ``DISABLE_MULTIPROC``) and a command run
+    in-process (``cli.main``) must not leave it set for the rest of the process."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -377,10 +377,17 @@ def test_run_directory_unknown_task_and_progress_messages(runs, tmp_path, capsys
     R.evaluate_checkpoints(run, [0], settings(tasks=["arc_easy"], limit=2), out, log=log.append)
     assert log == [f"resuming: 1 (step, task) results of these checkpoints and settings already in {out}"]
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
-    monkeypatch.delenv("HF_DATASETS_DISABLE_PROGRESS_BARS", raising=False)
+    monkeypatch.setenv("HF_DATASETS_DISABLE_PROGRESS_BARS", "0")
+    import pythia_jax.eval.loading as loading
+
+    seen = []
+    steps_of = loading.available_steps
+    monkeypatch.setattr(loading, "available_steps", lambda p: seen.append(
+        (os.environ.get("TQDM_DISABLE"), os.environ.get("HF_DATASETS_DISABLE_PROGRESS_BARS"))) or steps_of(p))
     assert main(["eval", "--checkpoints", str(tmp_path), "--steps", "0", "--out", str(tmp_path / "x.jsonl"),
                  "--no-progress"]) == 2
-    assert os.environ["TQDM_DISABLE"] == "1" and os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] == "1"
+    assert seen == [("1", "1")]  # set while the command runs, restored after (in-process callers keep bars)
+    assert "TQDM_DISABLE" not in os.environ and os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] == "0"
     err = capsys.readouterr().err
     assert f"--checkpoints {tmp_path} holds no checkpoints: it is not a pythia-jax checkpoint directory" in err
     assert main(["eval", "--checkpoints", str(run), "--steps", "0", "--tasks", "piqq", "--out",

@@ -245,6 +245,19 @@ def test_a_branch_refusal_says_how_to_branch_not_to_use_another_output_dir(tmp_p
                             "or use the source's values")
 
 
+def test_a_branch_may_change_the_transform_a_resume_may_not(tmp_path):
+    """The intervention's rule lives in check_resume: a branch from another run's step may start a
+    row transform (the gender-swap case study), a resume of the same run may not."""
+    source = loop.run_config(run_cfg(tmp_path / "src"))
+    swap = DataConfig(prefix="demo", order="neox", transform="gender_swap", transform_steps=(2, 4))
+    cfg = run_cfg(tmp_path / "new", init_from="src", start_step=2, data=swap)
+    current = loop.run_config(cfg)
+    record = loop.check_resume(source, current, cfg, 2, "src/2", branch=True)
+    assert record["data"]["transform"] == current["data"]["transform"] and record["data"]["transform"]
+    with pytest.raises(C.RunConfigMismatch, match="the row transform"):
+        loop.check_resume({**source, "init": current["init"]}, current, cfg, 2, "x")
+
+
 # ------------------------------------------------------------------ what a start may write into
 def _hf_dir(path):
     path.mkdir(parents=True)

@@ -96,11 +96,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
+    from pythia_jax.process_env import environment_set
 
-    if args.no_progress:  # the harness's and datasets' bars: tqdm and datasets read these at import
-        os.environ["TQDM_DISABLE"] = "1"
-        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+    # the harness's and datasets' bars: tqdm and datasets read these at import; set for this command
+    # only (a caller of cli.main in the same process keeps its bars)
+    quiet = {"TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"} if args.no_progress else {}
+    with environment_set(quiet):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import os
 
     from pythia_jax.errors import PythiaJaxError
     from pythia_jax.eval.loading import NO_CHECKPOINTS, available_steps

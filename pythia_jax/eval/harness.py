@@ -39,6 +39,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from pythia_jax.errors import DataError, PythiaJaxError
 from pythia_jax.io_utils import iter_jsonl_objects
+from pythia_jax.process_env import environment_set
 
 logger = logging.getLogger(__name__)
 
@@ -238,16 +239,9 @@ def evaluate_task(lm: Any, task: Any, *, limit: int | None = None,
     name = task.config.task
     # The harness bootstraps in a forked process pool unless DISABLE_MULTIPROC is set; forking a
     # process that runs JAX's threads can deadlock, so the draws run in this process.
-    saved = os.environ.get("DISABLE_MULTIPROC")
-    os.environ["DISABLE_MULTIPROC"] = "1"
-    try:
+    with environment_set({"DISABLE_MULTIPROC": "1"}):
         out = evaluator.evaluate(lm=lm, task_dict={name: task}, limit=limit, bootstrap_iters=bootstrap_iters,
                                  log_samples=True, verbosity="WARNING")
-    finally:
-        if saved is None:
-            os.environ.pop("DISABLE_MULTIPROC", None)
-        else:
-            os.environ["DISABLE_MULTIPROC"] = saved
     res = out["results"][name]
     samples = out.get("samples", {}).get(name, [])
     metrics: dict[str, tuple[float, float]] = {}

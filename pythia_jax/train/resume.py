@@ -103,7 +103,8 @@ def check_resume(stored: dict | None, current: dict, cfg: TrainConfig, step: int
       ``[0, step)`` unchanged (checked on the two index maps), and must be ``>= step``.
 
     ``branch``: ``stored`` is the record of another run's step that a new run branches from
-    (``where`` names it): the start is not compared, and the messages say how to branch.
+    (``where`` names it): the start and the transform are not compared (a branch is where an
+    intervention changes the rows from then on), and the messages say how to branch.
 
     Returns the record to store from now on: ``current`` with the accepted changes appended to
     ``changes`` (``{"step", "changed": {setting: [old, new]}}``) and, on a resume, the run's
@@ -113,7 +114,9 @@ def check_resume(stored: dict | None, current: dict, cfg: TrainConfig, step: int
     record = dict(current)
     if not stored:
         return record
-    if not branch:
+    if branch:
+        stored = {**stored, "data": {**stored.get("data", {}), "transform": current["data"]["transform"]}}
+    else:
         record["init"] = _resumed_init(stored, current, step, where)
     refused, schedule = _differences(stored, current)
     if refused:

@@ -148,9 +148,7 @@ def _branch_from_checkpoint(cfg: TrainConfig, setup, current: dict, root, S: int
             raise CheckpointError(f"cannot branch from {root} at step {S}: it has no step {S}; "
                                   f"its steps are {step_list(steps)} (TrainConfig.start_step)")
         stored = read_run_config(root, S)
-        if stored and not stored.get("partial"):
-            # the branch may change the transform, nothing else that decides the rows or the model
-            stored = {**stored, "data": {**stored.get("data", {}), "transform": current["data"]["transform"]}}
+        if stored and not stored.get("partial"):  # else than the transform must match (check_resume)
             check_resume(stored, current, cfg, S, f"{root}/{S}", branch=True)
         abstract = {"params": setup.abstract_state.params}
         # a step saved without optimizer state (``convert hf-to-jax`` without --with-optimizer)
