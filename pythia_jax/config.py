@@ -313,8 +313,8 @@ class ModelConfig:
             num_heads=_hf_int(hf, "num_attention_heads"),
             intermediate_size=(_hf_int(hf, "intermediate_size") if hf.get("intermediate_size") is not None
                                else 4 * _hf_int(hf, "hidden_size")),
-            rotary_pct=_hf_float(rope, "partial_rotary_factor", "rope_parameters.partial_rotary_factor"),
-            rotary_emb_base=_hf_float(rope, "rope_theta", "rope_parameters.rope_theta"),
+            rotary_pct=rope["partial_rotary_factor"],
+            rotary_emb_base=rope["rope_theta"],
             max_position_embeddings=(_hf_int(hf, "max_position_embeddings")
                                      if hf.get("max_position_embeddings") is not None else 2048),
             use_parallel_residual=_hf_bool(hf, "use_parallel_residual", True),

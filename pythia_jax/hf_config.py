@@ -46,11 +46,16 @@ HF_FIELDS: dict[str, tuple[str, str]] = {
     "rope_parameters": ("checked", "rope_type 'default' (or absent); rope_theta -> rotary_emb_base, "
                                    "partial_rotary_factor -> rotary_pct; other rope types refused "
                                    "(the model has no position scaling)"),
-    "rope_scaling": ("checked", "transformers 4.x name of rope_parameters: null or type 'default'"),
-    "rotary_pct": ("read", "rotary_pct (transformers 4.x; must agree with rope_parameters)"),
-    "rotary_emb_base": ("read", "rotary_emb_base (transformers 4.x; must agree with rope_parameters)"),
-    "partial_rotary_factor": ("read", "rotary_pct (top-level spelling; must agree with rope_parameters)"),
-    "rope_theta": ("read", "rotary_emb_base (top-level spelling; must agree with rope_parameters)"),
+    "rope_scaling": ("checked", "transformers 4.x name of rope_parameters: null or type 'default'; "
+                                "when set, transformers reads it instead of rope_parameters"),
+    "rotary_pct": ("read", "rotary_pct when rope_parameters has no partial_rotary_factor (transformers "
+                           "4.x); else must agree with it"),
+    "rotary_emb_base": ("read", "rotary_emb_base when rope_parameters has no rope_theta (transformers 4.x); "
+                                "else must agree with it"),
+    "partial_rotary_factor": ("checked", "top-level: ignored by GPTNeoXConfig, so it must equal the "
+                                         "rotary_pct read (else refused)"),
+    "rope_theta": ("checked", "top-level: ignored by GPTNeoXConfig, so it must equal the rotary_emb_base "
+                              "read (else refused)"),
     "attention_bias": ("weights", "false: the QKV and attention-output biases are zero (same outputs; "
                                   "training may then learn them)"),
     "tie_word_embeddings": ("weights", "true: a missing embed_out is a copy of embed_in (or the reverse); "
@@ -147,10 +152,22 @@ def hf_weight_layout(hf: Mapping[str, Any]) -> HFWeightLayout:
                           tie_word_embeddings=_hf_bool(hf, "tie_word_embeddings", False))
 
 
+_ROPE_DEFAULTS = {"rope_theta": 10000.0, "partial_rotary_factor": 0.25}  # GPTNeoXConfig's defaults
+_ROPE_LEGACY = {"rope_theta": "rotary_emb_base", "partial_rotary_factor": "rotary_pct"}  # transformers 4.x
+
+
 def _rope_parameters(hf: Mapping[str, Any]) -> dict[str, Any]:
-    """``{"rope_theta", "partial_rotary_factor"}`` from any spelling; refuses non-default rope types
-    and spellings that disagree (transformers' ``GPTNeoXConfig.convert_rope_params_to_dict``)."""
-    rope: dict[str, Any] = {}
+    """``{"rope_theta", "partial_rotary_factor"}`` as transformers resolves them
+    (``GPTNeoXConfig.convert_rope_params_to_dict``): from the ``rope_scaling`` mapping when it is
+    set, else from ``rope_parameters``; a value missing there from the transformers 4.x key
+    (``rotary_emb_base`` / ``rotary_pct``), else the default (10000, 0.25).
+
+    ``ConfigError`` (one line) for a rope type other than ``default``, and for any other spelling
+    of either value in the file that disagrees with the one transformers uses: the mapping it does
+    not read, or the top-level ``rope_theta`` / ``partial_rotary_factor`` (which
+    ``GPTNeoXConfig`` ignores). Such a file means different models to different readers.
+    """
+    mappings: dict[str, Mapping[str, Any]] = {}
     for key in ("rope_scaling", "rope_parameters"):
         value = hf.get(key)
         if value is None:
@@ -161,21 +178,33 @@ def _rope_parameters(hf: Mapping[str, Any]) -> dict[str, Any]:
         if rope_type not in ("default", None):
             raise ConfigError(f"config.json has {key}.rope_type={rope_type!r} ({dict(value)!r}); only "
                               "'default' rotary embeddings are supported (no position scaling)")
-        rope.update({k: v for k, v in value.items() if k in ("rope_theta", "partial_rotary_factor")})
-        extra = sorted(set(value) - {"rope_type", "type", "rope_theta", "partial_rotary_factor"})
+        extra = sorted(set(value) - {"rope_type", "type", *_ROPE_DEFAULTS})
         if extra:
             logger.warning("config.json %s keys %s are ignored by default rotary embeddings", key, extra)
-    for legacy, new in (("rotary_pct", "partial_rotary_factor"), ("partial_rotary_factor", "partial_rotary_factor"),
-                        ("rotary_emb_base", "rope_theta"), ("rope_theta", "rope_theta")):
-        if hf.get(legacy) is None:
-            continue
-        value = _hf_float(hf, legacy)
-        if new in rope and float(rope[new]) != value:
-            raise ConfigError(f"config.json has {legacy}={hf[legacy]!r} but rope_parameters.{new}="
-                              f"{rope[new]!r}; make them agree (transformers uses rope_parameters)")
-        rope.setdefault(new, value)
-    rope.setdefault("rope_theta", 10000.0)
-    rope.setdefault("partial_rotary_factor", 0.25)  # GPTNeoXConfig's default
+        mappings[key] = value
+    used = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"  # `rope_scaling or ...`
+    rope: dict[str, Any] = {}
+    for name, default in _ROPE_DEFAULTS.items():
+        legacy = _ROPE_LEGACY[name]
+        chosen = mappings.get(used) or {}
+        if chosen.get(name) is not None:
+            source, value = f"{used}.{name}", _hf_float(chosen, name, f"{used}.{name}")
+        elif hf.get(legacy) is not None:
+            source, value = legacy, _hf_float(hf, legacy)
+        else:
+            source, value = "the default", default
+        rope[name] = value
+        others = [(f"{k}.{name}", m) for k, m in mappings.items() if k != used]
+        others += [(legacy, hf), (name, hf)]
+        for spelling, where in others:
+            key = spelling.rsplit(".", 1)[-1]
+            if spelling == source or where.get(key) is None:
+                continue
+            if _hf_float(where, key, spelling) != value:
+                raise ConfigError(
+                    f"config.json has {spelling}={where[key]!r} but transformers' GPTNeoXConfig uses "
+                    f"{source} = {value!r}" + (" and ignores the top-level key" if spelling == name else "")
+                    + f"; make them agree or remove {spelling}")
     return rope
 
 

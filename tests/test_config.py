@@ -293,8 +293,10 @@ REFUSED = [
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope_parameters.rope_type='yarn'"),
     ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling.rope_type='linear'"),
     ({"rope_parameters": "default"}, "rope_parameters='default'"),
-    ({"rotary_pct": 0.5}, r"rotary_pct=0.5 but rope_parameters.partial_rotary_factor=0.25"),
-    ({"rope_theta": 500}, r"rope_theta=500 but rope_parameters.rope_theta=10000"),
+    ({"rotary_pct": 0.5}, r"rotary_pct=0.5 but transformers' GPTNeoXConfig uses "
+                          r"rope_parameters.partial_rotary_factor = 0.25; make them agree or remove rotary_pct"),
+    ({"rope_theta": 500}, r"rope_theta=500 but transformers' GPTNeoXConfig uses rope_parameters.rope_theta = "
+                          r"10000.0 and ignores the top-level key"),
     ({"hidden_act": "silu"}, "hidden_act='silu'"),
     ({"is_encoder_decoder": True}, "is_encoder_decoder=True"),
     ({"add_cross_attention": True}, "add_cross_attention=True"),

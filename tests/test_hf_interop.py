@@ -683,6 +683,48 @@ def test_unsupported_gptneox_settings_refused_by_name_before_reading_tensors(tmp
         hfc.read_hf_dir(src)
 
 
+ROPE_SPELLINGS = {  # config.json edits: (accepted?, what transformers resolves them to)
+    # transformers 4.x wrote both spellings with equal values
+    "top_level_agrees": ({"partial_rotary_factor": 0.25, "rope_theta": 10000.0}, True),
+    "rope_scaling_agrees": ({"rope_scaling": {"rope_type": "default", "partial_rotary_factor": 0.25}}, True),
+    # rope_scaling is read instead of rope_parameters; its missing theta falls back to rotary_emb_base
+    "rope_scaling_alone": ({"rope_scaling": {"rope_type": "default", "partial_rotary_factor": 0.5},
+                            "rope_parameters": None, "rotary_emb_base": 500}, True),
+    # GPTNeoXConfig ignores the top-level keys: reading them would change the model
+    "top_level_only": ({"rope_parameters": None, "partial_rotary_factor": 0.5},
+                       r"partial_rotary_factor=0.5 but transformers' GPTNeoXConfig uses the default = 0.25 and "
+                       r"ignores the top-level key"),
+    # transformers reads rope_scaling and drops rope_parameters
+    "rope_scaling_disagrees": ({"rope_scaling": {"rope_type": "default", "partial_rotary_factor": 0.5}},
+                               r"rope_parameters.partial_rotary_factor=0.25 but transformers' GPTNeoXConfig uses "
+                               r"rope_scaling.partial_rotary_factor = 0.5"),
+    "theta_disagrees": ({"rope_scaling": {"rope_type": "default", "rope_theta": 500.0}},
+                        r"rope_parameters.rope_theta=10000 but .* uses rope_scaling.rope_theta = 500.0"),
+}
+
+
+@pytest.mark.parametrize("name", list(ROPE_SPELLINGS))
+def test_rotary_settings_resolve_as_transformers_or_are_refused(tmp_path, name):
+    """The rotary fraction and base come from the spelling transformers reads (rope_scaling, else
+    rope_parameters, else the 4.x keys, else the defaults); another spelling in the same file that
+    disagrees is refused by name, since transformers ignores it and other readers may not."""
+    edits, outcome = ROPE_SPELLINGS[name]
+    src = _good_dir(tmp_path)
+    hf = json.loads((src / "config.json").read_text())
+    for key in ("rotary_pct", "rotary_emb_base"):
+        hf.pop(key, None)
+    hf.update(edits)
+    hf = {k: v for k, v in hf.items() if v is not None}
+    (src / "config.json").write_text(json.dumps(hf))
+    theirs = transformers.GPTNeoXConfig.from_pretrained(src).rope_parameters
+    if outcome is True:
+        config = hfc.read_hf_dir(src)[0]
+        assert (config.rotary_pct, config.rotary_emb_base) == (theirs["partial_rotary_factor"], theirs["rope_theta"])
+    else:
+        with pytest.raises(ConfigError, match=outcome):
+            hfc.read_hf_dir(src)
+
+
 def _raw_tensors(directory) -> dict[str, tuple[str, list[int], bytes]]:
     """{key: (safetensors dtype code, shape, the tensor's bytes)} of an HF directory's safetensors."""
     out = {}
