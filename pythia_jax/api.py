@@ -23,8 +23,10 @@ def init(config: ModelConfig | str, seed: int = 0, **overrides: Any):
     ``overrides``: ModelConfig fields to change (e.g. ``dtype="bfloat16"``)."""
     from flax import nnx
 
+    from pythia_jax.config import check_seed
     from pythia_jax.model import GPTNeoX
 
+    check_seed("seed", seed)  # an integer in [0, 2**32 - 1]: 1.7 or "3" would be truncated or parsed
     return GPTNeoX(resolve_config(config, **overrides), rngs=nnx.Rngs(int(seed)))
 
 
@@ -35,7 +37,11 @@ def load(path: str | os.PathLike, step: int | None = None, dtype: str | None = N
     when the optimizer shards are there).
 
     ``dtype``: compute dtype (``"float32"``, ``"bfloat16"``); parameters stay float32.
-    ``shardings`` (checkpoints of this project): restore each device's slice only.
+    ``shardings``: a ``jax.sharding.Sharding`` (or a tree of them matching the params) to place
+    the params on; a checkpoint of this project restores only each device's slice.
+    Other keywords by source (``convert.sources.SOURCE_OPTIONS``): GPT-NeoX ``config_files``,
+    ``hidden_act``, ``master_weights``. ``ConfigError`` for a ``step`` that is not a non-negative
+    integer or a keyword the source does not take; ``CheckpointError`` for a missing step or path.
     """
     from pythia_jax.host_memory import to_device_tree
     from pythia_jax.model import model_from_params

@@ -437,6 +437,48 @@ def test_kv_cache_decoding_matches_full_forward(init_model, variant):
     np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, atol=1e-5, rtol=0)
 
 
+def test_decoding_past_the_cache_is_refused_or_nan(init_model):
+    """New tokens that do not fit the cache were written at a clamped slot, overwriting the last
+    ones, and every later logit was silently wrong: refused outside jit (the index is concrete),
+    NaN inside jit (where nothing can raise)."""
+    from pythia_jax.errors import DataError
+
+    config, params = init_model
+    model = model_from_params(config, params)
+    tokens = jnp.asarray(random_tokens(config, 2, 6, seed=6))
+    cache = init_kv_cache(config, batch=2, max_len=5)
+    _, full = model(tokens[:, :5], cache=cache)
+    with pytest.raises(DataError, match="1 new tokens at slot 5 do not fit the KV cache of max_len 5"):
+        model(tokens[:, 5:], cache=full)
+    with pytest.raises(DataError, match="6 new tokens at slot 0 do not fit"):
+        model(tokens, cache=cache)
+    with pytest.raises(DataError, match="the KV cache holds 2 rows but tokens have 1"):
+        model(tokens[:1, :1], cache=cache)
+    step = jax.jit(lambda m, t, c: m(t, cache=c))
+    assert np.isnan(np.asarray(step(model, tokens[:, 5:], full)[0])).all()
+    assert np.isfinite(np.asarray(step(model, tokens[:, :1], cache)[0])).all()
+
+
+def test_malformed_token_input_is_one_line_error(init_model):
+    """Shapes and dtypes a forward cannot take are refused by name (they raised ZeroDivisionError,
+    unpacking or einsum errors from inside the model); lists and numpy arrays are read as arrays."""
+    from pythia_jax.errors import DataError
+
+    config, params = init_model
+    model = model_from_params(config, params)
+    for bad, message in ((jnp.zeros((0, 8), jnp.int32), r"shape \(0, 8\)"), (jnp.zeros((2, 0), jnp.int32), r"\(2, 0\)"),
+                         (jnp.zeros((8,), jnp.int32), r"shape \(8,\); expected int \[batch, seq\]"),
+                         (jnp.zeros((2, 3), bool), "dtype bool; expected integer token ids"),
+                         (jnp.zeros((2, 3), jnp.float32), "dtype float32")):
+        with pytest.raises(DataError, match=message):
+            model(bad)
+        with pytest.raises(DataError, match=message):
+            model.hidden_states(bad)
+    ids = [[1, 2, 3], [4, 5, 6]]
+    np.testing.assert_array_equal(np.asarray(model(ids)), np.asarray(model(jnp.asarray(ids, jnp.int32))))
+    np.testing.assert_array_equal(np.asarray(model(np.asarray(ids))), np.asarray(model(jnp.asarray(ids, jnp.int32))))
+
+
 def _full_cache_copies(config: ModelConfig) -> list[str]:
     """Instructions of a compiled decoding step (cache donated) that copy or transpose a whole
     [L, B, ·, ·, D] cache buffer instead of updating it in place."""

@@ -55,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--step", type=nonneg_int, default=None,
                         help="hf-to-jax: step to store the weights at (default: N of a 'stepN' source "
-                             "folder, else 0); jax-to-*: checkpoint step to export (default: newest); "
+                             "folder, else 0); of a folder of HF revisions step<N>/, the revision to "
+                             "convert; jax-to-*: checkpoint step to export (default: newest); "
                              "neox-to-jax: which global_stepN of a NeoX run folder")
     parser.add_argument("--all-steps", action="store_true",
                         help="jax-to-hf: export every saved step to OUTPUT/step<N>/ (Hub revision names)")
@@ -179,25 +180,43 @@ def dtype_summary(params, save_dtype=None) -> str:
     return ", ".join(f"{name} ({n} arrays)" for name, n in counts.most_common())
 
 
+def _hf_source(source: str, step: int | None) -> tuple[str, int]:
+    """(the HF directory to read, the step to store it at) for hf-to-jax: ``source`` itself (step:
+    ``--step``, else N of a ``stepN`` folder name, else 0), or in a folder of HF revisions
+    (``step<N>/``, as the Pythia suite publishes them) the revision ``--step`` names."""
+    from pythia_jax.checkpoint.failures import step_list
+    from pythia_jax.convert.sources import revision_folder_steps
+    from pythia_jax.errors import ConfigError
+
+    revisions = revision_folder_steps(source) if os.path.isdir(source) else []
+    if revisions:
+        if step is None or step not in revisions:
+            asked = "no --step" if step is None else f"no revision step{step}"
+            raise ConfigError(f"{source} is a folder of HF revisions ({asked}): pass --step N for its "
+                              f"step<N>/ folder; available: {step_list(revisions)}")
+        return os.path.join(source, f"step{step}"), step
+    if step is None:
+        m = re.fullmatch(r"step(\d+)", os.path.basename(os.path.normpath(source)))
+        step = int(m.group(1)) if m else 0
+    return source, step
+
+
 def _hf_to_jax(args: argparse.Namespace, progress: bool) -> None:
     from pythia_jax.convert.dtypes import defer_widening
     from pythia_jax.convert.hf import read_hf_dir
 
-    step = args.step
-    if step is None:
-        m = re.fullmatch(r"step(\d+)", os.path.basename(os.path.normpath(args.source)))
-        step = int(m.group(1)) if m else 0
+    source, step = _hf_source(args.source, args.step)
     _check_output(args, "checkpoint")
     # read as stored; a float32 checkpoint of a half-precision release is widened by the save
-    config, params = read_hf_dir(args.source, progress=progress, dtype="auto")
-    params, save_dtype = defer_widening(params, args.dtype, args.source)
+    config, params = read_hf_dir(source, progress=progress, dtype="auto")
+    params, save_dtype = defer_widening(params, args.dtype, source)
     stored = dtype_summary(params, save_dtype)
     opt_state = None
     if args.with_optimizer:
         from pythia_jax.train.continuation import fresh_opt_state
         opt_state = fresh_opt_state(params, schedule_count=step)
     write_checkpoint(args.output, step, config, params, opt_state,
-                     {"source": "hf", "hf_dir": os.path.abspath(args.source)}, args.overwrite, progress,
+                     {"source": "hf", "hf_dir": os.path.abspath(source)}, args.overwrite, progress,
                      dtype=save_dtype)
     print(f"wrote {args.output} (step {step}, params in {stored}"
           f"{', with fresh float32 optimizer state' if opt_state else ''})")

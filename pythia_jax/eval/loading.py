@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pythia_jax.convert.sources import _fmt, hf_revision_steps, load_params, read_hf_revision
+from pythia_jax.convert.sources import hf_revision_steps, load_params, read_hf_revision
 from pythia_jax.errors import CheckpointError
 from pythia_jax.io_utils import is_url
 
@@ -108,11 +108,12 @@ def load_model_params(path: str | os.PathLike, step: int | None = None) -> tuple
     if found is not None:
         return found
     from pythia_jax import checkpoint as ckpt
+    from pythia_jax.checkpoint.failures import step_list
 
     if step is not None and ckpt.is_checkpoint_dir(p):
         steps = available_steps(p)
         if step not in steps:
-            raise CheckpointError(f"{p} has no step {step}; available: {_fmt(steps)}")
+            raise CheckpointError(f"{p} has no step {step}; available: {step_list(steps)}")
     return load_params(p, step=step, host=True)
 
 

@@ -53,7 +53,7 @@ from pythia_jax.layers import (
     with_logical_constraint,
 )
 from pythia_jax.model.kv_cache import KVCache, LayerCache
-from pythia_jax.model.token_ids import check_token_ids
+from pythia_jax.model.token_ids import check_model_input
 
 _BATCH_LENGTH = ("batch", "length")  # the flattened leading dim of 2-D activations
 
@@ -106,6 +106,9 @@ class GPTNeoX(nnx.Module):
         backend with attention 'auto', 'xla' or 'reference'; raises ``ConfigError`` for
         attention='cudnn' off GPU or in float32 (``layers.check_attention_supported``).
         """
+        # shape and dtype always; ids outside the vocabulary (which would read NaN or wrap around
+        # silently) and the cache's room on the host, for concrete arrays
+        tokens = check_model_input(tokens, self.config.vocab_size, cache)
         x, new_cache = self._hidden(tokens, positions, key_mask, cache)
         B, T = tokens.shape
         logits = self.embed_out(x, out_dtype=jnp.float32).reshape(B, T, -1)
@@ -120,6 +123,7 @@ class GPTNeoX(nnx.Module):
         for int tokens [B, T]: the input of a loss that never builds all [B, T, V] logits at once
         (``layers.chunked_cross_entropy``). Arguments as for ``__call__`` (no cache).
         """
+        tokens = check_model_input(tokens, self.config.vocab_size)
         return self._hidden(tokens, positions, key_mask, None)[0]
 
     def _hidden(self, tokens, positions, key_mask, cache):
@@ -128,10 +132,7 @@ class GPTNeoX(nnx.Module):
         # an attention kernel named in the config that cannot run on this backend / dtype is
         # refused here, at trace time, before any compute (ConfigError)
         check_attention_supported(cfg.attention, cfg.dtype, cfg.head_dim)
-        # ids outside the vocabulary would read NaN (or wrap around) silently: refused on the
-        # host for a concrete array; a traced one (inside jit) passes unchecked
-        check_token_ids(tokens, cfg.vocab_size)
-        B, T = tokens.shape
+        B, T = tokens.shape  # checked by the callers (token_ids.check_model_input)
         index = cache.index if cache is not None else jnp.zeros((), jnp.int32)
         if positions is None:
             positions = jnp.broadcast_to(index + jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -145,6 +146,9 @@ class GPTNeoX(nnx.Module):
         x = self.final_layer_norm(x)
         if cache is None:
             return x, None
+        # inside jit a write past the cache's end would be clamped (overwriting the last slots) and
+        # the logits silently wrong: they are NaN instead (outside jit check_model_input refuses it)
+        x = jnp.where(index + T <= cache.max_len, x, jnp.asarray(jnp.nan, x.dtype))
         return x, KVCache(k=new_kv[0], v=new_kv[1], valid=new_valid, index=index + T)
 
     @staticmethod
