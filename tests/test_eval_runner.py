@@ -138,6 +138,18 @@ def test_cli_eval_plot_generate(runs, tmp_path, capsys):
             "--no-progress"]
     assert main(args) == 0
     assert len(R.read_table(tmp_path / "cli.csv")) == len(R.read_table(out)) == 6
+    assert main(args) == 0  # a rerun replaces its own earlier export
+    # another table's CSV (or a JSONL table) is never replaced by this table's export
+    other = ["eval", "--checkpoints", str(runs / "ckpt"), "--steps", "0", "--tasks", "arc_easy", "--data-dir",
+             str(DATA), "--limit", "2", "--out", str(tmp_path / "other.jsonl"), "--no-progress"]
+    for csv_path, message in ((tmp_path / "cli.csv", "--csv {} holds 6 rows that are not in --out"),
+                              (out, "--csv must end in .csv")):
+        before = csv_path.read_bytes()
+        assert main([*other, "--csv", str(csv_path)]) == 2
+        assert message.format(csv_path) in capsys.readouterr().err
+        assert csv_path.read_bytes() == before and not (tmp_path / "other.jsonl").exists()
+    assert main([*other[:6], "--tasks", " , ", "--out", str(tmp_path / "none.jsonl")]) == 2
+    assert "--tasks ' , ' names no task" in capsys.readouterr().err
     png = tmp_path / "fig.png"
     assert main(["plot", str(out), "--metric", "acc", "--out", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

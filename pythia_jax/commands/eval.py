@@ -63,7 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="k of the few-shot generation tasks, e.g. 0,2,4,8,16 (default: arithmetic "
                              "0,2,4,8,16; triviaqa 0)")
     parser.add_argument("--out", required=True, help="results table: .jsonl or .csv")
-    parser.add_argument("--csv", default=None, help="also write the whole table as CSV here at the end")
+    parser.add_argument("--csv", default=None,
+                        help="also write the whole table as CSV here at the end (a .csv path; an existing "
+                             "file is replaced only when it is an earlier export of this --out table)")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="sequences per forward pass")
     parser.add_argument("--max-len", type=positive_int, default=None, help="context window (default: the model's)")
     parser.add_argument("--details-dir", default=None, help="per-example outputs (default: <out>_details)")
@@ -122,6 +124,8 @@ def _run(args: argparse.Namespace) -> int:
     if not steps:
         raise PythiaJaxError(f"no steps selected by --steps {args.steps!r}")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise PythiaJaxError(f"--tasks {args.tasks!r} names no task; e.g. --tasks piqa,arc_easy (see --help)")
     if args.stack < 1:
         raise PythiaJaxError(f"--stack {args.stack}: expected K >= 1 checkpoints per pass")
     if args.num_hosts > 1 and tasks != ["memorization"]:
@@ -159,9 +163,12 @@ def _check_outputs(checkpoints: str, out: str, csv: str | None, details: str) ->
     from pythia_jax.errors import PythiaJaxError
     from pythia_jax.io_utils import check_inputs, check_output_file, describe_path, path_kind
 
+    from pythia_jax.eval.runner import check_csv_export
+
     check_output_file(out, "table", inputs=[checkpoints])
     if csv:
-        check_output_file(csv, "table", inputs=[checkpoints, out])
+        check_inputs(csv, [checkpoints])
+        check_csv_export(csv, out)  # only an earlier export of --out's table is replaced
     check_inputs(details, [checkpoints])
     if path_kind(details) not in (None, "empty", "other"):
         raise PythiaJaxError(f"--details-dir {details} is {describe_path(details)}; per-example "

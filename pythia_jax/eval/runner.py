@@ -208,6 +208,36 @@ def write_csv(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
             w.writerow({k: _csv_value(r.get(k)) for k in COLUMNS})
 
 
+def check_csv_export(path: str | os.PathLike, table: str | os.PathLike) -> None:
+    """``eval --csv``: a ``.csv`` path that may receive the export of the results table ``table``.
+
+    An existing file there is replaced only when it is an earlier export of that table: every
+    row it holds (step, task, metric and identity) is in ``table``. Anything else (another run's
+    results, rows of tasks this table lacks, a JSONL table, any other file) is refused in one line
+    (``PythiaJaxError``), before any evaluation: the export would have replaced it without a word.
+    """
+    path = Path(path)
+    if path.suffix != ".csv":
+        raise PythiaJaxError(f"--csv must end in .csv, got {path}")
+    check_output_file(path, "table", inputs=[table])
+    if not path.exists():
+        return
+    ours = {_row_key(r) for r in read_table(table)}
+    foreign = [r for r in read_table(path) if _row_key(r) not in ours]
+    if foreign:
+        r = foreign[0]
+        raise PythiaJaxError(
+            f"--csv {path} holds {len(foreign)} rows that are not in --out {table} (e.g. step {r['step']} "
+            f"{r['task']} {r['metric']} of {r['checkpoint'] or 'unrecorded checkpoints'}), so it is not an export of "
+            "this table and the export would replace them: choose another --csv")
+
+
+def _row_key(r: dict[str, Any]) -> tuple:
+    """What identifies a results row across its JSONL and CSV forms (not its value)."""
+    return (r["step"], r["task"], r["metric"], r["checkpoint"], r["weights"],
+            json.dumps(r["settings"], sort_keys=True))
+
+
 # --------------------------------------------------------------------------------- evaluation
 def parse_steps(text: str, available: Callable[[], list[int]]) -> list[int]:
     """``"0,1000,2000"``, ``"all"`` or ``"1000-5000"`` (every available step in the range)."""
