@@ -148,7 +148,7 @@ def test_cli_eval_plot_generate(runs, tmp_path, capsys):
         assert main([*other, "--csv", str(csv_path)]) == 2
         assert message.format(csv_path) in capsys.readouterr().err
         assert csv_path.read_bytes() == before and not (tmp_path / "other.jsonl").exists()
-    assert main([*other[:6], "--tasks", " , ", "--out", str(tmp_path / "none.jsonl")]) == 2
+    assert main([*other[:5], "--tasks", " , ", "--out", str(tmp_path / "none.jsonl")]) == 2
     assert "--tasks ' , ' names no task" in capsys.readouterr().err
     png = tmp_path / "fig.png"
     assert main(["plot", str(out), "--metric", "acc", "--out", str(png)]) == 0
