@@ -201,3 +201,30 @@ def test_two_result_files_for_one_step_name_both(tmp_path):
     _write_result(d / "step5_memorization_copy.npy", np.arange(10), np.arange(10) < 3)
     with pytest.raises(DataError, match=r"step 5: 3 files hold results for the same rows .*copy\.npy"):
         ms.load_results([d])
+
+
+def test_results_scored_on_other_training_rows_are_not_compared(tmp_path, caplog):
+    """Row i is a training sequence only within one data order: results whose details folders
+    record other rows (here seq_len 128 against 63) are refused by name instead of correlated row
+    by row; files without a record are compared with a warning."""
+    from pythia_jax.eval.provenance import DetailsLedger
+
+    rows = np.arange(64)
+    fp = {"data": "wiki", "global_batch": 8, "order": "neox", "seed": 1234, "seq_len": 128, "train_iters": 60}
+    for name, step, seq_len in (("a", 60, 128), ("b", 20, 63), ("c", 20, 128)):
+        d = tmp_path / name
+        d.mkdir()
+        _write_result(d / f"step{step}_memorization.npy", rows, rows % 3 == 0)
+        DetailsLedger(d).add([d / f"step{step}_memorization.npy"], step, "memorization",
+                             {"checkpoint": f"/runs/{name}", "weights": "w",
+                              "settings": {"rows": {**fp, "seq_len": seq_len}, "sample": None, "sample_seed": None}})
+    with pytest.raises(DataError, match=r"a/step60_memorization.npy and .*b/step20_memorization.npy were scored on "
+                                        r"different training rows \(seq_len 128 vs 63\)"):
+        ms.load_results([tmp_path / "a", tmp_path / "b"])
+    assert sorted(ms.load_results([tmp_path / "a", tmp_path / "c"])) == [20, 60]
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    _write_result(loose / "step5_memorization.npy", rows, rows % 2 == 0)
+    with caplog.at_level("WARNING"):
+        assert sorted(ms.load_results([tmp_path / "a", loose / "step5_memorization.npy"])) == [5, 60]
+    assert "no provenance record for" in caplog.text and "step5_memorization.npy" in caplog.text

@@ -19,6 +19,7 @@ the 32 tokens that match, in {0, 1/32, …, 1}).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -361,6 +362,7 @@ def load_results(paths: Iterable[str | os.PathLike], gen_len: int = 32) -> dict[
             files.append(p)
         else:
             raise DataError(f"{p} does not exist")
+    _check_same_rows(files)
     parts: dict[int, list[np.ndarray]] = {}
     for f in files:
         m = _STEP_FILE.search(f.name)
@@ -379,6 +381,51 @@ def load_results(paths: Iterable[str | os.PathLike], gen_len: int = 32) -> dict[
                             "per-host parts of one step cover disjoint rows: pass one result per step")
         out[step] = normalize_result(merged, gen_len, f"step {step}")[np.argsort(merged["row"], kind="stable")]
     return out
+
+
+def _check_same_rows(files: list[Path]) -> None:
+    """Row i must mean the same training sequence in every file: the ``rows`` each file was scored
+    on (data, order, seed, batch, sequence length, transform), read from its details folder's
+    ``provenance.jsonl`` (``pythia_jax.eval.provenance.DetailsLedger``), must agree, else
+    ``DataError`` naming both files and the settings that differ. Files without a record (copied
+    out of their folder, written by an older pythia-jax) are reported with a warning."""
+    from pythia_jax.eval.provenance import LEDGER
+
+    ledgers: dict[Path, dict[str, dict]] = {}
+    rows: dict[Path, dict] = {}
+    unrecorded = []
+    for f in files:
+        folder = f.parent
+        if folder not in ledgers:
+            ledgers[folder] = {}
+            path = folder / LEDGER
+            if path.is_file():
+                with open(path, encoding="utf-8") as fh:
+                    for line in fh:
+                        try:
+                            rec = json.loads(line)
+                        except ValueError:
+                            continue  # a last line cut short; the ledger's own reader refuses others
+                        if isinstance(rec, dict) and rec.get("task") == "memorization":
+                            ledgers[folder][rec.get("file")] = rec  # the newest record of a file
+        rec = ledgers[folder].get(f.name)
+        fp = ((rec or {}).get("settings") or {}).get("rows")
+        if fp is None:
+            unrecorded.append(f)
+        else:
+            rows[f] = fp
+    if rows:
+        (first, want), *others = rows.items()
+        for f, fp in others:
+            if fp != want:
+                keys = sorted(k for k in set(want) | set(fp) if want.get(k) != fp.get(k))
+                diff = "; ".join(f"{k} {want.get(k)!r} vs {fp.get(k)!r}" for k in keys)
+                raise DataError(f"{first} and {f} were scored on different training rows ({diff}), so row i is "
+                                "not the same sequence in both: report each run's results separately")
+    if unrecorded and len(files) > 1:
+        logger.warning("no provenance record for %s (not in its eval details folder?): cannot check that every "
+                       "file covers the same training rows", ", ".join(map(str, unrecorded[:3]))
+                       + (" …" if len(unrecorded) > 3 else ""))
 
 
 # ============================================================================ figures
