@@ -234,6 +234,31 @@ def test_plot_runs_with_equal_values_stay_visible(tmp_path, monkeypatch):
     assert lines[0].get_linestyle() != lines[1].get_linestyle() and lines[0].get_marker() != lines[1].get_marker()
 
 
+def test_plot_refuses_two_results_per_step_and_warns_on_other_settings(tmp_path, capsys, caplog):
+    """A concatenation of two tables (a full and a --limit 5 evaluation) was drawn as one zig-zag
+    line: refused, naming the step and how the rows differ. Runs compared on one panel with other
+    task settings are drawn with a warning naming the setting."""
+    from pythia_jax import cli
+
+    def rows(limit, value):
+        return [{"step": s, "task": "piqa", "metric": "acc", "value": value, "stderr": 0.01, "num_examples": 10,
+                 "checkpoint": "/runs/a", "weights": f"w{s}", "settings": {"limit": limit, "data": "sha256:ab"}}
+                for s in (0, 20)]
+
+    full, lim5, cat = tmp_path / "full.jsonl", tmp_path / "lim5.jsonl", tmp_path / "cat.jsonl"
+    for path, table in ((full, rows(None, 0.44)), (lim5, rows(5, 0.4)), (cat, rows(None, 0.44) + rows(5, 0.4))):
+        path.write_text("".join(json.dumps(r) + "\n" for r in table))
+    assert cli.main(["plot", str(cat), "--out", str(tmp_path / "cat.png")]) == 2
+    assert (f"{cat} holds two rows for step 0 piqa acc (settings limit none vs 5); a table plots one result per "
+            "step") in capsys.readouterr().err
+    assert cli.main(["plot", str(cat), str(full), "--out", str(tmp_path / "cat2.png")]) == 2
+    assert "run 'cat' holds two rows for step 0 piqa acc" in capsys.readouterr().err
+    assert not (tmp_path / "cat.png").exists() and not (tmp_path / "cat2.png").exists()
+    with caplog.at_level("WARNING"):
+        assert cli.main(["plot", str(full), str(lim5), "--out", str(tmp_path / "two.png")]) == 0
+    assert "piqa: runs 'full' and 'lim5' were evaluated with different settings (limit none vs 5)" in caplog.text
+
+
 def test_plot_default_labels_axis_and_suffix(tmp_path, capsys):
     """Tables of the same file name in two run folders get the folders as labels (no --labels
     needed); the step axis fits data that start after step 0 and keeps the last point inside;

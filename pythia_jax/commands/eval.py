@@ -161,9 +161,8 @@ def _check_outputs(checkpoints: str, out: str, csv: str | None, details: str) ->
     above them); existing tables are results tables (extended / replaced); an existing details
     folder is not a run, checkpoint or model directory."""
     from pythia_jax.errors import PythiaJaxError
-    from pythia_jax.io_utils import check_inputs, check_output_file, describe_path, path_kind
-
     from pythia_jax.eval.runner import check_csv_export
+    from pythia_jax.io_utils import check_inputs, check_output_file, describe_path, path_kind
 
     check_output_file(out, "table", inputs=[checkpoints])
     if csv:

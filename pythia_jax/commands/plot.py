@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     tables = [read_table(p) for p in args.results]
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
     if len(tables) == 1 and not args.panels:
-        out = plot_metric(tables[0], args.metric, args.out, tasks=tasks, title=args.title)
+        out = plot_metric(tables[0], args.metric, args.out, tasks=tasks, title=args.title, where=args.results[0])
         print(f"wrote {out}")
         return 0
     if args.labels:

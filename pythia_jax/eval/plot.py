@@ -5,26 +5,75 @@ checkpoint sits at the left edge. Error bars are the stored standard errors.
 
 ``plot_compare`` puts several runs on one figure (e.g. a baseline and an intervention branched
 from it): one panel per (task, metric), one line per run.
+
+A table holds one result per (step, task, metric): two (a concatenation of tables, results of
+other checkpoints or settings) are refused by name rather than drawn as one zig-zag line. Runs
+compared on one panel whose task settings differ (``--limit``, the task data, the context
+window ...) are drawn with a warning naming the difference.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import os
 from collections import defaultdict
 from typing import Any, Mapping, Sequence
 
 from pythia_jax.errors import DataError
+from pythia_jax.eval.provenance import PER_STEP_KEYS
 from pythia_jax.io_utils import atomic_files, check_output_file
+
+logger = logging.getLogger(__name__)
+
+
+def check_one_result_per_step(rows: Sequence[dict[str, Any]], where: str) -> None:
+    """``DataError`` naming the first (step, task, metric) that ``rows`` (one table, ``where``)
+    holds twice, and how the two rows' origins differ."""
+    seen: dict[tuple, dict[str, Any]] = {}
+    for r in rows:
+        key = (int(r["step"]), r["task"], r["metric"])
+        if key in seen:
+            why = _origin_difference(seen[key], r) or "the same origin: the rows were written twice"
+            raise DataError(f"{where} holds two rows for step {key[0]} {key[1]} {key[2]} ({why}); a table plots one "
+                            "result per step: keep one eval --out per checkpoints and settings")
+        seen[key] = r
+
+
+def _origin_difference(a: Mapping[str, Any], b: Mapping[str, Any]) -> str:
+    """How two rows' identities differ: checkpoints, weights or the settings that differ ("" if none)."""
+    if a.get("checkpoint") != b.get("checkpoint"):
+        return f"checkpoints {a.get('checkpoint')} and {b.get('checkpoint')}"
+    if a.get("weights") != b.get("weights"):
+        return "other weights of the same checkpoints"
+    diff = _settings_difference(a.get("settings"), b.get("settings"))
+    return f"settings {diff}" if diff else ""
+
+
+def _settings_difference(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> str:
+    a, b = a or {}, b or {}
+
+    def show(v):
+        text = "none" if v is None else v if isinstance(v, str) else json.dumps(v, sort_keys=True)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    keys = sorted(k for k in set(a) | set(b) if k not in PER_STEP_KEYS
+                  and json.dumps(a.get(k), sort_keys=True) != json.dumps(b.get(k), sort_keys=True))
+    return "; ".join(f"{k} {show(a.get(k))} vs {show(b.get(k))}" for k in keys)
 
 
 def plot_metric(rows: Sequence[dict[str, Any]], metric: str, out: str | os.PathLike, *,
-                tasks: Sequence[str] | None = None, title: str | None = None) -> str:
-    """Render ``metric`` vs. step for every task in ``rows`` (tidy table rows) as a PNG."""
+                tasks: Sequence[str] | None = None, title: str | None = None, where: str = "the table") -> str:
+    """Render ``metric`` vs. step for every task in ``rows`` (tidy table rows; ``where`` names
+    them in errors) as a PNG. ``DataError`` for no such rows, or two rows of one (step, task,
+    metric) (``check_one_result_per_step``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    check_one_result_per_step(rows, where)
 
     series: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
     for r in rows:
@@ -101,6 +150,19 @@ def plot_compare(runs: Mapping[str, Sequence[dict[str, Any]]], panels: Sequence[
 
     if not runs or not panels:
         raise DataError("plot_compare needs at least one run and one (task, metric) panel")
+    for label, rows in runs.items():
+        check_one_result_per_step(rows, f"run {label!r}")
+    for task in dict.fromkeys(t for t, _ in panels):
+        settings = {label: next((r.get("settings") for r in rows if r["task"] == task), None)
+                    for label, rows in runs.items() if any(r["task"] == task for r in rows)}
+        if len(settings) < 2:
+            continue
+        (first, base), *others = settings.items()
+        for label, other in others:
+            diff = _settings_difference(base, other)
+            if diff:
+                logger.warning("%s: runs %r and %r were evaluated with different settings (%s); their values "
+                               "may not be comparable", task, first, label, diff)
     for task, metric in panels:
         if not any(_points(rows, task, metric) for rows in runs.values()):
             have = sorted({f"{r['task']}:{r['metric']}" for rows in runs.values() for r in rows})
