@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -91,3 +93,26 @@ def test_hf_to_jax_of_a_folder_of_revisions_converts_the_step_asked(tmp_path, ca
     _, params = load_checkpoint(tmp_path / "ck", step=8, host=True)
     np.testing.assert_array_equal(params["embed_in"]["embedding"],
                                   np.asarray(params_to_dict(models[8])["embed_in"]["embedding"]))
+
+
+def test_an_incomplete_revision_is_named_not_skipped(tmp_path, capsys):
+    """A step<N>/ left by an interrupted download (config.json only, or empty) was skipped by
+    ``--steps all`` without a word, and asking for it said the step did not exist."""
+    import shutil
+
+    from pythia_jax.cli import main
+    from pythia_jax.eval.loading import available_steps
+
+    for s in (0, 60):
+        pythia_jax.save_hf(pythia_jax.init(TINY, seed=s), tmp_path / f"step{s}", dtype="float32")
+    (tmp_path / "step20").mkdir()
+    shutil.copy(tmp_path / "step0" / "config.json", tmp_path / "step20")
+    (tmp_path / "step40").mkdir()
+    assert available_steps(tmp_path) == [0, 20, 40, 60]
+    with pytest.raises(CheckpointError, match="step20 holds no HF weights"):
+        pythia_jax.load(tmp_path, step=20)
+    out = tmp_path.parent / "r.jsonl"
+    data = Path(__file__).parent / "data" / "eval"
+    assert main(["eval", "--checkpoints", str(tmp_path), "--steps", "all", "--tasks", "piqa", "--data-dir", str(data),
+                 "--out", str(out), "--no-progress"]) == 2
+    assert "step20 is not a complete HF directory" in capsys.readouterr().err and not out.exists()

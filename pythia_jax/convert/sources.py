@@ -160,16 +160,19 @@ def revision_folder_steps(path: str | os.PathLike) -> list[int]:
 
 
 def hf_revision_steps(path: str | os.PathLike) -> list[int]:
-    """Steps N of the ``path/step<N>/`` HF folders, sorted."""
+    """Steps N of the ``path/step<N>/`` folders, sorted, when at least one of them is an HF
+    directory ([] otherwise). A ``step<N>/`` that is not a complete HF directory (an interrupted
+    download: no weights, or empty) is listed too, so that asking for it, or for every step, fails
+    naming what it lacks (``read_hf_dir``) instead of skipping that step without a word."""
     from pythia_jax.convert.hf import is_hf_dir
 
     p = Path(path)
     if not p.is_dir():
         return []
-    steps = []
-    for child in p.iterdir():
-        if child.name.startswith("step") and child.name[4:].isdigit() and is_hf_dir(child):
-            steps.append(int(child.name[4:]))
-    return sorted(steps)
+    folders = {int(c.name[4:]): c for c in p.iterdir()
+               if c.name.startswith("step") and c.name[4:].isdigit() and c.is_dir()}
+    if not any(is_hf_dir(c) for c in folders.values()):
+        return []
+    return sorted(folders)
 
 

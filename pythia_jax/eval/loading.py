@@ -60,8 +60,11 @@ def weights_fingerprint(path: str | os.PathLike, step: int) -> str:
 
     p = os.fspath(path)
     revision = os.path.join(p, f"step{step}")
-    if not is_hf_dir(p) and is_hf_dir(revision):  # a folder of HF revisions: this step's (not a
-        p = revision                               # listing of every revision, once per step)
+    if not is_hf_dir(p) and os.path.isdir(revision) and not ckpt.is_checkpoint_dir(p):
+        p = revision  # a folder of HF revisions: this step's (not a listing of every revision, once per step)
+        if not is_hf_dir(p):  # an interrupted download: named here, before any step is evaluated
+            raise CheckpointError(f"{p} is not a complete HF directory (it lacks config.json or the weights "
+                                  "model.safetensors / pytorch_model.bin): finish or remove it")
     if is_hf_dir(p):
         _, files = find_weight_files(p)
         with open(os.path.join(p, "config.json"), "rb") as f:
