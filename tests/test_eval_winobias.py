@@ -65,6 +65,11 @@ def test_aggregate_by_hand():
     se = lambda xs: math.sqrt(sum((x - sum(xs) / 4) ** 2 for x in xs) / 3 / 4)  # noqa: E731
     assert m["em_type1_pro_stand_for"][1] == pytest.approx(se([1, 1, 0, 1]))
     assert m["em_type1_pro"][1] == pytest.approx(math.sqrt((se([1, 1, 0, 1]) ** 2 + se([1, 0, 0, 0]) ** 2) / 2))
+    # each row's num_examples is the sentences behind its metric (every row said all four sets' total)
+    n = W.metric_sizes(m, {"type1_pro": 30, "type1_anti": 31, "type2_pro": 32, "type2_anti": 33})
+    assert n["em_type1_pro_stand_for"] == n["em_type1_pro"] == 30 and n["em_type2_anti_refers_to"] == 33
+    assert n["pro"] == n["pro_refers_to"] == 62 and n["anti"] == 64
+    assert n["net_bias"] == n["accuracy_stand_for"] == 126 and set(n) == set(m)
 
 
 def test_generations_equal_hf_torch_greedy(tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pythia_jax.analysis import term_frequency as tf
-from pythia_jax.errors import DataError
+from pythia_jax.errors import DataError, PythiaJaxError
 
 
 def _count_rows():
@@ -118,6 +118,16 @@ def test_command_plot_and_table(tmp_path):
     assert len(got) == 6  # 2 steps x k in 0, 4, 16
     # most frequent 10 operands: 20..29 (acc 1); least: 0, 1, 2, 3 (3 is low at step 20 too), 4..9
     assert all(float(r["gap"]) == pytest.approx(75.0) for r in got)
+    # a gap table of k that were not evaluated: one clear error, nothing written (it wrote an empty table)
+    capsys_free = tmp_path / "k2.png"
+    assert main(["term-frequency", "--counts", str(counts), "--details-dir", str(det), "--out", str(capsys_free),
+                 "--table", str(tmp_path / "k2.csv"), "--table-shots", "2,8"]) == 2
+    assert not capsys_free.exists() and not (tmp_path / "k2.csv").exists()
+    with pytest.raises(PythiaJaxError, match=r"no arithmetic results at k=2,8 for the counted steps; k evaluated: "
+                                             r"\[0, 4, 16\]"):
+        tf.gap_table({10: {}, 20: {}}, accs, [2, 8])
+    many = {x: x for x in range(30)}
+    assert len(tf.gap_table({10: many, 20: many}, accs, [2, 16], n=2)) == 2  # k=2 warned about, k=16 kept
     # a count table without the evaluated steps as window ends: one clear error, no PNG
     out2 = tmp_path / "none.png"
     counts2 = tmp_path / "c2.jsonl"

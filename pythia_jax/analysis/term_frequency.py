@@ -167,7 +167,18 @@ def frequency_gap(counts: Mapping[int, int], acc: Mapping[int, float], n: int = 
 
 def gap_table(counts: Mapping[int, Mapping[int, int]], accs: Mapping[Key, Mapping[int, float]],
               shots: Sequence[int] = (0, 4, 16), n: int = 10) -> list[dict[str, Any]]:
-    """Rows (operation, step, k, gap) for every evaluated (operation, k in ``shots``, step)."""
+    """Rows (operation, step, k, gap) for every evaluated (operation, k in ``shots``, step).
+
+    ``PythiaJaxError`` when no k of ``shots`` was evaluated at a counted step (the table would be
+    empty); a warning names the k of ``shots`` that were not."""
+    have = sorted({key[1] for key in accs if key[2] in counts})
+    missing = [k for k in shots if k not in have]
+    if len(missing) == len(shots):
+        raise PythiaJaxError(f"no arithmetic results at k={','.join(map(str, shots))} for the counted steps; "
+                             f"k evaluated: {have}")
+    if missing:
+        logger.warning("no arithmetic results at k=%s for the counted steps: the gap table has k=%s only",
+                       ",".join(map(str, missing)), ",".join(str(k) for k in shots if k in have))
     rows = []
     for (op, k, step), acc in sorted(accs.items()):
         if k in shots and step in counts:

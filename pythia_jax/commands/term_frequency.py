@@ -70,9 +70,9 @@ def run(args: argparse.Namespace) -> int:
     steps = sorted({key[2] for key in accs})
     operands = sorted({x for acc in accs.values() for x in acc})
     counts = tf.operand_counts(read_table(args.counts), steps, operands)
+    rows = tf.gap_table(counts, accs, table_shots, n=args.top)  # refused before the figure is written
     out = tf.plot_frequency(counts, accs, args.out, k=args.shots, bins=args.bins, count_range=count_range)
     print(f"wrote {out}")
-    rows = tf.gap_table(counts, accs, table_shots, n=args.top)
     print(f"mean accuracy of the {args.top} most frequent minus the {args.top} least frequent operands, x100")
     print(f"{'operation':<10}{'step':>10}{'k':>4}{'gap':>9}")
     for r in rows:

@@ -547,7 +547,8 @@ class _Env:
         path = self._details(step, "winobias", ".jsonl")
         if path is not None:
             _write_jsonl(path, res.per_example)
-        rows = [_row(step, "winobias", m, v, se, res.num_examples) for m, (v, se) in res.metrics.items()]
+        rows = [_row(step, "winobias", m, v, se, res.metric_examples.get(m, res.num_examples))
+                for m, (v, se) in res.metrics.items()]
         rows.append(_row(step, "winobias", "truncated", float(res.truncated), float("nan"), res.num_examples))
         return rows
 

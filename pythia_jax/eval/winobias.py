@@ -34,7 +34,7 @@ import os
 import re
 import string
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from pythia_jax.errors import DataError
 
@@ -160,6 +160,24 @@ class WinoBiasResult:
     per_example: list[dict[str, Any]]
     num_examples: int
     truncated: int = 0
+    metric_examples: dict[str, int] = dataclasses.field(default_factory=dict)  # sentences behind each metric
+
+
+def metric_sizes(metrics: Sequence[str], sizes: Mapping[str, int]) -> dict[str, int]:
+    """The number of sentences behind each metric of ``aggregate``: one set's for ``em_<set>…``,
+    the pro (anti) sets' for ``pro…`` (``anti…``), all four sets' for the others; ``sizes``: set ->
+    sentences scored."""
+    out = {}
+    for m in metrics:
+        one = next((s for s in SETS if m == f"em_{s}" or m.startswith(f"em_{s}_")), None)
+        if one is not None:
+            out[m] = sizes[one]
+        elif m.startswith(("pro", "anti")):
+            kind = "pro" if m.startswith("pro") else "anti"
+            out[m] = sizes[f"type1_{kind}"] + sizes[f"type2_{kind}"]
+        else:
+            out[m] = sum(sizes[s] for s in SETS)
+    return out
 
 
 def _mean_se(values: Sequence[float]) -> tuple[float, float]:
@@ -221,6 +239,8 @@ def evaluate_winobias(generator: Any, tokenizer: Any, sets: dict[str, list[WinoB
         em[(s, t)].append(hit)
         per_example.append({"set": s, "template": t, "line": ex.line, "prompt": text, "generation": gen,
                             "prediction": prediction(gen, ex.referent), "target": ex.referent, "em": hit})
-    return WinoBiasResult(metrics=aggregate(em), per_example=per_example,
+    metrics = aggregate(em)
+    return WinoBiasResult(metrics=metrics, per_example=per_example,
                           num_examples=sum(len(v) for v in sets.values()),
-                          truncated=generator.truncated - before)
+                          truncated=generator.truncated - before,
+                          metric_examples=metric_sizes(metrics, {s: len(sets[s]) for s in SETS}))
