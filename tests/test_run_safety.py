@@ -90,6 +90,10 @@ def test_every_checkpoint_records_the_run_configuration(stopped_run):
     (dict(data=DataConfig(prefix="demo", order="preshuffled")), "DataConfig.order", "'neox'", "'preshuffled'"),
     (dict(num_steps=8), "TrainConfig.num_steps", "6", "8"),
     (dict(optimizer=OptimizerConfig(max_lr=1e-3, warmup_steps=1)), "OptimizerConfig.max_lr", "0.003", "0.001"),
+    # not in the record before: a resume with another decay style or a fractional warmup went on silently
+    (dict(optimizer=OptimizerConfig(max_lr=3e-3, warmup_steps=1, decay_style="linear")),
+     "OptimizerConfig.decay_style", "'cosine'", "'linear'"),
+    (dict(optimizer=OptimizerConfig(max_lr=3e-3, warmup_steps=1.5)), "OptimizerConfig.warmup_steps", "1.0", "1.5"),
 ])
 def test_resume_with_a_changed_setting_is_refused_not_restarted(stopped_run, tmp_path, monkeypatch, change,
                                                                setting, old, new):
@@ -102,7 +106,8 @@ def test_resume_with_a_changed_setting_is_refused_not_restarted(stopped_run, tmp
     message = str(info.value)
     assert "\n" not in message and setting in message and old in message and new in message, message
     assert "another output_dir" in message and f"{out / 'checkpoints'}/3" in message
-    if setting in ("TrainConfig.num_steps", "OptimizerConfig.max_lr"):
+    if setting in ("TrainConfig.num_steps", "OptimizerConfig.max_lr", "OptimizerConfig.decay_style",
+                   "OptimizerConfig.warmup_steps"):
         assert "allow_schedule_change" in message and "learning-rate schedule" in message
     if setting == "TrainConfig.num_steps":
         assert "GPT-NeoX index maps" in message
@@ -243,6 +248,25 @@ def test_a_branch_refusal_says_how_to_branch_not_to_use_another_output_dir(tmp_p
         assert message.startswith(start) and "output_dir" not in message and "resume" not in message, message
     assert message.endswith("Set TrainConfig.allow_schedule_change = True to branch with the new schedule, "
                             "or use the source's values")
+
+
+def test_records_before_the_decay_style_resume_and_a_dtype_change_is_recorded(tmp_path, caplog):
+    """A record written before the decay style and the unrounded warmup were stored (warmup_steps
+    an int, no decay_style) still resumes under the same settings; a changed compute dtype is
+    accepted (an execution choice) but recorded in the run's changes from that step."""
+    cfg = run_cfg(tmp_path / "r", optimizer=OptimizerConfig(max_lr=3e-3, warmup=0.1))  # warmup 0.6 steps
+    current = loop.run_config(cfg)
+    assert current["schedule"]["warmup_steps"] == pytest.approx(0.6) and current["schedule"]["decay_style"] == "cosine"
+    old = {**current, "init": current["init"], "schedule": {k: v for k, v in current["schedule"].items()
+                                                            if k != "decay_style"}}
+    old["schedule"]["warmup_steps"] = 0  # int(0.6), as such records hold it
+    assert loop.check_resume(old, current, cfg, 2, "x")["changes"] == []
+    bf16 = run_cfg(tmp_path / "r", optimizer=OptimizerConfig(max_lr=3e-3, warmup=0.1),
+                   model=TINY.replace(dtype="bfloat16"))
+    with caplog.at_level("WARNING"):
+        record = loop.check_resume(current, loop.run_config(bf16), bf16, 2, "x")
+    assert record["changes"] == [{"step": 2, "changed": {"ModelConfig.dtype": ["float32", "bfloat16"]}}]
+    assert "resuming with ModelConfig.dtype 'bfloat16' (was 'float32')" in caplog.text
 
 
 def test_a_branch_may_change_the_transform_a_resume_may_not(tmp_path):

@@ -35,7 +35,7 @@ def read_run_config(directory: str | os.PathLike, step: int | None = None) -> di
         {"version": 1,
          "data": {"prefix", "documents", "tokens", "order", "seed", "global_batch", "seq_len",
                   "train_iters", "transform"},
-         "schedule": {"num_steps", "max_lr", "min_lr", "warmup_steps", "decay_steps", …},
+         "schedule": {"num_steps", "max_lr", "min_lr", "warmup_steps", "decay_steps", "decay_style", …},
          "model": ModelConfig.to_dict(),
          "init": {"seed", "init_from", "start_step", "adam_moments" (a branch: "source"/"zero")},
          "changes": [{"step", "changed": {"section.key": [old, new]}}, …],

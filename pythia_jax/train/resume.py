@@ -69,7 +69,8 @@ def run_config(cfg: TrainConfig) -> dict:
                  "order": cfg.data.order, "seed": int(cfg.data.seed), "global_batch": int(cfg.global_batch),
                  "seq_len": int(cfg.seq_length), "train_iters": int(cfg.num_steps), "transform": transform},
         "schedule": {"num_steps": int(cfg.num_steps), "max_lr": float(o.max_lr), "min_lr": float(cfg.min_lr),
-                     "warmup_steps": int(cfg.warmup_steps), "decay_steps": int(cfg.decay_steps),
+                     "warmup_steps": float(cfg.warmup_steps), "decay_steps": int(cfg.decay_steps),
+                     "decay_style": o.decay_style,
                      "b1": float(o.b1), "b2": float(o.b2), "eps": float(o.eps),
                      "weight_decay": float(o.weight_decay), "clip_norm": float(o.clip_norm),
                      "loss_scaling": bool(o.loss_scaling), "initial_scale_power": int(o.initial_scale_power),
@@ -118,7 +119,7 @@ def check_resume(stored: dict | None, current: dict, cfg: TrainConfig, step: int
         stored = {**stored, "data": {**stored.get("data", {}), "transform": current["data"]["transform"]}}
     else:
         record["init"] = _resumed_init(stored, current, step, where)
-    refused, schedule = _differences(stored, current)
+    refused, schedule, numerics = _differences(stored, current)
     if refused:
         raise _refusal(stored, current, refused, schedule, where, branch)
     old_prefix = (stored.get("data") or {}).get("prefix")
@@ -129,8 +130,12 @@ def check_resume(stored: dict | None, current: dict, cfg: TrainConfig, step: int
     record["changes"] = list(stored.get("changes") or [])
     if schedule:
         _check_schedule_change(schedule, cfg, step, where, branch)
+    if numerics:  # accepted (an execution choice), but the record must say from which step
+        logger.warning("%s with %s: recorded in the run's changes from step %d", "branching" if branch else "resuming",
+                       ", ".join(f"{_setting_name(n)} {v!r} (was {o!r})" for n, o, v in numerics), step)
+    if schedule or numerics:
         record["changes"].append(
-            {"step": int(step), "changed": {_setting_name(n): [o, v] for n, o, v in schedule}})
+            {"step": int(step), "changed": {_setting_name(n): [o, v] for n, o, v in schedule + numerics}})
     return record
 
 
@@ -177,14 +182,19 @@ def _resumed_init(stored: dict, current: dict, step: int, where: str) -> dict:
     return dict(old)
 
 
-def _differences(stored: dict, current: dict) -> tuple[list[tuple[str, Any, Any, str]], list[tuple[str, Any, Any]]]:
-    """The settings that differ between two run records: ``(refused, schedule)``, where
-    ``refused`` holds ``(name, old, new, what it changes)`` of the data order and the model and
-    ``schedule`` holds ``(name, old, new)`` of the schedule (accepted with the flag)."""
+NUMERICS_FIELDS = ("dtype", "param_dtype")  # execution fields that change the numbers: recorded when changed
+
+
+def _differences(stored: dict, current: dict):
+    """The settings that differ between two run records: ``(refused, schedule, numerics)``, where
+    ``refused`` holds ``(name, old, new, what it changes)`` of the data order and the model,
+    ``schedule`` holds ``(name, old, new)`` of the schedule (accepted with the flag) and
+    ``numerics`` those of the model's compute and parameter dtypes (accepted, recorded)."""
     from pythia_jax.checkpoint import EXECUTION_FIELDS
 
     refused: list[tuple[str, Any, Any, str]] = []
     schedule: list[tuple[str, Any, Any]] = []
+    numerics: list[tuple[str, Any, Any]] = []
     for section in ("data", "model", "schedule"):
         old_section, new_section = stored.get(section), current.get(section, {})
         if not isinstance(old_section, dict):
@@ -192,6 +202,12 @@ def _differences(stored: dict, current: dict) -> tuple[list[tuple[str, Any, Any,
         for key, old in old_section.items():
             new = new_section.get(key)
             name = f"{section}.{key}"
+            if (name == "schedule.warmup_steps" and "decay_style" not in old_section and isinstance(old, int)
+                    and isinstance(new, float)):
+                new = int(new)  # a record written before the warmup was stored unrounded (and the decay style)
+            if section == "model" and key in NUMERICS_FIELDS and old != new:
+                numerics.append((name, old, new))
+                continue
             if old == new or key == "train_iters" or (section == "model" and key in EXECUTION_FIELDS):
                 continue  # train_iters is schedule.num_steps (checked there)
             if name == "data.prefix":
@@ -206,7 +222,7 @@ def _differences(stored: dict, current: dict) -> tuple[list[tuple[str, Any, Any,
     if "train_iters" in old_data and "num_steps" not in (stored.get("schedule") or {}):
         if old_data["train_iters"] != current["data"]["train_iters"]:  # a partial (older) record
             schedule.append(("schedule.num_steps", old_data["train_iters"], current["data"]["train_iters"]))
-    return refused, schedule
+    return refused, schedule, numerics
 
 
 def _refusal(stored: dict, current: dict, refused: list, schedule: list, where: str,
