@@ -107,6 +107,38 @@ def test_branch_from_an_hf_directory_starts_adam_from_zero(baseline, tmp_path, c
     assert C.read_run_config(tmp_path / "b")["init"]["adam_moments"] == "zero"
 
 
+def test_a_branch_continues_at_the_step_its_source_folder_names(baseline, tmp_path, caplog):
+    """init_from naming a step folder (run/checkpoints/4) branched from step 0 when start_step was
+    left 0, and used another step when it named one; a Hub revision folder step<N> was trained on
+    another step's rows. Now: the folder's step is used (start_step 0) or must match; a resume of
+    such a branch with the same command is accepted."""
+    out, base = baseline
+    branch = loop.train(run_cfg(tmp_path / "b", init_from=str(out / "checkpoints" / "4")), devices=jax.devices()[:1],
+                        max_steps=1)
+    assert sorted(branch.losses) == [5] and branch.losses[5] == base.losses[5]
+    assert C.read_run_config(tmp_path / "b")["init"]["start_step"] == 4
+    resumed = loop.train(run_cfg(tmp_path / "b", init_from=str(out / "checkpoints" / "4")), devices=jax.devices()[:1],
+                         max_steps=1)
+    assert sorted(resumed.losses) == [6] and resumed.losses[6] == base.losses[6]
+    with pytest.raises(CheckpointError, match=r"checkpoints/4 at start_step 2: it is the folder of step 4; set "
+                                              r"TrainConfig.start_step = 4"):
+        loop.train(run_cfg(tmp_path / "c", init_from=str(out / "checkpoints" / "4"), start_step=2),
+                   devices=jax.devices()[:1], max_steps=1)
+    from pythia_jax.convert.hf import write_hf_dir
+
+    _, params = C.load_params(out / "checkpoints", step=4)
+    write_hf_dir(TINY, params, tmp_path / "revs" / "step4", dtype="float32")
+    for start, extra in ((2, ""), (0, r" \(to start these weights at step 0, copy them")):
+        with pytest.raises(CheckpointError, match=rf"it is the Hub revision of step 4; set TrainConfig.start_step = 4 "
+                                                  rf"to continue it{extra}"):
+            loop.train(run_cfg(tmp_path / "d", init_from=str(tmp_path / "revs" / "step4"), start_step=start),
+                       devices=jax.devices()[:1], max_steps=1)
+    write_hf_dir(TINY, params, tmp_path / "weights", dtype="float32")
+    with caplog.at_level(logging.WARNING):
+        loop.train(run_cfg(tmp_path / "e", init_from=str(tmp_path / "weights")), devices=jax.devices()[:1], max_steps=1)
+    assert "starting from the weights of" in caplog.text and "at step 0: the rows and the LR schedule" in caplog.text
+
+
 def test_branch_from_a_params_only_checkpoint_starts_adam_from_zero(baseline, tmp_path, caplog):
     """A checkpoint of this project without optimizer state (``convert hf-to-jax`` without
     --with-optimizer, which keeps a release's float16) branches like an HF directory: the float32
@@ -223,7 +255,7 @@ def test_readme_intervention_example_runs_as_written(tmp_path, monkeypatch):
     assert (tmp_path / "runs/bias.png").read_bytes()[:4] == b"\x89PNG"
     record = C.read_run_config(tmp_path / "runs/demo-swap")
     assert record["data"]["transform"]["steps"] == [100, 200]
-    assert record["init"] == {"seed": 1234, "init_from": "runs/demo", "start_step": 100,
+    assert record["init"] == {"seed": 1234, "init_from": os.path.abspath("runs/demo"), "start_step": 100,
                               "adam_moments": "source"}
     # the two runs share everything up to the branch, and differ after it
     b100 = C.load_params(tmp_path / "runs/demo/checkpoints", step=100)[1]

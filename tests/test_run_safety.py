@@ -192,7 +192,8 @@ def test_data_iterator_state_of_another_batch_is_a_mismatch_not_corruption(tmp_p
 # ------------------------------------------------------------------ a run's start is its own
 @pytest.mark.parametrize("change, asked", [
     (dict(seed=7), "a random init (TrainConfig.seed 7, no init_from)"),
-    (dict(init_from="runs/int", start_step=2), "TrainConfig.init_from 'runs/int' at start_step 2"),
+    (dict(init_from="runs/int", start_step=2),
+     f"TrainConfig.init_from {os.path.abspath('runs/int')!r} at start_step 2"),  # recorded absolute
 ])
 def test_resume_naming_another_start_is_refused(stopped_run, tmp_path, monkeypatch, change, asked):
     """A resume continues from the run's own checkpoint and never uses init_from / start_step /
@@ -222,7 +223,7 @@ def test_a_resume_keeps_the_recorded_start(tmp_path):
     for cfg in (branch, run_cfg(tmp_path / "b"), run_cfg(tmp_path / "b", seed=9), same_folder):
         assert loop.check_resume(stored, loop.run_config(cfg), cfg, 3, "x")["init"] == init
     for source in ("runs/int", "runs/src"):
-        asked = f"TrainConfig.init_from {source!r} at start_step 1"
+        asked = f"TrainConfig.init_from {os.path.abspath(source)!r} at start_step 1"
         cfg = run_cfg(tmp_path / "b", init_from=source, start_step=1)
         with pytest.raises(C.RunConfigMismatch) as info:
             loop.check_resume(stored, loop.run_config(cfg), cfg, 3, "x")

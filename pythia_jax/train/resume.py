@@ -78,7 +78,11 @@ def run_config(cfg: TrainConfig) -> dict:
                      "min_loss_scale": float(o.min_loss_scale),
                      "row_parallel_bias_copies": int(o.row_parallel_bias_copies)},
         "model": cfg.model.to_dict(),
-        "init": {"seed": int(cfg.seed), "init_from": cfg.init_from, "start_step": int(cfg.start_step)},
+        # init_from as an absolute path (as data.prefix): a resume from another working folder, and
+        # the fix its refusal names, mean the same source
+        "init": {"seed": int(cfg.seed), "start_step": int(cfg.start_step),
+                 "init_from": cfg.init_from if cfg.init_from is None or is_url(cfg.init_from)
+                 else os.path.abspath(os.path.expanduser(cfg.init_from))},
         "changes": [],
     }
 
@@ -165,8 +169,10 @@ def _resumed_init(stored: dict, current: dict, step: int, where: str) -> dict:
     if old.get("init_from") is None:  # a random init: the seed decided the weights
         differs = names_a_start or new.get("seed") != old.get("seed")
     else:  # a branch: a command without init_from / start_step resumes it as well
+        # start_step 0 with the same source: the step came from the source (a step folder, a GPT-NeoX
+        # global_stepN/), which is what the record holds
         differs = names_a_start and (not _same_source(old["init_from"], new.get("init_from"))
-                                     or new.get("start_step") != old.get("start_step"))
+                                     or new.get("start_step") not in (0, old.get("start_step")))
     if differs:
         if old.get("init_from") is None:
             keep = (f"TrainConfig.seed = {old.get('seed')!r} and leave init_from / start_step unset"

@@ -5,6 +5,7 @@ init, or a branch from ``TrainConfig.init_from`` at ``start_step``), checked aga
 from __future__ import annotations
 
 import logging
+import os
 
 import jax
 import numpy as np
@@ -100,18 +101,58 @@ def initial_state(cfg: TrainConfig, setup, current: dict):
     source = cfg.init_from
     root = _checkpoint_root(source)
     if root is not None:
-        return _branch_from_checkpoint(cfg, setup, current, root, S)
+        return _branch_from_checkpoint(cfg, setup, current, root, _folder_step(cfg, source, S))
     from pythia_jax.convert.neox import is_neox_checkpoint
 
     if is_neox_checkpoint(source):
         return _branch_from_neox(cfg, setup, source, S)
     from pythia_jax.convert.sources import load_params
 
+    _check_revision_step(source, S)
     config, params = load_params(source, host=True)  # numpy: placed slice by slice
     diff = ckpt_lib.config_differences(config, cfg.model)
     if diff:
         raise CheckpointError(f"{source} holds a different model: {'; '.join(diff)}")
+    if not S:
+        logger.warning("starting from the weights of %s at step 0: the rows and the LR schedule (warmup "
+                       "included) start from the beginning, with zero Adam moments; set TrainConfig.start_step "
+                       "to continue at a later step", source)
     return _branch_with_zero_moments(setup, params, S, source)
+
+
+def _folder_step(cfg: TrainConfig, source: str, S: int) -> int:
+    """The step to branch at from a checkpoint source: a step folder's own step (``run/checkpoints/10``)
+    when ``start_step`` is left 0, as for a GPT-NeoX ``global_stepN/``; ``CheckpointError`` when
+    ``start_step`` names another step (the folder's step was ignored before)."""
+    from pythia_jax import checkpoint as ckpt_lib
+
+    _, step = ckpt_lib.resolve_checkpoint_dir(source)
+    if step is None or step == S:
+        return S
+    if S:
+        raise CheckpointError(f"cannot branch from {source} at start_step {S}: it is the folder of step {step}; set "
+                              f"TrainConfig.start_step = {step}, or name the checkpoint root to branch at {S}")
+    if step >= cfg.num_steps:
+        raise CheckpointError(f"cannot branch from {source}: its step {step} is not below TrainConfig.num_steps "
+                              f"{cfg.num_steps}")
+    logger.info("branching at step %d, the step of %s (TrainConfig.start_step left 0)", step, source)
+    return step
+
+
+def _check_revision_step(source: str, S: int) -> None:
+    """An HF folder named ``step<N>`` (a Hub revision of the Pythia suite) holds step N's weights: a
+    branch from it must continue at step N. ``CheckpointError`` otherwise: step-N weights would
+    train on another step's rows, with another step's learning rate."""
+    import re
+
+    m = re.fullmatch(r"step(\d+)", os.path.basename(os.path.normpath(source)))
+    if m is None or int(m.group(1)) == S:
+        return
+    N = int(m.group(1))
+    raise CheckpointError(
+        f"cannot branch from {source} at start_step {S}: it is the Hub revision of step {N}; set "
+        f"TrainConfig.start_step = {N} to continue it" + (" (to start these weights at step 0, copy them to a folder not named step<N>)"
+                                   if S == 0 else ""))
 
 
 def _branch_with_zero_moments(setup, params, S: int, source):
