@@ -149,10 +149,9 @@ def _check_revision_step(source: str, S: int) -> None:
     if m is None or int(m.group(1)) == S:
         return
     N = int(m.group(1))
-    raise CheckpointError(
-        f"cannot branch from {source} at start_step {S}: it is the Hub revision of step {N}; set "
-        f"TrainConfig.start_step = {N} to continue it" + (" (to start these weights at step 0, copy them to a folder not named step<N>)"
-                                   if S == 0 else ""))
+    hint = " (to start these weights at step 0, copy them to a folder not named step<N>)" if S == 0 else ""
+    raise CheckpointError(f"cannot branch from {source} at start_step {S}: it is the Hub revision of step {N}; "
+                          f"set TrainConfig.start_step = {N} to continue it{hint}")
 
 
 def _branch_with_zero_moments(setup, params, S: int, source):
