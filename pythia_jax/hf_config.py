@@ -92,7 +92,8 @@ HF_FIELDS: dict[str, tuple[str, str]] = {
     "transformers_version": ("ignored", "metadata"),
     "_name_or_path": ("read", "name (its last path component)"),
     "pythia_jax_name": ("read", "name (written by to_hf_dict)"),
-    "pythia_jax_export": ("ignored", "what `convert jax-to-hf --all-steps` wrote the folder from (its resume check)"),
+    "pythia_jax_export": ("ignored", "what `convert jax-to-hf --all-steps` or a training run's export wrote the "
+                                     "folder from (their resume and replace checks)"),
     "tokenizer_class": ("ignored", "tokenizer setting"),
     "torchscript": ("ignored", "HF export switch"),
 }

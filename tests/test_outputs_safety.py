@@ -257,6 +257,36 @@ def test_a_second_run_does_not_touch_the_first_runs_export(tmp_path, params):
     assert io_utils.path_kind(tmp_path / "mine" / "hf") == "hf"
 
 
+def test_the_export_replaces_only_an_earlier_export_of_the_same_run(tmp_path, params):
+    """An absolute export_hf shared by two runs, or naming an HF folder the run did not write (its
+    own init_from source, a Hub revision), was replaced by the final export without a word. The
+    export records its run in config.json; a start refuses any other HF directory there."""
+    from pythia_jax.config import ConfigError
+    from pythia_jax.convert.hf import export_source, write_hf_dir
+    from pythia_jax.train.config import TrainConfig
+    from pythia_jax.train.loop import export_hf
+    from pythia_jax.train.paths import check_export_dir
+
+    shared = str(tmp_path / "exports" / "hf")
+    first = TrainConfig(model=TINY, output_dir=str(tmp_path / "a"), export_hf=shared, seq_length=16)
+    second = TrainConfig(model=TINY, output_dir=str(tmp_path / "b"), export_hf=shared, seq_length=16)
+    check_export_dir(first)  # nothing there yet
+    export_hf(first, _host(params), first.export_hf_dir)
+    assert export_source(shared) == {"run": str(tmp_path / "a"), "step": first.num_steps}
+    check_export_dir(first)  # a rerun of the same run may replace its own export
+    before = snapshot(tmp_path / "exports")
+    with pytest.raises(ConfigError, match=rf"export_hf {shared} holds the export of run {tmp_path / 'a'}; the final "
+                                          "export would replace it"):
+        check_export_dir(second)
+    revision = tmp_path / "revs" / "step20"
+    write_hf_dir(TINY, _host(params), revision, dtype="float32")
+    source = TrainConfig(model=TINY, output_dir=str(tmp_path / "c"), export_hf=str(revision), seq_length=16,
+                         init_from=str(revision), start_step=20, num_steps=40)
+    with pytest.raises(ConfigError, match="holds an HF model this run did not export"):
+        check_export_dir(source)
+    assert snapshot(tmp_path / "exports") == before
+
+
 # --------------------------------------------- 6. together or not at all; no temporaries survive
 def _write_dataset(tmp_path, version):
     from pythia_jax.data.indexed import write_indexed_dataset

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from pythia_jax.io_utils import is_url
-
 HELP = "train (or resume) a Pythia model: gin-configured, sharded, checkpointed on Pythia's schedule"
 DESCRIPTION = """\
 Train (or resume) a GPT-NeoX / Pythia model.
@@ -50,9 +48,6 @@ def run(args: argparse.Namespace) -> int:
 
     from pythia_jax.train.loop import train
 
-    if cfg.export_hf_dir and not is_url(cfg.export_hf_dir):  # refuse now, not after the run
-        from pythia_jax.io_utils import check_output_dir
-        check_output_dir(cfg.export_hf_dir, overwrite=True, kind="hf")
     result = train(cfg, max_steps=args.max_steps)
     import jax
 

@@ -84,10 +84,12 @@ def train(cfg: TrainConfig, *, devices=None, max_steps: int | None = None) -> Tr
     """Run (or resume) training as configured. ``max_steps``: stop after this many steps of this
     invocation (tests, benchmarks); the schedule and data order still follow ``cfg.num_steps``."""
     from pythia_jax.train import run_lock
-    from pythia_jax.train.paths import StartFootprint, check_run_dir
+    from pythia_jax.train.paths import StartFootprint, check_export_dir, check_run_dir
 
     maybe_initialize_distributed(cfg.distributed)
     check_run_dir(cfg.output_dir)  # not into an HF export or any other folder that is not a run
+    if jax.process_index() == 0:
+        check_export_dir(cfg)  # the final export replaces only an earlier export of this run
     local = local_output_dir(cfg.output_dir)
     # what a failed start (a missing init_from, dataset …) created is removed again (process 0,
     # which holds the lock; local files only: a URL output_dir keeps its checkpoints/ folder)
@@ -183,7 +185,10 @@ def export_hf(cfg: TrainConfig, params, out_dir: str) -> str | None:
         params = jax.tree.map(lambda a: np.asarray(multihost_utils.process_allgather(a, tiled=True)), params)
     if jax.process_index() != 0:
         return None
-    return write_hf_dir(cfg.model, params, out_dir, dtype=cfg.export_dtype, overwrite=True)
+    from pythia_jax.train.paths import export_record
+
+    return write_hf_dir(cfg.model, params, out_dir, dtype=cfg.export_dtype, overwrite=True,
+                        source=export_record(cfg))
 
 
 

@@ -102,3 +102,35 @@ class StartFootprint:
                     pass
         if new:
             logger.info("the start failed: removed %s from %s, which it had created", ", ".join(new), self.folder)
+
+
+def export_record(cfg) -> dict:
+    """What a run's HF export records in its ``config.json`` (``pythia_jax_export``): the run it was
+    written from (``output_dir``, absolute) and the step."""
+    out = cfg.output_dir if is_url(cfg.output_dir) else os.path.abspath(os.path.expanduser(cfg.output_dir))
+    return {"run": out, "step": int(cfg.num_steps)}
+
+
+def check_export_dir(cfg) -> None:
+    """Before a run: ``TrainConfig.export_hf`` may receive the final export. An existing HF
+    directory there is replaced only when an earlier export of this same run wrote it (its
+    ``config.json`` records the run, ``export_record``); an HF directory of anything else (a
+    Hub revision, another run's export) or another kind of folder is refused in one line
+    (``ConfigError``), since the export would replace it without a word. Local paths only."""
+    from pythia_jax.convert.hf import export_source, is_hf_dir
+    from pythia_jax.io_utils import check_output_dir
+
+    export = cfg.export_hf_dir
+    if not export or is_url(export):
+        return
+    if is_hf_dir(export):
+        rec = export_source(export) or {}
+        if rec.get("run") != export_record(cfg)["run"]:
+            wrote = f"the export of run {rec['run']}" if rec.get("run") else "an HF model this run did not export"
+            raise ConfigError(f"TrainConfig.export_hf {export} holds {wrote}; the final export would replace it: "
+                              "choose another TrainConfig.export_hf (or remove that folder)")
+    try:
+        check_output_dir(export, overwrite=True, kind="hf")
+    except Exception as e:  # noqa: BLE001 - its message names --overwrite, a flag train does not have
+        raise ConfigError(f"TrainConfig.export_hf {export}: {str(e).split('; ')[0]}; choose another "
+                          "TrainConfig.export_hf") from None
