@@ -112,6 +112,25 @@ def test_save_restore_round_trip_bit_identical(tmp_path):
     assert ModelConfig.from_dict(stored_cfg) == TINY
 
 
+def test_keep_checkpoints_never_deletes_steps_saved_before_it(tmp_path):
+    """A resume that adds keep_checkpoints = 2 to a run saved under keep-all deleted its earlier
+    steps at the next save, without a word: the writer is refused, naming the steps. A run saved
+    with the same setting (N steps, or N + 1 when stopped between a save and its pruning) opens."""
+    params = _params(1)
+    with C.TrainCheckpointer(tmp_path / "ckpt", save_steps=range(10), model_config=TINY, async_save=False) as ckpt:
+        for s in (0, 1, 2, 4):
+            ckpt.save(s, params, None, None, None)
+    with pytest.raises(CheckpointError, match=r"holds 4 checkpoint steps \(0, 1, 2, 4\), but keep_checkpoints = 2 "
+                                              r"would delete all but the newest 2"):
+        C.TrainCheckpointer(tmp_path / "ckpt", save_steps=range(10), model_config=TINY, max_to_keep=2)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit()) == ["0", "1", "2", "4"]
+    with C.TrainCheckpointer(tmp_path / "ckpt", save_steps=range(10), model_config=TINY, max_to_keep=3,
+                             async_save=False) as ckpt:
+        ckpt.save(5, params, None, None, None)
+        ckpt.wait_until_finished()
+        assert ckpt.all_steps() == [2, 4, 5]
+
+
 def test_async_save_survives_donated_arrays(tmp_path):
     params = _params(2)
     expected = jax.tree.map(np.asarray, params)

@@ -51,7 +51,9 @@ class TrainCheckpointer:
         predicate (default: Pythia's 154 steps).
       async_save: write in a background thread (device→host copy happens before ``save`` returns,
         so the caller may donate/overwrite its arrays afterwards).
-      max_to_keep: keep only the newest N steps (default: keep all, as Pythia does).
+      max_to_keep: keep only the newest N steps (default: keep all, as Pythia does). A writer
+        opened on a directory already holding more than N + 1 steps raises ``CheckpointError``:
+        the next save would delete the older ones (saved under another keep setting) unasked.
       model_config: when given, ``<dir>/model_config.json`` is written (or checked: a directory
         of a different model shape raises ``CheckpointError`` right away).
       io_limit_bytes: when given, the checkpointer works in "host I/O" mode for one-off saves and
@@ -72,6 +74,8 @@ class TrainCheckpointer:
         _quiet_orbax_tracebacks()
         _quiet_abandoned_reads()
         self.model_config = model_config
+        if model_config is not None and max_to_keep is not None:
+            self._check_keep(max_to_keep)
         if model_config is not None:
             write_model_config(self.directory, model_config)
         # Only a writer (given the model config) removes leftovers of interrupted saves: a reader
@@ -92,6 +96,20 @@ class TrainCheckpointer:
         self._failed = False  # a failed save was reported (Orbax raises it again on each wait)
         self._error_lock = threading.Lock()
         self._record_background_errors()
+
+    def _check_keep(self, max_to_keep: int) -> None:
+        """Refuse to open a writer whose ``max_to_keep`` would delete steps saved before it."""
+        from pythia_jax.checkpoint.failures import step_list
+
+        if not self.directory.exists():
+            return
+        saved = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit() and p.is_dir())
+        # one more than N: a run with this setting stopped between a save and its pruning
+        if len(saved) > max_to_keep + 1:
+            raise CheckpointError(
+                f"{self.directory} holds {len(saved)} checkpoint steps ({step_list(saved)}), but keep_checkpoints "
+                f"= {max_to_keep} would delete all but the newest {max_to_keep} at the next save; keep them "
+                "(TrainConfig.keep_checkpoints = None or a larger number) or delete the steps you do not want first")
 
     # -------------------------------------------------------------- queries
     def should_save(self, step: int) -> bool:
