@@ -68,7 +68,7 @@ def split_gin_flags(argv: Sequence[str]) -> tuple[list[str], list[str], list[str
     while i < len(argv):
         arg = argv[i]
         if arg == "--gin_file" or arg == "--gin-file":
-            if i + 1 >= len(argv):
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
                 raise SystemExit(f"pythia-jax: {arg} needs a path")
             files.append(argv[i + 1])
             i += 2
@@ -80,8 +80,8 @@ def split_gin_flags(argv: Sequence[str]) -> tuple[list[str], list[str], list[str
             if "=" in body:
                 name, value = body.split("=", 1)
             else:
-                if i + 1 >= len(argv):
-                    raise SystemExit(f"pythia-jax: {arg} needs a value")
+                if i + 1 >= len(argv) or argv[i + 1].startswith("--"):  # not the next flag
+                    raise SystemExit(f"pythia-jax: {arg} needs a value ({arg}=VALUE)")
                 name, value = body, argv[i + 1]
                 i += 1
             bindings.append(f"{name} = {value}")
@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--gin.NAME=VALUE", dest="_gin_doc", metavar="",
                            help="override one gin binding, e.g. --gin.TrainConfig.num_steps=100")
         module.add_arguments(p)
-        p.set_defaults(_module=module)
+        p.set_defaults(_module=module, _parser=p)
     for name, module_name in PASSTHROUGH_COMMANDS:  # listed in --help; parsed by the wrapped tool
         module = importlib.import_module(module_name)
         sub.add_parser(name, help=module.HELP, add_help=False).set_defaults(_module=module)
@@ -140,7 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(module, args)
     rest, gin_files, gin_bindings = split_gin_flags(argv)
     parser = build_parser()
-    args = parser.parse_args(rest)
+    args, extra = parser.parse_known_args(rest)
+    if extra:  # the subcommand's usage and its closest options, not the top-level usage
+        _unrecognized(getattr(args, "_parser", parser), extra)
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
@@ -150,6 +152,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.gin_files = gin_files
     args.gin_bindings = gin_bindings
     return _run(module, args)
+
+
+def _unrecognized(parser: argparse.ArgumentParser, extra: Sequence[str]) -> None:
+    """``parser.error`` (exit 2, the subcommand's usage) naming the arguments it does not take and,
+    for a misspelt option (``--max-steps``), the options it does take that are closest."""
+    import difflib
+
+    options = [o for a in parser._actions for o in a.option_strings]
+    hints = []
+    for arg in extra:
+        if arg.startswith("-"):
+            close = difflib.get_close_matches(arg.split("=", 1)[0], options, n=2, cutoff=0.75)
+            if close:
+                hints.append(f"{arg}: did you mean {' or '.join(close)}?")
+    parser.error(f"unrecognized arguments: {' '.join(extra)}" + (f" ({'; '.join(hints)})" if hints else ""))
 
 
 def _run(module, args: argparse.Namespace) -> int:

@@ -46,6 +46,9 @@ def resolve_gin_file(name: str) -> str:
     for c in candidates:
         if os.path.isfile(c):
             return c
+    folders = [c for c in candidates if os.path.isdir(c)]
+    if folders:
+        raise ConfigError(f"gin file {name!r} is a folder ({folders[0]}); pass a .gin file, e.g. configs/demo.gin")
     raise ConfigError(f"gin file {name!r} not found (looked in: {', '.join(search_paths())})")
 
 

@@ -40,6 +40,24 @@ def test_gin_flags_follow_the_t5x_convention(argv, rest, files, bindings):
 def test_gin_flag_without_value_is_refused():
     with pytest.raises(SystemExit, match="needs a path"):
         cli.split_gin_flags(["train", "--gin_file"])
+    # the next flag is not taken as the value (it swallowed --print_config)
+    with pytest.raises(SystemExit, match=r"num_steps needs a value \(--gin.TrainConfig.num_steps=VALUE"):
+        cli.split_gin_flags(["train", "--gin.TrainConfig.num_steps", "--print_config"])
+    with pytest.raises(SystemExit, match="needs a path"):
+        cli.split_gin_flags(["train", "--gin_file", "--gin.X=1"])
+    assert cli.split_gin_flags(["train", "--gin.OptimizerConfig.max_lr", "-1"])[2] == ["OptimizerConfig.max_lr = -1"]
+
+
+def test_a_misspelt_option_gets_the_commands_usage_and_the_closest_option(capsys, tmp_path):
+    """``train --max-steps 3`` printed the top-level usage (pythia-jax [-h] [--version] COMMAND);
+    a gin file that is a folder was reported as not found."""
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train", "--gin_file=configs/demo.gin", "--max-steps", "3"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "usage: pythia-jax train" in err
+    assert "unrecognized arguments: --max-steps 3 (--max-steps: did you mean --max_steps?)" in err
+    assert cli.main(["train", f"--gin_file={tmp_path}"]) == 2
+    assert f"gin file {str(tmp_path)!r} is a folder" in capsys.readouterr().err
 
 
 def test_gin_flags_on_a_command_without_gin_are_refused(capsys):

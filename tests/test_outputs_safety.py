@@ -287,6 +287,26 @@ def test_the_export_replaces_only_an_earlier_export_of_the_same_run(tmp_path, pa
     assert snapshot(tmp_path / "exports") == before
 
 
+def test_a_full_disk_during_the_export_names_the_export(tmp_path, params, monkeypatch):
+    """ENOSPC while writing the export said 'choose another --gin.TrainConfig.output_dir', without a
+    path: it now names the export folder and TrainConfig.export_hf."""
+    import errno
+
+    from pythia_jax.convert import hf as hfc
+    from pythia_jax.errors import PythiaJaxError
+    from pythia_jax.train.config import TrainConfig
+    from pythia_jax.train.loop import export_hf
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(hfc, "write_hf_dir", full)
+    cfg = TrainConfig(model=TINY, output_dir=str(tmp_path / "a"), export_hf=str(tmp_path / "x" / "hf"), seq_length=16)
+    with pytest.raises(PythiaJaxError, match=rf"exporting the final step to {tmp_path / 'x' / 'hf'}: No space left on "
+                                             r"device; free some space or choose another TrainConfig.export_hf"):
+        export_hf(cfg, _host(params), cfg.export_hf_dir)
+
+
 # --------------------------------------------- 6. together or not at all; no temporaries survive
 def _write_dataset(tmp_path, version):
     from pythia_jax.data.indexed import write_indexed_dataset

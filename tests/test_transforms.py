@@ -178,6 +178,23 @@ def test_bad_transforms_are_refused_with_one_line():
         build_transform("numpy:append", {"values": [1]})(row)
     with pytest.raises(TransformError, match="returned list"):
         build_transform("builtins:list")(row)
+    # a transform that raises: one line naming it (it was a traceback out of the data pipeline)
+    with pytest.raises(TransformError, match=r"transform 'numpy:reshape' raised ValueError: cannot reshape") as info:
+        build_transform("numpy:reshape", {"shape": [7, 7]})(row)
+    assert isinstance(info.value.__cause__, ValueError)
+
+
+def test_a_raising_transform_stops_the_pipeline_with_one_line(tmp_path):
+    from pythia_jax.data import demo_data_prefix
+    from pythia_jax.data.pipeline import make_train_iterator
+
+    spec = TransformSpec.create("numpy:reshape", {"shape": [7, 7]}, steps=(1, 3))
+    it = make_train_iterator(demo_data_prefix(), transform=spec, order="neox", seq_len=128, global_batch=4,
+                             seed=1234, train_iters=4, process_index=0, process_count=1,
+                             cache_prefix=str(tmp_path / "maps"))
+    next(it)  # step 0: outside the window
+    with pytest.raises(TransformError, match="transform 'numpy:reshape' raised ValueError"):
+        next(it)
 
 
 def test_spec_window_and_record():

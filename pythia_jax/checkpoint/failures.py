@@ -109,13 +109,16 @@ def _failure_reason(error: BaseException) -> str:
 
 
 def step_list(steps: list[int]) -> str:
-    """``0, 1, 2`` or ``0, 1, …, 3000 (154 steps)`` for long lists; ``none`` for none."""
+    """Every step up to 12 (``0, 1, 2, 4, 5, 8, 10, 15, 16, 20``, so a message lists the valid
+    choices), else the first six and the last three with the count (``0, 1, 2, 4, 8, 16, …,
+    142000, 143000 (154 steps)``); ``none`` for none."""
     steps = list(steps)
     if not steps:
         return "none"
-    if len(steps) <= 6:
+    if len(steps) <= 12:
         return ", ".join(str(s) for s in steps)
-    return f"{steps[0]}, {steps[1]}, …, {steps[-1]} ({len(steps)} steps)"
+    return (", ".join(map(str, steps[:6])) + ", …, " + ", ".join(map(str, steps[-3:]))
+            + f" ({len(steps)} steps)")
 
 
 _step_list = step_list

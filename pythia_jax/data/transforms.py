@@ -91,13 +91,20 @@ def build_transform(name: str, params: Mapping[str, Any] | None = None) -> RowTr
 
 
 class _Checked:
-    """Wraps a transform and refuses outputs of another shape or dtype (one-line TransformError)."""
+    """Wraps a transform and refuses outputs of another shape or dtype, and turns an exception the
+    transform raises into a one-line TransformError naming it (the cause chained)."""
 
     def __init__(self, name: str, fn: RowTransform):
         self.name, self.fn = name, fn
 
     def __call__(self, row: np.ndarray) -> np.ndarray:
-        new = self.fn(row.copy())
+        try:
+            new = self.fn(row.copy())
+        except TransformError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a user's function: one line naming it, the cause chained
+            raise TransformError(f"transform {self.name!r} raised {type(e).__name__}: {e} (on a row of "
+                                 f"{row.size} tokens starting {row[:8].tolist()})") from e
         if not isinstance(new, np.ndarray):
             raise TransformError(f"transform {self.name!r} returned {type(new).__name__}, "
                                  "expected a numpy array")

@@ -31,6 +31,7 @@ step with ``CheckpointSaveFailed``. ``output_dir`` must be new, empty or a run's
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
 from typing import Any
@@ -185,10 +186,18 @@ def export_hf(cfg: TrainConfig, params, out_dir: str) -> str | None:
         params = jax.tree.map(lambda a: np.asarray(multihost_utils.process_allgather(a, tiled=True)), params)
     if jax.process_index() != 0:
         return None
+    from pythia_jax.errors import PythiaJaxError
     from pythia_jax.train.paths import export_record
 
-    return write_hf_dir(cfg.model, params, out_dir, dtype=cfg.export_dtype, overwrite=True,
-                        source=export_record(cfg))
+    try:
+        return write_hf_dir(cfg.model, params, out_dir, dtype=cfg.export_dtype, overwrite=True,
+                            source=export_record(cfg))
+    except OSError as e:  # a full disk names the export, not output_dir (the checkpoints are saved)
+        reason = e.strerror or str(e) or type(e).__name__
+        hint = ("free some space or choose another TrainConfig.export_hf" if e.errno in (errno.ENOSPC, errno.EDQUOT)
+                else "choose another TrainConfig.export_hf")
+        raise PythiaJaxError(f"exporting the final step to {out_dir}: {reason}; {hint}, then rerun the same "
+                             "command (the run is complete and saved; only the export is written)") from e
 
 
 
