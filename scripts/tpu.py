@@ -122,6 +122,23 @@ def create_commands(args: argparse.Namespace) -> list[list[str]]:
     return [cmd]
 
 
+def working_tree_ref(source_dir: str) -> str:
+    """What ``setup`` copies by default: the checkout as it is. With uncommitted changes to tracked
+    files, a commit of the working tree made by ``git stash create`` (nothing in the checkout,
+    index or stash list changes), else ``HEAD``. Untracked files are not in any commit: they are
+    named on stderr (``git add`` them to copy them)."""
+    def git(*cmd: str) -> str:
+        done = subprocess.run(["git", "-C", source_dir, *cmd], capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    untracked = git("ls-files", "--others", "--exclude-standard").splitlines()
+    if untracked:
+        shown = ", ".join(untracked[:5]) + (f" and {len(untracked) - 5} more" if len(untracked) > 5 else "")
+        print(f"tpu.py: untracked files are not copied to the workers: {shown} (git add them to copy them)",
+              file=sys.stderr)
+    return git("stash", "create") or "HEAD"
+
+
 def setup_commands(args: argparse.Namespace) -> list[list[str]]:
     """Copy (or clone) the project onto every worker and install it with ``jax[tpu]`` in a venv."""
     commands: list[list[str]] = []
@@ -134,7 +151,7 @@ def setup_commands(args: argparse.Namespace) -> list[list[str]]:
                      f"{shlex.quote(args.git_url)} {d}")
     else:
         commands.append(["git", "-C", args.source_dir, "archive", "--format=tar.gz", f"--output={ARCHIVE}",
-                         args.ref])
+                         working_tree_ref(args.source_dir) if args.ref == "HEAD" else args.ref])
         commands.append(scp_all(args, ARCHIVE, REMOTE_ARCHIVE))
         fetch = f'rm -rf {d} && mkdir -p {d} && tar -xzf "$HOME/{REMOTE_ARCHIVE}" -C {d}'
     if args.extras and not re.fullmatch(r"\[[A-Za-z0-9_,-]+\]", args.extras):
@@ -264,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--service-account", default=None)
 
     s = sub.add_parser("setup", help="install the project and jax[tpu] on every worker")
-    s.add_argument("--source-dir", default=REPO_ROOT, help="git checkout to copy (git archive of --ref)")
+    s.add_argument("--source-dir", default=REPO_ROOT, help="git checkout to copy (git archive of --ref; by "
+                   "default the working tree, uncommitted changes to tracked files included)")
     s.add_argument("--git-url", default=None, help="clone this URL on the workers instead of copying")
     s.add_argument("--ref", default="HEAD", help="commit/branch to install (HEAD of --source-dir)")
     s.add_argument("--jax-spec", default="jax[tpu]", help="pip requirement for JAX on TPU")

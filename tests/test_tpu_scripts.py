@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import shlex
 import subprocess
 import sys
@@ -55,8 +56,8 @@ def test_runtime_versions_and_bad_accelerator():
 
 def test_setup_copies_the_checkout_and_installs_jax_tpu_on_all_workers():
     archive, scp, ssh = commands("setup")
-    assert archive[:2] == ["git", "-C"] and archive[3:] == ["archive", "--format=tar.gz",
-                                                             f"--output={tpu.ARCHIVE}", "HEAD"]
+    assert archive[:2] == ["git", "-C"] and archive[3:-1] == ["archive", "--format=tar.gz", f"--output={tpu.ARCHIVE}"]
+    assert archive[-1] == "HEAD" or re.fullmatch(r"[0-9a-f]{40}", archive[-1])  # the working tree's commit
     assert scp == ["gcloud", "compute", "tpus", "tpu-vm", "scp", tpu.ARCHIVE, "pythia:pythia-jax-src.tar.gz",
                    "--zone=us-central2-b", "--project=proj", "--worker=all"]
     assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pythia"] and "--worker=all" in ssh
@@ -65,6 +66,28 @@ def test_setup_copies_the_checkout_and_installs_jax_tpu_on_all_workers():
     assert "jax[tpu]" in words and "gcsfs" in words and "-e" in words and "$HOME/pythia-jax" in words
     assert words[words.index("-e") + 1] == "$HOME/pythia-jax"
     assert "python3" in words and "venv" in words
+
+
+def test_setup_copies_uncommitted_changes_and_names_untracked_files(tmp_path, capsys):
+    """"copy this checkout" archived HEAD: uncommitted edits never reached the workers, silently."""
+    import subprocess
+
+    def git(*cmd):
+        return subprocess.run(["git", "-C", str(tmp_path), *cmd], check=True, capture_output=True, text=True).stdout
+
+    git("init", "-q")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "start")
+    (tmp_path / "a.gin").write_text("x = 1\n")
+    git("add", "a.gin")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "a")
+    assert tpu.working_tree_ref(str(tmp_path)) == "HEAD"  # a clean checkout
+    (tmp_path / "a.gin").write_text("x = 2\n")
+    (tmp_path / "new.gin").write_text("y = 1\n")
+    (archive, *_) = commands("setup", "--source-dir", str(tmp_path))
+    ref = archive[-1]
+    assert re.fullmatch(r"[0-9a-f]{40}", ref) and git("show", f"{ref}:a.gin") == "x = 2\n"
+    assert "untracked files are not copied to the workers: new.gin" in capsys.readouterr().err
+    assert git("stash", "list") == "" and (tmp_path / "a.gin").read_text() == "x = 2\n"  # nothing changed
 
 
 def test_setup_from_git_url_with_extras():
