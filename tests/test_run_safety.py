@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -281,6 +282,36 @@ def test_a_branch_may_change_the_transform_a_resume_may_not(tmp_path):
     assert record["data"]["transform"] == current["data"]["transform"] and record["data"]["transform"]
     with pytest.raises(C.RunConfigMismatch, match="the row transform"):
         loop.check_resume({**source, "init": current["init"]}, current, cfg, 2, "x")
+
+
+def test_sigterm_during_the_start_undoes_it_like_ctrl_c(tmp_path):
+    """SIGTERM before the step loop killed the process where it stood (exit 143, no message),
+    leaving model_config.json, index_maps/ and the lock behind. It now stops like Ctrl-C: the
+    start is undone and KeyboardInterrupt reaches the command (exit 130). In a child process: the
+    signal is sent to itself from inside the start."""
+    out = tmp_path / "new-run"
+    code = textwrap.dedent(f"""
+        import os, signal, sys
+        import jax
+        from pythia_jax.train import loop
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_run_safety import run_cfg
+
+        real = loop._train
+        def start_then_term(cfg, *a, **k):
+            os.makedirs(os.path.join(cfg.output_dir, "checkpoints"), exist_ok=True)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return real(cfg, *a, **k)
+        loop._train = start_then_term
+        try:
+            loop.train(run_cfg({str(out)!r}), devices=jax.devices()[:1])
+        except KeyboardInterrupt:
+            print("interrupted", os.path.exists({str(out)!r}), signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "interrupted False True"
 
 
 # ------------------------------------------------------------------ what a start may write into

@@ -100,3 +100,25 @@ def deferred_interrupts(what: str) -> Iterator[None]:
         finally:
             _deferring.pop()
         raise_if_interrupted()
+
+
+def _raise_terminated(signum, frame) -> None:
+    del signum, frame
+    raise KeyboardInterrupt  # handled as Ctrl-C: what was being started is removed, exit 130
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM stops the main thread as Ctrl-C does (``KeyboardInterrupt``), so
+    that cleanup runs instead of the process being killed where it stands. Only in the main thread
+    while SIGTERM has its default action (a handler someone installed, e.g. JAX's preemption
+    notifier on a TPU pod, is left alone); inner handlers (``PreemptionGuard``) take over for
+    their own blocks and restore this one after."""
+    if not _in_main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)

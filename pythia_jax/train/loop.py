@@ -30,6 +30,7 @@ step with ``CheckpointSaveFailed``. ``output_dir`` must be new, empty or a run's
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import logging
@@ -84,6 +85,7 @@ class TrainResult:
 def train(cfg: TrainConfig, *, devices=None, max_steps: int | None = None) -> TrainResult:
     """Run (or resume) training as configured. ``max_steps``: stop after this many steps of this
     invocation (tests, benchmarks); the schedule and data order still follow ``cfg.num_steps``."""
+    from pythia_jax.io_utils.interrupts import terminate_as_interrupt
     from pythia_jax.train import run_lock
     from pythia_jax.train.paths import StartFootprint, check_export_dir, check_run_dir
 
@@ -99,7 +101,10 @@ def train(cfg: TrainConfig, *, devices=None, max_steps: int | None = None) -> Tr
     lock = run_lock.acquire(cfg.output_dir, local)
     failed = True
     try:
-        result = _train(cfg, devices, max_steps, footprint)
+        # SIGTERM before the step loop (whose PreemptionGuard saves and stops) stops like Ctrl-C,
+        # so the failed start is undone; one process only (JAX's preemption notifier owns pods')
+        with terminate_as_interrupt() if jax.process_count() == 1 else contextlib.nullcontext():
+            result = _train(cfg, devices, max_steps, footprint)
         failed = False
         return result
     finally:
