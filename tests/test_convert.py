@@ -1032,5 +1032,7 @@ def test_all_steps_export_resumes_after_an_interruption(tmp_path, capsys, monkey
     record = json.loads((tmp_path / "out" / "step9" / "config.json").read_text())["pythia_jax_export"]
     assert record["step"] == 9 and record["dtype"] == "float16" and record["weights"].startswith("ckpt:")
     read_hf_dir(tmp_path / "out" / "step9")  # our reader accepts the record
+    assert main(argv) == 0  # a finished export: nothing to do, said so (not "writing the other 0")
+    assert "every step folder (3) was already written" in capsys.readouterr().err
     assert main(argv + ["--dtype", "float32"]) == 2  # other settings: refused, nothing replaced
     assert "step0 already exists" in capsys.readouterr().err

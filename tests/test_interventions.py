@@ -86,8 +86,10 @@ def test_intervention_branch_differs_only_by_the_transform(baseline, tmp_path):
     assert swapped.losses[5] != base.losses[5] or changed[5][1] == 0
     record = C.read_run_config(tmp_path / "swap")
     assert record["data"]["transform"] == {"name": "gender_swap", "params": {}, "steps": [4, 8]}
-    # resuming the intervention run without its transform is refused, with one line
-    with pytest.raises(C.RunConfigMismatch, match="transform"):
+    # resuming the intervention run without its transform is refused, with one line naming the gin
+    # bindings that restore it (not the record's dict)
+    with pytest.raises(C.RunConfigMismatch, match=r"use DataConfig.transform = 'gender_swap', transform_params = "
+                                                  r"\{\} and transform_steps = \(4, 8\); to start a new run"):
         loop.train(run_cfg(tmp_path / "swap", init_from=str(out), start_step=4), devices=jax.devices()[:1])
 
 

@@ -288,7 +288,10 @@ def _jax_to_hf(args: argparse.Namespace, progress: bool) -> None:
     for s in steps:  # refuse before writing anything
         if s not in done:
             check_output_dir(targets[s], args.overwrite, kind="hf")
-    if done:
+    if done and len(done) == len(steps):
+        logger.info("%s: every step folder (%d) was already written from these weights with these settings; "
+                    "nothing to do", args.output, len(steps))
+    elif done:
         logger.warning("%s: %d of %d step folders were already written from these weights with these "
                        "settings (an interrupted run); writing the other %d", args.output, len(done),
                        len(steps), len(steps) - len(done))

@@ -242,6 +242,11 @@ def _refusal(stored: dict, current: dict, refused: list, schedule: list, where: 
                 f"{old_data.get('tokens')} tokens) in the checkpoint but {current['data']['prefix']!r} "
                 f"({current['data']['documents']} documents, {current['data']['tokens']} tokens) now")
         fix = "the checkpoint's dataset"
+    elif name == "data.transform":  # a record, not one binding: name the gin bindings that make it
+        what = f"is {old!r} in the checkpoint but {new!r} now"
+        fix = ("no transform (leave DataConfig.transform unset)" if not old else
+               f"DataConfig.transform = {old.get('name')!r}, transform_params = {old.get('params')!r} and "
+               f"transform_steps = {tuple(old['steps']) if old.get('steps') else None!r}")
     else:
         what = f"is {old!r} in the checkpoint but {new!r} now"
         fix = f"{_setting_name(name)} = {old!r}"
