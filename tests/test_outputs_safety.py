@@ -284,6 +284,12 @@ def test_the_export_replaces_only_an_earlier_export_of_the_same_run(tmp_path, pa
                          init_from=str(revision), start_step=20, num_steps=40)
     with pytest.raises(ConfigError, match="holds an HF model this run did not export"):
         check_export_dir(source)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("x")
+    other = TrainConfig(model=TINY, output_dir=str(tmp_path / "d"), export_hf=str(tmp_path / "notes"), seq_length=16)
+    with pytest.raises(ConfigError, match=r"export_hf .*notes is a folder .*not an HF directory the export may "
+                                          r"replace: choose another TrainConfig.export_hf"):
+        check_export_dir(other)
     assert snapshot(tmp_path / "exports") == before
 
 

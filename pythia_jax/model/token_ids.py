@@ -59,8 +59,7 @@ def check_model_input(tokens: Any, vocab_size: int, cache=None):
     ``jit``; inside ``jit`` the forward returns NaN instead, ``GPTNeoX._hidden``); ``TokenIdError``
     for ids outside ``[0, vocab_size)`` (concrete arrays only, see ``check_token_ids``).
     """
-    if not hasattr(tokens, "shape") or not hasattr(tokens, "dtype") or not isinstance(
-            tokens, (jax.Array, np.ndarray)):
+    if not isinstance(tokens, (jax.Array, np.ndarray)):  # tracers are jax.Arrays too
         try:
             tokens = np.asarray(tokens)
         except Exception as e:  # noqa: BLE001 - one message for any unconvertible input

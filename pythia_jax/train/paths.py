@@ -118,19 +118,17 @@ def check_export_dir(cfg) -> None:
     Hub revision, another run's export) or another kind of folder is refused in one line
     (``ConfigError``), since the export would replace it without a word. Local paths only."""
     from pythia_jax.convert.hf import export_source, is_hf_dir
-    from pythia_jax.io_utils import check_output_dir
 
     export = cfg.export_hf_dir
     if not export or is_url(export):
         return
+    found = path_kind(export)
+    if found not in (None, "empty", "hf"):  # a run, a checkpoint, the home folder, any other folder or file
+        raise ConfigError(f"TrainConfig.export_hf {export} is {describe_path(export)}, not an HF directory the "
+                          "export may replace: choose another TrainConfig.export_hf")
     if is_hf_dir(export):
         rec = export_source(export) or {}
         if rec.get("run") != export_record(cfg)["run"]:
             wrote = f"the export of run {rec['run']}" if rec.get("run") else "an HF model this run did not export"
             raise ConfigError(f"TrainConfig.export_hf {export} holds {wrote}; the final export would replace it: "
                               "choose another TrainConfig.export_hf (or remove that folder)")
-    try:
-        check_output_dir(export, overwrite=True, kind="hf")
-    except Exception as e:  # noqa: BLE001 - its message names --overwrite, a flag train does not have
-        raise ConfigError(f"TrainConfig.export_hf {export}: {str(e).split('; ')[0]}; choose another "
-                          "TrainConfig.export_hf") from None
