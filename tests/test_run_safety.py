@@ -525,3 +525,17 @@ def test_metrics_log_rewrite_and_null(tmp_path):
                                  {"step": 2, "eval_loss": 3.0},
                                  {"step": 3, "loss": None, "grad_norm": None, "lr": 0.5}]
     assert not [p for p in tmp_path.iterdir() if p.name != "metrics.jsonl"]  # no temporary left
+
+
+def test_tensorboard_non_finite_scalars_do_not_warn_at_every_step(tmp_path, caplog):
+    """tensorboardX logged 'NaN or Inf found in input tensor.' at every non-finite step (the
+    trainer's own line already reports the loss and the skipped counter)."""
+    from pythia_jax.train.metrics import MetricWriter
+
+    writer = MetricWriter(str(tmp_path / "tb"), total_steps=3, progress_bar=False, tensorboard=True)
+    with caplog.at_level("INFO"):
+        for step in (1, 2):
+            writer.write(step, {"loss": float("nan"), "skipped": step})
+    writer.close()
+    assert "NaN or Inf" not in caplog.text and "train step 2: loss nan" in caplog.text
+    assert list((tmp_path / "tb").iterdir())  # the scalars were still written

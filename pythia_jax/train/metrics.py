@@ -78,6 +78,10 @@ def peak_flops_per_device(override: float | None = None, device: jax.Device | No
     return peak_flops_for_kind(device.device_kind)
 
 
+
+def _not_a_nan_warning(record: logging.LogRecord) -> bool:
+    return "NaN or Inf found" not in str(record.getMessage())
+
 class Throughput:
     """Tokens/s, tokens/s/chip and MFU over the steps since the last ``measure`` call."""
 
@@ -126,6 +130,9 @@ class MetricWriter:
 
             os.makedirs(logdir, exist_ok=True)
             self._tb = SummaryWriter(logdir)
+            # tensorboardX warns "NaN or Inf found in input tensor." at every non-finite scalar: a
+            # non-finite step is already reported once per step by the trainer's own line and counter
+            logging.getLogger("tensorboardX.x2num").addFilter(_not_a_nan_warning)
         if progress_bar:
             from tqdm import tqdm
 
