@@ -273,6 +273,8 @@ def test_the_export_replaces_only_an_earlier_export_of_the_same_run(tmp_path, pa
     check_export_dir(first)  # nothing there yet
     export_hf(first, _host(params), first.export_hf_dir)
     assert export_source(shared) == {"run": str(tmp_path / "a"), "step": first.num_steps}
+    from pythia_jax.eval.loading import available_steps
+    assert available_steps(shared) == [first.num_steps]  # eval / generate: the step exported (it was 0)
     check_export_dir(first)  # a rerun of the same run may replace its own export
     before = snapshot(tmp_path / "exports")
     with pytest.raises(ConfigError, match=rf"export_hf {shared} holds the export of run {tmp_path / 'a'}; the final "
@@ -284,6 +286,15 @@ def test_the_export_replaces_only_an_earlier_export_of_the_same_run(tmp_path, pa
                          init_from=str(revision), start_step=20, num_steps=40)
     with pytest.raises(ConfigError, match="holds an HF model this run did not export"):
         check_export_dir(source)
+    # a path through a folder that does not exist ("missing/..") names the same folder: refused too
+    around = TrainConfig(model=TINY, output_dir=str(tmp_path / "e"), seq_length=16,
+                         export_hf=str(tmp_path / "missing" / ".." / "revs" / "step20"))
+    assert around.export_hf_dir == str(revision)
+    with pytest.raises(ConfigError, match="holds an HF model this run did not export"):
+        check_export_dir(around)
+    relative = TrainConfig(model=TINY, output_dir=str(tmp_path / "f"), seq_length=16, export_hf="../revs/step20")
+    with pytest.raises(ConfigError, match="holds an HF model this run did not export"):
+        check_export_dir(relative)
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "mine.txt").write_text("x")
     other = TrainConfig(model=TINY, output_dir=str(tmp_path / "d"), export_hf=str(tmp_path / "notes"), seq_length=16)

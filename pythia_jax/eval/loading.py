@@ -121,7 +121,14 @@ def load_model_params(path: str | os.PathLike, step: int | None = None) -> tuple
 
 
 def single_hf_step(path: str | os.PathLike) -> int:
-    """The step of one HF directory: N for a folder named ``step<N>`` (a Hub revision), else 0."""
+    """The step of one HF directory: the step its ``config.json`` records when this project wrote
+    it (``pythia_jax_export``: a training run's final export, ``convert jax-to-hf``), else N for a
+    folder named ``step<N>`` (a Hub revision), else 0."""
+    from pythia_jax.convert.hf import export_source
+
+    recorded = (export_source(path) or {}).get("step")
+    if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded >= 0:
+        return recorded
     m = re.fullmatch(r"step(\d+)", Path(path).resolve().name)
     return int(m.group(1)) if m else 0
 

@@ -205,13 +205,17 @@ class TrainConfig:
         if not self.export_hf:
             return None
         path = os.path.expanduser(str(self.export_hf))
-        if is_url(path) or os.path.isabs(path):
+        if is_url(path):
             return path
+        # normalised: "missing/../hf" names hf, which a check of the unnormalised path (the OS cannot
+        # resolve ".." under a folder that does not exist) would not have found
+        if os.path.isabs(path):
+            return os.path.normpath(path)
         if is_url(self.output_dir):  # logs and exports of a gs:// run go to its local mirror
             from pythia_jax.train.paths import local_output_dir
 
-            return os.path.join(local_output_dir(self.output_dir), path)
-        return os.path.join(self.output_dir, path)
+            return os.path.normpath(os.path.join(local_output_dir(self.output_dir), path))
+        return os.path.normpath(os.path.join(self.output_dir, path))
 
     @property
     def warmup_steps(self) -> float:
