@@ -369,3 +369,30 @@ def test_wrapped_int32_maps_are_refused(tmp_path):
         np.save(paths[k], a)
     with pytest.raises(DataError, match=r"last position -\d+ is outside doc_idx.*wrapped"):
         load_or_build_index_maps(prefix, ds.sizes, ns, 8, 1)
+
+
+def test_maps_of_replaced_data_are_removed_or_refused(tmp_path, caplog):
+    """Re-tokenizing a dataset in place left the index maps built for the old data beside it; they
+    were read for the new data (a numpy traceback, or rows of the wrong length). Replacing a
+    dataset now removes them (with a warning), and maps of other data that are still found (copied
+    in by hand) fail a spot check naming what to delete."""
+    import logging
+
+    rng = np.random.default_rng(3)
+    docs = random_corpus(rng, 60, 120)
+    prefix = write_indexed_dataset(str(tmp_path / "w1"), docs)
+    ns = neox_num_samples(12, 4)
+    built = load_or_build_index_maps(prefix, IndexedDataset(prefix).sizes, ns, 16, 1234)
+    paths = index_map_paths(prefix, ns, 16, 1234)
+    assert all(os.path.isfile(p) for p in paths.values())
+    saved = {k: np.load(p) for k, p in paths.items()}
+    with caplog.at_level(logging.WARNING):
+        write_indexed_dataset(prefix, docs[::-1])  # the same documents in reverse order
+    assert not any(os.path.exists(p) for p in paths.values())
+    assert "replaced the dataset at" in caplog.text and "removed 3 index map file(s)" in caplog.text
+    for k, p in paths.items():  # the old maps put back by hand: refused, not read
+        np.save(p, saved[k])
+    with pytest.raises(DataError, match=r"sampled rows start beyond the end of their document: the maps were built "
+                                        r"for other data .*delete them to rebuild them"):
+        load_or_build_index_maps(prefix, IndexedDataset(prefix).sizes, ns, 16, 1234)
+    assert built.doc_idx.shape == saved["doc_idx"].shape

@@ -402,9 +402,30 @@ def check_index_maps(maps: IndexMaps, sizes: np.ndarray, num_samples: int, seq_l
             problems.append(f"sample_idx's last position {last} is outside doc_idx (0..."
                             f"{maps.doc_idx.shape[0] - 1}): {maps.sample_idx.dtype.name} positions "
                             f"wrapped; delete the maps to rebuild them with 64-bit positions")
+    if not problems and expected_s > 0:
+        problems += _spot_check(maps, np.asarray(sizes), expected_s)
     if problems:
         raise DataError(f"{where}: index maps do not match the dataset "
                         f"({len(sizes)} items, {tokens_per_epoch} tokens): " + "; ".join(problems))
+
+
+def _spot_check(maps: IndexMaps, sizes: np.ndarray, num: int, probes: int = 4096) -> list[str]:
+    """Maps built for other data of the same shape (the dataset re-tokenized in place): at up to
+    ``probes`` evenly spaced samples, each start must name a document of the dataset and lie
+    inside it (``sample_idx[i] = (position in doc_idx, token offset)``). Costs a few ms."""
+    at = np.unique(np.linspace(0, num, min(probes, num + 1)).astype(np.int64))
+    pos = np.asarray(maps.sample_idx[at, 0], np.int64)
+    offset = np.asarray(maps.sample_idx[at, 1], np.int64)
+    if pos.min() < 0 or pos.max() >= maps.doc_idx.shape[0]:
+        return [f"sample_idx names doc_idx positions outside 0...{maps.doc_idx.shape[0] - 1}"]
+    docs = np.asarray(maps.doc_idx[pos], np.int64)
+    if docs.min() < 0 or docs.max() >= len(sizes):
+        return [f"doc_idx names documents outside 0...{len(sizes) - 1}"]
+    bad = int((offset < 0).sum() + (offset > sizes[docs]).sum())
+    if bad:
+        return [f"{bad} of {len(at)} sampled rows start beyond the end of their document: the maps were built "
+                "for other data (e.g. before the dataset was re-tokenized); delete them to rebuild them"]
+    return []
 
 
 def fallback_cache_prefix(data_prefix: str) -> str:
@@ -439,7 +460,8 @@ def load_or_build_index_maps(data_prefix: str, sizes: np.ndarray, num_samples: i
     Looked up, in order: ``cache_prefix`` (if given), GPT-NeoX's names beside the data (where the
     published maps go), then the user cache (``fallback_cache_prefix``). New maps are written
     to ``cache_prefix``, else beside local writable data, else the user cache. Loaded maps are
-    memory-mapped and checked against the dataset's shape.
+    memory-mapped and checked against the dataset (shapes, and a spot check of where sampled rows
+    start: maps built for other data of the same shape are refused, naming the files to delete).
 
     Before building, ``check_index_map_plan`` refuses (``DataError``, one line) a build over
     ``max_bytes`` (default ``$PYTHIA_JAX_INDEX_MAP_LIMIT_GB``, 8 GB) or the free disk;

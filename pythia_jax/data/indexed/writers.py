@@ -93,9 +93,29 @@ def write_index(path: str, dtype, sizes: np.ndarray, doc_idx: np.ndarray, *, wit
         for t in [tmp, *(t for t, _ in with_files)]:
             _remove(Path(t))
         raise
+    replaced = with_files and path.endswith(".idx") and not is_url(path) and os.path.exists(path)
     publish_together([*with_files, (tmp, path)])
     if with_files and path.endswith(".idx"):
         _remove_other_layout(path[:-4], {os.path.abspath(final) for _, final in with_files})
+    if replaced:
+        _replaced_dataset(path[:-4])
+
+
+def _replaced_dataset(prefix: str) -> None:
+    """After a dataset replaced another at ``prefix``: say so, and remove the GPT-NeoX index maps
+    cached beside it (``{prefix}_*_indexmap_*.npy``), which were built for the replaced data and
+    would otherwise be read for the new one (``neox_order.check_index_maps`` only spot-checks)."""
+    import glob
+    import logging
+
+    log = logging.getLogger(__name__)
+    log.warning("replaced the dataset at %s (its previous .bin/.idx are gone)", prefix)
+    maps = sorted(glob.glob(glob.escape(prefix) + "_*_indexmap_*_*idx.npy"))
+    for f in maps:
+        os.remove(f)
+    if maps:
+        log.warning("removed %d index map file(s) %s… built for the replaced dataset (rebuilt when next needed)",
+                    len(maps), os.path.basename(maps[0]))
 
 
 def _data_files(prefix: str) -> list[str]:
