@@ -359,6 +359,40 @@ def test_generate_on_hf_revisions_uses_the_newest(models, capsys):
     assert "using the newest HF revision, step5 (of 0, 5)" in captured.err
 
 
+def test_generate_and_count_refuse_text_they_would_misread(models, tmp_path, capsys):
+    """Bytes that are not UTF-8 in --prompt / --text / --regex (a Latin-1 shell) gave tracebacks,
+    or a count that failed after counting; --top-k / --top-p at temperature 0 were ignored; a
+    tokenizer file that is not one gave a traceback. Each is now one line, before any work."""
+    latin1 = b"caf\xe9".decode("utf-8", "surrogateescape")  # what Python makes of such argv bytes
+    for argv in (["generate", str(models / "hf"), "--prompt", latin1],
+                 ["count", "--data", "demo", "--text", latin1, "--out", str(tmp_path / "c.csv")],
+                 ["count", "--data", "demo", "--regex", latin1, "--out", str(tmp_path / "c.csv")]):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        assert "not UTF-8 text (byte 3)" in capsys.readouterr().err
+    (tmp_path / "terms.txt").write_bytes(b"Paris\ncaf\xe9\n")
+    assert cli.main(["count", "--data", "demo", "--order", "neox", "--batch-size", "8", "--seq-len", "128",
+                     "--train-iters", "4", "--terms-file", str(tmp_path / "terms.txt"),
+                     "--out", str(tmp_path / "c.csv")]) == 2
+    assert "terms.txt: not UTF-8 text (byte 9); re-encode the file as UTF-8" in capsys.readouterr().err
+    assert cli.main(["generate", str(models / "hf"), "--prompt", "Hi", "--top-k", "5"]) == 2
+    assert "--temperature 0 (the default) is greedy decoding" in capsys.readouterr().err
+    from pythia_jax.data.tokenizer import load_tokenizer
+    from pythia_jax.errors import DataError
+
+    (tmp_path / "t.json").write_text('{"a": 1,\n "b"}')
+    with pytest.raises(DataError, match="not a tokenizer file of the Hugging Face tokenizers library"):
+        load_tokenizer(str(tmp_path / "t.json"))
+
+
+def test_generate_no_stop_shows_the_document_boundaries(capsys):
+    from pythia_jax.eval.tokens import decode, decode_with_eod, encode, get_tokenizer
+
+    tok = get_tokenizer()
+    ids = encode(tok, "Hello") + [0] + encode(tok, " world")
+    assert decode(tok, ids) == "Hello world" and decode_with_eod(tok, ids) == "Hello<|endoftext|> world"
+
+
 @pytest.mark.slow  # end to end: five tasks at three steps
 def test_readme_eval_example_runs_as_written(models, monkeypatch, capsys):
     """The README's zero-shot eval command (on a tiny stand-in of the demo run, --limit 2 added)."""

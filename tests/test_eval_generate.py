@@ -134,6 +134,9 @@ def test_sample_logits_filters():
     assert abs(np.mean(nucleus == 0) - 0.5 / 0.8) < 0.03
     full = np.asarray(sample_logits(logits, keys, SamplingConfig(1.0)))
     assert set(full.tolist()) == {0, 1, 2, 3}
+    # a tiny temperature is greedy, not NaN (logits / 1e-38 overflowed to inf, then inf - inf)
+    for t in (1e-38, 1e-45):
+        assert set(np.asarray(sample_logits(logits * 50, keys, SamplingConfig(t))).tolist()) == {0}
 
 
 def test_bad_settings(generator):

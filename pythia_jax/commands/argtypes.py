@@ -1,4 +1,5 @@
-"""argparse ``type=`` helpers shared by every subcommand: one place that validates numeric flags.
+"""argparse ``type=`` helpers shared by every subcommand: one place that validates numeric flags
+(and text flags: ``text`` refuses bytes that are not UTF-8).
 
 Each helper turns the flag's text into a number or raises ``argparse.ArgumentTypeError``, which
 argparse prints as one line (``argument --batch-size: expected a positive integer, got '0'``) with
@@ -78,3 +79,16 @@ def dataset_prefix(text: str) -> str:
         from pythia_jax.data import demo_data_prefix
         return demo_data_prefix()
     return text
+
+
+def text(value: str) -> str:
+    """Text as given, refused when it is not UTF-8: the shell passed bytes that do not decode
+    (Python keeps them as lone surrogates, which the tokenizer and the output writers reject later
+    with a traceback, e.g. a Latin-1 ``caf\\xe9``)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        shown = value.encode("utf-8", "surrogateescape")[: e.start + 8]
+        raise argparse.ArgumentTypeError(f"{shown!r}…: not UTF-8 text (byte {e.start}); pass UTF-8, as the "
+                                         "terminal's locale or $'\\u00e9' writes it") from None
+    return value

@@ -41,7 +41,7 @@ Examples:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from pythia_jax.commands.argtypes import nonneg_int, positive_int
+    from pythia_jax.commands.argtypes import nonneg_int, positive_int, text
     from pythia_jax.commands.batches import add_row_flags
 
     g = parser.add_argument_group("data (as for 'pythia-jax batches')")
@@ -55,10 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--window", type=int, default=None, help="window length in steps")  # checked by run_count
     s.add_argument("--at-steps", default=None, help="comma-separated window ends, e.g. 1,2,4,8")
     t = parser.add_argument_group("terms")
-    t.add_argument("--text", action="append", default=[], help="text term (repeatable)")
+    t.add_argument("--text", action="append", default=[], type=text, help="text term (repeatable)")
     t.add_argument("--terms-file", default=None, help="text terms, one per line")
     t.add_argument("--ids", action="append", default=[], help="token-id sequence, e.g. 123,456")
-    t.add_argument("--regex", action="append", default=[], help="pattern over decoded rows")
+    t.add_argument("--regex", action="append", default=[], type=text, help="pattern over decoded rows")
     t.add_argument("--per-match", action="store_true", help="count regex matches per matched text")
     t.add_argument("--preset", choices=("numerals",), default=None,
                    help="numerals: the Pythia paper's term-frequency rule (see above)")
@@ -118,6 +118,9 @@ def run(args: argparse.Namespace) -> int:
                 texts += [line.rstrip("\n") for line in f if line.strip()]
         except FileNotFoundError:
             raise CountError(f"--terms-file {args.terms_file}: file not found") from None
+        except UnicodeDecodeError as e:
+            raise CountError(f"--terms-file {args.terms_file}: not UTF-8 text (byte {e.start}); re-encode the "
+                             "file as UTF-8") from None
     spec = CountSpec(texts=tuple(texts), ids=tuple(parse_ids(s) for s in args.ids),
                      regexes=tuple(args.regex), per_match=args.per_match,
                      numerals=args.preset == "numerals", numeral_max=args.numeral_max,

@@ -25,7 +25,11 @@ def load_tokenizer(path: str | None = None):
     path = path or TOKENIZER_FILE
     if not os.path.isfile(path):
         raise DataError(f"{path}: tokenizer file not found")
-    return Tokenizer.from_file(path)
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exceptions
+        raise DataError(f"{path}: not a tokenizer file of the Hugging Face tokenizers library "
+                        f"(tokenizer.json): {' '.join(str(e).split())}") from None
 
 
 def encode(text: str) -> list[int]:

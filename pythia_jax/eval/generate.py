@@ -53,7 +53,9 @@ def sample_logits(logits: jax.Array, rng: jax.Array, sampling: SamplingConfig) -
     """Next tokens int32 [B] from logits float32 [B, V]."""
     if sampling.temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32) / sampling.temperature
+    # the max subtracted first: a tiny temperature sends the others to -inf, never inf - inf = NaN
+    logits = logits.astype(jnp.float32)
+    logits = (logits - jnp.max(logits, axis=-1, keepdims=True)) / sampling.temperature
     neg = jnp.finfo(jnp.float32).min
     if sampling.top_k > 0:
         k = min(sampling.top_k, logits.shape[-1])
