@@ -304,6 +304,7 @@ def test_interrupted_count_resumes_to_the_same_table(corpus, tmp_path, monkeypat
 @pytest.mark.parametrize("extra, message", [
     ([], "nothing to count: give --text, --ids, --terms-file, --regex or --preset numerals"),
     (["--regex", "(a"], "--regex '(a' does not compile: missing ), unterminated subpattern"),
+    (["--regex", "x*"], "--regex 'x*' matches the empty string, so it would count a match at every position"),
     (["--text", "cat", "--stop", "500"], "steps [0, 500) need rows up to 2,000, the neox order has"),
     (["--text", "cat", "--window", "0"], "--window 0: a window must be at least 1 step"),
     (["--text", "cat", "--at-steps", "1,x"], "--at-steps '1,x': expected comma-separated steps"),
@@ -326,16 +327,17 @@ def test_existing_output_needs_resume(corpus, tmp_path, capsys):
     out.write_text("keep me\n")
     args = ["count", "--data", corpus["neox"], "--order", "neox", "--text", "cat", "--out",
             str(out), "--no-progress"] + COMMON
-    assert main(args) == 2
-    assert "c.csv already exists; pass --resume" in capsys.readouterr().err
-    assert out.read_text() == "keep me\n" and sorted(os.listdir(tmp_path)) == ["c.csv"]
-    # --resume redoes a count table, never another file
-    assert main(args + ["--resume"]) == 2
-    assert "c.csv exists and is an unrelated file, not a count table" in capsys.readouterr().err
-    assert out.read_text() == "keep me\n" and sorted(os.listdir(tmp_path)) == ["c.csv"]
+    # another file is refused as such, with or without --resume (it said "pass --resume" first,
+    # then refused the --resume)
+    for extra in ([], ["--resume"]):
+        assert main(args + extra) == 2
+        assert "c.csv exists and is an unrelated file, not a count table" in capsys.readouterr().err
+        assert out.read_text() == "keep me\n" and sorted(os.listdir(tmp_path)) == ["c.csv"]
     out.unlink()
     assert main(args) == 0
     table = out.read_text()
+    assert main(args) == 2  # a count table needs --resume to be redone
+    assert "c.csv already exists; pass --resume" in capsys.readouterr().err
     assert table.startswith("window_start,window_end,term,variant,count,cumulative\n")
     assert main(args + ["--resume"]) == 0 and out.read_text() == table
     # ... but only the same count: a table of other terms is not replaced by --resume

@@ -58,6 +58,11 @@ def test_preprocess_bad_input(tmp_path, capsys):
     assert main(["preprocess", "--input", str(bad), "--output-prefix", str(tmp_path / "o")]) == 2
     assert "bad.jsonl:2: invalid JSON" in capsys.readouterr().err
     assert not [p for p in os.listdir(tmp_path) if p.startswith("o_")]
+    # "a.jsonl, b.jsonl" (a space after the comma) names both files
+    _write_jsonl(str(tmp_path / "a.jsonl"), TEXTS[:2])
+    _write_jsonl(str(tmp_path / "b.jsonl"), TEXTS[2:4])
+    assert main(["preprocess", "--input", f"{tmp_path / 'a.jsonl'}, {tmp_path / 'b.jsonl'}",
+                 "--output-prefix", str(tmp_path / "ab")]) == 0
 
 
 @pytest.fixture(scope="module")

@@ -129,7 +129,7 @@ def preprocess_jsonl(inputs: Sequence[str] | str, output_prefix: str, *, jsonl_k
     """
     from tqdm import tqdm
     if isinstance(inputs, str):
-        inputs = [p for p in inputs.split(",") if p]
+        inputs = [p.strip() for p in inputs.split(",") if p.strip()]  # "a.jsonl, b.jsonl" too
     for path in inputs:
         check_input_file(path)
     prefix = dataset_prefix(output_prefix, jsonl_key)

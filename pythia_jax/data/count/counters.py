@@ -166,10 +166,14 @@ def compile_regex(pattern: str) -> re.Pattern:
     if not pattern:
         raise CountError("--regex '': an empty pattern matches everywhere; give a pattern")
     try:
-        return re.compile(pattern)
+        compiled = re.compile(pattern)
     except re.error as e:
         raise CountError(f"--regex {pattern!r} does not compile: {e}; fix the pattern "
                          "(Python re syntax)") from None
+    if compiled.fullmatch(""):  # 'x*', 'a?': an (empty) match between every two characters
+        raise CountError(f"--regex {pattern!r} matches the empty string, so it would count a match at every "
+                         "position; require at least one character (e.g. 'x+' for 'x*')")
+    return compiled
 
 
 # An integer: 1-5 digits, not part of a longer number, a word ("5th"), a decimal ("3.14") or a

@@ -43,10 +43,10 @@ def check_count_outputs(out: str, *, locate: bool, resume: bool, wdir: str | Non
     ``PythiaJaxError``, one line naming the path."""
     from pythia_jax.io_utils import check_output_file, describe_path
 
+    check_output_file(out, "count", inputs=inputs)  # first: --resume cannot make another file a count
     if os.path.exists(out) and not resume:
         raise CountError(f"output {out} already exists; pass --resume to finish or redo it, or "
                          "choose another --out")
-    check_output_file(out, "count", inputs=inputs)
     if locate:
         check_output_file(locations_path(out), "count", inputs=inputs)
     wdir = work_dir(out) if wdir is None else wdir
