@@ -106,7 +106,9 @@ def environment_set(values: Mapping[str, str]) -> Iterator[None]:
     """Set the environment variables ``values`` while the block runs, then restore each one's
     previous value (or its absence), also when the block raises. Used where a library reads a
     variable (``TQDM_DISABLE``, lm-evaluation-harness's ``DISABLE_MULTIPROC``) and a command run
-    in-process (``cli.main``) must not leave it set for the rest of the process."""
+    in-process (``cli.main``) must not leave it set for the rest of the process. A library that
+    reads it once, at import (tqdm reads ``TQDM_*`` then), keeps what it read: the setting acts
+    only if the block first imports it, and then stays with that import."""
     saved = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
     try:

@@ -144,14 +144,14 @@ def setup_commands(args: argparse.Namespace) -> list[list[str]]:
     commands: list[list[str]] = []
     d = f'"{REMOTE_DIR}"'
     if args.git_url:
-        if args.ref == "HEAD":
+        if args.ref in (None, "HEAD"):
             fetch = f"rm -rf {d} && git clone --depth 1 {shlex.quote(args.git_url)} {d}"
         else:
             fetch = (f"rm -rf {d} && git clone --depth 1 --branch {shlex.quote(args.ref)} "
                      f"{shlex.quote(args.git_url)} {d}")
     else:
         commands.append(["git", "-C", args.source_dir, "archive", "--format=tar.gz", f"--output={ARCHIVE}",
-                         working_tree_ref(args.source_dir) if args.ref == "HEAD" else args.ref])
+                         working_tree_ref(args.source_dir) if args.ref is None else args.ref])
         commands.append(scp_all(args, ARCHIVE, REMOTE_ARCHIVE))
         fetch = f'rm -rf {d} && mkdir -p {d} && tar -xzf "$HOME/{REMOTE_ARCHIVE}" -C {d}'
     if args.extras and not re.fullmatch(r"\[[A-Za-z0-9_,-]+\]", args.extras):
@@ -284,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--source-dir", default=REPO_ROOT, help="git checkout to copy (git archive of --ref; by "
                    "default the working tree, uncommitted changes to tracked files included)")
     s.add_argument("--git-url", default=None, help="clone this URL on the workers instead of copying")
-    s.add_argument("--ref", default="HEAD", help="commit/branch to install (HEAD of --source-dir)")
+    s.add_argument("--ref", default=None, help="commit/branch to install (default: the working tree of "
+                   "--source-dir, uncommitted changes included; with --git-url: the default branch)")
     s.add_argument("--jax-spec", default="jax[tpu]", help="pip requirement for JAX on TPU")
     s.add_argument("--extras", default="", help="project extras, e.g. [lm_eval]")
     s.add_argument("--pip", action="append", default=[], help="extra pip requirement (repeatable)")

@@ -710,6 +710,8 @@ def test_cli_round_trips(tmp_path):
     exported = load_file(tmp_path / "hf" / "model.safetensors")
     assert set(exported) == set(original)
     assert all(np.array_equal(exported[k], original[k]) for k in original)
+    from pythia_jax.eval.loading import available_steps
+    assert available_steps(tmp_path / "hf") == [1000]  # the step is recorded: eval reads it as step 1000
 
     assert cli("jax-to-neox", tmp_path / "ck", tmp_path / "nx") == 0
     assert cli("neox-to-jax", tmp_path / "nx", tmp_path / "ck2") == 0

@@ -304,7 +304,6 @@ def test_interrupted_count_resumes_to_the_same_table(corpus, tmp_path, monkeypat
 @pytest.mark.parametrize("extra, message", [
     ([], "nothing to count: give --text, --ids, --terms-file, --regex or --preset numerals"),
     (["--regex", "(a"], "--regex '(a' does not compile: missing ), unterminated subpattern"),
-    (["--regex", "x*"], "--regex 'x*' matches the empty string, so it would count a match at every position"),
     (["--text", "cat", "--stop", "500"], "steps [0, 500) need rows up to 2,000, the neox order has"),
     (["--text", "cat", "--window", "0"], "--window 0: a window must be at least 1 step"),
     (["--text", "cat", "--at-steps", "1,x"], "--at-steps '1,x': expected comma-separated steps"),
@@ -442,3 +441,19 @@ def test_outputs_that_are_folders_or_other_files_are_refused_before_counting(cor
     assert (merged / "keep").read_text() == "keep"
     assert main(["count-merge", "--out", str(tmp_path / "m2.csv")] + shards) == 0
     assert main(["count-merge", "--overwrite", "--out", str(tmp_path / "m2.csv")] + shards) == 0
+
+
+def test_a_regex_that_can_match_the_empty_string_is_warned_about(caplog):
+    """'x*' counted an empty match at every position without a word; anchors such as '^' count
+    empty matches on purpose. Both are counted, with a warning."""
+    from pythia_jax.data.count.counters import compile_regex
+
+    for pattern in ("x*", r"\b\d*", "(?m)^$", "^"):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            compile_regex(pattern)
+        assert f"--regex {pattern!r} can match the empty string" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        compile_regex("x+")
+    assert caplog.text == ""

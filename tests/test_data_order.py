@@ -386,9 +386,15 @@ def test_maps_of_replaced_data_are_removed_or_refused(tmp_path, caplog):
     paths = index_map_paths(prefix, ns, 16, 1234)
     assert all(os.path.isfile(p) for p in paths.values())
     saved = {k: np.load(p) for k, p in paths.items()}
+    sibling = write_indexed_dataset(str(tmp_path / "w1_small"), docs[:30])  # its prefix starts with w1's
+    load_or_build_index_maps(sibling, IndexedDataset(sibling).sizes, ns, 16, 1234)
+    kept = index_map_paths(sibling, ns, 16, 1234)
+    write_indexed_dataset(prefix, docs)  # the same data again: its maps still fit, they stay
+    assert all(os.path.exists(p) for p in paths.values())
     with caplog.at_level(logging.WARNING):
         write_indexed_dataset(prefix, docs[::-1])  # the same documents in reverse order
     assert not any(os.path.exists(p) for p in paths.values())
+    assert all(os.path.exists(p) for p in kept.values())  # another dataset's maps are not touched
     assert "replaced the dataset at" in caplog.text and "removed 3 index map file(s)" in caplog.text
     for k, p in paths.items():  # the old maps put back by hand: refused, not read
         np.save(p, saved[k])

@@ -254,6 +254,11 @@ def test_plot_refuses_two_results_per_step_and_warns_on_other_settings(tmp_path,
     assert cli.main(["plot", str(cat), str(full), "--out", str(tmp_path / "cat2.png")]) == 2
     assert "run 'cat' holds two rows for step 0 piqa acc" in capsys.readouterr().err
     assert not (tmp_path / "cat.png").exists() and not (tmp_path / "cat2.png").exists()
+    # a duplicate of another task does not block a plot of this one; --tasks "a, b" names both
+    arc = [{**r, "task": "arc_easy"} for r in rows(None, 0.3)]
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("".join(json.dumps(r) + "\n" for r in rows(None, 0.44) + rows(5, 0.4) + arc))
+    assert cli.main(["plot", str(mixed), "--tasks", "arc_easy, lambada", "--out", str(tmp_path / "arc.png")]) == 0
     with caplog.at_level("WARNING"):
         assert cli.main(["plot", str(full), str(lim5), "--out", str(tmp_path / "two.png")]) == 0
     assert "piqa: runs 'full' and 'lim5' were evaluated with different settings (limit none vs 5)" in caplog.text

@@ -130,15 +130,34 @@ def test_a_branch_continues_at_the_step_its_source_folder_names(baseline, tmp_pa
 
     _, params = C.load_params(out / "checkpoints", step=4)
     write_hf_dir(TINY, params, tmp_path / "revs" / "step4", dtype="float32")
-    for start, extra in ((2, ""), (0, r" \(to start these weights at step 0, copy them")):
-        with pytest.raises(CheckpointError, match=rf"it is the Hub revision of step 4; set TrainConfig.start_step = 4 "
-                                                  rf"to continue it{extra}"):
-            loop.train(run_cfg(tmp_path / "d", init_from=str(tmp_path / "revs" / "step4"), start_step=start),
-                       devices=jax.devices()[:1], max_steps=1)
+    write_hf_dir(TINY, params, tmp_path / "export", dtype="float32", source={"run": "r", "step": 4})
+    for source in (tmp_path / "revs" / "step4", tmp_path / "export"):  # named step<N>, or recorded
+        for start, extra in ((2, ""), (0, r" \(to start these weights at step 0, copy them")):
+            with pytest.raises(CheckpointError, match=rf"its weights are step 4's .*; set TrainConfig.start_step = 4 "
+                                                      rf"to continue it{extra}"):
+                loop.train(run_cfg(tmp_path / "d", init_from=str(source), start_step=start),
+                           devices=jax.devices()[:1], max_steps=1)
+    # the folder of revisions itself: the revision start_step names (it loaded the newest one)
+    with pytest.raises(CheckpointError, match=r"revs has no step 2; available: 4"):
+        loop.train(run_cfg(tmp_path / "d", init_from=str(tmp_path / "revs"), start_step=2), devices=jax.devices()[:1],
+                   max_steps=1)
+    branch = loop.train(run_cfg(tmp_path / "f", init_from=str(tmp_path / "revs"), start_step=4),
+                        devices=jax.devices()[:1], max_steps=1)
+    assert branch.losses[5] == pytest.approx(base.losses[5], rel=1e-5)
     write_hf_dir(TINY, params, tmp_path / "weights", dtype="float32")
     with caplog.at_level(logging.WARNING):
         loop.train(run_cfg(tmp_path / "e", init_from=str(tmp_path / "weights")), devices=jax.devices()[:1], max_steps=1)
     assert "starting from the weights of" in caplog.text and "at step 0: the rows and the LR schedule" in caplog.text
+
+
+def test_a_branch_records_what_it_changed_against_its_source(baseline, tmp_path):
+    """check_resume's accepted changes on a branch (a compute dtype here) were logged as recorded
+    but dropped: the branch's record now holds them, from the branch step."""
+    out, _ = baseline
+    loop.train(run_cfg(tmp_path / "b", model=TINY.replace(dtype="bfloat16"), init_from=str(out), start_step=4),
+               devices=jax.devices()[:1], max_steps=1)
+    assert C.read_run_config(tmp_path / "b")["changes"] == [
+        {"step": 4, "changed": {"ModelConfig.dtype": ["float32", "bfloat16"]}}]
 
 
 def test_branch_from_a_params_only_checkpoint_starts_adam_from_zero(baseline, tmp_path, caplog):

@@ -211,17 +211,20 @@ def test_results_scored_on_other_training_rows_are_not_compared(tmp_path, caplog
 
     rows = np.arange(64)
     fp = {"data": "wiki", "global_batch": 8, "order": "neox", "seed": 1234, "seq_len": 128, "train_iters": 60}
-    for name, step, seq_len in (("a", 60, 128), ("b", 20, 63), ("c", 20, 128)):
+    for name, step, seq_len, iters in (("a", 60, 128, 60), ("b", 20, 63, 60), ("c", 20, 128, 60), ("e", 30, 128, 90)):
         d = tmp_path / name
         d.mkdir()
         _write_result(d / f"step{step}_memorization.npy", rows, rows % 3 == 0)
         DetailsLedger(d).add([d / f"step{step}_memorization.npy"], step, "memorization",
                              {"checkpoint": f"/runs/{name}", "weights": "w",
-                              "settings": {"rows": {**fp, "seq_len": seq_len}, "sample": None, "sample_seed": None}})
+                              "settings": {"rows": {**fp, "seq_len": seq_len, "train_iters": iters}, "sample": None,
+                                           "sample_seed": None}})
     with pytest.raises(DataError, match=r"a/step60_memorization.npy and .*b/step20_memorization.npy were scored on "
                                         r"different training rows \(seq_len 128 vs 63\)"):
         ms.load_results([tmp_path / "a", tmp_path / "b"])
     assert sorted(ms.load_results([tmp_path / "a", tmp_path / "c"])) == [20, 60]
+    # a num_steps change accepted later in the run keeps the rows already trained: not a difference
+    assert sorted(ms.load_results([tmp_path / "a", tmp_path / "e"])) == [30, 60]
     loose = tmp_path / "loose"
     loose.mkdir()
     _write_result(loose / "step5_memorization.npy", rows, rows % 2 == 0)

@@ -295,6 +295,13 @@ def test_the_export_replaces_only_an_earlier_export_of_the_same_run(tmp_path, pa
     relative = TrainConfig(model=TINY, output_dir=str(tmp_path / "f"), seq_length=16, export_hf="../revs/step20")
     with pytest.raises(ConfigError, match="holds an HF model this run did not export"):
         check_export_dir(relative)
+    # an export from before exports recorded their run, inside the run's own folder: the run's own
+    legacy = TrainConfig(model=TINY, output_dir=str(tmp_path / "g"), export_hf="hf", seq_length=16)
+    write_hf_dir(TINY, _host(params), legacy.export_hf_dir, dtype="float32")
+    check_export_dir(legacy)
+    # the same run reached through a symlink (or moved): still its own export
+    os.symlink(tmp_path / "a", tmp_path / "a-link")
+    check_export_dir(TrainConfig(model=TINY, output_dir=str(tmp_path / "a-link"), export_hf=shared, seq_length=16))
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "mine.txt").write_text("x")
     other = TrainConfig(model=TINY, output_dir=str(tmp_path / "d"), export_hf=str(tmp_path / "notes"), seq_length=16)

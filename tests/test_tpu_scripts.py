@@ -87,6 +87,8 @@ def test_setup_copies_uncommitted_changes_and_names_untracked_files(tmp_path, ca
     ref = archive[-1]
     assert re.fullmatch(r"[0-9a-f]{40}", ref) and git("show", f"{ref}:a.gin") == "x = 2\n"
     assert "untracked files are not copied to the workers: new.gin" in capsys.readouterr().err
+    (committed, *_) = commands("setup", "--source-dir", str(tmp_path), "--ref", "HEAD")  # asked: HEAD itself
+    assert committed[-1] == "HEAD"
     assert git("stash", "list") == "" and (tmp_path / "a.gin").read_text() == "x = 2\n"  # nothing changed
 
 

@@ -38,6 +38,7 @@ from pythia_jax.checkpoint.restore import RestoredState, _restore_items
 from pythia_jax.checkpoint.schedule import SaveSteps, _as_predicate
 from pythia_jax.config import ModelConfig
 from pythia_jax.errors import CheckpointError
+from pythia_jax.io_utils import is_url
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +104,11 @@ class TrainCheckpointer:
 
         if not self.directory.exists():
             return
-        saved = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit() and p.is_dir())
+        # committed steps only: on gs:// Orbax writes into <step>/ directly, so a save cut short
+        # leaves a folder without its commit marker
+        remote = is_url(str(self.directory))
+        saved = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit() and p.is_dir()
+                       and (not remote or (p / "commit_success.txt").exists()))
         # one more than N: a run with this setting stopped between a save and its pruning
         if len(saved) > max_to_keep + 1:
             raise CheckpointError(

@@ -251,6 +251,7 @@ def _neox_to_jax(args: argparse.Namespace, progress: bool) -> None:
 
 def _jax_to_hf(args: argparse.Namespace, progress: bool) -> None:
     from pythia_jax.checkpoint import STORED, TrainCheckpointer, load_params, resolve_checkpoint_step
+    from pythia_jax.convert.dtypes import canonical_dtype
     from pythia_jax.convert.hf import write_hf_dir
     from pythia_jax.errors import CheckpointError
     from pythia_jax.io_utils import check_output_dir
@@ -264,8 +265,10 @@ def _jax_to_hf(args: argparse.Namespace, progress: bool) -> None:
         _status(progress, f"reading checkpoint {args.source}")
         config, params, step, why = _load_step(root, step)
         logger.info("%s step %d is stored in %s; writing %s", root, step, dtype_summary(params), dtype)
+        # the step recorded, as --all-steps does: eval, generate and a branch read it as step N
+        source = {"checkpoint": os.path.abspath(os.fspath(root)), "step": int(step), "dtype": canonical_dtype(dtype)}
         write_hf_dir(config, params, args.output, dtype=dtype, shard_size=shard_size,
-                     overwrite=args.overwrite, progress=progress)
+                     overwrite=args.overwrite, progress=progress, source=source)
         print(f"wrote {args.output} (step {step}, {dtype}{why})")
         return
     # the root of the step folders: new, empty or holding only step<N>/ folders
@@ -274,7 +277,6 @@ def _jax_to_hf(args: argparse.Namespace, progress: bool) -> None:
         steps = ckpt.all_steps()
     if not steps:
         raise CheckpointError(f"{root} holds no checkpoint steps")
-    from pythia_jax.convert.dtypes import canonical_dtype
     from pythia_jax.convert.hf import export_source
     from pythia_jax.eval.loading import weights_fingerprint
 

@@ -100,8 +100,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pythia_jax.process_env import environment_set
 
-    # the harness's and datasets' bars: tqdm and datasets read these at import; set for this command
-    # only (a caller of cli.main in the same process keeps its bars)
+    # the harness's and datasets' bars: tqdm and datasets read these when first imported; the
+    # variables are restored after the command (process_env.environment_set)
     quiet = {"TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"} if args.no_progress else {}
     with environment_set(quiet):
         return _run(args)

@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         raise DataError(f"--out {args.out}: the plot is a PNG image; give a path ending in .png")
     check_output_file(args.out, "png", inputs=list(args.results))
     tables = [read_table(p) for p in args.results]
-    tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     if len(tables) == 1 and not args.panels:
         out = plot_metric(tables[0], args.metric, args.out, tasks=tasks, title=args.title, where=args.results[0])
         print(f"wrote {out}")

@@ -152,6 +152,21 @@ def read_hf_revision(path: str | os.PathLike, step: int | None) -> tuple[Any, di
     return read_hf_dir(p / f"step{step}")
 
 
+def hf_dir_step(path: str | os.PathLike) -> int | None:
+    """The training step of one HF directory's weights, when it says: the step its ``config.json``
+    records when this project wrote it (``pythia_jax_export``: a run's final export, ``convert
+    jax-to-hf``), else N of a folder named ``step<N>`` (a Hub revision); None otherwise."""
+    import re
+
+    from pythia_jax.convert.hf import export_source
+
+    recorded = (export_source(path) or {}).get("step")
+    if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded >= 0:
+        return recorded
+    m = re.fullmatch(r"step(\d+)", Path(path).resolve().name)
+    return int(m.group(1)) if m else None
+
+
 def revision_folder_steps(path: str | os.PathLike) -> list[int]:
     """The steps of a folder of HF revisions; [] for anything else (an HF directory included)."""
     from pythia_jax.convert.hf import is_hf_dir

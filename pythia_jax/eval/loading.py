@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -121,16 +120,12 @@ def load_model_params(path: str | os.PathLike, step: int | None = None) -> tuple
 
 
 def single_hf_step(path: str | os.PathLike) -> int:
-    """The step of one HF directory: the step its ``config.json`` records when this project wrote
-    it (``pythia_jax_export``: a training run's final export, ``convert jax-to-hf``), else N for a
-    folder named ``step<N>`` (a Hub revision), else 0."""
-    from pythia_jax.convert.hf import export_source
+    """The step of one HF directory: ``convert.sources.hf_dir_step`` (the step its config.json
+    records, else N of a ``step<N>`` folder name), else 0."""
+    from pythia_jax.convert.sources import hf_dir_step
 
-    recorded = (export_source(path) or {}).get("step")
-    if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded >= 0:
-        return recorded
-    m = re.fullmatch(r"step(\d+)", Path(path).resolve().name)
-    return int(m.group(1)) if m else 0
+    step = hf_dir_step(path)
+    return 0 if step is None else step
 
 
 def available_steps(path: str | os.PathLike) -> list[int]:

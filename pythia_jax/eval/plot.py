@@ -73,7 +73,8 @@ def plot_metric(rows: Sequence[dict[str, Any]], metric: str, out: str | os.PathL
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    check_one_result_per_step(rows, where)
+    check_one_result_per_step([r for r in rows if r["metric"] == metric and (tasks is None or r["task"] in tasks)],
+                              where)  # only what is drawn: a duplicate of another task does not block it
 
     series: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
     for r in rows:
@@ -151,7 +152,7 @@ def plot_compare(runs: Mapping[str, Sequence[dict[str, Any]]], panels: Sequence[
     if not runs or not panels:
         raise DataError("plot_compare needs at least one run and one (task, metric) panel")
     for label, rows in runs.items():
-        check_one_result_per_step(rows, f"run {label!r}")
+        check_one_result_per_step([r for r in rows if (r["task"], r["metric"]) in set(panels)], f"run {label!r}")
     for task in dict.fromkeys(t for t, _ in panels):
         settings = {label: next((r.get("settings") for r in rows if r["task"] == task), None)
                     for label, rows in runs.items() if any(r["task"] == task for r in rows)}

@@ -102,22 +102,19 @@ def deferred_interrupts(what: str) -> Iterator[None]:
         raise_if_interrupted()
 
 
-def _raise_terminated(signum, frame) -> None:
-    del signum, frame
-    raise KeyboardInterrupt  # handled as Ctrl-C: what was being started is removed, exit 130
-
-
 @contextlib.contextmanager
 def terminate_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM stops the main thread as Ctrl-C does (``KeyboardInterrupt``), so
-    that cleanup runs instead of the process being killed where it stands. Only in the main thread
-    while SIGTERM has its default action (a handler someone installed, e.g. JAX's preemption
-    notifier on a TPU pod, is left alone); inner handlers (``PreemptionGuard``) take over for
-    their own blocks and restore this one after."""
+    """Within the block, SIGTERM is handled as Ctrl-C is (``_on_sigint``): recorded, so that one
+    Python drops (in a ``__del__``) still stops the caller at its next ``raise_if_interrupted``;
+    deferred while a threaded write finishes (``deferred_interrupts``); otherwise raised as
+    ``KeyboardInterrupt``, so that cleanup runs instead of the process being killed where it
+    stands. Only in the main thread while SIGTERM has its default action (a handler someone
+    installed, e.g. JAX's preemption notifier on a TPU pod, is left alone); inner handlers
+    (``PreemptionGuard``) take over for their own blocks and restore this one after."""
     if not _in_main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         yield
         return
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    signal.signal(signal.SIGTERM, _on_sigint)
     try:
         yield
     finally:

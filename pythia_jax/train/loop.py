@@ -91,8 +91,7 @@ def train(cfg: TrainConfig, *, devices=None, max_steps: int | None = None) -> Tr
 
     maybe_initialize_distributed(cfg.distributed)
     check_run_dir(cfg.output_dir)  # not into an HF export or any other folder that is not a run
-    if jax.process_index() == 0:
-        check_export_dir(cfg)  # the final export replaces only an earlier export of this run
+    _on_every_process(check_export_dir, cfg)  # the final export replaces only an earlier export of this run
     local = local_output_dir(cfg.output_dir)
     # what a failed start (a missing init_from, dataset …) created is removed again (process 0,
     # which holds the lock; local files only: a URL output_dir keeps its checkpoints/ folder)
@@ -101,8 +100,8 @@ def train(cfg: TrainConfig, *, devices=None, max_steps: int | None = None) -> Tr
     lock = run_lock.acquire(cfg.output_dir, local)
     failed = True
     try:
-        # SIGTERM before the step loop (whose PreemptionGuard saves and stops) stops like Ctrl-C,
-        # so the failed start is undone; one process only (JAX's preemption notifier owns pods')
+        # SIGTERM outside the step loop (whose PreemptionGuard saves and stops) is handled as Ctrl-C:
+        # a failed start is undone, a final save finishes; one process only (JAX's notifier owns pods')
         with terminate_as_interrupt() if jax.process_count() == 1 else contextlib.nullcontext():
             result = _train(cfg, devices, max_steps, footprint)
         failed = False
@@ -112,6 +111,27 @@ def train(cfg: TrainConfig, *, devices=None, max_steps: int | None = None) -> Tr
             lock.release()
         if failed and footprint is not None:
             footprint.undo()
+
+
+def _on_every_process(check, cfg: TrainConfig) -> None:
+    """Run ``check(cfg)`` on process 0 (whose files the export goes to) and raise its error on every
+    process: a refusal seen by process 0 alone left the others waiting at the first collective."""
+    from pythia_jax.config import ConfigError
+
+    error = None
+    if jax.process_index() == 0:
+        try:
+            check(cfg)
+        except ConfigError as e:
+            error = e
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        refused = bool(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
+        if refused and error is None:
+            raise ConfigError("process 0 refused this run's configuration (its log says why); nothing was started")
+    if error is not None:
+        raise error
 
 
 def _train(cfg: TrainConfig, devices, max_steps: int | None, footprint=None) -> TrainResult:

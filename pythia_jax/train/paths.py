@@ -114,9 +114,11 @@ def export_record(cfg) -> dict:
 def check_export_dir(cfg) -> None:
     """Before a run: ``TrainConfig.export_hf`` may receive the final export. An existing HF
     directory there is replaced only when an earlier export of this same run wrote it (its
-    ``config.json`` records the run, ``export_record``); an HF directory of anything else (a
-    Hub revision, another run's export) or another kind of folder is refused in one line
-    (``ConfigError``), since the export would replace it without a word. Local paths only."""
+    ``config.json`` records the run, ``export_record``; an export without a record, from before
+    runs recorded it, when it lies inside the run's own ``output_dir``); an HF directory of
+    anything else (a Hub revision, another run's export) or another kind of folder is refused in
+    one line (``ConfigError``), since the export would replace it without a word. Local paths
+    only; process 0's files (``loop.train`` tells the other processes)."""
     from pythia_jax.convert.hf import export_source, is_hf_dir
 
     export = cfg.export_hf_dir
@@ -128,7 +130,23 @@ def check_export_dir(cfg) -> None:
                           "export may replace: choose another TrainConfig.export_hf")
     if is_hf_dir(export):
         rec = export_source(export) or {}
-        if rec.get("run") != export_record(cfg)["run"]:
+        ours = export_record(cfg)["run"]
+        if rec.get("run"):
+            same = _same_place(rec["run"], ours)  # the run moved or reached by a symlink: still ours
+        else:  # written before exports recorded their run: ours only inside our own output_dir
+            same = not is_url(ours) and _inside(export, ours)
+        if not same:
             wrote = f"the export of run {rec['run']}" if rec.get("run") else "an HF model this run did not export"
             raise ConfigError(f"TrainConfig.export_hf {export} holds {wrote}; the final export would replace it: "
                               "choose another TrainConfig.export_hf (or remove that folder)")
+
+
+def _same_place(a: str, b: str) -> bool:
+    if is_url(a) or is_url(b):
+        return a.rstrip("/") == b.rstrip("/")
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _inside(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)

@@ -131,7 +131,8 @@ def check_resume(stored: dict | None, current: dict, cfg: TrainConfig, step: int
         logger.warning("%s with the dataset at %s instead of %s (the same %s documents, %s tokens)",
                        "branching" if branch else "resuming", current["data"]["prefix"], old_prefix,
                        current["data"]["documents"], current["data"]["tokens"])
-    record["changes"] = list(stored.get("changes") or [])
+    # the history up to this step (a branch shares its source's up to the branch point only)
+    record["changes"] = [c for c in stored.get("changes") or [] if not branch or int(c.get("step", 0)) <= step]
     if schedule:
         _check_schedule_change(schedule, cfg, step, where, branch)
     if numerics:  # accepted (an execution choice), but the record must say from which step

@@ -5,7 +5,6 @@ init, or a branch from ``TrainConfig.init_from`` at ``start_step``), checked aga
 from __future__ import annotations
 
 import logging
-import os
 
 import jax
 import numpy as np
@@ -52,7 +51,8 @@ def restore_or_init(run: RunState, ckpt, devices=None, max_steps: int | None = N
         run.restored_step = restored.step  # on disk already
     else:
         run.state, branch = initial_state(cfg, setup, current)
-        run.record = {**current, "init": {**current["init"], **branch}}
+        changes = branch.pop("changes", [])  # accepted against the source (check_resume): recorded
+        run.record = {**current, "init": {**current["init"], **branch}, "changes": changes}
     run.step = int(jax.device_get(run.state.step))
     if data_it.step != run.step:
         data_it.set_step(run.step)
@@ -106,10 +106,13 @@ def initial_state(cfg: TrainConfig, setup, current: dict):
 
     if is_neox_checkpoint(source):
         return _branch_from_neox(cfg, setup, source, S)
-    from pythia_jax.convert.sources import load_params
+    from pythia_jax.convert.sources import load_params, revision_folder_steps
 
-    _check_revision_step(source, S)
-    config, params = load_params(source, host=True)  # numpy: placed slice by slice
+    if revision_folder_steps(source):  # a folder of step<N>/ revisions: the one start_step names
+        config, params = load_params(source, step=S, host=True)  # (refused, listing them, if absent)
+    else:
+        _check_revision_step(source, S)
+        config, params = load_params(source, host=True)  # numpy: placed slice by slice
     diff = ckpt_lib.config_differences(config, cfg.model)
     if diff:
         raise CheckpointError(f"{source} holds a different model: {'; '.join(diff)}")
@@ -140,18 +143,18 @@ def _folder_step(cfg: TrainConfig, source: str, S: int) -> int:
 
 
 def _check_revision_step(source: str, S: int) -> None:
-    """An HF folder named ``step<N>`` (a Hub revision of the Pythia suite) holds step N's weights: a
-    branch from it must continue at step N. ``CheckpointError`` otherwise: step-N weights would
-    train on another step's rows, with another step's learning rate."""
-    import re
+    """An HF folder whose weights name their step (a Hub revision ``step<N>``, or an export that
+    records its step: ``convert.sources.hf_dir_step``) holds step N's weights: a branch from it must
+    continue at step N. ``CheckpointError`` otherwise: step-N weights would train on another step's
+    rows, with another step's learning rate."""
+    from pythia_jax.convert.sources import hf_dir_step
 
-    m = re.fullmatch(r"step(\d+)", os.path.basename(os.path.normpath(source)))
-    if m is None or int(m.group(1)) == S:
+    N = hf_dir_step(source)
+    if N is None or N == S:
         return
-    N = int(m.group(1))
     hint = " (to start these weights at step 0, copy them to a folder not named step<N>)" if S == 0 else ""
-    raise CheckpointError(f"cannot branch from {source} at start_step {S}: it is the Hub revision of step {N}; "
-                          f"set TrainConfig.start_step = {N} to continue it{hint}")
+    raise CheckpointError(f"cannot branch from {source} at start_step {S}: its weights are step {N}'s (a Hub "
+                          f"revision or a recorded export); set TrainConfig.start_step = {N} to continue it{hint}")
 
 
 def _branch_with_zero_moments(setup, params, S: int, source):
@@ -188,8 +191,9 @@ def _branch_from_checkpoint(cfg: TrainConfig, setup, current: dict, root, S: int
             raise CheckpointError(f"cannot branch from {root} at step {S}: it has no step {S}; "
                                   f"its steps are {step_list(steps)} (TrainConfig.start_step)")
         stored = read_run_config(root, S)
+        changes = []
         if stored and not stored.get("partial"):  # else than the transform must match (check_resume)
-            check_resume(stored, current, cfg, S, f"{root}/{S}", branch=True)
+            changes = check_resume(stored, current, cfg, S, f"{root}/{S}", branch=True)["changes"]
         abstract = {"params": setup.abstract_state.params}
         # a step saved without optimizer state (``convert hf-to-jax`` without --with-optimizer)
         # branches as an HF directory does: its params, zero Adam moments
@@ -200,7 +204,8 @@ def _branch_from_checkpoint(cfg: TrainConfig, setup, current: dict, root, S: int
     finally:
         reader.close()
     if not with_moments:
-        return _branch_with_zero_moments(setup, restored.params, S, f"{root}/{S}")
+        state, info = _branch_with_zero_moments(setup, restored.params, S, f"{root}/{S}")
+        return state, {**info, "changes": changes}
     state = _state_from_restored(setup, restored)
     if _moments_are_zero(state.opt_state):
         # a fresh optimizer state (``convert hf-to-jax --with-optimizer``): the same restart as a
@@ -208,9 +213,9 @@ def _branch_from_checkpoint(cfg: TrainConfig, setup, current: dict, root, S: int
         logger.warning("branching from %s at step %d with zero Adam moments: the source's optimizer "
                        "state is a fresh one (e.g. from 'convert --with-optimizer'; recorded in the "
                        "checkpoints as init.adam_moments = 'zero')", f"{root}/{S}", S)
-        return state, {"start_step": S, "adam_moments": "zero"}
+        return state, {"start_step": S, "adam_moments": "zero", "changes": changes}
     logger.info("branching from %s at step %d (params, Adam moments and loss scale of the source)", root, S)
-    return state, {"start_step": S, "adam_moments": "source"}
+    return state, {"start_step": S, "adam_moments": "source", "changes": changes}
 
 
 def _moments_are_zero(opt_state) -> bool:

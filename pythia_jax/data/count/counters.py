@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import collections
+import logging
 import re
 from typing import Sequence
 
@@ -170,9 +171,11 @@ def compile_regex(pattern: str) -> re.Pattern:
     except re.error as e:
         raise CountError(f"--regex {pattern!r} does not compile: {e}; fix the pattern "
                          "(Python re syntax)") from None
-    if compiled.fullmatch(""):  # 'x*', 'a?': an (empty) match between every two characters
-        raise CountError(f"--regex {pattern!r} matches the empty string, so it would count a match at every "
-                         "position; require at least one character (e.g. 'x+' for 'x*')")
+    # 'x*', '\\b\\d*', '^': empty matches are counted like any other (meant for '^', rarely for 'x*')
+    if any(m.end() == m.start() for m in compiled.finditer("ab a1 b\n12 x\n\n")):
+        logging.getLogger(__name__).warning(
+            "--regex %r can match the empty string: its empty matches are counted too ('x*' matches between "
+            "every two characters; 'x+' does not)", pattern)
     return compiled
 
 

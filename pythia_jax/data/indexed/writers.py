@@ -93,7 +93,9 @@ def write_index(path: str, dtype, sizes: np.ndarray, doc_idx: np.ndarray, *, wit
         for t in [tmp, *(t for t, _ in with_files)]:
             _remove(Path(t))
         raise
-    replaced = with_files and path.endswith(".idx") and not is_url(path) and os.path.exists(path)
+    # another dataset's index (document sizes) at this path: the maps cached for it are stale
+    replaced = (with_files and path.endswith(".idx") and not is_url(path) and os.path.exists(path)
+                and _file_digest(path) != _file_digest(tmp))
     publish_together([*with_files, (tmp, path)])
     if with_files and path.endswith(".idx"):
         _remove_other_layout(path[:-4], {os.path.abspath(final) for _, final in with_files})
@@ -101,16 +103,34 @@ def write_index(path: str, dtype, sizes: np.ndarray, doc_idx: np.ndarray, *, wit
         _replaced_dataset(path[:-4])
 
 
+def _file_digest(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# GPT-NeoX's index-map cache files of one prefix (megatron/data/gpt2_dataset.py _build_index_mappings:
+# {prefix}_{name}_indexmap_{N}ns_{L}sl_{S}s_{doc,sample,shuffle}_idx.npy), and no other dataset's
+_INDEX_MAP_FILE = r"_[A-Za-z]+(?:_\d+)?_indexmap_\d+ns_\d+sl_\d+s_(?:doc|sample|shuffle)_idx\.npy"
+
+
 def _replaced_dataset(prefix: str) -> None:
-    """After a dataset replaced another at ``prefix``: say so, and remove the GPT-NeoX index maps
-    cached beside it (``{prefix}_*_indexmap_*.npy``), which were built for the replaced data and
-    would otherwise be read for the new one (``neox_order.check_index_maps`` only spot-checks)."""
-    import glob
+    """After a dataset with another index replaced the one at ``prefix``: say so, and remove the
+    GPT-NeoX index maps cached beside it, which were built for the replaced data and would
+    otherwise be read for the new one (``neox_order.check_index_maps`` only spot-checks). Maps of
+    another dataset whose prefix starts with this one (``wiki_small`` beside ``wiki``) are kept."""
     import logging
+    import re
 
     log = logging.getLogger(__name__)
-    log.warning("replaced the dataset at %s (its previous .bin/.idx are gone)", prefix)
-    maps = sorted(glob.glob(glob.escape(prefix) + "_*_indexmap_*_*idx.npy"))
+    log.warning("replaced the dataset at %s (other documents than its previous .idx)", prefix)
+    folder, stem = os.path.split(os.path.abspath(prefix))
+    own = re.compile(re.escape(stem) + _INDEX_MAP_FILE)
+    maps = sorted(os.path.join(folder, f) for f in os.listdir(folder) if own.fullmatch(f))
     for f in maps:
         os.remove(f)
     if maps:
