@@ -1,4 +1,4 @@
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 setup(
     name="pythia-jax",
@@ -9,7 +9,9 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["pythia_jax", "pythia_jax.*"]),
+    # namespace packages: the data folders (assets/, task_specs/) are listed too, so setuptools does not
+    # warn that they are "absent from the packages configuration" on every install
+    packages=find_namespace_packages(include=["pythia_jax", "pythia_jax.*"]),
     package_data={"pythia_jax": ["assets/*", "assets/**/*", "eval/task_specs/*.yaml"]},
     include_package_data=True,
     install_requires=[
