@@ -1038,3 +1038,41 @@ def test_all_steps_export_resumes_after_an_interruption(tmp_path, capsys, monkey
     assert "every step folder (3) was already written" in capsys.readouterr().err
     assert main(argv + ["--dtype", "float32"]) == 2  # other settings: refused, nothing replaced
     assert "step0 already exists" in capsys.readouterr().err
+
+
+def test_neox_to_jax_takes_the_step_the_checkpoint_records(tmp_path, capsys, caplog):
+    """A step folder not named global_stepN was written as step 0 (its LR schedule restarted) and
+    --step was ignored; a renamed folder gave its new name's step without a word; a `latest`
+    naming a missing folder was ignored silently."""
+    import logging
+    import shutil
+
+    from pythia_jax.checkpoint import TrainCheckpointer, save_params_checkpoint
+    from pythia_jax.convert import hf as hfc
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=16, num_layers=2, num_heads=2)
+    rng = np.random.default_rng(0)
+    params = {}
+    for path, shape in hfc.param_shapes(cfg).items():
+        hfc.set_path(params, path, rng.standard_normal(shape).astype(np.float32))
+    save_params_checkpoint(tmp_path / "ck", 10, cfg, params)
+    assert cli("jax-to-neox", tmp_path / "ck", tmp_path / "nx") == 0
+    step_dir = next(p for p in (tmp_path / "nx").iterdir() if p.name.startswith("global_step"))
+    assert step_dir.name == "global_step10"
+
+    def steps(out):
+        return TrainCheckpointer(out, save_steps=()).all_steps()
+
+    shutil.copytree(step_dir, tmp_path / "mystep")
+    assert cli("neox-to-jax", tmp_path / "mystep", tmp_path / "a") == 0 and steps(tmp_path / "a") == [10]
+    assert cli("neox-to-jax", tmp_path / "mystep", tmp_path / "b", "--step", "3") == 2
+    assert "records iteration 10, but --step 3 was asked for" in capsys.readouterr().err
+    shutil.copytree(step_dir, tmp_path / "global_step15")
+    with caplog.at_level(logging.WARNING):
+        assert cli("neox-to-jax", tmp_path / "global_step15", tmp_path / "c") == 0
+    assert steps(tmp_path / "c") == [10] and "records iteration 10, not the 15 of its name" in caplog.text
+    (step_dir.parent / "latest").write_text("global_step30")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert cli("neox-to-jax", step_dir.parent, tmp_path / "d") == 0
+    assert "latest names global_step30, which is not there" in caplog.text

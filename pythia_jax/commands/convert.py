@@ -231,7 +231,7 @@ def _neox_to_jax(args: argparse.Namespace, progress: bool) -> None:
                                                 hidden_act=args.hidden_act, progress=progress)
     metadata = {"source": "gpt-neox", "neox_checkpoint": ckpt.directory}
     opt_state = None
-    step = ckpt.step if ckpt.step is not None else 0
+    step = _neox_step(ckpt, args.step)
     if ckpt.optim_files and not args.no_optimizer:
         del params
         params, opt_state, step, metadata = neox_train_state(ckpt, config, progress=progress)
@@ -247,6 +247,28 @@ def _neox_to_jax(args: argparse.Namespace, progress: bool) -> None:
         what = "module weights" + (" and a fresh optimizer state" if opt_state is not None else "")
     write_checkpoint(args.output, step, config, params, opt_state, metadata, args.overwrite, progress)
     print(f"wrote {args.output} (step {step}: {what})")
+
+
+def _neox_step(ckpt, asked: int | None) -> int:
+    """The step of a GPT-NeoX step folder: the iteration its ``mp_rank_00_model_states.pt`` records,
+    else N of its ``global_stepN`` name, else ``--step``, else 0. A ``--step`` that disagrees with
+    the recorded iteration is refused (``CheckpointError``): the weights are that iteration's, and
+    the LR schedule of a ``--with-optimizer`` state would start elsewhere; a folder name that
+    disagrees (a renamed folder) is warned about."""
+    from pythia_jax.convert.neox.zero import saved_iteration
+    from pythia_jax.errors import CheckpointError
+
+    saved = saved_iteration(ckpt)
+    if saved is not None and asked is not None and asked != saved:
+        raise CheckpointError(f"{ckpt.directory} records iteration {saved}, but --step {asked} was asked for: pass "
+                              f"--step {saved} (or none), or the folder of step {asked}")
+    if saved is not None and ckpt.step is not None and ckpt.step != saved:
+        logger.warning("%s records iteration %d, not the %d of its name: converting it as step %d", ckpt.directory,
+                       saved, ckpt.step, saved)
+    for step in (saved, ckpt.step, asked):
+        if step is not None:
+            return int(step)
+    return 0
 
 
 def _jax_to_hf(args: argparse.Namespace, progress: bool) -> None:

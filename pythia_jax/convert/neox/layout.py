@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import logging
 import os
 from typing import Any, Sequence
 
@@ -19,6 +20,8 @@ from pythia_jax.convert import neox_yml_keys
 from pythia_jax.convert.neox.keys import MP_FILE, OPTIM_FILE, PIPE_FILE, STEP_DIR
 from pythia_jax.convert.neox.yml import read_neox_yml, yml_get
 from pythia_jax.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -81,6 +84,9 @@ def _resolve_step_dir(path: str, step: int | None) -> str:
             tag = f.read().strip()
         if tag and os.path.isdir(os.path.join(path, tag)):
             return os.path.join(path, tag)
+        if tag:  # GPT-NeoX itself would fail to resume from it
+            logger.warning("%s/latest names %s, which is not there; using the newest step folder, %s", path, tag,
+                           steps[max(steps)])
     return os.path.join(path, steps[max(steps)])
 
 

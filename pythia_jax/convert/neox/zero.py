@@ -239,6 +239,18 @@ def _engine_state(ckpt: NeoxCheckpoint, t: int) -> tuple[list[Mapping[str, Any]]
     return param_shapes, engine
 
 
+def saved_iteration(ckpt: NeoxCheckpoint) -> int | None:
+    """The training iteration a GPT-NeoX step folder's ``mp_rank_00_model_states.pt`` records
+    (DeepSpeed's ``iteration`` / ``global_steps``; memory-mapped, so cheap), None without one."""
+    mp_file = ckpt.mp_files.get(0)
+    if mp_file is None:
+        return None
+    from pythia_jax.convert.neox.torch_io import torch_load
+
+    engine = torch_load(mp_file)
+    return _saved_counts(engine)[0] if isinstance(engine, Mapping) else None
+
+
 def _saved_counts(engine: Mapping[str, Any]) -> tuple[int | None, int | None]:
     """(training iteration, LR scheduler steps) recorded in an engine state, None when absent."""
     iteration = engine.get("iteration", engine.get("global_steps"))
