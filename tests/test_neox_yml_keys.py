@@ -123,3 +123,21 @@ def test_reader_refuses_before_reading_tensors(tmp_path):
             os.remove(os.path.join(step_dir, name))
     with pytest.raises(ConfigError, match="no-weight-tying=False"):
         neox.read_neox_checkpoint(step_dir)
+
+
+def test_integer_settings_of_the_wrong_type_are_one_line_errors(caplog):
+    """'num-layers: two' gave a ValueError traceback, and 2.5 was truncated to 2."""
+    from pythia_jax.convert.neox.yml import config_from_yml, neox_yml, optimizer_settings
+
+    base = neox_yml(ModelConfig(vocab_size=50304, hidden_size=64, num_layers=2, num_heads=4))
+    for key, value in (("num-layers", "two"), ("hidden-size", "abc"), ("num-layers", 2.5),
+                       ("num-attention-heads", True)):
+        with pytest.raises(ConfigError, match=rf"GPT-NeoX config: {key} = {value!r} is not an integer"):
+            config_from_yml({**base, key: value}, vocab_size=50304, intermediate_size=256)
+    assert config_from_yml({**base, "num-layers": "2"}, vocab_size=50304, intermediate_size=256).num_layers == 2
+    with pytest.raises(ConfigError, match="train-iters = 'many' is not an integer"):
+        optimizer_settings({**base, "train-iters": "many"})
+    # a vocabulary GPT-NeoX cannot pad the named tokenizer to: said when the yml is written
+    with caplog.at_level(logging.WARNING):
+        neox_yml(ModelConfig(vocab_size=128, hidden_size=32, num_layers=2, num_heads=4))
+    assert "vocab_size 128 is below the 50277 ids of the GPT-NeoX-20B tokenizer" in caplog.text

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 from pythia_jax.config import ConfigError
 from pythia_jax.convert import neox_yml_keys
 from pythia_jax.convert.neox.keys import MP_FILE, OPTIM_FILE, PIPE_FILE, STEP_DIR
-from pythia_jax.convert.neox.yml import read_neox_yml, yml_get
+from pythia_jax.convert.neox.yml import as_int, read_neox_yml, yml_get
 from pythia_jax.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ def _read_yml(step_dir: str, yml_files: list[str], tp: int) -> dict[str, Any]:
                           "pass the training yml (config_files=… / --neox-config)")
     neox_yml_keys.check_neox_yml(yml)  # every model key honoured or refused, before any tensor
     yml_tp = yml_get(yml, "model-parallel-size")
-    if yml_tp is not None and int(yml_tp) != tp:
+    if yml_tp is not None and as_int(yml_tp, "model-parallel-size") != tp:
         raise CheckpointError(f"{step_dir}: mixed tensor-parallel sizes: the yml says "
                               f"model-parallel-size {yml_tp} but the files hold {tp} rank(s)")
     return yml

@@ -39,7 +39,7 @@ from pythia_jax.convert.neox.keys import (
 )
 from pythia_jax.convert.neox.layout import NeoxCheckpoint, locate_neox_checkpoint
 from pythia_jax.convert.neox.torch_io import require_torch, torch_load
-from pythia_jax.convert.neox.yml import config_from_yml, yml_get
+from pythia_jax.convert.neox.yml import as_int, config_from_yml, yml_get
 from pythia_jax.convert.progress import TensorProgress
 from pythia_jax.errors import CheckpointError
 from pythia_jax.host_memory import to_numpy
@@ -231,7 +231,7 @@ def read_neox_checkpoint(path: str | os.PathLike, *, step: int | None = None,
     """
     ckpt = locate_neox_checkpoint(path, step, config_files)
     source = LayerSource(ckpt)
-    num_layers = int(yml_get(ckpt.yml, "num-layers", 0) or 0)
+    num_layers = as_int(yml_get(ckpt.yml, "num-layers", 0) or 0, "num-layers")
     roles = detect_roles(source, num_layers)
     vocab, ff = _infer_shapes(source, roles)
     config = config_from_yml(ckpt.yml, vocab_size=vocab, intermediate_size=ff, name=ckpt.name,

@@ -10,6 +10,7 @@ repository). ``read_neox_yml`` normalises them to dashes.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any, Mapping, Sequence
 
 from pythia_jax.config import EXACT_GELU_NAMES, INIT_METHODS, TOKENIZER_VOCAB_SIZE, ConfigError, ModelConfig
@@ -47,6 +48,18 @@ def _as_float(value: Any, what: str) -> float:
         raise ConfigError(f"GPT-NeoX config: {what} = {value!r} is not a number") from None
 
 
+def as_int(value: Any, what: str) -> int:
+    """An integer setting of a GPT-NeoX yml (``num-layers``, ``hidden-size`` …): an int, or a
+    float or string holding one; ``ConfigError`` naming the key otherwise (2.5 is not truncated)."""
+    try:
+        number = float(value) if not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        number = None
+    if number is None or not number.is_integer():
+        raise ConfigError(f"GPT-NeoX config: {what} = {value!r} is not an integer")
+    return int(number)
+
+
 def _as_bool(value: Any) -> bool:
     if isinstance(value, str):
         return value.strip().lower() in ("true", "1", "yes")
@@ -77,14 +90,14 @@ def config_from_yml(yml: Mapping[str, Any], *, vocab_size: int, intermediate_siz
     fields: dict[str, Any] = dict(
         name=name,
         vocab_size=int(vocab_size),
-        hidden_size=int(yml_get(yml, "hidden-size")),
-        num_layers=int(yml_get(yml, "num-layers")),
-        num_heads=int(yml_get(yml, "num-attention-heads")),
+        hidden_size=as_int(yml_get(yml, "hidden-size"), "hidden-size"),
+        num_layers=as_int(yml_get(yml, "num-layers"), "num-layers"),
+        num_heads=as_int(yml_get(yml, "num-attention-heads"), "num-attention-heads"),
         intermediate_size=int(intermediate_size),
         rotary_pct=_as_float(yml_get(yml, "rotary-pct", 1.0), "rotary-pct"),
         rotary_emb_base=_as_float(yml_get(yml, "rotary-emb-base", 10000), "rotary-emb-base"),
-        max_position_embeddings=int(yml_get(yml, "max-position-embeddings",
-                                            yml_get(yml, "seq-length", 2048))),
+        max_position_embeddings=as_int(yml_get(yml, "max-position-embeddings", yml_get(yml, "seq-length", 2048)),
+                                       "max-position-embeddings"),
         use_parallel_residual=_as_bool(yml_get(yml, "gpt-j-residual", False)),
         hidden_act=hidden_act,
         layer_norm_eps=_as_float(yml_get(yml, "layernorm-epsilon", 1e-5), "layernorm-epsilon"),
@@ -118,10 +131,10 @@ def optimizer_settings(yml: Mapping[str, Any], tp: int = 1) -> dict[str, Any]:
         out["clip_norm"] = _as_float(yml_get(yml, "gradient-clipping"), "gradient-clipping")
     total = yml_get(yml, "lr-decay-iters", yml_get(yml, "train-iters"))
     if total is not None:
-        out["total_steps"] = int(total)
+        out["total_steps"] = as_int(total, "lr-decay-iters / train-iters")
         warmup = yml_get(yml, "warmup")
         if warmup is not None:  # AnnealingLR's warmup_iter = warmup * lr_decay_iters, a float
-            out["warmup_steps"] = _as_float(warmup, "warmup") * max(1, int(total))
+            out["warmup_steps"] = _as_float(warmup, "warmup") * max(1, out["total_steps"])
     # GPT-NeoX's NeoXArgs default lr_decay_style is "linear" (megatron/neox_arguments/neox_args.py)
     out["decay_style"] = str(yml_get(yml, "lr-decay-style", "linear"))
     parallel_residual = _as_bool(yml_get(yml, "gpt-j-residual", False))
@@ -136,6 +149,12 @@ def neox_yml(config: ModelConfig, vocab_file: str | None = None, **extra: Any) -
     if -(-TOKENIZER_VOCAB_SIZE // divisible) * divisible != V:
         # NeoX pads the tokenizer's 50,277 ids up to a multiple of this; V itself does it when V ≥ 50,277.
         divisible = V if V >= TOKENIZER_VOCAB_SIZE else 128
+    if V < TOKENIZER_VOCAB_SIZE:
+        logging.getLogger(__name__).warning(
+            "vocab_size %d is below the %d ids of the GPT-NeoX-20B tokenizer this yml names: GPT-NeoX would build "
+            "a %d-row embedding and fail to load these weights; point its vocab-file at a tokenizer of at most %d "
+            "ids (pythia-jax reads the checkpoint either way)", V, TOKENIZER_VOCAB_SIZE,
+            -(-TOKENIZER_VOCAB_SIZE // 128) * 128, V)
     yml: dict[str, Any] = {
         "pipe-parallel-size": 1,
         "model-parallel-size": 1,
