@@ -247,3 +247,24 @@ def test_out_is_checked_before_the_audit_and_written_through_a_hidden_temporary(
     assert sorted(os.listdir(tmp_path)) == ["a.json", "notes.json", "scratch"]
     assert json.loads(report.read_text())["directory"] == json.loads(first)["directory"]
     assert sorted(os.listdir(scratch)) == ["mine.txt"]
+
+
+def test_steps_missing_from_the_pythia_schedule_are_noted(clean, tmp_path):
+    """A series on the Pythia schedule with a step gone (a download that stopped part-way) passed
+    as 'no problems found' without a word: a note names the missing steps (not a failure: a
+    subset may be kept on purpose)."""
+    root = fresh(clean, tmp_path)
+    shutil.rmtree(root / "step2")
+    report = audit.audit_series(root)
+    (note,) = [f for f in report.findings if f.kind == "missing_steps"]
+    assert note.severity == "note" and report.ok
+    assert note.detail == "1 step(s) of the Pythia checkpoint schedule between 0 and 8 are not in this series: 2"
+    assert not [f for f in audit.audit_series(clean).findings if f.kind == "missing_steps"]
+
+
+def test_a_gpt_neox_folder_is_named_as_such(tmp_path, capsys):
+    step = tmp_path / "global_step10"
+    step.mkdir()
+    (step / "layer_00-model_00-model_states.pt").write_bytes(b"")
+    assert main(["audit", str(step)]) == 2
+    assert "is a GPT-NeoX checkpoint, which audit does not read: convert its steps first" in capsys.readouterr().err

@@ -1076,3 +1076,10 @@ def test_neox_to_jax_takes_the_step_the_checkpoint_records(tmp_path, capsys, cap
     with caplog.at_level(logging.WARNING):
         assert cli("neox-to-jax", step_dir.parent, tmp_path / "d") == 0
     assert "latest names global_step30, which is not there" in caplog.text
+    # --overwrite of an output holding other steps says which go (they were dropped without a word)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert cli("neox-to-jax", tmp_path / "mystep", tmp_path / "a", "--overwrite") == 0
+        assert cli("jax-to-neox", tmp_path / "ck", step_dir.parent, "--overwrite") == 0
+    assert f"--overwrite: {tmp_path / 'a'} holds step(s) 10, which the converted step replaces" in caplog.text
+    assert f"--overwrite: {step_dir.parent} holds step(s) 10" in caplog.text

@@ -336,6 +336,7 @@ def _jax_to_neox(args: argparse.Namespace, progress: bool) -> None:
 
     root, step = resolve_checkpoint_step(args.source, args.step)
     check_output_dir(args.output, args.overwrite, kind="neox", inputs=[args.source, os.fspath(root)])
+    _say_replaced_steps(args.output, "neox")
     _status(progress, f"reading checkpoint {root}")
     config, params, step, why = _load_step(root, step)
     dtype = args.dtype or "float32"
@@ -395,6 +396,22 @@ def _load_step(root, step: int | None):
 def _check_output(args: argparse.Namespace, kind: str) -> None:
     from pythia_jax.io_utils import check_output_dir
     check_output_dir(args.output, args.overwrite, kind=kind, inputs=[args.source])
+    _say_replaced_steps(args.output, kind)
+
+
+def _say_replaced_steps(output: str, kind: str) -> None:
+    """--overwrite replaces the whole output: name the steps an existing checkpoint (or GPT-NeoX
+    run folder) held, which the one written step replaces (they went without a word)."""
+    from pythia_jax.checkpoint.failures import step_list
+
+    if not os.path.isdir(output):
+        return
+    pattern = r"(\d+)" if kind == "checkpoint" else r"global_step(\d+)"
+    held = sorted(int(m.group(1)) for n in os.listdir(output) if (m := re.fullmatch(pattern, n))
+                  and os.path.isdir(os.path.join(output, n)))
+    if held:
+        logger.warning("--overwrite: %s holds step(s) %s, which the converted step replaces (the folder is "
+                       "written anew)", output, step_list(held))
 
 
 def _status(enabled: bool, message: str) -> None:

@@ -44,6 +44,11 @@ def find_series(directory: str | os.PathLike) -> tuple[str, list[tuple[str, int 
         return "hf-revisions", [(c.name, s, c) for s, c in revisions]
     if is_hf_dir(p) or (p / "config.json").is_file():
         return "hf", [(p.name or str(p), None, p)]
+    from pythia_jax.convert.neox import is_neox_checkpoint
+
+    if is_neox_checkpoint(p):
+        raise PythiaJaxError(f"{p} is a GPT-NeoX checkpoint, which audit does not read: convert its steps first "
+                             "(pythia-jax convert neox-to-jax) and audit the checkpoint directory")
     raise PythiaJaxError(f"{p} holds no checkpoints: expected step<N>/ HF revision folders, an HF "
                          "directory (config.json + weights) or a pythia-jax checkpoint directory "
                          "(model_config.json + <step>/)")
@@ -88,6 +93,28 @@ def audit_series(directory: str | os.PathLike, *, steps: Iterable[int] | None = 
             records.append(_audit_hf_step(path, label, step))
             if progress:
                 progress(records[-1])
+    if steps is None:
+        notes += _missing_pythia_steps([s for _, s, _ in entries if s is not None])
     findings = notes + analyze(records, norm_window=norm_window, norm_z=norm_z, norm_min_jump=norm_min_jump)
     return AuditReport(directory=str(directory), layout=layout, steps=records, findings=findings,
                        seconds=time.perf_counter() - t0, bytes_read=sum(r.bytes_read for r in records))
+
+
+def _missing_pythia_steps(present: list[int]) -> list[Finding]:
+    """A series whose steps all lie on the released Pythia schedule (``checkpoint.schedule.
+    pythia_steps``: 0, 1, 2, 4, …, 512, 1000, 2000, …, 143000) but lacks some of its steps between
+    its first and last: a note naming them (a download or copy that stopped part-way, or a subset
+    kept on purpose; a series passed "no problems" without a word)."""
+    from pythia_jax.checkpoint.failures import step_list
+    from pythia_jax.checkpoint.schedule import pythia_steps
+
+    schedule = pythia_steps()
+    have = set(present)
+    if len(have) < 2 or not have <= set(schedule):
+        return []
+    lo, hi = min(have), max(have)
+    missing = [s for s in schedule if lo <= s <= hi and s not in have]
+    if not missing:
+        return []
+    return [Finding("missing_steps", "-", f"{len(missing)} step(s) of the Pythia checkpoint schedule between "
+                    f"{lo} and {hi} are not in this series: {step_list(missing)}", "note")]
