@@ -58,6 +58,9 @@ def test_preprocess_bad_input(tmp_path, capsys):
     assert main(["preprocess", "--input", str(bad), "--output-prefix", str(tmp_path / "o")]) == 2
     assert "bad.jsonl:2: invalid JSON" in capsys.readouterr().err
     assert not [p for p in os.listdir(tmp_path) if p.startswith("o_")]
+    # a refused run leaves no folder it created (an empty new/sub/ stayed behind)
+    assert main(["preprocess", "--input", str(bad), "--output-prefix", str(tmp_path / "new" / "sub" / "o")]) == 2
+    assert not (tmp_path / "new").exists()
     # "a.jsonl, b.jsonl" (a space after the comma) names both files
     _write_jsonl(str(tmp_path / "a.jsonl"), TEXTS[:2])
     _write_jsonl(str(tmp_path / "b.jsonl"), TEXTS[2:4])
@@ -292,7 +295,7 @@ def test_full_disk_is_one_line_for_batches_and_preprocess(raw, tmp_path, capsys,
     assert main(["preprocess", "--input", str(src), "--output-prefix", str(tmp_path / "p" / "o")]) == 2
     assert _one_error_line(capsys).endswith(
         "No space left on device; free some space or choose another --output-prefix")
-    assert os.listdir(tmp_path / "p") == []
+    assert not (tmp_path / "p").exists()  # no temporary, and not the folder it created
 
 
 @pytest.fixture

@@ -173,7 +173,13 @@ class IndexedDatasetWriter:
         self.dtype = np.dtype(dtype)
         dtype_code(self.dtype)
         check_dataset_output(self.prefix, inputs)
-        os.makedirs(os.path.dirname(os.path.abspath(self.prefix)) or ".", exist_ok=True)
+        folder = os.path.dirname(os.path.abspath(self.prefix)) or "."
+        # the outermost folder this writer creates: removed again (if still empty) when it aborts
+        self._created = None
+        top = folder
+        while not os.path.exists(top):
+            self._created, top = top, os.path.dirname(top)
+        os.makedirs(folder, exist_ok=True)
         self._bin_tmp = _atomic_path(self.prefix + ".bin")
         try:
             self._bin = open(self._bin_tmp, "wb")
@@ -221,11 +227,19 @@ class IndexedDatasetWriter:
         return self.prefix
 
     def abort(self) -> None:
+        """Remove the temporary data, and the folders this writer created if nothing else is in them."""
         if not self._closed:
             self._bin.close()
             if os.path.exists(self._bin_tmp):
                 os.remove(self._bin_tmp)
             self._closed = True
+            folder = os.path.dirname(os.path.abspath(self.prefix))
+            while self._created is not None and (folder == self._created or folder.startswith(self._created + os.sep)):
+                try:
+                    os.rmdir(folder)  # only while empty
+                except OSError:
+                    break
+                folder = os.path.dirname(folder)
 
     def __enter__(self) -> "IndexedDatasetWriter":
         return self
