@@ -1076,6 +1076,12 @@ def test_neox_to_jax_takes_the_step_the_checkpoint_records(tmp_path, capsys, cap
     with caplog.at_level(logging.WARNING):
         assert cli("neox-to-jax", step_dir.parent, tmp_path / "d") == 0
     assert "latest names global_step30, which is not there" in caplog.text
+    # the output head's file missing: said so (it blamed weight tying, which the yml rules out)
+    shutil.copytree(step_dir, tmp_path / "nohead")
+    head = max((tmp_path / "nohead").glob("layer_*-model_00-model_states.pt"))
+    head.unlink()
+    assert cli("neox-to-jax", tmp_path / "nohead", tmp_path / "e") == 2
+    assert "the yml says no-weight-tying, so its layer file (after layer_" in capsys.readouterr().err
     # --overwrite of an output holding other steps says which go (they were dropped without a word)
     caplog.clear()
     with caplog.at_level(logging.WARNING):

@@ -39,7 +39,7 @@ from pythia_jax.convert.neox.keys import (
 )
 from pythia_jax.convert.neox.layout import NeoxCheckpoint, locate_neox_checkpoint
 from pythia_jax.convert.neox.torch_io import require_torch, torch_load
-from pythia_jax.convert.neox.yml import as_int, config_from_yml, yml_get
+from pythia_jax.convert.neox.yml import as_bool, as_int, config_from_yml, yml_get
 from pythia_jax.convert.progress import TensorProgress
 from pythia_jax.errors import CheckpointError
 from pythia_jax.host_memory import to_numpy
@@ -156,8 +156,13 @@ def detect_roles(source: LayerSource, num_layers: int) -> LayerRoles:
     if embed is None:
         raise CheckpointError(f"{where}: no word_embeddings.weight (layer 0) found")
     if head is None:
-        raise CheckpointError(f"{where}: no final_linear.weight found (weight-tied models are not "
-                              "supported: GPT-NeoX/Pythia use an untied head)")
+        untied = as_bool(yml_get(source.ckpt.yml, "no-weight-tying", False))
+        last = max(source.indices(), default=None)
+        raise CheckpointError(
+            f"{where}: no final_linear.weight (the output head) found"
+            + (f": the yml says no-weight-tying, so its layer file (after layer_{last:02d}, the final norm's) "
+               "is missing or unreadable" if untied and last is not None else
+               " (weight-tied models are not supported: GPT-NeoX/Pythia use an untied head)"))
     if final_norm is None:
         raise CheckpointError(f"{where}: no final norm (norm.weight) found")
     if len(layers) != num_layers:

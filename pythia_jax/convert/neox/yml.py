@@ -60,7 +60,7 @@ def as_int(value: Any, what: str) -> int:
     return int(number)
 
 
-def _as_bool(value: Any) -> bool:
+def as_bool(value: Any) -> bool:
     if isinstance(value, str):
         return value.strip().lower() in ("true", "1", "yes")
     return bool(value)
@@ -75,7 +75,7 @@ def config_from_yml(yml: Mapping[str, Any], *, vocab_size: int, intermediate_siz
     pos_emb = yml_get(yml, "pos-emb", "rotary")
     if pos_emb != "rotary":
         raise ConfigError(f"GPT-NeoX config has pos-emb {pos_emb!r}; only rotary models map to GPT-NeoX/HF")
-    if _as_bool(yml_get(yml, "gpt-j-tied", False)):
+    if as_bool(yml_get(yml, "gpt-j-tied", False)):
         raise ConfigError("gpt-j-tied (one shared LayerNorm per block) has no HF GPT-NeoX equivalent")
     norm = yml_get(yml, "norm", "layernorm")
     if norm != "layernorm":
@@ -85,7 +85,7 @@ def config_from_yml(yml: Mapping[str, Any], *, vocab_size: int, intermediate_siz
         raise ConfigError(f"GPT-NeoX config has activation {activation!r}; only gelu is supported")
     if hidden_act is None:
         # bias-gelu-fusion and openai-gelu run the tanh approximation (what Pythia trained with).
-        tanh = _as_bool(yml_get(yml, "bias-gelu-fusion", False)) or _as_bool(yml_get(yml, "openai-gelu", False))
+        tanh = as_bool(yml_get(yml, "bias-gelu-fusion", False)) or as_bool(yml_get(yml, "openai-gelu", False))
         hidden_act = "gelu_new" if tanh else "gelu"
     fields: dict[str, Any] = dict(
         name=name,
@@ -98,7 +98,7 @@ def config_from_yml(yml: Mapping[str, Any], *, vocab_size: int, intermediate_siz
         rotary_emb_base=_as_float(yml_get(yml, "rotary-emb-base", 10000), "rotary-emb-base"),
         max_position_embeddings=as_int(yml_get(yml, "max-position-embeddings", yml_get(yml, "seq-length", 2048)),
                                        "max-position-embeddings"),
-        use_parallel_residual=_as_bool(yml_get(yml, "gpt-j-residual", False)),
+        use_parallel_residual=as_bool(yml_get(yml, "gpt-j-residual", False)),
         hidden_act=hidden_act,
         layer_norm_eps=_as_float(yml_get(yml, "layernorm-epsilon", 1e-5), "layernorm-epsilon"),
     )
@@ -137,7 +137,7 @@ def optimizer_settings(yml: Mapping[str, Any], tp: int = 1) -> dict[str, Any]:
             out["warmup_steps"] = _as_float(warmup, "warmup") * max(1, out["total_steps"])
     # GPT-NeoX's NeoXArgs default lr_decay_style is "linear" (megatron/neox_arguments/neox_args.py)
     out["decay_style"] = str(yml_get(yml, "lr-decay-style", "linear"))
-    parallel_residual = _as_bool(yml_get(yml, "gpt-j-residual", False))
+    parallel_residual = as_bool(yml_get(yml, "gpt-j-residual", False))
     out["row_parallel_bias_copies"] = int(tp) if parallel_residual else 1
     return out
 
