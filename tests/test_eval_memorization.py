@@ -199,6 +199,11 @@ def test_memorization_parts_of_other_weights_are_refused(setup, tmp_path):
     with pytest.raises(M.MemorizationError, match=r"holds memorization chunks of other weights \(weights: ckpt:"):
         evaluate_checkpoints(tmp_path / "b", [4], settings(tmp_path / "db"), tmp_path / "b.jsonl", log=lambda _: None)
     assert not (tmp_path / "db" / "step4_memorization.npy").exists()
+    # a folder holding only the manifest of an earlier start says so
+    for chunk in (tmp_path / "db" / "step4_memorization.parts").glob("chunk-*"):
+        chunk.unlink()
+    with pytest.raises(M.MemorizationError, match=r"step4_memorization.parts was started with other weights"):
+        evaluate_checkpoints(tmp_path / "b", [4], settings(tmp_path / "db"), tmp_path / "b.jsonl", log=lambda _: None)
     # the whole details folder of A: its record names A's checkpoints
     shutil.copytree(tmp_path / "da", tmp_path / "dc")
     with pytest.raises(ProvenanceError, match=r"dc holds results of other checkpoints \(.*/a; these are .*/b\)"):

@@ -259,9 +259,13 @@ def _claim_manifest(folder: str, manifest: dict) -> None:
             diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != json.loads(json.dumps(manifest)).get(k))
             k = "weights" if "weights" in diff else diff[0]
             what = "other weights" if k == "weights" else "other settings"
+            # a manifest without chunks: an earlier start was refused (or stopped) before its first
+            # chunk; it is kept (another host may be starting under it), but says it can go
+            held = ("was started with" if not any(n.startswith("chunk-") for n in os.listdir(folder))
+                    else "holds memorization chunks of")
             raise MemorizationError(
-                f"{folder} holds memorization chunks of {what} ({k}: {old.get(k)} there, "
-                f"{manifest.get(k)} now); use another --details-dir or remove that folder")
+                f"{folder} {held} {what} ({k}: {old.get(k)} there, {manifest.get(k)} now); use another "
+                "--details-dir or remove that folder")
         return
     os.makedirs(folder, exist_ok=True)
     from pythia_jax.io_utils import write_text_atomic
