@@ -559,3 +559,20 @@ def test_publishing_never_replaces_a_folder_with_a_file(tmp_path):
         io_utils.write_text_atomic(out, "text")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scratch"]
     assert (out / "mine.txt").read_text() == "keep"
+
+
+def test_a_failed_output_leaves_no_folder_it_created(tmp_path):
+    """atomic_files: a write that fails removes the folders made for it while they are empty (a
+    full disk left an empty new/sub/ behind); a folder that existed, or that something else wrote
+    into meanwhile, stays."""
+    (tmp_path / "old").mkdir()
+    for final in (tmp_path / "new" / "sub" / "x.npy", tmp_path / "old" / "y.npy"):
+        with pytest.raises(OSError):
+            with io_utils.atomic_files(final):
+                raise OSError(28, "No space left on device")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"] and not list((tmp_path / "old").iterdir())
+    with pytest.raises(OSError):
+        with io_utils.atomic_files(tmp_path / "new" / "sub" / "x.npy"):
+            (tmp_path / "new" / "notes.txt").write_text("mine")
+            raise OSError(28, "No space left on device")
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["notes.txt"]

@@ -417,9 +417,10 @@ def publish(pairs: Sequence[tuple[str | os.PathLike, str | os.PathLike]]) -> Non
 @contextlib.contextmanager
 def atomic_files(*finals: str | os.PathLike) -> Iterator[list[Path]]:
     """Yield temporary sibling paths for ``finals`` (created empty); when the block succeeds
-    they are published together (``publish``); on any exception they are removed and the
-    ``finals`` are left as they were."""
+    they are published together (``publish``); on any exception they are removed, and so are the
+    folders created for them while still empty, and the ``finals`` are left as they were."""
     temps: list[Path] = []
+    created = [outermost_missing(Path(f).expanduser().absolute().parent) for f in finals]
     try:
         for f in finals:
             temps.append(temp_sibling(f))
@@ -427,8 +428,33 @@ def atomic_files(*finals: str | os.PathLike) -> Iterator[list[Path]]:
     except BaseException:
         for t in temps:
             _remove(t)
+        for f, top in zip(finals, created):
+            remove_empty_folders(Path(f).expanduser().absolute().parent, top)
         raise
     publish(list(zip(temps, finals)))
+
+
+def outermost_missing(folder: str | os.PathLike) -> Path | None:
+    """The outermost folder of ``folder``'s path that does not exist yet (what creating it will
+    create, for ``remove_empty_folders`` after a failure), None when it exists."""
+    folder, top = Path(os.path.abspath(os.path.expanduser(os.fspath(folder)))), None
+    while not folder.exists() and folder != folder.parent:
+        top, folder = folder, folder.parent
+    return top
+
+
+def remove_empty_folders(folder: str | os.PathLike, top: Path | None) -> None:
+    """Remove ``folder`` and its parents up to ``top`` (``outermost_missing`` before they were
+    created) while they are empty: a failed output leaves no folder it created."""
+    if top is None:
+        return
+    folder = Path(os.path.abspath(os.fspath(folder)))
+    while folder == top or top in folder.parents:
+        try:
+            folder.rmdir()  # only while empty: whatever someone else wrote there stays
+        except OSError:
+            return
+        folder = folder.parent
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -16,6 +16,7 @@ from pythia_jax.data.indexed.index import _write_index_file, dtype_code
 from pythia_jax.data.indexed.sources import local_shard_files
 from pythia_jax.errors import DataError
 from pythia_jax.io_utils import is_url
+from pythia_jax.io_utils.outputs import outermost_missing, remove_empty_folders
 
 # --------------------------------------------------------------------------- writing
 
@@ -174,11 +175,7 @@ class IndexedDatasetWriter:
         dtype_code(self.dtype)
         check_dataset_output(self.prefix, inputs)
         folder = os.path.dirname(os.path.abspath(self.prefix)) or "."
-        # the outermost folder this writer creates: removed again (if still empty) when it aborts
-        self._created = None
-        top = folder
-        while not os.path.exists(top):
-            self._created, top = top, os.path.dirname(top)
+        self._created = outermost_missing(folder)  # removed again (if still empty) when it aborts
         os.makedirs(folder, exist_ok=True)
         self._bin_tmp = _atomic_path(self.prefix + ".bin")
         try:
@@ -233,13 +230,7 @@ class IndexedDatasetWriter:
             if os.path.exists(self._bin_tmp):
                 os.remove(self._bin_tmp)
             self._closed = True
-            folder = os.path.dirname(os.path.abspath(self.prefix))
-            while self._created is not None and (folder == self._created or folder.startswith(self._created + os.sep)):
-                try:
-                    os.rmdir(folder)  # only while empty
-                except OSError:
-                    break
-                folder = os.path.dirname(folder)
+            remove_empty_folders(os.path.dirname(os.path.abspath(self.prefix)), self._created)
 
     def __enter__(self) -> "IndexedDatasetWriter":
         return self
