@@ -19,7 +19,6 @@ the 32 tokens that match, in {0, 1/32, …, 1}).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -389,25 +388,16 @@ def _check_same_rows(files: list[Path]) -> None:
     ``provenance.jsonl`` (``pythia_jax.eval.provenance.DetailsLedger``), must agree, else
     ``DataError`` naming both files and the settings that differ. Files without a record (copied
     out of their folder, written by an older pythia-jax) are reported with a warning."""
-    from pythia_jax.eval.provenance import LEDGER
+    from pythia_jax.eval.provenance import DetailsLedger
 
     ledgers: dict[Path, dict[str, dict]] = {}
     rows: dict[Path, dict] = {}
     unrecorded = []
     for f in files:
         folder = f.parent
-        if folder not in ledgers:
-            ledgers[folder] = {}
-            path = folder / LEDGER
-            if path.is_file():
-                with open(path, encoding="utf-8") as fh:
-                    for line in fh:
-                        try:
-                            rec = json.loads(line)
-                        except ValueError:
-                            continue  # a last line cut short; the ledger's own reader refuses others
-                        if isinstance(rec, dict) and rec.get("task") == "memorization":
-                            ledgers[folder][rec.get("file")] = rec  # the newest record of a file
+        if folder not in ledgers:  # the newest record of each memorization file
+            ledgers[folder] = {r.get("file"): r for r in DetailsLedger(folder).records
+                               if isinstance(r, dict) and r.get("task") == "memorization"}
         rec = ledgers[folder].get(f.name)
         fp = ((rec or {}).get("settings") or {}).get("rows")
         if fp is None:

@@ -403,11 +403,12 @@ def _say_replaced_steps(output: str, kind: str) -> None:
     """--overwrite replaces the whole output: name the steps an existing checkpoint (or GPT-NeoX
     run folder) held, which the one written step replaces (they went without a word)."""
     from pythia_jax.checkpoint.failures import step_list
+    from pythia_jax.convert.neox.keys import STEP_DIR
 
     if not os.path.isdir(output):
         return
-    pattern = r"(\d+)" if kind == "checkpoint" else r"global_step(\d+)"
-    held = sorted(int(m.group(1)) for n in os.listdir(output) if (m := re.fullmatch(pattern, n))
+    pattern = re.compile(r"(\d+)") if kind == "checkpoint" else STEP_DIR
+    held = sorted(int(m.group(1)) for n in os.listdir(output) if (m := pattern.fullmatch(n))
                   and os.path.isdir(os.path.join(output, n)))
     if held:
         logger.warning("--overwrite: %s holds step(s) %s, which the converted step replaces (the folder is "

@@ -26,11 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pythia_jax.config import EOD_TOKEN_ID
+    from pythia_jax.data.tokenizer import decode as decode_with_eod  # keeps <|endoftext|>
     from pythia_jax.errors import PythiaJaxError
     from pythia_jax.eval.generate import Generator, SamplingConfig
     from pythia_jax.eval.loading import load_model_params
     from pythia_jax.eval.runtime import place_model
-    from pythia_jax.eval.tokens import decode, decode_with_eod, encode, get_tokenizer
+    from pythia_jax.eval.tokens import decode, encode, get_tokenizer
 
     if args.temperature == 0 and (args.top_k or args.top_p < 1):
         raise PythiaJaxError("--top-k and --top-p shape sampling, and --temperature 0 (the default) is greedy "
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
                         stop_token=None if args.no_stop else EOD_TOKEN_ID)
     for text, new in zip(args.prompt, outs):
         # with --no-stop the document boundaries it generates are shown (decode drops special tokens)
-        print(text + (decode_with_eod(tokenizer, new) if args.no_stop else decode(tokenizer, new)))
+        print(text + (decode_with_eod(new) if args.no_stop else decode(tokenizer, new)))
         if len(args.prompt) > 1:
             print("-" * 40)
     return 0

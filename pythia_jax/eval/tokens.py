@@ -36,11 +36,6 @@ def decode(tokenizer: Any, ids: Sequence[int]) -> str:
     return tokenizer.decode(list(int(i) for i in ids))
 
 
-def decode_with_eod(tokenizer: Any, ids: Sequence[int]) -> str:
-    """``decode`` keeping special tokens such as the end-of-document ``<|endoftext|>``, which
-    ``decode`` drops: where generated text crosses a document boundary shows."""
-    return tokenizer.decode(list(int(i) for i in ids), skip_special_tokens=False)
-
 
 def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """(context tokens, continuation tokens) exactly as the harness's ``_encode_pair``."""

@@ -214,18 +214,23 @@ def _relation(out: Path, inp: Path) -> str | None:
     return None
 
 
+def path_relation(path: str | os.PathLike, other: str | os.PathLike) -> str | None:
+    """How ``path`` lies to ``other``: ``"is"``, ``"is inside"``, ``"contains"`` or None (symlinks
+    resolved; URLs (``gs://…``) compared as normalised strings)."""
+    o, i = os.fspath(path), os.fspath(other)
+    if is_url(o) or is_url(i):
+        a, b = o.rstrip("/") + "/", i.rstrip("/") + "/"
+        return "is" if a == b else "is inside" if a.startswith(b) else "contains" if b.startswith(a) else None
+    return _relation(_resolved(o), _resolved(i))
+
+
 def check_inputs(out: str | os.PathLike, inputs: Sequence[str | os.PathLike] = ()) -> None:
-    """Refuse an output that is, contains or lies inside one of ``inputs`` (symlinks resolved).
-    URLs (``gs://…``) are compared as normalised strings."""
+    """Refuse an output that is, contains or lies inside one of ``inputs`` (``path_relation``)."""
     for inp in inputs:
         if inp is None:
             continue
         o, i = os.fspath(out), os.fspath(inp)
-        if is_url(o) or is_url(i):
-            a, b = o.rstrip("/") + "/", i.rstrip("/") + "/"
-            rel = "is" if a == b else "is inside" if a.startswith(b) else "contains" if b.startswith(a) else None
-        else:
-            rel = _relation(_resolved(o), _resolved(i))
+        rel = path_relation(o, i)
         if rel:
             raise PythiaJaxError(f"output {o} {rel} the input {i}; writing it would replace or mix with "
                                  "its own source: choose an output outside the input (and not above it)")

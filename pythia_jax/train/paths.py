@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pythia_jax.errors import ConfigError
 from pythia_jax.io_utils import describe_path, is_url, path_kind
+from pythia_jax.io_utils.outputs import path_relation
 
 logger = logging.getLogger(__name__)
 
@@ -131,22 +132,12 @@ def check_export_dir(cfg) -> None:
     if is_hf_dir(export):
         rec = export_source(export) or {}
         ours = export_record(cfg)["run"]
-        if rec.get("run"):
-            same = _same_place(rec["run"], ours)  # the run moved or reached by a symlink: still ours
+        if rec.get("run"):  # the run moved or reached by a symlink: still ours
+            same = path_relation(rec["run"], ours) == "is"
         else:  # written before exports recorded their run: ours only inside our own output_dir
-            same = not is_url(ours) and _inside(export, ours)
+            same = not is_url(ours) and path_relation(export, ours) in ("is", "is inside")
         if not same:
             wrote = f"the export of run {rec['run']}" if rec.get("run") else "an HF model this run did not export"
             raise ConfigError(f"TrainConfig.export_hf {export} holds {wrote}; the final export would replace it: "
                               "choose another TrainConfig.export_hf (or remove that folder)")
 
-
-def _same_place(a: str, b: str) -> bool:
-    if is_url(a) or is_url(b):
-        return a.rstrip("/") == b.rstrip("/")
-    return os.path.realpath(a) == os.path.realpath(b)
-
-
-def _inside(path: str, folder: str) -> bool:
-    path, folder = os.path.realpath(path), os.path.realpath(folder)
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)

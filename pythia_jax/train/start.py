@@ -99,9 +99,10 @@ def initial_state(cfg: TrainConfig, setup, current: dict):
     if not cfg.init_from:
         return setup.init_state(cfg.seed), {}
     source = cfg.init_from
-    root = _checkpoint_root(source)
-    if root is not None:
-        return _branch_from_checkpoint(cfg, setup, current, root, _folder_step(cfg, source, S))
+    found = _checkpoint_root(source)
+    if found is not None:
+        root, folder_step = found
+        return _branch_from_checkpoint(cfg, setup, current, root, _folder_step(cfg, source, folder_step, S))
     from pythia_jax.convert.neox import is_neox_checkpoint
 
     if is_neox_checkpoint(source):
@@ -123,13 +124,11 @@ def initial_state(cfg: TrainConfig, setup, current: dict):
     return _branch_with_zero_moments(setup, params, S, source)
 
 
-def _folder_step(cfg: TrainConfig, source: str, S: int) -> int:
-    """The step to branch at from a checkpoint source: a step folder's own step (``run/checkpoints/10``)
-    when ``start_step`` is left 0, as for a GPT-NeoX ``global_stepN/``; ``CheckpointError`` when
-    ``start_step`` names another step (the folder's step was ignored before)."""
-    from pythia_jax import checkpoint as ckpt_lib
-
-    _, step = ckpt_lib.resolve_checkpoint_dir(source)
+def _folder_step(cfg: TrainConfig, source: str, step: int | None, S: int) -> int:
+    """The step to branch at from a checkpoint source whose folder names ``step`` (None for a root
+    or run folder): that step (``run/checkpoints/10``) when ``start_step`` is left 0, as for a
+    GPT-NeoX ``global_stepN/``; ``CheckpointError`` when ``start_step`` names another step (the
+    folder's step was ignored before)."""
     if step is None or step == S:
         return S
     if S:
@@ -171,11 +170,11 @@ def _branch_with_zero_moments(setup, params, S: int, source):
 
 
 def _checkpoint_root(path: str):
-    """The checkpoint root of this project at ``path`` (a run's output_dir, a checkpoint root or
-    a step folder), else None."""
+    """(checkpoint root, the step a step folder names, else None) of a checkpoint source of this
+    project at ``path`` (a run's output_dir, a checkpoint root or a step folder), else None."""
     from pythia_jax import checkpoint as ckpt_lib
 
-    return ckpt_lib.resolve_checkpoint_dir(path)[0] if ckpt_lib.is_checkpoint_dir(path) else None
+    return ckpt_lib.resolve_checkpoint_dir(path) if ckpt_lib.is_checkpoint_dir(path) else None
 
 
 def _branch_from_checkpoint(cfg: TrainConfig, setup, current: dict, root, S: int):

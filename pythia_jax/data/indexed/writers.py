@@ -12,7 +12,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from pythia_jax.data.indexed.index import _write_index_file, dtype_code
+from pythia_jax.data.indexed.index import Index, _write_index_file, dtype_code
 from pythia_jax.data.indexed.sources import local_shard_files
 from pythia_jax.errors import DataError
 from pythia_jax.io_utils import is_url
@@ -96,7 +96,7 @@ def write_index(path: str, dtype, sizes: np.ndarray, doc_idx: np.ndarray, *, wit
         raise
     # another dataset's index (document sizes) at this path: the maps cached for it are stale
     replaced = (with_files and path.endswith(".idx") and not is_url(path) and os.path.exists(path)
-                and _file_digest(path) != _file_digest(tmp))
+                and not _same_index(path, sizes, doc_idx))
     publish_together([*with_files, (tmp, path)])
     if with_files and path.endswith(".idx"):
         _remove_other_layout(path[:-4], {os.path.abspath(final) for _, final in with_files})
@@ -104,14 +104,14 @@ def write_index(path: str, dtype, sizes: np.ndarray, doc_idx: np.ndarray, *, wit
         _replaced_dataset(path[:-4])
 
 
-def _file_digest(path: str) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def _same_index(path: str, sizes: np.ndarray, doc_idx: np.ndarray) -> bool:
+    """Whether the ``.idx`` at ``path`` holds these item sizes and document index (what GPT-NeoX
+    index maps are built from); False for one that cannot be read."""
+    try:
+        old = Index(path)
+    except Exception:  # noqa: BLE001 - an unreadable index is another one
+        return False
+    return np.array_equal(old.sizes, sizes) and np.array_equal(old.doc_idx, doc_idx)
 
 
 # GPT-NeoX's index-map cache files of one prefix (megatron/data/gpt2_dataset.py _build_index_mappings:
